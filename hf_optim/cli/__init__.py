@@ -1,0 +1,1 @@
+"""The ``hf-optim`` command line."""
