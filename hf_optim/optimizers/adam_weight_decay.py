@@ -1,11 +1,420 @@
-# placeholder while the real implementation is written
+"""``AdamWeightDecay``: transformers 4.x's TensorFlow optimizer (Keras Adam + decoupled decay by name) in PyTorch.
+
+For the parameters of one ``step()`` (``t`` = the optimizer's iteration count + 1, shared by all of them, as in
+Keras)::
+
+    g = clip(g)                                      # clipvalue, clipnorm, global_clipnorm (Keras order)
+    p -= lr * weight_decay_rate * p                  # BEFORE the update; only where decay applies by name
+    m = b1*m + (1-b1)*g
+    v = b2*v + (1-b2)*g*g                            # amsgrad: vhat = max(vhat, v) replaces v below
+    p -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + epsilon)
+
+Decay applies to a parameter by its name (``include_in_weight_decay`` wins over ``exclude_from_weight_decay``),
+see :func:`hf_optim.param_groups.decay_applies`. The fast path is ``torch._fused_adamw_`` with
+``eps' = epsilon / sqrt(1-b2^t)``: exactly this algorithm, re-parametrised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from hf_optim.optimizers._kernels import (
+    check_dense,
+    check_flags,
+    check_number,
+    choose_implementation,
+    fused_adamw,
+    keras_clip_gradients,
+    new_state,
+)
+from hf_optim.param_groups import compile_patterns, decay_applies
+
+__all__ = ["AdamWeightDecay", "adam_weight_decay"]
+
+# Keras argument name -> param-group key (torch's names, so LR schedulers, Trainer and Accelerate work).
+_KERAS_TO_TORCH = {"learning_rate": "lr", "epsilon": "eps", "weight_decay_rate": "weight_decay"}
 
 
-class AdamWeightDecay(torch.optim.Optimizer):
-    def __init__(self, params, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, weight_decay_rate=0.0, include_in_weight_decay=None, exclude_from_weight_decay=None, name="AdamWeightDecay", *, clipnorm=None, clipvalue=None, global_clipnorm=None, foreach=None, fused=None):
-        super().__init__(params, dict(lr=learning_rate, betas=(beta_1, beta_2), eps=epsilon, weight_decay=weight_decay_rate, amsgrad=amsgrad))
+class AdamWeightDecay(Optimizer):
+    """transformers 4.x ``AdamWeightDecay`` (TensorFlow), ported to PyTorch with the same math.
+
+    Args:
+        params: ``model.named_parameters()`` (names are needed for the include/exclude patterns), tensors, or
+            param-group dicts; group dicts may use the Keras names (``learning_rate``, ``beta_1``, ``beta_2``,
+            ``epsilon``, ``weight_decay_rate``) or torch's (``lr``, ``betas``, ``eps``, ``weight_decay``).
+        learning_rate, beta_1, beta_2, epsilon, amsgrad: Keras Adam's hyperparameters.
+        weight_decay_rate: decoupled decay, applied before the Adam update with the scheduled learning rate.
+        include_in_weight_decay: regexes; a matching parameter name is decayed even if excluded.
+        exclude_from_weight_decay: regexes; a matching parameter name is not decayed.
+        name: the optimizer's name (kept for Keras parity).
+        clipnorm, clipvalue, global_clipnorm: Keras gradient clipping (``clipnorm`` and ``global_clipnorm``
+            are exclusive).
+        foreach, fused: implementation choice as in torch.optim; the default uses the fused kernel.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        learning_rate: float = 1e-3,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        weight_decay_rate: float = 0.0,
+        include_in_weight_decay: list[str] | None = None,
+        exclude_from_weight_decay: list[str] | None = None,
+        name: str = "AdamWeightDecay",
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        check_flags(foreach, fused)
+        if clipnorm is not None and global_clipnorm is not None:
+            raise ValueError("clipnorm and global_clipnorm cannot both be set: pick one")
+        for arg, value in (
+            ("clipnorm", clipnorm),
+            ("clipvalue", clipvalue),
+            ("global_clipnorm", global_clipnorm),
+        ):
+            if value is not None:
+                check_number(arg, value)
+        self.name = name
+        self.clipnorm = clipnorm
+        self.clipvalue = clipvalue
+        self.global_clipnorm = global_clipnorm
+        self.include_in_weight_decay = include_in_weight_decay
+        self.exclude_from_weight_decay = exclude_from_weight_decay
+        self._include = compile_patterns(include_in_weight_decay, "include_in_weight_decay")
+        self._exclude = compile_patterns(exclude_from_weight_decay, "exclude_from_weight_decay")
+        self._iterations: int | None = 0
+        defaults = {
+            "lr": learning_rate,
+            "betas": (beta_1, beta_2),
+            "eps": epsilon,
+            "weight_decay": weight_decay_rate,
+            "amsgrad": amsgrad,
+            "foreach": foreach,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(_to_torch_keys(param_group, self.defaults["betas"]))
+        group = self.param_groups[-1]
+        check_number("learning_rate", group["lr"])
+        check_number("beta_1", group["betas"][0], high=1.0)
+        check_number("beta_2", group["betas"][1], high=1.0)
+        check_number("epsilon", group["eps"])
+        check_number("weight_decay_rate", group["weight_decay"])
+        check_flags(group["foreach"], group["fused"])
+        if (self._include or self._exclude) and "param_names" not in group:
+            raise ValueError(
+                "include_in_weight_decay / exclude_from_weight_decay match parameter names: "
+                "pass model.named_parameters() (or (name, tensor) pairs) instead of bare tensors"
+            )
+        self._set_decay_mask(group)
+
+    def _set_decay_mask(self, group: dict[str, Any]) -> None:
+        # Whether each parameter is decayed; decided by name once, as Keras does per variable.
+        names = group.get("param_names") or [""] * len(group["params"])
+        group["decay_mask"] = [
+            decay_applies(n, weight_decay=group["weight_decay"], include=self._include, exclude=self._exclude)
+            for n in names
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            group.pop("decay_mask", None)  # derived from names and patterns; rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._set_decay_mask(group)
+        self._iterations = None  # recomputed from the loaded steps
+
+    @property
+    def iterations(self) -> int:
+        """Number of steps applied so far (Keras' ``optimizer.iterations``)."""
+        if self._iterations is None:
+            steps = [int(s["step"]) for s in self.state.values() if "step" in s]
+            self._iterations = max(steps, default=0)
+        return self._iterations
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Apply each parameter's ``.grad``; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._apply(lambda p: p.grad)
+        return loss
+
+    @torch.no_grad()
+    def apply_gradients(
+        self,
+        grads_and_vars: Iterable[tuple[Tensor | None, Tensor]],
+        name: str | None = None,
+        experimental_aggregate_gradients: bool = True,
+    ) -> int:
+        """Keras-style: apply ``(gradient, parameter)`` pairs in one step; returns the new iteration count.
+
+        When a ``torch.distributed`` process group is initialized the gradients are first summed across processes
+        (all-reduce SUM), unless ``experimental_aggregate_gradients=False``. Pairs with a ``None`` gradient are
+        skipped; ``.grad`` is neither read nor changed.
+        """
+        del name  # Keras' name scope; nothing to name here
+        try:
+            pairs = list(grads_and_vars)
+        except TypeError:
+            raise TypeError("grads_and_vars must be an iterable of (gradient, parameter) pairs") from None
+        managed = {p for group in self.param_groups for p in group["params"]}
+        grads: dict[Tensor, Tensor] = {}
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"grads_and_vars must hold (gradient, parameter) pairs, got {pair!r}")
+            grad, var = pair
+            if not isinstance(var, Tensor) or not (grad is None or isinstance(grad, Tensor)):
+                raise TypeError(
+                    f"each pair must be (Tensor or None, Tensor), got ({type(grad).__name__}, {type(var).__name__})"
+                )
+            if var not in managed:
+                raise ValueError("apply_gradients got a parameter this optimizer does not manage")
+            if grad is not None:
+                if grad.shape != var.shape:
+                    raise ValueError(
+                        f"gradient shape {tuple(grad.shape)} != parameter shape {tuple(var.shape)}"
+                    )
+                grads[var] = grad
+        if not grads:
+            raise ValueError("No gradients provided for any parameter")
+        if experimental_aggregate_gradients and dist.is_available() and dist.is_initialized():
+            grads = {p: g.clone() for p, g in grads.items()}
+            for g in grads.values():
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        self._apply(grads.get)
+        return self.iterations
+
+    def _apply(self, grad_of: Callable[[Tensor], Tensor | None]) -> None:
+        selected = []  # (group, param, grad, decay)
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for i, (p, decay) in enumerate(zip(group["params"], group["decay_mask"], strict=True)):
+                grad = grad_of(p)
+                if grad is not None:
+                    check_dense(grad, names[i] if names else f"#{i}", "AdamWeightDecay")
+                    selected.append((group, p, grad, decay))
+        if not selected:
+            return
+        if self.clipvalue is not None or self.clipnorm is not None or self.global_clipnorm is not None:
+            clipped = keras_clip_gradients(
+                [g for _, _, g, _ in selected],
+                clipvalue=self.clipvalue,
+                clipnorm=self.clipnorm,
+                global_clipnorm=self.global_clipnorm,
+            )
+            selected = [(grp, p, g, d) for (grp, p, _, d), g in zip(selected, clipped, strict=True)]
+        t = self.iterations + 1
+        by_group: dict[int, list[tuple[Tensor, Tensor, bool]]] = {}
+        for group, p, g, decay in selected:
+            by_group.setdefault(id(group), []).append((p, g, decay))
+        for group in self.param_groups:
+            chosen = by_group.get(id(group))
+            if chosen:
+                self._update_group(group, chosen, t)
+        self._iterations = t
+
+    def _update_group(self, group: dict[str, Any], chosen: list[tuple[Tensor, Tensor, bool]], t: int) -> None:
+        amsgrad = group["amsgrad"]
+        impl = choose_implementation([p for p, _, _ in chosen], group["foreach"], group["fused"])
+        fused = impl == "fused"
+        lists: dict[bool, tuple[list[Tensor], ...]] = {}  # decay -> (params, grads, m, v, vmax, steps)
+        for p, g, decay in chosen:
+            state = self.state[p]
+            if not state:
+                state.update(new_state(p, fused=fused, amsgrad=amsgrad))
+            elif fused and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bucket = lists.setdefault(decay, ([], [], [], [], [], []))
+            for lst, value in zip(
+                bucket,
+                (p, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"), state["step"]),
+                strict=True,
+            ):
+                lst.append(value)
+        beta1, beta2 = group["betas"]
+        for decay, (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps) in lists.items():
+            torch._foreach_zero_(steps)
+            torch._foreach_add_(steps, float(t))  # every updated parameter is at the optimizer's step t
+            adam_weight_decay(
+                params, grads, exp_avgs, exp_avg_sqs, max_sqs if amsgrad else None, steps,
+                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"] if decay else 0.0, amsgrad=amsgrad,
+                foreach=impl == "multi_tensor", fused=fused,
+            )  # fmt: skip
 
 
-def adam_weight_decay(*args, **kwargs):
-    raise NotImplementedError
+def _to_torch_keys(group: dict[str, Any], default_betas: tuple[float, float]) -> dict[str, Any]:
+    """Accept Keras names in a param-group dict; ``beta_1``/``beta_2`` become ``betas``."""
+    group = dict(group)
+    for keras, torch_key in _KERAS_TO_TORCH.items():
+        if keras in group:
+            if torch_key in group:
+                raise ValueError(f"param group sets both {keras!r} and {torch_key!r}: use one")
+            group[torch_key] = group.pop(keras)
+    if "beta_1" in group or "beta_2" in group:
+        if "betas" in group:
+            raise ValueError("param group sets both beta_1/beta_2 and betas: use one")
+        group["betas"] = (group.pop("beta_1", default_betas[0]), group.pop("beta_2", default_betas[1]))
+    return group
+
+
+def adam_weight_decay(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """Functional ``AdamWeightDecay`` update for tensors whose ``state_steps`` already hold the step ``t``.
+
+    ``weight_decay`` applies to every tensor given (split decayed and non-decayed parameters into two calls).
+    ``foreach=False, fused=False`` is the reference; ``None`` picks the fastest implementation.
+    """
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    if foreach is None and fused is None:
+        impl = choose_implementation(params, None, None)
+    else:
+        impl = "fused" if fused else "multi_tensor" if foreach else "single_tensor"
+    func = {
+        "fused": _fused_adam_weight_decay,
+        "multi_tensor": _multi_tensor_adam_weight_decay,
+        "single_tensor": _single_tensor_adam_weight_decay,
+    }[impl]
+    func(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+    )  # fmt: skip
+
+
+def _keras_lr(lr: float, beta1: float, beta2: float, t: float) -> float:
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def _single_tensor_adam_weight_decay(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+) -> None:
+    # The reference, following TensorFlow's ops: var.assign_sub(lr * var * rate), then ResourceApplyAdam
+    # (m += (g - m) * (1 - b1); v += (g*g - v) * (1 - b2); var -= m * alpha / (sqrt(v) + eps)) or, with amsgrad,
+    # Keras' python ops (m = m*b1 + g*(1-b1); v = v*b2 + g*g*(1-b2); vhat = max(vhat, v); var -= alpha*m/(...)).
+    for i, (param, grad, m, v, step_t) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True)
+    ):
+        alpha = _keras_lr(lr, beta1, beta2, step_t.item())
+        if weight_decay > 0.0:
+            param.sub_(param * lr * weight_decay)
+        if amsgrad:
+            vhat = max_exp_avg_sqs[i]
+            m.mul_(beta1).add_(grad * (1.0 - beta1))
+            v.mul_(beta2).add_(grad * grad * (1.0 - beta2))
+            torch.maximum(vhat, v, out=vhat)
+            param.sub_(alpha * m / (vhat.sqrt() + eps))
+        else:
+            m.add_((grad - m) * (1.0 - beta1))
+            v.add_((grad * grad - v) * (1.0 - beta2))
+            param.sub_(m * alpha / (v.sqrt() + eps))
+
+
+def _multi_tensor_adam_weight_decay(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [None] * len(params), state_steps]  # type: ignore[list-item]
+    )
+    for (p, g, m, v, vmax, steps), _ in grouped.values():
+        if weight_decay > 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+        if amsgrad:
+            torch._foreach_maximum_(vmax, v)
+        denom = torch._foreach_sqrt(vmax if amsgrad else v)
+        torch._foreach_add_(denom, eps)
+        alphas = [-_keras_lr(lr, beta1, beta2, t) for t in torch.stack(steps).tolist()]
+        torch._foreach_addcdiv_(p, m, denom, alphas)
+
+
+def _fused_adam_weight_decay(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+) -> None:
+    # torch._fused_adamw_: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps'). With eps' = eps/sqrt(bc2)
+    # that is Keras' p -= lr*sqrt(bc2)/bc1 * m / (sqrt(v) + eps), after the same decoupled decay.
+    def hyperparameters(t: float) -> tuple[float, float, float]:
+        return lr, eps / math.sqrt(1.0 - beta2**t), weight_decay
+
+    fused_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+        beta1=beta1, beta2=beta2, hyperparameters=hyperparameters, amsgrad=amsgrad,
+    )  # fmt: skip

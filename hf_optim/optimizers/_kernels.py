@@ -1,0 +1,159 @@
+"""Pieces shared by the optimizers: validation, implementation choice, torch's fused Adam kernel, Keras clipping.
+
+The legacy algorithms differ from torch's AdamW only in where ``eps`` sits, in bias correction and in when weight
+decay is applied; each is an exact re-parametrisation of ``torch._fused_adamw_`` per step value ``t``. The
+optimizers give :func:`fused_adamw` a function that turns ``t`` into the kernel's ``(lr, eps, weight_decay)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+Implementation = Literal["single_tensor", "multi_tensor", "fused"]
+
+# (step t) -> (lr, eps, weight_decay) for torch._fused_adamw_
+KernelHyperparameters = Callable[[float], tuple[float, float, float]]
+
+
+def check_number(name: str, value: object, *, low: float = 0.0, high: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number in ``[low, high)`` (``[low, inf)`` without high)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    allowed = f"[{low}, {high})" if high is not None else f"[{low}, inf)"
+    if not math.isfinite(value) or value < low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be finite and in {allowed}, got {value!r}")
+
+
+def check_flags(foreach: bool | None, fused: bool | None) -> None:
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True: pick one implementation")
+
+
+def choose_implementation(
+    params: Sequence[Tensor], foreach: bool | None, fused: bool | None
+) -> Implementation:
+    """Resolve ``foreach`` / ``fused`` as torch.optim does, with the fused kernel as the default.
+
+    ``fused=True``: the fused kernel (error if a tensor cannot use it); ``foreach=True``: multi-tensor;
+    ``foreach=False`` (and fused not True): the per-tensor reference; both ``None``: fused when every tensor can
+    use it, else multi-tensor.
+    """
+    supported = _get_fused_kernels_supported_devices()
+    if fused or (fused is None and foreach is None):
+        if all(p.device.type in supported and p.is_floating_point() for p in params):
+            return "fused"
+        if fused:
+            raise RuntimeError(
+                f"fused=True needs floating-point parameters on one of {supported}; use fused=None to fall back"
+            )
+    if foreach is False or any(p.is_complex() for p in params):
+        return "single_tensor"
+    return "multi_tensor"
+
+
+def check_dense(grad: Tensor, name: str, optimizer: str) -> None:
+    if grad.is_sparse:
+        raise RuntimeError(
+            f"{optimizer} does not support sparse gradients (parameter {name}); "
+            "use torch.optim.SparseAdam or dense gradients"
+        )
+
+
+def new_state(p: Tensor, *, fused: bool, amsgrad: bool = False) -> dict[str, Tensor]:
+    """Zero state for ``p``: moments in the parameter's dtype, ``step`` as a float32 scalar (on the device if fused)."""
+    state = {
+        "step": torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def fused_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    hyperparameters: KernelHyperparameters,
+    amsgrad: bool = False,
+) -> None:
+    """Run ``torch._fused_adamw_`` on tensors already advanced to their new step, one call per (device, dtype, t).
+
+    ``state_steps`` must already hold the new step ``t``: the kernel reads it for bias correction but does not
+    increment it. ``hyperparameters(t)`` gives the kernel's lr, eps and weight decay for that step.
+    """
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]  # type: ignore[list-item]
+    )
+    for (p, g, m, v, vmax, steps), _ in grouped.values():
+        for t, idx in _split_by_step(steps):  # type: ignore[arg-type]
+            lr, eps, weight_decay = hyperparameters(t)
+            if idx is not None:
+                p, g, m, v, steps = ([x[i] for i in idx] for x in (p, g, m, v, steps))
+                vmax = [vmax[i] for i in idx] if amsgrad else vmax
+            torch._fused_adamw_(
+                p, g, m, v, vmax if amsgrad else [], steps,
+                lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                amsgrad=amsgrad, maximize=False,
+            )  # fmt: skip
+
+
+def _split_by_step(steps: list[Tensor]) -> list[tuple[float, list[int] | None]]:
+    """``[(t, None)]`` when every tensor is at the same step (the usual case), else indices per step value."""
+    if len(steps) == 1:
+        return [(steps[0].item(), None)]
+    values = torch.stack(steps)
+    if bool((values == values[0]).all()):
+        return [(values[0].item(), None)]
+    buckets: dict[float, list[int]] = defaultdict(list)
+    for i, t in enumerate(values.tolist()):
+        buckets[t].append(i)
+    return list(buckets.items())
+
+
+# --- Keras gradient transforms (tf.clip_by_value, tf.clip_by_norm, tf.clip_by_global_norm) ---
+
+
+def keras_clip_gradients(
+    grads: list[Tensor],
+    *,
+    clipvalue: float | None,
+    clipnorm: float | None,
+    global_clipnorm: float | None,
+) -> list[Tensor]:
+    """Keras' gradient transforms, in Keras' order (value, then norm, then global norm), as new tensors.
+
+    ``clip_by_norm``: ``g * c / max(||g||, c)``; ``clip_by_global_norm``: ``g * c * min(1/N, 1/c)`` with ``N`` the
+    norm of all gradients together (NaN everywhere when ``N`` is not finite, as in TensorFlow).
+    """
+    if clipvalue is not None:
+        grads = [g.clamp(-clipvalue, clipvalue) for g in grads]
+    if clipnorm is not None:
+        norms = torch._foreach_norm(grads)
+        grads = [g * clipnorm / torch.clamp(n, min=clipnorm) for g, n in zip(grads, norms, strict=True)]
+    if global_clipnorm is not None and grads:
+        norms = torch._foreach_norm(grads)
+        global_norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
+        scale = global_clipnorm * torch.minimum(1.0 / global_norm, torch.tensor(1.0 / global_clipnorm))
+        scale = torch.where(torch.isfinite(global_norm), scale, torch.tensor(float("nan")))
+        grads = list(torch._foreach_mul(grads, scale))
+    return grads
