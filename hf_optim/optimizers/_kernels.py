@@ -104,12 +104,12 @@ def fused_adamw(
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
-    for (p, g, m, v, vmax, steps), _ in grouped.values():
-        for t, idx in _split_by_step(steps):  # type: ignore[arg-type]
+    for tensors, _ in grouped.values():
+        for t, idx in _split_by_step(tensors[-1]):  # type: ignore[arg-type]
             lr, eps, weight_decay = hyperparameters(t)
-            if idx is not None:
-                p, g, m, v, steps = ([x[i] for i in idx] for x in (p, g, m, v, steps))
-                vmax = [vmax[i] for i in idx] if amsgrad else vmax
+            p, g, m, v, vmax, steps = (
+                tensors if idx is None else [[x[i] for i in idx] if x else x for x in tensors]
+            )
             torch._fused_adamw_(
                 p, g, m, v, vmax if amsgrad else [], steps,
                 lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,

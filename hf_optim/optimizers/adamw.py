@@ -92,10 +92,9 @@ class AdamW(torch.optim.AdamW):
         # Not Adam.__setstate__: it would add torch's own group options. Legacy state_dicts (transformers 4.x)
         # hold ``step`` as a Python int; torch and the fast paths keep it as a float32 scalar tensor.
         Optimizer.__setstate__(self, state)
-        for group in self.param_groups:
-            group.setdefault("correct_bias", True)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
+        for group in self.param_groups:  # keys a legacy or torch state_dict lacks: the constructor's choice
+            for key in ("correct_bias", "foreach", "fused"):
+                group.setdefault(key, self.defaults[key])
         for param_state in self.state.values():
             if "step" in param_state and not torch.is_tensor(param_state["step"]):
                 param_state["step"] = torch.tensor(float(param_state["step"]), dtype=torch.float32)

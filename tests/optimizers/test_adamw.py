@@ -1,0 +1,299 @@
+"""hf_optim.AdamW against transformers 4.x AdamW (a verbatim copy) and against the formulas written out in float64."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from hf_optim import AdamW
+from hf_optim.optimizers import adamw
+from tests.optimizers.legacy_transformers_adamw import LegacyAdamW
+
+OPTIONS = [
+    {"correct_bias": True, "weight_decay": 0.0},
+    {"correct_bias": True, "weight_decay": 0.05},
+    {"correct_bias": False, "weight_decay": 0.0},
+    {"correct_bias": False, "weight_decay": 0.05},
+]
+IMPLS = {"reference": {"foreach": False, "fused": False}, "foreach": {"foreach": True}, "default": {}}
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(17, 9), (9,), (4, 3, 5), (1,)]
+    return [torch.randn(s, generator=g, dtype=torch.float32).to(dtype).requires_grad_() for s in shapes]
+
+
+def run(opt_factory, steps=30, *, dtype=torch.float32, layout="flat", skip=None, lrs=None):
+    """Train copies of the same parameters on the same gradient stream; ``skip(step, i)`` leaves a grad out."""
+    params = make_params(dtype)
+    if layout == "flat":
+        opt = opt_factory(params)
+    elif layout == "groups":
+        opt = opt_factory(
+            [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)}]
+        )
+    else:  # named
+        opt = opt_factory([(f"layer{i}.weight", p) for i, p in enumerate(params)])
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g).to(dtype)
+            p.grad = None if skip and skip(step, i) else grad
+        opt.step()
+    return [p.detach().clone() for p in params], opt
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("layout", ["flat", "groups", "named"])
+def test_reference_path_is_bit_for_bit_legacy(options, layout):
+    kw = {"lr": 1e-2, "eps": 1e-6, **options}
+    expected, legacy = run(lambda p: LegacyAdamW(p, **kw), layout=layout)
+    got, opt = run(lambda p: AdamW(p, **kw, foreach=False, fused=False), layout=layout)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+    for p_legacy, p_new in zip(legacy.state.values(), opt.state.values(), strict=True):
+        assert torch.equal(p_legacy["exp_avg"], p_new["exp_avg"])
+        assert torch.equal(p_legacy["exp_avg_sq"], p_new["exp_avg_sq"])
+        assert p_new["step"].item() == p_legacy["step"] == 30
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_foreach_path_matches_legacy_exactly_on_cpu(options):
+    kw = {"lr": 1e-2, **options}
+    expected, _ = run(lambda p: LegacyAdamW(p, **kw), layout="groups")
+    got, _ = run(lambda p: AdamW(p, **kw, foreach=True), layout="groups")
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.parametrize("options", [*OPTIONS, {"correct_bias": False, "weight_decay": 0.3, "eps": 0.0}], ids=str)
+@pytest.mark.parametrize("layout", ["flat", "groups", "named"])
+def test_default_fused_path_agrees_with_reference(options, layout):
+    kw = {"lr": 1e-2, **options}
+    expected, _ = run(lambda p: LegacyAdamW(p, **kw), layout=layout)
+    got, opt = run(lambda p: AdamW(p, **kw), layout=layout)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert all(s["step"].item() == 30 for s in opt.state.values())
+
+
+def test_default_path_with_a_schedule_and_parameters_at_different_steps():
+    # Parameter 1 misses every third gradient, so its step count lags: the fused path splits by step value.
+    def skip(step, i):
+        return i == 1 and step % 3 == 0
+
+    lrs = [1e-2 * (1 - s / 40) for s in range(30)]
+    expected, legacy = run(lambda p: LegacyAdamW(p, lr=1e-2, weight_decay=0.1), skip=skip, lrs=lrs)
+    got, opt = run(lambda p: AdamW(p, lr=1e-2, weight_decay=0.1), skip=skip, lrs=lrs)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    params, legacy_params = opt.param_groups[0]["params"], legacy.param_groups[0]["params"]
+    assert [opt.state[p]["step"].item() for p in params] == [legacy.state[p]["step"] for p in legacy_params]
+    assert opt.state[params[1]]["step"].item() == 20
+
+
+def test_formula_written_out_in_float64():
+    # The issue's formulas, per parameter, step t, in float64 on plain Python lists.
+    lr, b1, b2, eps, wd = 0.05, 0.8, 0.95, 1e-3, 0.1
+    p0 = [0.5, -1.25, 2.0]
+    grads = [[0.1, -0.2, 0.3], [0.4, 0.0, -0.1], [-0.3, 0.2, 0.25]]
+    for correct_bias in (True, False):
+        p, m, v = list(p0), [0.0] * 3, [0.0] * 3
+        for t, g in enumerate(grads, start=1):
+            for i in range(3):
+                m[i] = b1 * m[i] + (1 - b1) * g[i]
+                v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+                denom = math.sqrt(v[i]) + eps
+                step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t) if correct_bias else lr
+                p[i] -= step_size * m[i] / denom
+                p[i] -= lr * wd * p[i]
+        for impl in IMPLS.values():
+            param = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+            opt = AdamW([param], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, correct_bias=correct_bias, **impl)
+            for g in grads:
+                param.grad = torch.tensor(g, dtype=torch.float64)
+                opt.step()
+            torch.testing.assert_close(param.detach(), torch.tensor(p, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_is_a_torch_adamw_with_the_legacy_state_keys():
+    params = make_params()
+    opt = AdamW(params)
+    assert isinstance(opt, torch.optim.AdamW)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state[params[0]]
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    assert state["step"].dtype == torch.float32 and state["step"].item() == 1
+    assert opt.defaults == {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+        "correct_bias": True,
+        "foreach": None,
+        "fused": None,
+    }
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_loads_a_transformers_4_state_dict_and_continues_identically(impl):
+    kw = {"lr": 1e-2, "weight_decay": 0.01, "correct_bias": False}
+    params = make_params()
+    legacy = LegacyAdamW(params, **kw)
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(20)]
+    for step_grads in grads[:10]:
+        for p, gr in zip(params, step_grads, strict=True):
+            p.grad = gr
+        legacy.step()
+    legacy_sd = copy.deepcopy(legacy.state_dict())
+    assert isinstance(legacy_sd["state"][0]["step"], int)
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt = AdamW(resumed, **IMPLS[impl])
+    opt.load_state_dict(legacy_sd)
+    assert opt.param_groups[0]["correct_bias"] is False and opt.param_groups[0]["lr"] == 1e-2
+    for step_grads in grads[10:]:
+        for p, q, gr in zip(params, resumed, step_grads, strict=True):
+            p.grad, q.grad = gr, gr.clone()
+        legacy.step()
+        opt.step()
+    for p, q in zip(params, resumed, strict=True):
+        if impl == "default":
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_state_dict_round_trip_continues_bit_for_bit(impl):
+    kw = {"lr": 1e-2, "weight_decay": 0.02, **IMPLS[impl]}
+    full, _ = run(lambda p: AdamW(p, **kw), steps=20, layout="named")
+
+    params = make_params()
+    named = [(f"layer{i}.weight", p) for i, p in enumerate(params)]
+    opt = AdamW(named, **kw)
+    g = torch.Generator().manual_seed(1)
+    stream = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(20)]
+    for grads in stream[:10]:
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][0]["param_names"] == [n for n, _ in named]
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = AdamW([(n, q) for (n, _), q in zip(named, resumed, strict=True)], **kw)
+    opt2.load_state_dict(sd)
+    for grads in stream[10:]:
+        for q, gr in zip(resumed, grads, strict=True):
+            q.grad = gr
+        opt2.step()
+    for e, q in zip(full, resumed, strict=True):
+        assert torch.equal(e, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_params_keep_state_in_their_dtype(dtype):
+    kw = {"lr": 1e-2, "weight_decay": 0.01}
+    expected, _ = run(lambda p: LegacyAdamW(p, **kw), steps=10, dtype=dtype)
+    reference, opt_ref = run(lambda p: AdamW(p, **kw, foreach=False, fused=False), steps=10, dtype=dtype)
+    fast, opt = run(lambda p: AdamW(p, **kw), steps=10, dtype=dtype)
+    for e, r, f in zip(expected, reference, fast, strict=True):
+        assert torch.equal(e, r)
+        assert f.dtype == dtype
+        torch.testing.assert_close(f.float(), e.float(), rtol=2e-2, atol=2e-2)
+    for state in [*opt.state.values(), *opt_ref.state.values()]:
+        assert state["exp_avg"].dtype == dtype and state["exp_avg_sq"].dtype == dtype
+
+
+def test_decay_factor_zero_takes_the_exact_path():
+    # lr * weight_decay == 1 zeroes the weights after the update; the fused kernel cannot express it.
+    expected, _ = run(lambda p: LegacyAdamW(p, lr=0.5, weight_decay=2.0), steps=3)
+    got, _ = run(lambda p: AdamW(p, lr=0.5, weight_decay=2.0), steps=3)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+        assert not g.any()
+
+
+def test_functional_api_matches_the_class():
+    params = make_params()
+    copies = [p.detach().clone() for p in params]
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, correct_bias=False, foreach=False, fused=False)
+    m = [torch.zeros_like(p) for p in copies]
+    v = [torch.zeros_like(p) for p in copies]
+    steps = [torch.tensor(0.0) for _ in copies]
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr
+        opt.step()
+        adamw(copies, grads, m, v, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1,
+              correct_bias=False, foreach=False, fused=False)  # fmt: skip
+    for p, c in zip(params, copies, strict=True):
+        assert torch.equal(p.detach(), c)
+    assert [s.item() for s in steps] == [5.0] * len(steps)
+
+
+def test_closure_and_lr_scheduler_work():
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = AdamW([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(5.0)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_sparse_gradients_are_rejected():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = AdamW(emb.named_parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter weight\)"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -1e-3}, r"lr must be finite and in \[0.0, inf\)"),
+        ({"lr": float("nan")}, "lr must be finite"),
+        ({"betas": (1.0, 0.999)}, r"betas\[0\] must be finite and in \[0.0, 1.0\)"),
+        ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
+        ({"betas": (0.9,)}, "betas must be a pair"),
+        ({"eps": -1e-8}, "eps must be finite"),
+        ({"weight_decay": -0.1}, "weight_decay must be finite"),
+        ({"weight_decay": float("inf")}, "weight_decay must be finite"),
+        ({"foreach": True, "fused": True}, "foreach and fused cannot both be True"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdamW(make_params(), **kwargs)
+
+
+def test_bad_hyperparameter_in_a_param_group():
+    params = make_params()
+    with pytest.raises(ValueError, match="lr must be finite"):
+        AdamW([{"params": params[:2]}, {"params": params[2:], "lr": -1.0}])
+
+
+def test_mixing_named_and_unnamed_parameters():
+    params = make_params()
+    with pytest.raises(ValueError, match="with/without names"):
+        AdamW([("a", params[0]), params[1]])
+    with pytest.raises(ValueError, match="with/without names"):
+        AdamW([{"params": [("a", params[0])]}, {"params": [params[1]]}])
