@@ -1,3 +1,4 @@
+# ruff: noqa: RUF013  (kept as transformers wrote it)
 # The reference for bit-for-bit tests: transformers 4.x `transformers.optimization.AdamW.step` (Apache-2.0,
 # Copyright 2020 The Google AI Language Team Authors and The HuggingFace Inc. team), kept op for op; only the
 # deprecation warning and the docstrings were dropped.
@@ -25,9 +26,15 @@ class LegacyAdamW(Optimizer):
             raise ValueError(f"Invalid beta parameter: {betas[0]} - should be in [0.0, 1.0)")
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter: {betas[1]} - should be in [0.0, 1.0)")
-        if not 0.0 <= eps:
+        if not eps >= 0.0:
             raise ValueError(f"Invalid epsilon value: {eps} - should be >= 0.0")
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -42,7 +49,9 @@ class LegacyAdamW(Optimizer):
                     continue
                 grad = p.grad
                 if grad.is_sparse:
-                    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+                    raise RuntimeError(
+                        "Adam does not support sparse gradients, please consider SparseAdam instead"
+                    )
 
                 state = self.state[p]
 

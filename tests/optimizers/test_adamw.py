@@ -32,7 +32,10 @@ def run(opt_factory, steps=30, *, dtype=torch.float32, layout="flat", skip=None,
         opt = opt_factory(params)
     elif layout == "groups":
         opt = opt_factory(
-            [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)}]
+            [
+                {"params": params[:2]},
+                {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)},
+            ]
         )
     else:  # named
         opt = opt_factory([(f"layer{i}.weight", p) for i, p in enumerate(params)])
@@ -71,7 +74,9 @@ def test_foreach_path_matches_legacy_exactly_on_cpu(options):
         assert torch.equal(e, g)
 
 
-@pytest.mark.parametrize("options", [*OPTIONS, {"correct_bias": False, "weight_decay": 0.3, "eps": 0.0}], ids=str)
+@pytest.mark.parametrize(
+    "options", [*OPTIONS, {"correct_bias": False, "weight_decay": 0.3, "eps": 0.0}], ids=str
+)
 @pytest.mark.parametrize("layout", ["flat", "groups", "named"])
 def test_default_fused_path_agrees_with_reference(options, layout):
     kw = {"lr": 1e-2, **options}
@@ -114,11 +119,15 @@ def test_formula_written_out_in_float64():
                 p[i] -= lr * wd * p[i]
         for impl in IMPLS.values():
             param = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
-            opt = AdamW([param], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, correct_bias=correct_bias, **impl)
+            opt = AdamW(
+                [param], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, correct_bias=correct_bias, **impl
+            )
             for g in grads:
                 param.grad = torch.tensor(g, dtype=torch.float64)
                 opt.step()
-            torch.testing.assert_close(param.detach(), torch.tensor(p, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                param.detach(), torch.tensor(p, dtype=torch.float64), rtol=1e-12, atol=1e-12
+            )
 
 
 def test_is_a_torch_adamw_with_the_legacy_state_keys():
