@@ -1,4 +1,4 @@
-"""Pieces shared by the optimizers: validation, implementation choice, torch's fused Adam kernel, Keras clipping.
+"""Pieces shared by the optimizers: validation, state, implementation choice, torch's fused kernel, Keras clipping.
 
 The legacy algorithms differ from torch's AdamW only in where ``eps`` sits, in bias correction and in when weight
 decay is applied; each is an exact re-parametrisation of ``torch._fused_adamw_`` per step value ``t``. The
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,46 +41,88 @@ def check_flags(foreach: bool | None, fused: bool | None) -> None:
         raise ValueError("foreach and fused cannot both be True: pick one implementation")
 
 
-def choose_implementation(
-    params: Sequence[Tensor], foreach: bool | None, fused: bool | None
+def bucket_implementation(
+    device: torch.device, dtype: torch.dtype, foreach: bool | None, fused: bool | None
 ) -> Implementation:
-    """Resolve ``foreach`` / ``fused`` as torch.optim does, with the fused kernel as the default.
+    """Resolve ``foreach`` / ``fused`` for tensors of one device and dtype as torch.optim does, fused by default.
 
-    ``fused=True``: the fused kernel (error if a tensor cannot use it); ``foreach=True``: multi-tensor;
-    ``foreach=False`` (and fused not True): the per-tensor reference; both ``None``: fused when every tensor can
-    use it, else multi-tensor.
+    ``fused=True``: the fused kernel (error if the tensors cannot use it); ``foreach=True``: multi-tensor;
+    ``foreach=False`` (fused not True): the per-tensor reference; both ``None``: fused when the tensors can use it,
+    else multi-tensor.
     """
     supported = _get_fused_kernels_supported_devices()
+    fusable = device.type in supported and dtype.is_floating_point
     if fused or (fused is None and foreach is None):
-        if all(p.device.type in supported and p.is_floating_point() for p in params):
+        if fusable:
             return "fused"
         if fused:
             raise RuntimeError(
-                f"fused=True needs floating-point parameters on one of {supported}; use fused=None to fall back"
+                f"fused=True needs floating-point parameters on one of {supported}, got {dtype} on {device}; "
+                "use fused=None to fall back"
             )
-    if foreach is False or any(p.is_complex() for p in params):
+    if foreach is False or dtype.is_complex:
         return "single_tensor"
     return "multi_tensor"
 
 
-def check_dense(grad: Tensor, name: str, optimizer: str) -> None:
-    if grad.is_sparse:
+def group_buckets(
+    tensors: list[list[Tensor]], foreach: bool | None, fused: bool | None
+) -> list[tuple[Implementation, list[list[Tensor]]]]:
+    """Split parallel tensor lists by (device, dtype) and pick each bucket's implementation."""
+    if foreach is False and not fused:
+        return [("single_tensor", tensors)]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensors)  # type: ignore[arg-type]
+    return [
+        (bucket_implementation(device, dtype, foreach, fused), bucket)  # type: ignore[misc]
+        for (device, dtype), (bucket, _) in grouped.items()
+    ]
+
+
+def gather_state(
+    state: dict[Tensor, dict[str, Any]],
+    group: dict[str, Any],
+    grad_of: Callable[[Tensor], Tensor | None],
+    optimizer: str,
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+    """Parameters of ``group`` that have a gradient, their gradients and their state (created when missing).
+
+    Sparse gradients raise, naming the parameter. New state lives on the parameter's device: moments in its
+    dtype, ``step`` a float32 scalar.
+    """
+    params, grads = [], []
+    for p in group["params"]:
+        g = grad_of(p)
+        if g is not None:
+            params.append(p)
+            grads.append(g)
+    if any(g.is_sparse for g in grads):
+        i = next(i for i, p in enumerate(group["params"]) if (g := grad_of(p)) is not None and g.is_sparse)
+        names = group.get("param_names")
         raise RuntimeError(
-            f"{optimizer} does not support sparse gradients (parameter {name}); "
+            f"{optimizer} does not support sparse gradients (parameter {names[i] if names else f'#{i}'}); "
             "use torch.optim.SparseAdam or dense gradients"
         )
+    states = [state[p] for p in params]
+    for p, s in zip(params, states, strict=True):
+        if not s:
+            s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return params, grads, states
 
 
-def new_state(p: Tensor, *, fused: bool, amsgrad: bool = False) -> dict[str, Tensor]:
-    """Zero state for ``p``: moments in the parameter's dtype, ``step`` as a float32 scalar (on the device if fused)."""
-    state = {
-        "step": torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
-        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-    }
-    if amsgrad:
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return state
+def steps_to_tensors(state: dict[Tensor, dict[str, Any]]) -> None:
+    """After loading: ``step`` as a float32 tensor on its parameter's device, where the kernels read it.
+
+    transformers 4.x saved ``step`` as a Python int; torch keeps a loaded ``step`` where it was saved (the CPU).
+    """
+    for p, s in state.items():
+        step = s.get("step")
+        if step is None:
+            continue
+        if not torch.is_tensor(step):
+            step = torch.tensor(float(step), dtype=torch.float32)
+        s["step"] = step.to(p.device)
 
 
 def fused_adamw(
@@ -96,25 +138,23 @@ def fused_adamw(
     hyperparameters: KernelHyperparameters,
     amsgrad: bool = False,
 ) -> None:
-    """Run ``torch._fused_adamw_`` on tensors already advanced to their new step, one call per (device, dtype, t).
+    """Run ``torch._fused_adamw_`` on tensors of one device and dtype, already advanced to their new step.
 
     ``state_steps`` must already hold the new step ``t``: the kernel reads it for bias correction but does not
-    increment it. ``hyperparameters(t)`` gives the kernel's lr, eps and weight decay for that step.
+    increment it. ``hyperparameters(t)`` gives the kernel's lr, eps and weight decay for that step; one kernel
+    call per distinct ``t`` (one in the usual case).
     """
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]  # type: ignore[list-item]
-    )
-    for tensors, _ in grouped.values():
-        for t, idx in _split_by_step(tensors[-1]):  # type: ignore[arg-type]
-            lr, eps, weight_decay = hyperparameters(t)
-            p, g, m, v, vmax, steps = (
-                tensors if idx is None else [[x[i] for i in idx] if x else x for x in tensors]
-            )
-            torch._fused_adamw_(
-                p, g, m, v, vmax if amsgrad else [], steps,
-                lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                amsgrad=amsgrad, maximize=False,
-            )  # fmt: skip
+    tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
+    for t, idx in _split_by_step(state_steps):
+        lr, eps, weight_decay = hyperparameters(t)
+        p, g, m, v, vmax, steps = (
+            tensors if idx is None else [[x[i] for i in idx] if x else x for x in tensors]
+        )
+        torch._fused_adamw_(
+            p, g, m, v, vmax if amsgrad else [], steps,
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+            amsgrad=amsgrad, maximize=False,
+        )  # fmt: skip
 
 
 def _split_by_step(steps: list[Tensor]) -> list[tuple[float, list[int] | None]]:

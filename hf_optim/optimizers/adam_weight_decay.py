@@ -26,18 +26,29 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from hf_optim.optimizers._kernels import (
-    check_dense,
     check_flags,
     check_number,
-    choose_implementation,
     fused_adamw,
+    gather_state,
+    group_buckets,
     keras_clip_gradients,
-    new_state,
+    steps_to_tensors,
 )
 from hf_optim.param_groups import compile_patterns, decay_applies
 
 __all__ = ["AdamWeightDecay", "adam_weight_decay"]
 
+# Optimizer-level options that are not param-group hyperparameters.
+_KERAS_OPTIONS = (
+    "name",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "include_in_weight_decay",
+    "exclude_from_weight_decay",
+    "_include",
+    "_exclude",
+)
 # Keras argument name -> param-group key (torch's names, so LR schedulers, Trainer and Accelerate work).
 _KERAS_TO_TORCH = {"learning_rate": "lr", "epsilon": "eps", "weight_decay_rate": "weight_decay"}
 
@@ -97,6 +108,7 @@ class AdamWeightDecay(Optimizer):
         self._include = compile_patterns(include_in_weight_decay, "include_in_weight_decay")
         self._exclude = compile_patterns(exclude_from_weight_decay, "exclude_from_weight_decay")
         self._iterations: int | None = 0
+        self._decay: dict[Tensor, bool] = {}  # whether each parameter is decayed, decided once by name
         defaults = {
             "lr": learning_rate,
             "betas": (beta_1, beta_2),
@@ -122,26 +134,26 @@ class AdamWeightDecay(Optimizer):
                 "include_in_weight_decay / exclude_from_weight_decay match parameter names: "
                 "pass model.named_parameters() (or (name, tensor) pairs) instead of bare tensors"
             )
-        self._set_decay_mask(group)
+        self._set_decay(group)
 
-    def _set_decay_mask(self, group: dict[str, Any]) -> None:
-        # Whether each parameter is decayed; decided by name once, as Keras does per variable.
+    def _set_decay(self, group: dict[str, Any]) -> None:
         names = group.get("param_names") or [""] * len(group["params"])
-        group["decay_mask"] = [
-            decay_applies(n, weight_decay=group["weight_decay"], include=self._include, exclude=self._exclude)
-            for n in names
-        ]
+        for p, name in zip(group["params"], names, strict=True):
+            self._decay[p] = decay_applies(
+                name, weight_decay=group["weight_decay"], include=self._include, exclude=self._exclude
+            )
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        for group in state["param_groups"]:
-            group.pop("decay_mask", None)  # derived from names and patterns; rebuilt on load
-        return state
+    def __getstate__(
+        self,
+    ) -> dict[str, Any]:  # torch keeps only defaults/state/param_groups; keep the Keras options
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in _KERAS_OPTIONS}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._decay = {}
         for group in self.param_groups:
-            self._set_decay_mask(group)
+            self._set_decay(group)
+        steps_to_tensors(self.state)
         self._iterations = None  # recomputed from the loaded steps
 
     @property
@@ -208,63 +220,58 @@ class AdamWeightDecay(Optimizer):
         return self.iterations
 
     def _apply(self, grad_of: Callable[[Tensor], Tensor | None]) -> None:
-        selected = []  # (group, param, grad, decay)
+        gathered = []
         for group in self.param_groups:
-            names = group.get("param_names")
-            for i, (p, decay) in enumerate(zip(group["params"], group["decay_mask"], strict=True)):
-                grad = grad_of(p)
-                if grad is not None:
-                    check_dense(grad, names[i] if names else f"#{i}", "AdamWeightDecay")
-                    selected.append((group, p, grad, decay))
-        if not selected:
+            params, grads, states = gather_state(self.state, group, grad_of, "AdamWeightDecay")
+            if params:
+                gathered.append((group, params, grads, states))
+        if not gathered:
             return
         if self.clipvalue is not None or self.clipnorm is not None or self.global_clipnorm is not None:
-            clipped = keras_clip_gradients(
-                [g for _, _, g, _ in selected],
-                clipvalue=self.clipvalue,
-                clipnorm=self.clipnorm,
-                global_clipnorm=self.global_clipnorm,
+            clipped = iter(
+                keras_clip_gradients(
+                    [g for _, _, grads, _ in gathered for g in grads],
+                    clipvalue=self.clipvalue,
+                    clipnorm=self.clipnorm,
+                    global_clipnorm=self.global_clipnorm,
+                )
             )
-            selected = [(grp, p, g, d) for (grp, p, _, d), g in zip(selected, clipped, strict=True)]
+            gathered = [(grp, ps, [next(clipped) for _ in gs], sts) for grp, ps, gs, sts in gathered]
         t = self.iterations + 1
-        by_group: dict[int, list[tuple[Tensor, Tensor, bool]]] = {}
-        for group, p, g, decay in selected:
-            by_group.setdefault(id(group), []).append((p, g, decay))
-        for group in self.param_groups:
-            chosen = by_group.get(id(group))
-            if chosen:
-                self._update_group(group, chosen, t)
+        for group, params, grads, states in gathered:
+            self._update_group(group, params, grads, states, t)
         self._iterations = t
 
-    def _update_group(self, group: dict[str, Any], chosen: list[tuple[Tensor, Tensor, bool]], t: int) -> None:
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        t: int,
+    ) -> None:
         amsgrad = group["amsgrad"]
-        impl = choose_implementation([p for p, _, _ in chosen], group["foreach"], group["fused"])
-        fused = impl == "fused"
-        lists: dict[bool, tuple[list[Tensor], ...]] = {}  # decay -> (params, grads, m, v, vmax, steps)
-        for p, g, decay in chosen:
-            state = self.state[p]
-            if not state:
-                state.update(new_state(p, fused=fused, amsgrad=amsgrad))
-            elif fused and state["step"].device != p.device:
-                state["step"] = state["step"].to(p.device)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bucket = lists.setdefault(decay, ([], [], [], [], [], []))
-            for lst, value in zip(
-                bucket,
-                (p, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"), state["step"]),
-                strict=True,
-            ):
-                lst.append(value)
+        if amsgrad:
+            for p, s in zip(params, states, strict=True):
+                if "max_exp_avg_sq" not in s:
+                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [s["step"] for s in states]
+        torch._foreach_zero_(steps)
+        torch._foreach_add_(steps, float(t))  # every updated parameter is at the optimizer's step t
+        decays = [self._decay[p] for p in params]
         beta1, beta2 = group["betas"]
-        for decay, (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps) in lists.items():
-            torch._foreach_zero_(steps)
-            torch._foreach_add_(steps, float(t))  # every updated parameter is at the optimizer's step t
+        for decay in (True, False):
+            if decay not in decays:
+                continue
+            idx = [i for i, d in enumerate(decays) if d is decay]
+            sub = [states[i] for i in idx]
             adam_weight_decay(
-                params, grads, exp_avgs, exp_avg_sqs, max_sqs if amsgrad else None, steps,
+                [params[i] for i in idx], [grads[i] for i in idx],
+                [s["exp_avg"] for s in sub], [s["exp_avg_sq"] for s in sub],
+                [s["max_exp_avg_sq"] for s in sub] if amsgrad else None, [s["step"] for s in sub],
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"] if decay else 0.0, amsgrad=amsgrad,
-                foreach=impl == "multi_tensor", fused=fused,
+                foreach=group["foreach"], fused=group["fused"],
             )  # fmt: skip
 
 
@@ -307,19 +314,12 @@ def adam_weight_decay(
     """
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
-    if foreach is None and fused is None:
-        impl = choose_implementation(params, None, None)
-    else:
-        impl = "fused" if fused else "multi_tensor" if foreach else "single_tensor"
-    func = {
-        "fused": _fused_adam_weight_decay,
-        "multi_tensor": _multi_tensor_adam_weight_decay,
-        "single_tensor": _single_tensor_adam_weight_decay,
-    }[impl]
-    func(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-    )  # fmt: skip
+    check_flags(foreach, fused)
+    tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps]
+    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+        _IMPLEMENTATIONS[impl](
+            *bucket, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
+        )
 
 
 def _keras_lr(lr: float, beta1: float, beta2: float, t: float) -> float:
@@ -377,21 +377,18 @@ def _multi_tensor_adam_weight_decay(
     weight_decay: float,
     amsgrad: bool,
 ) -> None:
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [None] * len(params), state_steps]  # type: ignore[list-item]
-    )
-    for (p, g, m, v, vmax, steps), _ in grouped.values():
-        if weight_decay > 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(m, g, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-        if amsgrad:
-            torch._foreach_maximum_(vmax, v)
-        denom = torch._foreach_sqrt(vmax if amsgrad else v)
-        torch._foreach_add_(denom, eps)
-        alphas = [-_keras_lr(lr, beta1, beta2, t) for t in torch.stack(steps).tolist()]
-        torch._foreach_addcdiv_(p, m, denom, alphas)
+    # For tensors of one device and dtype.
+    if weight_decay > 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+    denom = torch._foreach_sqrt(max_exp_avg_sqs if amsgrad else exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    alphas = [-_keras_lr(lr, beta1, beta2, t) for t in torch.stack(state_steps).tolist()]
+    torch._foreach_addcdiv_(params, exp_avgs, denom, alphas)
 
 
 def _fused_adam_weight_decay(
@@ -418,3 +415,10 @@ def _fused_adam_weight_decay(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         beta1=beta1, beta2=beta2, hyperparameters=hyperparameters, amsgrad=amsgrad,
     )  # fmt: skip
+
+
+_IMPLEMENTATIONS = {
+    "single_tensor": _single_tensor_adam_weight_decay,
+    "multi_tensor": _multi_tensor_adam_weight_decay,
+    "fused": _fused_adam_weight_decay,
+}

@@ -25,12 +25,12 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from hf_optim.optimizers._kernels import (
-    check_dense,
     check_flags,
     check_number,
-    choose_implementation,
     fused_adamw,
-    new_state,
+    gather_state,
+    group_buckets,
+    steps_to_tensors,
 )
 
 __all__ = ["AdamW", "adamw"]
@@ -89,15 +89,12 @@ class AdamW(torch.optim.AdamW):
         check_flags(group["foreach"], group["fused"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Not Adam.__setstate__: it would add torch's own group options. Legacy state_dicts (transformers 4.x)
-        # hold ``step`` as a Python int; torch and the fast paths keep it as a float32 scalar tensor.
+        # Not Adam.__setstate__: it would add torch's own group options.
         Optimizer.__setstate__(self, state)
         for group in self.param_groups:  # keys a legacy or torch state_dict lacks: the constructor's choice
             for key in ("correct_bias", "foreach", "fused"):
                 group.setdefault(key, self.defaults[key])
-        for param_state in self.state.values():
-            if "step" in param_state and not torch.is_tensor(param_state["step"]):
-                param_state["step"] = torch.tensor(float(param_state["step"]), dtype=torch.float32)
+        steps_to_tensors(self.state)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -107,35 +104,16 @@ class AdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            steps: list[Tensor] = []
-            with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
-            if not with_grad:
+            params, grads, states = gather_state(self.state, group, lambda p: p.grad, "AdamW")
+            if not params:
                 continue
-            impl = choose_implementation([p for _, p in with_grad], group["foreach"], group["fused"])
-            fused = impl == "fused"
-            names = group.get("param_names")
-            for i, p in with_grad:
-                check_dense(p.grad, names[i] if names else f"#{i}", "AdamW")
-                state = self.state[p]
-                if not state:
-                    state.update(new_state(p, fused=fused))
-                elif fused and state["step"].device != p.device:
-                    state["step"] = state["step"].to(p.device)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
             beta1, beta2 = group["betas"]
             adamw(
-                params, grads, exp_avgs, exp_avg_sqs, steps,
+                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
-                foreach=impl == "multi_tensor", fused=fused,
+                foreach=group["foreach"], fused=group["fused"],
             )  # fmt: skip
         return loss
 
@@ -165,23 +143,23 @@ def adamw(
 ) -> None:
     """Functional legacy AdamW: update ``params`` and the state lists in place, and add 1 to ``state_steps``.
 
-    ``foreach=False, fused=False`` is the reference; ``None`` picks the fastest implementation for the tensors.
+    ``foreach=False, fused=False`` is the reference; ``None`` picks, per device and dtype, the fastest
+    implementation the tensors support.
     """
-    if foreach is None and fused is None:
-        impl = choose_implementation(params, None, None)
-    else:
-        impl = "fused" if fused else "multi_tensor" if foreach else "single_tensor"
-    if impl == "fused" and weight_decay > 0 and lr * weight_decay == 1.0:
-        impl = "multi_tensor"  # the decay factor is 0: no re-parametrisation of the fused kernel exists
-    func = {
-        "fused": _fused_adamw,
-        "multi_tensor": _multi_tensor_adamw,
-        "single_tensor": _single_tensor_adamw,
-    }[impl]
-    func(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-    )  # fmt: skip
+    check_flags(foreach, fused)
+    tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+        if impl == "fused" and weight_decay > 0 and lr * weight_decay == 1.0:
+            impl = "multi_tensor"  # the decay factor is 0: no re-parametrisation of the fused kernel exists
+        _IMPLEMENTATIONS[impl](
+            *bucket,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+        )
 
 
 def _single_tensor_adamw(
@@ -231,27 +209,23 @@ def _multi_tensor_adamw(
     weight_decay: float,
     correct_bias: bool,
 ) -> None:
-    # The reference's ops, one foreach call per op and (device, dtype) bucket.
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
-    )
-    for (p, g, m, v, steps), _ in grouped.values():
-        torch._foreach_add_(steps, 1)
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, g, alpha=1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, eps)
-        if correct_bias:
-            step_sizes = [
-                -(lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)) for t in torch.stack(steps).tolist()
-            ]
-            torch._foreach_addcdiv_(p, m, denom, step_sizes)
-        else:
-            torch._foreach_addcdiv_(p, m, denom, value=-lr)
-        if weight_decay > 0.0:
-            torch._foreach_add_(p, p, alpha=-lr * weight_decay)
+    # The reference's ops, one foreach call per op, for tensors of one device and dtype.
+    torch._foreach_add_(state_steps, 1)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    if correct_bias:
+        step_sizes = [
+            -(lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)) for t in torch.stack(state_steps).tolist()
+        ]
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
+    if weight_decay > 0.0:
+        torch._foreach_add_(params, params, alpha=-lr * weight_decay)
 
 
 def _fused_adamw(
@@ -287,3 +261,10 @@ def _fused_adamw(
         params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
         beta1=beta1, beta2=beta2, hyperparameters=hyperparameters,
     )  # fmt: skip
+
+
+_IMPLEMENTATIONS = {
+    "single_tensor": _single_tensor_adamw,
+    "multi_tensor": _multi_tensor_adamw,
+    "fused": _fused_adamw,
+}
