@@ -16,11 +16,67 @@ __version__ = "0.1.0"
 from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
 
 # --- schedules, registry, accumulation (issue 3) ---
+# isort: split
+from hf_optim.accumulation import GradientAccumulator
+from hf_optim.param_groups import get_decay_parameter_names, get_no_decay_parameter_names, group_parameters
+from hf_optim.registry import (
+    OptimizerInfo,
+    SchedulerInfo,
+    add_registry_listener,
+    create_optimizer,
+    create_scheduler,
+    get_optimizer_info,
+    get_scheduler_info,
+    list_optimizers,
+    list_schedulers,
+    optimizer_name,
+    register_optimizer,
+    register_scheduler,
+    remove_registry_listener,
+)
+from hf_optim.schedules import (
+    get_constant_schedule,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_cosine_with_hard_restarts_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup_lr_rate,
+    get_inverse_sqrt_schedule,
+    get_linear_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+    get_scheduler,
+    get_wsd_schedule,
+    scheduler_from_config,
+)
 
 # --- serialization and Hub (issue 4) ---
+# isort: split
+from hf_optim.hub import HfUrl, download_checkpoint, parse_hf_url, push_state_to_hub, resolve_state_dir
+from hf_optim.serialization import (
+    ACCUMULATOR_NAME,
+    OPTIMIZER_INDEX_NAME,
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
+    CheckpointError,
+    LoadReport,
+    StateInfo,
+    has_state,
+    inspect_state,
+    load_state,
+    save_state,
+)
 
 # --- lazily imported integrations (issues 5 and 6): name -> module ---
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    # issue 5: transformers Trainer with safetensors checkpoints
+    "Trainer": "hf_optim.integrations.transformers.trainer",
+    "TrainerMixin": "hf_optim.integrations.transformers.trainer",
+    # issue 6: Accelerate loops (prepare, item-normalised accumulation, safetensors checkpoints)
+    "ItemNormalizer": "hf_optim.integrations.accelerate",
+    "accelerate_load_state": "hf_optim.integrations.accelerate",
+    "accelerate_prepare": "hf_optim.integrations.accelerate",
+    "accelerate_save_state": "hf_optim.integrations.accelerate",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,3 +90,11 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+# --- issue 5: register hf_optim's names with transformers once it is (or if it already is) imported ---
+# Installs an import hook only; never imports transformers itself.
+from hf_optim import _autoload  # noqa: E402
+
+_autoload.install()
+_autoload.sync_if_loaded()

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-_COMMANDS: tuple[str, ...] = ()
+_COMMANDS: tuple[str, ...] = ("list", "plot", "hub", "inspect", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,550 @@
+"""Register hf_optim's optimizer and schedule names with transformers' ``TrainingArguments`` and ``Trainer``.
+
+transformers (5.x) validates ``TrainingArguments.optim`` against the ``OptimizerNames`` enum, dispatches through
+the private dict ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` and builds schedules from
+``transformers.optimization.TYPE_TO_SCHEDULER_FUNCTION`` keyed by ``SchedulerType``. There is no plugin API, so
+this module adds enum members and table entries, idempotently. Names transformers already has stay
+transformers' own (hf_optim never replaces them). Every step checks the internals it relies on first and, if
+they changed, raises :class:`TransformersIntegrationError` naming the transformers version (``register``) or
+logs it once as a warning (``sync``, used by import hooks, which must never raise).
+
+Nothing here imports transformers at module level: the transformers modules are taken from ``sys.modules`` once
+they are fully imported (``sync``) or imported explicitly (``register``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ARGS = "transformers.training_args"
+TRAINER_UTILS = "transformers.trainer_utils"
+TRAINER_OPTIMIZER = "transformers.trainer_optimizer"
+OPTIMIZATION = "transformers.optimization"
+
+_lock = threading.RLock()
+_listener_added = False
+_warned: set[str] = set()
+# Values of the enum members hf_optim created (transformers' own members are never touched).
+_OUR_OPTIMIZERS: set[str] = set()
+_OUR_SCHEDULERS: set[str] = set()
+
+
+class TransformersIntegrationError(RuntimeError):
+    """transformers' internals are not what hf_optim expects (the message names the transformers version)."""
+
+
+def transformers_version() -> str:
+    module = sys.modules.get("transformers")
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version("transformers")
+        except Exception:
+            version = "unknown"
+    return str(version)
+
+
+def _error(what: str) -> TransformersIntegrationError:
+    from hf_optim import __version__
+
+    return TransformersIntegrationError(
+        f"hf_optim {__version__} cannot register its names with transformers {transformers_version()}: {what}. "
+        "transformers' internals changed in this release; please report it to hf_optim "
+        "(meanwhile pass the optimizer to Trainer(optimizers=(optimizer, scheduler)) instead of by name)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Enum members added at run time
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _member_name(enum_cls: type[Enum], value: str) -> str:
+    name = re.sub(r"\W", "_", value).upper()
+    if not name or name[0].isdigit():
+        name = f"_{name}"
+    if name in enum_cls.__members__ or hasattr(enum_cls, name):
+        name = f"HF_OPTIM_{name}"
+    return name
+
+
+def _check_enum(enum_cls: object, label: str) -> type[Enum]:
+    if not (isinstance(enum_cls, type) and issubclass(enum_cls, Enum) and issubclass(enum_cls, str)):
+        raise _error(f"{label} is not a str Enum")
+    for attr in ("_member_map_", "_value2member_map_", "_member_names_"):
+        if not hasattr(enum_cls, attr):
+            raise _error(f"{label} has no {attr}")
+    return enum_cls
+
+
+def add_enum_member(enum_cls: type[Enum], value: str) -> Enum:
+    """Add ``value`` to the str enum ``enum_cls`` (or return the existing member); checked afterwards."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    name = _member_name(enum_cls, value)
+    member_type = getattr(enum_cls, "_member_type_", str)
+    new_member = getattr(enum_cls, "_new_member_", None) or member_type.__new__
+    member = new_member(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    if hasattr(next(iter(enum_cls), None), "_sort_order_"):
+        member._sort_order_ = len(enum_cls._member_names_)
+    # type.__setattr__: EnumType.__setattr__ refuses to (re)assign member names.
+    type.__setattr__(enum_cls, name, member)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    try:
+        ok = enum_cls(value) is member and enum_cls[name] is member and member in list(enum_cls)
+    except Exception:
+        ok = False
+    if not ok:
+        enum_cls._member_map_.pop(name, None)
+        enum_cls._value2member_map_.pop(value, None)
+        if name in enum_cls._member_names_:
+            enum_cls._member_names_.remove(name)
+        raise _error(f"adding {value!r} to {enum_cls.__name__} did not produce a working member")
+    return member
+
+
+# --------------------------------------------------------------------------------------------------------------
+# optim_args: typed parsing against the optimizer's own signature
+# --------------------------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _annotation_text(annotation: object) -> str:
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else repr(annotation)
+
+
+def _parse_bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("expected a boolean (true/false)")
+
+
+def _guess(raw: str) -> Any:
+    low = raw.strip().lower()
+    if low in {"true", "false"}:
+        return low == "true"
+    if low in {"none", "null"}:
+        return None
+    for convert in (int, float):
+        try:
+            return convert(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _to_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+
+
+def _to_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def _to_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in re.split(r"[:;]", text))
+    except ValueError:
+        raise ValueError("expected numbers separated by ':' (e.g. 0.9:0.999)") from None
+
+
+def convert_optim_arg(raw: str, parameter: inspect.Parameter | None) -> Any:
+    """Convert one ``optim_args`` string to the type the optimizer's parameter expects.
+
+    The type comes from the parameter's annotation, else its default: bool (true/false/1/0/yes/no), float, int,
+    tuple of floats (``0.9:0.999``), list of strings (``a;b``), ``none`` for optional arguments, else a string.
+    Without a parameter (the optimizer takes ``**kwargs``) the value is guessed (bool, int, float, string).
+    """
+    if parameter is None:
+        return _guess(raw)
+    default = parameter.default
+    ann = _annotation_text(parameter.annotation)
+    text = raw.strip()
+    optional = default is None or "None" in ann or "Optional" in ann
+    if optional and text.lower() in {"none", "null"}:
+        return None
+    if ann:
+        if re.search(r"\bbool\b", ann):
+            return _parse_bool(text)
+        if re.match(r"(typing\.)?(tuple|Tuple)\[float", ann):
+            return _to_floats(text)
+        if re.search(r"Sequence|Iterable|\blist\b|\bList\b|tuple\[str", ann):
+            return [part for part in text.split(";") if part]
+        if re.search(r"\bfloat\b", ann):
+            return _to_float(text)
+        if re.search(r"\bint\b", ann):
+            return _to_int(text)
+        if re.search(r"\bstr\b", ann):
+            return raw
+    if isinstance(default, bool):
+        return _parse_bool(text)
+    if isinstance(default, tuple):
+        return _to_floats(text)
+    if isinstance(default, int):
+        return _guess_number(text)
+    if isinstance(default, float):
+        return _to_float(text)
+    if isinstance(default, str):
+        return raw
+    return _guess(raw)
+
+
+def _guess_number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return _to_float(text)
+
+
+def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+
+
+def _own_names(info: Any) -> dict[str, str | tuple[str, ...]]:
+    """The registry entry's mapping of the common names (lr, weight_decay, betas, eps) to its own."""
+    return dict(getattr(info, "arg_names", None) or {})
+
+
+def parse_optim_args(optim_args: Mapping[str, str], info: Any) -> dict[str, Any]:
+    """Typed ``optim_args`` for the registry entry ``info``, keyed by the optimizer's own argument names.
+
+    Keys are the optimizer's arguments (``correct_bias``, ``epsilon``, ...); the common names ``lr``,
+    ``weight_decay``, ``betas``, ``eps`` are accepted too and renamed like ``create_optimizer`` does. Unknown keys
+    raise ``ValueError`` listing the valid ones.
+    """
+    optimizer = info.name
+    signature = _signature(info.factory)
+    parameters = dict(signature.parameters) if signature is not None else {}
+    takes_kwargs = signature is None or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    named = {
+        key: p
+        for key, p in list(parameters.items())[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    own_names = _own_names(info)
+    parsed: dict[str, Any] = {}
+    for key, raw in optim_args.items():
+        if key == "params":
+            raise ValueError("optim_args cannot set 'params': Trainer builds the parameter groups")
+        own = own_names.get(key, key) if key not in named else key
+        targets = own if isinstance(own, tuple) else (own,)
+        missing = [t for t in targets if t not in named]
+        if missing and not takes_kwargs:
+            raise ValueError(
+                f"optim_args: {key!r} is not an argument of optimizer {optimizer!r}; "
+                f"valid keys: {', '.join(sorted(named))}"
+            )
+        try:
+            if isinstance(own, tuple):
+                values = convert_optim_arg(raw, inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=()))
+                if len(values) != len(own):
+                    raise ValueError(f"expected {len(own)} numbers separated by ':'")
+                parsed.update(zip(own, values, strict=True))
+            else:
+                parsed[own] = convert_optim_arg(raw, named.get(own))
+        except ValueError as err:
+            raise ValueError(f"optim_args: {key}={raw!r} for optimizer {optimizer!r}: {err}") from None
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TrainingArguments -> optimizer arguments
+# --------------------------------------------------------------------------------------------------------------
+
+_KERAS_PATTERNS = ("include_in_weight_decay", "exclude_from_weight_decay")
+
+
+def rename_common(info: Any, values: Mapping[str, Any], *, only_declared: bool) -> dict[str, Any]:
+    """Rename ``lr``/``weight_decay``/``betas``/``eps`` to ``info``'s own names (``arg_names``; a tuple splits
+    ``betas``). With ``only_declared``, values whose own name the factory does not declare are dropped (an
+    optimizer without ``betas`` does not get one)."""
+    signature = _signature(info.factory)
+    declared = set(signature.parameters) if signature is not None else set()
+    own_names = _own_names(info)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        own = own_names.get(key, key)
+        if isinstance(own, tuple):
+            if not isinstance(value, (tuple, list)) or len(value) != len(own):
+                raise ValueError(f"{key} must have {len(own)} values for optimizer {info.name!r}, got {value!r}")
+            pairs = list(zip(own, value, strict=True))
+        else:
+            pairs = [(own, value)]
+        if only_declared and not all(name in declared or key in own_names for name, _ in pairs):
+            continue
+        out.update(pairs)
+    return out
+
+
+def map_training_arguments(args: Any, info: Any, lr: float | None = None) -> dict[str, Any]:
+    """TrainingArguments' ``learning_rate``, ``adam_beta1/2``, ``adam_epsilon`` and ``weight_decay`` under the
+    registry entry's own argument names (``lr``/``learning_rate``, ``betas``/``beta_1``+``beta_2``,
+    ``eps``/``epsilon``, ``weight_decay``/``weight_decay_rate``); names the optimizer lacks are left out."""
+    common = {
+        "lr": args.learning_rate if lr is None else lr,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+    }
+    return rename_common(info, common, only_declared=True)
+
+
+def _named_trainable(model: Any) -> list[tuple[str, Any]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _trainer_decay_names(model: Any) -> set[str]:
+    """The names Trainer's default ``get_decay_parameter_names`` gives weight decay to."""
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is None:
+        import transformers.trainer as trainer_module
+    return set(trainer_module.Trainer.get_decay_parameter_names(None, model))
+
+
+def optimizer_handler(name: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
+    """A handler for ``_OPTIMIZER_HANDLERS``: ``handler(ctx) -> (optimizer class, kwargs)`` for the hf_optim
+    optimizer registered as ``name`` (looked up at call time, so ``register_optimizer(..., overwrite=True)``
+    takes effect).
+
+    Argument precedence: ``optim_args`` > TrainingArguments > the registry entry's ``defaults``. Trainer keeps
+    building its decay / no-decay groups (biases and norms without decay) and passes them to the class, except
+    when ``optim_args`` sets ``include_in_weight_decay`` / ``exclude_from_weight_decay``: then one group of
+    named parameters with ``weight_decay`` goes to the optimizer and its Keras name rule decides.
+    """
+
+    def handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        from hf_optim.registry import get_optimizer_info
+
+        info = get_optimizer_info(name)
+        factory = info.factory
+        args = ctx.args
+        lr = getattr(ctx, "optimizer_kwargs", {}).get("lr")
+        kwargs = rename_common(info, getattr(info, "defaults", None) or {}, only_declared=False)
+        kwargs.update(map_training_arguments(args, info, lr))
+        kwargs.update(parse_optim_args(getattr(ctx, "optim_args", None) or {}, info))
+        model = getattr(ctx, "model", None)
+
+        if any(kwargs.get(key) for key in _KERAS_PATTERNS):
+            if model is None:
+                raise ValueError(f"{name}: {'/'.join(_KERAS_PATTERNS)} in optim_args need Trainer's model")
+            kwargs["params"] = [{"params": _named_trainable(model), "weight_decay": args.weight_decay}]
+
+        if isinstance(factory, type) and issubclass(factory, torch.optim.Optimizer):
+            return factory, kwargs
+
+        # A plain factory function: transformers' factory protocol calls `cls()(model, **kwargs)`.
+        def make_factory() -> Callable[..., Any]:
+            def build(opt_model: Any, **factory_kwargs: Any) -> Any:
+                from hf_optim.registry import create_optimizer
+
+                params = factory_kwargs.pop("params", None)
+                if params is None:
+                    decay = _trainer_decay_names(opt_model)
+                    named = _named_trainable(opt_model)
+                    params = [
+                        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+                        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+                    ]
+                return create_optimizer(name, params, **factory_kwargs)
+
+            return build
+
+        return make_factory, kwargs
+
+    handler.__name__ = f"hf_optim_handler_{name}"
+    handler.__qualname__ = handler.__name__
+    return handler
+
+
+def schedule_function(name: str) -> Callable[..., Any]:
+    """An entry for ``TYPE_TO_SCHEDULER_FUNCTION``: builds the hf_optim schedule ``name`` (a ``LambdaLR``
+    carrying ``hf_optim_config``) from transformers' ``get_scheduler`` arguments."""
+
+    def build(optimizer: Any, num_warmup_steps: int | None = None, num_training_steps: int | None = None,
+              **kwargs: Any) -> Any:
+        from hf_optim.registry import create_scheduler
+
+        return create_scheduler(
+            name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, **kwargs
+        )
+
+    build.__name__ = f"hf_optim_schedule_{name}"
+    build.__qualname__ = build.__name__
+    return build
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _complete(module_name: str, just_loaded: str | None) -> Any:
+    """The module if it is fully imported (or is the one whose import just finished), else None."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    if module_name != just_loaded and getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return None
+    return module
+
+
+def _warn_shadowed(kind: str, value: str) -> None:
+    key = f"{kind}:{value}"
+    if key not in _warned:
+        _warned.add(key)
+        logger.info("hf_optim %s %r: transformers has its own %r, which stays in use in TrainingArguments",
+                    kind, value, value)
+
+
+def _register_optimizer(value: str, just_loaded: str | None) -> None:
+    training_args = _complete(TRAINING_ARGS, just_loaded)
+    if training_args is None:
+        return
+    enum_cls = _check_enum(getattr(training_args, "OptimizerNames", None), "transformers.training_args.OptimizerNames")
+    if value in enum_cls._value2member_map_ and value not in _OUR_OPTIMIZERS:
+        _warn_shadowed("optimizer", value)
+        return
+    member = add_enum_member(enum_cls, value)
+    _OUR_OPTIMIZERS.add(value)
+    trainer_optimizer = _complete(TRAINER_OPTIMIZER, just_loaded)
+    if trainer_optimizer is None:
+        return
+    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+    if not isinstance(handlers, dict):
+        raise _error("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is missing or not a dict")
+    if getattr(handlers.get(member), "_hf_optim_name", None) != value:
+        handler = optimizer_handler(value)
+        handler._hf_optim_name = value  # type: ignore[attr-defined]
+        handlers[member] = handler
+
+
+def _register_scheduler(value: str, just_loaded: str | None) -> None:
+    trainer_utils = _complete(TRAINER_UTILS, just_loaded)
+    if trainer_utils is None:
+        return
+    enum_cls = _check_enum(getattr(trainer_utils, "SchedulerType", None), "transformers.trainer_utils.SchedulerType")
+    if value in enum_cls._value2member_map_ and value not in _OUR_SCHEDULERS:
+        _warn_shadowed("schedule", value)
+        return
+    member = add_enum_member(enum_cls, value)
+    _OUR_SCHEDULERS.add(value)
+    optimization = _complete(OPTIMIZATION, just_loaded)
+    if optimization is None:
+        return
+    table = getattr(optimization, "TYPE_TO_SCHEDULER_FUNCTION", None)
+    if not isinstance(table, dict):
+        raise _error("transformers.optimization.TYPE_TO_SCHEDULER_FUNCTION is missing or not a dict")
+    if getattr(table.get(member), "_hf_optim_name", None) != value:
+        function = schedule_function(value)
+        function._hf_optim_name = value  # type: ignore[attr-defined]
+        table[member] = function
+
+
+def _on_registry_entry(kind: str, info: Any) -> None:
+    """Registry listener: a name registered after import reaches transformers too."""
+    try:
+        with _lock:
+            if kind == "optimizer":
+                _register_optimizer(info.name, None)
+            elif kind == "scheduler":
+                _register_scheduler(info.name, None)
+    except TransformersIntegrationError as err:
+        _warn_once(err)
+
+
+def _warn_once(err: Exception) -> None:
+    text = str(err)
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning("%s", text)
+
+
+def _sync(just_loaded: str | None) -> None:
+    global _listener_added
+    if not any(_complete(m, just_loaded) for m in (TRAINING_ARGS, TRAINER_UTILS, TRAINER_OPTIMIZER, OPTIMIZATION)):
+        return
+    from hf_optim.registry import add_registry_listener, list_optimizers, list_schedulers
+
+    for value in list_optimizers():
+        _register_optimizer(value, just_loaded)
+    for value in list_schedulers():
+        _register_scheduler(value, just_loaded)
+    if not _listener_added:
+        _listener_added = True
+        add_registry_listener(_on_registry_entry)
+
+
+def sync(just_loaded: str | None = None) -> None:
+    """Register every hf_optim name with the transformers modules that are already imported.
+
+    Called by the import hook after each watched transformers module executed and by ``import hf_optim``. Never
+    raises for changed transformers internals (logs a warning naming the transformers version instead).
+    """
+    with _lock:
+        try:
+            _sync(just_loaded)
+        except TransformersIntegrationError as err:
+            _warn_once(err)
+
+
+def register() -> None:
+    """Import the transformers modules involved and register every hf_optim name; raise
+    :class:`TransformersIntegrationError` (naming the transformers version) if that is not possible."""
+    import transformers.optimization
+    import transformers.trainer_optimizer
+    import transformers.trainer_utils
+    import transformers.training_args  # noqa: F401
+
+    with _lock:
+        _sync(None)
+        if _OUR_OPTIMIZERS and not all(_handler_registered(v) for v in _OUR_OPTIMIZERS):
+            raise _error("optimizer handlers could not be registered")
+
+
+def _handler_registered(value: str) -> bool:
+    module = sys.modules.get(TRAINER_OPTIMIZER)
+    enum_cls = sys.modules[TRAINING_ARGS].OptimizerNames
+    handlers = getattr(module, "_OPTIMIZER_HANDLERS", {})
+    return getattr(handlers.get(enum_cls(value)), "_hf_optim_name", None) == value
+
+
+def registered_names() -> dict[str, list[str]]:
+    """The optimizer and schedule names hf_optim added to transformers (for diagnostics)."""
+    return {"optimizers": sorted(_OUR_OPTIMIZERS), "schedulers": sorted(_OUR_SCHEDULERS)}

@@ -1,0 +1,166 @@
+"""``hf_optim.Trainer``: transformers' ``Trainer`` with safetensors optimizer / scheduler checkpoints.
+
+Checkpoints hold ``optimizer.safetensors`` (+ index when sharded) and ``scheduler.json`` written by
+:func:`hf_optim.serialization.save_state`, instead of pickled ``optimizer.pt`` / ``scheduler.pt``; everything
+else (model weights, ``trainer_state.json``, ``rng_state.pth``, scaler) is transformers' own. Resuming reads
+them back, still accepts checkpoints that hold ``optimizer.pt`` (read by transformers with
+``weights_only=True``), and ``train(resume_from_checkpoint="hf://USER/REPO[@REVISION]/SUBFOLDER")`` downloads
+the checkpoint folder from the Hub first.
+
+The schedule is whatever Trainer builds from ``lr_scheduler_type`` (transformers' own for its names, hf_optim's
+for names only hf_optim has). ``scheduler.json`` stores the scheduler's JSON ``state_dict`` (its position:
+``last_epoch``, ``base_lrs``, ``_last_lr``, ...) plus ``hf_optim_config`` when the schedule has one; on resume it
+is loaded into the scheduler Trainer rebuilt from the same ``TrainingArguments``, exactly as Trainer does with
+``scheduler.pt``.
+
+DeepSpeed, FSDP, XLA and SageMaker model parallel have their own optimizer checkpoint formats: there the base
+behaviour is kept, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import torch
+import transformers
+
+from hf_optim.integrations.transformers.names import registered_names, sync
+from hf_optim.serialization import SCHEDULER_NAME, has_state, load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LEGACY_OPTIMIZER_NAMES", "Trainer", "TrainerMixin", "is_hub_url"]
+
+LEGACY_OPTIMIZER_NAMES = ("optimizer.pt", "optimizer.bin")
+LEGACY_SCHEDULER_NAME = "scheduler.pt"
+HF_URL_PREFIX = "hf://"
+
+
+def is_hub_url(path: Any) -> bool:
+    """Whether ``path`` is an ``hf://`` URL (the HfFileSystem form) rather than a local folder."""
+    return isinstance(path, str) and path.startswith(HF_URL_PREFIX)
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside wrappers such as Accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+class TrainerMixin:
+    """Safetensors optimizer / scheduler checkpoints and ``hf://`` resume for any ``transformers.Trainer``.
+
+    Put it first in the bases: ``class MyTrainer(TrainerMixin, Seq2SeqTrainer): ...``. It overrides
+    ``_save_optimizer_and_scheduler`` and ``_load_optimizer_and_scheduler`` (transformers' loader silently skips
+    when ``optimizer.pt`` is absent, so both are needed), ``create_optimizer`` (to tag hf_optim optimizers with
+    their registry name) and ``train`` (to download ``hf://`` checkpoints).
+    """
+
+    _hf_optim_fallback_warned = False
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+
+    def _hf_optim_native_backend(self) -> str | None:
+        """The name of the backend whose own optimizer checkpointing must be kept, if any."""
+        if getattr(self, "is_deepspeed_enabled", False):
+            return "DeepSpeed"
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
+            return "FSDP"
+        utils = transformers.utils
+        if getattr(utils, "is_torch_xla_available", lambda: False)():
+            return "XLA"
+        if getattr(utils, "is_sagemaker_mp_enabled", lambda: False)():
+            return "SageMaker model parallel"
+        return None
+
+    def _hf_optim_warn_fallback(self, backend: str) -> None:
+        if not self._hf_optim_fallback_warned:
+            self._hf_optim_fallback_warned = True
+            logger.warning(
+                "hf_optim.Trainer: %s saves and loads optimizer state its own way; using transformers' "
+                "checkpoint format for optimizer and scheduler (not safetensors).",
+                backend,
+            )
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        created_here = getattr(self, "optimizer", None) is None
+        optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        name = getattr(self.args.optim, "value", self.args.optim)
+        if created_here and optimizer is not None and name in registered_names()["optimizers"]:
+            inner = _unwrap(optimizer)
+            with contextlib.suppress(AttributeError):
+                inner.hf_optim_name = name
+        return optimizer
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        backend = self._hf_optim_native_backend()
+        if backend is not None:
+            self._hf_optim_warn_fallback(backend)
+            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        if not self.args.should_save:
+            return None
+        save_state(output_dir, _unwrap(self.optimizer), scheduler=self.lr_scheduler)
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return None
+        backend = self._hf_optim_native_backend()
+        if backend is not None:
+            self._hf_optim_warn_fallback(backend)
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        if has_state(checkpoint):
+            has_scheduler = os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))
+            if not has_scheduler and self.lr_scheduler is not None:
+                logger.warning(
+                    "%s holds optimizer state but no %s: the learning-rate schedule restarts", checkpoint,
+                    SCHEDULER_NAME,
+                )
+            load_state(
+                checkpoint, _unwrap(self.optimizer), scheduler=self.lr_scheduler if has_scheduler else None
+            )
+            logger.info("Loaded optimizer%s state from %s", " and scheduler" if has_scheduler else "", checkpoint)
+            return None
+        if any(os.path.isfile(os.path.join(checkpoint, name)) for name in LEGACY_OPTIMIZER_NAMES):
+            logger.info("%s is a legacy checkpoint (optimizer.pt): loading it with transformers", checkpoint)
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        logger.warning(
+            "No optimizer state in %s (neither optimizer.safetensors nor optimizer.pt): optimizer and schedule "
+            "start fresh", checkpoint,
+        )
+        return None
+
+    # ---- training -------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``transformers.Trainer.train``; ``resume_from_checkpoint`` may also be ``hf://USER/REPO[@REV]/SUBDIR``,
+        which is downloaded (main process first, into the HF cache) before resuming."""
+        if is_hub_url(resume_from_checkpoint):
+            from hf_optim.hub import download_checkpoint
+
+            url = resume_from_checkpoint
+            with self.args.main_process_first(desc="downloading the checkpoint"):
+                resume_from_checkpoint = download_checkpoint(url, token=self.args.hub_token)
+            logger.info("Resuming from %s (downloaded to %s)", url, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+
+class Trainer(TrainerMixin, transformers.Trainer):
+    """Drop-in ``transformers.Trainer`` that checkpoints optimizer and scheduler in safetensors / JSON.
+
+    See :class:`TrainerMixin`. Importing it registers hf_optim's names with transformers (``optim="adamw_hf"``).
+    """
+
+
+sync()

@@ -1,0 +1,596 @@
+"""Learning-rate schedules with the names, signatures and exact values of ``transformers.optimization``.
+
+Every function returns a plain :class:`torch.optim.lr_scheduler.LambdaLR` whose multiplier is a
+``functools.partial`` of a module-level function (so the scheduler pickles) performing the same float operations
+in the same order as transformers 5.x, hence the same learning rates bit for bit. Each scheduler also carries
+``hf_optim_config = {"name": <registry name>, "kwargs": {...}}``: a JSON description from which
+:func:`scheduler_from_config` rebuilds it without code. Because it is an instance attribute, LambdaLR's
+``state_dict()`` includes it too; that dict holds only numbers, booleans, lists and strings (JSON-serialisable as
+long as the optimizer's learning rates are Python floats).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import numbers
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "WSD_TYPES",
+    "get_constant_schedule",
+    "get_constant_schedule_with_warmup",
+    "get_cosine_schedule_with_warmup",
+    "get_cosine_with_hard_restarts_schedule_with_warmup",
+    "get_cosine_with_min_lr_schedule_with_warmup",
+    "get_cosine_with_min_lr_schedule_with_warmup_lr_rate",
+    "get_inverse_sqrt_schedule",
+    "get_linear_schedule_with_warmup",
+    "get_polynomial_decay_schedule_with_warmup",
+    "get_scheduler",
+    "get_wsd_schedule",
+    "scheduler_from_config",
+]
+
+WSD_TYPES = ("linear", "cosine", "1-sqrt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checking and the JSON description
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _steps(value: Any, argument: str, *, optional: bool = False, positive: bool = False) -> int | None:
+    """A step count as a Python ``int`` (integral floats accepted), else ``ValueError`` naming ``argument``."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{argument} is required (a non-negative integer), got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{argument} must be a non-negative integer, got {value!r}")
+    if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
+        raise ValueError(f"{argument} must be a non-negative integer, got {value!r}")
+    value = int(value)
+    if value < 0 or (positive and value == 0):
+        kind = "a positive" if positive else "a non-negative"
+        raise ValueError(f"{argument} must be {kind} integer, got {value}")
+    return value
+
+
+def _number(value: Any, argument: str, *, optional: bool = False, minimum: float | None = None,
+            strict: bool = False) -> int | float | None:
+    """A finite real number as a Python ``int``/``float`` (``strict``: ``> minimum``, else ``>= minimum``)."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{argument} is required (a number), got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{argument} must be a finite number, got {value!r}")
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{argument} must be {'>' if strict else '>='} {minimum}, got {value}")
+    return value
+
+
+def _warmup_within_training(num_warmup_steps: int, num_training_steps: int) -> None:
+    if num_warmup_steps > num_training_steps:
+        raise ValueError(
+            f"num_warmup_steps ({num_warmup_steps}) must not exceed num_training_steps ({num_training_steps})"
+        )
+
+
+def _base_lr(optimizer: Optimizer) -> float:
+    try:
+        return optimizer.defaults["lr"]
+    except (AttributeError, KeyError, TypeError):
+        raise ValueError("optimizer must be a torch.optim.Optimizer with an 'lr' default") from None
+
+
+def check_json(kwargs: Mapping[str, Any]) -> None:
+    """``ValueError`` naming the first scheduler argument that JSON cannot represent."""
+    for key, value in kwargs.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"scheduler argument {key}={value!r} is not JSON-serialisable: hf_optim records every argument so "
+                "that the scheduler can be rebuilt from its JSON description"
+            ) from None
+
+
+def attach_config(scheduler: Any, name: str, kwargs: Mapping[str, Any]) -> Any:
+    """Set ``scheduler.hf_optim_config = {"name": name, "kwargs": kwargs}``, checking that it is JSON."""
+    kwargs = dict(kwargs)
+    check_json(kwargs)
+    scheduler.hf_optim_config = {"name": name, "kwargs": kwargs}
+    return scheduler
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multipliers: same float operations, in the same order, as transformers 5.x (transformers/optimization.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _constant_lambda(_: int | None = None) -> int:
+    return 1
+
+
+def _constant_with_warmup_lambda(current_step: int, *, num_warmup_steps: int) -> float:
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1.0, num_warmup_steps))
+    return 1.0
+
+
+def _linear_lambda(current_step: int, *, num_warmup_steps: int, num_training_steps: int) -> float:
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    return max(0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps)))
+
+
+def _cosine_lambda(
+    current_step: int, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float, min_lr_rate: float = 0.0
+) -> float:
+    # transformers defines this function twice; the second definition (with ``min_lr_rate``) is the live one for
+    # both "cosine" and "cosine_with_min_lr", so it is the one mirrored here.
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+    factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
+    factor = factor * (1 - min_lr_rate) + min_lr_rate
+    return max(0, factor)
+
+
+def _cosine_hard_restarts_lambda(
+    current_step: int, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float
+) -> float:
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+    if progress >= 1.0:
+        return 0.0
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
+
+
+def _polynomial_lambda(
+    current_step: int, *, num_warmup_steps: int, num_training_steps: int, lr_end: float, power: float, lr_init: float
+) -> float:
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    elif current_step > num_training_steps:
+        return lr_end / lr_init  # LambdaLR multiplies by lr_init
+    else:
+        lr_range = lr_init - lr_end
+        decay_steps = num_training_steps - num_warmup_steps
+        pct_remaining = 1 - (current_step - num_warmup_steps) / decay_steps
+        decay = lr_range * pct_remaining**power + lr_end
+        return decay / lr_init
+
+
+def _inverse_sqrt_lambda(current_step: int, *, num_warmup_steps: int, timescale: int) -> float:
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    shift = timescale - num_warmup_steps
+    decay = 1.0 / math.sqrt((current_step + shift) / timescale)
+    return decay
+
+
+def _cosine_warmup_with_min_lr_lambda(
+    current_step: int,
+    *,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_cycles: float,
+    min_lr_rate: float = 0.0,
+    warmup_lr_rate: float | None = None,
+) -> float:
+    current_step = float(current_step)
+    num_warmup_steps = float(num_warmup_steps)
+    num_training_steps = float(num_training_steps)
+    if current_step < num_warmup_steps:
+        if warmup_lr_rate is None:
+            return (current_step + 1.0) / max(1.0, num_warmup_steps)
+        warmup_lr_rate = float(warmup_lr_rate)
+        return warmup_lr_rate + (1.0 - warmup_lr_rate) * (current_step) / (max(1, num_warmup_steps - 1))
+    progress = (current_step - num_warmup_steps + 1.0) / (max(1.0, num_training_steps - num_warmup_steps))
+    factor = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
+    factor = factor * (1 - min_lr_rate) + min_lr_rate
+    return max(0, factor)
+
+
+def _wsd_lambda(
+    current_step: int,
+    *,
+    num_warmup_steps: int,
+    num_stable_steps: int,
+    num_decay_steps: int,
+    warmup_type: str,
+    decay_type: str,
+    min_lr_ratio: float,
+    num_cycles: float,
+) -> float:
+    if current_step < num_warmup_steps:
+        progress = float(current_step) / float(max(1, num_warmup_steps))
+        if warmup_type == "linear":
+            factor = progress
+        elif warmup_type == "cosine":
+            factor = 0.5 * (1.0 - math.cos(math.pi * progress))
+        else:  # "1-sqrt"
+            factor = 1.0 - math.sqrt(1.0 - progress)
+        factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio
+        return max(0.0, factor)
+    if current_step < num_warmup_steps + num_stable_steps:
+        return 1.0
+    if current_step < num_warmup_steps + num_stable_steps + num_decay_steps:
+        progress = float(current_step - num_warmup_steps - num_stable_steps) / float(max(1, num_decay_steps))
+        if decay_type == "linear":
+            factor = 1.0 - progress
+        elif decay_type == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
+        else:  # "1-sqrt"
+            factor = 1.0 - math.sqrt(progress)
+        factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio
+        return max(0.0, factor)
+    return min_lr_ratio
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public schedule functions (transformers' names and signatures)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_constant_schedule(optimizer: Optimizer, last_epoch: int = -1) -> LambdaLR:
+    """Constant learning rate: the one set in the optimizer."""
+    return attach_config(LambdaLR(optimizer, _constant_lambda, last_epoch=last_epoch), "constant", {})
+
+
+def get_constant_schedule_with_warmup(optimizer: Optimizer, num_warmup_steps: int, last_epoch: int = -1) -> LambdaLR:
+    """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate."""
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    lr_lambda = partial(_constant_with_warmup_lambda, num_warmup_steps=num_warmup_steps)
+    scheduler = LambdaLR(optimizer, lr_lambda, last_epoch=last_epoch)
+    return attach_config(scheduler, "constant_with_warmup", {"num_warmup_steps": num_warmup_steps})
+
+
+def get_linear_schedule_with_warmup(
+    optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
+) -> LambdaLR:
+    """Linear warmup from 0 to the optimizer's learning rate, then linear decay to 0 at ``num_training_steps``."""
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = _steps(num_training_steps, "num_training_steps")
+    _warmup_within_training(num_warmup_steps, num_training_steps)
+    lr_lambda = partial(_linear_lambda, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch),
+        "linear",
+        {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps},
+    )
+
+
+def get_cosine_schedule_with_warmup(
+    optimizer: Optimizer,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_cycles: float = 0.5,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """Linear warmup, then a cosine from the optimizer's learning rate to 0 (``num_cycles`` waves; 0.5 = half)."""
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = _steps(num_training_steps, "num_training_steps")
+    _warmup_within_training(num_warmup_steps, num_training_steps)
+    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    lr_lambda = partial(
+        _cosine_lambda,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        num_cycles=num_cycles,
+    )
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch),
+        "cosine",
+        {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps, "num_cycles": num_cycles},
+    )
+
+
+def get_cosine_with_hard_restarts_schedule_with_warmup(
+    optimizer: Optimizer,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_cycles: float = 1.0,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """Linear warmup, then ``num_cycles`` cosine decays to 0, each restarting at the optimizer's learning rate."""
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = _steps(num_training_steps, "num_training_steps")
+    _warmup_within_training(num_warmup_steps, num_training_steps)
+    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    lr_lambda = partial(
+        _cosine_hard_restarts_lambda,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        num_cycles=num_cycles,
+    )
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch),
+        "cosine_with_restarts",
+        {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps, "num_cycles": num_cycles},
+    )
+
+
+def get_polynomial_decay_schedule_with_warmup(
+    optimizer: Optimizer,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    lr_end: float = 1e-7,
+    power: float = 1.0,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """Linear warmup, then polynomial decay (``power``) from the optimizer's learning rate to ``lr_end``.
+
+    ``lr_end`` is absolute and must be below ``optimizer.defaults["lr"]``. The decay phase needs at least one step,
+    so ``num_training_steps`` must exceed ``num_warmup_steps`` (transformers divides by zero there).
+    """
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = _steps(num_training_steps, "num_training_steps")
+    if num_training_steps <= num_warmup_steps:
+        raise ValueError(
+            f"num_training_steps ({num_training_steps}) must be greater than num_warmup_steps ({num_warmup_steps}) "
+            "for the polynomial schedule (its decay phase needs at least one step)"
+        )
+    lr_end = _number(lr_end, "lr_end", minimum=0)
+    power = _number(power, "power", minimum=0)
+    lr_init = _base_lr(optimizer)
+    if not (lr_init > lr_end):
+        raise ValueError(f"lr_end ({lr_end}) must be smaller than initial lr ({lr_init})")
+    lr_lambda = partial(
+        _polynomial_lambda,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        lr_end=lr_end,
+        power=power,
+        lr_init=lr_init,
+    )
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch),
+        "polynomial",
+        {
+            "num_warmup_steps": num_warmup_steps,
+            "num_training_steps": num_training_steps,
+            "lr_end": lr_end,
+            "power": power,
+        },
+    )
+
+
+def get_inverse_sqrt_schedule(
+    optimizer: Optimizer, num_warmup_steps: int, timescale: int | None = None, last_epoch: int = -1
+) -> LambdaLR:
+    """Linear warmup, then ``1 / sqrt((step + timescale - num_warmup_steps) / timescale)``.
+
+    ``timescale`` defaults to ``num_warmup_steps`` (10 000 when that is 0), as in transformers.
+    """
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    given_timescale = _steps(timescale, "timescale", optional=True, positive=True)
+    timescale = given_timescale if given_timescale is not None else (num_warmup_steps or 10_000)
+    lr_lambda = partial(_inverse_sqrt_lambda, num_warmup_steps=num_warmup_steps, timescale=timescale)
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch=last_epoch),
+        "inverse_sqrt",
+        {"num_warmup_steps": num_warmup_steps, "timescale": given_timescale},
+    )
+
+
+def _min_lr_rate(optimizer: Optimizer, min_lr: float | None, min_lr_rate: float | None) -> float:
+    if min_lr is not None and min_lr_rate is not None:
+        raise ValueError("Only one of min_lr or min_lr_rate should be set")
+    if min_lr is not None:
+        return min_lr / _base_lr(optimizer)
+    if min_lr_rate is None:
+        raise ValueError("One of min_lr or min_lr_rate should be set through the `lr_scheduler_kwargs`")
+    return min_lr_rate
+
+
+def get_cosine_with_min_lr_schedule_with_warmup(
+    optimizer: Optimizer,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_cycles: float = 0.5,
+    last_epoch: int = -1,
+    min_lr: float | None = None,
+    min_lr_rate: float | None = None,
+) -> LambdaLR:
+    """Like the cosine schedule but decaying to ``min_lr`` (absolute) or ``min_lr_rate`` (fraction of the lr)."""
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = _steps(num_training_steps, "num_training_steps")
+    _warmup_within_training(num_warmup_steps, num_training_steps)
+    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    min_lr = _number(min_lr, "min_lr", optional=True, minimum=0)
+    min_lr_rate = _number(min_lr_rate, "min_lr_rate", optional=True, minimum=0)
+    rate = _min_lr_rate(optimizer, min_lr, min_lr_rate)
+    lr_lambda = partial(
+        _cosine_lambda,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        num_cycles=num_cycles,
+        min_lr_rate=rate,
+    )
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch),
+        "cosine_with_min_lr",
+        {
+            "num_warmup_steps": num_warmup_steps,
+            "num_training_steps": num_training_steps,
+            "num_cycles": num_cycles,
+            "min_lr": min_lr,
+            "min_lr_rate": min_lr_rate,
+        },
+    )
+
+
+def get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
+    optimizer: Optimizer,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_cycles: float = 0.5,
+    last_epoch: int = -1,
+    min_lr: float | None = None,
+    min_lr_rate: float | None = None,
+    warmup_lr_rate: float | None = None,
+) -> LambdaLR:
+    """transformers' ``cosine_warmup_with_min_lr``: warmup starting at ``warmup_lr_rate`` (or ``1/num_warmup``),
+    cosine to ``min_lr`` / ``min_lr_rate``, with transformers' one-step shift (step ``t`` uses ``t + 1``)."""
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = _steps(num_training_steps, "num_training_steps")
+    _warmup_within_training(num_warmup_steps, num_training_steps)
+    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    min_lr = _number(min_lr, "min_lr", optional=True, minimum=0)
+    min_lr_rate = _number(min_lr_rate, "min_lr_rate", optional=True, minimum=0)
+    warmup_lr_rate = _number(warmup_lr_rate, "warmup_lr_rate", optional=True, minimum=0)
+    rate = _min_lr_rate(optimizer, min_lr, min_lr_rate)
+    lr_lambda = partial(
+        _cosine_warmup_with_min_lr_lambda,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        num_cycles=num_cycles,
+        min_lr_rate=rate,
+        warmup_lr_rate=warmup_lr_rate,
+    )
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch),
+        "cosine_warmup_with_min_lr",
+        {
+            "num_warmup_steps": num_warmup_steps,
+            "num_training_steps": num_training_steps,
+            "num_cycles": num_cycles,
+            "min_lr": min_lr,
+            "min_lr_rate": min_lr_rate,
+            "warmup_lr_rate": warmup_lr_rate,
+        },
+    )
+
+
+def get_wsd_schedule(
+    optimizer: Optimizer,
+    num_warmup_steps: int,
+    num_decay_steps: int,
+    num_training_steps: int | None = None,
+    num_stable_steps: int | None = None,
+    warmup_type: str = "linear",
+    decay_type: str = "cosine",
+    min_lr_ratio: float = 0,
+    num_cycles: float = 0.5,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """Warmup-stable-decay: warmup (``warmup_type``) from ``min_lr_ratio``, a constant phase, then a decay
+    (``decay_type``) back to ``min_lr_ratio`` of the learning rate, which is kept afterwards.
+
+    The stable phase lasts ``num_stable_steps``, or ``num_training_steps - num_warmup_steps - num_decay_steps``.
+    """
+    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_decay_steps = _steps(num_decay_steps, "num_decay_steps")
+    num_training_steps = _steps(num_training_steps, "num_training_steps", optional=True)
+    num_stable_steps = _steps(num_stable_steps, "num_stable_steps", optional=True)
+    if num_training_steps is None and num_stable_steps is None:
+        raise ValueError("Either num_training_steps or num_stable_steps must be specified.")
+    if num_training_steps is not None and num_stable_steps is not None:
+        logger.warning("Both num_training_steps and num_stable_steps are specified. num_stable_steps will be used.")
+    for argument, value in (("warmup_type", warmup_type), ("decay_type", decay_type)):
+        if value not in WSD_TYPES:
+            raise ValueError(f"Unknown {argument}: {value!r}, expected one of {', '.join(map(repr, WSD_TYPES))}")
+    min_lr_ratio = _number(min_lr_ratio, "min_lr_ratio", minimum=0)
+    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    stable = num_stable_steps
+    if stable is None:
+        stable = num_training_steps - num_warmup_steps - num_decay_steps
+        if stable < 0:
+            raise ValueError(
+                f"num_warmup_steps ({num_warmup_steps}) + num_decay_steps ({num_decay_steps}) must not exceed "
+                f"num_training_steps ({num_training_steps})"
+            )
+    lr_lambda = partial(
+        _wsd_lambda,
+        num_warmup_steps=num_warmup_steps,
+        num_stable_steps=stable,
+        num_decay_steps=num_decay_steps,
+        warmup_type=warmup_type,
+        decay_type=decay_type,
+        min_lr_ratio=min_lr_ratio,
+        num_cycles=num_cycles,
+    )
+    return attach_config(
+        LambdaLR(optimizer, lr_lambda, last_epoch),
+        "warmup_stable_decay",
+        {
+            "num_warmup_steps": num_warmup_steps,
+            "num_decay_steps": num_decay_steps,
+            "num_training_steps": num_training_steps,
+            "num_stable_steps": num_stable_steps,
+            "warmup_type": warmup_type,
+            "decay_type": decay_type,
+            "min_lr_ratio": min_lr_ratio,
+            "num_cycles": num_cycles,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# By name
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _name(name: Any) -> str:
+    if isinstance(name, enum.Enum):  # transformers' SchedulerType is a str enum
+        name = name.value
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a scheduler name (str), got {name!r}")
+    return name
+
+
+def get_scheduler(
+    name: str,
+    optimizer: Optimizer,
+    num_warmup_steps: int | None = None,
+    num_training_steps: int | None = None,
+    scheduler_specific_kwargs: Mapping[str, Any] | None = None,
+    **scheduler_kwargs: Any,
+) -> Any:
+    """Build the schedule registered as ``name`` (a str or transformers ``SchedulerType``) through the registry.
+
+    ``num_warmup_steps`` / ``num_training_steps`` are passed only to schedules that take them (Trainer always
+    passes both); a schedule that requires one raises ``ValueError`` when it is missing. Extra arguments come as
+    keywords or, as in ``transformers.get_scheduler``, in ``scheduler_specific_kwargs``.
+    """
+    from hf_optim.registry import create_scheduler
+
+    kwargs = dict(scheduler_specific_kwargs or {})
+    duplicated = sorted(set(kwargs) & set(scheduler_kwargs))
+    if duplicated:
+        raise ValueError(f"scheduler argument(s) {duplicated} given both as keywords and in scheduler_specific_kwargs")
+    kwargs.update(scheduler_kwargs)
+    return create_scheduler(_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs)
+
+
+def scheduler_from_config(optimizer: Optimizer, config: Mapping[str, Any], last_epoch: int = -1) -> Any:
+    """Rebuild a scheduler from its ``hf_optim_config`` (``{"name": ..., "kwargs": {...}}``) for ``optimizer``.
+
+    To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state.
+    """
+    from hf_optim.registry import create_scheduler
+
+    if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
+        raise ValueError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
+    kwargs = config.get("kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"config['kwargs'] must be a mapping of argument names to values, got {kwargs!r}")
+    kwargs = dict(kwargs)
+    if last_epoch != -1:
+        kwargs["last_epoch"] = last_epoch
+    return create_scheduler(config["name"], optimizer, **kwargs)

@@ -1,0 +1,285 @@
+"""The optimizer / schedule registries: records, wildcards, errors, listeners, argument renaming and grouping."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import hf_optim
+from hf_optim import registry
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry(monkeypatch):
+    """Registrations made by a test are undone afterwards (the registry is process-global)."""
+    monkeypatch.setattr(registry, "_OPTIMIZERS", dict(registry._OPTIMIZERS))
+    monkeypatch.setattr(registry, "_SCHEDULERS", dict(registry._SCHEDULERS))
+    monkeypatch.setattr(registry, "_LISTENERS", list(registry._LISTENERS))
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(3, 3)
+        self.LayerNorm = nn.LayerNorm(3)
+        self.out = nn.Linear(3, 2, bias=False)
+
+
+BUILTIN_SCHEDULES = [
+    "constant",
+    "constant_with_warmup",
+    "cosine",
+    "cosine_warmup_with_min_lr",
+    "cosine_with_min_lr",
+    "cosine_with_restarts",
+    "inverse_sqrt",
+    "linear",
+    "polynomial",
+    "warmup_stable_decay",
+]
+
+
+def test_builtins_and_wildcards():
+    assert hf_optim.list_optimizers() == ["adam_weight_decay", "adamw_hf"]
+    assert hf_optim.list_schedulers() == BUILTIN_SCHEDULES
+    assert hf_optim.list_schedulers("cosine*") == [
+        "cosine",
+        "cosine_warmup_with_min_lr",
+        "cosine_with_min_lr",
+        "cosine_with_restarts",
+    ]
+    assert hf_optim.list_schedulers(["*_with_warmup", "lin?ar"]) == ["constant_with_warmup", "linear"]
+    assert hf_optim.list_optimizers("sgd*") == []
+    assert hf_optim.get_optimizer_info("adamw_hf").factory is hf_optim.AdamW
+    assert hf_optim.get_optimizer_info("adam_weight_decay").factory is hf_optim.AdamWeightDecay
+    assert hf_optim.get_scheduler_info("linear").factory is hf_optim.get_linear_schedule_with_warmup
+    for name in hf_optim.list_optimizers() + hf_optim.list_schedulers():
+        info = registry._OPTIMIZERS.get(name) or registry._SCHEDULERS[name]
+        assert info.description
+
+
+def test_records_are_frozen():
+    info = hf_optim.get_optimizer_info("adam_weight_decay")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.name = "other"
+    with pytest.raises(TypeError):
+        info.arg_names["lr"] = "x"
+    assert dict(info.arg_names) == {
+        "lr": "learning_rate",
+        "weight_decay": "weight_decay_rate",
+        "betas": ("beta_1", "beta_2"),
+        "eps": "epsilon",
+    }
+
+
+def test_register_duplicate_needs_overwrite():
+    hf_optim.register_optimizer("sgd", torch.optim.SGD, description="plain SGD", defaults={"momentum": 0.9})
+    with pytest.raises(ValueError, match="already registered"):
+        hf_optim.register_optimizer("sgd", torch.optim.Adam)
+    with pytest.raises(ValueError, match="already registered"):
+        hf_optim.register_scheduler("linear", hf_optim.get_constant_schedule)
+    hf_optim.register_optimizer("sgd", torch.optim.Adam, overwrite=True)
+    assert hf_optim.get_optimizer_info("sgd").factory is torch.optim.Adam
+
+
+@pytest.mark.parametrize("name", ["", "has space", "wild*", 3, None])
+def test_register_rejects_bad_names(name):
+    with pytest.raises(ValueError, match="name"):
+        hf_optim.register_optimizer(name, torch.optim.SGD)
+    with pytest.raises(ValueError, match="name"):
+        hf_optim.register_scheduler(name, hf_optim.get_constant_schedule)
+
+
+def test_register_rejects_bad_records():
+    with pytest.raises(ValueError, match="factory"):
+        hf_optim.register_optimizer("x", "not callable")
+    with pytest.raises(ValueError, match="arg_names"):
+        hf_optim.register_optimizer("x", torch.optim.SGD, arg_names={"momentum": "m"})
+    with pytest.raises(ValueError, match="defaults"):
+        hf_optim.register_optimizer("x", torch.optim.SGD, defaults=[("lr", 1)])
+    assert "x" not in hf_optim.list_optimizers()
+
+
+def test_unknown_names_list_the_closest():
+    with pytest.raises(ValueError, match=r"Did you mean 'adamw_hf'") as err:
+        hf_optim.create_optimizer("adamw_fh", Model())
+    assert "adam_weight_decay" in str(err.value)
+    with pytest.raises(ValueError, match=r"Unknown scheduler 'cosin'. Did you mean 'cosine'"):
+        hf_optim.get_scheduler_info("cosin")
+    with pytest.raises(ValueError, match="Registered optimizers: adam_weight_decay, adamw_hf"):
+        hf_optim.get_optimizer_info("zzzzzz")
+
+
+def test_listeners_see_existing_and_new_entries_and_cannot_break_registration(caplog):
+    seen = []
+    hf_optim.add_registry_listener(lambda kind, info: seen.append((kind, info.name)))
+    assert seen == [("optimizer", n) for n in ("adamw_hf", "adam_weight_decay")] + [
+        ("scheduler", n) for n in registry._SCHEDULERS
+    ]
+
+    def broken(kind, info):
+        raise RuntimeError("listener bug")
+
+    with caplog.at_level(logging.ERROR, logger="hf_optim.registry"):
+        hf_optim.add_registry_listener(broken)
+        hf_optim.register_optimizer("sgd", torch.optim.SGD)
+        hf_optim.register_scheduler("step", torch.optim.lr_scheduler.StepLR)
+    assert "listener bug" in caplog.text
+    assert seen[-2:] == [("optimizer", "sgd"), ("scheduler", "step")]
+    assert "sgd" in hf_optim.list_optimizers() and "step" in hf_optim.list_schedulers()
+    hf_optim.remove_registry_listener(broken)
+    hf_optim.register_optimizer("sgd2", torch.optim.SGD)
+    assert seen[-1] == ("optimizer", "sgd2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# create_optimizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_create_adamw_from_model_groups_and_names():
+    model = Model()
+    opt = hf_optim.create_optimizer("adamw_hf", model, lr=3e-4, weight_decay=0.01, betas=(0.8, 0.9), eps=1e-8)
+    assert isinstance(opt, hf_optim.AdamW)
+    assert opt.hf_optim_name == "adamw_hf"
+    assert hf_optim.optimizer_name(opt) == "adamw_hf"
+    decay, no_decay = opt.param_groups
+    assert decay["param_names"] == ["dense.weight", "out.weight"]
+    assert no_decay["param_names"] == ["dense.bias", "LayerNorm.weight", "LayerNorm.bias"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+    for group in (decay, no_decay):
+        assert group["lr"] == 3e-4 and tuple(group["betas"]) == (0.8, 0.9) and group["eps"] == 1e-8
+
+
+def test_create_adam_weight_decay_maps_common_names():
+    model = Model()
+    opt = hf_optim.create_optimizer(
+        "adam_weight_decay", model, lr=2e-3, weight_decay=0.05, betas=(0.7, 0.95), eps=1e-9,
+        exclude_from_weight_decay=["out"],
+    )
+    assert isinstance(opt, hf_optim.AdamWeightDecay)
+    assert [g["param_names"] for g in opt.param_groups] == [
+        ["dense.weight"],
+        ["dense.bias", "LayerNorm.weight", "LayerNorm.bias", "out.weight"],
+    ]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    for group in opt.param_groups:  # the optimizer keeps torch-style keys (contract)
+        assert group["lr"] == 2e-3 and tuple(group["betas"]) == (0.7, 0.95) and group["eps"] == 1e-9
+    # the optimizer's own names work as well
+    own = hf_optim.create_optimizer("adam_weight_decay", model, learning_rate=2e-3, beta_1=0.7)
+    assert own.param_groups[0]["lr"] == 2e-3 and own.param_groups[0]["betas"][0] == 0.7
+
+
+def test_create_optimizer_argument_errors():
+    model = Model()
+    with pytest.raises(ValueError, match=r"learning_rate.*given twice"):
+        hf_optim.create_optimizer("adam_weight_decay", model, lr=1e-3, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="betas must be a sequence of 2"):
+        hf_optim.create_optimizer("adam_weight_decay", model, betas=0.9)
+    with pytest.raises(ValueError, match=r"does not accept argument.*momentum"):
+        hf_optim.create_optimizer("adamw_hf", model, momentum=0.9)
+    with pytest.raises(ValueError, match="single Tensor"):
+        hf_optim.create_optimizer("adamw_hf", torch.zeros(2, requires_grad=True))
+    with pytest.raises(ValueError, match="exclude_from_weight_decay"):
+        hf_optim.create_optimizer("adamw_hf", model, weight_decay=0.1, exclude_from_weight_decay=["("])
+
+
+def test_registered_torch_optimizer_with_defaults_steps_like_a_hand_built_one():
+    hf_optim.register_optimizer("sgd", torch.optim.SGD, description="SGD", defaults={"momentum": 0.9})
+    torch.manual_seed(0)
+    model = Model()
+    twin = Model()
+    twin.load_state_dict(model.state_dict())
+    opt = hf_optim.create_optimizer("sgd", model, lr=0.1, weight_decay=0.5)
+    # the reference: Trainer-style groups written out by hand
+    ref = torch.optim.SGD(
+        [
+            {"params": [twin.dense.weight, twin.out.weight], "weight_decay": 0.5},
+            {"params": [twin.dense.bias, twin.LayerNorm.weight, twin.LayerNorm.bias], "weight_decay": 0.0},
+        ],
+        lr=0.1,
+        momentum=0.9,
+    )
+    x = torch.randn(5, 3)
+    for _ in range(3):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m.out(m.LayerNorm(m.dense(x))).pow(2).sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    del opt.hf_optim_name
+    assert hf_optim.optimizer_name(opt) == "sgd"  # reverse lookup by class
+
+
+def test_params_are_passed_through():
+    model = Model()
+    plain = hf_optim.create_optimizer("adamw_hf", list(model.parameters()), lr=1e-3, weight_decay=0.1)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 0.1
+    named = hf_optim.create_optimizer("adamw_hf", model.named_parameters(), weight_decay=0.1)
+    assert named.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    groups = hf_optim.create_optimizer(
+        "adamw_hf", [{"params": [model.dense.weight], "lr": 0.5}, {"params": [model.dense.bias]}], lr=1e-3
+    )
+    assert [g["lr"] for g in groups.param_groups] == [0.5, 1e-3]
+    # AdamWeightDecay applies its own name rule to named parameters it receives directly
+    awd = hf_optim.create_optimizer(
+        "adam_weight_decay", model.named_parameters(), weight_decay=0.1, exclude_from_weight_decay=["bias"]
+    )
+    assert awd.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+
+
+def test_optimizer_name_unwraps_and_returns_none_for_unknown():
+    opt = torch.optim.Adagrad(Model().parameters())
+    assert hf_optim.optimizer_name(opt) is None
+
+    class Wrapper:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    named = hf_optim.create_optimizer("adamw_hf", Model())
+    assert hf_optim.optimizer_name(Wrapper(named)) == "adamw_hf"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# create_scheduler with user-registered factories
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_registered_torch_scheduler_records_its_arguments():
+    hf_optim.register_scheduler("step", torch.optim.lr_scheduler.StepLR, description="step decay")
+    opt = torch.optim.SGD(Model().parameters(), lr=1.0)
+    scheduler = hf_optim.create_scheduler("step", opt, num_warmup_steps=5, num_training_steps=50, step_size=2)
+    assert scheduler.hf_optim_config == {"name": "step", "kwargs": {"step_size": 2, "gamma": 0.1}}
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+    with pytest.raises(ValueError, match="step_size"):
+        hf_optim.create_scheduler("step", opt, 5, 50)
+
+
+def test_alias_of_a_builtin_schedule_rebuilds_under_its_own_name():
+    hf_optim.register_scheduler("my_linear", hf_optim.get_linear_schedule_with_warmup)
+    opt = torch.optim.SGD(Model().parameters(), lr=1.0)
+    scheduler = hf_optim.create_scheduler("my_linear", opt, 2, 10)
+    assert scheduler.hf_optim_config == {"name": "my_linear", "kwargs": {"num_warmup_steps": 2, "num_training_steps": 10}}
+    rebuilt = hf_optim.scheduler_from_config(torch.optim.SGD(Model().parameters(), lr=1.0), scheduler.hf_optim_config)
+    assert rebuilt.lr_lambdas[0](6) == 0.5  # (10 - 6) / 8
+
+
+def test_non_json_scheduler_arguments_are_rejected():
+    def custom(optimizer, fn):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+    hf_optim.register_scheduler("custom", custom)
+    opt = torch.optim.SGD(Model().parameters(), lr=1.0)
+    with pytest.raises(ValueError, match=r"fn=.*JSON"):
+        hf_optim.create_scheduler("custom", opt, fn=lambda step: 1.0)
+    assert "initial_lr" not in opt.param_groups[0]  # refused before the scheduler touched the optimizer
