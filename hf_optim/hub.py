@@ -25,7 +25,7 @@ from huggingface_hub import (
     parse_hf_uri,
     snapshot_download,
 )
-from huggingface_hub.errors import HfUriError
+from huggingface_hub.errors import HfUriError, LocalEntryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_optim.serialization import (
@@ -129,9 +129,16 @@ def download_checkpoint(
         except HFValidationError as err:
             raise ValueError(f"{repo_id!r} is not a local directory nor a valid Hub repo id: {err}") from None
     subfolder = _clean_subfolder(subfolder)
-    snapshot = snapshot_download(
-        repo_id, repo_type=repo_type, revision=revision, allow_patterns=_patterns(subfolder), token=token
-    )
+    try:
+        snapshot = snapshot_download(
+            repo_id, repo_type=repo_type, revision=revision, allow_patterns=_patterns(subfolder), token=token
+        )
+    except LocalEntryNotFoundError as err:
+        where = f", subfolder {subfolder!r}" if subfolder else ""
+        raise LocalEntryNotFoundError(
+            f"the optimizer state of {repo_id} (revision {revision or 'main'}{where}) is not in the local cache "
+            f"and cannot be downloaded: {err}"
+        ) from err
     directory = os.path.join(snapshot, *subfolder.split("/")) if subfolder else snapshot
     if not any(os.path.isfile(os.path.join(directory, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)):
         where = f"subfolder {subfolder!r}" if subfolder else "the repository root"

@@ -542,8 +542,15 @@ def _scheduler_document(scheduler: Any) -> dict[str, Any]:
     config = getattr(inner, "hf_optim_config", None)
     name = config.get("name") if isinstance(config, Mapping) else None
     kwargs = config.get("kwargs") if isinstance(config, Mapping) else None
+    return _scheduler_document_from_state(inner.state_dict(), _qualname(inner), name, kwargs)
+
+
+def _scheduler_document_from_state(
+    state: Mapping[str, Any], class_name: str | None, name: str | None, kwargs: Any
+) -> dict[str, Any]:
+    """The content of ``scheduler.json`` (without the checkpoint id) for a scheduler ``state_dict``."""
     enc = _Encoder()
-    state = enc.encode(inner.state_dict(), "state", "scheduler.state_dict()")
+    state_node = enc.encode(state, "state", "scheduler.state_dict()")
     kwargs_node = enc.encode(kwargs, "kwargs", "scheduler.hf_optim_config['kwargs']")
     if enc.tensors:
         raise ValueError(
@@ -552,10 +559,10 @@ def _scheduler_document(scheduler: Any) -> dict[str, Any]:
     return {
         "format": _KIND_SCHEDULER,
         "format_version": FORMAT_VERSION,
-        "class": _qualname(inner),
+        "class": class_name,
         "name": name,
         "kwargs": kwargs_node,
-        "state_dict": state,
+        "state_dict": state_node,
     }
 
 
@@ -618,16 +625,16 @@ def _fsync_directory(directory: str) -> None:
 
 
 def _file_checkpoint_id(path: str) -> str | None:
-    """The checkpoint id recorded in one of our files, or None if unreadable."""
+    """The checkpoint id recorded in one of our files (JSON or safetensors, told apart by content), or None."""
     try:
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-            if path.endswith(OPTIMIZER_INDEX_NAME):
-                doc = doc["metadata"][_METADATA_KEY]
-            return doc["checkpoint_id"]
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if head[:1] == b"{":  # scheduler.json or the index
+                doc = json.loads(head + f.read())
+                if "weight_map" in doc:
+                    doc = doc["metadata"][_METADATA_KEY]
+                return doc["checkpoint_id"]
+            (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
                 return None
             header = json.loads(f.read(n))
@@ -710,9 +717,11 @@ def _commit(
                 and _file_checkpoint_id(final) == old.checkpoint_id
             ):
                 os.replace(final, _prev_path(final))  # the previous checkpoint can still find it there
-            os.replace(temps.pop(pending.name), final)
+            os.replace(temps[pending.name], final)
+            del temps[pending.name]
         index_path = os.path.join(directory, OPTIMIZER_INDEX_NAME)
-        os.replace(temps.pop(manifest.name), os.path.join(directory, manifest.name))
+        os.replace(temps[manifest.name], os.path.join(directory, manifest.name))
+        del temps[manifest.name]
         if manifest.name == OPTIMIZER_NAME and os.path.exists(index_path):
             # an index takes precedence over optimizer.safetensors: retiring it is the commit point
             os.replace(index_path, _prev_path(index_path))
@@ -904,7 +913,9 @@ def _resolve_member(directory: str, name: str, checkpoint_id: str, manifest: str
         if os.path.exists(candidate) and _file_checkpoint_id(candidate) == checkpoint_id:
             return candidate
     if os.path.exists(path) and _file_checkpoint_id(path) is None:
-        raise CheckpointError(f"{name} in {directory} is truncated or corrupted (its metadata cannot be read)")
+        raise CheckpointError(
+            f"{name} in {directory} is truncated or corrupted (its metadata cannot be read)"
+        )
     raise CheckpointError(
         f"{name} in {directory} does not belong to the checkpoint described by {manifest} (different checkpoint "
         "id): the directory holds an incomplete save or files from different saves"

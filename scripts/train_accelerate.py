@@ -34,6 +34,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import hf_optim
 
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--optim", default="adamw_hf", help="hf_optim optimizer name (hf-optim list)")
     p.add_argument("--lr_scheduler_type", default="linear", help="hf_optim schedule name (hf-optim list)")
+    p.add_argument("--lr_scheduler_kwargs", type=json.loads, default={},
+                   help='extra schedule arguments as JSON, e.g. \'{"min_lr": 1e-5}\'')
     p.add_argument("--learning_rate", type=float, default=5e-3)
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--num_warmup_steps", type=int, default=0)
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("save_steps", "num_warmup_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not isinstance(args.lr_scheduler_kwargs, dict):
+        p.error(f"--lr_scheduler_kwargs must be a JSON object, got {args.lr_scheduler_kwargs!r}")
     if args.seq_len < 2:
         p.error(f"--seq_len must be >= 2, got {args.seq_len}")
     return args
@@ -138,7 +143,7 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _read_start_step(checkpoint_dir: str, max_steps: int) -> int:
+def _read_start_step(checkpoint_dir: str) -> int:
     path = os.path.join(checkpoint_dir, TRAIN_STATE_NAME)
     try:
         with open(path) as f:
@@ -163,7 +168,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=False)
     optimizer = hf_optim.create_optimizer(args.optim, model, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = hf_optim.create_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=args.max_steps
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=args.max_steps,
+        **args.lr_scheduler_kwargs,
     )
     # accelerate_prepare: the hf_optim schedule advances once per optimizer step on any number of processes.
     model, optimizer, loader, scheduler = hf_optim.accelerate_prepare(accelerator, model, optimizer, loader, scheduler)
@@ -172,7 +178,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     global_step = 0
     if args.resume_from:
         checkpoint_dir = hf_optim.accelerate_load_state(accelerator, args.resume_from)
-        global_step = _read_start_step(checkpoint_dir, args.max_steps)
+        global_step = _read_start_step(checkpoint_dir)
         logger.info("resumed from %s at step %d", args.resume_from, global_step)
 
     if args.push_to_hub_repo and accelerator.is_main_process:
@@ -186,30 +192,31 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="training")
     model.train()
-    while global_step < args.max_steps:
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                loss_sum, num_items = loss_sum_and_items(model, batch)
-                normalizer.backward(loss_sum, num_items)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            if global_step % args.logging_steps == 0:
-                lr = scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{normalizer.loss:.4f}", lr=f"{lr:.3g}")
-                logger.info("step=%d epoch=%d loss=%.6f items=%d lr=%.6g", global_step, epoch, normalizer.loss,
-                            normalizer.num_items, lr)
-            if args.save_steps and global_step % args.save_steps == 0:
-                _save_checkpoint(accelerator, args, global_step)
-            if global_step >= args.max_steps:
-                break
-        epoch += 1
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        while global_step < args.max_steps:
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            skip = 0
+            for batch in epoch_loader:
+                with accelerator.accumulate(model):
+                    loss_sum, num_items = loss_sum_and_items(model, batch)
+                    normalizer.backward(loss_sum, num_items)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                if global_step % args.logging_steps == 0:
+                    lr = scheduler.get_last_lr()[0]
+                    progress.set_postfix(loss=f"{normalizer.loss:.4f}", lr=f"{lr:.3g}")
+                    logger.info("step=%d epoch=%d loss=%.6f items=%d lr=%.6g", global_step, epoch, normalizer.loss,
+                                normalizer.num_items, lr)
+                if args.save_steps and global_step % args.save_steps == 0:
+                    _save_checkpoint(accelerator, args, global_step)
+                if global_step >= args.max_steps:
+                    break
+            epoch += 1
     progress.close()
 
     accelerator.wait_for_everyone()

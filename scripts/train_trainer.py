@@ -173,10 +173,9 @@ def parse(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, Script
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     model_args, data_args, script_args, training_args = parse(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("train_trainer", "hf_optim"):  # our progress messages; other libraries stay at WARNING
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     logger.info("hf_optim %s, optimizer %s, schedule %s", hf_optim.__version__, training_args.optim.value,
                 training_args.lr_scheduler_type.value)
 
@@ -223,10 +222,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "scheduler": type(trainer.lr_scheduler).__name__,
     }
     if not stopped_early:
-        trainer.save_model()
-        trainer.save_state()
         if training_args.do_eval:
             summary["eval"] = trainer.evaluate()
+        trainer.save_model()
+        trainer.save_state()
     logger.info("summary: %s", json.dumps(summary, default=str))
     return summary
 

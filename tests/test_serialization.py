@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickle
-import struct
 
 import pytest
 import safetensors.torch
@@ -62,7 +61,9 @@ def grouped(model: torch.nn.Module, named: bool = True) -> list[dict]:
 
 def batches(seed: int, n: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(6, 4, generator=g).to(dtype), torch.randn(6, 3, generator=g).to(dtype)) for _ in range(n)]
+    return [
+        (torch.randn(6, 4, generator=g).to(dtype), torch.randn(6, 3, generator=g).to(dtype)) for _ in range(n)
+    ]
 
 
 def train(model, optimizer, scheduler, data, accumulator=None, micro: int = 1) -> None:
@@ -108,7 +109,11 @@ def make_setup(opt_factory, *, named=True, scheduler=True, hidden=8, extra=False
     torch.manual_seed(0)
     model = Net(hidden, extra, dtype)
     optimizer = opt_factory(grouped(model, named))
-    sched = hf_optim.get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=20) if scheduler else None
+    sched = (
+        hf_optim.get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=20)
+        if scheduler
+        else None
+    )
     return model, optimizer, sched
 
 
@@ -182,7 +187,7 @@ def test_round_trip_restores_state_dict_exactly(tmp_path, name):
     save_state(tmp_path, opt, sched)
     assert sorted(os.listdir(tmp_path)) == [OPTIMIZER_NAME, SCHEDULER_NAME]
 
-    model2, opt2, sched2 = make_setup(OPTIMIZERS[name])
+    _model2, opt2, sched2 = make_setup(OPTIMIZERS[name])
     report = load_state(tmp_path, opt2, sched2)
     assert report.complete and report.scheduler_loaded and not report.accumulator_loaded
     assert_same_value(opt2.state_dict(), expected_opt, "optimizer")
@@ -284,7 +289,9 @@ def test_state_is_keyed_by_parameter_name(tmp_path):
     assert keys == expected
     assert meta["format"] == "hf_optim.optimizer" and meta["format_version"] == 1
     assert meta["optimizer"]["class"] == "torch.optim.adamw.AdamW"
-    assert [r["name"] for g in meta["param_groups"] for r in g["params"]] == [n for g in grouped(model) for n, _ in g["params"]]
+    assert [r["name"] for g in meta["param_groups"] for r in g["params"]] == [
+        n for g in grouped(model) for n, _ in g["params"]
+    ]
     assert meta["param_groups"][0]["hyperparameters"]["betas"] == {"tuple": [0.9, 0.999]}
 
 
@@ -317,8 +324,15 @@ class OddState(torch.optim.Optimizer):
             for p in group["params"]:
                 st = self.state[p]
                 if not st:
-                    st.update(count=0, scale=0.1, flag=True, nothing=None, hist=[1, 2.5, (3, None)],
-                              buf32=torch.zeros_like(p, dtype=torch.float32), big=2**70)
+                    st.update(
+                        count=0,
+                        scale=0.1,
+                        flag=True,
+                        nothing=None,
+                        hist=[1, 2.5, (3, None)],
+                        buf32=torch.zeros_like(p, dtype=torch.float32),
+                        big=2**70,
+                    )
                 st["count"] += 1
                 st["scale"] *= 1.1
                 st["buf32"].add_(p.grad.float())
@@ -327,15 +341,36 @@ class OddState(torch.optim.Optimizer):
 
 def test_exotic_values_round_trip_with_their_python_types(tmp_path):
     model = Net(dtype=torch.bfloat16)
+
     def named(module):
         return [(f"{module}.{n}", p) for n, p in getattr(model, module).named_parameters()]
 
     groups = [
-        {"params": named("encoder"), "lr": torch.tensor(0.25), "betas": (0.9, 0.99),
-         "weird": [float("nan"), float("inf"), -float("inf"), 0.1 + 0.2, 1e-300, 5e-324, None, "s", True, 7],
-         "nested": {"a": (1, [2.0]), 3: "int key"}},
-        {"params": named("head") + named("norm"), "lr": 0.125,
-         "betas": (0.5, 0.25), "weird": [], "nested": {}},
+        {
+            "params": named("encoder"),
+            "lr": torch.tensor(0.25),
+            "betas": (0.9, 0.99),
+            "weird": [
+                float("nan"),
+                float("inf"),
+                -float("inf"),
+                0.1 + 0.2,
+                1e-300,
+                5e-324,
+                None,
+                "s",
+                True,
+                7,
+            ],
+            "nested": {"a": (1, [2.0]), 3: "int key"},
+        },
+        {
+            "params": named("head") + named("norm"),
+            "lr": 0.125,
+            "betas": (0.5, 0.25),
+            "weird": [],
+            "nested": {},
+        },
     ]
     opt = OddState(groups)
     for x, y in batches(5, 2, torch.bfloat16):
@@ -345,9 +380,16 @@ def test_exotic_values_round_trip_with_their_python_types(tmp_path):
     expected = snapshot(opt)[0]
     save_state(tmp_path, opt)
     opt2 = OddState(
-        [{"params": named("encoder"), "lr": 0.0, "betas": (0.0, 0.0), "weird": None, "nested": None},
-         {"params": named("head") + named("norm"), "lr": 0.0,
-          "betas": (0.0, 0.0), "weird": None, "nested": None}]
+        [
+            {"params": named("encoder"), "lr": 0.0, "betas": (0.0, 0.0), "weird": None, "nested": None},
+            {
+                "params": named("head") + named("norm"),
+                "lr": 0.0,
+                "betas": (0.0, 0.0),
+                "weird": None,
+                "nested": None,
+            },
+        ]
     )
     load_state(tmp_path, opt2)
     got = opt2.state_dict()
@@ -368,9 +410,9 @@ def test_unsupported_state_value_names_parameter_and_key(tmp_path):
 
 
 def test_fresh_optimizer_without_state_round_trips(tmp_path):
-    model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
+    _model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
     save_state(tmp_path, opt, sched)
-    model2, opt2, sched2 = make_setup(OPTIMIZERS["torch_adamw"])
+    _model2, opt2, sched2 = make_setup(OPTIMIZERS["torch_adamw"])
     load_state(tmp_path, opt2, sched2)
     assert opt2.state_dict()["state"] == {}
 
@@ -387,13 +429,13 @@ def test_no_pickle_is_used_when_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(pickle, "Unpickler", forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
-    model2, opt2, sched2 = make_setup(OPTIMIZERS["hf_adamw"])
+    _model2, opt2, sched2 = make_setup(OPTIMIZERS["hf_adamw"])
     load_state(tmp_path, opt2, sched2, hf_optim.GradientAccumulator())
 
 
 def test_has_state(tmp_path):
     assert not has_state(tmp_path)
-    model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
+    _model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
     save_state(tmp_path, opt, sched)
     assert has_state(tmp_path)
     (tmp_path / SCHEDULER_NAME).write_text("{}")
@@ -412,7 +454,7 @@ def big_setup(hidden=64):
 
 
 def test_sharded_save_round_trips(tmp_path):
-    model, opt, sched = big_setup()
+    _model, opt, sched = big_setup()
     expected = snapshot(opt)[0]
     files = save_state(tmp_path, opt, sched, max_shard_size=600)
     index = json.loads((tmp_path / OPTIMIZER_INDEX_NAME).read_text())
@@ -420,7 +462,9 @@ def test_sharded_save_round_trips(tmp_path):
     n = len(shards)
     assert n >= 3
     assert shards == [f"optimizer-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    assert sorted(os.path.basename(f) for f in files) == sorted([*shards, OPTIMIZER_INDEX_NAME, SCHEDULER_NAME])
+    assert sorted(os.path.basename(f) for f in files) == sorted(
+        [*shards, OPTIMIZER_INDEX_NAME, SCHEDULER_NAME]
+    )
     assert not (tmp_path / OPTIMIZER_NAME).exists()
     total = 0
     for shard in shards:
@@ -456,7 +500,7 @@ def test_switching_between_sharded_and_single_file_removes_stale_files(tmp_path)
 
 @pytest.mark.parametrize("bad", [0, -5, "5XB", "GB", True, 1.5])
 def test_max_shard_size_is_validated(tmp_path, bad):
-    model, opt, _ = make_setup(OPTIMIZERS["torch_adamw"])
+    _model, opt, _ = make_setup(OPTIMIZERS["torch_adamw"])
     with pytest.raises(ValueError, match="max_shard_size"):
         save_state(tmp_path, opt, max_shard_size=bad)
 
@@ -493,7 +537,7 @@ def target(**kwargs):
 
 
 def assert_load_fails_unchanged(ckpt, objs, match, exc=ValueError, **kwargs):
-    model, opt, sched, acc = objs
+    _model, opt, sched, acc = objs
     before = snapshot(opt, sched, acc)
     lrs = [g["lr"] for g in opt.param_groups]
     with pytest.raises(exc, match=match):
@@ -521,7 +565,7 @@ def test_unexpected_parameter_is_named(tmp_path):
 
 
 def test_group_count_mismatch(saved):
-    model, opt, sched, acc = target()
+    model, _opt, _sched, _acc = target()
     torch.manual_seed(0)
     opt1 = hf_optim.AdamW(Net().named_parameters(), lr=1e-2)
     assert_load_fails_unchanged(saved, (model, opt1, None, None), r"2 parameter group\(s\), the optimizer 1")
@@ -532,19 +576,21 @@ def test_dtype_mismatch(saved):
 
 
 def test_optimizer_class_mismatch(saved):
-    model, opt, sched, acc = target()
+    model, _opt, _sched, _acc = target()
     sgd = torch.optim.SGD(grouped(model), lr=0.1)
     assert_load_fails_unchanged(saved, (model, sgd, None, None), "saved from hf_optim.optimizers.adamw.AdamW")
 
 
 def test_scheduler_mismatch(saved):
-    model, opt, sched, acc = target()
+    model, opt, _sched, acc = target()
     other = hf_optim.get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=20)
-    assert_load_fails_unchanged(saved, (model, opt, other, acc), "schedule 'cosine' but the scheduler is 'linear'")
+    assert_load_fails_unchanged(
+        saved, (model, opt, other, acc), "schedule 'cosine' but the scheduler is 'linear'"
+    )
 
 
 def test_accumulator_gradient_count_mismatch(saved):
-    model, opt, sched, acc = target()
+    model, opt, sched, _acc = target()
     acc2 = hf_optim.GradientAccumulator()
     acc2([torch.ones(2)])
     assert_load_fails_unchanged(saved, (model, opt, sched, acc2), "accumulator.safetensors has 6 gradients")
@@ -562,7 +608,9 @@ def test_truncated_file(saved):
     path = saved / OPTIMIZER_NAME
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
-    assert_load_fails_unchanged(saved, target(), r"optimizer\.safetensors.*truncated or corrupted", CheckpointError)
+    assert_load_fails_unchanged(
+        saved, target(), r"optimizer\.safetensors.*truncated or corrupted", CheckpointError
+    )
 
 
 def test_truncated_accumulator_file(saved):
@@ -589,7 +637,7 @@ def rewrite_metadata(path, change):
     """Rewrite a safetensors file's hf_optim metadata with the safetensors library."""
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in list(f.keys())}
     meta = json.loads(md["hf_optim"])
     change(meta)
     md["hf_optim"] = json.dumps(meta)
@@ -617,7 +665,7 @@ def test_metadata_that_disagrees_with_tensors(saved):
 
 
 def test_files_from_different_saves_are_refused(tmp_path, saved):
-    model, opt, sched = make_setup(OPTIMIZERS["hf_adamw"])
+    _model, opt, sched = make_setup(OPTIMIZERS["hf_adamw"])
     save_state(tmp_path / "other", opt, sched)
     os.replace(tmp_path / "other" / SCHEDULER_NAME, saved / SCHEDULER_NAME)
     assert_load_fails_unchanged(saved, target(), "different checkpoint id", CheckpointError)
@@ -647,8 +695,9 @@ def test_missing_shard_and_escaping_index(tmp_path):
 
 def test_missing_directory_and_no_state(tmp_path):
     objs = target()
-    assert_load_fails_unchanged(tmp_path / "nope", objs, "neither a local directory nor a Hub repo id",
-                                FileNotFoundError)
+    assert_load_fails_unchanged(
+        tmp_path / "nope", objs, "neither a local directory nor a Hub repo id", FileNotFoundError
+    )
     (tmp_path / "empty").mkdir()
     assert_load_fails_unchanged(tmp_path / "empty", objs, "no optimizer state in", FileNotFoundError)
 
@@ -698,9 +747,15 @@ def test_non_strict_skips_mismatched_shapes(tmp_path):
     model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
     train(model, opt, sched, batches(1, 2))
     save_state(tmp_path, opt, sched)
-    model2, opt2, sched2 = make_setup(OPTIMIZERS["torch_adamw"], hidden=5)
+    _model2, opt2, sched2 = make_setup(OPTIMIZERS["torch_adamw"], hidden=5)
     report = load_state(tmp_path, opt2, sched2, strict=False)
-    assert set(report.mismatched) == {"encoder.weight", "encoder.bias", "norm.weight", "norm.bias", "head.weight"}
+    assert set(report.mismatched) == {
+        "encoder.weight",
+        "encoder.bias",
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+    }
     assert report.loaded == ("head.bias",) or set(report.loaded) == {"head.bias"}
     assert report.notes
 
@@ -718,8 +773,12 @@ def _equal_state(a, b) -> bool:
         return False
 
 
-@pytest.mark.parametrize(("old_shard", "new_shard"), [("5GB", "5GB"), ("5GB", 700), (700, 700), (700, 2000), (700, "5GB")])
-def test_save_interrupted_at_each_rename_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, old_shard, new_shard):
+@pytest.mark.parametrize(
+    ("old_shard", "new_shard"), [("5GB", "5GB"), ("5GB", 2500), (2500, 2500), (1500, 4000), (2500, "5GB")]
+)
+def test_save_interrupted_at_each_rename_leaves_a_loadable_checkpoint(
+    tmp_path, monkeypatch, old_shard, new_shard
+):
     real_replace = os.replace
     k = 0
     while True:

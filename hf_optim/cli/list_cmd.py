@@ -16,11 +16,15 @@ def register(subparsers: Any) -> None:
         help="list registered optimizers and schedules",
         description="List the registered optimizers and learning-rate schedules (names accept wildcards).",
     )
-    parser.add_argument("pattern", nargs="*", help="only names matching these shell-style wildcards, e.g. 'cosine*'")
+    parser.add_argument(
+        "pattern", nargs="*", help="only names matching these shell-style wildcards, e.g. 'cosine*'"
+    )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--optimizers", action="store_true", help="list optimizers only")
     kind.add_argument("--schedulers", action="store_true", help="list schedules only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also show arguments, defaults and renames")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show arguments, defaults and renames"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -52,7 +56,9 @@ def _entries(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                     "description": info.description,
                     "arguments": _arguments(info.factory),
                     "defaults": {k: repr(v) for k, v in info.defaults.items()},
-                    "arg_names": {k: list(v) if isinstance(v, tuple) else v for k, v in info.arg_names.items()},
+                    "arg_names": {
+                        k: list(v) if isinstance(v, tuple) else v for k, v in info.arg_names.items()
+                    },
                 }
             )
     if not args.optimizers:
@@ -86,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                     lines.append(f"{pad}defaults: {', '.join(f'{k}={v}' for k, v in e['defaults'].items())}")
                 if e.get("arg_names"):
                     renames = ", ".join(
-                        f"{k} -> {'/'.join(v) if isinstance(v, list) else v}" for k, v in e["arg_names"].items()
+                        f"{k} -> {'/'.join(v) if isinstance(v, list) else v}"
+                        for k, v in e["arg_names"].items()
                     )
                     lines.append(f"{pad}renames: {renames}")
         blocks.append("\n".join(lines))

@@ -33,7 +33,10 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "schedules", nargs="+", metavar="SCHEDULE", help="registered schedule name, optionally name:key=value,..."
+        "schedules",
+        nargs="+",
+        metavar="SCHEDULE",
+        help="registered schedule name, optionally name:key=value,...",
     )
     parser.add_argument("--num-warmup-steps", type=int, default=0, help="warmup steps (default: 0)")
     parser.add_argument("--num-training-steps", type=int, required=True, help="steps to draw (and to train)")
@@ -44,7 +47,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--output", "-o", help="write the figure here with matplotlib (png, svg, pdf, ...)")
     parser.add_argument("--width", type=int, default=60, help="text plot width in characters (default: 60)")
     parser.add_argument("--height", type=int, default=12, help="text plot height in lines (default: 12)")
-    parser.add_argument("--json", action="store_true", help="print the learning rates as JSON instead of a plot")
+    parser.add_argument(
+        "--json", action="store_true", help="print the learning rates as JSON instead of a plot"
+    )
     parser.set_defaults(func=run)
 
 

@@ -208,9 +208,16 @@ class _Handler(BaseHTTPRequestHandler):
     def storage(self) -> HubStorage:
         return self.server.hub.storage
 
+    @property
+    def body(self) -> _Body:
+        """The current request's body (set by ``_dispatch``)."""
+        assert self._body is not None
+        return self._body
+
     def _dispatch(self, method: str) -> None:
         self._method = method
         self._started = False
+        self._body: _Body | None = None  # the handler object is reused for every request of a connection
         try:
             self._body = _Body(self.rfile, self.headers)
             split = urlsplit(self.path)
@@ -233,7 +240,7 @@ class _Handler(BaseHTTPRequestHandler):
                     _InternalError(f"Internal error of the local Hub: {type(err).__name__}: {err}")
                 )
         try:
-            if not getattr(self, "_body", None) or not self._body.drain():
+            if self._body is None or not self._body.drain():
                 self.close_connection = True
         except (HubError, OSError):
             self.close_connection = True
@@ -275,11 +282,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise RepoNotFound(f"Repository {repo_id!r} ({repo_type}) not found.")
         return meta
 
-    def _json_body(self) -> Any:
-        unread = self._body.unread
+    def _json_body(self) -> dict[str, Any]:
+        unread = self.body.unread
         if unread is not None and unread > _READ_LIMIT:
             raise BadRequest(f"Request body too large ({unread} bytes) for a JSON endpoint.")
-        raw = self._body.read()
+        raw = self.body.read()
         if not raw.strip():
             return {}
         ctype = self.headers.get("Content-Type", "")
@@ -287,9 +294,12 @@ class _Handler(BaseHTTPRequestHandler):
             parsed = parse_qs(raw.decode("utf-8"), keep_blank_values=True)
             return {k: (v if len(v) > 1 or k == "paths" else v[0]) for k, v in parsed.items()}
         try:
-            return json.loads(raw)
+            obj = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BadRequest(f"Request body is not valid JSON: {err}") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("Request body must be a JSON object.")
+        return obj
 
     def _send(
         self,
@@ -392,6 +402,12 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and not rest:
             return self._repo_info(repo_type, repo_id, None)
         if action.startswith("xet-"):
+            logger.warning(
+                "a client asked for a xet token (%s %s): the local Hub has no xet; clients uploading LFS files "
+                "must set HF_HUB_DISABLE_XET=1",
+                method,
+                urlsplit(self.path).path,
+            )
             raise NotImplementedOnLocalHub(
                 "The local Hub does not speak the xet protocol. Set HF_HUB_DISABLE_XET=1 in the client, or start "
                 "the server without --lfs-extensions so that every file is uploaded as a regular file."
@@ -767,7 +783,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.storage.get_repo(repo_type, repo_id)
         if not _OID_RE.fullmatch(oid) or not size_text.isdigit():
             raise BadRequest("LFS upload URL must end with /upload/<sha256>/<size>.")
-        self.storage.put_stream(self._body.read, expected_sha256=oid, expected_size=int(size_text))
+        self.storage.put_stream(self.body.read, expected_sha256=oid, expected_size=int(size_text))
         self._send_json({})
 
     def _lfs_download(self, repo_type: str, repo_id: str, oid: str) -> None:
@@ -785,7 +801,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest("The commit endpoint of the local Hub expects an application/x-ndjson body.")
         header: dict[str, Any] | None = None
         operations: list[Operation] = []
-        for line in iter(self._body.readline, b""):
+        while line := self.body.readline():
             if not line.strip():
                 continue
             try:
@@ -795,6 +811,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(
                     "Malformed NDJSON commit line: expected {'key': ..., 'value': {...}}."
                 ) from None
+            del line, item  # a regular file's line holds its whole content: keep one copy alive, not three
+            if not isinstance(value, dict):
+                raise BadRequest(f"Commit line {key!r}: 'value' must be a JSON object.")
             if key == "header":
                 header = value
                 continue

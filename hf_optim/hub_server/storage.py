@@ -111,7 +111,9 @@ class NotImplementedOnLocalHub(HubError):
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob with this content (what ``git hash-object`` prints)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+    digest = hashlib.sha1(b"blob %d\0" % len(data), usedforsecurity=False)
+    digest.update(data)  # no concatenation: data may be hundreds of MB
+    return digest.hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
@@ -299,7 +301,12 @@ class HubStorage:
         self.root = Path(root).expanduser().resolve()
         self.fsync = fsync
         self.user = user
-        validate_repo_id(f"{user}/x")  # the user name is a namespace: same rules
+        try:
+            validate_repo_id(f"{user}/x")  # the user name is a namespace: same rules
+        except BadRequest:
+            raise ValueError(
+                f"--user {user!r}: expected letters, digits, '.', '_' and '-' (a valid namespace)"
+            ) from None
         self.lfs_extensions = tuple(_normalize_extension(ext) for ext in lfs_extensions)
         self._lock = threading.RLock()
         self._init_root()
@@ -869,7 +876,7 @@ def _entry_oid(view: TreeView, path: str) -> str | None:
 def decode_content(value: dict[str, Any]) -> bytes:
     """Content of an NDJSON ``file`` line (``encoding`` base64 or utf-8)."""
     encoding = value.get("encoding", "base64")
-    content = value.get("content", "")
+    content = value.pop("content", "")
     if encoding == "base64":
         return base64.b64decode(content, validate=True)
     if encoding in ("utf-8", "utf8"):

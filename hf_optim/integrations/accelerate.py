@@ -202,7 +202,7 @@ def _trainable_parameters(model_or_params: torch.nn.Module | Iterable[Any]) -> l
 def _item_count(num_items: int | torch.Tensor) -> torch.Tensor:
     if isinstance(num_items, torch.Tensor):
         # No value check on tensors: reading one would synchronise with the device at every micro-step.
-        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.is_complex():
+        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.is_complex() or num_items.dtype == torch.bool:
             raise ValueError(f"num_items must be a scalar integer tensor (a count of items), got {num_items!r}")
         return num_items.detach().reshape(())
     if isinstance(num_items, int) and not isinstance(num_items, bool):
@@ -222,7 +222,6 @@ def accelerate_save_state(
     output_dir: str | os.PathLike[str] | None,
     *,
     accumulator: Any | None = None,
-    safe_serialization: bool = True,
 ) -> str:
     """Save a resumable checkpoint: ``accelerator.save_state`` without its pickled optimizer/scheduler files,
     plus the optimizer, scheduler and accumulator state in hf_optim's safetensors + JSON format.
@@ -258,7 +257,7 @@ def accelerate_save_state(
     handle = accelerator.register_save_state_pre_hook(_unwrapped_weights_hook(accelerator))
     try:
         with _without_optimizers_and_schedulers(accelerator):
-            location = os.fspath(accelerator.save_state(output_dir, safe_serialization=safe_serialization))
+            location = os.fspath(accelerator.save_state(output_dir, safe_serialization=True))
     finally:
         handle.remove()
 
@@ -267,16 +266,20 @@ def accelerate_save_state(
         if accelerator.project_configuration.save_on_each_node
         else accelerator.is_main_process
     )
+    error: Exception | None = None
     if writes:
-        for index, (optimizer, scheduler) in enumerate(pairs):
-            save_state(
-                _state_dir(location, index),
-                optimizer,
-                scheduler,
-                accumulator if index == 0 else None,
-            )
-        logger.info("Saved hf_optim state of %d optimizer(s) in %s", len(pairs), location)
-    accelerator.wait_for_everyone()
+        try:
+            for index, (optimizer, scheduler) in enumerate(pairs):
+                save_state(_state_dir(location, index), optimizer, scheduler, accumulator if index == 0 else None)
+            logger.info("Saved hf_optim state of %d optimizer(s) in %s", len(pairs), location)
+        except Exception as err:  # re-raised below, after telling the other processes
+            error = err
+    # Acts as the barrier, and makes every process fail (rather than wait forever) if the writer failed.
+    failed = accelerator.gather(torch.tensor([error is not None], device=accelerator.device))
+    if error is not None:
+        raise error
+    if bool(failed.any()):
+        raise RuntimeError(f"accelerate_save_state: writing the hf_optim state into {location!r} failed on another process")
     return location
 
 

@@ -162,7 +162,9 @@ def test_offline_mode_serves_from_cache_after_server_stopped(
         "snapshot": {"state/optimizer.safetensors": sha256(weights), "state/config.json": sha256(config)},
         "miss": "LocalEntryNotFoundError",
     }
-    assert last_json(run_python(offline, client_env(endpoint, hf_home, offline=True), "check-miss")) == expected
+    assert (
+        last_json(run_python(offline, client_env(endpoint, hf_home, offline=True), "check-miss")) == expected
+    )
     # Without HF_HUB_OFFLINE the client finds the server unreachable and falls back to the same cache.
     # (Not for the missing file: the client then retries the connection for about a minute.)
     del expected["miss"]
@@ -211,6 +213,9 @@ def test_cli_rejects_bad_arguments_with_clear_errors(
 
     assert cli_main(["hub", "serve", "--root", str(tmp_path / "new"), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert cli_main(["hub", "serve", "--root", str(tmp_path / "new"), "--user", "two words"]) == 2
+    assert "--user" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_token_option_restricts_writes(tmp_path: Path) -> None:

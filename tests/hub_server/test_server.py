@@ -8,6 +8,7 @@ written out here, Range answers with slices of the uploaded bytes.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from huggingface_hub import (
@@ -99,6 +101,14 @@ def test_upload_file_and_download(hub_api: HfApi, hub_repo_id: str) -> None:
     assert meta.size == len(data)
     # Pinned to the commit id: same cached file.
     assert read_bytes(hf_hub_download(hub_repo_id, "dir/data.bin", revision=info.oid)) == data
+
+    # Names that need URL-encoding, and an empty file.
+    odd = "dir with space/ünï cödé #1%2F.txt"
+    hub_api.upload_file(path_or_fileobj=b"odd", path_in_repo=odd, repo_id=hub_repo_id)
+    assert read_bytes(hf_hub_download(hub_repo_id, odd)) == b"odd"
+    hub_api.upload_file(path_or_fileobj=b"", path_in_repo="empty.txt", repo_id=hub_repo_id)
+    assert read_bytes(hf_hub_download(hub_repo_id, "empty.txt")) == b""
+    assert get_hf_file_metadata(hf_hub_url(hub_repo_id, "empty.txt")).etag == git_hash_object(b"")
 
     # README uploads go through /api/validate-yaml first.
     readme = b"---\nlicense: apache-2.0\n---\n# Optimizer state\n"
@@ -511,3 +521,42 @@ def test_tree_pagination_and_last_commits(hub_api: HfApi, hub_repo_id: str) -> N
     assert infos["many/0003.txt"].last_commit.oid == second.oid
     assert infos["many/0004.txt"].last_commit.oid == first.oid
     assert infos["many"].last_commit.oid == second.oid
+
+
+def test_lfs_batch_and_chunked_upload_protocol(hub_api: HfApi, hub_repo_id: str, hub_server) -> None:
+    """The git-lfs batch API and a ``Transfer-Encoding: chunked`` PUT, spoken with http.client."""
+    hub_api.create_repo(hub_repo_id)
+    data = os.urandom(70_000)
+    oid = hashlib.sha256(data).hexdigest()
+    endpoint = urlsplit(hub_server.endpoint)
+    headers = {
+        "Authorization": f"Bearer {hub_server.token}",
+        "Content-Type": "application/vnd.git-lfs+json",
+        "Accept": "application/vnd.git-lfs+json",
+    }
+
+    def batch() -> dict:
+        conn = http.client.HTTPConnection(endpoint.hostname, endpoint.port, timeout=30)
+        body = {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}]}
+        conn.request("POST", f"/{hub_repo_id}.git/info/lfs/objects/batch", json.dumps(body), headers)
+        response = conn.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())["objects"][0]
+
+    def put_chunked(href: str, payload: bytes) -> int:
+        url = urlsplit(href)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        chunks = (payload[i : i + 7000] for i in range(0, len(payload), 7000))
+        conn.request("PUT", url.path, body=chunks, encode_chunked=True)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    first = batch()
+    href = first["actions"]["upload"]["href"]
+    assert put_chunked(href, data[:-1] + b"\0") == 400  # content does not match the oid: refused
+    assert "actions" in batch()  # ... and not stored
+    assert put_chunked(href, data) == 200
+    assert "actions" not in batch()  # now present upstream: nothing to upload
+    storage = HubStorage(hub_server.root)
+    assert storage.read_blob(oid) == data

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader, TensorDataset
@@ -140,6 +141,24 @@ def test_item_normalizer_rejects_bad_input(make_accelerator) -> None:
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="model_or_params"):
         ItemNormalizer(accelerator, frozen)
+
+
+def test_optimizer_and_scheduler_by_name_go_through_plain_prepare(make_accelerator) -> None:
+    accelerator = make_accelerator()
+    model = _model()
+    optimizer = hf_optim.create_optimizer("adamw_hf", model, lr=1e-2, weight_decay=0.1)
+    scheduler = hf_optim.create_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=4)
+    p_model, p_opt, p_sched = accelerator.prepare(model, optimizer, scheduler)
+    assert isinstance(p_opt, AcceleratedOptimizer) and p_opt.optimizer is optimizer
+    assert isinstance(p_opt.optimizer, torch.optim.AdamW)  # what DeepSpeed's CPU offload checks for AdamW mode
+    assert isinstance(p_sched, AcceleratedScheduler) and p_sched.scheduler is scheduler
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batch(4, 0)
+    accelerator.backward(_loss_sum(p_model, x, y))
+    p_opt.step()
+    p_sched.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert p_sched.get_last_lr() == [pytest.approx(1e-2 * 3 / 4)] * 2  # decay + no-decay groups, linear to 0
 
 
 def test_accelerate_prepare_fixes_only_hf_optim_schedulers(make_accelerator) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,32 @@ def test_resume_from_local_hub(make_accelerator, checkpoint: Path, uninterrupted
         _resume(make_accelerator, hub_repo_id, subfolder="run/checkpoint-3", revision=commit.oid), uninterrupted
     )
     _assert_equal_snapshots(_resume(make_accelerator, f"hf://{hub_repo_id}@{commit.oid}/run/checkpoint-3"), uninterrupted)
+
+
+def test_resume_from_hub_cache_offline(make_accelerator, checkpoint: Path, hub_api, hub_repo_id, tmp_path) -> None:
+    hub_api.create_repo(hub_repo_id)
+    hub_api.upload_folder(repo_id=hub_repo_id, folder_path=str(checkpoint), path_in_repo="ckpt")
+    accelerate_load_state(_setup(make_accelerator, seed=1)[0], hub_repo_id, subfolder="ckpt")  # fills the cache
+    # HF_HUB_OFFLINE is read when huggingface_hub is imported: load in a fresh interpreter.
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from tests.integrations.test_accelerate_state import _setup
+from hf_optim.integrations.accelerate import accelerate_load_state
+accelerator, model, optimizer, scheduler = _setup(lambda **kw: Accelerator(cpu=True, **kw), seed=2)
+accelerate_load_state(accelerator, {hub_repo_id!r}, subfolder="ckpt")
+save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, {str(tmp_path / "loaded.safetensors")!r})
+print("last_epoch", scheduler.scheduler.last_epoch)
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"last_epoch {STEPS_BEFORE}" in proc.stdout
+    expected = load_file(checkpoint / "model.safetensors")
+    got = load_file(tmp_path / "loaded.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def _safetensors_file(tensors: dict[str, torch.Tensor], tmp: Path) -> str:

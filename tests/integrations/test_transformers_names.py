@@ -15,7 +15,6 @@ import pickle
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import uuid
 from pathlib import Path
 
@@ -69,14 +68,14 @@ def zero_grad_step(model, optimizer) -> dict[str, torch.Tensor]:
     return before
 
 
-def run_python(args: list[str], *, autoload: bool = True, cwd: Path | None = None, timeout: float = 240):
+def start_python(args: list[str], *, autoload: bool, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("HF_OPTIM_DISABLE_AUTOLOAD", None)
     if not autoload:
         env["HF_OPTIM_DISABLE_AUTOLOAD"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=timeout
+    return subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
     )
 
 
@@ -295,18 +294,6 @@ assert "adam_weight_decay" in choices and "adamw_hf" in choices
 print("OK", args.optim.value, sorted(kwargs))
 """
 
-
-@pytest.mark.parametrize(
-    "first",
-    ["import hf_optim", "import transformers.trainer"],
-    ids=["hf_optim-first", "transformers-first"],
-)
-def test_either_import_order_works_without_autoload(tmp_path, first):
-    result = run_python(["-c", first + "\n" + CHECK_NAMES], autoload=False, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("OK adamw_hf ['betas', 'eps', 'lr', 'weight_decay']"), result.stdout
-
-
 UNMODIFIED_SCRIPT = """
 import sys
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, Trainer, TrainingArguments
@@ -318,58 +305,98 @@ optimizer = Trainer(model=model, args=args).create_optimizer()
 print("OPTIMIZER", type(optimizer).__module__ + "." + type(optimizer).__qualname__, optimizer.param_groups[0]["eps"])
 """
 
+NEVER_RAISES = """
+import sys
+sys.modules["hf_optim.integrations.transformers"] = None  # importing it now raises ImportError
+from transformers import TrainingArguments
+TrainingArguments(output_dir="out", optim="adamw_torch", report_to=[])
+try:
+    TrainingArguments(output_dir="out", optim="adamw_hf", report_to=[])
+except ValueError:
+    print("NOT-REGISTERED")
+"""
 
-def _run_unmodified(tmp_path: Path, autoload: bool):
-    script = tmp_path / "train.py"
-    script.write_text(UNMODIFIED_SCRIPT)
-    return run_python(
-        [str(script), "--output_dir", str(tmp_path / "out"), "--optim", "adamw_hf", "--adam_epsilon", "1e-7",
-         "--report_to", "none", "--use_cpu"],
-        autoload=autoload, cwd=tmp_path,
-    )
+HOOK_STATE = """
+import json, sys
+print(json.dumps({
+    "hook": "_hf_optim_autoload" in sys.modules,
+    "finder": any(getattr(f, "_hf_optim_autoload_finder", False) for f in sys.meta_path),
+    "heavy": sorted(m for m in sys.modules
+                    if m.split(".")[0] in ("torch", "transformers", "hf_optim", "numpy", "huggingface_hub", "logging")),
+}))
+"""
 
 
-def test_unmodified_script_with_autoload(tmp_path):
-    result = _run_unmodified(tmp_path, autoload=True)
+class FreshInterpreters:
+    """Starts every fresh-interpreter check at once (they mostly wait on imports) and hands out the results."""
+
+    def __init__(self, directory: Path) -> None:
+        script = directory / "train.py"
+        script.write_text(UNMODIFIED_SCRIPT)
+        unmodified = [str(script), "--output_dir", str(directory / "out"), "--optim", "adamw_hf",
+                      "--adam_epsilon", "1e-7", "--report_to", "none", "--use_cpu"]
+        cases = {
+            "hf_optim-first": (["-c", "import hf_optim\n" + CHECK_NAMES], False),
+            "transformers-first": (["-c", "import transformers.trainer\n" + CHECK_NAMES], False),
+            "unmodified-autoload": (unmodified, True),
+            "unmodified-no-autoload": (unmodified, False),
+            "never-raises": (["-c", NEVER_RAISES], True),
+            "hook-state": (["-c", HOOK_STATE], True),
+            "hook-state-disabled": (["-c", HOOK_STATE], False),
+        }
+        self._processes = {name: start_python(args, autoload=autoload, cwd=directory)
+                           for name, (args, autoload) in cases.items()}
+        self._results: dict[str, subprocess.CompletedProcess] = {}
+
+    def __getitem__(self, name: str) -> subprocess.CompletedProcess:
+        if name not in self._results:
+            process = self._processes[name]
+            stdout, stderr = process.communicate(timeout=600)
+            self._results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        return self._results[name]
+
+    def close(self) -> None:
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    runs = FreshInterpreters(tmp_path_factory.mktemp("fresh"))
+    yield runs
+    runs.close()
+
+
+@pytest.mark.parametrize("first", ["hf_optim-first", "transformers-first"])
+def test_either_import_order_works_without_autoload(fresh, first):
+    result = fresh[first]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("OK adamw_hf ['betas', 'eps', 'lr', 'weight_decay']"), result.stdout
+
+
+def test_unmodified_script_with_autoload(fresh):
+    """A script that never imports hf_optim gets --optim adamw_hf and hf_optim's AdamW from Trainer."""
+    result = fresh["unmodified-autoload"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OPTIMIZER hf_optim.optimizers.adamw.AdamW 1e-07" in result.stdout
 
 
-def test_unmodified_script_with_autoload_disabled(tmp_path):
-    result = _run_unmodified(tmp_path, autoload=False)
+def test_unmodified_script_with_autoload_disabled(fresh):
+    result = fresh["unmodified-no-autoload"]
     assert result.returncode == 2
     assert "invalid choice: 'adamw_hf'" in result.stderr
 
 
-def test_startup_hook_is_installed_and_imports_nothing_heavy(tmp_path):
-    code = textwrap.dedent("""
-        import json, sys
-        print(json.dumps({
-            "hook": "_hf_optim_autoload" in sys.modules,
-            "finder": any(getattr(f, "_hf_optim_autoload_finder", False) for f in sys.meta_path),
-            "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "hf_optim",
-                                                                          "numpy", "huggingface_hub", "logging")),
-        }))
-    """)
-    on = json.loads(run_python(["-c", code], cwd=tmp_path).stdout)
-    assert on == {"hook": True, "finder": True, "heavy": []}
-    off = json.loads(run_python(["-c", code], autoload=False, cwd=tmp_path).stdout)
-    assert off == {"hook": True, "finder": False, "heavy": []}
+def test_startup_hook_is_installed_and_imports_nothing_heavy(fresh):
+    assert json.loads(fresh["hook-state"].stdout) == {"hook": True, "finder": True, "heavy": []}
+    assert json.loads(fresh["hook-state-disabled"].stdout) == {"hook": True, "finder": False, "heavy": []}
 
 
-def test_startup_hook_never_raises(tmp_path):
+def test_startup_hook_never_raises(fresh):
     """A broken integration (here: not importable) must not break importing transformers."""
-    code = textwrap.dedent("""
-        import sys
-        sys.modules["hf_optim.integrations.transformers"] = None  # importing it now raises ImportError
-        from transformers import TrainingArguments
-        TrainingArguments(output_dir="out", optim="adamw_torch", report_to=[])
-        try:
-            TrainingArguments(output_dir="out", optim="adamw_hf", report_to=[])
-        except ValueError:
-            print("NOT-REGISTERED")
-    """)
-    result = run_python(["-c", code], cwd=tmp_path)
+    result = fresh["never-raises"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "NOT-REGISTERED"
     assert "Traceback" not in result.stderr

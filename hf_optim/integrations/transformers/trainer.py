@@ -32,11 +32,12 @@ from hf_optim.serialization import SCHEDULER_NAME, has_state, load_state, save_s
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEGACY_OPTIMIZER_NAMES", "Trainer", "TrainerMixin", "is_hub_url"]
+__all__ = ["LEGACY_OPTIMIZER_NAMES", "Trainer", "TrainerMixin", "download_trainer_checkpoint", "is_hub_url"]
 
 LEGACY_OPTIMIZER_NAMES = ("optimizer.pt", "optimizer.bin")
 LEGACY_SCHEDULER_NAME = "scheduler.pt"
 HF_URL_PREFIX = "hf://"
+TRAINER_STATE_NAME = "trainer_state.json"
 
 
 def is_hub_url(path: Any) -> bool:
@@ -54,6 +55,36 @@ def _unwrap(optimizer: Any) -> Any:
     return optimizer
 
 
+def download_trainer_checkpoint(url: str, token: str | bool | None = None) -> str:
+    """Download a whole Trainer checkpoint folder (``hf://USER/REPO[@REVISION]/SUBFOLDER``) into the HF cache.
+
+    Trainer needs every file of the folder (model weights, ``trainer_state.json``, ``rng_state.pth``, optimizer
+    and scheduler state), so the subfolder is fetched with ``huggingface_hub.snapshot_download``; without a
+    subfolder only the repository's top-level files are. Returns the local folder.
+    """
+    from huggingface_hub import snapshot_download
+
+    from hf_optim.hub import parse_hf_url
+
+    parsed = parse_hf_url(url)
+    subfolder = parsed.subfolder
+    snapshot = snapshot_download(
+        parsed.repo_id,
+        repo_type=parsed.repo_type,
+        revision=parsed.revision,
+        allow_patterns=[f"{subfolder}/*"] if subfolder else None,
+        ignore_patterns=None if subfolder else ["*/*"],
+        token=token,
+    )
+    directory = os.path.join(snapshot, *subfolder.split("/")) if subfolder else snapshot
+    if not os.path.isfile(os.path.join(directory, TRAINER_STATE_NAME)):
+        raise FileNotFoundError(
+            f"{url} is not a Trainer checkpoint: no {TRAINER_STATE_NAME} in "
+            f"{parsed.repo_id}@{parsed.revision or 'main'}/{subfolder or ''}"
+        )
+    return directory
+
+
 class TrainerMixin:
     """Safetensors optimizer / scheduler checkpoints and ``hf://`` resume for any ``transformers.Trainer``.
 
@@ -63,6 +94,10 @@ class TrainerMixin:
     their registry name) and ``train`` (to download ``hf://`` checkpoints).
     """
 
+    #: fsync the state files. Off by default, like the rest of a Trainer checkpoint (transformers does not fsync
+    #: the model or RNG files either); the write stays atomic against a killed process. Set True to survive
+    #: power loss at the cost of a slower save.
+    hf_optim_fsync: bool = False
     _hf_optim_fallback_warned = False
 
     # ---- helpers -------------------------------------------------------------------------------------------
@@ -110,7 +145,7 @@ class TrainerMixin:
             return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
         if not self.args.should_save:
             return None
-        save_state(output_dir, _unwrap(self.optimizer), scheduler=self.lr_scheduler)
+        save_state(output_dir, _unwrap(self.optimizer), scheduler=self.lr_scheduler, fsync=self.hf_optim_fsync)
         return None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -147,11 +182,9 @@ class TrainerMixin:
         """``transformers.Trainer.train``; ``resume_from_checkpoint`` may also be ``hf://USER/REPO[@REV]/SUBDIR``,
         which is downloaded (main process first, into the HF cache) before resuming."""
         if is_hub_url(resume_from_checkpoint):
-            from hf_optim.hub import download_checkpoint
-
             url = resume_from_checkpoint
             with self.args.main_process_first(desc="downloading the checkpoint"):
-                resume_from_checkpoint = download_checkpoint(url, token=self.args.hub_token)
+                resume_from_checkpoint = download_trainer_checkpoint(url, token=self.args.hub_token)
             logger.info("Resuming from %s (downloaded to %s)", url, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 

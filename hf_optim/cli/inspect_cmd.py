@@ -1,0 +1,104 @@
+"""``hf-optim inspect``: describe a saved optimizer state (local directory, Hub repo or hf:// URL) without a model.
+
+Reads only metadata, tensor headers and the step counters: optimizer class, parameter groups with their
+hyperparameters, parameter count, state size, step, schedule name and current learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any
+
+from hf_optim.serialization import StateInfo, inspect_state
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="describe saved optimizer / scheduler state",
+        description="Describe optimizer state saved by hf_optim (a local directory, a Hub repo id or an hf:// "
+        "URL) from its metadata and tensor headers; no model needed.",
+    )
+    parser.add_argument("path_or_repo_id", metavar="PATH_OR_REPO_ID", help="directory, repo id or hf:// URL")
+    parser.add_argument("--revision", help="Hub branch, tag or commit")
+    parser.add_argument("--subfolder", help="folder inside the directory or repository")
+    parser.add_argument("--token", help="Hub token (default: the stored one / HF_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(func=run)
+
+
+def _size(num_bytes: int) -> str:
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if num_bytes >= factor:
+            return f"{num_bytes / factor:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_value(v) for v in value) + ")"
+    return str(value)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def format_info(info: StateInfo) -> str:
+    """The tables ``hf-optim inspect`` prints."""
+    step = "-"
+    if info.step is not None:
+        low, high = info.step
+        step = _value(high) if low == high else f"{_value(low)} .. {_value(high)}"
+    schedule = "-"
+    if info.scheduler_class is not None or info.scheduler_name is not None:
+        lr = ", ".join(_value(v) for v in info.scheduler_lr) if info.scheduler_lr else "-"
+        schedule = (
+            f"{info.scheduler_name or '(unnamed)'} ({info.scheduler_class or 'unknown class'}), "
+            f"step {info.scheduler_step}, lr {lr}"
+        )
+    optimizer = info.optimizer_class or "unknown class"
+    if info.optimizer_name:
+        optimizer += f" (registry name {info.optimizer_name!r})"
+    summary = [
+        ["Checkpoint", f"{info.directory}"],
+        ["Format", f"version {info.format_version}, checkpoint id {info.checkpoint_id}"],
+        ["Optimizer", optimizer],
+        ["Parameters", f"{info.num_params} tensors, {info.numel:,} elements, state keyed by {info.keyed_by}"],
+        ["State size", _size(info.state_bytes)],
+        ["Files", ", ".join(os.path.basename(f) for f in info.files)],
+        ["Step", step],
+        ["Schedule", schedule],
+    ]
+    if info.accumulator_bytes is not None:
+        summary.append(["Accumulator", _size(info.accumulator_bytes)])
+    lines = _table(summary)
+    if info.param_groups:
+        keys: list[str] = []
+        for group in info.param_groups:
+            keys += [k for k in group["hyperparameters"] if k not in keys]
+        header = ["", *(f"group {i}" for i in range(len(info.param_groups)))]
+        rows = [header]
+        rows.append(["parameters", *(str(g["num_params"]) for g in info.param_groups)])
+        rows.append(["elements", *(f"{g['numel']:,}" for g in info.param_groups)])
+        for key in keys:
+            rows.append([key, *(_value(g["hyperparameters"].get(key, "-")) for g in info.param_groups)])
+        lines += ["", *_table(rows)]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = inspect_state(
+        args.path_or_repo_id, revision=args.revision, subfolder=args.subfolder, token=args.token
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(info), indent=2, default=str))
+    else:
+        print(format_info(info))
+    return 0

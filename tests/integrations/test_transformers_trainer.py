@@ -1,0 +1,210 @@
+"""hf_optim.Trainer checkpoints: safetensors file set, exact resume (local, from the local Hub in a fresh process,
+from a legacy ``optimizer.pt`` checkpoint), fallback for DeepSpeed/FSDP.
+
+The reference for "exact" is an uninterrupted run of the same configuration: after resuming, the final weights
+must be bit-for-bit equal to it. A stock ``transformers.Trainer`` resuming from a safetensors-only checkpoint
+(its loader silently skips the optimizer) is the negative control: its weights differ.
+
+Runs use ``scripts/train_trainer.py`` (tiny BERT built from a config, synthetic sentences; 64 examples, batch 8,
+so 8 steps per epoch: the interruption at step 6 is mid-epoch and the resumed run crosses an epoch boundary).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("transformers")
+import transformers
+
+import hf_optim
+from hf_optim.hub_server.testing import client_env
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "train_trainer.py"
+N_STEPS = 12
+STOP_AT = 6
+STATE_FILES = {"optimizer.safetensors", "scheduler.json"}
+PICKLED_OPTIMIZER_FILES = {"optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("hf_optim_train_trainer_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _load_script()
+
+
+def script_args(output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--optim", "adamw_hf", "--lr_scheduler_type", "cosine",
+        "--learning_rate", "3e-3", "--warmup_steps", "2", "--weight_decay", "0.01",
+        "--max_steps", str(N_STEPS), "--save_steps", str(STOP_AT), "--logging_steps", "3",
+        "--per_device_train_batch_size", "8", "--num_train_examples", "64", "--num_eval_examples", "8",
+        "--hidden_size", "32", "--intermediate_size", "37", "--seed", "7",
+        "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        *extra,
+    ]
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "model.safetensors"))
+
+
+def assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    differing = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def logged_lrs(output_dir: Path) -> dict[int, float]:
+    with open(output_dir / "trainer_state.json", encoding="utf-8") as f:
+        history = json.load(f)["log_history"]
+    return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+
+
+def run_script_subprocess(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)}
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_ok(process: subprocess.Popen, timeout: float = 600) -> str:
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"training subprocess failed:\n{stderr[-6000:]}"
+    return stdout + stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference: N_STEPS steps in one go (this process)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    summary = train_script.main(script_args(out))
+    assert summary["global_step"] == N_STEPS and not summary["stopped_early"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """The same run stopped after STOP_AT steps (checkpoint-STOP_AT saved by hf_optim.Trainer)."""
+    out = tmp_path_factory.mktemp("interrupted")
+    summary = train_script.main(script_args(out, "--stop_after_step", str(STOP_AT)))
+    assert summary["global_step"] == STOP_AT and summary["stopped_early"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_hold_safetensors_state_and_no_pickled_optimizer(uninterrupted):
+    for step in (STOP_AT, N_STEPS):
+        checkpoint = uninterrupted / f"checkpoint-{step}"
+        files = set(os.listdir(checkpoint))
+        assert files >= STATE_FILES
+        assert not files & PICKLED_OPTIMIZER_FILES
+        # the rest is transformers' own: weights, config, trainer state, RNG state, training arguments
+        assert files - STATE_FILES == {
+            "config.json", "model.safetensors", "trainer_state.json", "rng_state.pth", "training_args.bin",
+        }
+        with open(checkpoint / "scheduler.json", encoding="utf-8") as f:
+            scheduler_doc = json.load(f)
+        assert scheduler_doc["class"] == "torch.optim.lr_scheduler.LambdaLR"
+        assert scheduler_doc["state_dict"]["dict"]["last_epoch"] == step
+        assert hf_optim.inspect_state(str(checkpoint)).scheduler_step == step
+
+
+def test_exact_resume_from_local_checkpoint(uninterrupted, interrupted):
+    checkpoint = interrupted / f"checkpoint-{STOP_AT}"
+    assert set(os.listdir(checkpoint)) >= STATE_FILES
+    summary = train_script.main(script_args(interrupted, "--resume_from_checkpoint", str(checkpoint)))
+    assert summary["global_step"] == N_STEPS
+    assert_bitwise_equal(weights(interrupted), weights(uninterrupted))
+    assert logged_lrs(interrupted) == logged_lrs(uninterrupted)
+
+
+def test_stock_trainer_cannot_resume_optimizer_from_safetensors(uninterrupted, interrupted, tmp_path):
+    """Negative control: transformers.Trainer skips optimizer.safetensors silently, so the result differs."""
+    checkpoint = interrupted / f"checkpoint-{STOP_AT}"
+    out = tmp_path / "stock"
+    train_script.main(
+        script_args(out, "--trainer_class", "transformers", "--resume_from_checkpoint", str(checkpoint))
+    )
+    got, want = weights(out), weights(uninterrupted)
+    assert any(not torch.equal(got[k], want[k]) for k in want)
+
+
+def test_exact_resume_from_legacy_optimizer_pt_checkpoint(uninterrupted, tmp_path):
+    out = tmp_path / "legacy"
+    train_script.main(script_args(out, "--trainer_class", "transformers", "--stop_after_step", str(STOP_AT)))
+    checkpoint = out / f"checkpoint-{STOP_AT}"
+    files = set(os.listdir(checkpoint))
+    assert {"optimizer.pt", "scheduler.pt"} <= files and not files & STATE_FILES
+    train_script.main(script_args(out, "--resume_from_checkpoint", str(checkpoint)))
+    assert_bitwise_equal(weights(out), weights(uninterrupted))
+    # from then on hf_optim.Trainer writes safetensors
+    later = set(os.listdir(out / f"checkpoint-{N_STEPS}"))
+    assert later >= STATE_FILES and not later & PICKLED_OPTIMIZER_FILES
+
+
+def test_exact_resume_from_the_hub_in_a_fresh_process(hub_server, hub_repo_id, hub_api, tmp_path):
+    """Uninterrupted run vs (run to STOP_AT, push last-checkpoint/, fresh process resumes from hf://)."""
+    env = client_env(hub_server.endpoint, tmp_path / "hf_home_writer", token=hub_server.token)
+    reference = run_script_subprocess(script_args(tmp_path / "reference"), env)
+    pushing = run_script_subprocess(
+        script_args(
+            tmp_path / "first", "--stop_after_step", str(STOP_AT), "--push_to_hub", "--hub_model_id", hub_repo_id,
+            "--hub_strategy", "checkpoint", "--hub_token", hub_server.token,
+        ),
+        env,
+    )
+    wait_ok(pushing)
+    wait_ok(reference)
+
+    files = set(hub_api.list_repo_files(hub_repo_id))
+    assert {"last-checkpoint/optimizer.safetensors", "last-checkpoint/scheduler.json"} <= files
+    assert not {f"last-checkpoint/{name}" for name in PICKLED_OPTIMIZER_FILES} & files
+    with open(hub_api.hf_hub_download(hub_repo_id, "last-checkpoint/trainer_state.json"), encoding="utf-8") as f:
+        assert json.load(f)["global_step"] == STOP_AT
+
+    # A new process with an empty cache, resuming from the Hub URL (revision and subfolder in it).
+    fresh_env = client_env(hub_server.endpoint, tmp_path / "hf_home_fresh", token=hub_server.token)
+    url = f"hf://{hub_repo_id}@main/last-checkpoint"
+    log = wait_ok(run_script_subprocess(script_args(tmp_path / "resumed", "--resume_from_checkpoint", url), fresh_env))
+    assert f"Resuming from {url}" in log
+    assert_bitwise_equal(weights(tmp_path / "resumed"), weights(tmp_path / "reference"))
+    assert logged_lrs(tmp_path / "resumed") == logged_lrs(tmp_path / "reference")
+
+
+def test_deepspeed_and_fsdp_keep_transformers_checkpointing(tmp_path, monkeypatch, caplog):
+    """Under FSDP (or DeepSpeed) the base methods run, with a warning; nothing is written by hf_optim."""
+    calls = []
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", lambda self, d: calls.append(("save", d)))
+    monkeypatch.setattr(transformers.Trainer, "_load_optimizer_and_scheduler", lambda self, d: calls.append(("load", d)))
+    model = train_script.BertForSequenceClassification(
+        train_script.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                intermediate_size=16)
+    )
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], optim="adamw_hf")
+    trainer = hf_optim.Trainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    with caplog.at_level(logging.WARNING):
+        trainer._save_optimizer_and_scheduler(str(tmp_path / "ckpt"))
+        trainer._load_optimizer_and_scheduler(str(tmp_path / "ckpt"))
+    assert calls == [("save", str(tmp_path / "ckpt")), ("load", str(tmp_path / "ckpt"))]
+    assert not (tmp_path / "ckpt").exists()
+    assert any("FSDP" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,209 @@
+"""push_state_to_hub / load_state from the Hub, through the local Hub server over real HTTP.
+
+References: the pushed optimizer's own ``state_dict()``, the repository's file list and commit history as the
+server reports them through ``huggingface_hub.HfApi``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import textwrap
+
+import pytest
+import torch
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+import hf_optim
+from hf_optim import OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, load_state, push_state_to_hub
+from hf_optim.hub import download_checkpoint, parse_hf_url
+from hf_optim.hub_server.testing import bind_listen_socket, client_env, endpoint_of, run_python
+
+
+def setup(hidden: int = 8, steps: int = 3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Linear(hidden, 2))
+    opt = hf_optim.AdamW(model.named_parameters(), lr=1e-2)
+    sched = hf_optim.get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=10)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(5, 4, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return model, opt, sched
+
+
+def assert_same(a, b) -> None:
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_push_then_load(hub_api, hub_repo_id):
+    _, opt, sched = setup()
+    info = push_state_to_hub(hub_repo_id, opt, sched, commit_message="state at step 3")
+    files = hub_api.list_repo_files(hub_repo_id)
+    assert {OPTIMIZER_NAME, SCHEDULER_NAME} <= set(files)
+    commits = hub_api.list_repo_commits(hub_repo_id)
+    assert commits[0].title == "state at step 3" and commits[0].commit_id == info.oid
+    assert len(commits) == 2  # repo creation + exactly one commit for the state
+
+    _, opt2, sched2 = setup(steps=0)
+    report = load_state(hub_repo_id, opt2, sched2)
+    assert report.complete and report.scheduler_loaded
+    assert_same(opt2.state_dict(), opt.state_dict())
+    assert_same(sched2.state_dict(), sched.state_dict())
+    # downloaded into the normal HF cache
+    assert os.path.realpath(report.source).startswith(os.path.realpath(os.environ["HF_HOME"]))
+
+
+def test_revision_and_subfolder(hub_api, hub_repo_id):
+    _, opt, sched = setup()
+    push_state_to_hub(hub_repo_id, opt, sched, revision="run-1", subfolder="checkpoints/step-3")
+    assert "run-1" in [b.name for b in hub_api.list_repo_refs(hub_repo_id).branches]
+    assert not [f for f in hub_api.list_repo_files(hub_repo_id) if "step-3" in f]  # main untouched
+    files = hub_api.list_repo_files(hub_repo_id, revision="run-1")
+    assert f"checkpoints/step-3/{OPTIMIZER_NAME}" in files
+
+    _, opt2, sched2 = setup(steps=0)
+    load_state(hub_repo_id, opt2, sched2, revision="run-1", subfolder="checkpoints/step-3")
+    assert_same(opt2.state_dict(), opt.state_dict())
+
+    _, opt3, sched3 = setup(steps=0)
+    load_state(f"hf://{hub_repo_id}@run-1/checkpoints/step-3", opt3, sched3)
+    assert_same(opt3.state_dict(), opt.state_dict())
+
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(FileNotFoundError, match=r"no optimizer state in subfolder 'checkpoints/step-3'"):
+        load_state(hub_repo_id, opt2, sched2, subfolder="checkpoints/step-3")  # main has no such state
+    assert_same(opt2.state_dict(), before)
+
+
+def test_second_push_removes_stale_shards_in_one_commit(hub_api, hub_repo_id):
+    _, opt, sched = setup(hidden=64)
+    push_state_to_hub(hub_repo_id, opt, sched, max_shard_size=1000)
+    shards = [f for f in hub_api.list_repo_files(hub_repo_id) if f.startswith("optimizer-")]
+    assert len(shards) >= 3 and OPTIMIZER_INDEX_NAME in hub_api.list_repo_files(hub_repo_id)
+
+    _, opt, sched = setup(hidden=64, steps=4)
+    push_state_to_hub(hub_repo_id, opt, sched)  # fits in one file now
+    files = hub_api.list_repo_files(hub_repo_id)
+    assert OPTIMIZER_NAME in files and OPTIMIZER_INDEX_NAME not in files
+    assert not [f for f in files if f.startswith("optimizer-")]
+    assert len(hub_api.list_repo_commits(hub_repo_id)) == 3
+    _, opt2, sched2 = setup(hidden=64, steps=0)
+    load_state(hub_repo_id, opt2, sched2)
+    assert_same(opt2.state_dict(), opt.state_dict())
+
+
+def test_create_pr(hub_api, hub_repo_id):
+    _, opt, sched = setup()
+    push_state_to_hub(hub_repo_id, opt, sched)
+    _, opt_b, sched_b = setup(steps=5)
+    info = push_state_to_hub(hub_repo_id, opt_b, sched_b, create_pr=True)
+    assert info.pr_num is not None
+    _, opt2, sched2 = setup(steps=0)
+    load_state(hub_repo_id, opt2, sched2)  # main still has the first state
+    assert_same(opt2.state_dict(), opt.state_dict())
+    load_state(hub_repo_id, opt2, sched2, revision=f"refs/pr/{info.pr_num}")
+    assert_same(opt2.state_dict(), opt_b.state_dict())
+
+
+def test_private_repo(hub_api, hub_repo_id):
+    _, opt, _ = setup()
+    push_state_to_hub(hub_repo_id, opt, private=True)
+    assert hub_api.repo_info(hub_repo_id).private is True
+
+
+def test_missing_repo_revision_and_file(hub_api, hub_repo_id):
+    _, opt, sched = setup()
+    before = (copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict()))
+    with pytest.raises(RepositoryNotFoundError, match=hub_repo_id):
+        load_state(hub_repo_id, opt, sched)
+    hub_api.create_repo(hub_repo_id)
+    with pytest.raises(FileNotFoundError, match=rf"{hub_repo_id} \(revision main\) has no optimizer state"):
+        load_state(hub_repo_id, opt, sched)
+    with pytest.raises(RevisionNotFoundError, match="no-such-branch"):
+        load_state(hub_repo_id, opt, sched, revision="no-such-branch")
+    assert_same(opt.state_dict(), before[0])
+    assert_same(sched.state_dict(), before[1])
+
+
+def test_conflicting_url_and_arguments(hub_repo_id):
+    _, opt, _ = setup()
+    with pytest.raises(ValueError, match="revision='b' conflicts with 'a'"):
+        load_state(f"hf://{hub_repo_id}@a", opt, revision="b")
+    with pytest.raises(ValueError, match="subfolder"):
+        load_state(hub_repo_id, opt, subfolder="../up")
+
+
+def test_parse_hf_url():
+    assert parse_hf_url("hf://user/repo") == hf_optim.HfUrl("model", "user/repo", None, None)
+    assert parse_hf_url("hf://user/repo@v2/a/b") == hf_optim.HfUrl("model", "user/repo", "v2", "a/b")
+    assert parse_hf_url("hf://datasets/user/ds@refs/pr/3/ckpt") == hf_optim.HfUrl(
+        "dataset", "user/ds", "refs/pr/3", "ckpt"
+    )
+    assert parse_hf_url("hf://user/repo@refs%2Fheads%2Fx/sub").revision == "refs/heads/x"
+    with pytest.raises(ValueError, match="invalid hf:// URL"):
+        parse_hf_url("hf://only-one-part")
+    with pytest.raises(ValueError, match="bucket"):
+        parse_hf_url("hf://buckets/user/b/x")
+
+
+def test_offline_uses_the_cache(hub_server, hub_repo_id, tmp_path):
+    """A client with HF_HUB_OFFLINE=1 and an unreachable endpoint loads what an online client downloaded."""
+    _, opt, sched = setup()
+    push_state_to_hub(hub_repo_id, opt, sched, revision="v1", subfolder="s")
+    hf_optim.save_state(tmp_path / "expected", opt, sched)
+    hf_home = tmp_path / "client_home"
+    code = textwrap.dedent(
+        f"""
+        import torch, hf_optim
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        opt = hf_optim.AdamW(model.named_parameters(), lr=1e-2)
+        sched = hf_optim.get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=10)
+        hf_optim.load_state({hub_repo_id!r}, opt, sched, revision="v1", subfolder="s")
+        ref_opt = hf_optim.AdamW(model.named_parameters(), lr=1e-2)
+        ref_sched = hf_optim.get_scheduler("linear", ref_opt, num_warmup_steps=1, num_training_steps=10)
+        hf_optim.load_state({str(tmp_path / "expected")!r}, ref_opt, ref_sched)
+        a, b = opt.state_dict(), ref_opt.state_dict()
+        assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in b["state"] for k in b["state"][i])
+        assert a["param_groups"] == b["param_groups"] and sched.state_dict() == ref_sched.state_dict()
+        print("ok")
+        """
+    )
+    assert run_python(code, client_env(hub_server.endpoint, hf_home)).strip() == "ok"
+    sock = bind_listen_socket()  # a port nobody answers on (listening socket, never accepted)
+    try:
+        dead = endpoint_of(sock)
+        assert run_python(code, client_env(dead, hf_home, offline=True)).strip() == "ok"
+        # offline with an empty cache: a clear error, not a hang
+        with pytest.raises(
+            AssertionError,
+            match=rf"LocalEntryNotFoundError: the optimizer state of {hub_repo_id} "
+            r"\(revision v1, subfolder 's'\) is not in the local cache",
+        ):
+            run_python(code, client_env(dead, tmp_path / "empty_home", offline=True), timeout=120)
+    finally:
+        sock.close()
+
+
+def test_download_checkpoint_fetches_only_state_files(hub_api, hub_repo_id):
+    _, opt, sched = setup()
+    hub_api.create_repo(hub_repo_id)
+    hub_api.upload_file(path_or_fileobj=b"x" * 1000, path_in_repo="s/model.safetensors", repo_id=hub_repo_id)
+    push_state_to_hub(hub_repo_id, opt, sched, subfolder="s")
+    directory = download_checkpoint(hub_repo_id, subfolder="s")
+    assert sorted(os.listdir(directory)) == [OPTIMIZER_NAME, SCHEDULER_NAME]
