@@ -2,8 +2,9 @@
 
 Every Hub call goes through ``huggingface_hub`` (``HfApi.create_repo`` / ``create_branch`` / ``create_commit``,
 ``snapshot_download``), so ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, the cache layout and the progress
-bars behave as everywhere else in the ecosystem. Downloads fetch only the state files (optimizer, index,
-shards, scheduler, accumulator) of the requested subfolder.
+bars behave as everywhere else in the ecosystem. :func:`load_state` fetches only the state files (optimizer,
+index, shards, scheduler, accumulator) of the requested subfolder; :func:`download_checkpoint` fetches a whole
+checkpoint folder, for resuming a Trainer or Accelerate run.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
+    RepoFolder,
     parse_hf_uri,
     snapshot_download,
 )
-from huggingface_hub.errors import HfUriError, LocalEntryNotFoundError
+from huggingface_hub.errors import HfUriError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_optim.serialization import (
@@ -43,6 +45,7 @@ __all__ = ["HfUrl", "download_checkpoint", "parse_hf_url", "push_state_to_hub", 
 _SHARD_RE = re.compile(r"optimizer-\d{5}-of-\d{5}\.safetensors")
 _STATE_FILES = (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME, SCHEDULER_NAME, ACCUMULATOR_NAME)
 _REPO_TYPES = ("model", "dataset", "space")
+_EXTRA_OPTIMIZER_DIR = re.compile(r"optimizer_\d+")  # further optimizers of an Accelerate checkpoint
 
 
 @dataclass(frozen=True)
@@ -97,25 +100,15 @@ def _is_url(value: str) -> bool:
     return value.startswith(("hf://", "https://", "http://"))
 
 
-def _patterns(subfolder: str | None) -> list[str]:
+def _state_patterns(subfolder: str | None) -> list[str]:
     prefix = f"{subfolder}/" if subfolder else ""
     return [prefix + name for name in _STATE_FILES] + [f"{prefix}optimizer-?????-of-?????.safetensors"]
 
 
-def download_checkpoint(
-    repo_id_or_url: str,
-    subfolder: str | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    *,
-    repo_type: str | None = None,
-) -> str:
-    """Download the optimizer-state files of a Hub repo (subfolder) into the HF cache; return the local folder.
-
-    ``repo_id_or_url`` is ``"user/repo"`` or ``"hf://[datasets/]user/repo[@revision][/subfolder]"``. Only the
-    state files are fetched (``snapshot_download`` with ``allow_patterns``); with ``HF_HUB_OFFLINE=1`` the cached
-    copy is used.
-    """
+def _repo_location(
+    repo_id_or_url: str, subfolder: str | None, revision: str | None, repo_type: str | None
+) -> tuple[str, str | None, str | None, str | None]:
+    """``(repo_id, subfolder, revision, repo_type)`` from a repo id or an ``hf://`` URL plus explicit arguments."""
     repo_id = repo_id_or_url
     if _is_url(repo_id_or_url):
         url = parse_hf_url(repo_id_or_url)
@@ -128,18 +121,84 @@ def download_checkpoint(
             validate_repo_id(repo_id)
         except HFValidationError as err:
             raise ValueError(f"{repo_id!r} is not a local directory nor a valid Hub repo id: {err}") from None
-    subfolder = _clean_subfolder(subfolder)
+    return repo_id, _clean_subfolder(subfolder), revision, repo_type
+
+
+def _snapshot_folder(
+    repo_id: str,
+    subfolder: str | None,
+    revision: str | None,
+    repo_type: str | None,
+    token: str | bool | None,
+    allow_patterns: list[str],
+    what: str,
+) -> str:
+    where = f", subfolder {subfolder!r}" if subfolder else ""
     try:
         snapshot = snapshot_download(
-            repo_id, repo_type=repo_type, revision=revision, allow_patterns=_patterns(subfolder), token=token
+            repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns, token=token
         )
     except LocalEntryNotFoundError as err:
-        where = f", subfolder {subfolder!r}" if subfolder else ""
         raise LocalEntryNotFoundError(
-            f"the optimizer state of {repo_id} (revision {revision or 'main'}{where}) is not in the local cache "
+            f"the {what} of {repo_id} (revision {revision or 'main'}{where}) is not in the local cache "
             f"and cannot be downloaded: {err}"
         ) from err
-    directory = os.path.join(snapshot, *subfolder.split("/")) if subfolder else snapshot
+    return os.path.join(snapshot, *subfolder.split("/")) if subfolder else snapshot
+
+
+def _root_checkpoint_patterns(
+    repo_id: str, revision: str | None, repo_type: str | None, token: str | bool | None
+) -> list[str]:
+    """The repository root's files and ``optimizer_N/`` folders, not other folders (e.g. ``checkpoint-*``)."""
+    try:
+        entries = HfApi(token=token).list_repo_tree(
+            repo_id, revision=revision, repo_type=repo_type, recursive=False
+        )
+        return [
+            f"{entry.path}/*" if isinstance(entry, RepoFolder) else entry.path
+            for entry in entries
+            if not isinstance(entry, RepoFolder) or _EXTRA_OPTIMIZER_DIR.fullmatch(entry.path)
+        ]
+    except OfflineModeIsEnabled:
+        return ["*"]  # HF_HUB_OFFLINE=1: snapshot_download serves the cached snapshot
+
+
+def download_checkpoint(
+    repo_id_or_url: str,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    *,
+    repo_type: str | None = None,
+) -> str:
+    """Download a whole checkpoint folder from the Hub into the HF cache and return the local folder.
+
+    ``repo_id_or_url`` is ``"user/repo"`` or ``"hf://[datasets/]user/repo[@revision][/subfolder]"``. Everything
+    below ``subfolder`` is fetched (model weights, RNG and trainer state, optimizer state), so a plain
+    ``transformers.Trainer`` can ``train(resume_from_checkpoint=...)`` from the result. At the repository root,
+    its files and ``optimizer_N/`` folders are fetched, not other folders such as a run's ``checkpoint-*``.
+    With ``HF_HUB_OFFLINE=1`` the cached copy is used.
+    """
+    repo_id, subfolder, revision, repo_type = _repo_location(repo_id_or_url, subfolder, revision, repo_type)
+    if subfolder:
+        patterns = [f"{subfolder}/*"]  # fnmatch's "*" crosses "/": the whole folder
+    else:
+        patterns = _root_checkpoint_patterns(repo_id, revision, repo_type, token)
+    directory = _snapshot_folder(repo_id, subfolder, revision, repo_type, token, patterns, "checkpoint")
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        where = f"folder {subfolder!r}" if subfolder else "files at the repository root"
+        raise FileNotFoundError(f"{repo_id} (revision {revision or 'main'}) has no {where}")
+    return directory
+
+
+def _download_state(
+    repo_id_or_url: str, subfolder: str | None, revision: str | None, token: str | bool | None
+) -> str:
+    """Download only the optimizer-state files (optimizer, index, shards, scheduler, accumulator)."""
+    repo_id, subfolder, revision, repo_type = _repo_location(repo_id_or_url, subfolder, revision, None)
+    directory = _snapshot_folder(
+        repo_id, subfolder, revision, repo_type, token, _state_patterns(subfolder), "optimizer state"
+    )
     if not any(os.path.isfile(os.path.join(directory, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)):
         where = f"subfolder {subfolder!r}" if subfolder else "the repository root"
         raise FileNotFoundError(
@@ -161,7 +220,7 @@ def resolve_state_dir(
     if not isinstance(value, str):
         raise ValueError(f"path_or_repo_id must be a path, repo id or hf:// URL, got {path_or_repo_id!r}")
     if _is_url(value):
-        return download_checkpoint(value, subfolder=subfolder, revision=revision, token=token)
+        return _download_state(value, subfolder, revision, token)
     if os.path.isdir(value):
         if revision is not None:
             raise ValueError(
@@ -178,7 +237,7 @@ def resolve_state_dir(
         validate_repo_id(value)
     except HFValidationError:
         raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
-    return download_checkpoint(value, subfolder=subfolder, revision=revision, token=token)
+    return _download_state(value, subfolder, revision, token)
 
 
 def push_state_to_hub(

@@ -16,7 +16,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 
 import hf_optim
 from hf_optim import OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, load_state, push_state_to_hub
-from hf_optim.hub import download_checkpoint, parse_hf_url
+from hf_optim.hub import download_checkpoint, parse_hf_url, resolve_state_dir
 from hf_optim.hub_server.testing import bind_listen_socket, client_env, endpoint_of, run_python
 
 
@@ -200,10 +200,23 @@ def test_offline_uses_the_cache(hub_server, hub_repo_id, tmp_path):
         sock.close()
 
 
-def test_download_checkpoint_fetches_only_state_files(hub_api, hub_repo_id):
+def test_load_state_fetches_only_state_files_and_download_checkpoint_the_folder(hub_api, hub_repo_id):
     _, opt, sched = setup()
     hub_api.create_repo(hub_repo_id)
-    hub_api.upload_file(path_or_fileobj=b"x" * 1000, path_in_repo="s/model.safetensors", repo_id=hub_repo_id)
+    for path in ("s/model.safetensors", "s/extra/notes.txt", "top.txt", "other/model.safetensors"):
+        hub_api.upload_file(path_or_fileobj=path.encode() * 100, path_in_repo=path, repo_id=hub_repo_id)
     push_state_to_hub(hub_repo_id, opt, sched, subfolder="s")
-    directory = download_checkpoint(hub_repo_id, subfolder="s")
-    assert sorted(os.listdir(directory)) == [OPTIMIZER_NAME, SCHEDULER_NAME]
+    state_dir = resolve_state_dir(hub_repo_id, subfolder="s")
+    assert sorted(os.listdir(state_dir)) == [OPTIMIZER_NAME, SCHEDULER_NAME]
+
+    directory = download_checkpoint(f"hf://{hub_repo_id}/s")
+    files = sorted(os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory) for f in fs)
+    assert files == ["extra/notes.txt", "model.safetensors", OPTIMIZER_NAME, SCHEDULER_NAME]
+    with open(os.path.join(directory, "extra", "notes.txt"), "rb") as f:
+        assert f.read() == b"s/extra/notes.txt" * 100
+
+    root = download_checkpoint(hub_repo_id)  # the root's own files, not its folders
+    assert os.path.isfile(os.path.join(root, "top.txt"))
+    assert not os.path.exists(os.path.join(root, "other"))
+    with pytest.raises(FileNotFoundError, match="has no folder 'nope'"):
+        download_checkpoint(hub_repo_id, subfolder="nope")
