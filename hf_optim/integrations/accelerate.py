@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -38,7 +37,7 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hf_optim.hub import parse_hf_url, resolve_state_dir
+from hf_optim.hub import download_checkpoint, resolve_state_dir
 from hf_optim.serialization import OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME, load_state, save_state
 
 __all__ = [
@@ -55,7 +54,6 @@ logger = logging.getLogger(__name__)
 _MODEL_STEM = "model"
 # The state of the i-th prepared optimizer (i > 0) goes into this sub-folder of the checkpoint.
 _EXTRA_OPTIMIZER_DIR = "optimizer_{}"
-_EXTRA_OPTIMIZER_RE = re.compile(r"optimizer_\d+")
 
 _NO_GRADIENT_ACCESS = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 _SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.FSDP)
@@ -344,70 +342,11 @@ def accelerate_load_state(
 def _checkpoint_dir(
     path_or_repo_id: str | os.PathLike[str], *, revision: str | None, subfolder: str | None, token: str | bool | None
 ) -> str:
-    """The local checkpoint folder: a local path as is, else the folder downloaded from the Hub.
-
-    Unlike ``hf_optim.hub.resolve_state_dir``, which fetches only the optimizer-state files, this fetches the
-    whole checkpoint folder (model weights, RNG states, ...): its files and its ``optimizer_N/`` sub-folders,
-    not other sub-folders (a repo root holding ``checkpoint-*`` folders does not download all of them).
-    """
+    """The local checkpoint folder: a local path as is, else the whole folder downloaded from the Hub."""
     value = os.fspath(path_or_repo_id)
-    is_url = value.startswith(("hf://", "https://", "http://"))
-    if not is_url and os.path.exists(value):
+    if not value.startswith(("hf://", "https://", "http://")) and os.path.exists(value):
         return resolve_state_dir(value, revision=revision, subfolder=subfolder, token=token)  # local folder checks
-
-    from huggingface_hub import HfApi, RepoFolder, snapshot_download
-    from huggingface_hub.errors import OfflineModeIsEnabled
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    repo_id, repo_type = value, None
-    if is_url:
-        url = parse_hf_url(value)
-        repo_id, repo_type = url.repo_id, url.repo_type
-        revision = _merge_url_part("revision", revision, url.revision, value)
-        subfolder = _merge_url_part("subfolder", _clean_subfolder(subfolder), url.subfolder, value)
-    else:
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError:
-            raise FileNotFoundError(
-                f"path_or_repo_id: {value!r} is neither a local folder nor a Hub repo id / hf:// URL"
-            ) from None
-    sub = _clean_subfolder(subfolder)
-    prefix = f"{sub}/" if sub else ""
-    try:
-        entries = HfApi().list_repo_tree(
-            repo_id, path_in_repo=sub, revision=revision, repo_type=repo_type, token=token, recursive=False
-        )
-        patterns = []
-        for entry in entries:
-            if not isinstance(entry, RepoFolder):
-                patterns.append(entry.path)
-            elif _EXTRA_OPTIMIZER_RE.fullmatch(entry.path.rsplit("/", 1)[-1]):
-                patterns.append(f"{entry.path}/*")
-    except OfflineModeIsEnabled:
-        patterns = [f"{prefix}*"]  # HF_HUB_OFFLINE=1: served from the cache
-    snapshot = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns, token=token)
-    directory = os.path.join(snapshot, *sub.split("/")) if sub else snapshot
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"path_or_repo_id: {repo_id} (revision {revision or 'main'}) has no folder {sub!r}")
-    return directory
-
-
-def _clean_subfolder(subfolder: str | None) -> str | None:
-    if subfolder is None:
-        return None
-    if not isinstance(subfolder, str):
-        raise ValueError(f"subfolder must be a string, got {type(subfolder).__name__}")
-    cleaned = subfolder.replace("\\", "/").strip("/")
-    if any(part in ("", ".", "..") for part in cleaned.split("/")) and cleaned:
-        raise ValueError(f"subfolder must be a relative path inside the repository, got {subfolder!r}")
-    return cleaned or None
-
-
-def _merge_url_part(name: str, explicit: str | None, from_url: str | None, url: str) -> str | None:
-    if explicit is not None and from_url is not None and explicit != from_url:
-        raise ValueError(f"{name}={explicit!r} conflicts with {from_url!r} in {url!r}")
-    return explicit if explicit is not None else from_url
+    return download_checkpoint(value, subfolder=subfolder, revision=revision, token=token)
 
 
 def _check_checkpoint_support(accelerator: Accelerator, function: str) -> None:
