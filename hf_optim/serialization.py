@@ -278,14 +278,53 @@ def _write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    with open(path, "wb", buffering=0) as f:
+        written = flushed = _write_all(f, struct.pack("<Q", len(raw)) + raw)
         for _, tensor in items:
-            f.write(_as_bytes(tensor))
+            data = _as_bytes(tensor)
+            for start in range(0, len(data), _WRITEBACK_CHUNK):
+                written += _write_all(f, data[start : start + _WRITEBACK_CHUNK])
+                if fsync and written - flushed >= _WRITEBACK_CHUNK:
+                    # let the disk start on what is written while we write the rest: fsync then waits less
+                    _start_writeback(f.fileno(), flushed, written - flushed)
+                    flushed = written
         if fsync:
-            f.flush()
             os.fsync(f.fileno())
+
+
+def _write_all(f: Any, data: bytes | memoryview) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:])
+    return done
+
+
+_WRITEBACK_CHUNK = 64 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux ``sync_file_range(2)`` (starts writeback of a byte range without waiting), if available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -403,13 +442,19 @@ def _load_json_metadata(raw: Any, label: str, kind: str) -> dict[str, Any]:
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer, looking through wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    """The torch optimizer, looking through wrappers such as accelerate's ``AcceleratedOptimizer``.
+
+    Wrappers (themselves ``Optimizer`` subclasses in accelerate's case) keep the real one in ``.optimizer``.
+    """
     inner = optimizer
-    for _ in range(4):
-        if isinstance(inner, torch.optim.Optimizer):
-            return inner
-        inner = getattr(inner, "optimizer", None)
-    raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    for _ in range(8):
+        wrapped = getattr(inner, "optimizer", None)
+        if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is inner:
+            break
+        inner = wrapped
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return inner
 
 
 def _unwrap_scheduler(scheduler: Any) -> Any:
@@ -421,17 +466,9 @@ def _unwrap_scheduler(scheduler: Any) -> Any:
 
 
 def _registry_name(optimizer: torch.optim.Optimizer) -> str | None:
-    name = getattr(optimizer, "hf_optim_name", None)
-    if isinstance(name, str):
-        return name
-    try:
-        from hf_optim.registry import optimizer_name
-    except ImportError:  # pragma: no cover - the registry is part of the package
-        return None
-    try:
-        return optimizer_name(optimizer)
-    except Exception:  # a user registry listener should never break saving
-        return None
+    from hf_optim.registry import optimizer_name  # the registry imports optimizers: import late
+
+    return optimizer_name(optimizer)
 
 
 @dataclass
@@ -1363,6 +1400,15 @@ def load_state(
 
     directory = resolve_state_dir(path_or_repo_id, revision=revision, subfolder=subfolder, token=token)
     opt = _unwrap_optimizer(optimizer)
+    try:
+        return _load(directory, opt, scheduler, accumulator, strict)
+    except RecursionError:
+        raise CheckpointError(f"the metadata in {directory} is nested too deeply (corrupted?)") from None
+
+
+def _load(
+    directory: str, opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any, strict: bool
+) -> LoadReport:
     ckpt = _read_checkpoint(directory)
     notes: list[str] = []
     live_sd = opt.state_dict()
@@ -1420,9 +1466,12 @@ def load_state(
     old_sched = copy.deepcopy(inner_sched.state_dict()) if sched_state is not None else None
     try:
         opt.load_state_dict(new_sd)
-        _restore_saved_dtypes(opt, plan, saved_values)
+        _restore_saved_dtypes(opt, saved_values)
         if sched_state is not None:
-            inner_sched.load_state_dict(copy.deepcopy(sched_state))
+            # hf_optim_config describes the live scheduler's function: keep it (the kwargs were compared above)
+            inner_sched.load_state_dict(
+                {k: copy.deepcopy(v) for k, v in sched_state.items() if k != "hf_optim_config"}
+            )
         if acc_state is not None:
             accumulator.load_state_dict(acc_state)
     except BaseException:
@@ -1447,9 +1496,7 @@ def load_state(
     )
 
 
-def _restore_saved_dtypes(
-    opt: torch.optim.Optimizer, plan: Mapping[int, str], saved_values: Mapping[int, dict[str, Any]]
-) -> None:
+def _restore_saved_dtypes(opt: torch.optim.Optimizer, saved_values: Mapping[int, dict[str, Any]]) -> None:
     """Undo torch's cast of floating state to the parameter dtype: the state keeps the dtype it was saved with."""
     params = [p for group in opt.param_groups for p in group["params"]]
     for index, values in saved_values.items():
@@ -1501,7 +1548,7 @@ def has_state(directory: str | os.PathLike[str]) -> bool:
         ckpt = _read_checkpoint(os.fspath(directory))
         for kind in ("scheduler", "accumulator"):
             ckpt.companion(kind)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return True
 
@@ -1517,6 +1564,13 @@ def inspect_state(
     from hf_optim.hub import resolve_state_dir
 
     directory = resolve_state_dir(path_or_repo_id, revision=revision, subfolder=subfolder, token=token)
+    try:
+        return _inspect(directory)
+    except RecursionError:
+        raise CheckpointError(f"the metadata in {directory} is nested too deeply (corrupted?)") from None
+
+
+def _inspect(directory: str) -> StateInfo:
     ckpt = _read_checkpoint(directory)
     meta = ckpt.meta
     groups = []

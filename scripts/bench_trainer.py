@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the transformers integration: Trainer step time, checkpoint save time, start-up hook cost.
 
-1. ``train``: ``Trainer.train()`` wall time (``train_runtime``) with ``optim="adamw_hf"`` (and
-   ``adam_weight_decay``) vs ``optim="adamw_torch_fused"`` on the same BERT model, data and steps.
+1. ``train``: Trainer step time (median over steps, forward + backward + optimizer + scheduler) with
+   ``optim="adamw_hf"`` (and ``adam_weight_decay``) vs ``optim="adamw_torch_fused"``, same BERT model, data, steps.
    Target: adamw_hf <= 1.02x adamw_torch_fused.
 2. ``save``: writing a checkpoint's optimizer + scheduler state, ``hf_optim.Trainer`` (``optimizer.safetensors``
    + ``scheduler.json``) vs stock ``transformers.Trainer`` (``optimizer.pt`` + ``scheduler.pt``), and the whole
@@ -31,7 +31,13 @@ import time
 from typing import Any
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    PrinterCallback,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers import Trainer as TransformersTrainer
 from transformers.utils import logging as hf_logging
 
@@ -69,19 +75,37 @@ def training_args(output_dir: str, optim: str, steps: int, batch: int) -> Traini
     )
 
 
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, optimizer, scheduler), from step begin to end."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._start)
+
+
 def bench_train(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    """Median step time over all runs (each run's first 2 steps and one warm-up run per optimizer dropped)."""
     optims = ["adamw_torch_fused", "adamw_hf", "adam_weight_decay"]
     data = RandomTokens(args.steps * args.batch, args.seq_len, args.vocab_size)
     times: dict[str, list[float]] = {o: [] for o in optims}
-    for r in range(args.repeats):
+    for r in range(args.repeats + 1):
         order = optims if r % 2 == 0 else optims[::-1]
         for optim in order:
+            timer = StepTimer()
             trainer = TransformersTrainer(
                 model=make_model(args), args=training_args(workdir, optim, args.steps, args.batch),
-                train_dataset=data,
+                train_dataset=data, callbacks=[timer],
             )
-            result = trainer.train()
-            times[optim].append(result.metrics["train_runtime"] / args.steps)
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            if r > 0:  # run 0 warms up allocator, kernels and caches
+                times[optim].extend(timer.durations[2:])
     base = statistics.median(times["adamw_torch_fused"])
     rows = {o: {"ms_per_step": 1000 * statistics.median(t), "ratio": statistics.median(t) / base}
             for o, t in times.items()}
@@ -89,11 +113,36 @@ def bench_train(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     return {"params": n_params, "steps": args.steps, "repeats": args.repeats, "rows": rows}
 
 
+def bench_optimizer_step(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    """``optimizer.step()`` alone, optimizers built by Trainer (its groups, TrainingArguments mapping), same grads."""
+    optims = ["adamw_torch_fused", "adamw_hf", "adam_weight_decay"]
+    model = make_model(args)
+    optimizers = {}
+    for optim in optims:
+        trainer = TransformersTrainer(model=model, args=training_args(workdir, optim, 1, args.batch))
+        optimizers[optim] = trainer.create_optimizer()
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    times: dict[str, list[float]] = {o: [] for o in optims}
+    with torch.no_grad():
+        for r in range(10 * args.repeats + 3):
+            order = optims if r % 2 == 0 else optims[::-1]
+            for optim in order:
+                start = time.perf_counter()
+                optimizers[optim].step()
+                if r >= 3:
+                    times[optim].append(time.perf_counter() - start)
+    base = statistics.median(times["adamw_torch_fused"])
+    return {o: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base} for o, t in times.items()}
+
+
 def _trained(trainer_cls: type, args: argparse.Namespace, workdir: str) -> Any:
     data = RandomTokens(2 * args.batch, args.seq_len, args.vocab_size)
     trainer = trainer_cls(
         model=make_model(args), args=training_args(workdir, "adamw_hf", 2, args.batch), train_dataset=data
     )
+    trainer.remove_callback(PrinterCallback)
     trainer.train()  # optimizer state exists now
     return trainer
 
@@ -166,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hf_optim_bench_") as workdir:
         if "train" in parts:
             results["train"] = bench_train(args, workdir)
+            results["optimizer_step"] = bench_optimizer_step(args, workdir)
         if "save" in parts:
             results["save"] = bench_save(args, workdir)
     if "startup" in parts:
@@ -176,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "train" in results:
         r = results["train"]
-        print(f"\nTrainer.train(): BERT {r['params'] / 1e6:.1f}M params, {r['steps']} steps, median of {r['repeats']}")
+        print(f"\nTrainer step: BERT {r['params'] / 1e6:.1f}M params, median step of {r['repeats']} x {r['steps']} steps")
         print(f"{'optim':<22}{'ms/step':>10}{'vs fused':>10}")
         for name, row in r["rows"].items():
             print(f"{name:<22}{row['ms_per_step']:>10.1f}{row['ratio']:>9.3f}x")
+    if "optimizer_step" in results:
+        print("\noptimizer.step() alone (optimizers built by Trainer, same gradients)")
+        print(f"{'optim':<22}{'ms/step':>10}{'vs fused':>10}")
+        for name, row in results["optimizer_step"].items():
+            print(f"{name:<22}{row['ms']:>10.2f}{row['ratio']:>9.3f}x")
     if "save" in results:
         r = results["save"]
         print(f"\nCheckpoint save ({r['optimizer_state_mb']:.0f} MB optimizer state)")

@@ -88,7 +88,11 @@ def test_killed_saves_leave_a_loadable_checkpoint(tmp_path):
         try:
             first = child.stdout.readline()  # a first complete save, then kill at a random moment
             assert first.strip() == str(start), f"child failed: {first!r}"
-            time.sleep(rng.uniform(0.0, 1.0))
+            time.sleep(rng.uniform(0.0, 0.3))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(n.endswith(".tmp") for n in os.listdir(directory)):
+                time.sleep(0.002)  # wait until a save is writing its temporary files ...
+            time.sleep(rng.uniform(0.0, 0.15))  # ... then kill somewhere in writing, renaming or cleaning up
             child.send_signal(signal.SIGKILL)
         finally:
             child.kill()

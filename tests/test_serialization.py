@@ -820,3 +820,65 @@ def test_save_interrupted_at_each_rename_leaves_a_loadable_checkpoint(
         assert _equal_state(got, old) or _equal_state(got, new), f"interrupted after {k} renames: mixed state"
         k += 1
     assert k >= 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# wrappers and the chunked writer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_accelerate_wrappers_are_looked_through(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    train(model, opt, sched, batches(11, 2))
+    expected = snapshot(opt.optimizer, sched.scheduler)
+    save_state(tmp_path, opt, sched)
+    info = hf_optim.inspect_state(tmp_path)
+    assert info.optimizer_class == "torch.optim.adamw.AdamW" and info.scheduler_name == "cosine"
+    # saved from wrapped objects, loaded into plain ones (and the other way round)
+    _, opt2, sched2 = make_setup(OPTIMIZERS["torch_adamw"])
+    load_state(tmp_path, opt2, sched2)
+    assert_same_value(snapshot(opt2, sched2), expected, "plain")
+    save_state(tmp_path / "plain", opt2, sched2)
+    model3, opt3, sched3 = make_setup(OPTIMIZERS["torch_adamw"])
+    model3, opt3, sched3 = accelerator.prepare(model3, opt3, sched3)
+    load_state(tmp_path / "plain", opt3, sched3)
+    assert_same_value(snapshot(opt3.optimizer, sched3.scheduler), expected, "wrapped")
+
+
+def test_chunked_writes_with_writeback(tmp_path, monkeypatch):
+    monkeypatch.setattr(ser, "_WRITEBACK_CHUNK", 1000)  # many chunks, each followed by a writeback request
+    tensors = {k: v.contiguous() for k, v in sample_tensors().items()}
+    tensors["big"] = torch.randn(3001)
+    path = str(tmp_path / "chunked.safetensors")
+    ser._write_safetensors(path, list(tensors.items()), {"a": "b"}, fsync=True)
+    loaded = safetensors.torch.load_file(path)
+    for k, t in tensors.items():
+        assert_same_value(loaded[k], t, k)
+
+
+def test_scheduler_with_other_arguments_loads_its_position_and_keeps_its_config(saved):
+    _model, opt, _, acc = target()
+    sched = hf_optim.get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=40)
+    report = load_state(saved, opt, sched, acc)
+    assert any("num_training_steps" in note for note in report.notes)
+    assert sched.hf_optim_config["kwargs"]["num_training_steps"] == 40
+    assert sched.last_epoch == 2  # 5 micro-steps with micro=2: 2 optimizer steps
+
+
+def test_deeply_nested_metadata_is_a_clear_error(saved):
+    deep = "[" * 5000 + "]" * 5000
+    path = saved / OPTIMIZER_NAME
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in list(f.keys())}
+    md["hf_optim"] = md["hf_optim"].replace(
+        '"hyperparameters": {', '"hyperparameters": {"deep": ' + deep + ", ", 1
+    )
+    md["hf_optim"] = md["hf_optim"].replace(
+        '"hyperparameters":{', '"hyperparameters":{"deep":' + deep + ",", 1
+    )
+    safetensors.torch.save_file(tensors, str(path), metadata=md)
+    assert_load_fails_unchanged(saved, target(), "nested too deeply", CheckpointError)

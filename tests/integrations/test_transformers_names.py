@@ -241,6 +241,28 @@ def test_optimizer_registered_later_reaches_trainer(tmp_path):
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
 
 
+def test_function_factory_gets_trainer_grouping(tmp_path):
+    """A registered factory *function* goes through transformers' factory protocol; groups follow Trainer's rule."""
+    name = f"test_factory_{uuid.uuid4().hex[:8]}"
+
+    def sgd_factory(params, lr=1e-3, weight_decay=0.0, momentum=0.0):
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+
+    hf_optim.register_optimizer(name, sgd_factory)
+    model = tiny_bert()
+    args = training_args(tmp_path, optim=name, learning_rate=0.2, weight_decay=0.3, optim_args="momentum=0.5")
+    optimizer = HFTrainer(model=model, args=args).create_optimizer()
+    assert type(optimizer) is torch.optim.SGD
+    assert hf_optim.optimizer_name(optimizer) == name
+    named = dict(model.named_parameters())
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    assert by_decay == {
+        0.3: {id(p) for n, p in named.items() if not no_decay_by_bert_naming(n)},
+        0.0: {id(p) for n, p in named.items() if no_decay_by_bert_naming(n)},
+    }
+    assert all(g["lr"] == 0.2 and g["momentum"] == 0.5 for g in optimizer.param_groups)
+
+
 def test_schedule_registered_later_becomes_lr_scheduler_type(tmp_path):
     name = f"test_halving_{uuid.uuid4().hex[:8]}"
 
@@ -327,6 +349,15 @@ print(json.dumps({
 """
 
 
+IMPORT_HF_OPTIM = """
+import json, sys
+import hf_optim
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "accelerate"))
+import transformers
+print(json.dumps({"before": before, "lazy_trainer": transformers.Trainer in hf_optim.Trainer.__mro__}))
+"""
+
+
 class FreshInterpreters:
     """Starts every fresh-interpreter check at once (they mostly wait on imports) and hands out the results."""
 
@@ -343,6 +374,7 @@ class FreshInterpreters:
             "never-raises": (["-c", NEVER_RAISES], True),
             "hook-state": (["-c", HOOK_STATE], True),
             "hook-state-disabled": (["-c", HOOK_STATE], False),
+            "import-hf_optim": (["-c", IMPORT_HF_OPTIM], True),
         }
         self._processes = {name: start_python(args, autoload=autoload, cwd=directory)
                            for name, (args, autoload) in cases.items()}
@@ -400,6 +432,12 @@ def test_startup_hook_never_raises(fresh):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "NOT-REGISTERED"
     assert "Traceback" not in result.stderr
+
+
+def test_import_hf_optim_does_not_import_transformers(fresh):
+    result = fresh["import-hf_optim"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"before": [], "lazy_trainer": True}
 
 
 def test_install_puts_the_hook_in_site_packages():

@@ -136,6 +136,25 @@ def test_exact_resume_from_local_checkpoint(uninterrupted, interrupted):
     assert logged_lrs(interrupted) == logged_lrs(uninterrupted)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--optim", "adam_weight_decay", "--optim_args", "amsgrad=true,clipnorm=1.0",
+         "--lr_scheduler_type", "cosine_with_restarts"],
+        ["--optim", "adamw_torch_fused", "--lr_scheduler_type", "linear"],
+    ],
+    ids=["adam_weight_decay", "adamw_torch_fused"],
+)
+def test_exact_resume_other_optimizers(tmp_path, options):
+    """Keras AdamWeightDecay (amsgrad state, clipping, iteration count) and torch's own AdamW resume exactly too."""
+    train_script.main(script_args(tmp_path / "reference", *options))
+    train_script.main(script_args(tmp_path / "run", *options, "--stop_after_step", str(STOP_AT)))
+    checkpoint = tmp_path / "run" / f"checkpoint-{STOP_AT}"
+    assert set(os.listdir(checkpoint)) >= STATE_FILES
+    train_script.main(script_args(tmp_path / "run", *options, "--resume_from_checkpoint", str(checkpoint)))
+    assert_bitwise_equal(weights(tmp_path / "run"), weights(tmp_path / "reference"))
+
+
 def test_stock_trainer_cannot_resume_optimizer_from_safetensors(uninterrupted, interrupted, tmp_path):
     """Negative control: transformers.Trainer skips optimizer.safetensors silently, so the result differs."""
     checkpoint = interrupted / f"checkpoint-{STOP_AT}"

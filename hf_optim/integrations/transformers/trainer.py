@@ -56,32 +56,13 @@ def _unwrap(optimizer: Any) -> Any:
 
 
 def download_trainer_checkpoint(url: str, token: str | bool | None = None) -> str:
-    """Download a whole Trainer checkpoint folder (``hf://USER/REPO[@REVISION]/SUBFOLDER``) into the HF cache.
+    """Download a Trainer checkpoint folder (``hf://USER/REPO[@REVISION]/SUBFOLDER``) with
+    :func:`hf_optim.download_checkpoint` and check that it is one (``trainer_state.json``); return the folder."""
+    from hf_optim.hub import download_checkpoint
 
-    Trainer needs every file of the folder (model weights, ``trainer_state.json``, ``rng_state.pth``, optimizer
-    and scheduler state), so the subfolder is fetched with ``huggingface_hub.snapshot_download``; without a
-    subfolder only the repository's top-level files are. Returns the local folder.
-    """
-    from huggingface_hub import snapshot_download
-
-    from hf_optim.hub import parse_hf_url
-
-    parsed = parse_hf_url(url)
-    subfolder = parsed.subfolder
-    snapshot = snapshot_download(
-        parsed.repo_id,
-        repo_type=parsed.repo_type,
-        revision=parsed.revision,
-        allow_patterns=[f"{subfolder}/*"] if subfolder else None,
-        ignore_patterns=None if subfolder else ["*/*"],
-        token=token,
-    )
-    directory = os.path.join(snapshot, *subfolder.split("/")) if subfolder else snapshot
+    directory = download_checkpoint(url, token=token)
     if not os.path.isfile(os.path.join(directory, TRAINER_STATE_NAME)):
-        raise FileNotFoundError(
-            f"{url} is not a Trainer checkpoint: no {TRAINER_STATE_NAME} in "
-            f"{parsed.repo_id}@{parsed.revision or 'main'}/{subfolder or ''}"
-        )
+        raise FileNotFoundError(f"{url} is not a Trainer checkpoint: no {TRAINER_STATE_NAME} in it ({directory})")
     return directory
 
 
