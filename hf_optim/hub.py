@@ -274,9 +274,7 @@ def push_state_to_hub(
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     prefix = f"{subfolder}/" if subfolder else ""
     with tempfile.TemporaryDirectory(prefix="hf_optim-push-") as tmp:
-        written = save_state(
-            tmp, optimizer, scheduler, accumulator, max_shard_size=max_shard_size, fsync=False
-        )
+        written = save_state(tmp, optimizer, scheduler, accumulator, max_shard_size=max_shard_size)
         names = [os.path.basename(path) for path in written]
         existing = api.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
         stale = []

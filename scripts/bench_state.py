@@ -4,7 +4,7 @@
     python scripts/bench_state.py                      # 100M elements per moment (~800 MB of state)
     python scripts/bench_state.py --numel 10_000_000 --repeats 5 --json
 
-Save: ``save_state`` (default, with fsync; and ``fsync=False``) vs ``torch.save(optimizer.state_dict())`` (and
+Save: ``save_state`` (default, no fsync; and ``fsync=True``) vs ``torch.save(optimizer.state_dict())`` (and
 ``torch.save`` + fsync, for an apples-to-apples durable save), interleaved, median of ``--repeats``.
 Load: each measurement runs in a fresh subprocess that builds the model and a fresh optimizer, then times
 ``load_state`` vs ``torch.load(weights_only=True)`` + ``optimizer.load_state_dict`` and records the peak RSS
@@ -131,7 +131,7 @@ def main() -> None:
 
     saves = {
         "save_state": lambda: hf_optim.save_state(ckpt, opt),
-        "save_state(fsync=False)": lambda: hf_optim.save_state(ckpt, opt, fsync=False),
+        "save_state(fsync=True)": lambda: hf_optim.save_state(ckpt, opt, fsync=True),
         "torch.save": torch_save,
         "torch.save + fsync": torch_save_fsync,
     }
@@ -177,9 +177,7 @@ def main() -> None:
         "load_peak_extra_bytes": load_peak,
         "ratios": {
             "save_state / torch.save": save_median["save_state"] / save_median["torch.save"],
-            "save_state(fsync=False) / torch.save": save_median["save_state(fsync=False)"]
-            / save_median["torch.save"],
-            "save_state / (torch.save + fsync)": save_median["save_state"]
+            "save_state(fsync=True) / (torch.save + fsync)": save_median["save_state(fsync=True)"]
             / save_median["torch.save + fsync"],
             "load_state / (torch.load + load_state_dict)": load_median["load_state"]
             / load_median["torch.load + load_state_dict"],

@@ -133,3 +133,19 @@ def spawn_hub_server_factory(tmp_path):
         return spawn_hub_server(root if root is not None else tmp_path / f"hub-{next(counter)}", **kwargs)
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry():
+    """Entries a test registers (unique names, overwrites) are gone after it, so every test sees the builtins.
+
+    Restored in place: the dicts stay the same objects. Listeners are left alone (the transformers bridge adds
+    one the first time transformers is imported, whichever test that happens in).
+    """
+    from hf_optim import registry
+
+    optimizers, schedulers = dict(registry._OPTIMIZERS), dict(registry._SCHEDULERS)
+    yield
+    for live, saved in ((registry._OPTIMIZERS, optimizers), (registry._SCHEDULERS, schedulers)):
+        live.clear()
+        live.update(saved)
