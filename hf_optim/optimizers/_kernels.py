@@ -159,13 +159,11 @@ def fused_adamw(
 
 def _split_by_step(steps: list[Tensor]) -> list[tuple[float, list[int] | None]]:
     """``[(t, None)]`` when every tensor is at the same step (the usual case), else indices per step value."""
-    if len(steps) == 1:
-        return [(steps[0].item(), None)]
-    values = torch.stack(steps)
-    if bool((values == values[0]).all()):
-        return [(values[0].item(), None)]
+    values = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+    if values.count(values[0]) == len(values):
+        return [(values[0], None)]
     buckets: dict[float, list[int]] = defaultdict(list)
-    for i, t in enumerate(values.tolist()):
+    for i, t in enumerate(values):
         buckets[t].append(i)
     return list(buckets.items())
 
