@@ -25,7 +25,9 @@ ENV_DISABLE = "HF_OPTIM_DISABLE_AUTOLOAD"
 # transformers modules after whose execution hf_optim registers its names:
 # training_args defines OptimizerNames (and imports SchedulerType), trainer_optimizer holds the handler
 # table, optimization holds TYPE_TO_SCHEDULER_FUNCTION.
-WATCHED = frozenset({"transformers.training_args", "transformers.trainer_optimizer", "transformers.optimization"})
+WATCHED = frozenset(
+    {"transformers.training_args", "transformers.trainer_optimizer", "transformers.optimization"}
+)
 
 _MARKER = "_hf_optim_autoload_finder"
 

@@ -27,7 +27,9 @@ __all__ = ["GradientAccumulator"]
 Normalize = Literal["steps", "items"] | None
 
 
-def _parameters(params_or_model: nn.Module | Iterable[Any], argument: str = "params_or_model") -> list[torch.Tensor]:
+def _parameters(
+    params_or_model: nn.Module | Iterable[Any], argument: str = "params_or_model"
+) -> list[torch.Tensor]:
     """Parameters of a module, or of an iterable of tensors / (name, tensor) pairs / param-group dicts, in order."""
     if isinstance(params_or_model, nn.Module):
         return list(params_or_model.parameters())
@@ -160,12 +162,18 @@ class GradientAccumulator:
             if num_items is not None:
                 if isinstance(num_items, torch.Tensor):
                     num_items = num_items.item()
-                if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or not num_items > 0:
+                if (
+                    isinstance(num_items, bool)
+                    or not isinstance(num_items, numbers.Real)
+                    or not num_items > 0
+                ):
                     raise ValueError(f"num_items must be a positive number, got {num_items!r}")
                 divisor = float(num_items)
             else:
                 if not self._counts_items:
-                    raise ValueError('normalize="items" needs num_items passed with every accumulated micro-step')
+                    raise ValueError(
+                        'normalize="items" needs num_items passed with every accumulated micro-step'
+                    )
                 if self._num_items == 0:
                     raise ValueError('normalize="items": the accumulated micro-steps counted 0 items')
                 divisor = float(self._num_items)
@@ -217,7 +225,9 @@ class GradientAccumulator:
             raise ValueError(f"accumulator state is missing {', '.join(missing)}")
         gradients = state["gradients"]
         if isinstance(gradients, (str, bytes, torch.Tensor)) or not isinstance(gradients, Sequence):
-            raise ValueError(f"state['gradients'] must be a list of tensors or None, got {type(gradients).__name__}")
+            raise ValueError(
+                f"state['gradients'] must be a list of tensors or None, got {type(gradients).__name__}"
+            )
         for i, g in enumerate(gradients):
             if g is not None and not isinstance(g, torch.Tensor):
                 raise ValueError(f"state['gradients'][{i}] must be a tensor or None, got {type(g).__name__}")

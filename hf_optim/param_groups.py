@@ -59,7 +59,13 @@ _NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.LocalResponseNorm, _Ba
 
 #: Lower-cased parameter-name patterns that get no weight decay: those of transformers 5's
 #: ``Trainer.get_decay_parameter_names`` (biases and the usual names of normalisation layers).
-NO_DECAY_NAME_PATTERNS: tuple[str, ...] = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+NO_DECAY_NAME_PATTERNS: tuple[str, ...] = (
+    r"bias",
+    r"layernorm",
+    r"rmsnorm",
+    r"(?:^|\.)norm(?:$|\.)",
+    r"_norm(?:$|\.)",
+)
 _NO_DECAY_NAME_RES = tuple(re.compile(p) for p in NO_DECAY_NAME_PATTERNS)
 _NORM_CLASS_NAME = re.compile(r"Norm(?![a-z])")
 

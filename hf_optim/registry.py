@@ -323,7 +323,11 @@ def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any], sig: inspect.S
         own = own[0]
     if own in kwargs:
         value = kwargs[own]
-    elif sig is not None and own in sig.parameters and sig.parameters[own].default is not inspect.Parameter.empty:
+    elif (
+        sig is not None
+        and own in sig.parameters
+        and sig.parameters[own].default is not inspect.Parameter.empty
+    ):
         value = sig.parameters[own].default
     else:
         value = 0.0
@@ -332,7 +336,9 @@ def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any], sig: inspect.S
     return value
 
 
-def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kwargs: Any) -> torch.optim.Optimizer:
+def create_optimizer(
+    name: str, model_or_params: nn.Module | Iterable[Any], **kwargs: Any
+) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name``.
 
     Given an ``nn.Module``, its trainable parameters are split by name into a decay group and a no-decay group
@@ -395,7 +401,10 @@ def create_scheduler(
     info = get_scheduler_info(name)
     sig = _signature(info.factory)
     call: dict[str, Any] = {}
-    for argument, value in (("num_warmup_steps", num_warmup_steps), ("num_training_steps", num_training_steps)):
+    for argument, value in (
+        ("num_warmup_steps", num_warmup_steps),
+        ("num_training_steps", num_training_steps),
+    ):
         if value is not None and _accepts(sig, argument):
             call[argument] = value
     if sig is not None:

@@ -66,8 +66,9 @@ def _steps(value: Any, argument: str, *, optional: bool = False, positive: bool 
     return value
 
 
-def _number(value: Any, argument: str, *, optional: bool = False, minimum: float | None = None,
-            strict: bool = False) -> int | float | None:
+def _number(
+    value: Any, argument: str, *, optional: bool = False, minimum: float | None = None, strict: bool = False
+) -> int | float | None:
     """A finite real number as a Python ``int``/``float`` (``strict``: ``> minimum``, else ``>= minimum``)."""
     if value is None:
         if optional:
@@ -133,11 +134,18 @@ def _constant_with_warmup_lambda(current_step: int, *, num_warmup_steps: int) ->
 def _linear_lambda(current_step: int, *, num_warmup_steps: int, num_training_steps: int) -> float:
     if current_step < num_warmup_steps:
         return float(current_step) / float(max(1, num_warmup_steps))
-    return max(0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps)))
+    return max(
+        0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps))
+    )
 
 
 def _cosine_lambda(
-    current_step: int, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float, min_lr_rate: float = 0.0
+    current_step: int,
+    *,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_cycles: float,
+    min_lr_rate: float = 0.0,
 ) -> float:
     # transformers defines this function twice; the second definition (with ``min_lr_rate``) is the live one for
     # both "cosine" and "cosine_with_min_lr", so it is the one mirrored here.
@@ -161,7 +169,13 @@ def _cosine_hard_restarts_lambda(
 
 
 def _polynomial_lambda(
-    current_step: int, *, num_warmup_steps: int, num_training_steps: int, lr_end: float, power: float, lr_init: float
+    current_step: int,
+    *,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    lr_end: float,
+    power: float,
+    lr_init: float,
 ) -> float:
     if current_step < num_warmup_steps:
         return float(current_step) / float(max(1, num_warmup_steps))
@@ -252,7 +266,9 @@ def get_constant_schedule(optimizer: Optimizer, last_epoch: int = -1) -> LambdaL
     return attach_config(LambdaLR(optimizer, _constant_lambda, last_epoch=last_epoch), "constant", {})
 
 
-def get_constant_schedule_with_warmup(optimizer: Optimizer, num_warmup_steps: int, last_epoch: int = -1) -> LambdaLR:
+def get_constant_schedule_with_warmup(
+    optimizer: Optimizer, num_warmup_steps: int, last_epoch: int = -1
+) -> LambdaLR:
     """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate."""
     num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
     lr_lambda = partial(_constant_with_warmup_lambda, num_warmup_steps=num_warmup_steps)
@@ -267,7 +283,9 @@ def get_linear_schedule_with_warmup(
     num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
     num_training_steps = _steps(num_training_steps, "num_training_steps")
     _warmup_within_training(num_warmup_steps, num_training_steps)
-    lr_lambda = partial(_linear_lambda, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+    lr_lambda = partial(
+        _linear_lambda, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps
+    )
     return attach_config(
         LambdaLR(optimizer, lr_lambda, last_epoch),
         "linear",
@@ -296,7 +314,11 @@ def get_cosine_schedule_with_warmup(
     return attach_config(
         LambdaLR(optimizer, lr_lambda, last_epoch),
         "cosine",
-        {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps, "num_cycles": num_cycles},
+        {
+            "num_warmup_steps": num_warmup_steps,
+            "num_training_steps": num_training_steps,
+            "num_cycles": num_cycles,
+        },
     )
 
 
@@ -321,7 +343,11 @@ def get_cosine_with_hard_restarts_schedule_with_warmup(
     return attach_config(
         LambdaLR(optimizer, lr_lambda, last_epoch),
         "cosine_with_restarts",
-        {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps, "num_cycles": num_cycles},
+        {
+            "num_warmup_steps": num_warmup_steps,
+            "num_training_steps": num_training_steps,
+            "num_cycles": num_cycles,
+        },
     )
 
 
@@ -501,10 +527,14 @@ def get_wsd_schedule(
     if num_training_steps is None and num_stable_steps is None:
         raise ValueError("Either num_training_steps or num_stable_steps must be specified.")
     if num_training_steps is not None and num_stable_steps is not None:
-        logger.warning("Both num_training_steps and num_stable_steps are specified. num_stable_steps will be used.")
+        logger.warning(
+            "Both num_training_steps and num_stable_steps are specified. num_stable_steps will be used."
+        )
     for argument, value in (("warmup_type", warmup_type), ("decay_type", decay_type)):
         if value not in WSD_TYPES:
-            raise ValueError(f"Unknown {argument}: {value!r}, expected one of {', '.join(map(repr, WSD_TYPES))}")
+            raise ValueError(
+                f"Unknown {argument}: {value!r}, expected one of {', '.join(map(repr, WSD_TYPES))}"
+            )
     min_lr_ratio = _number(min_lr_ratio, "min_lr_ratio", minimum=0)
     num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
     stable = num_stable_steps
@@ -573,7 +603,9 @@ def get_scheduler(
     kwargs = dict(scheduler_specific_kwargs or {})
     duplicated = sorted(set(kwargs) & set(scheduler_kwargs))
     if duplicated:
-        raise ValueError(f"scheduler argument(s) {duplicated} given both as keywords and in scheduler_specific_kwargs")
+        raise ValueError(
+            f"scheduler argument(s) {duplicated} given both as keywords and in scheduler_specific_kwargs"
+        )
     kwargs.update(scheduler_kwargs)
     return create_scheduler(_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs)
 

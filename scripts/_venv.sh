@@ -11,7 +11,13 @@ fi
 . .venv/bin/activate
 EXTRAS="${1:-dev}"
 STAMP=".venv/.hf_optim-installed-$EXTRAS"
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+# Reinstall when the build inputs change: the package metadata, or the start-up hook that the build copies
+# into site-packages (hf_optim/_autoload.py -> _hf_optim_autoload.py, via hatch_build.py).
+stale=0
+for f in pyproject.toml hatch_build.py hf_optim/_autoload.py hf_optim_autoload.pth; do
+  [ "$f" -nt "$STAMP" ] && stale=1
+done
+if [ ! -f "$STAMP" ] || [ "$stale" = 1 ]; then
   python -m pip install -q --upgrade pip
   python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
     || python -m pip install -q "torch==2.13.0"

@@ -89,7 +89,9 @@ class _Run:
         # suspended mid-epoch would share Accelerate's process-wide end-of-dataloader state.
         self.batches = list(DataLoader(data, batch_size=args.batch_size, shuffle=False))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.normalizer = hf_optim.ItemNormalizer(self.accelerator, self.model) if variant.endswith("helper") else None
+        self.normalizer = (
+            hf_optim.ItemNormalizer(self.accelerator, self.model) if variant.endswith("helper") else None
+        )
         self._batches = itertools.cycle(self.batches)
         self.optimizer_seconds = 0.0
 
@@ -153,8 +155,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     # Ratios use the best round of each variant (as timeit does): other load on the machine only adds time.
     base, hf_manual, hf_helper = (rows[v]["step_ms_best"] for v in VARIANTS)
     return {
-        "config": {k: v for k, v in vars(args).items() if k != "json"} | {"parameters": n_params,
-                                                                         "torch_threads": torch.get_num_threads()},
+        "config": {k: v for k, v in vars(args).items() if k != "json"}
+        | {"parameters": n_params, "torch_threads": torch.get_num_threads()},
         "variants": rows,
         "ratios": {
             "adamw_hf / torch fused (loop, target <= 1.02)": hf_manual / base,

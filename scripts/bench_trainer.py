@@ -54,24 +54,44 @@ class RandomTokens(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.labels[i],
+        }
 
 
 def make_model(args: argparse.Namespace) -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden_size // 64), intermediate_size=4 * args.hidden_size,
-        max_position_embeddings=max(64, args.seq_len), num_labels=2,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden_size // 64),
+        intermediate_size=4 * args.hidden_size,
+        max_position_embeddings=max(64, args.seq_len),
+        num_labels=2,
     )
     return BertForSequenceClassification(config)
 
 
 def training_args(output_dir: str, optim: str, steps: int, batch: int) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=output_dir, optim=optim, max_steps=steps, per_device_train_batch_size=batch,
-        learning_rate=1e-4, weight_decay=0.01, warmup_steps=2, lr_scheduler_type="linear", save_strategy="no",
-        logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        output_dir=output_dir,
+        optim=optim,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
 
 
@@ -99,16 +119,20 @@ def bench_train(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         for optim in order:
             timer = StepTimer()
             trainer = TransformersTrainer(
-                model=make_model(args), args=training_args(workdir, optim, args.steps, args.batch),
-                train_dataset=data, callbacks=[timer],
+                model=make_model(args),
+                args=training_args(workdir, optim, args.steps, args.batch),
+                train_dataset=data,
+                callbacks=[timer],
             )
             trainer.remove_callback(PrinterCallback)
             trainer.train()
             if r > 0:  # run 0 warms up allocator, kernels and caches
                 times[optim].extend(timer.durations[2:])
     base = statistics.median(times["adamw_torch_fused"])
-    rows = {o: {"ms_per_step": 1000 * statistics.median(t), "ratio": statistics.median(t) / base}
-            for o, t in times.items()}
+    rows = {
+        o: {"ms_per_step": 1000 * statistics.median(t), "ratio": statistics.median(t) / base}
+        for o, t in times.items()
+    }
     n_params = sum(p.numel() for p in make_model(args).parameters())
     return {"params": n_params, "steps": args.steps, "repeats": args.repeats, "rows": rows}
 
@@ -134,7 +158,9 @@ def bench_optimizer_step(args: argparse.Namespace, workdir: str) -> dict[str, An
                 if r >= 3:
                     times[optim].append(time.perf_counter() - start)
     base = statistics.median(times["adamw_torch_fused"])
-    return {o: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base} for o, t in times.items()}
+    return {
+        o: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base} for o, t in times.items()
+    }
 
 
 def _trained(trainer_cls: type, args: argparse.Namespace, workdir: str) -> Any:
@@ -152,8 +178,10 @@ def bench_save(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         "transformers.Trainer": _trained(TransformersTrainer, args, workdir),
         "hf_optim.Trainer": _trained(hf_optim.Trainer, args, workdir),
     }
-    parts = {"optimizer+scheduler": lambda t, d: t._save_optimizer_and_scheduler(d),
-             "whole checkpoint": lambda t, d: t._save_checkpoint(t.model, trial=None)}
+    parts = {
+        "optimizer+scheduler": lambda t, d: t._save_optimizer_and_scheduler(d),
+        "whole checkpoint": lambda t, d: t._save_checkpoint(t.model, trial=None),
+    }
     results: dict[str, Any] = {}
     for part, save in parts.items():
         times: dict[str, list[float]] = {name: [] for name in trainers}
@@ -169,11 +197,15 @@ def bench_save(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                 times[name].append(time.perf_counter() - start)
                 shutil.rmtree(out, ignore_errors=True)
         base = statistics.median(times["transformers.Trainer"])
-        results[part] = {name: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base}
-                         for name, t in times.items()}
+        results[part] = {
+            name: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base}
+            for name, t in times.items()
+        }
     state_bytes = sum(
         v.numel() * v.element_size()
-        for s in trainers["hf_optim.Trainer"].optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        for s in trainers["hf_optim.Trainer"].optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
     )
     return {"optimizer_state_mb": state_bytes / 2**20, "parts": results}
 
@@ -183,18 +215,26 @@ def bench_startup(repeats: int) -> dict[str, Any]:
     samples = []
     env = {k: v for k, v in os.environ.items() if k != "HF_OPTIM_DISABLE_AUTOLOAD"}
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
-                             env=env).stderr
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, env=env
+        ).stderr
         match = re.search(r"import time:\s*\d+\s*\|\s*(\d+)\s*\|\s*_hf_optim_autoload\s*$", out, re.M)
         if match:
             samples.append(int(match.group(1)) / 1000)
     if not samples:
         return {"installed": False}
-    return {"installed": True, "ms_median": statistics.median(samples), "ms_max": max(samples), "runs": len(samples)}
+    return {
+        "installed": True,
+        "ms_median": statistics.median(samples),
+        "ms_max": max(samples),
+        "runs": len(samples),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training run")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (median reported)")
     parser.add_argument("--batch", type=int, default=8)
@@ -202,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--only", choices=["train", "save", "startup"], action="append",
-                        help="run only these parts (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["train", "save", "startup"],
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -226,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "train" in results:
         r = results["train"]
-        print(f"\nTrainer step: BERT {r['params'] / 1e6:.1f}M params, median step of {r['repeats']} x {r['steps']} steps")
+        print(
+            f"\nTrainer step: BERT {r['params'] / 1e6:.1f}M params, median step of {r['repeats']} x {r['steps']} steps"
+        )
         print(f"{'optim':<22}{'ms/step':>10}{'vs fused':>10}")
         for name, row in r["rows"].items():
             print(f"{name:<22}{row['ms_per_step']:>10.1f}{row['ratio']:>9.3f}x")
@@ -245,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     if "startup" in results:
         r = results["startup"]
         if r["installed"]:
-            print(f"\nStart-up hook (_hf_optim_autoload, -X importtime): median {r['ms_median']:.2f} ms, "
-                  f"max {r['ms_max']:.2f} ms over {r['runs']} runs")
+            print(
+                f"\nStart-up hook (_hf_optim_autoload, -X importtime): median {r['ms_median']:.2f} ms, "
+                f"max {r['ms_max']:.2f} ms over {r['runs']} runs"
+            )
         else:
-            print("\nStart-up hook not installed (pip install -e . puts hf_optim_autoload.pth in site-packages)")
+            print(
+                "\nStart-up hook not installed (pip install -e . puts hf_optim_autoload.pth in site-packages)"
+            )
     return 0
 
 

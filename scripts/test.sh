@@ -4,4 +4,5 @@ set -euo pipefail
 . "$(dirname "$0")/_venv.sh" dev
 export HF_HUB_DISABLE_TELEMETRY=1
 ruff check .
+ruff format --check --quiet .
 python -m pytest -q -p no:cacheprovider "$@"

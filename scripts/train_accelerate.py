@@ -45,11 +45,17 @@ RESULTS_NAME = "train_results.json"  # written into OUTPUT_DIR at the end
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--optim", default="adamw_hf", help="hf_optim optimizer name (hf-optim list)")
     p.add_argument("--lr_scheduler_type", default="linear", help="hf_optim schedule name (hf-optim list)")
-    p.add_argument("--lr_scheduler_kwargs", type=json.loads, default={},
-                   help='extra schedule arguments as JSON, e.g. \'{"min_lr": 1e-5}\'')
+    p.add_argument(
+        "--lr_scheduler_kwargs",
+        type=json.loads,
+        default={},
+        help="extra schedule arguments as JSON, e.g. '{\"min_lr\": 1e-5}'",
+    )
     p.add_argument("--learning_rate", type=float, default=5e-3)
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--num_warmup_steps", type=int, default=0)
@@ -59,8 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--save_steps", type=int, default=0, help="checkpoint every N optimizer steps (0: never)")
-    p.add_argument("--resume_from", default=None, help="checkpoint folder, Hub repo id or hf://USER/REPO[@REV]/SUBFOLDER")
-    p.add_argument("--push_to_hub_repo", default=None, help="push each checkpoint to checkpoint-STEP/ of this repo")
+    p.add_argument(
+        "--resume_from", default=None, help="checkpoint folder, Hub repo id or hf://USER/REPO[@REV]/SUBFOLDER"
+    )
+    p.add_argument(
+        "--push_to_hub_repo", default=None, help="push each checkpoint to checkpoint-STEP/ of this repo"
+    )
     p.add_argument("--cpu", action="store_true", help="train on CPU (needed for multi-process CPU runs)")
     p.add_argument("--logging_steps", type=int, default=1)
     # the synthetic task
@@ -69,8 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab_size", type=int, default=32)
     p.add_argument("--hidden_size", type=int, default=32)
     args = p.parse_args(argv)
-    for name in ("max_steps", "gradient_accumulation_steps", "per_device_train_batch_size", "logging_steps",
-                 "num_samples", "vocab_size", "hidden_size"):
+    for name in (
+        "max_steps",
+        "gradient_accumulation_steps",
+        "per_device_train_batch_size",
+        "logging_steps",
+        "num_samples",
+        "vocab_size",
+        "hidden_size",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("save_steps", "num_warmup_steps"):
@@ -108,7 +125,9 @@ class TinyLM(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size)
+        )
         self.norm = nn.LayerNorm(hidden_size)
         self.lm_head = nn.Linear(hidden_size, vocab_size)
 
@@ -157,8 +176,11 @@ def _read_start_step(checkpoint_dir: str) -> int:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(cpu=args.cpu, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(name)s: %(message)s",
+        force=True,
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     print(f"world_size={accelerator.num_processes} rank={accelerator.process_index}", flush=True)
     set_seed(args.seed)
@@ -166,13 +188,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args.vocab_size, args.hidden_size, args.seed)
     dataset = build_dataset(args.num_samples, args.seq_len, args.vocab_size, args.seed)
     loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=False)
-    optimizer = hf_optim.create_optimizer(args.optim, model, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = hf_optim.create_optimizer(
+        args.optim, model, lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     scheduler = hf_optim.create_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=args.max_steps,
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_steps,
         **args.lr_scheduler_kwargs,
     )
     # accelerate_prepare: the hf_optim schedule advances once per optimizer step on any number of processes.
-    model, optimizer, loader, scheduler = hf_optim.accelerate_prepare(accelerator, model, optimizer, loader, scheduler)
+    model, optimizer, loader, scheduler = hf_optim.accelerate_prepare(
+        accelerator, model, optimizer, loader, scheduler
+    )
     normalizer = hf_optim.ItemNormalizer(accelerator, model)
 
     global_step = 0
@@ -189,8 +218,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     epoch, skip = divmod(global_step, steps_per_epoch)
     skip *= args.gradient_accumulation_steps  # checkpoints are taken at window boundaries
-    progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
-                    desc="training")
+    progress = tqdm(
+        total=args.max_steps,
+        initial=global_step,
+        disable=not accelerator.is_local_main_process,
+        desc="training",
+    )
     model.train()
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
         while global_step < args.max_steps:
@@ -210,8 +243,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if global_step % args.logging_steps == 0:
                     lr = scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{normalizer.loss:.4f}", lr=f"{lr:.3g}")
-                    logger.info("step=%d epoch=%d loss=%.6f items=%d lr=%.6g", global_step, epoch, normalizer.loss,
-                                normalizer.num_items, lr)
+                    logger.info(
+                        "step=%d epoch=%d loss=%.6f items=%d lr=%.6g",
+                        global_step,
+                        epoch,
+                        normalizer.loss,
+                        normalizer.num_items,
+                        lr,
+                    )
                 if args.save_steps and global_step % args.save_steps == 0:
                     _save_checkpoint(accelerator, args, global_step)
                 if global_step >= args.max_steps:
@@ -220,7 +259,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress.close()
 
     accelerator.wait_for_everyone()
-    accelerator.save_model(model, args.output_dir)  # OUTPUT_DIR/model.safetensors, written by the main process
+    accelerator.save_model(
+        model, args.output_dir
+    )  # OUTPUT_DIR/model.safetensors, written by the main process
     results = {
         "world_size": accelerator.num_processes,
         "global_step": global_step,
@@ -233,9 +274,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if args.push_to_hub_repo:
             from huggingface_hub import HfApi
 
-            HfApi().upload_file(path_or_fileobj=os.path.join(args.output_dir, "model.safetensors"),
-                                path_in_repo="model.safetensors", repo_id=args.push_to_hub_repo,
-                                commit_message=f"Final model after {global_step} steps")
+            HfApi().upload_file(
+                path_or_fileobj=os.path.join(args.output_dir, "model.safetensors"),
+                path_in_repo="model.safetensors",
+                repo_id=args.push_to_hub_repo,
+                commit_message=f"Final model after {global_step} steps",
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -250,8 +294,12 @@ def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: i
         if args.push_to_hub_repo:
             from huggingface_hub import HfApi
 
-            HfApi().upload_folder(repo_id=args.push_to_hub_repo, folder_path=checkpoint_dir,
-                                  path_in_repo=f"checkpoint-{step}", commit_message=f"Training checkpoint {step}")
+            HfApi().upload_folder(
+                repo_id=args.push_to_hub_repo,
+                folder_path=checkpoint_dir,
+                path_in_repo=f"checkpoint-{step}",
+                commit_message=f"Training checkpoint {step}",
+            )
     accelerator.wait_for_everyone()
 
 

@@ -42,12 +42,48 @@ import hf_optim
 
 logger = logging.getLogger("train_trainer")
 
-POSITIVE = ("good", "great", "excellent", "wonderful", "fantastic", "amazing", "superb", "lovely", "brilliant",
-            "delightful", "charming", "moving")
-NEGATIVE = ("bad", "terrible", "awful", "horrible", "poor", "dreadful", "boring", "disappointing", "weak",
-            "mediocre", "dull", "clumsy")
-SUBJECTS = ("movie", "film", "plot", "acting", "story", "music", "ending", "cast", "script", "scenery",
-            "dialogue", "soundtrack")
+POSITIVE = (
+    "good",
+    "great",
+    "excellent",
+    "wonderful",
+    "fantastic",
+    "amazing",
+    "superb",
+    "lovely",
+    "brilliant",
+    "delightful",
+    "charming",
+    "moving",
+)
+NEGATIVE = (
+    "bad",
+    "terrible",
+    "awful",
+    "horrible",
+    "poor",
+    "dreadful",
+    "boring",
+    "disappointing",
+    "weak",
+    "mediocre",
+    "dull",
+    "clumsy",
+)
+SUBJECTS = (
+    "movie",
+    "film",
+    "plot",
+    "acting",
+    "story",
+    "music",
+    "ending",
+    "cast",
+    "script",
+    "scenery",
+    "dialogue",
+    "soundtrack",
+)
 INTENSIFIERS = ("", "really", "very", "truly", "quite", "rather")
 TEMPLATES = (
     "the {s} was {i} {a}",
@@ -82,11 +118,14 @@ class DataArguments:
 class ScriptArguments:
     trainer_class: str = field(
         default="hf_optim",
-        metadata={"help": "hf_optim (safetensors optimizer state) or transformers (stock Trainer)",
-                  "choices": ["hf_optim", "transformers"]},
+        metadata={
+            "help": "hf_optim (safetensors optimizer state) or transformers (stock Trainer)",
+            "choices": ["hf_optim", "transformers"],
+        },
     )
     stop_after_step: int | None = field(
-        default=None, metadata={"help": "simulate an interruption: stop (after saving a checkpoint) at this step"}
+        default=None,
+        metadata={"help": "simulate an interruption: stop (after saving a checkpoint) at this step"},
     )
 
 
@@ -126,11 +165,13 @@ class SentenceDataset(torch.utils.data.Dataset):
             ids.append(vocab["[SEP]"])
             mask = [1] * len(ids) + [0] * (max_length - len(ids))
             ids = ids + [vocab["[PAD]"]] * (max_length - len(ids))
-            self.items.append({
-                "input_ids": torch.tensor(ids),
-                "attention_mask": torch.tensor(mask),
-                "labels": torch.tensor(label),
-            })
+            self.items.append(
+                {
+                    "input_ids": torch.tensor(ids),
+                    "attention_mask": torch.tensor(mask),
+                    "labels": torch.tensor(label),
+                }
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -176,8 +217,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in ("train_trainer", "hf_optim"):  # our progress messages; other libraries stay at WARNING
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    logger.info("hf_optim %s, optimizer %s, schedule %s", hf_optim.__version__, training_args.optim.value,
-                training_args.lr_scheduler_type.value)
+    logger.info(
+        "hf_optim %s, optimizer %s, schedule %s",
+        hf_optim.__version__,
+        training_args.optim.value,
+        training_args.lr_scheduler_type.value,
+    )
 
     vocab = build_vocab()
     data_seed = training_args.seed + data_args.data_seed_offset
@@ -217,8 +262,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "max_steps": trainer.state.max_steps,
         "stopped_early": stopped_early,
         "train_loss": result.training_loss,
-        "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                          else trainer.optimizer).__name__,
+        "optimizer": type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__,
         "scheduler": type(trainer.lr_scheduler).__name__,
     }
     if not stopped_early:

@@ -104,7 +104,9 @@ def test_item_normalisation_equals_the_full_batch_gradient():
 
     acc = GradientAccumulator()
     for tokens, labels in batches:
-        loss = F.cross_entropy(model(tokens).reshape(-1, 11), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            model(tokens).reshape(-1, 11), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         loss.backward()
         acc.accumulate_from(model, num_items=(labels != -100).sum())
         assert all(p.grad is None for p in model.parameters())  # ready for the next micro-batch
@@ -130,8 +132,12 @@ def test_averaging_micro_batch_means_is_the_2024_bug():
     acc.apply_to(model, normalize="steps")
     # "steps" is the plain mean of the per-micro-batch gradients (written out)
     for i, p in enumerate(model.parameters()):
-        torch.testing.assert_close(p.grad, (separate[0][i] + separate[1][i] + separate[2][i]) / 3, rtol=0, atol=1e-14)
-    worst = max((p.grad - ref).abs().max().item() for p, ref in zip(model.parameters(), reference, strict=True))
+        torch.testing.assert_close(
+            p.grad, (separate[0][i] + separate[1][i] + separate[2][i]) / 3, rtol=0, atol=1e-14
+        )
+    worst = max(
+        (p.grad - ref).abs().max().item() for p, ref in zip(model.parameters(), reference, strict=True)
+    )
     assert worst > 1e-3
 
 
@@ -194,7 +200,9 @@ def test_apply_and_accumulate_errors():
 
 
 def _micro_step(model, tokens, labels, acc):
-    F.cross_entropy(model(tokens).reshape(-1, 11), labels.reshape(-1), ignore_index=-100, reduction="sum").backward()
+    F.cross_entropy(
+        model(tokens).reshape(-1, 11), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    ).backward()
     acc.accumulate_from(model, num_items=int((labels != -100).sum()))
 
 
@@ -217,8 +225,10 @@ def test_checkpoint_mid_accumulation_resumes_exactly(tmp_path):
     state = acc.state_dict()
     assert state["step"] == 2 and state["gradients"][2] is None
     # save like a checkpoint would: tensors in safetensors, the rest as JSON
-    save_file({str(i): g.contiguous() for i, g in enumerate(state["gradients"]) if g is not None},
-              tmp_path / "acc.safetensors")
+    save_file(
+        {str(i): g.contiguous() for i, g in enumerate(state["gradients"]) if g is not None},
+        tmp_path / "acc.safetensors",
+    )
     (tmp_path / "acc.json").write_text(
         json.dumps({"n": len(state["gradients"]), "step": state["step"], "num_items": state["num_items"]})
     )
@@ -228,8 +238,11 @@ def test_checkpoint_mid_accumulation_resumes_exactly(tmp_path):
     tensors = load_file(tmp_path / "acc.safetensors")
     restored = GradientAccumulator()
     restored.load_state_dict(
-        {"gradients": [tensors.get(str(i)) for i in range(meta["n"])], "step": meta["step"],
-         "num_items": meta["num_items"]}
+        {
+            "gradients": [tensors.get(str(i)) for i in range(meta["n"])],
+            "step": meta["step"],
+            "num_items": meta["num_items"],
+        }
     )
     for tokens, labels in batches[2:]:
         _micro_step(model, tokens, labels, restored)

@@ -210,7 +210,9 @@ def test_load_state_fetches_only_state_files_and_download_checkpoint_the_folder(
     assert sorted(os.listdir(state_dir)) == [OPTIMIZER_NAME, SCHEDULER_NAME]
 
     directory = download_checkpoint(f"hf://{hub_repo_id}/s")
-    files = sorted(os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory) for f in fs)
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory) for f in fs
+    )
     assert files == ["extra/notes.txt", "model.safetensors", OPTIMIZER_NAME, SCHEDULER_NAME]
     with open(os.path.join(directory, "extra", "notes.txt"), "rb") as f:
         assert f.read() == b"s/extra/notes.txt" * 100

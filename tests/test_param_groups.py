@@ -63,11 +63,19 @@ NO_DECAY = {
 
 
 def test_norm_modules():
-    for module in (nn.LayerNorm(3), nn.RMSNorm(3), nn.GroupNorm(1, 3), nn.BatchNorm2d(3), nn.InstanceNorm1d(3),
-                   LlamaLikeRMSNorm(3)):
+    for module in (
+        nn.LayerNorm(3),
+        nn.RMSNorm(3),
+        nn.GroupNorm(1, 3),
+        nn.BatchNorm2d(3),
+        nn.InstanceNorm1d(3),
+        LlamaLikeRMSNorm(3),
+    ):
         assert is_norm_module(module), module
+
     class NormalizingFlow(nn.Module):  # "Norm" followed by lower case is not a norm layer
         pass
+
     for module in (nn.Linear(2, 2), nn.Embedding(2, 2), NormalizingFlow()):
         assert not is_norm_module(module), module
 
@@ -94,7 +102,10 @@ def test_groups_hold_named_trainable_parameters_decay_first():
 def test_include_overrides_defaults_and_exclude_adds():
     model = Tiny()
     groups = group_parameters(
-        model, weight_decay=0.1, include_in_weight_decay=[r"^norm\."], exclude_from_weight_decay=["embed", "head"]
+        model,
+        weight_decay=0.1,
+        include_in_weight_decay=[r"^norm\."],
+        exclude_from_weight_decay=["embed", "head"],
     )
     decay = [n for n, _ in groups[0]["params"]]
     assert decay == ["scale", "block.attn.weight", "block.mlp.weight", "norm.weight"]
@@ -135,16 +146,29 @@ def test_keras_rule_unchanged():
 def _bert():
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     return BertModel(config)
 
 
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=16, max_position_embeddings=16)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     return LlamaForCausalLM(config)
 
 

@@ -158,7 +158,12 @@ def test_create_adamw_from_model_groups_and_names():
 def test_create_adam_weight_decay_maps_common_names():
     model = Model()
     opt = hf_optim.create_optimizer(
-        "adam_weight_decay", model, lr=2e-3, weight_decay=0.05, betas=(0.7, 0.95), eps=1e-9,
+        "adam_weight_decay",
+        model,
+        lr=2e-3,
+        weight_decay=0.05,
+        betas=(0.7, 0.95),
+        eps=1e-9,
         exclude_from_weight_decay=["out"],
     )
     assert isinstance(opt, hf_optim.AdamWeightDecay)
@@ -269,8 +274,13 @@ def test_alias_of_a_builtin_schedule_rebuilds_under_its_own_name():
     hf_optim.register_scheduler("my_linear", hf_optim.get_linear_schedule_with_warmup)
     opt = torch.optim.SGD(Model().parameters(), lr=1.0)
     scheduler = hf_optim.create_scheduler("my_linear", opt, 2, 10)
-    assert scheduler.hf_optim_config == {"name": "my_linear", "kwargs": {"num_warmup_steps": 2, "num_training_steps": 10}}
-    rebuilt = hf_optim.scheduler_from_config(torch.optim.SGD(Model().parameters(), lr=1.0), scheduler.hf_optim_config)
+    assert scheduler.hf_optim_config == {
+        "name": "my_linear",
+        "kwargs": {"num_warmup_steps": 2, "num_training_steps": 10},
+    }
+    rebuilt = hf_optim.scheduler_from_config(
+        torch.optim.SGD(Model().parameters(), lr=1.0), scheduler.hf_optim_config
+    )
     assert rebuilt.lr_lambdas[0](6) == 0.5  # (10 - 6) / 8
 
 

@@ -67,9 +67,25 @@ HAND_TABLES = [
         # warmup 4, then 10 / sqrt(s / 4): s=9 -> 10/1.5, s=16 -> 5
         "get_inverse_sqrt_schedule",
         {"num_warmup_steps": 4},
-        [0.0, 2.5, 5.0, 7.5, 10.0, 10 / math.sqrt(1.25), 10 / math.sqrt(1.5), 10 / math.sqrt(1.75), 10 / math.sqrt(2),
-         10 / math.sqrt(2.25), 10 / math.sqrt(2.5), 10 / math.sqrt(2.75), 10 / math.sqrt(3), 10 / math.sqrt(3.25),
-         10 / math.sqrt(3.5), 10 / math.sqrt(3.75), 5.0],
+        [
+            0.0,
+            2.5,
+            5.0,
+            7.5,
+            10.0,
+            10 / math.sqrt(1.25),
+            10 / math.sqrt(1.5),
+            10 / math.sqrt(1.75),
+            10 / math.sqrt(2),
+            10 / math.sqrt(2.25),
+            10 / math.sqrt(2.5),
+            10 / math.sqrt(2.75),
+            10 / math.sqrt(3),
+            10 / math.sqrt(3.25),
+            10 / math.sqrt(3.5),
+            10 / math.sqrt(3.75),
+            5.0,
+        ],
     ),
     (
         # half cosine from 10 to 2 over 4 steps: 2 + 8 * (1 + cos(pi * s / 4)) / 2
@@ -91,17 +107,36 @@ HAND_TABLES = [
     (
         # same with the stable phase given directly and a floor of 10% of the lr; warmup starts at the floor
         "get_wsd_schedule",
-        {"num_warmup_steps": 2, "num_decay_steps": 2, "num_stable_steps": 1, "decay_type": "linear",
-         "min_lr_ratio": 0.1},
+        {
+            "num_warmup_steps": 2,
+            "num_decay_steps": 2,
+            "num_stable_steps": 1,
+            "decay_type": "linear",
+            "min_lr_ratio": 0.1,
+        },
         [1.0, 5.5, 10.0, 10.0, 5.5, 1.0, 1.0],
     ),
     (
         # 1-sqrt warmup / decay: 10 * (1 - sqrt(1 - s/4)) then 10 * (1 - sqrt(p)), p = (s - 4) / 4
         "get_wsd_schedule",
-        {"num_warmup_steps": 4, "num_decay_steps": 4, "num_stable_steps": 0, "warmup_type": "1-sqrt",
-         "decay_type": "1-sqrt"},
-        [0.0, 10 * (1 - math.sqrt(0.75)), 10 * (1 - math.sqrt(0.5)), 5.0, 10.0, 5.0, 10 * (1 - math.sqrt(0.5)),
-         10 * (1 - math.sqrt(0.75)), 0.0],
+        {
+            "num_warmup_steps": 4,
+            "num_decay_steps": 4,
+            "num_stable_steps": 0,
+            "warmup_type": "1-sqrt",
+            "decay_type": "1-sqrt",
+        },
+        [
+            0.0,
+            10 * (1 - math.sqrt(0.75)),
+            10 * (1 - math.sqrt(0.5)),
+            5.0,
+            10.0,
+            5.0,
+            10 * (1 - math.sqrt(0.5)),
+            10 * (1 - math.sqrt(0.75)),
+            0.0,
+        ],
     ),
     (
         # cosine warmup: 10 * (1 - cos(pi * s / 2)) / 2, then cosine decay (default) over 2 steps
@@ -128,15 +163,19 @@ def _warm(s: int, w: int) -> float:
 
 FORMULAS = {
     "linear": lambda s, w, t: _warm(s, w) if s < w else max(0.0, (t - s) / max(1, t - w)),
-    "cosine": lambda s, w, t: _warm(s, w) if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, t - w))),
-    "cosine_with_restarts_3": lambda s, w, t: _warm(s, w) if s < w else (
-        0.0 if (s - w) >= (t - w) else 0.5 * (1 + math.cos(math.pi * ((3 * (s - w) / (t - w)) % 1.0)))
+    "cosine": lambda s, w, t: (
+        _warm(s, w) if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, t - w)))
     ),
-    "polynomial_3": lambda s, w, t: _warm(s, w) if s < w else (
-        1e-3 if s > t else (1 - 1e-3) * (1 - (s - w) / (t - w)) ** 3 + 1e-3
+    "cosine_with_restarts_3": lambda s, w, t: (
+        _warm(s, w)
+        if s < w
+        else (0.0 if (s - w) >= (t - w) else 0.5 * (1 + math.cos(math.pi * ((3 * (s - w) / (t - w)) % 1.0))))
     ),
-    "cosine_with_min_lr_0.1": lambda s, w, t: _warm(s, w) if s < w else (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - w) / (t - w)))
+    "polynomial_3": lambda s, w, t: (
+        _warm(s, w) if s < w else (1e-3 if s > t else (1 - 1e-3) * (1 - (s - w) / (t - w)) ** 3 + 1e-3)
+    ),
+    "cosine_with_min_lr_0.1": lambda s, w, t: (
+        _warm(s, w) if s < w else (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - w) / (t - w))))
     ),
 }
 
@@ -150,7 +189,9 @@ def test_written_out_formulas(name, warmup, total):
     elif name == "polynomial_3":
         scheduler = hf_optim.get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total, 1e-3, 3.0)
     elif name == "cosine_with_min_lr_0.1":
-        scheduler = hf_optim.get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=0.1)
+        scheduler = hf_optim.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total, min_lr_rate=0.1
+        )
     else:
         scheduler = hf_optim.get_scheduler(name, optimizer, warmup, total)
     steps = total if name.startswith("cosine_with_min") else total + 10
@@ -227,7 +268,9 @@ def test_get_scheduler_matches_transformers_get_scheduler(warmup, extra, cycles,
         "cosine_with_min_lr": {"num_cycles": cycles, "min_lr_rate": 0.1},
     }.get(name, {})
     ours_opt, theirs_opt = make_optimizer(0.01), make_optimizer(0.01)
-    ours = hf_optim.get_scheduler(SchedulerType(name), ours_opt, warmup, total, scheduler_specific_kwargs=specific)
+    ours = hf_optim.get_scheduler(
+        SchedulerType(name), ours_opt, warmup, total, scheduler_specific_kwargs=specific
+    )
     theirs = tfo.get_scheduler(name, theirs_opt, warmup, total, scheduler_specific_kwargs=specific)
     assert run(ours, ours_opt, total + 5) == run(theirs, theirs_opt, total + 5)
 
@@ -352,9 +395,17 @@ def test_state_dict_is_json_and_plain():
         (lambda o: hf_optim.get_cosine_schedule_with_warmup(o, 1, 10, num_cycles=-0.5), "num_cycles"),
         (lambda o: hf_optim.get_cosine_schedule_with_warmup(o, 20, 10), "num_warmup_steps"),
         (lambda o: hf_optim.get_cosine_with_hard_restarts_schedule_with_warmup(o, 1, 10, 0), "num_cycles"),
-        (lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(o, 1, 10, 0.0, min_lr=0.1), "num_cycles"),
+        (
+            lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(o, 1, 10, 0.0, min_lr=0.1),
+            "num_cycles",
+        ),
         (lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(o, 1, 10), "min_lr"),
-        (lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(o, 1, 10, min_lr=1, min_lr_rate=0.1), "min_lr"),
+        (
+            lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(
+                o, 1, 10, min_lr=1, min_lr_rate=0.1
+            ),
+            "min_lr",
+        ),
         (lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(o, 1, 10, lr_end=20.0), "lr_end"),
         (lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(o, 10, 10), "num_training_steps"),
         (lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(o, 1, 10, power=-1), "power"),
@@ -379,7 +430,9 @@ def test_bad_arguments_name_the_argument(call, argument):
     before = [dict(g) for g in optimizer.param_groups]
     with pytest.raises(ValueError, match=argument):
         call(optimizer)
-    assert [dict(g) for g in optimizer.param_groups] == before  # validation happens before LambdaLR touches it
+    assert [
+        dict(g) for g in optimizer.param_groups
+    ] == before  # validation happens before LambdaLR touches it
 
 
 def test_unknown_name_suggests_the_closest():

@@ -82,7 +82,9 @@ def step_once_per_optimizer_step(scheduler: AcceleratedScheduler) -> Accelerated
     return scheduler
 
 
-def accelerate_prepare(accelerator: Accelerator, *objects: Any, device_placement: list[bool] | None = None) -> Any:
+def accelerate_prepare(
+    accelerator: Accelerator, *objects: Any, device_placement: list[bool] | None = None
+) -> Any:
     """``accelerator.prepare(*objects)``, then make every scheduler built by hf_optim step once per optimizer step.
 
     hf_optim schedules (those carrying ``hf_optim_config``) count ``num_warmup_steps`` / ``num_training_steps`` in
@@ -134,7 +136,9 @@ class ItemNormalizer:
         self.accelerator = accelerator
         self._params = _trainable_parameters(model_or_params)
         if not self._params:
-            raise ValueError("model_or_params: expected a model or parameters with requires_grad=True, got none")
+            raise ValueError(
+                "model_or_params: expected a model or parameters with requires_grad=True, got none"
+            )
         self._window: torch.Tensor | None = None  # [loss sum, item count] of this process's current window
         self.loss: float | None = None
         self.num_items: int | None = None
@@ -145,7 +149,9 @@ class ItemNormalizer:
         ``kwargs`` go to ``accelerator.backward``.
         """
         if not isinstance(loss_sum, torch.Tensor) or loss_sum.numel() != 1:
-            raise ValueError(f"loss_sum must be a scalar tensor (the loss summed over items), got {loss_sum!r}")
+            raise ValueError(
+                f"loss_sum must be a scalar tensor (the loss summed over items), got {loss_sum!r}"
+            )
         count = _item_count(num_items)
         self.accelerator.backward(loss_sum, **kwargs)
         device = self.accelerator.device
@@ -163,7 +169,9 @@ class ItemNormalizer:
         self.loss = loss_total / items if items > 0 else float("nan")
         # accelerator.backward divided each micro-batch by gradient_accumulation_steps and DDP averaged over
         # num_processes: undo both, then divide by the global item count (0 items leave zero gradients).
-        scale = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / max(items, 1.0)
+        scale = (
+            self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / max(items, 1.0)
+        )
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
@@ -200,8 +208,15 @@ def _trainable_parameters(model_or_params: torch.nn.Module | Iterable[Any]) -> l
 def _item_count(num_items: int | torch.Tensor) -> torch.Tensor:
     if isinstance(num_items, torch.Tensor):
         # No value check on tensors: reading one would synchronise with the device at every micro-step.
-        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.is_complex() or num_items.dtype == torch.bool:
-            raise ValueError(f"num_items must be a scalar integer tensor (a count of items), got {num_items!r}")
+        if (
+            num_items.numel() != 1
+            or num_items.is_floating_point()
+            or num_items.is_complex()
+            or num_items.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"num_items must be a scalar integer tensor (a count of items), got {num_items!r}"
+            )
         return num_items.detach().reshape(())
     if isinstance(num_items, int) and not isinstance(num_items, bool):
         if num_items < 0:
@@ -268,7 +283,9 @@ def accelerate_save_state(
     if writes:
         try:
             for index, (optimizer, scheduler) in enumerate(pairs):
-                save_state(_state_dir(location, index), optimizer, scheduler, accumulator if index == 0 else None)
+                save_state(
+                    _state_dir(location, index), optimizer, scheduler, accumulator if index == 0 else None
+                )
             logger.info("Saved hf_optim state of %d optimizer(s) in %s", len(pairs), location)
         except Exception as err:  # re-raised below, after telling the other processes
             error = err
@@ -277,7 +294,9 @@ def accelerate_save_state(
     if error is not None:
         raise error
     if bool(failed.any()):
-        raise RuntimeError(f"accelerate_save_state: writing the hf_optim state into {location!r} failed on another process")
+        raise RuntimeError(
+            f"accelerate_save_state: writing the hf_optim state into {location!r} failed on another process"
+        )
     return location
 
 
@@ -310,11 +329,14 @@ def accelerate_load_state(
 
     # 1. Check everything that can be checked before changing anything.
     weight_files = [
-        _check_model_weights(accelerator, model, local_dir, index) for index, model in enumerate(accelerator._models)
+        _check_model_weights(accelerator, model, local_dir, index)
+        for index, model in enumerate(accelerator._models)
     ]
     for index in range(len(pairs)):
         state_dir = _state_dir(local_dir, index)
-        if not any(os.path.isfile(os.path.join(state_dir, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)):
+        if not any(
+            os.path.isfile(os.path.join(state_dir, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)
+        ):
             raise FileNotFoundError(
                 f"path_or_repo_id: no hf_optim optimizer state ({OPTIMIZER_NAME}) in {state_dir!r}: expected a "
                 "checkpoint written by hf_optim.accelerate_save_state (`hf-optim convert` converts Accelerate's)"
@@ -340,12 +362,18 @@ def accelerate_load_state(
 
 
 def _checkpoint_dir(
-    path_or_repo_id: str | os.PathLike[str], *, revision: str | None, subfolder: str | None, token: str | bool | None
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    revision: str | None,
+    subfolder: str | None,
+    token: str | bool | None,
 ) -> str:
     """The local checkpoint folder: a local path as is, else the whole folder downloaded from the Hub."""
     value = os.fspath(path_or_repo_id)
     if not value.startswith(("hf://", "https://", "http://")) and os.path.exists(value):
-        return resolve_state_dir(value, revision=revision, subfolder=subfolder, token=token)  # local folder checks
+        return resolve_state_dir(
+            value, revision=revision, subfolder=subfolder, token=token
+        )  # local folder checks
     return download_checkpoint(value, subfolder=subfolder, revision=revision, token=token)
 
 
@@ -374,7 +402,9 @@ def _optimizer_scheduler_pairs(accelerator: Accelerator) -> list[tuple[torch.opt
                 f"scheduler {type(scheduler).__name__} drives an optimizer that was not prepared with this accelerator"
             )
         if paired[index] is not None:
-            raise ValueError(f"optimizer {index} is driven by two prepared schedulers; hf_optim stores one per optimizer")
+            raise ValueError(
+                f"optimizer {index} is driven by two prepared schedulers; hf_optim stores one per optimizer"
+            )
         paired[index] = scheduler
     return list(zip(optimizers, paired, strict=True))
 
@@ -438,7 +468,9 @@ def _weights_file(checkpoint_dir: str, index: int) -> str:
     return os.path.join(checkpoint_dir, f"{_MODEL_STEM}{suffix}.safetensors")
 
 
-def _check_model_weights(accelerator: Accelerator, model: torch.nn.Module, checkpoint_dir: str, index: int) -> str:
+def _check_model_weights(
+    accelerator: Accelerator, model: torch.nn.Module, checkpoint_dir: str, index: int
+) -> str:
     """Check that the weights file of model ``index`` has exactly the model's tensors and shapes."""
     path = _weights_file(checkpoint_dir, index)
     if not os.path.isfile(path):

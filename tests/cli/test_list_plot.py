@@ -66,8 +66,17 @@ def test_console_script_is_installed():
 
 def test_plot_json_gives_the_schedule_values(capsys):
     code, out, _ = run_cli(
-        capsys, "plot", "linear", "cosine_with_restarts:num_cycles=2", "--num-warmup-steps", "2",
-        "--num-training-steps", "10", "--lr", "10", "--json",
+        capsys,
+        "plot",
+        "linear",
+        "cosine_with_restarts:num_cycles=2",
+        "--num-warmup-steps",
+        "2",
+        "--num-training-steps",
+        "10",
+        "--lr",
+        "10",
+        "--json",
     )
     assert code == 0
     curves = json.loads(out)["curves"]
@@ -81,8 +90,17 @@ def test_plot_json_gives_the_schedule_values(capsys):
 
 def test_plot_shared_args_go_to_schedules_that_take_them(capsys):
     code, out, _ = run_cli(
-        capsys, "plot", "cosine_with_min_lr", "linear", "--arg", "min_lr_rate=0.5", "--num-training-steps", "4",
-        "--lr", "1", "--json",
+        capsys,
+        "plot",
+        "cosine_with_min_lr",
+        "linear",
+        "--arg",
+        "min_lr_rate=0.5",
+        "--num-training-steps",
+        "4",
+        "--lr",
+        "1",
+        "--json",
     )
     assert code == 0
     curves = json.loads(out)["curves"]
@@ -105,7 +123,9 @@ def test_parse_schedule_reads_json_values():
 
 def test_text_plot_layout():
     # constant at the top row, linear decay from top-left to bottom-right
-    chart = text_plot({"a": [1.0] * 21, "b": [1 - s / 20 for s in range(21)]}, width=20, height=5).splitlines()
+    chart = text_plot(
+        {"a": [1.0] * 21, "b": [1 - s / 20 for s in range(21)]}, width=20, height=5
+    ).splitlines()
     rows = chart[:5]
     assert len(chart) == 8  # 5 rows, axis, step labels, legend
     assert rows[0].split("|")[0].strip() == "1" and rows[-1].split("|")[0].strip() == "0"
@@ -122,8 +142,9 @@ def test_text_plot_layout():
 
 
 def test_plot_prints_text_without_output(capsys):
-    code, out, _ = run_cli(capsys, "plot", "cosine", "--num-warmup-steps", "10", "--num-training-steps", "100",
-                           "--height", "8")
+    code, out, _ = run_cli(
+        capsys, "plot", "cosine", "--num-warmup-steps", "10", "--num-training-steps", "100", "--height", "8"
+    )
     assert code == 0
     lines = out.splitlines()
     assert len(lines) == 8 + 3
@@ -135,8 +156,16 @@ def test_plot_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")  # a dev dependency: present in the test environment
     output = tmp_path / "lr.png"
     code, out, _ = run_cli(
-        capsys, "plot", "cosine", "linear", "--num-warmup-steps", "10", "--num-training-steps", "100",
-        "--output", str(output),
+        capsys,
+        "plot",
+        "cosine",
+        "linear",
+        "--num-warmup-steps",
+        "10",
+        "--num-training-steps",
+        "100",
+        "--output",
+        str(output),
     )
     assert code == 0 and out == ""
     data = output.read_bytes()

@@ -50,7 +50,9 @@ def _loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return ((model(x) - y) ** 2).sum()  # summed over items (and the 2 outputs of each item)
 
 
-def _window_reference(batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> dict[str, torch.Tensor]:
+def _window_reference(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0
+) -> dict[str, torch.Tensor]:
     model = _model(seed)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
@@ -150,7 +152,9 @@ def test_optimizer_and_scheduler_by_name_go_through_plain_prepare(make_accelerat
     scheduler = hf_optim.create_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=4)
     p_model, p_opt, p_sched = accelerator.prepare(model, optimizer, scheduler)
     assert isinstance(p_opt, AcceleratedOptimizer) and p_opt.optimizer is optimizer
-    assert isinstance(p_opt.optimizer, torch.optim.AdamW)  # what DeepSpeed's CPU offload checks for AdamW mode
+    assert isinstance(
+        p_opt.optimizer, torch.optim.AdamW
+    )  # what DeepSpeed's CPU offload checks for AdamW mode
     assert isinstance(p_sched, AcceleratedScheduler) and p_sched.scheduler is scheduler
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _batch(4, 0)

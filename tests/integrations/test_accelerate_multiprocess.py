@@ -100,9 +100,14 @@ def _worker_main(out_dir: str) -> None:
             changed = any(not torch.equal(b, p) for b, p in zip(before, bare.parameters(), strict=True))
             state = next(iter(optimizer.optimizer.state.values()), {})
             records.append(
-                {"step": step, "micro": micro, "sync": sync,
-                 "grads_equal_across_ranks": torch.equal(gathered[0], gathered[1]), "params_changed": changed,
-                 "adam_step": float(state["step"]) if "step" in state else 0.0}
+                {
+                    "step": step,
+                    "micro": micro,
+                    "sync": sync,
+                    "grads_equal_across_ranks": torch.equal(gathered[0], gathered[1]),
+                    "params_changed": changed,
+                    "adam_step": float(state["step"]) if "step" in state else 0.0,
+                }
             )
     # A process-local GradientAccumulator cannot be saved mid-window by the main process alone ...
     accumulator = hf_optim.GradientAccumulator()
@@ -149,7 +154,9 @@ def _child_env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], num_processes: int) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=_child_env(), timeout=LAUNCH_TIMEOUT, cwd=ROOT
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
     for rank in range(num_processes):
@@ -162,9 +169,22 @@ def _launch(script: Path, args: list[str], num_processes: int) -> str:
         cmd = [sys.executable, str(script), *args]
     else:
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", "0", str(script), *args,
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            str(script),
+            *args,
         ]
     return _run(cmd, num_processes)
 
@@ -214,7 +234,9 @@ def test_item_normalised_gradient_and_scheduler_two_processes(tmp_path: Path) ->
     # Accumulation: DDP's no_sync on non-sync micro-steps (local gradients differ between the processes),
     # synchronised gradients on the last one, and no optimizer step except there.
     records = result["records"]
-    assert [r["sync"] for r in records] == [m == WORKER_K - 1 for _ in range(WORKER_STEPS) for m in range(WORKER_K)]
+    assert [r["sync"] for r in records] == [
+        m == WORKER_K - 1 for _ in range(WORKER_STEPS) for m in range(WORKER_K)
+    ]
     for r in records:
         assert r["grads_equal_across_ranks"] == r["sync"], r
         assert r["adam_step"] == r["step"] + r["sync"], r  # Adam's step counter: optimizer steps so far
@@ -243,9 +265,18 @@ def test_item_normalised_gradient_and_scheduler_two_processes(tmp_path: Path) ->
 # epoch has 4 full windows and a last window of one micro-batch; a checkpoint at step 4 is mid-epoch and
 # step 6 is in the second epoch.
 TRAIN = {
-    "num_samples": 36, "seq_len": 12, "vocab_size": 24, "hidden_size": 16, "seed": 3,
-    "optim": "adamw_hf", "lr_scheduler_type": "linear", "learning_rate": 1e-2, "weight_decay": 0.1,
-    "num_warmup_steps": 2, "max_steps": 6, "gradient_accumulation_steps": 2,
+    "num_samples": 36,
+    "seq_len": 12,
+    "vocab_size": 24,
+    "hidden_size": 16,
+    "seed": 3,
+    "optim": "adamw_hf",
+    "lr_scheduler_type": "linear",
+    "learning_rate": 1e-2,
+    "weight_decay": 0.1,
+    "num_warmup_steps": 2,
+    "max_steps": 6,
+    "gradient_accumulation_steps": 2,
 }
 GLOBAL_BATCH = 4
 SAVE_STEP = 4
@@ -259,8 +290,15 @@ def _script_module() -> Any:
 
 
 def _train_args(output_dir: Path, per_device_batch: int, *extra: str) -> list[str]:
-    args = ["--cpu", "--output_dir", str(output_dir), "--per_device_train_batch_size", str(per_device_batch),
-            "--save_steps", str(SAVE_STEP)]
+    args = [
+        "--cpu",
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        str(per_device_batch),
+        "--save_steps",
+        str(SAVE_STEP),
+    ]
     for key, value in TRAIN.items():
         args += [f"--{key}", str(value)]
     return [*args, *extra]
@@ -284,7 +322,9 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         TRAIN["optim"], model, lr=TRAIN["learning_rate"], weight_decay=TRAIN["weight_decay"]
     )
     scheduler = hf_optim.create_scheduler(
-        TRAIN["lr_scheduler_type"], optimizer, num_warmup_steps=TRAIN["num_warmup_steps"],
+        TRAIN["lr_scheduler_type"],
+        optimizer,
+        num_warmup_steps=TRAIN["num_warmup_steps"],
         num_training_steps=TRAIN["max_steps"],
     )
     window = GLOBAL_BATCH * TRAIN["gradient_accumulation_steps"]
@@ -303,7 +343,9 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 def _assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(expected)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got[name], expected[name], rtol=1e-5, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +370,9 @@ def one_proc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_two_processes_match_one_process_and_plain_loop(two_proc_run, one_proc_run, reference) -> None:
     (two, _), (one, _) = two_proc_run, one_proc_run
     initial, expected = reference
-    assert max((expected[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # training moved weights
+    assert (
+        max((expected[k] - initial[k]).abs().max().item() for k in initial) > 1e-3
+    )  # training moved weights
     _assert_same_weights(_weights(two / "model.safetensors"), expected)
     _assert_same_weights(_weights(one / "model.safetensors"), expected)
     results = json.loads((two / "train_results.json").read_text())
@@ -341,7 +385,9 @@ def test_two_process_schedule_counts_optimizer_steps(two_proc_run) -> None:
     results = json.loads((two / "train_results.json").read_text())
     assert results["scheduler_last_epoch"] == TRAIN["max_steps"]
     lr0, warmup, total = TRAIN["learning_rate"], TRAIN["num_warmup_steps"], TRAIN["max_steps"]
-    logged = {int(s): float(lr) for s, lr in re.findall(r"step=(\d+) epoch=\d+ loss=\S+ items=\d+ lr=(\S+)", log)}
+    logged = {
+        int(s): float(lr) for s, lr in re.findall(r"step=(\d+) epoch=\d+ loss=\S+ items=\d+ lr=(\S+)", log)
+    }
     assert sorted(logged) == list(range(1, total + 1))
     for step, lr in logged.items():  # the lr set for the step after `step`, by the formula written out
         expected = lr0 * step / warmup if step < warmup else lr0 * max(0.0, (total - step) / (total - warmup))

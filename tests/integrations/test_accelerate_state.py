@@ -109,7 +109,9 @@ def checkpoint(make_accelerator, tmp_path: Path) -> Path:
 
 
 def _resume(make_accelerator, source, **kwargs) -> dict:
-    objects = _setup(make_accelerator, seed=123)  # other initial weights: everything must come from the checkpoint
+    objects = _setup(
+        make_accelerator, seed=123
+    )  # other initial weights: everything must come from the checkpoint
     accelerate_load_state(objects[0], source, **kwargs)
     _train(*objects, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
     return _snapshot(*objects[1:])
@@ -129,10 +131,16 @@ def test_resume_is_bit_exact(make_accelerator, checkpoint: Path, uninterrupted: 
     _assert_equal_snapshots(_resume(make_accelerator, checkpoint), uninterrupted)
 
 
-def test_resume_from_local_hub(make_accelerator, checkpoint: Path, uninterrupted: dict, hub_api, hub_repo_id) -> None:
+def test_resume_from_local_hub(
+    make_accelerator, checkpoint: Path, uninterrupted: dict, hub_api, hub_repo_id
+) -> None:
     hub_api.create_repo(hub_repo_id)
-    commit = hub_api.upload_folder(repo_id=hub_repo_id, folder_path=str(checkpoint), path_in_repo="run/checkpoint-3")
-    _assert_equal_snapshots(_resume(make_accelerator, hub_repo_id, subfolder="run/checkpoint-3"), uninterrupted)
+    commit = hub_api.upload_folder(
+        repo_id=hub_repo_id, folder_path=str(checkpoint), path_in_repo="run/checkpoint-3"
+    )
+    _assert_equal_snapshots(
+        _resume(make_accelerator, hub_repo_id, subfolder="run/checkpoint-3"), uninterrupted
+    )
     _assert_equal_snapshots(_resume(make_accelerator, f"hf://{hub_repo_id}/run/checkpoint-3"), uninterrupted)
     # A later commit replaces the weights with another architecture's: the pinned revision still resumes.
     torch.manual_seed(0)
@@ -144,15 +152,22 @@ def test_resume_from_local_hub(make_accelerator, checkpoint: Path, uninterrupted
     with pytest.raises(ValueError, match=r"model\.safetensors"):
         _resume(make_accelerator, f"hf://{hub_repo_id}/run/checkpoint-3")
     _assert_equal_snapshots(
-        _resume(make_accelerator, hub_repo_id, subfolder="run/checkpoint-3", revision=commit.oid), uninterrupted
+        _resume(make_accelerator, hub_repo_id, subfolder="run/checkpoint-3", revision=commit.oid),
+        uninterrupted,
     )
-    _assert_equal_snapshots(_resume(make_accelerator, f"hf://{hub_repo_id}@{commit.oid}/run/checkpoint-3"), uninterrupted)
+    _assert_equal_snapshots(
+        _resume(make_accelerator, f"hf://{hub_repo_id}@{commit.oid}/run/checkpoint-3"), uninterrupted
+    )
 
 
-def test_resume_from_hub_cache_offline(make_accelerator, checkpoint: Path, hub_api, hub_repo_id, tmp_path) -> None:
+def test_resume_from_hub_cache_offline(
+    make_accelerator, checkpoint: Path, hub_api, hub_repo_id, tmp_path
+) -> None:
     hub_api.create_repo(hub_repo_id)
     hub_api.upload_folder(repo_id=hub_repo_id, folder_path=str(checkpoint), path_in_repo="ckpt")
-    accelerate_load_state(_setup(make_accelerator, seed=1)[0], hub_repo_id, subfolder="ckpt")  # fills the cache
+    accelerate_load_state(
+        _setup(make_accelerator, seed=1)[0], hub_repo_id, subfolder="ckpt"
+    )  # fills the cache
     # HF_HUB_OFFLINE is read when huggingface_hub is imported: load in a fresh interpreter.
     code = f"""
 import sys
@@ -181,7 +196,9 @@ def _safetensors_file(tensors: dict[str, torch.Tensor], tmp: Path) -> str:
     return str(path)
 
 
-def test_weights_of_a_ddp_checkpoint_with_module_prefix_load(make_accelerator, checkpoint: Path, uninterrupted) -> None:
+def test_weights_of_a_ddp_checkpoint_with_module_prefix_load(
+    make_accelerator, checkpoint: Path, uninterrupted
+) -> None:
     # A plain accelerator.save_state under DDP stores "module."-prefixed names: they load into a bare model.
     weights = load_file(checkpoint / "model.safetensors")
     save_file({f"module.{k}": v for k, v in weights.items()}, checkpoint / "model.safetensors")
@@ -234,7 +251,8 @@ def test_two_optimizers_each_with_its_scheduler(make_accelerator, tmp_path: Path
 
     def snap(objs):
         return [{k: v.clone() for k, v in m.state_dict().items()} for m in objs[:2]] + [
-            objs[4].get_last_lr(), objs[5].get_last_lr()
+            objs[4].get_last_lr(),
+            objs[5].get_last_lr(),
         ]
 
     objs, accelerator = setup(0)
@@ -263,7 +281,9 @@ def test_failed_loads_change_nothing(make_accelerator, checkpoint: Path, tmp_pat
     rng = torch.get_rng_state()
 
     # weights that do not fit: checked before the optimizer state is touched
-    with pytest.raises(ValueError, match=r"model\.safetensors.*fc1\.bias has shape \[7\], the model expects \[6\]"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors.*fc1\.bias has shape \[7\], the model expects \[6\]"
+    ):
         accelerate_load_state(accelerator, other)
     _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
 

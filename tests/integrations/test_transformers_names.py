@@ -44,8 +44,13 @@ HF_OPTIM_NAMES = ("adamw_hf", "adam_weight_decay")
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=32, num_labels=2,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        num_labels=2,
     )
     return BertForSequenceClassification(config)
 
@@ -105,8 +110,17 @@ def test_hf_argument_parser_lists_and_parses_names(tmp_path):
     assert all(m.value in action.choices for m in OptimizerNames)
     assert len(action.choices) == len(set(action.choices)) == len(OptimizerNames)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--optim", "adamw_hf", "--optim_args", "correct_bias=False",
-         "--report_to", "none", "--use_cpu"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--optim",
+            "adamw_hf",
+            "--optim_args",
+            "correct_bias=False",
+            "--report_to",
+            "none",
+            "--use_cpu",
+        ]
     )
     assert args.optim is OptimizerNames("adamw_hf")
     assert args.optim_args == "correct_bias=False"
@@ -135,12 +149,20 @@ def test_transformers_own_schedule_names_stay_transformers():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("trainer_cls", [HFTrainer, hf_optim.Trainer], ids=["transformers.Trainer", "hf_optim.Trainer"])
+@pytest.mark.parametrize(
+    "trainer_cls", [HFTrainer, hf_optim.Trainer], ids=["transformers.Trainer", "hf_optim.Trainer"]
+)
 def test_adamw_hf_gets_training_arguments_and_trainer_groups(tmp_path, trainer_cls):
     model = tiny_bert()
     args = training_args(
-        tmp_path, optim="adamw_hf", learning_rate=3e-3, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7,
-        weight_decay=0.1, optim_args="correct_bias=False",
+        tmp_path,
+        optim="adamw_hf",
+        learning_rate=3e-3,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-7,
+        weight_decay=0.1,
+        optim_args="correct_bias=False",
     )
     trainer = trainer_cls(model=model, args=args)
     optimizer = trainer.create_optimizer()
@@ -170,8 +192,14 @@ def test_adamw_hf_gets_training_arguments_and_trainer_groups(tmp_path, trainer_c
 def test_adam_weight_decay_maps_to_keras_arguments(tmp_path):
     model = tiny_bert()
     args = training_args(
-        tmp_path, optim="adam_weight_decay", learning_rate=2e-3, adam_beta1=0.85, adam_beta2=0.98,
-        adam_epsilon=1e-6, weight_decay=0.2, optim_args="amsgrad=true,clipnorm=1.5",
+        tmp_path,
+        optim="adam_weight_decay",
+        learning_rate=2e-3,
+        adam_beta1=0.85,
+        adam_beta2=0.98,
+        adam_epsilon=1e-6,
+        weight_decay=0.2,
+        optim_args="amsgrad=true,clipnorm=1.5",
     )
     optimizer = HFTrainer(model=model, args=args).create_optimizer()
     assert type(optimizer) is hf_optim.AdamWeightDecay
@@ -188,7 +216,10 @@ def test_adam_weight_decay_keras_patterns_from_optim_args(tmp_path):
     """With exclude_from_weight_decay in optim_args the Keras name rule decides (one group of named params)."""
     model = tiny_bert()
     args = training_args(
-        tmp_path, optim="adam_weight_decay", learning_rate=1e-2, weight_decay=0.5,
+        tmp_path,
+        optim="adam_weight_decay",
+        learning_rate=1e-2,
+        weight_decay=0.5,
         optim_args="exclude_from_weight_decay=LayerNorm|bias;classifier",
     )
     optimizer = HFTrainer(model=model, args=args).create_optimizer()
@@ -228,7 +259,10 @@ def test_optimizer_registered_later_reaches_trainer(tmp_path):
     parser = HfArgumentParser(TrainingArguments)
     assert name in next(a for a in parser._actions if a.dest == "optim").choices
     args = training_args(
-        tmp_path, optim=name, learning_rate=0.05, weight_decay=0.01,
+        tmp_path,
+        optim=name,
+        learning_rate=0.05,
+        weight_decay=0.01,
         optim_args="momentum=0.9,nesterov=true,dampening=0",
     )
     optimizer = HFTrainer(model=tiny_bert(), args=args).create_optimizer()
@@ -271,7 +305,11 @@ def test_schedule_registered_later_becomes_lr_scheduler_type(tmp_path):
 
     hf_optim.register_scheduler(name, halving)
     args = training_args(
-        tmp_path, optim="adamw_hf", learning_rate=0.1, lr_scheduler_type=name, lr_scheduler_kwargs={"every": 3}
+        tmp_path,
+        optim="adamw_hf",
+        learning_rate=0.1,
+        lr_scheduler_type=name,
+        lr_scheduler_kwargs={"every": 3},
     )
     assert args.lr_scheduler_type is SchedulerType(name)
     trainer = hf_optim.Trainer(model=tiny_bert(), args=args)
@@ -364,8 +402,18 @@ class FreshInterpreters:
     def __init__(self, directory: Path) -> None:
         script = directory / "train.py"
         script.write_text(UNMODIFIED_SCRIPT)
-        unmodified = [str(script), "--output_dir", str(directory / "out"), "--optim", "adamw_hf",
-                      "--adam_epsilon", "1e-7", "--report_to", "none", "--use_cpu"]
+        unmodified = [
+            str(script),
+            "--output_dir",
+            str(directory / "out"),
+            "--optim",
+            "adamw_hf",
+            "--adam_epsilon",
+            "1e-7",
+            "--report_to",
+            "none",
+            "--use_cpu",
+        ]
         cases = {
             "hf_optim-first": (["-c", "import hf_optim\n" + CHECK_NAMES], False),
             "transformers-first": (["-c", "import transformers.trainer\n" + CHECK_NAMES], False),
@@ -376,15 +424,19 @@ class FreshInterpreters:
             "hook-state-disabled": (["-c", HOOK_STATE], False),
             "import-hf_optim": (["-c", IMPORT_HF_OPTIM], True),
         }
-        self._processes = {name: start_python(args, autoload=autoload, cwd=directory)
-                           for name, (args, autoload) in cases.items()}
+        self._processes = {
+            name: start_python(args, autoload=autoload, cwd=directory)
+            for name, (args, autoload) in cases.items()
+        }
         self._results: dict[str, subprocess.CompletedProcess] = {}
 
     def __getitem__(self, name: str) -> subprocess.CompletedProcess:
         if name not in self._results:
             process = self._processes[name]
             stdout, stderr = process.communicate(timeout=600)
-            self._results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+            self._results[name] = subprocess.CompletedProcess(
+                process.args, process.returncode, stdout, stderr
+            )
         return self._results[name]
 
     def close(self) -> None:

@@ -50,12 +50,43 @@ train_script = _load_script()
 
 def script_args(output_dir: Path, *extra: str) -> list[str]:
     return [
-        "--output_dir", str(output_dir), "--optim", "adamw_hf", "--lr_scheduler_type", "cosine",
-        "--learning_rate", "3e-3", "--warmup_steps", "2", "--weight_decay", "0.01",
-        "--max_steps", str(N_STEPS), "--save_steps", str(STOP_AT), "--logging_steps", "3",
-        "--per_device_train_batch_size", "8", "--num_train_examples", "64", "--num_eval_examples", "8",
-        "--hidden_size", "32", "--intermediate_size", "37", "--seed", "7",
-        "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        "--output_dir",
+        str(output_dir),
+        "--optim",
+        "adamw_hf",
+        "--lr_scheduler_type",
+        "cosine",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+        "--weight_decay",
+        "0.01",
+        "--max_steps",
+        str(N_STEPS),
+        "--save_steps",
+        str(STOP_AT),
+        "--logging_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--num_train_examples",
+        "64",
+        "--num_eval_examples",
+        "8",
+        "--hidden_size",
+        "32",
+        "--intermediate_size",
+        "37",
+        "--seed",
+        "7",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--dataloader_num_workers",
+        "0",
         *extra,
     ]
 
@@ -79,7 +110,11 @@ def logged_lrs(output_dir: Path) -> dict[int, float]:
 def run_script_subprocess(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)}
     return subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(SCRIPT), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -118,7 +153,11 @@ def test_checkpoints_hold_safetensors_state_and_no_pickled_optimizer(uninterrupt
         assert not files & PICKLED_OPTIMIZER_FILES
         # the rest is transformers' own: weights, config, trainer state, RNG state, training arguments
         assert files - STATE_FILES == {
-            "config.json", "model.safetensors", "trainer_state.json", "rng_state.pth", "training_args.bin",
+            "config.json",
+            "model.safetensors",
+            "trainer_state.json",
+            "rng_state.pth",
+            "training_args.bin",
         }
         with open(checkpoint / "scheduler.json", encoding="utf-8") as f:
             scheduler_doc = json.load(f)
@@ -139,8 +178,14 @@ def test_exact_resume_from_local_checkpoint(uninterrupted, interrupted):
 @pytest.mark.parametrize(
     "options",
     [
-        ["--optim", "adam_weight_decay", "--optim_args", "amsgrad=true,clipnorm=1.0",
-         "--lr_scheduler_type", "cosine_with_restarts"],
+        [
+            "--optim",
+            "adam_weight_decay",
+            "--optim_args",
+            "amsgrad=true,clipnorm=1.0",
+            "--lr_scheduler_type",
+            "cosine_with_restarts",
+        ],
         ["--optim", "adamw_torch_fused", "--lr_scheduler_type", "linear"],
     ],
     ids=["adam_weight_decay", "adamw_torch_fused"],
@@ -185,8 +230,16 @@ def test_exact_resume_from_the_hub_in_a_fresh_process(hub_server, hub_repo_id, h
     reference = run_script_subprocess(script_args(tmp_path / "reference"), env)
     pushing = run_script_subprocess(
         script_args(
-            tmp_path / "first", "--stop_after_step", str(STOP_AT), "--push_to_hub", "--hub_model_id", hub_repo_id,
-            "--hub_strategy", "checkpoint", "--hub_token", hub_server.token,
+            tmp_path / "first",
+            "--stop_after_step",
+            str(STOP_AT),
+            "--push_to_hub",
+            "--hub_model_id",
+            hub_repo_id,
+            "--hub_strategy",
+            "checkpoint",
+            "--hub_token",
+            hub_server.token,
         ),
         env,
     )
@@ -196,13 +249,17 @@ def test_exact_resume_from_the_hub_in_a_fresh_process(hub_server, hub_repo_id, h
     files = set(hub_api.list_repo_files(hub_repo_id))
     assert {"last-checkpoint/optimizer.safetensors", "last-checkpoint/scheduler.json"} <= files
     assert not {f"last-checkpoint/{name}" for name in PICKLED_OPTIMIZER_FILES} & files
-    with open(hub_api.hf_hub_download(hub_repo_id, "last-checkpoint/trainer_state.json"), encoding="utf-8") as f:
+    with open(
+        hub_api.hf_hub_download(hub_repo_id, "last-checkpoint/trainer_state.json"), encoding="utf-8"
+    ) as f:
         assert json.load(f)["global_step"] == STOP_AT
 
     # A new process with an empty cache, resuming from the Hub URL (revision and subfolder in it).
     fresh_env = client_env(hub_server.endpoint, tmp_path / "hf_home_fresh", token=hub_server.token)
     url = f"hf://{hub_repo_id}@main/last-checkpoint"
-    log = wait_ok(run_script_subprocess(script_args(tmp_path / "resumed", "--resume_from_checkpoint", url), fresh_env))
+    log = wait_ok(
+        run_script_subprocess(script_args(tmp_path / "resumed", "--resume_from_checkpoint", url), fresh_env)
+    )
     assert f"Resuming from {url}" in log
     assert_bitwise_equal(weights(tmp_path / "resumed"), weights(tmp_path / "reference"))
     assert logged_lrs(tmp_path / "resumed") == logged_lrs(tmp_path / "reference")
@@ -211,13 +268,20 @@ def test_exact_resume_from_the_hub_in_a_fresh_process(hub_server, hub_repo_id, h
 def test_deepspeed_and_fsdp_keep_transformers_checkpointing(tmp_path, monkeypatch, caplog):
     """Under FSDP (or DeepSpeed) the base methods run, with a warning; nothing is written by hf_optim."""
     calls = []
-    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", lambda self, d: calls.append(("save", d)))
-    monkeypatch.setattr(transformers.Trainer, "_load_optimizer_and_scheduler", lambda self, d: calls.append(("load", d)))
-    model = train_script.BertForSequenceClassification(
-        train_script.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
-                                intermediate_size=16)
+    monkeypatch.setattr(
+        transformers.Trainer, "_save_optimizer_and_scheduler", lambda self, d: calls.append(("save", d))
     )
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], optim="adamw_hf")
+    monkeypatch.setattr(
+        transformers.Trainer, "_load_optimizer_and_scheduler", lambda self, d: calls.append(("load", d))
+    )
+    model = train_script.BertForSequenceClassification(
+        train_script.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16
+        )
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], optim="adamw_hf"
+    )
     trainer = hf_optim.Trainer(model=model, args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=4)
     monkeypatch.setattr(trainer, "is_fsdp_enabled", True)

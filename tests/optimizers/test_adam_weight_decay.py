@@ -316,7 +316,11 @@ def test_deepcopy_keeps_the_keras_options():
     params = [(n, torch.ones(s, requires_grad=True)) for n, s in zip(NAMES, SHAPES, strict=True)]
     opt = AdamWeightDecay(params, weight_decay_rate=0.1, exclude_from_weight_decay=["bias"], clipnorm=100.0)
     clone = copy.deepcopy(opt)
-    assert (clone.clipnorm, clone.exclude_from_weight_decay, clone.name) == (100.0, ["bias"], "AdamWeightDecay")
+    assert (clone.clipnorm, clone.exclude_from_weight_decay, clone.name) == (
+        100.0,
+        ["bias"],
+        "AdamWeightDecay",
+    )
     copied = clone.param_groups[0]["params"]
     for p in copied:
         p.grad = torch.ones_like(p)

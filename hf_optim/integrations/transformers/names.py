@@ -271,7 +271,9 @@ def parse_optim_args(optim_args: Mapping[str, str], info: Any) -> dict[str, Any]
             )
         try:
             if isinstance(own, tuple):
-                values = convert_optim_arg(raw, inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=()))
+                values = convert_optim_arg(
+                    raw, inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=())
+                )
                 if len(values) != len(own):
                     raise ValueError(f"expected {len(own)} numbers separated by ':'")
                 parsed.update(zip(own, values, strict=True))
@@ -301,7 +303,9 @@ def rename_common(info: Any, values: Mapping[str, Any], *, only_declared: bool) 
         own = own_names.get(key, key)
         if isinstance(own, tuple):
             if not isinstance(value, (tuple, list)) or len(value) != len(own):
-                raise ValueError(f"{key} must have {len(own)} values for optimizer {info.name!r}, got {value!r}")
+                raise ValueError(
+                    f"{key} must have {len(own)} values for optimizer {info.name!r}, got {value!r}"
+                )
             pairs = list(zip(own, value, strict=True))
         else:
             pairs = [(own, value)]
@@ -397,12 +401,20 @@ def schedule_function(name: str) -> Callable[..., Any]:
     """An entry for ``TYPE_TO_SCHEDULER_FUNCTION``: builds the hf_optim schedule ``name`` (a ``LambdaLR``
     carrying ``hf_optim_config``) from transformers' ``get_scheduler`` arguments."""
 
-    def build(optimizer: Any, num_warmup_steps: int | None = None, num_training_steps: int | None = None,
-              **kwargs: Any) -> Any:
+    def build(
+        optimizer: Any,
+        num_warmup_steps: int | None = None,
+        num_training_steps: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
         from hf_optim.registry import create_scheduler
 
         return create_scheduler(
-            name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, **kwargs
+            name,
+            optimizer,
+            num_warmup_steps=num_warmup_steps,
+            num_training_steps=num_training_steps,
+            **kwargs,
         )
 
     build.__name__ = f"hf_optim_schedule_{name}"
@@ -429,15 +441,21 @@ def _warn_shadowed(kind: str, value: str) -> None:
     key = f"{kind}:{value}"
     if key not in _warned:
         _warned.add(key)
-        logger.info("hf_optim %s %r: transformers has its own %r, which stays in use in TrainingArguments",
-                    kind, value, value)
+        logger.info(
+            "hf_optim %s %r: transformers has its own %r, which stays in use in TrainingArguments",
+            kind,
+            value,
+            value,
+        )
 
 
 def _register_optimizer(value: str, just_loaded: str | None) -> None:
     training_args = _complete(TRAINING_ARGS, just_loaded)
     if training_args is None:
         return
-    enum_cls = _check_enum(getattr(training_args, "OptimizerNames", None), "transformers.training_args.OptimizerNames")
+    enum_cls = _check_enum(
+        getattr(training_args, "OptimizerNames", None), "transformers.training_args.OptimizerNames"
+    )
     if value in enum_cls._value2member_map_ and value not in _OUR_OPTIMIZERS:
         _warn_shadowed("optimizer", value)
         return
@@ -459,7 +477,9 @@ def _register_scheduler(value: str, just_loaded: str | None) -> None:
     trainer_utils = _complete(TRAINER_UTILS, just_loaded)
     if trainer_utils is None:
         return
-    enum_cls = _check_enum(getattr(trainer_utils, "SchedulerType", None), "transformers.trainer_utils.SchedulerType")
+    enum_cls = _check_enum(
+        getattr(trainer_utils, "SchedulerType", None), "transformers.trainer_utils.SchedulerType"
+    )
     if value in enum_cls._value2member_map_ and value not in _OUR_SCHEDULERS:
         _warn_shadowed("schedule", value)
         return
@@ -498,7 +518,9 @@ def _warn_once(err: Exception) -> None:
 
 def _sync(just_loaded: str | None) -> None:
     global _listener_added
-    if not any(_complete(m, just_loaded) for m in (TRAINING_ARGS, TRAINER_UTILS, TRAINER_OPTIMIZER, OPTIMIZATION)):
+    if not any(
+        _complete(m, just_loaded) for m in (TRAINING_ARGS, TRAINER_UTILS, TRAINER_OPTIMIZER, OPTIMIZATION)
+    ):
         return
     from hf_optim.registry import add_registry_listener, list_optimizers, list_schedulers
 

@@ -62,7 +62,9 @@ def download_trainer_checkpoint(url: str, token: str | bool | None = None) -> st
 
     directory = download_checkpoint(url, token=token)
     if not os.path.isfile(os.path.join(directory, TRAINER_STATE_NAME)):
-        raise FileNotFoundError(f"{url} is not a Trainer checkpoint: no {TRAINER_STATE_NAME} in it ({directory})")
+        raise FileNotFoundError(
+            f"{url} is not a Trainer checkpoint: no {TRAINER_STATE_NAME} in it ({directory})"
+        )
     return directory
 
 
@@ -126,7 +128,9 @@ class TrainerMixin:
             return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
         if not self.args.should_save:
             return None
-        save_state(output_dir, _unwrap(self.optimizer), scheduler=self.lr_scheduler, fsync=self.hf_optim_fsync)
+        save_state(
+            output_dir, _unwrap(self.optimizer), scheduler=self.lr_scheduler, fsync=self.hf_optim_fsync
+        )
         return None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -140,20 +144,24 @@ class TrainerMixin:
             has_scheduler = os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))
             if not has_scheduler and self.lr_scheduler is not None:
                 logger.warning(
-                    "%s holds optimizer state but no %s: the learning-rate schedule restarts", checkpoint,
+                    "%s holds optimizer state but no %s: the learning-rate schedule restarts",
+                    checkpoint,
                     SCHEDULER_NAME,
                 )
             load_state(
                 checkpoint, _unwrap(self.optimizer), scheduler=self.lr_scheduler if has_scheduler else None
             )
-            logger.info("Loaded optimizer%s state from %s", " and scheduler" if has_scheduler else "", checkpoint)
+            logger.info(
+                "Loaded optimizer%s state from %s", " and scheduler" if has_scheduler else "", checkpoint
+            )
             return None
         if any(os.path.isfile(os.path.join(checkpoint, name)) for name in LEGACY_OPTIMIZER_NAMES):
             logger.info("%s is a legacy checkpoint (optimizer.pt): loading it with transformers", checkpoint)
             return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
         logger.warning(
             "No optimizer state in %s (neither optimizer.safetensors nor optimizer.pt): optimizer and schedule "
-            "start fresh", checkpoint,
+            "start fresh",
+            checkpoint,
         )
         return None
 
