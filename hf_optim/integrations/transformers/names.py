@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -449,62 +450,62 @@ def _warn_shadowed(kind: str, value: str) -> None:
         )
 
 
-def _register_optimizer(value: str, just_loaded: str | None) -> None:
-    training_args = _complete(TRAINING_ARGS, just_loaded)
-    if training_args is None:
-        return
-    enum_cls = _check_enum(
-        getattr(training_args, "OptimizerNames", None), "transformers.training_args.OptimizerNames"
-    )
-    if value in enum_cls._value2member_map_ and value not in _OUR_OPTIMIZERS:
-        _warn_shadowed("optimizer", value)
-        return
-    member = add_enum_member(enum_cls, value)
-    _OUR_OPTIMIZERS.add(value)
-    trainer_optimizer = _complete(TRAINER_OPTIMIZER, just_loaded)
-    if trainer_optimizer is None:
-        return
-    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
-    if not isinstance(handlers, dict):
-        raise _error("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is missing or not a dict")
-    if getattr(handlers.get(member), "_hf_optim_name", None) != value:
-        handler = optimizer_handler(value)
-        handler._hf_optim_name = value  # type: ignore[attr-defined]
-        handlers[member] = handler
+@dataclass(frozen=True)
+class _Bridge:
+    """Where one kind of registry entry goes in transformers: an enum of names and a dispatch table."""
+
+    kind: str  # "optimizer" / "schedule", for messages
+    enum_module: str
+    enum_name: str
+    table_module: str
+    table_name: str
+    ours: set[str]  # names hf_optim added (transformers' own names are never replaced)
+    make_entry: Callable[[str], Any]  # value -> the table's entry (handler / schedule function)
 
 
-def _register_scheduler(value: str, just_loaded: str | None) -> None:
-    trainer_utils = _complete(TRAINER_UTILS, just_loaded)
-    if trainer_utils is None:
+_BRIDGES = {
+    "optimizer": _Bridge(
+        "optimizer", TRAINING_ARGS, "OptimizerNames", TRAINER_OPTIMIZER, "_OPTIMIZER_HANDLERS", _OUR_OPTIMIZERS,
+        optimizer_handler,
+    ),
+    "scheduler": _Bridge(
+        "schedule", TRAINER_UTILS, "SchedulerType", OPTIMIZATION, "TYPE_TO_SCHEDULER_FUNCTION", _OUR_SCHEDULERS,
+        schedule_function,
+    ),
+}  # fmt: skip
+
+
+def _register(bridge: _Bridge, value: str, just_loaded: str | None) -> None:
+    """Add ``value`` to the enum, then its entry to the dispatch table, as far as the modules are loaded."""
+    enum_module = _complete(bridge.enum_module, just_loaded)
+    if enum_module is None:
         return
     enum_cls = _check_enum(
-        getattr(trainer_utils, "SchedulerType", None), "transformers.trainer_utils.SchedulerType"
+        getattr(enum_module, bridge.enum_name, None), f"{bridge.enum_module}.{bridge.enum_name}"
     )
-    if value in enum_cls._value2member_map_ and value not in _OUR_SCHEDULERS:
-        _warn_shadowed("schedule", value)
+    if value in enum_cls._value2member_map_ and value not in bridge.ours:
+        _warn_shadowed(bridge.kind, value)
         return
     member = add_enum_member(enum_cls, value)
-    _OUR_SCHEDULERS.add(value)
-    optimization = _complete(OPTIMIZATION, just_loaded)
-    if optimization is None:
+    bridge.ours.add(value)
+    table_module = _complete(bridge.table_module, just_loaded)
+    if table_module is None:
         return
-    table = getattr(optimization, "TYPE_TO_SCHEDULER_FUNCTION", None)
+    table = getattr(table_module, bridge.table_name, None)
     if not isinstance(table, dict):
-        raise _error("transformers.optimization.TYPE_TO_SCHEDULER_FUNCTION is missing or not a dict")
+        raise _error(f"{bridge.table_module}.{bridge.table_name} is missing or not a dict")
     if getattr(table.get(member), "_hf_optim_name", None) != value:
-        function = schedule_function(value)
-        function._hf_optim_name = value  # type: ignore[attr-defined]
-        table[member] = function
+        entry = bridge.make_entry(value)
+        entry._hf_optim_name = value
+        table[member] = entry
 
 
 def _on_registry_entry(kind: str, info: Any) -> None:
     """Registry listener: a name registered after import reaches transformers too."""
     try:
         with _lock:
-            if kind == "optimizer":
-                _register_optimizer(info.name, None)
-            elif kind == "scheduler":
-                _register_scheduler(info.name, None)
+            if kind in _BRIDGES:
+                _register(_BRIDGES[kind], info.name, None)
     except TransformersIntegrationError as err:
         _warn_once(err)
 
@@ -525,9 +526,9 @@ def _sync(just_loaded: str | None) -> None:
     from hf_optim.registry import add_registry_listener, list_optimizers, list_schedulers
 
     for value in list_optimizers():
-        _register_optimizer(value, just_loaded)
+        _register(_BRIDGES["optimizer"], value, just_loaded)
     for value in list_schedulers():
-        _register_scheduler(value, just_loaded)
+        _register(_BRIDGES["scheduler"], value, just_loaded)
     if not _listener_added:
         _listener_added = True
         add_registry_listener(_on_registry_entry)
