@@ -12,28 +12,12 @@ import sys
 
 import pytest
 import torch
-from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
-from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader, TensorDataset
 
 import hf_optim
 from hf_optim.integrations.accelerate import ItemNormalizer, accelerate_prepare, step_once_per_optimizer_step
-
-
-@pytest.fixture
-def make_accelerator():
-    """Fresh Accelerator(cpu=True, **kwargs); Accelerate keeps process-wide singletons, reset around each test."""
-
-    def make(**kwargs) -> Accelerator:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        return Accelerator(cpu=True, **kwargs)
-
-    yield make
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

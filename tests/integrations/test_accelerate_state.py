@@ -16,28 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 
 import hf_optim
 from hf_optim.integrations.accelerate import accelerate_load_state, accelerate_prepare, accelerate_save_state
 
 STEPS_BEFORE, STEPS_AFTER = 3, 3
-
-
-@pytest.fixture
-def make_accelerator():
-    """Fresh Accelerator(cpu=True, **kwargs); Accelerate keeps process-wide singletons, reset around each test."""
-
-    def make(**kwargs) -> Accelerator:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        return Accelerator(cpu=True, **kwargs)
-
-    yield make
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 class Net(torch.nn.Module):
