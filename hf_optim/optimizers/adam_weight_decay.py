@@ -137,10 +137,12 @@ class AdamWeightDecay(Optimizer):
         self._set_decay(group)
 
     def _set_decay(self, group: dict[str, Any]) -> None:
+        # The name rule, decided once per parameter; the group's current rate is applied at each step, so a rate
+        # of 0 means no decay then (and a rate changed later takes effect), as in Keras.
         names = group.get("param_names") or [""] * len(group["params"])
         for p, name in zip(group["params"], names, strict=True):
             self._decay[p] = decay_applies(
-                name, weight_decay=group["weight_decay"], include=self._include, exclude=self._exclude
+                name, weight_decay=1.0, include=self._include, exclude=self._exclude
             )
 
     def __getstate__(

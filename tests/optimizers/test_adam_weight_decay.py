@@ -238,6 +238,19 @@ def test_bad_arguments(kwargs, error, message):
         AdamWeightDecay(named_params(), **kwargs)
 
 
+def test_a_rate_set_after_construction_takes_effect():
+    # Keras reads weight_decay_rate at each step: a group created with rate 0 and raised later is decayed then,
+    # by name (the bias stays excluded).
+    params = [(n, torch.ones(s, requires_grad=True)) for n, s in zip(NAMES, SHAPES, strict=True)]
+    opt = AdamWeightDecay(params, learning_rate=0.1, exclude_from_weight_decay=["bias"])
+    opt.param_groups[0]["weight_decay"] = 0.5
+    for _, p in params:
+        p.grad = torch.zeros_like(p)  # no Adam update: only the decay moves the weights
+    opt.step()
+    assert torch.equal(params[1][1].detach(), torch.full(SHAPES[1], 1 - 0.1 * 1 * 0.5))
+    assert torch.equal(params[2][1].detach(), torch.ones(SHAPES[2]))
+
+
 def test_patterns_need_names():
     with pytest.raises(ValueError, match=r"pass model.named_parameters\(\)"):
         AdamWeightDecay(
