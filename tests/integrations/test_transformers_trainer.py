@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
@@ -163,7 +164,17 @@ def test_checkpoints_hold_safetensors_state_and_no_pickled_optimizer(uninterrupt
             scheduler_doc = json.load(f)
         assert scheduler_doc["class"] == "torch.optim.lr_scheduler.LambdaLR"
         assert scheduler_doc["state_dict"]["dict"]["last_epoch"] == step
-        assert hf_optim.inspect_state(str(checkpoint)).scheduler_step == step
+        # the schedule is described by name and arguments (those of script_args), so it rebuilds without code
+        assert (scheduler_doc["name"], scheduler_doc["kwargs"]) == (
+            "cosine",
+            {"dict": {"num_warmup_steps": 2, "num_training_steps": N_STEPS, "num_cycles": 0.5}},  # FORMAT.md
+        )
+        info = hf_optim.inspect_state(str(checkpoint))
+        assert info.scheduler_step == step
+        assert (info.optimizer_name, info.keyed_by) == ("adamw_hf", "name")  # state keyed by parameter name
+        with safe_open(checkpoint / "optimizer.safetensors", framework="pt") as f:
+            keys = set(f.keys())
+        assert "state.bert.embeddings.word_embeddings.weight.exp_avg" in keys
 
 
 def test_exact_resume_from_local_checkpoint(uninterrupted, interrupted):

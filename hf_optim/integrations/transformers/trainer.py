@@ -28,6 +28,8 @@ import torch
 import transformers
 
 from hf_optim.integrations.transformers.names import registered_names, sync
+from hf_optim.registry import list_schedulers
+from hf_optim.schedules import get_scheduler
 from hf_optim.serialization import SCHEDULER_NAME, has_state, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,16 @@ def download_trainer_checkpoint(url: str, token: str | bool | None = None) -> st
             f"{url} is not a Trainer checkpoint: no {TRAINER_STATE_NAME} in it ({directory})"
         )
     return directory
+
+
+def _name_param_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> None:
+    """Give the groups Trainer built ``param_names`` from the model, so checkpoints key state by name."""
+    if model is None or any("param_names" in group for group in optimizer.param_groups):
+        return
+    names = {p: n for n, p in model.named_parameters()}
+    if all(p in names for group in optimizer.param_groups for p in group["params"]):
+        for group in optimizer.param_groups:
+            group["param_names"] = [names[p] for p in group["params"]]
 
 
 class TrainerMixin:
@@ -112,12 +124,40 @@ class TrainerMixin:
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         created_here = getattr(self, "optimizer", None) is None
         optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        if not created_here or optimizer is None:
+            return optimizer
+        inner = _unwrap(optimizer)
         name = getattr(self.args.optim, "value", self.args.optim)
-        if created_here and optimizer is not None and name in registered_names()["optimizers"]:
-            inner = _unwrap(optimizer)
+        if name in registered_names()["optimizers"]:
             with contextlib.suppress(AttributeError):
                 inner.hf_optim_name = name
+        if self._hf_optim_native_backend() is None:
+            _name_param_groups(inner, self.model)
         return optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        """transformers' ``create_scheduler``, building hf_optim's schedule of the same name when there is one.
+
+        hf_optim's schedules give exactly transformers' learning rates and carry their name and arguments, so
+        ``scheduler.json`` describes the schedule (``hf-optim inspect``, rebuilding without code).
+        """
+        name = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+        if (
+            self.lr_scheduler is None
+            and self._hf_optim_native_backend() is None
+            and name in list_schedulers()
+        ):
+            self.lr_scheduler = get_scheduler(
+                name,
+                optimizer if optimizer is not None else self.optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
