@@ -31,6 +31,8 @@ class AutoloadBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel":
             return
+        # A copy from outside the project: hatchling treats a force-included source inside the project as moved
+        # (its own path is left out of the wheel), which would drop hf_optim/_autoload.py from the package.
         self._tmp = tempfile.mkdtemp(prefix="hf_optim_build_")
         module_copy = os.path.join(self._tmp, MODULE_NAME)
         shutil.copyfile(os.path.join(self.root, SOURCE), module_copy)

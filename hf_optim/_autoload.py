@@ -105,9 +105,6 @@ class _TransformersFinder:
             _debug("hf_optim autoload: could not hook %s: %r", fullname, err)
         return None
 
-    def invalidate_caches(self) -> None:
-        pass
-
 
 def install() -> bool:
     """Put the finder at the front of ``sys.meta_path`` unless one is there already; return True if added.
@@ -131,11 +128,6 @@ def sync_if_loaded() -> None:
         sync()
     except Exception as err:
         _debug("hf_optim autoload: registering with transformers failed: %r", err)
-
-
-def uninstall() -> None:
-    """Remove every hf_optim finder from ``sys.meta_path`` (already-registered names stay registered)."""
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not getattr(finder, _MARKER, False)]
 
 
 def _startup() -> None:

@@ -6,20 +6,45 @@
 #   scripts/demo.sh                  # local Hub server (python -m hf_optim.hub_server), nothing leaves the machine
 #   HF_ENDPOINT=https://huggingface.co HF_TOKEN=hf_... [DEMO_REPO=user/name] scripts/demo.sh   # a real Hub
 #
-# Knobs (environment): STEPS (160), STOP_AT (70), OUT (outputs/demo), DEMO_REPO (<user>/hf-optim-demo-<time>).
+# Knobs (environment): STEPS (160), STOP_AT (70), OUT (outputs/demo, relative to the repository root; emptied
+# first, so it must be new, empty, under outputs/ or a previous demo's), DEMO_REPO (<user>/hf-optim-demo-<time>).
 set -euo pipefail
-. "$(dirname "$0")/_venv.sh" dev   # creates/updates .venv, cds to the repository root, activates the venv
+ROOT="$(cd "$(dirname "$0")/.." && pwd -P)"
+cd "$ROOT"
+
+OUT="${OUT-outputs/demo}"
+MARKER=".hf_optim-demo-output"   # written into OUT: a later run may empty that folder again
+
+# Refuse to empty OUT unless it is certainly the demo's: new or empty, inside the repository's outputs/, or
+# holding the marker of an earlier run.
+refuse() { echo "demo.sh: refusing to delete OUT=$OUT: $*" >&2; exit 1; }
+[ -n "$OUT" ] || refuse "it is empty"
+if [ -e "$OUT" ] || [ -L "$OUT" ]; then
+  [ -d "$OUT" ] || refuse "it is not a directory"
+  resolved="$(cd "$OUT" && pwd -P)"
+  case "$resolved" in
+    / | "$ROOT" | "$ROOT"/outputs) refuse "it is $resolved" ;;
+  esac
+  if [ ! -f "$resolved/$MARKER" ] && [ -n "$(ls -A "$resolved")" ]; then
+    case "$resolved/" in
+      "$ROOT"/outputs/*) ;;   # the repository's git-ignored outputs (e.g. a demo run older than the marker)
+      *) refuse "$resolved is not empty and holds no $MARKER (not written by this demo); choose another OUT" ;;
+    esac
+  fi
+  rm -rf "$OUT"
+fi
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+touch "$OUT/$MARKER"
+
+. scripts/_venv.sh dev   # creates/updates .venv, activates it
 
 STEPS="${STEPS:-160}"
 STOP_AT="${STOP_AT:-70}"
-OUT="${OUT:-outputs/demo}"
 WARMUP=16
 LR=2e-3
 export HF_HUB_DISABLE_TELEMETRY=1
 
-rm -rf "$OUT"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
 SERVER_PID=""
 cleanup() {
   if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
@@ -68,7 +93,8 @@ run_quiet "$OUT/uninterrupted.log" "summary" \
   python scripts/train_trainer.py --output_dir "$OUT/uninterrupted" "${COMMON[@]}" --do_eval
 
 say "2/4 Same run, checkpoints pushed to $REPO (hub_strategy=checkpoint), interrupted after step $STOP_AT"
-python scripts/train_trainer.py --output_dir "$OUT/first" "${COMMON[@]}" --stop_after_step "$STOP_AT" \
+run_quiet "$OUT/first.log" "summary" \
+  python scripts/train_trainer.py --output_dir "$OUT/first" "${COMMON[@]}" --stop_after_step "$STOP_AT" \
   --push_to_hub --hub_model_id "$REPO" --hub_strategy checkpoint --hub_always_push true --hub_private_repo true
 
 say "3/4 New process, empty cache: resume from hf://$REPO/last-checkpoint"

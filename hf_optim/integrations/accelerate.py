@@ -31,14 +31,20 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hf_optim.hub import download_checkpoint, resolve_state_dir
-from hf_optim.serialization import OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME, load_state, save_state
+from hf_optim.accumulation import _parameters
+from hf_optim.hub import _is_url, download_checkpoint, resolve_state_dir
+from hf_optim.serialization import (
+    OPTIMIZER_INDEX_NAME,
+    OPTIMIZER_NAME,
+    _unwrap_optimizer,
+    load_state,
+    save_state,
+)
 
 __all__ = [
     "ItemNormalizer",
@@ -134,7 +140,10 @@ class ItemNormalizer:
                 "engine; pass num_items_in_batch to the model's loss instead"
             )
         self.accelerator = accelerator
-        self._params = _trainable_parameters(model_or_params)
+        # Each parameter once: a gradient listed twice must not be scaled twice.
+        self._params = list(
+            {id(p): p for p in _parameters(model_or_params, "model_or_params") if p.requires_grad}.values()
+        )
         if not self._params:
             raise ValueError(
                 "model_or_params: expected a model or parameters with requires_grad=True, got none"
@@ -175,34 +184,6 @@ class ItemNormalizer:
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
-
-
-def _trainable_parameters(model_or_params: torch.nn.Module | Iterable[Any]) -> list[torch.Tensor]:
-    if isinstance(model_or_params, torch.nn.Module):
-        items: Iterable[Any] = model_or_params.parameters()
-    elif isinstance(model_or_params, torch.Tensor):
-        items = [model_or_params]
-    else:
-        items = model_or_params
-    params: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for item in items:
-        if isinstance(item, dict):  # a param-group dict
-            group = item.get("params", [])
-            candidates = list(group) if not isinstance(group, torch.Tensor) else [group]
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):  # (name, param)
-            candidates = [item[1]]
-        else:
-            candidates = [item]
-        for p in candidates:
-            if isinstance(p, tuple):
-                p = p[1]
-            if not isinstance(p, torch.Tensor):
-                raise ValueError(f"model_or_params: expected parameters (tensors), got {type(p).__name__}")
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
 
 
 def _item_count(num_items: int | torch.Tensor) -> torch.Tensor:
@@ -370,7 +351,7 @@ def _checkpoint_dir(
 ) -> str:
     """The local checkpoint folder: a local path as is, else the whole folder downloaded from the Hub."""
     value = os.fspath(path_or_repo_id)
-    if not value.startswith(("hf://", "https://", "http://")) and os.path.exists(value):
+    if not _is_url(value) and os.path.exists(value):
         return resolve_state_dir(
             value, revision=revision, subfolder=subfolder, token=token
         )  # local folder checks
@@ -395,7 +376,9 @@ def _optimizer_scheduler_pairs(accelerator: Accelerator) -> list[tuple[torch.opt
     schedulers = [s.scheduler if isinstance(s, AcceleratedScheduler) else s for s in accelerator._schedulers]
     paired: list[Any | None] = [None] * len(optimizers)
     for scheduler in schedulers:
-        target = _unwrap_optimizer(getattr(scheduler, "optimizer", None))
+        target = getattr(scheduler, "optimizer", None)
+        if isinstance(target, torch.optim.Optimizer):
+            target = _unwrap_optimizer(target)
         index = next((i for i, opt in enumerate(optimizers) if opt is target), None)
         if index is None:
             raise ValueError(
@@ -407,12 +390,6 @@ def _optimizer_scheduler_pairs(accelerator: Accelerator) -> list[tuple[torch.opt
             )
         paired[index] = scheduler
     return list(zip(optimizers, paired, strict=True))
-
-
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    while isinstance(optimizer, AcceleratedOptimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _warn_if_scheduler_steps_per_process(accelerator: Accelerator) -> None:
@@ -475,7 +452,8 @@ def _check_model_weights(
     path = _weights_file(checkpoint_dir, index)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found")
-    expected = {name: tuple(t.shape) for name, t in _bare_model(accelerator, model).state_dict().items()}
+    state = _bare_model(accelerator, model).state_dict()
+    expected = {name: tuple(t.shape) for name, t in state.items()}
     try:
         with safe_open(path, framework="pt") as f:
             found = {_strip_wrapper_prefix(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
@@ -485,7 +463,6 @@ def _check_model_weights(
     unexpected = sorted(set(found) - set(expected))
     # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
     # with a stored one is restored through it.
-    state = _bare_model(accelerator, model).state_dict()
     stored = {state[name].untyped_storage().data_ptr() for name in found if name in state}
     missing = [name for name in missing if state[name].untyped_storage().data_ptr() not in stored]
     if missing or unexpected:

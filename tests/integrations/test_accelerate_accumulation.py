@@ -129,6 +129,22 @@ def test_item_normalizer_rejects_bad_input(make_accelerator) -> None:
         ItemNormalizer(accelerator, frozen)
 
 
+def test_item_normalizer_scales_each_parameter_once(make_accelerator) -> None:
+    accelerator = make_accelerator()
+    model = accelerator.prepare(_model())
+    # Every parameter twice: in a param-group dict and as a (name, parameter) pair.
+    normalizer = ItemNormalizer(
+        accelerator, [{"params": list(model.parameters())}, *model.named_parameters()]
+    )
+    x, y = _batch(4, 3)
+    normalizer.backward(_loss_sum(model, x, y), 4)
+    expected = _window_reference([(x, y)])
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="model_or_params"):
+        ItemNormalizer(accelerator, ["not a parameter"])
+
+
 def test_optimizer_and_scheduler_by_name_go_through_plain_prepare(make_accelerator) -> None:
     accelerator = make_accelerator()
     model = _model()

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import sysconfig
 import uuid
+import zipfile
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,45 @@ def test_registration_is_idempotent():
     assert list(OptimizerNames) == members_before
     assert dict(_OPTIMIZER_HANDLERS) == handlers_before
     assert [m.value for m in OptimizerNames].count("adamw_hf") == 1
+
+
+def test_names_with_the_same_member_name_all_parse(tmp_path):
+    """``x_hf``, ``x-hf`` and ``x.hf`` map to one identifier: each gets its own member and parses as itself."""
+    stem = f"t{uuid.uuid4().hex[:8]}"
+    values = [f"{stem}_hf", f"{stem}-hf", f"{stem}.hf"]
+    for value in values:
+        hf_optim.register_optimizer(value, torch.optim.SGD)
+    choices = next(a for a in HfArgumentParser(TrainingArguments)._actions if a.dest == "optim").choices
+    assert len(choices) == len(set(choices)) == len(OptimizerNames)
+    for value in values:
+        assert OptimizerNames(value).value == value
+        (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", value, "--report_to", "none", "--use_cpu"]
+        )
+        assert args.optim is OptimizerNames(value)
+        assert training_args(tmp_path, optim=value).optim.value == value
+        assert pickle.loads(pickle.dumps(args.optim)) is args.optim
+        assert type(HFTrainer(model=tiny_bert(), args=args).create_optimizer()) is torch.optim.SGD
+
+
+class _NoIteration(type(OptimizerNames)):
+    """An enum metaclass that lists no members: a member added at run time never shows up."""
+
+    def __iter__(cls):
+        return iter(())
+
+
+def test_failed_enum_member_is_rolled_back():
+    class broken(str, Enum, metaclass=_NoIteration):
+        KEPT = "kept"
+
+    with pytest.raises(names.TransformersIntegrationError, match="'new-value'"):
+        names.add_enum_member(broken, "new-value")
+    # Nothing of the attempt is left: no class attribute, member or value.
+    assert "NEW_VALUE" not in vars(broken)
+    assert set(broken.__members__) == {"KEPT"}
+    assert set(broken._value2member_map_) == {"kept"}
+    assert broken._member_names_ == ["KEPT"]
 
 
 def test_transformers_own_schedule_names_stay_transformers():
@@ -295,6 +336,84 @@ def test_function_factory_gets_trainer_grouping(tmp_path):
         0.0: {id(p) for n, p in named.items() if no_decay_by_bert_naming(n)},
     }
     assert all(g["lr"] == 0.2 and g["momentum"] == 0.5 for g in optimizer.param_groups)
+
+
+class _NoSignature:
+    """A factory inspect.signature cannot read (like some builtins)."""
+
+    __signature__ = "not a signature"
+
+    def __call__(self, params, **kwargs):
+        return torch.optim.SGD(params, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [lambda params, **kw: torch.optim.SGD(params, **kw), _NoSignature()],
+    ids=["kwargs", "no-signature"],
+)
+def test_factory_without_declared_arguments_gets_learning_rate_and_weight_decay(tmp_path, factory):
+    name = f"test_sgd_kw_{uuid.uuid4().hex[:8]}"
+    hf_optim.register_optimizer(name, factory)
+    model = tiny_bert()
+    args = training_args(tmp_path, optim=name, learning_rate=0.5, weight_decay=0.1)
+    optimizer = HFTrainer(model=model, args=args).create_optimizer()
+    assert type(optimizer) is torch.optim.SGD
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.5]
+    # SGD with zero gradients: p <- p - lr * wd * p in the decay group, unchanged in the no-decay group.
+    before = zero_grad_step(model, optimizer)
+    for n, p in model.named_parameters():
+        factor = 1.0 if no_decay_by_bert_naming(n) else 1.0 - 0.5 * 0.1
+        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+
+
+def _sgd_factory(params, lr=1e-3, weight_decay=0.0):
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+@pytest.mark.parametrize(
+    ("optim", "optim_args"),
+    [
+        ("adamw_hf", "weight_decay=0.2"),
+        ("adam_weight_decay", "weight_decay_rate=0.2"),
+        ("adam_weight_decay", "weight_decay=0.2"),
+        ("function-factory", "weight_decay=0.2"),
+    ],
+)
+def test_weight_decay_in_optim_args_beats_training_arguments(tmp_path, optim, optim_args):
+    """optim_args > TrainingArguments: the decay group gets optim_args' rate, the no-decay group keeps 0."""
+    if optim == "function-factory":
+        optim = f"test_factory_{uuid.uuid4().hex[:8]}"
+        hf_optim.register_optimizer(optim, _sgd_factory)
+    model = tiny_bert()
+    args = training_args(tmp_path, optim=optim, learning_rate=1e-2, weight_decay=0.5, optim_args=optim_args)
+    optimizer = HFTrainer(model=model, args=args).create_optimizer()
+    before = zero_grad_step(model, optimizer)
+    for n, p in model.named_parameters():
+        factor = 1.0 if no_decay_by_bert_naming(n) else 1.0 - 1e-2 * 0.2
+        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+
+
+def test_weight_decay_rate_in_optim_args_with_keras_patterns(tmp_path):
+    model = tiny_bert()
+    args = training_args(
+        tmp_path,
+        optim="adam_weight_decay",
+        learning_rate=1e-2,
+        weight_decay=0.5,
+        optim_args="weight_decay_rate=0.2,exclude_from_weight_decay=LayerNorm|bias",
+    )
+    optimizer = HFTrainer(model=model, args=args).create_optimizer()
+    before = zero_grad_step(model, optimizer)
+    for n, p in model.named_parameters():
+        factor = 1.0 if ("LayerNorm" in n or "bias" in n) else 1.0 - 1e-2 * 0.2
+        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+
+
+def test_weight_decay_in_optim_args_needs_the_model(tmp_path):
+    args = training_args(tmp_path, optim="adamw_hf", optim_args="weight_decay=0.2")
+    with pytest.raises(ValueError, match="adamw_hf: weight_decay in optim_args needs Trainer's model"):
+        HFTrainer.get_optimizer_cls_and_kwargs(args)
 
 
 def test_schedule_registered_later_becomes_lr_scheduler_type(tmp_path):
@@ -502,3 +621,20 @@ def test_install_puts_the_hook_in_site_packages():
     assert module.read_bytes() == (ROOT / "hf_optim" / "_autoload.py").read_bytes(), (
         f"{module} is stale: reinstall with `pip install -e . --no-deps`"
     )
+
+
+def test_wheel_ships_the_package_module_and_the_top_level_hook(tmp_path):
+    """The regular wheel holds ``hf_optim/_autoload.py`` and its top-level copy beside the ``.pth``."""
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = tmp_path.glob("hf_optim-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        source = (ROOT / "hf_optim" / "_autoload.py").read_bytes()
+        assert z.read("hf_optim/_autoload.py") == source
+        assert z.read("_hf_optim_autoload.py") == source
+        assert z.read("hf_optim_autoload.pth").decode().strip() == "import _hf_optim_autoload"

@@ -15,6 +15,8 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +276,32 @@ def test_exact_resume_from_the_hub_in_a_fresh_process(hub_server, hub_repo_id, h
     assert f"Resuming from {url}" in log
     assert_bitwise_equal(weights(tmp_path / "resumed"), weights(tmp_path / "reference"))
     assert logged_lrs(tmp_path / "resumed") == logged_lrs(tmp_path / "reference")
+
+
+def test_resume_from_a_corrupt_optimizer_state_raises_naming_the_file(interrupted, tmp_path):
+    """A damaged optimizer.safetensors must stop the resume (not silently restart the optimizer)."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(interrupted / f"checkpoint-{STOP_AT}", checkpoint)
+    state_file = checkpoint / "optimizer.safetensors"
+    with open(state_file, "r+b") as f:
+        f.seek(8)  # the start of the JSON header, after its 8-byte length
+        f.write(b"#####")
+    with pytest.raises(hf_optim.CheckpointError, match=re.escape(str(state_file))):
+        train_script.main(script_args(tmp_path / "out", "--resume_from_checkpoint", str(checkpoint)))
+
+
+def test_exact_resume_from_a_hub_web_url(uninterrupted, interrupted, hub_repo_id, hub_api, tmp_path):
+    """The huggingface.co address of a checkpoint folder resumes like its hf:// URL (from the local Hub)."""
+    hub_api.create_repo(hub_repo_id)
+    hub_api.upload_folder(
+        repo_id=hub_repo_id,
+        folder_path=str(interrupted / f"checkpoint-{STOP_AT}"),
+        path_in_repo="last-checkpoint",
+    )
+    url = f"https://huggingface.co/{hub_repo_id}/tree/main/last-checkpoint"
+    summary = train_script.main(script_args(tmp_path / "resumed", "--resume_from_checkpoint", url))
+    assert summary["global_step"] == N_STEPS
+    assert_bitwise_equal(weights(tmp_path / "resumed"), weights(uninterrupted))
 
 
 def test_deepspeed_and_fsdp_keep_transformers_checkpointing(tmp_path, monkeypatch, caplog):

@@ -15,6 +15,7 @@ they are fully imported (``sync``) or imported explicitly (``register``).
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import re
 import sys
@@ -72,12 +73,18 @@ def _error(what: str) -> TransformersIntegrationError:
 
 
 def _member_name(enum_cls: type[Enum], value: str) -> str:
-    name = re.sub(r"\W", "_", value).upper()
-    if not name or name[0].isdigit():
-        name = f"_{name}"
-    if name in enum_cls.__members__ or hasattr(enum_cls, name):
-        name = f"HF_OPTIM_{name}"
-    return name
+    """An unused member name for ``value``: its upper-cased identifier form, prefixed ``HF_OPTIM_`` and then
+    numbered (``_2``, ``_3``, ...) while another member or attribute has it (``adamw-hf`` and ``adamw.hf`` both
+    give ``ADAMW_HF``)."""
+    base = re.sub(r"\W", "_", value).upper()
+    if not base or base[0].isdigit():
+        base = f"_{base}"
+    candidates = itertools.chain(
+        [base, f"HF_OPTIM_{base}"], (f"HF_OPTIM_{base}_{i}" for i in itertools.count(2))
+    )
+    return next(
+        name for name in candidates if name not in enum_cls.__members__ and not hasattr(enum_cls, name)
+    )
 
 
 def _check_enum(enum_cls: object, label: str) -> type[Enum]:
@@ -113,6 +120,7 @@ def add_enum_member(enum_cls: type[Enum], value: str) -> Enum:
     except Exception:
         ok = False
     if not ok:
+        type.__delattr__(enum_cls, name)
         enum_cls._member_map_.pop(name, None)
         enum_cls._value2member_map_.pop(value, None)
         if name in enum_cls._member_names_:
@@ -229,18 +237,6 @@ def _guess_number(text: str) -> int | float:
         return _to_float(text)
 
 
-def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
-    try:
-        return inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-
-
-def _own_names(info: Any) -> dict[str, str | tuple[str, ...]]:
-    """The registry entry's mapping of the common names (lr, weight_decay, betas, eps) to its own."""
-    return dict(getattr(info, "arg_names", None) or {})
-
-
 def parse_optim_args(optim_args: Mapping[str, str], info: Any) -> dict[str, Any]:
     """Typed ``optim_args`` for the registry entry ``info``, keyed by the optimizer's own argument names.
 
@@ -248,21 +244,17 @@ def parse_optim_args(optim_args: Mapping[str, str], info: Any) -> dict[str, Any]
     ``weight_decay``, ``betas``, ``eps`` are accepted too and renamed like ``create_optimizer`` does. Unknown keys
     raise ``ValueError`` listing the valid ones.
     """
+    from hf_optim.registry import _keyword_params, _signature
+
     optimizer = info.name
     signature = _signature(info.factory)
-    parameters = dict(signature.parameters) if signature is not None else {}
-    takes_kwargs = signature is None or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    named = {
-        key: p
-        for key, p in list(parameters.items())[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    own_names = _own_names(info)
+    takes_kwargs = signature is None or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    named = {p.name: p for p in _keyword_params(signature)} if signature is not None else {}
     parsed: dict[str, Any] = {}
     for key, raw in optim_args.items():
         if key == "params":
             raise ValueError("optim_args cannot set 'params': Trainer builds the parameter groups")
-        own = own_names.get(key, key) if key not in named else key
+        own = info.arg_names.get(key, key) if key not in named else key
         targets = own if isinstance(own, tuple) else (own,)
         missing = [t for t in targets if t not in named]
         if missing and not takes_kwargs:
@@ -290,55 +282,54 @@ def parse_optim_args(optim_args: Mapping[str, str], info: Any) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------------------------
 
 _KERAS_PATTERNS = ("include_in_weight_decay", "exclude_from_weight_decay")
-
-
-def rename_common(info: Any, values: Mapping[str, Any], *, only_declared: bool) -> dict[str, Any]:
-    """Rename ``lr``/``weight_decay``/``betas``/``eps`` to ``info``'s own names (``arg_names``; a tuple splits
-    ``betas``). With ``only_declared``, values whose own name the factory does not declare are dropped (an
-    optimizer without ``betas`` does not get one)."""
-    signature = _signature(info.factory)
-    declared = set(signature.parameters) if signature is not None else set()
-    own_names = _own_names(info)
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        own = own_names.get(key, key)
-        if isinstance(own, tuple):
-            if not isinstance(value, (tuple, list)) or len(value) != len(own):
-                raise ValueError(
-                    f"{key} must have {len(own)} values for optimizer {info.name!r}, got {value!r}"
-                )
-            pairs = list(zip(own, value, strict=True))
-        else:
-            pairs = [(own, value)]
-        if only_declared and not all(name in declared or key in own_names for name, _ in pairs):
-            continue
-        out.update(pairs)
-    return out
+# TrainingArguments values transformers gives every optimizer; betas / eps (adam_*) only go to Adam-like ones.
+_UNIVERSAL_ARGS = ("lr", "weight_decay")
 
 
 def map_training_arguments(args: Any, info: Any, lr: float | None = None) -> dict[str, Any]:
     """TrainingArguments' ``learning_rate``, ``adam_beta1/2``, ``adam_epsilon`` and ``weight_decay`` under the
     registry entry's own argument names (``lr``/``learning_rate``, ``betas``/``beta_1``+``beta_2``,
-    ``eps``/``epsilon``, ``weight_decay``/``weight_decay_rate``); names the optimizer lacks are left out."""
+    ``eps``/``epsilon``, ``weight_decay``/``weight_decay_rate``).
+
+    ``lr`` and ``weight_decay`` go to every factory that accepts them, ``**kwargs`` and factories without a
+    signature included; ``betas`` and ``eps`` only to factories that declare them (or map them in ``arg_names``),
+    as transformers passes ``adam_*`` only to Adam-like optimizers.
+    """
+    from hf_optim.registry import _accepts, _map_common, _signature
+
+    signature = _signature(info.factory)
+
+    def takes(key: str) -> bool:
+        if key in info.arg_names:
+            return True
+        if key in _UNIVERSAL_ARGS:
+            return _accepts(signature, key)
+        return signature is not None and key in signature.parameters and _accepts(signature, key)
+
     common = {
         "lr": args.learning_rate if lr is None else lr,
         "betas": (args.adam_beta1, args.adam_beta2),
         "eps": args.adam_epsilon,
         "weight_decay": args.weight_decay,
     }
-    return rename_common(info, common, only_declared=True)
+    return _map_common(info, {k: v for k, v in common.items() if takes(k)}, "TrainingArguments")
 
 
 def _named_trainable(model: Any) -> list[tuple[str, Any]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _trainer_decay_names(model: Any) -> set[str]:
-    """The names Trainer's default ``get_decay_parameter_names`` gives weight decay to."""
+def _trainer_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainer's decay / no-decay groups (its default ``get_decay_parameter_names``) with ``weight_decay``."""
     trainer_module = sys.modules.get("transformers.trainer")
     if trainer_module is None:
         import transformers.trainer as trainer_module
-    return set(trainer_module.Trainer.get_decay_parameter_names(None, model))
+    decay = set(trainer_module.Trainer.get_decay_parameter_names(None, model))
+    named = _named_trainable(model)
+    return [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
 
 
 def optimizer_handler(name: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
@@ -349,27 +340,37 @@ def optimizer_handler(name: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
     Argument precedence: ``optim_args`` > TrainingArguments > the registry entry's ``defaults``. Trainer keeps
     building its decay / no-decay groups (biases and norms without decay) and passes them to the class, except
     when ``optim_args`` sets ``include_in_weight_decay`` / ``exclude_from_weight_decay``: then one group of
-    named parameters with ``weight_decay`` goes to the optimizer and its Keras name rule decides.
+    named parameters goes to the optimizer and its Keras name rule decides. A weight decay in ``optim_args``
+    (``weight_decay`` or the optimizer's own name) replaces ``TrainingArguments.weight_decay`` in the decay group:
+    the groups are then built here, by Trainer's default ``get_decay_parameter_names``.
     """
 
     def handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
         import torch
 
-        from hf_optim.registry import get_optimizer_info
+        from hf_optim.registry import _map_common, get_optimizer_info
 
         info = get_optimizer_info(name)
         factory = info.factory
         args = ctx.args
         lr = getattr(ctx, "optimizer_kwargs", {}).get("lr")
-        kwargs = rename_common(info, getattr(info, "defaults", None) or {}, only_declared=False)
+        kwargs = _map_common(info, info.defaults, "defaults")
         kwargs.update(map_training_arguments(args, info, lr))
-        kwargs.update(parse_optim_args(getattr(ctx, "optim_args", None) or {}, info))
+        from_optim_args = parse_optim_args(getattr(ctx, "optim_args", None) or {}, info)
+        kwargs.update(from_optim_args)
+        own_weight_decay = info.arg_names.get("weight_decay", "weight_decay")
+        weight_decay = from_optim_args.get(own_weight_decay, args.weight_decay)
         model = getattr(ctx, "model", None)
 
-        if any(kwargs.get(key) for key in _KERAS_PATTERNS):
+        keras_rule = any(kwargs.get(key) for key in _KERAS_PATTERNS)
+        if keras_rule or own_weight_decay in from_optim_args:
             if model is None:
-                raise ValueError(f"{name}: {'/'.join(_KERAS_PATTERNS)} in optim_args need Trainer's model")
-            kwargs["params"] = [{"params": _named_trainable(model), "weight_decay": args.weight_decay}]
+                what = "/".join(_KERAS_PATTERNS) if keras_rule else own_weight_decay
+                raise ValueError(f"{name}: {what} in optim_args needs Trainer's model (to build the groups)")
+            if keras_rule:
+                kwargs["params"] = [{"params": _named_trainable(model), "weight_decay": weight_decay}]
+            else:
+                kwargs["params"] = _trainer_groups(model, weight_decay)
 
         if isinstance(factory, type) and issubclass(factory, torch.optim.Optimizer):
             return factory, kwargs
@@ -381,12 +382,7 @@ def optimizer_handler(name: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
 
                 params = factory_kwargs.pop("params", None)
                 if params is None:
-                    decay = _trainer_decay_names(opt_model)
-                    named = _named_trainable(opt_model)
-                    params = [
-                        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
-                        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-                    ]
+                    params = _trainer_groups(opt_model, weight_decay)
                 return create_optimizer(name, params, **factory_kwargs)
 
             return build
@@ -501,10 +497,11 @@ def _register(bridge: _Bridge, value: str, just_loaded: str | None) -> None:
 
 
 def _on_registry_entry(kind: str, info: Any) -> None:
-    """Registry listener: a name registered after import reaches transformers too."""
+    """Registry listener: a name registered after the first ``_sync`` reaches transformers too."""
     try:
         with _lock:
-            if kind in _BRIDGES:
+            # Not while add_registry_listener replays the existing entries: _sync registers those itself.
+            if _listener_added and kind in _BRIDGES:
                 _register(_BRIDGES[kind], info.name, None)
     except TransformersIntegrationError as err:
         _warn_once(err)
@@ -525,13 +522,14 @@ def _sync(just_loaded: str | None) -> None:
         return
     from hf_optim.registry import add_registry_listener, list_optimizers, list_schedulers
 
+    if not _listener_added:
+        # Added before listing, so that no entry registered meanwhile is missed; its replay is skipped.
+        add_registry_listener(_on_registry_entry)
+        _listener_added = True
     for value in list_optimizers():
         _register(_BRIDGES["optimizer"], value, just_loaded)
     for value in list_schedulers():
         _register(_BRIDGES["scheduler"], value, just_loaded)
-    if not _listener_added:
-        _listener_added = True
-        add_registry_listener(_on_registry_entry)
 
 
 def sync(just_loaded: str | None = None) -> None:

@@ -27,39 +27,30 @@ from typing import Any
 import torch
 import transformers
 
-from hf_optim.integrations.transformers.names import registered_names, sync
+from hf_optim.hub import _is_url
+from hf_optim.integrations.transformers.names import registered_names
 from hf_optim.registry import list_schedulers
 from hf_optim.schedules import get_scheduler
-from hf_optim.serialization import SCHEDULER_NAME, has_state, load_state, save_state
+from hf_optim.serialization import (
+    OPTIMIZER_INDEX_NAME,
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
+    load_state,
+    save_state,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEGACY_OPTIMIZER_NAMES", "Trainer", "TrainerMixin", "download_trainer_checkpoint", "is_hub_url"]
+__all__ = ["LEGACY_OPTIMIZER_NAMES", "Trainer", "TrainerMixin", "download_trainer_checkpoint"]
 
 LEGACY_OPTIMIZER_NAMES = ("optimizer.pt", "optimizer.bin")
-LEGACY_SCHEDULER_NAME = "scheduler.pt"
-HF_URL_PREFIX = "hf://"
 TRAINER_STATE_NAME = "trainer_state.json"
 
 
-def is_hub_url(path: Any) -> bool:
-    """Whether ``path`` is an ``hf://`` URL (the HfFileSystem form) rather than a local folder."""
-    return isinstance(path, str) and path.startswith(HF_URL_PREFIX)
-
-
-def _unwrap(optimizer: Any) -> Any:
-    """The torch optimizer inside wrappers such as Accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            break
-        optimizer = inner
-    return optimizer
-
-
 def download_trainer_checkpoint(url: str, token: str | bool | None = None) -> str:
-    """Download a Trainer checkpoint folder (``hf://USER/REPO[@REVISION]/SUBFOLDER``) with
-    :func:`hf_optim.download_checkpoint` and check that it is one (``trainer_state.json``); return the folder."""
+    """Download a Trainer checkpoint folder (``hf://USER/REPO[@REVISION]/SUBFOLDER`` or its huggingface.co web
+    URL) with :func:`hf_optim.download_checkpoint` and check that it is one (``trainer_state.json``); return the
+    folder."""
     from hf_optim.hub import download_checkpoint
 
     directory = download_checkpoint(url, token=token)
@@ -126,13 +117,13 @@ class TrainerMixin:
         optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
         if not created_here or optimizer is None:
             return optimizer
-        inner = _unwrap(optimizer)
+        # Not wrapped yet (Accelerate wraps it in train()), except by SageMaker MP, a native backend.
         name = getattr(self.args.optim, "value", self.args.optim)
         if name in registered_names()["optimizers"]:
             with contextlib.suppress(AttributeError):
-                inner.hf_optim_name = name
+                optimizer.hf_optim_name = name
         if self._hf_optim_native_backend() is None:
-            _name_param_groups(inner, self.model)
+            _name_param_groups(optimizer, self.model)
         return optimizer
 
     def create_scheduler(
@@ -168,9 +159,7 @@ class TrainerMixin:
             return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
         if not self.args.should_save:
             return None
-        save_state(
-            output_dir, _unwrap(self.optimizer), scheduler=self.lr_scheduler, fsync=self.hf_optim_fsync
-        )
+        save_state(output_dir, self.optimizer, scheduler=self.lr_scheduler, fsync=self.hf_optim_fsync)
         return None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -180,7 +169,8 @@ class TrainerMixin:
         if backend is not None:
             self._hf_optim_warn_fallback(backend)
             return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
-        if has_state(checkpoint):
+        # On the files, not has_state(): a corrupt state file must fail in load_state, naming the problem.
+        if any(os.path.isfile(os.path.join(checkpoint, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)):
             has_scheduler = os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))
             if not has_scheduler and self.lr_scheduler is not None:
                 logger.warning(
@@ -188,9 +178,7 @@ class TrainerMixin:
                     checkpoint,
                     SCHEDULER_NAME,
                 )
-            load_state(
-                checkpoint, _unwrap(self.optimizer), scheduler=self.lr_scheduler if has_scheduler else None
-            )
+            load_state(checkpoint, self.optimizer, scheduler=self.lr_scheduler if has_scheduler else None)
             logger.info(
                 "Loaded optimizer%s state from %s", " and scheduler" if has_scheduler else "", checkpoint
             )
@@ -208,9 +196,10 @@ class TrainerMixin:
     # ---- training -------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """``transformers.Trainer.train``; ``resume_from_checkpoint`` may also be ``hf://USER/REPO[@REV]/SUBDIR``,
-        which is downloaded (main process first, into the HF cache) before resuming."""
-        if is_hub_url(resume_from_checkpoint):
+        """``transformers.Trainer.train``; ``resume_from_checkpoint`` may also be ``hf://USER/REPO[@REV]/SUBDIR``
+        (or its huggingface.co web URL), which is downloaded (main process first, into the HF cache) before
+        resuming."""
+        if isinstance(resume_from_checkpoint, str) and _is_url(resume_from_checkpoint):
             url = resume_from_checkpoint
             with self.args.main_process_first(desc="downloading the checkpoint"):
                 resume_from_checkpoint = download_trainer_checkpoint(url, token=self.args.hub_token)
@@ -223,6 +212,3 @@ class Trainer(TrainerMixin, transformers.Trainer):
 
     See :class:`TrainerMixin`. Importing it registers hf_optim's names with transformers (``optim="adamw_hf"``).
     """
-
-
-sync()
