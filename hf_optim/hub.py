@@ -9,10 +9,10 @@ checkpoint folder, for resuming a Trainer or Accelerate run.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import posixpath
-import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -23,17 +23,17 @@ from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
-    RepoFolder,
     parse_hf_uri,
     snapshot_download,
 )
-from huggingface_hub.errors import HfUriError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.errors import HfUriError, LocalEntryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_optim.serialization import (
     ACCUMULATOR_NAME,
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
+    OPTIMIZER_SHARD_PATTERN,
     SCHEDULER_NAME,
     save_state,
 )
@@ -42,10 +42,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HfUrl", "download_checkpoint", "parse_hf_url", "push_state_to_hub", "resolve_state_dir"]
 
-_SHARD_RE = re.compile(r"optimizer-\d{5}-of-\d{5}\.safetensors")
+# huggingface_hub's split_state_dict_into_shards_factory names shards with the suffix -{i:05d}-of-{n:05d}
+_SHARD_GLOB = OPTIMIZER_SHARD_PATTERN.format(suffix="-?????-of-?????")
 _STATE_FILES = (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME, SCHEDULER_NAME, ACCUMULATOR_NAME)
 _REPO_TYPES = ("model", "dataset", "space")
-_EXTRA_OPTIMIZER_DIR = re.compile(r"optimizer_\d+")  # further optimizers of an Accelerate checkpoint
+_EXTRA_OPTIMIZER_DIRS = "optimizer_[0-9]*/*"  # further optimizers of an Accelerate checkpoint
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _is_url(value: str) -> bool:
 
 def _state_patterns(subfolder: str | None) -> list[str]:
     prefix = f"{subfolder}/" if subfolder else ""
-    return [prefix + name for name in _STATE_FILES] + [f"{prefix}optimizer-?????-of-?????.safetensors"]
+    return [prefix + name for name in (*_STATE_FILES, _SHARD_GLOB)]
 
 
 def _repo_location(
@@ -120,7 +121,7 @@ def _repo_location(
         try:
             validate_repo_id(repo_id)
         except HFValidationError as err:
-            raise ValueError(f"{repo_id!r} is not a local directory nor a valid Hub repo id: {err}") from None
+            raise ValueError(f"{repo_id!r} is not a valid Hub repo id: {err}") from None
     return repo_id, _clean_subfolder(subfolder), revision, repo_type
 
 
@@ -132,11 +133,17 @@ def _snapshot_folder(
     token: str | bool | None,
     allow_patterns: list[str],
     what: str,
+    ignore_patterns: list[str] | None = None,
 ) -> str:
     where = f", subfolder {subfolder!r}" if subfolder else ""
     try:
         snapshot = snapshot_download(
-            repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns, token=token
+            repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+            token=token,
         )
     except LocalEntryNotFoundError as err:
         raise LocalEntryNotFoundError(
@@ -144,23 +151,6 @@ def _snapshot_folder(
             f"and cannot be downloaded: {err}"
         ) from err
     return os.path.join(snapshot, *subfolder.split("/")) if subfolder else snapshot
-
-
-def _root_checkpoint_patterns(
-    repo_id: str, revision: str | None, repo_type: str | None, token: str | bool | None
-) -> list[str]:
-    """The repository root's files and ``optimizer_N/`` folders, not other folders (e.g. ``checkpoint-*``)."""
-    try:
-        entries = HfApi(token=token).list_repo_tree(
-            repo_id, revision=revision, repo_type=repo_type, recursive=False
-        )
-        return [
-            f"{entry.path}/*" if isinstance(entry, RepoFolder) else entry.path
-            for entry in entries
-            if not isinstance(entry, RepoFolder) or _EXTRA_OPTIMIZER_DIR.fullmatch(entry.path)
-        ]
-    except OfflineModeIsEnabled:
-        return ["*"]  # HF_HUB_OFFLINE=1: snapshot_download serves the cached snapshot
 
 
 def download_checkpoint(
@@ -177,14 +167,23 @@ def download_checkpoint(
     below ``subfolder`` is fetched (model weights, RNG and trainer state, optimizer state), so a plain
     ``transformers.Trainer`` can ``train(resume_from_checkpoint=...)`` from the result. At the repository root,
     its files and ``optimizer_N/`` folders are fetched, not other folders such as a run's ``checkpoint-*``.
-    With ``HF_HUB_OFFLINE=1`` the cached copy is used.
+    With ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached, the cached copy is used.
     """
     repo_id, subfolder, revision, repo_type = _repo_location(repo_id_or_url, subfolder, revision, repo_type)
     if subfolder:
-        patterns = [f"{subfolder}/*"]  # fnmatch's "*" crosses "/": the whole folder
+        # fnmatch's "*" crosses "/": the whole folder
+        directory = _snapshot_folder(
+            repo_id, subfolder, revision, repo_type, token, [f"{subfolder}/*"], "checkpoint"
+        )
     else:
-        patterns = _root_checkpoint_patterns(repo_id, revision, repo_type, token)
-    directory = _snapshot_folder(repo_id, subfolder, revision, repo_type, token, patterns, "checkpoint")
+        # Patterns only, no listing of the root: snapshot_download checks a cached snapshot against exactly these
+        # patterns, so the cache serves them offline too. The root's files ("*/*": not those in folders) ...
+        directory = _snapshot_folder(
+            repo_id, None, revision, repo_type, token, ["*"], "checkpoint", ignore_patterns=["*/*"]
+        )
+        # ... then its optimizer_N/ folders, from the same commit (the snapshot folder's name)
+        commit = os.path.basename(directory)
+        _snapshot_folder(repo_id, None, commit, repo_type, token, [_EXTRA_OPTIMIZER_DIRS], "checkpoint")
     if not os.path.isdir(directory) or not os.listdir(directory):
         where = f"folder {subfolder!r}" if subfolder else "files at the repository root"
         raise FileNotFoundError(f"{repo_id} (revision {revision or 'main'}) has no {where}")
@@ -261,13 +260,7 @@ def push_state_to_hub(
     files of a previous push in the same subfolder that the new checkpoint does not use (e.g. surplus shards)
     are deleted in the same commit. ``create_pr=True`` opens a pull request against ``revision`` instead.
     """
-    if _is_url(repo_id):
-        url = parse_hf_url(repo_id)
-        revision = _merge("revision", revision, url.revision, repo_id)
-        subfolder = _merge("subfolder", _clean_subfolder(subfolder), url.subfolder, repo_id)
-        repo_type = _merge("repo_type", repo_type, url.repo_type, repo_id)
-        repo_id = url.repo_id
-    subfolder = _clean_subfolder(subfolder)
+    repo_id, subfolder, revision, repo_type = _repo_location(repo_id, subfolder, revision, repo_type)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True).repo_id
     if revision is not None and not create_pr and not revision.startswith("refs/"):
@@ -283,7 +276,7 @@ def push_state_to_hub(
             if (
                 folder == (subfolder or "")
                 and name not in names
-                and (name in _STATE_FILES or _SHARD_RE.fullmatch(name))
+                and (name in _STATE_FILES or fnmatch.fnmatchcase(name, _SHARD_GLOB))
             ):
                 stale.append(path)
         operations: list[Any] = [

@@ -25,7 +25,7 @@ import re
 import struct
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,16 +172,23 @@ class _Encoder:
 
 
 def _tensor_refs(node: Any) -> Iterable[dict[str, Any]]:
-    """Every ``{"tensor": ...}`` node inside an encoded value."""
+    """Every tensor node inside an encoded value, following the encoding's tags as :func:`_decode` does.
+
+    Pass encoded values only: a mapping keyed by parameter names, state keys or hyperparameter names (any of which
+    may be ``"tensor"``) is not one; wrap it as ``{"dict": mapping}``.
+    """
     if isinstance(node, list):
         for item in node:
             yield from _tensor_refs(item)
     elif isinstance(node, dict):
         if "tensor" in node:
             yield node
-        else:
-            for child in node.values():
-                yield from _tensor_refs(child)
+        elif len(node) == 1:
+            ((tag, inner),) = node.items()
+            if tag == "dict" and isinstance(inner, dict):
+                yield from _tensor_refs(list(inner.values()))
+            elif tag in ("tuple", "items") and isinstance(inner, list):
+                yield from _tensor_refs(inner)
 
 
 def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
@@ -192,15 +199,14 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
         return [_decode(item, tensors, where) for item in node]
     if isinstance(node, dict):
         if "tensor" in node:
-            value = tensors[node["tensor"]]
-            python = node.get("python")
-            if python is None:
+            key = node["tensor"]
+            if not isinstance(key, str) or key not in tensors:
+                raise CheckpointError(f"{where}: tensor {key!r} is not in the file(s)")
+            value = tensors[key]
+            python = node.get("python")  # None, "int" or "float" (checked by _check_tensor_nodes)
+            if python is None or not isinstance(value, torch.Tensor):  # not a tensor: a display placeholder
                 return value
-            if python == "int":
-                return int(value.item())
-            if python == "float":
-                return float(value.item())
-            raise CheckpointError(f"{where}: unknown python type {python!r} for tensor {node['tensor']!r}")
+            return int(value.item()) if python == "int" else float(value.item())
         if len(node) == 1:
             ((tag, inner),) = node.items()
             if tag == "tuple" and isinstance(inner, list):
@@ -223,20 +229,41 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
     raise CheckpointError(f"{where}: cannot decode value {node!r}")
 
 
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    )
+
+
+# the tensors that hold a Python number of optimizer state (docs/FORMAT.md "Values")
+_PYTHON_NUMBERS = {"int": torch.int64, "float": torch.float64}
+
+
 def _check_tensor_nodes(node: Any, headers: Mapping[str, _TensorEntry], where: str) -> None:
     """Each referenced tensor exists in the files with the dtype and shape the metadata records."""
     for ref in _tensor_refs(node):
-        key = ref.get("tensor")
+        key = ref["tensor"]
         entry = headers.get(key) if isinstance(key, str) else None
         if entry is None:
             raise CheckpointError(
                 f"{where}: tensor {key!r} is listed in the metadata but is not in the file(s)"
             )
         dtype = _dtype_from_name(ref.get("dtype"), f"{where}: tensor {key!r}")
-        if dtype != entry.dtype or list(ref.get("shape", [])) != list(entry.shape):
+        shape = ref.get("shape")
+        if not _is_shape(shape):
+            raise CheckpointError(f"{where}: tensor {key!r} has a malformed shape {shape!r} in the metadata")
+        if dtype != entry.dtype or shape != list(entry.shape):
             raise CheckpointError(
                 f"{where}: tensor {key!r} is {_dtype_name(entry.dtype)} {list(entry.shape)} in {entry.file} but "
-                f"the metadata says {ref.get('dtype')} {ref.get('shape')}"
+                f"the metadata says {ref.get('dtype')} {shape}"
+            )
+        python = ref.get("python")
+        if python is not None and (
+            not isinstance(python, str) or _PYTHON_NUMBERS.get(python) != dtype or shape != []
+        ):
+            raise CheckpointError(
+                f"{where}: tensor {key!r} ({ref.get('dtype')} {shape}) cannot hold a Python {python!r} "
+                "(an int is a 0-d int64 tensor, a float a 0-d float64 tensor)"
             )
 
 
@@ -823,13 +850,31 @@ def save_state(
     )
     scheduler_doc = _scheduler_document(scheduler) if scheduler is not None else None
     accumulator_payload = _accumulator_payload(accumulator) if accumulator is not None else None
-    return _save_payload(directory, tensors, meta, scheduler_doc, accumulator_payload, shard_size, fsync)
+    return _save_payload(
+        directory,
+        tensors,
+        meta,
+        scheduler_doc=scheduler_doc,
+        accumulator_payload=accumulator_payload,
+        shard_size=shard_size,
+        fsync=fsync,
+    )
+
+
+def _write_json(path: str, doc: Any, *, fsync: bool) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, allow_nan=False)
+        f.write("\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _save_payload(
     directory: str,
     tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
+    *,
     scheduler_doc: dict[str, Any] | None,
     accumulator_payload: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
     shard_size: int,
@@ -847,12 +892,7 @@ def _save_payload(
         doc = {**scheduler_doc, "checkpoint_id": checkpoint_id}
 
         def write_scheduler(path: str, doc: dict[str, Any] = doc) -> None:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=2, allow_nan=False)
-                f.write("\n")
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
+            _write_json(path, doc, fsync=fsync)
 
         companions.append(_PendingFile(SCHEDULER_NAME, write_scheduler))
 
@@ -902,12 +942,7 @@ def _save_payload(
         }
 
         def write_index(path: str) -> None:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2, allow_nan=False)
-                f.write("\n")
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
+            _write_json(path, index, fsync=fsync)
 
         manifest = _PendingFile(OPTIMIZER_INDEX_NAME, write_index)
     written = _commit(directory, checkpoint_id, companions, manifest, fsync)
@@ -960,17 +995,22 @@ def _resolve_member(directory: str, name: str, checkpoint_id: str, manifest: str
     )
 
 
+def _read_json(path: str, label: str) -> Any:
+    """Parse one of the checkpoint's JSON files (the index, ``scheduler.json``)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{label} in {os.path.dirname(path)} is truncated or corrupted: {err}"
+        ) from None
+
+
 def _read_checkpoint(directory: str) -> _Checkpoint:
     index_path = os.path.join(directory, OPTIMIZER_INDEX_NAME)
     single_path = os.path.join(directory, OPTIMIZER_NAME)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(
-                f"{OPTIMIZER_INDEX_NAME} in {directory} is truncated or corrupted: {err}"
-            ) from None
+        index = _read_json(index_path, OPTIMIZER_INDEX_NAME)
         if not isinstance(index, dict) or not isinstance(index.get("metadata"), dict):
             raise CheckpointError(f"{OPTIMIZER_INDEX_NAME} in {directory} has no 'metadata'")
         weight_map = index.get("weight_map")
@@ -979,21 +1019,20 @@ def _read_checkpoint(directory: str) -> _Checkpoint:
         meta = _load_json_metadata(
             index["metadata"].get(_METADATA_KEY), OPTIMIZER_INDEX_NAME, _KIND_OPTIMIZER
         )
-        shard_names = sorted(set(weight_map.values()), key=str)
-        for name in shard_names:
+        for name in weight_map.values():
             if not _safe_name(name) or not name.endswith(".safetensors"):
                 raise CheckpointError(
                     f"{OPTIMIZER_INDEX_NAME}: shard name {name!r} would leave the checkpoint directory "
                     "(expected a plain *.safetensors file name)"
                 )
+        shard_names = sorted(set(weight_map.values()))
         entries: dict[str, _TensorEntry] = {}
         files = [index_path]
         for name in shard_names:
             path = _resolve_member(directory, name, meta["checkpoint_id"], OPTIMIZER_INDEX_NAME)
             shard = _open_safetensors(path, name)
-            shard_meta = _load_json_metadata(shard.metadata.get(_METADATA_KEY), name, _KIND_SHARD)
-            if shard_meta["checkpoint_id"] != meta["checkpoint_id"]:  # pragma: no cover - checked by _resolve
-                raise CheckpointError(f"{name} belongs to a different checkpoint than {OPTIMIZER_INDEX_NAME}")
+            # its checkpoint id is the index's: _resolve_member read it from this same metadata
+            _load_json_metadata(shard.metadata.get(_METADATA_KEY), name, _KIND_SHARD)
             expected = {k for k, v in weight_map.items() if v == name}
             if set(shard.entries) != expected:
                 extra = sorted(set(shard.entries) - expected)[:3]
@@ -1021,7 +1060,17 @@ def _read_checkpoint(directory: str) -> _Checkpoint:
     return _Checkpoint(directory, manifest, meta, entries, files)
 
 
+def _encoded_values(meta: Mapping[str, Any], state_keys: Iterable[str], *, groups: bool) -> list[Any]:
+    """The optimizer metadata's encoded values: the state of ``state_keys``, the hyperparameters, ``extra``."""
+    nodes = [{"dict": meta["state"][k]} for k in state_keys if k in meta["state"]]
+    if groups:
+        nodes += [{"dict": g["hyperparameters"]} for g in meta["param_groups"]]
+    nodes.append({"dict": meta.get("extra") or {}})
+    return nodes
+
+
 def _validate_optimizer_meta(meta: dict[str, Any], entries: Mapping[str, _TensorEntry], label: str) -> None:
+    """Check the metadata's structure and types, so that readers can rely on them (docs/FORMAT.md)."""
     groups = meta.get("param_groups")
     state = meta.get("state")
     if (
@@ -1030,6 +1079,15 @@ def _validate_optimizer_meta(meta: dict[str, Any], entries: Mapping[str, _Tensor
         or meta.get("keyed_by") not in ("name", "index")
     ):
         raise CheckpointError(f"{label}: metadata lacks param_groups / state / keyed_by")
+    optimizer = meta.get("optimizer")
+    if optimizer is not None and not (
+        isinstance(optimizer, dict)
+        and all(optimizer.get(k) is None or isinstance(optimizer[k], str) for k in ("class", "name"))
+    ):
+        raise CheckpointError(f"{label}: malformed metadata: 'optimizer' is {optimizer!r}")
+    for key in ("extra", "files"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{label}: malformed metadata: {key!r} is {meta[key]!r}, not an object")
     keys: set[str] = set()
     for g, group in enumerate(groups):
         if not isinstance(group, dict) or not isinstance(group.get("params"), list):
@@ -1042,13 +1100,22 @@ def _validate_optimizer_meta(meta: dict[str, Any], entries: Mapping[str, _Tensor
             key = rec.get("name") if meta["keyed_by"] == "name" else str(rec["index"])
             if not isinstance(key, str) or key in keys:
                 raise CheckpointError(f"{label}: parameter {key!r} is missing a name or listed twice")
+            if not (rec.get("shape") is None or _is_shape(rec["shape"])) or not (
+                rec.get("dtype") is None or isinstance(rec["dtype"], str)
+            ):
+                raise CheckpointError(f"{label}: parameter {key!r} has a malformed shape or dtype in {rec!r}")
             keys.add(key)
     unknown = sorted(set(state) - keys)
     if unknown:
         raise CheckpointError(f"{label}: state for parameter {unknown[0]!r}, which is in no param group")
-    tree = [state, [g["hyperparameters"] for g in groups], meta.get("extra") or {}]
-    referenced = {ref.get("tensor") for ref in _tensor_refs(tree)}
+    for key, pstate in state.items():
+        if not isinstance(pstate, dict):
+            raise CheckpointError(
+                f"{label}: malformed metadata: the state of parameter {key!r} is {pstate!r}"
+            )
+    tree = _encoded_values(meta, state, groups=True)
     _check_tensor_nodes(tree, entries, label)
+    referenced = {ref["tensor"] for ref in _tensor_refs(tree)}
     unreferenced = sorted(set(entries) - referenced)
     if unreferenced:
         raise CheckpointError(f"{label}: tensor {unreferenced[0]!r} is in the file but not in the metadata")
@@ -1068,16 +1135,24 @@ class LoadReport:
     loaded: tuple[str, ...] = ()  #: parameters whose optimizer state was restored (names, or indices as str)
     missing: tuple[str, ...] = ()  #: optimizer parameters the checkpoint has no record of
     unexpected: tuple[str, ...] = ()  #: checkpoint parameters the optimizer does not have
-    mismatched: tuple[str, ...] = ()  #: present on both sides but with a different shape: skipped
+    #: present on both sides but skipped: a different parameter shape, or saved state whose keys or tensor
+    #: shapes differ from the state the optimizer already has for the parameter (that state is kept)
+    mismatched: tuple[str, ...] = ()
     param_groups_restored: bool = False
     scheduler_loaded: bool = False
     accumulator_loaded: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    scheduler_skipped: bool = False  #: a scheduler was passed but its state was not loaded (see ``notes``)
+    accumulator_skipped: bool = False  #: an accumulator was passed but its state was not loaded
 
     @property
     def complete(self) -> bool:
         """True when nothing was skipped."""
-        return not (self.missing or self.unexpected or self.mismatched) and self.param_groups_restored
+        return (
+            not (self.missing or self.unexpected or self.mismatched)
+            and self.param_groups_restored
+            and not (self.scheduler_skipped or self.accumulator_skipped)
+        )
 
 
 @dataclass
@@ -1224,13 +1299,11 @@ def _plan_optimizer(
         live_state = live_sd["state"].get(p.index)
         saved_state = state_meta.get(key)
         if live_state and saved_state is not None:
+            differences = []
             if set(live_state) != set(saved_state):
-                _fail(
-                    errors,
-                    strict,
-                    notes,
+                differences.append(
                     f"state of parameter {key!r} has keys {sorted(saved_state)} in the checkpoint but "
-                    f"{sorted(live_state)} in the optimizer",
+                    f"{sorted(live_state)} in the optimizer"
                 )
             for k, node in saved_state.items():
                 value = live_state.get(k)
@@ -1238,44 +1311,53 @@ def _plan_optimizer(
                     isinstance(value, torch.Tensor)
                     and isinstance(node, dict)
                     and "tensor" in node
-                    and list(node["shape"]) != list(value.shape)
+                    and node["shape"] != list(value.shape)
                 ):
-                    _fail(
-                        errors,
-                        strict,
-                        notes,
+                    differences.append(
                         f"state {k!r} of parameter {key!r} has shape {tuple(node['shape'])} in the checkpoint "
-                        f"but {tuple(value.shape)} in the optimizer",
+                        f"but {tuple(value.shape)} in the optimizer"
                     )
+            if differences:
+                mismatched.append(key)
+                for message in differences:
+                    _fail(errors, strict, notes, message)
+                continue
         plan[p.index] = key
     _raise(errors, ckpt.directory)
     lists = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
     return plan, len(saved_groups) == len(live), lists
 
 
+def _read_scheduler(ckpt: _Checkpoint) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """``scheduler.json`` of the checkpoint: (path, validated document, decoded state dict), or None."""
+    path = ckpt.companion("scheduler")
+    if path is None:
+        return None
+    doc = _load_json_metadata(_read_json(path, SCHEDULER_NAME), SCHEDULER_NAME, _KIND_SCHEDULER)
+    # companion() matched the id _file_checkpoint_id found, which for a JSON document with a "weight_map" is
+    # the index's metadata one: compare the scheduler's own
+    if doc["checkpoint_id"] != ckpt.checkpoint_id:
+        raise CheckpointError(
+            f"{SCHEDULER_NAME} in {ckpt.directory} records checkpoint id {doc['checkpoint_id']!r}, not "
+            f"{ckpt.checkpoint_id!r} like {ckpt.manifest}"
+        )
+    state = _decode(doc.get("state_dict"), {}, SCHEDULER_NAME)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{SCHEDULER_NAME}: state_dict is not a dictionary")
+    return path, doc, state
+
+
 def _scheduler_state(
     ckpt: _Checkpoint, scheduler: Any, opt: torch.optim.Optimizer, strict: bool, notes: list[str]
 ) -> dict[str, Any] | None:
     errors: list[str] = []
-    path = ckpt.companion("scheduler")
-    if path is None:
+    saved = _read_scheduler(ckpt)
+    if saved is None:
         _fail(errors, strict, notes, f"the checkpoint has no {SCHEDULER_NAME} but a scheduler was given")
         _raise(errors, ckpt.directory)
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"{SCHEDULER_NAME} in {ckpt.directory} is truncated or corrupted: {err}"
-        ) from None
-    doc = _load_json_metadata(doc, SCHEDULER_NAME, _KIND_SCHEDULER)
-    if doc["checkpoint_id"] != ckpt.checkpoint_id:  # pragma: no cover - ensured by companion()
-        raise CheckpointError(f"{SCHEDULER_NAME} belongs to a different checkpoint")
-    state = _decode(doc.get("state_dict"), {}, SCHEDULER_NAME)
+    _path, doc, state = saved
     notes_before = len(notes)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{SCHEDULER_NAME}: state_dict is not a dictionary")
     inner = _unwrap_scheduler(scheduler)
     saved_class = doc.get("class")
     if saved_class is not None and saved_class != _qualname(inner):
@@ -1401,8 +1483,19 @@ def load_state(
 
     directory = resolve_state_dir(path_or_repo_id, revision=revision, subfolder=subfolder, token=token)
     opt = _unwrap_optimizer(optimizer)
-    try:
+    with _nesting_is_corruption(directory):
         return _load(directory, opt, scheduler, accumulator, strict)
+
+
+@contextlib.contextmanager
+def _nesting_is_corruption(directory: str) -> Iterator[None]:
+    """Turn a RecursionError into a CheckpointError: metadata nested too deeply for JSON parsing or decoding.
+
+    Around all of the reading (JSON parsing, validation, and decoding in ``_load`` / ``_inspect``), not only
+    the reader: metadata that parses can still be too deep for :func:`_decode`.
+    """
+    try:
+        yield
     except RecursionError:
         raise CheckpointError(f"the metadata in {directory} is nested too deeply (corrupted?)") from None
 
@@ -1421,14 +1514,8 @@ def _load(
 
     # Read the tensors this load needs.
     meta = ckpt.meta
-    wanted: dict[str, _TensorEntry] = {}
-    keys_needed = set(plan.values())
-    nodes = [meta["state"][k] for k in keys_needed if k in meta["state"]]
-    if restore_groups:
-        nodes.append([g["hyperparameters"] for g in meta["param_groups"]])
-    nodes.append(meta.get("extra") or {})
-    for ref in _tensor_refs(nodes):
-        wanted[ref["tensor"]] = ckpt.entries[ref["tensor"]]
+    nodes = _encoded_values(meta, set(plan.values()), groups=restore_groups)
+    wanted = {ref["tensor"]: ckpt.entries[ref["tensor"]] for ref in _tensor_refs(nodes)}
     tensors = _read_tensors(wanted, ckpt.manifest)
 
     # Build the complete new state dict in the live optimizer's numbering.
@@ -1493,6 +1580,8 @@ def _load(
         param_groups_restored=restore_groups,
         scheduler_loaded=sched_state is not None,
         accumulator_loaded=acc_state is not None,
+        scheduler_skipped=scheduler is not None and sched_state is None,
+        accumulator_skipped=accumulator is not None and acc_state is None,
         notes=tuple(notes),
     )
 
@@ -1545,11 +1634,13 @@ class StateInfo:
 
 def has_state(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a complete, consistent hf_optim optimizer checkpoint (headers checked only)."""
+    directory = os.fspath(directory)
     try:
-        ckpt = _read_checkpoint(os.fspath(directory))
-        for kind in ("scheduler", "accumulator"):
-            ckpt.companion(kind)
-    except (OSError, ValueError, RecursionError):
+        with _nesting_is_corruption(directory):
+            ckpt = _read_checkpoint(directory)
+            for kind in ("scheduler", "accumulator"):
+                ckpt.companion(kind)
+    except (OSError, ValueError):
         return False
     return True
 
@@ -1565,10 +1656,8 @@ def inspect_state(
     from hf_optim.hub import resolve_state_dir
 
     directory = resolve_state_dir(path_or_repo_id, revision=revision, subfolder=subfolder, token=token)
-    try:
+    with _nesting_is_corruption(directory):
         return _inspect(directory)
-    except RecursionError:
-        raise CheckpointError(f"the metadata in {directory} is nested too deeply (corrupted?)") from None
 
 
 def _inspect(directory: str) -> StateInfo:
@@ -1590,23 +1679,20 @@ def _inspect(directory: str) -> StateInfo:
     step_range = None
     if steps:
         values = _read_tensors({n["tensor"]: ckpt.entries[n["tensor"]] for n in steps}, ckpt.manifest)
-        nums = [float(v.reshape(-1)[0]) for v in values.values() if v.numel() == 1]
+        nums = [float(v.reshape(-1)[0]) for v in values.values() if v.numel() == 1 and not v.is_complex()]
         if nums:
             step_range = (min(nums), max(nums))
     info: dict[str, Any] = {}
-    sched_path = ckpt.companion("scheduler")
     files = list(ckpt.files)
-    if sched_path is not None:
-        with open(sched_path, encoding="utf-8") as f:
-            doc = _load_json_metadata(json.load(f), SCHEDULER_NAME, _KIND_SCHEDULER)
-        state = _decode(doc.get("state_dict"), {}, SCHEDULER_NAME)
+    saved_scheduler = _read_scheduler(ckpt)
+    if saved_scheduler is not None:
+        sched_path, doc, state = saved_scheduler
         info["scheduler_name"] = doc.get("name")
         info["scheduler_class"] = doc.get("class")
-        if isinstance(state, dict):
-            info["scheduler_step"] = state.get("last_epoch")
-            last_lr = state.get("_last_lr")
-            if isinstance(last_lr, list):
-                info["scheduler_lr"] = tuple(last_lr)
+        info["scheduler_step"] = state.get("last_epoch")
+        last_lr = state.get("_last_lr")
+        if isinstance(last_lr, list):
+            info["scheduler_lr"] = tuple(last_lr)
         files.append(sched_path)
     acc_path = ckpt.companion("accumulator")
     if acc_path is not None:

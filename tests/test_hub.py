@@ -148,6 +148,20 @@ def test_conflicting_url_and_arguments(hub_repo_id):
         load_state(hub_repo_id, opt, subfolder="../up")
 
 
+def test_push_to_an_hf_url_and_invalid_repo_ids(hub_api, hub_repo_id):
+    _, opt, sched = setup()
+    push_state_to_hub(f"hf://{hub_repo_id}@exp/runs/a", opt, sched)
+    assert f"runs/a/{OPTIMIZER_NAME}" in hub_api.list_repo_files(hub_repo_id, revision="exp")
+    _, opt2, sched2 = setup(steps=0)
+    load_state(hub_repo_id, opt2, sched2, revision="exp", subfolder="runs/a")
+    assert_same(opt2.state_dict(), opt.state_dict())
+    with pytest.raises(ValueError, match="subfolder='b' conflicts with 'runs/a'"):
+        push_state_to_hub(f"hf://{hub_repo_id}/runs/a", opt, subfolder="b")
+    for call in (lambda: push_state_to_hub("not a repo", opt), lambda: download_checkpoint("not a repo")):
+        with pytest.raises(ValueError, match="'not a repo' is not a valid Hub repo id"):
+            call()
+
+
 def test_parse_hf_url():
     assert parse_hf_url("hf://user/repo") == hf_optim.HfUrl("model", "user/repo", None, None)
     assert parse_hf_url("hf://user/repo@v2/a/b") == hf_optim.HfUrl("model", "user/repo", "v2", "a/b")
@@ -198,6 +212,44 @@ def test_offline_uses_the_cache(hub_server, hub_repo_id, tmp_path):
             run_python(code, client_env(dead, tmp_path / "empty_home", offline=True), timeout=120)
     finally:
         sock.close()
+
+
+def test_download_checkpoint_at_the_root_is_served_from_the_cache_offline(
+    hub_server, hub_api, hub_repo_id, tmp_path
+):
+    """The root's files and optimizer_N/ folders, not checkpoint-*/, online and then from the cache alone, both
+    with HF_HUB_OFFLINE=1 and with the Hub unreachable."""
+    _, opt, sched = setup()
+    hub_api.create_repo(hub_repo_id)
+    hub_api.upload_file(path_or_fileobj=b"top", path_in_repo="top.txt", repo_id=hub_repo_id)
+    hub_api.upload_file(path_or_fileobj=b"x", path_in_repo="checkpoint-1/x.txt", repo_id=hub_repo_id)
+    push_state_to_hub(hub_repo_id, opt, sched)
+    push_state_to_hub(hub_repo_id, opt, subfolder="optimizer_1")
+    expected = sorted(
+        f for f in hub_api.list_repo_files(hub_repo_id) if "/" not in f or f.startswith("optimizer_1/")
+    )
+    assert {"top.txt", SCHEDULER_NAME, f"optimizer_1/{OPTIMIZER_NAME}"} <= set(expected)
+    code = textwrap.dedent(
+        f"""
+        import os
+        from hf_optim.hub import download_checkpoint
+        directory = download_checkpoint({hub_repo_id!r})
+        print(sorted(os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory) for f in fs))
+        """
+    )
+    hf_home = tmp_path / "client_home"
+    assert run_python(code, client_env(hub_server.endpoint, hf_home)).strip() == str(expected)
+    sock = bind_listen_socket()
+    dead = endpoint_of(sock)
+    sock.close()  # nothing listens there any more: connections are refused
+    for offline in (True, False):
+        assert run_python(code, client_env(dead, hf_home, offline=offline)).strip() == str(expected)
+        with pytest.raises(
+            AssertionError,
+            match=rf"LocalEntryNotFoundError: the checkpoint of {hub_repo_id} \(revision main\) is not in the "
+            "local cache",
+        ):
+            run_python(code, client_env(dead, tmp_path / "empty_home", offline=offline), timeout=120)
 
 
 def test_load_state_fetches_only_state_files_and_download_checkpoint_the_folder(hub_api, hub_repo_id):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import sys
 
 import pytest
 import safetensors.torch
@@ -399,6 +400,60 @@ def test_exotic_values_round_trip_with_their_python_types(tmp_path):
     assert isinstance(got["state"][0]["count"], int) and isinstance(got["state"][0]["scale"], float)
 
 
+class TensorKeyed(torch.optim.Optimizer):
+    """Keeps its buffer under the state key "tensor" and has a hyperparameter "tensor"."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.5, "tensor": 1.0})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state[p].setdefault("tensor", torch.zeros_like(p))
+                buf.add_(p.grad * group["tensor"])
+                p.sub_(group["lr"] * buf)
+
+
+def test_parameter_state_key_and_hyperparameter_named_tensor_round_trip(tmp_path):
+    """'tensor' is also the tag of a tensor reference in the metadata: as a name it must not be taken for one."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tensor = torch.nn.Parameter(torch.randn(3))
+            self.other = torch.nn.Parameter(torch.randn(2))
+
+    def optimizers(model):
+        named = dict(model.named_parameters())
+        groups = [
+            {"params": [("tensor", named["tensor"])], "tensor": 0.25},
+            {"params": [("other", named["other"])], "tensor": torch.tensor([2.0, 3.0])},
+        ]
+        return [
+            TensorKeyed(groups),
+            torch.optim.AdamW([{**g, "tensor": 0.5} for g in groups], lr=0.1),
+        ]
+
+    torch.manual_seed(0)
+    model = Model()
+    for i, opt in enumerate(optimizers(model)):
+        model.tensor.grad = torch.ones(3)
+        model.other.grad = torch.ones(2)
+        opt.step()
+        expected = snapshot(opt)[0]
+        save_state(tmp_path / str(i), opt)
+        assert has_state(tmp_path / str(i))
+        with safe_open(str(tmp_path / str(i) / OPTIMIZER_NAME), framework="pt") as f:
+            assert "state.tensor." + ("tensor" if i == 0 else "exp_avg") in set(f.keys())
+        fresh = optimizers(model)[i]
+        load_state(tmp_path / str(i), fresh)
+        assert_same_value(fresh.state_dict(), expected, type(opt).__name__)
+        assert hf_optim.inspect_state(tmp_path / str(i)).param_groups[0]["hyperparameters"]["tensor"] == (
+            0.25 if i == 0 else 0.5
+        )
+
+
 def test_unsupported_state_value_names_parameter_and_key(tmp_path):
     model = Net()
     opt = torch.optim.SGD(model.named_parameters(), lr=0.1)
@@ -664,6 +719,113 @@ def test_metadata_that_disagrees_with_tensors(saved):
     assert_load_fails_unchanged(saved, target(), r"state\.encoder\.weight\.exp_avg", CheckpointError)
 
 
+def _set(path, value):
+    def change(meta):
+        node = meta
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            _set(("state", "encoder.weight", "exp_avg", "shape"), 3),
+            "tensor 'state.encoder.weight.exp_avg' has a malformed shape 3",
+        ),
+        (
+            _set(("state", "encoder.weight", "exp_avg", "tensor"), ["x"]),
+            r"tensor \['x'\] is listed in the metadata but is not",
+        ),
+        (_set(("state", "encoder.weight", "exp_avg", "python"), "int"), "cannot hold a Python 'int'"),
+        (_set(("state", "encoder.weight"), [1]), r"the state of parameter 'encoder.weight' is \[1\]"),
+        (
+            _set(("param_groups", 0, "params", 0, "shape"), "abc"),
+            "parameter 'encoder.weight' has a malformed shape",
+        ),
+        (_set(("optimizer",), "x"), "'optimizer' is 'x'"),
+        (_set(("extra",), [1]), r"'extra' is \[1\], not an object"),
+        (_set(("files",), ["scheduler.json"]), r"'files' is \['scheduler.json'\], not an object"),
+    ],
+    ids=[
+        "shape-int",
+        "tensor-key-list",
+        "python-on-float32",
+        "state-list",
+        "param-shape-str",
+        "optimizer-str",
+        "extra-list",
+        "files-list",
+    ],
+)
+def test_malformed_metadata_is_a_checkpoint_error_naming_the_file(saved, change, match):
+    rewrite_metadata(saved / OPTIMIZER_NAME, change)
+    match = r"optimizer\.safetensors: (malformed metadata: )?.*" + match
+    assert_load_fails_unchanged(saved, target(), match, CheckpointError)
+    assert not has_state(saved)
+    with pytest.raises(CheckpointError, match=match):
+        hf_optim.inspect_state(saved)
+
+
+def test_malformed_index_and_scheduler_json_are_checkpoint_errors(tmp_path, saved):
+    path = saved / SCHEDULER_NAME
+    doc = json.loads(path.read_text())
+    doc["state_dict"]["dict"]["last_epoch"] = {"tensor": "x", "dtype": "int64", "shape": []}
+    path.write_text(json.dumps(doc))
+    match = r"scheduler\.json: tensor 'x' is not in the file"
+    assert_load_fails_unchanged(saved, target(), match, CheckpointError)
+    with pytest.raises(CheckpointError, match=match):
+        hf_optim.inspect_state(saved)
+    doc["state_dict"] = [1]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"scheduler\.json: state_dict is not a dictionary"):
+        hf_optim.inspect_state(saved)
+
+    model, opt, sched = big_setup()
+    save_state(tmp_path / "sharded", opt, sched, max_shard_size=600)
+    index_path = tmp_path / "sharded" / OPTIMIZER_INDEX_NAME
+    index = json.loads(index_path.read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = ["optimizer-00001-of-00002.safetensors"]
+    index_path.write_text(json.dumps(index))
+    match = r"optimizer\.safetensors\.index\.json: shard name \['optimizer-00001"
+    assert_load_fails_unchanged(tmp_path / "sharded", (model, *big_setup()[1:], None), match, CheckpointError)
+    assert not has_state(tmp_path / "sharded")
+    index_path.write_text(json.dumps(index)[:-10])
+    match = r"optimizer\.safetensors\.index\.json in .* is truncated or corrupted"
+    assert_load_fails_unchanged(tmp_path / "sharded", (model, *big_setup()[1:], None), match, CheckpointError)
+    assert not has_state(tmp_path / "sharded")
+
+
+def test_scheduler_json_must_record_the_checkpoint_id(saved):
+    """The id companion() matched is, for a JSON document with a "weight_map", the one under "metadata"."""
+    path = saved / SCHEDULER_NAME
+    doc = json.loads(path.read_text())
+    checkpoint_id = doc["checkpoint_id"]
+    doc.update(checkpoint_id="0" * 32, weight_map={}, metadata={"hf_optim": {"checkpoint_id": checkpoint_id}})
+    path.write_text(json.dumps(doc))
+    assert_load_fails_unchanged(saved, target(), f"records checkpoint id '{'0' * 32}', not", CheckpointError)
+
+
+def test_inspect_skips_step_counters_that_are_not_real_numbers(tmp_path):
+    model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
+    train(model, opt, sched, batches(1, 3))
+    save_state(tmp_path, opt)
+    path = tmp_path / OPTIMIZER_NAME
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in list(f.keys())}
+    tensors["state.head.bias.step"] = torch.tensor(1 + 2j, dtype=torch.complex64)
+    meta = json.loads(md["hf_optim"])
+    meta["state"]["head.bias"]["step"]["dtype"] = "complex64"
+    md["hf_optim"] = json.dumps(meta)
+    safetensors.torch.save_file(tensors, str(path), metadata=md)
+    steps = {float(s["step"]) for s in opt.state_dict()["state"].values()}
+    assert hf_optim.inspect_state(tmp_path).step == (min(steps), max(steps)) == (3.0, 3.0)
+
+
 def test_files_from_different_saves_are_refused(tmp_path, saved):
     _model, opt, sched = make_setup(OPTIMIZERS["hf_adamw"])
     save_state(tmp_path / "other", opt, sched)
@@ -758,6 +920,59 @@ def test_non_strict_skips_mismatched_shapes(tmp_path):
     }
     assert report.loaded == ("head.bias",) or set(report.loaded) == {"head.bias"}
     assert report.notes
+
+
+def test_non_strict_skips_parameters_whose_existing_state_differs(tmp_path):
+    """Same parameter shapes, but the optimizer's own state has another key / another buffer shape: keep it."""
+    model, opt, sched = make_setup(OPTIMIZERS["sgd_momentum"])
+    train(model, opt, sched, batches(1, 2))
+    saved_state = snapshot(opt)[0]
+    save_state(tmp_path, opt)
+    model2, opt2, _ = make_setup(OPTIMIZERS["sgd_momentum"], scheduler=False)
+    train(model2, opt2, None, batches(2, 2))
+    opt2.state[model2.encoder.weight]["extra_key"] = torch.zeros(1)
+    opt2.state[model2.head.weight]["momentum_buffer"] = torch.zeros(7)
+    before = snapshot(opt2)[0]
+
+    report = load_state(tmp_path, opt2, strict=False)
+    assert set(report.mismatched) == {"encoder.weight", "head.weight"}
+    assert not report.complete
+    assert set(report.loaded) == {n for n, _ in model2.named_parameters()} - {"encoder.weight", "head.weight"}
+    got = opt2.state_dict()
+    names = [n for g in got["param_groups"] for n in g["param_names"]]
+    saved_names = [n for g in saved_state["param_groups"] for n in g["param_names"]]
+    for i, name in enumerate(names):
+        expected = before if name in ("encoder.weight", "head.weight") else saved_state
+        j = i if expected is before else saved_names.index(name)
+        assert_same_value(got["state"][i], expected["state"][j], name)
+
+    assert_load_fails_unchanged(
+        tmp_path,
+        (model2, opt2, None, None),
+        r"(?s)'encoder\.weight' has keys.*'head\.weight' has shape \(3, 8\) in the checkpoint but \(7,\)",
+    )
+
+
+def test_non_strict_report_is_incomplete_when_the_scheduler_or_accumulator_is_skipped(saved):
+    _model, opt, _sched, acc = target()
+    other = hf_optim.get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=20)
+    report = load_state(saved, opt, other, acc, strict=False)
+    assert report.scheduler_skipped and not report.scheduler_loaded
+    assert report.accumulator_loaded and not report.accumulator_skipped
+    assert not report.missing and not report.unexpected and not report.mismatched
+    assert not report.complete
+
+    _model, opt, sched, _acc = target()
+    acc2 = hf_optim.GradientAccumulator()
+    acc2([torch.ones(2)])
+    report = load_state(saved, opt, sched, acc2, strict=False)
+    assert report.accumulator_skipped and not report.accumulator_loaded
+    assert report.scheduler_loaded and not report.scheduler_skipped
+    assert not report.complete
+
+    _model, opt, sched, acc = target()
+    report = load_state(saved, opt, sched, acc, strict=False)
+    assert report.complete and not (report.scheduler_skipped or report.accumulator_skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -868,8 +1083,11 @@ def test_scheduler_with_other_arguments_loads_its_position_and_keeps_its_config(
     assert sched.last_epoch == 2  # 5 micro-steps with micro=2: 2 optimizer steps
 
 
-def test_deeply_nested_metadata_is_a_clear_error(saved):
-    deep = "[" * 5000 + "]" * 5000
+@pytest.mark.parametrize("too_deep_for", ["json", "decoding"])
+def test_deeply_nested_metadata_is_a_clear_error(saved, too_deep_for):
+    # the JSON parser fails beyond the recursion limit; decoding (2 frames a level) at 3/5 of it already
+    depth = 5 * sys.getrecursionlimit() if too_deep_for == "json" else 3 * sys.getrecursionlimit() // 5
+    deep = "[" * depth + "]" * depth
     path = saved / OPTIMIZER_NAME
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
@@ -882,3 +1100,7 @@ def test_deeply_nested_metadata_is_a_clear_error(saved):
     )
     safetensors.torch.save_file(tensors, str(path), metadata=md)
     assert_load_fails_unchanged(saved, target(), "nested too deeply", CheckpointError)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        hf_optim.inspect_state(saved)
+    if too_deep_for == "json":
+        assert not has_state(saved)

@@ -190,9 +190,16 @@ def convert_checkpoint(
         if not isinstance(sched_state, Mapping):
             raise ValueError(f"{sched_path} is not a scheduler state_dict")
         scheduler_doc = _scheduler_document_from_state(sched_state, None, None, None)
-    out = output or checkpoint_dir
+    # fsync (unlike save_state's default): a one-off conversion whose output is then relied on instead of the
+    # pickled files; flushing it costs once and makes it survive a power loss
     written = _save_payload(
-        out, tensors, meta, scheduler_doc, None, _parse_max_shard_size(max_shard_size), True
+        output or checkpoint_dir,
+        tensors,
+        meta,
+        scheduler_doc=scheduler_doc,
+        accumulator_payload=None,
+        shard_size=_parse_max_shard_size(max_shard_size),
+        fsync=True,
     )
     keyed = "name" if meta["keyed_by"] == "name" else "index (pass --names-from to key by name)"
     logger.info(

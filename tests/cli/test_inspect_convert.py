@@ -12,6 +12,7 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 
@@ -130,6 +131,23 @@ def test_inspect_errors(tmp_path, capsys):
     (tmp_path / "optimizer.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     code, _, err = run_cli(capsys, "inspect", str(tmp_path))
     assert code == 2 and "optimizer.safetensors" in err and "corrupted" in err
+
+
+def test_inspect_malformed_metadata_is_a_clear_error(tmp_path, capsys):
+    """A parameter shape that is not a list of ints: an error naming the file, not a traceback."""
+    _, opt, sched = trained()
+    hf_optim.save_state(tmp_path, opt, sched)
+    path = str(tmp_path / "optimizer.safetensors")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in list(f.keys())}
+    meta = json.loads(metadata["hf_optim"])
+    meta["param_groups"][0]["params"][0]["shape"] = "16x4"
+    metadata["hf_optim"] = json.dumps(meta)
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path))
+    assert code == 2 and not out
+    assert "optimizer.safetensors: parameter '0.weight' has a malformed shape or dtype" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------
