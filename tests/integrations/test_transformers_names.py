@@ -75,6 +75,15 @@ def zero_grad_step(model, optimizer) -> dict[str, torch.Tensor]:
     return before
 
 
+def assert_decoupled_decay(
+    model, before, *, lr: float, weight_decay: float, excluded=no_decay_by_bert_naming
+):
+    """After a zero-gradient step the Adam term is 0: decayed weights are ``p * (1 - lr * wd)``, the rest as before."""
+    for n, p in model.named_parameters():
+        factor = 1.0 if excluded(n) else 1.0 - lr * weight_decay
+        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+
+
 def start_python(args: list[str], *, autoload: bool, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("HF_OPTIM_DISABLE_AUTOLOAD", None)
@@ -225,9 +234,7 @@ def test_adamw_hf_gets_training_arguments_and_trainer_groups(tmp_path, trainer_c
 
     # Legacy AdamW with zero gradients: the Adam term is 0, the decoupled decay gives p * (1 - lr * wd).
     before = zero_grad_step(model, optimizer)
-    for n, p in model.named_parameters():
-        factor = 1.0 if no_decay_by_bert_naming(n) else 1.0 - 3e-3 * 0.1
-        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+    assert_decoupled_decay(model, before, lr=3e-3, weight_decay=0.1)
 
 
 def test_adam_weight_decay_maps_to_keras_arguments(tmp_path):
@@ -273,9 +280,7 @@ def test_adam_weight_decay_keras_patterns_from_optim_args(tmp_path):
 
     before = zero_grad_step(model, optimizer)
     assert any(excluded(n) for n in before) and not all(excluded(n) for n in before)
-    for n, p in model.named_parameters():
-        factor = 1.0 if excluded(n) else 1.0 - 1e-2 * 0.5
-        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+    assert_decoupled_decay(model, before, lr=1e-2, weight_decay=0.5, excluded=excluded)
 
 
 @pytest.mark.parametrize(
@@ -362,9 +367,7 @@ def test_factory_without_declared_arguments_gets_learning_rate_and_weight_decay(
     assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.5]
     # SGD with zero gradients: p <- p - lr * wd * p in the decay group, unchanged in the no-decay group.
     before = zero_grad_step(model, optimizer)
-    for n, p in model.named_parameters():
-        factor = 1.0 if no_decay_by_bert_naming(n) else 1.0 - 0.5 * 0.1
-        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+    assert_decoupled_decay(model, before, lr=0.5, weight_decay=0.1)
 
 
 def _sgd_factory(params, lr=1e-3, weight_decay=0.0):
@@ -389,9 +392,7 @@ def test_weight_decay_in_optim_args_beats_training_arguments(tmp_path, optim, op
     args = training_args(tmp_path, optim=optim, learning_rate=1e-2, weight_decay=0.5, optim_args=optim_args)
     optimizer = HFTrainer(model=model, args=args).create_optimizer()
     before = zero_grad_step(model, optimizer)
-    for n, p in model.named_parameters():
-        factor = 1.0 if no_decay_by_bert_naming(n) else 1.0 - 1e-2 * 0.2
-        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+    assert_decoupled_decay(model, before, lr=1e-2, weight_decay=0.2)
 
 
 def test_weight_decay_rate_in_optim_args_with_keras_patterns(tmp_path):
@@ -405,9 +406,9 @@ def test_weight_decay_rate_in_optim_args_with_keras_patterns(tmp_path):
     )
     optimizer = HFTrainer(model=model, args=args).create_optimizer()
     before = zero_grad_step(model, optimizer)
-    for n, p in model.named_parameters():
-        factor = 1.0 if ("LayerNorm" in n or "bias" in n) else 1.0 - 1e-2 * 0.2
-        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0)
+    assert_decoupled_decay(
+        model, before, lr=1e-2, weight_decay=0.2, excluded=lambda n: "LayerNorm" in n or "bias" in n
+    )
 
 
 def test_weight_decay_in_optim_args_needs_the_model(tmp_path):
