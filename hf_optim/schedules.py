@@ -116,6 +116,13 @@ def attach_config(scheduler: Any, name: str, kwargs: Mapping[str, Any]) -> Any:
     return scheduler
 
 
+def _lambda_schedule(
+    optimizer: Optimizer, name: str, multiplier: Any, last_epoch: int, **kwargs: Any
+) -> LambdaLR:
+    """``LambdaLR`` of ``partial(multiplier, **kwargs)``, described as ``name`` with those same arguments."""
+    return attach_config(LambdaLR(optimizer, partial(multiplier, **kwargs), last_epoch), name, kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Multipliers: same float operations, in the same order, as transformers 5.x (transformers/optimization.py)
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,9 +278,13 @@ def get_constant_schedule_with_warmup(
 ) -> LambdaLR:
     """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate."""
     num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    lr_lambda = partial(_constant_with_warmup_lambda, num_warmup_steps=num_warmup_steps)
-    scheduler = LambdaLR(optimizer, lr_lambda, last_epoch=last_epoch)
-    return attach_config(scheduler, "constant_with_warmup", {"num_warmup_steps": num_warmup_steps})
+    return _lambda_schedule(
+        optimizer,
+        "constant_with_warmup",
+        _constant_with_warmup_lambda,
+        last_epoch,
+        num_warmup_steps=num_warmup_steps,
+    )
 
 
 def get_linear_schedule_with_warmup(
@@ -283,13 +294,13 @@ def get_linear_schedule_with_warmup(
     num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
     num_training_steps = _steps(num_training_steps, "num_training_steps")
     _warmup_within_training(num_warmup_steps, num_training_steps)
-    lr_lambda = partial(
-        _linear_lambda, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps
-    )
-    return attach_config(
-        LambdaLR(optimizer, lr_lambda, last_epoch),
+    return _lambda_schedule(
+        optimizer,
         "linear",
-        {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps},
+        _linear_lambda,
+        last_epoch,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
     )
 
 
@@ -305,20 +316,14 @@ def get_cosine_schedule_with_warmup(
     num_training_steps = _steps(num_training_steps, "num_training_steps")
     _warmup_within_training(num_warmup_steps, num_training_steps)
     num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
-    lr_lambda = partial(
+    return _lambda_schedule(
+        optimizer,
+        "cosine",
         _cosine_lambda,
+        last_epoch,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
         num_cycles=num_cycles,
-    )
-    return attach_config(
-        LambdaLR(optimizer, lr_lambda, last_epoch),
-        "cosine",
-        {
-            "num_warmup_steps": num_warmup_steps,
-            "num_training_steps": num_training_steps,
-            "num_cycles": num_cycles,
-        },
     )
 
 
@@ -334,20 +339,14 @@ def get_cosine_with_hard_restarts_schedule_with_warmup(
     num_training_steps = _steps(num_training_steps, "num_training_steps")
     _warmup_within_training(num_warmup_steps, num_training_steps)
     num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
-    lr_lambda = partial(
+    return _lambda_schedule(
+        optimizer,
+        "cosine_with_restarts",
         _cosine_hard_restarts_lambda,
+        last_epoch,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
         num_cycles=num_cycles,
-    )
-    return attach_config(
-        LambdaLR(optimizer, lr_lambda, last_epoch),
-        "cosine_with_restarts",
-        {
-            "num_warmup_steps": num_warmup_steps,
-            "num_training_steps": num_training_steps,
-            "num_cycles": num_cycles,
-        },
     )
 
 
