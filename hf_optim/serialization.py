@@ -33,6 +33,10 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 
+from hf_optim._utils import unwrap_optimizer as _unwrap_optimizer
+from hf_optim._utils import unwrap_scheduler as _unwrap_scheduler
+from hf_optim.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -88,10 +92,6 @@ _ST_TO_TORCH: dict[str, torch.dtype] = {
     "U16": torch.uint16,
 }
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupted, inconsistent or of an unknown format version."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -466,30 +466,6 @@ def _load_json_metadata(raw: Any, label: str, kind: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Building what to save
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer, looking through wrappers such as accelerate's ``AcceleratedOptimizer``.
-
-    Wrappers (themselves ``Optimizer`` subclasses in accelerate's case) keep the real one in ``.optimizer``.
-    """
-    inner = optimizer
-    for _ in range(8):
-        wrapped = getattr(inner, "optimizer", None)
-        if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is inner:
-            break
-        inner = wrapped
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return inner
-
-
-def _unwrap_scheduler(scheduler: Any) -> Any:
-    """The scheduler itself, looking through accelerate's ``AcceleratedScheduler``."""
-    inner = getattr(scheduler, "scheduler", None)
-    if inner is not None and hasattr(inner, "state_dict") and not hasattr(scheduler, "base_lrs"):
-        return inner
-    return scheduler
 
 
 def _registry_name(optimizer: torch.optim.Optimizer) -> str | None:

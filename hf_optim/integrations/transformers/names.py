@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from hf_optim.errors import TransformersIntegrationError
+
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS = "transformers.training_args"
@@ -38,10 +40,6 @@ _warned: set[str] = set()
 # Values of the enum members hf_optim created (transformers' own members are never touched).
 _OUR_OPTIMIZERS: set[str] = set()
 _OUR_SCHEDULERS: set[str] = set()
-
-
-class TransformersIntegrationError(RuntimeError):
-    """transformers' internals are not what hf_optim expects (the message names the transformers version)."""
 
 
 def transformers_version() -> str:
