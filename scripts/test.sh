@@ -5,4 +5,4 @@ set -euo pipefail
 export HF_HUB_DISABLE_TELEMETRY=1
 ruff check .
 ruff format --check --quiet .
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"
