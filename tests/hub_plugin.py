@@ -65,7 +65,9 @@ def bind_listen_socket(host: str = "127.0.0.1") -> socket.socket:
 
 
 def endpoint_of(sock: socket.socket) -> str:
+    """The URL to reach a listening socket (a wildcard address is reached on the loopback interface)."""
     host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 

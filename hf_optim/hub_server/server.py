@@ -31,6 +31,7 @@ import os
 import re
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -73,9 +74,10 @@ JSON_BODY_LIMIT = 16 << 20  # bodies of JSON endpoints (every endpoint but commi
 DEFAULT_MAX_UPLOAD_SIZE = 50 << 30  # commit bodies and LFS objects (the Hub's per-file limit)
 _DRAIN_LIMIT = 1 << 20  # unread body bytes read and dropped to keep a connection alive
 _LINGER_LIMIT = 4 << 20  # bytes read and dropped after an error reply, so that the client sees the reply
+_LINGER_SECONDS = 2.0
 _OID_RE = re.compile(r"[0-9a-f]{64}")
 _DIGITS_RE = re.compile(r"[0-9]{1,19}")
-_RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
+_RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})", re.IGNORECASE)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -124,6 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Errors found by http.server itself (request line, headers): a short plain message.
     error_message_format = "%(code)d %(message)s\n"
     error_content_type = "text/plain; charset=utf-8"
+    default_request_version = "HTTP/1.0"  # replies to unparsable request lines get a status line too
     server: _HTTPServer
 
     # ------------------------------------------------------------------ plumbing
@@ -210,9 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.wfile.flush()
         self.connection.shutdown(socket.SHUT_WR)
-        self.connection.settimeout(1.0)
+        deadline = time.monotonic() + _LINGER_SECONDS
         received = 0
-        while received < _LINGER_LIMIT:
+        while received < _LINGER_LIMIT and (left := deadline - time.monotonic()) > 0:
+            self.connection.settimeout(left)
             data = self.connection.recv(1 << 16)
             if not data:
                 break
@@ -448,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest("Missing repo 'name' in the request body.")
-        organization = body.get("organization") or self.storage.user
+        organization = _str_field(body.get("organization"), "organization") or self.storage.user
         repo_type = normalize_repo_type(body.get("type"))
         repo_id = f"{organization}/{name}"
         validate_repo_id(repo_id)
@@ -499,7 +503,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _list_repos(self, repo_type: str) -> None:
         author = self._query.get("author")
         search = (self._query.get("search") or "").lower()
-        limit = int(self._query["limit"]) if _DIGITS_RE.fullmatch(self._query.get("limit", "")) else None
+        limit_text = self._query.get("limit")
+        if limit_text is not None and not _DIGITS_RE.fullmatch(limit_text):
+            raise BadRequest("'limit' must be a non-negative integer.")
+        limit = None if limit_text is None else int(limit_text)
         out = []
         for meta in self.storage.list_repos(repo_type):
             if meta["private"] and not self._token_ok():
@@ -670,16 +677,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_blob(entry.sha256, entry.size, headers)
 
     def _send_blob(self, sha256: str, size: int, headers: dict[str, str]) -> None:
+        """The blob, whole or one ``Range: bytes=`` range (416 for a malformed or unsatisfiable one)."""
         start, end, status = 0, size - 1, 200
-        match = _RANGE_RE.fullmatch(self.headers.get("Range", "").strip())
-        if match and (match.group(1) or match.group(2)):
-            first, last = match.group(1), match.group(2)
+        range_header = self.headers.get("Range", "").strip()
+        if range_header.lower().startswith("bytes="):  # other units are ignored, as RFC 9110 allows
+            match = _RANGE_RE.fullmatch(range_header.replace(" ", ""))
+            first, last = (match.group(1), match.group(2)) if match else ("", "")
             if first:
                 start = int(first)
                 end = min(int(last), size - 1) if last else size - 1
-            else:  # suffix range: the last N bytes
+            elif last:  # suffix range: the last N bytes
                 start = max(size - int(last), 0)
-            if start >= size or start > end:
+            if not (first or last) or start >= size or start > end:
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
@@ -786,6 +795,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lfs_download(self, repo_type: str, repo_id: str, oid: str) -> None:
         """GET of an LFS object held by one of the repo's commits (signed href, or read access)."""
+        self.storage.get_repo(repo_type, repo_id)
         held = self.storage.repo_holds_lfs(repo_type, repo_id, oid)
         size = self.storage.blob_size(oid) if held else -1
         if not self.server.hub.signer.verify("download", repo_type, repo_id, oid, size, self._query):

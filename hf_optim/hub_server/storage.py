@@ -142,6 +142,8 @@ def normalize_repo_type(repo_type: str | None) -> str:
     """``None`` -> ``"model"``; plural forms (``"datasets"``) accepted; anything else is a BadRequest."""
     if repo_type is None:
         return "model"
+    if not isinstance(repo_type, str):
+        raise BadRequest("The repo type must be a string.")
     singular = repo_type[:-1] if repo_type.endswith("s") else repo_type
     if singular not in REPO_TYPES:
         raise BadRequest(f"Invalid repo type {repo_type!r}: expected one of {', '.join(REPO_TYPES)}.")
@@ -469,6 +471,7 @@ class HubStorage:
         repo_dir = self._repo_dir(repo_type, repo_id)
         markers = repo_dir / "lfs-objects"
         if not markers.is_dir():
+            self.get_repo(repo_type, repo_id)  # RepoNotFound rather than a folder in a missing repo
             building = Path(tempfile.mkdtemp(dir=repo_dir, prefix=".lfs-objects-"))
             for path in (repo_dir / "commits").glob("*.json"):
                 for entry in _read_json(path)["files"].values():
