@@ -24,6 +24,7 @@ object only through a repo whose commits hold it. Bodies are limited while they 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -242,16 +243,17 @@ class _Handler(BaseHTTPRequestHandler):
         """Whether the request carries a token that may read private repos and write."""
         token = self._token()
         expected = self.server.hub.token
-        return token is not None and (expected is None or token == expected)
+        if token is None or expected is None:
+            return token is not None
+        return hmac.compare_digest(token.encode("utf-8", "replace"), expected.encode("utf-8"))
 
     def _require_write(self) -> None:
-        token = self._token()
-        if token is None:
+        if self._token() is None:
             raise Unauthorized(
                 "This action needs an access token: pass token=... or set HF_TOKEN (any string works with the "
-                "local Hub unless it was started with --token)."
+                "local Hub unless it was started with a token)."
             )
-        if self.server.hub.token is not None and token != self.server.hub.token:
+        if not self._token_ok():
             raise Unauthorized("Invalid credentials in Authorization header")
 
     def _read_repo(self, repo_type: str, repo_id: str) -> dict[str, Any]:

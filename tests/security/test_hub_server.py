@@ -635,6 +635,9 @@ def test_listening_beyond_localhost_without_token_warns(spawn_hub_server_factory
     with spawn_hub_server_factory() as hub:  # 127.0.0.1
         assert _whoami(hub, "any") == 200
     assert "without a token" not in hub.log()
+    with spawn_hub_server_factory(host="0.0.0.0", cli=True) as hub:  # `hf-optim hub serve` logs at INFO
+        assert _whoami(hub, "any") == 200
+    assert "without a token" in hub.log()
 
 
 @pytest.mark.parametrize(
