@@ -255,3 +255,27 @@ def test_tree_view_listings() -> None:
     )
     assert other.dir_oid("d") != view.dir_oid("d") and other.dir_oid("d/e") != view.dir_oid("d/e")
     assert TreeView(dict(view.files)).dir_oid("d") == view.dir_oid("d")
+
+
+def _upload_and_commit(storage: HubStorage, repo_id: str, data: bytes) -> str:
+    oid = hashlib.sha256(data).hexdigest()
+    chunks = iter([data, b""])
+    storage.stage_upload("model", repo_id, lambda n: next(chunks), sha256=oid, size=len(data))
+    entry = storage.lfs_entry("model", repo_id, oid)
+    storage.commit("model", repo_id, "main", [AddFile("w.bin", entry)], summary="w")
+    return oid
+
+
+def test_lfs_objects_follow_moves_and_die_with_their_repo(storage: HubStorage) -> None:
+    oid = _upload_and_commit(storage, REPO, b"moved weights")
+    storage.move_repo("model", REPO, "local-user/renamed")
+    assert storage.repo_holds_lfs("model", "local-user/renamed", oid)
+    assert storage.lfs_entry("model", "local-user/renamed", oid).size == len(b"moved weights")
+
+    storage.delete_repo("model", "local-user/renamed")
+    storage.create_repo("model", "local-user/renamed")  # same name, new repo: inherits nothing
+    assert not storage.repo_holds_lfs("model", "local-user/renamed", oid)
+    with pytest.raises(BadRequest, match="was not uploaded"):
+        storage.lfs_entry("model", "local-user/renamed", oid)
+    with pytest.raises(RepoNotFound):
+        storage.repo_holds_lfs("model", "local-user/never-created", oid)
