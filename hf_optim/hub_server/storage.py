@@ -396,25 +396,6 @@ class HubStorage:
             _atomic_write_bytes(self._blob_path(sha256), data, fsync=self.fsync)
         return FileEntry(sha256=sha256, size=len(data), oid=git_blob_sha1(data), lfs=False)
 
-    def put_stream(
-        self,
-        read: Callable[[int], bytes],
-        *,
-        expected_sha256: str | None = None,
-        expected_size: int | None = None,
-    ) -> tuple[str, int]:
-        """Stream content into the blob store (``read(n)`` returns b"" at the end); returns (sha256, size).
-
-        With ``expected_sha256`` / ``expected_size`` the content is checked before it is kept: a mismatch
-        raises BadRequest and stores nothing.
-        """
-        with self._received(read, expected_sha256, expected_size) as (tmp, sha256, size):
-            target = self._blob_path(sha256)
-            if not self.has_blob(sha256, size):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, target)
-            return sha256, size
-
     @contextlib.contextmanager
     def _received(
         self, read: Callable[[int], bytes], expected_sha256: str | None, expected_size: int | None
