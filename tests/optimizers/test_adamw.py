@@ -148,6 +148,11 @@ def test_is_a_torch_adamw_with_the_legacy_state_keys():
         "correct_bias": True,
         "foreach": None,
         "fused": None,
+        "capturable": False,
+        "amsgrad": False,
+        "maximize": False,
+        "differentiable": False,
+        "decoupled_weight_decay": True,
     }
 
 
