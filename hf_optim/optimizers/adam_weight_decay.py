@@ -114,7 +114,9 @@ class AdamWeightDecay(Optimizer):
         self.exclude_from_weight_decay = exclude_from_weight_decay
         self._include = compile_patterns(include_in_weight_decay, "include_in_weight_decay")
         self._exclude = compile_patterns(exclude_from_weight_decay, "exclude_from_weight_decay")
-        self._iterations: int | None = 0
+        # Keras' iteration count, cached; None: recompute from the step tensors. A dict, not an attribute, because
+        # torch.compile replays item assignments made inside a compiled step() but not attribute assignments.
+        self._count: dict[str, int | None] = {"iterations": 0}
         self._decay: dict[Tensor, bool] = {}  # whether each parameter is decayed, decided once by name
         defaults = {
             "lr": learning_rate,
@@ -165,7 +167,7 @@ class AdamWeightDecay(Optimizer):
         for group in self.param_groups:
             self._set_decay(group)
         steps_to_tensors(self.state)
-        self._iterations = None  # recomputed from the loaded steps
+        self._count = {"iterations": None}  # recomputed from the loaded steps
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict saved by this class.
@@ -183,10 +185,10 @@ class AdamWeightDecay(Optimizer):
     @property
     def iterations(self) -> int:
         """Number of steps applied so far (Keras' ``optimizer.iterations``)."""
-        if self._iterations is None:
+        if self._count["iterations"] is None:
             steps = [int(s["step"]) for s in self.state.values() if "step" in s]
-            self._iterations = max(steps, default=0)
-        return self._iterations
+            self._count["iterations"] = max(steps, default=0)
+        return self._count["iterations"]  # type: ignore[return-value]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -266,13 +268,13 @@ class AdamWeightDecay(Optimizer):
             # The optimizer's count is the largest step of any parameter: each step() sets its parameters' steps
             # to it. Kept on the step tensors, read back only by ``iterations``.
             t = torch.stack([s["step"] for s in self.state.values() if "step" in s]).max() + 1
-            self._iterations = None
+            self._count["iterations"] = None
         else:
             t = self.iterations + 1
         for group, params, grads, states in gathered:
             self._update_group(group, params, grads, states, t)
         if isinstance(t, int):
-            self._iterations = t
+            self._count["iterations"] = t
 
     def _update_group(
         self,
