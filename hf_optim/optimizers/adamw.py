@@ -60,10 +60,11 @@ class AdamW(torch.optim.AdamW):
     reads torch's keys or checks the class works, LR schedulers included.
 
     ``isinstance`` is what accelerate reads when DeepSpeed ZeRO-Offload is configured: ``Accelerator.prepare``
-    then *replaces* any client optimizer by ``DeepSpeedCPUAdam``, in AdamW mode (decoupled decay) for a
-    ``torch.optim.AdamW``, in Adam-with-L2 mode otherwise. Either way the legacy details (``eps`` before the
-    bias correction, decay after the update, ``correct_bias=False``) are lost; AdamW mode is the closer one.
-    DeepSpeed's own engine refuses a client optimizer under offload unless ``zero_force_ds_cpu_optimizer`` is false.
+    (Trainer's too) then *replaces* any client optimizer by ``DeepSpeedCPUAdam``, in AdamW mode (decoupled decay)
+    for a ``torch.optim.AdamW``, in Adam-with-L2 mode otherwise. Either way the legacy details (``eps`` before the
+    bias correction, decay after the update, ``correct_bias=False``) are lost; AdamW mode is the closer one. No
+    method of this class runs during or after that swap, so it cannot warn; ``"zero_force_ds_cpu_optimizer":
+    false`` in the DeepSpeed config prevents the swap and DeepSpeed then runs this optimizer itself.
 
     Args:
         params: tensors, ``model.named_parameters()``, or param-group dicts (as torch.optim accepts).
