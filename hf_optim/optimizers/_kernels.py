@@ -256,6 +256,12 @@ def check_loaded_state(
             if unexpected or missing:
                 problems.append(f"parameter {label}: unexpected keys {unexpected}, missing keys {missing}")
                 continue
+            step = s.get("step")
+            if "step" in s and not (
+                (isinstance(step, (int, float)) and not isinstance(step, bool))
+                or (isinstance(step, Tensor) and step.numel() == 1)
+            ):
+                problems.append(f"parameter {label}: 'step' must be a number or a one-element tensor")
             for key in sorted(keys - {"step"}):
                 value = s[key]
                 if not isinstance(value, Tensor):

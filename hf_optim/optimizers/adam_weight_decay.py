@@ -267,7 +267,8 @@ class AdamWeightDecay(Optimizer):
         if tensor_steps(any(group["capturable"] for group, *_ in gathered)):
             # The optimizer's count is the largest step of any parameter: each step() sets its parameters' steps
             # to it. Kept on the step tensors, read back only by ``iterations``.
-            t = torch.stack([s["step"] for s in self.state.values() if "step" in s]).max() + 1
+            device = gathered[0][1][0].device
+            t = torch.stack([s["step"].to(device) for s in self.state.values() if "step" in s]).max() + 1
             self._count["iterations"] = None
         else:
             t = self.iterations + 1

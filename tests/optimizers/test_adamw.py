@@ -450,3 +450,15 @@ def test_a_pre_hook_may_convert_a_foreign_state_dict_first():
     opt.register_load_state_dict_pre_hook(convert)
     opt.load_state_dict(bert_adam_style_state_dict(params))
     assert opt.state[params[2]]["step"].item() == 5
+
+
+def test_a_step_that_is_not_a_number_is_refused():
+    params = make_params()
+    opt = AdamW(params)
+    sd = {
+        "state": {1: {"step": "3", "exp_avg": torch.zeros(9), "exp_avg_sq": torch.zeros(9)}},
+        "param_groups": [{**opt.defaults, "params": [0, 1, 2, 3]}],
+    }
+    with pytest.raises(ValueError, match="parameter #1: 'step' must be a number or a one-element tensor"):
+        opt.load_state_dict(sd)
+    assert not opt.state
