@@ -52,8 +52,8 @@ def check_flags(foreach: bool | None, fused: bool | None) -> None:
 
 # The foreach ops the multi-tensor paths call.
 _FOREACH_OPS = (
-    "_foreach_add", "_foreach_add_", "_foreach_addcdiv_", "_foreach_addcmul_", "_foreach_div", "_foreach_lerp_",
-    "_foreach_maximum_", "_foreach_mul", "_foreach_mul_", "_foreach_sqrt", "_foreach_zero_",
+    "_foreach_add_", "_foreach_addcdiv_", "_foreach_addcmul_", "_foreach_div", "_foreach_lerp_", "_foreach_maximum_",
+    "_foreach_mul_", "_foreach_sqrt",
 )  # fmt: skip
 _logged_fallbacks: set[str] = set()
 
@@ -172,7 +172,8 @@ def set_steps(steps: list[Tensor], value: float | Tensor | None = None) -> None:
 def tensor_steps(capturable: bool) -> bool:
     """Whether bias corrections are computed on the step tensors (no host sync) rather than as Python floats.
 
-    So with ``capturable=True`` and under ``torch.compile`` (where ``.item()`` would break the graph).
+    So with ``capturable=True`` and under ``torch.compile``, where reading the step back (``.item()``,
+    ``.tolist()``) would be a graph break or a data-dependent value, depending on the torch version.
     """
     return capturable or torch.compiler.is_compiling()
 
