@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         ("plot", plot_line),
         ("logs", f"{shown(out)}/*.log, per-step values in {shown(out)}/*/steps.jsonl"),
     ]
-    print("\nSummary")
+    print("Summary")
     for key, value in rows:
         print(f"  {key:<22} {value}")
     return 0 if same_weights and not differing else 1
