@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_optim import AdamW, AdamWeightDecay
@@ -73,7 +74,7 @@ def train(model: nn.Module, factory, kwargs: dict, rank: int, world_size: int) -
     return out
 
 
-def _worker(rank: int, port: int, results) -> None:
+def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
@@ -87,20 +88,23 @@ def _worker(rank: int, port: int, results) -> None:
                 assert type(model[0].weight).__name__ == "DTensor"
                 weights = train(model, factory, {**kwargs, **flags}, rank, WORLD_SIZE)
                 if rank == 0:
-                    results[(config, impl)] = weights
+                    save_file(weights, os.path.join(out, f"{config}-{impl}.safetensors"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def sharded_results() -> dict:
+def sharded_results(tmp_path_factory) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(port, results), nprocs=WORLD_SIZE, join=True)
-        return dict(results)
+    out = tmp_path_factory.mktemp("fsdp2")
+    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD_SIZE, join=True)
+    return {
+        (config, impl): load_file(out / f"{config}-{impl}.safetensors")
+        for config in CONFIGS
+        for impl in IMPLS
+    }
 
 
 @pytest.mark.timeout(600)
