@@ -26,6 +26,7 @@ from hf_optim.registry import (
     create_optimizer,
     create_scheduler,
     get_optimizer_info,
+    get_scheduler,
     get_scheduler_info,
     list_optimizers,
     list_schedulers,
@@ -33,6 +34,8 @@ from hf_optim.registry import (
     register_optimizer,
     register_scheduler,
     remove_registry_listener,
+    scheduler_from_config,
+    snapshot,
 )
 from hf_optim.schedules import (
     get_constant_schedule,
@@ -44,9 +47,7 @@ from hf_optim.schedules import (
     get_inverse_sqrt_schedule,
     get_linear_schedule_with_warmup,
     get_polynomial_decay_schedule_with_warmup,
-    get_scheduler,
     get_wsd_schedule,
-    scheduler_from_config,
 )
 
 # --- serialization and Hub (issue 4) ---

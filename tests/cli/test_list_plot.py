@@ -193,7 +193,7 @@ def test_plot_without_matplotlib_falls_back_to_text(tmp_path, capsys, monkeypatc
         (["plot", "cosin", "--num-training-steps", "10"], "Did you mean 'cosine'"),
         (["plot", "linear", "--num-training-steps", "10", "--arg", "num_cycles=2"], "--arg num_cycles"),
         (["plot", "linear", "--num-training-steps", "10", "--arg", "oops"], "expected KEY=VALUE"),
-        (["plot", "linear", "--num-warmup-steps", "20", "--num-training-steps", "10"], "num_warmup_steps"),
+        (["plot", "polynomial", "--num-warmup-steps", "10", "--num-training-steps", "10"], "num_warmup_steps"),
         (["plot", "linear", "--num-training-steps", "0"], "--num-training-steps"),
         (["plot", "warmup_stable_decay", "--num-training-steps", "10"], "num_decay_steps"),
         (["plot", "linear:num_cycles=3", "--num-training-steps", "10"], "num_cycles"),
