@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import logging
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -297,7 +298,7 @@ def _scheduler_name(name: Any) -> str:
 def _import_provider_library(source: str) -> None:
     """Import ``source``'s optimizer module if the library is installed, so that its provider gets added."""
     module = _PROVIDER_MODULES.get(source)
-    if module is None or importlib.util.find_spec(source) is None:
+    if module is None or module in sys.modules or importlib.util.find_spec(source) is None:
         return
     try:
         importlib.import_module(module)
@@ -458,8 +459,7 @@ class Registry:
     def _provider_list(self, load: bool) -> list[OptimizerProvider]:
         if load:
             for source in _PROVIDER_MODULES:
-                if source not in self._providers:
-                    _import_provider_library(source)
+                _import_provider_library(source)
         with self._lock:
             return list(self._providers.values())
 

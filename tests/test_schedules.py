@@ -458,12 +458,16 @@ def test_state_dict_is_json_and_plain():
             "num_cycles",
         ),
         (
-            lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(make_optimizer(0.0), 1, 10, min_lr=0.1),
+            lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(
+                make_optimizer(0.0), 1, 10, min_lr=0.1
+            ),
             "min_lr",
         ),
         (lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(o, 0, 0), "num_training_steps"),
         (
-            lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(make_optimizer(0.0), 1, 10, lr_end=-1.0),
+            lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(
+                make_optimizer(0.0), 1, 10, lr_end=-1.0
+            ),
             "lr",
         ),
         (lambda o: hf_optim.get_inverse_sqrt_schedule(o, 0, timescale=-3), "timescale"),

@@ -114,6 +114,6 @@ class TransformersOptimizers:
         return OptimizerInfo(
             name=name,
             factory=transformers_optimizer_factory(name),
-            description=f"transformers' optim={name!r}, built as Trainer builds it",
+            description=f"built as transformers' Trainer builds optim={name!r}",
             source=SOURCE,
         )
