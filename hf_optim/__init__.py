@@ -12,6 +12,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The 'hf_optim' library logger: its level (HF_OPTIM_VERBOSITY) and prefixed handler; the root logger is untouched.
+from hf_optim import logging
+
 # --- optimizers (issue 2) ---
 from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
 
