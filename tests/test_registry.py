@@ -309,3 +309,97 @@ def test_non_json_scheduler_arguments_are_rejected():
     with pytest.raises(ValueError, match=r"fn=.*JSON"):
         hf_optim.create_scheduler("custom", opt, fn=lambda step: 1.0)
     assert "initial_lr" not in opt.param_groups[0]  # refused before the scheduler touched the optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry instances, snapshot() and the public introspection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_snapshot_restores_entries_and_optionally_hooks():
+    own = registry.Registry()
+    own.register_optimizer("sgd", torch.optim.SGD)
+    seen = []
+    with own.snapshot():
+        own.register_optimizer("adam", torch.optim.Adam)
+        own.register_optimizer("sgd", torch.optim.Adam, overwrite=True)
+        own.add_listener(lambda kind, info: seen.append(info.name))
+    assert own.list_optimizers() == ["sgd"]
+    assert own.get_optimizer_info("sgd").factory is torch.optim.SGD
+    own.register_optimizer("later", torch.optim.SGD)  # the listener stayed (hooks=False)
+    assert seen == ["sgd", "adam", "later"]  # replay of the entries at the time, then the new one
+    with own.snapshot(hooks=True):
+        own.add_listener(lambda kind, info: seen.append("second " + info.name))
+    own.register_optimizer("last", torch.optim.SGD)
+    assert seen[-1] == "last"
+    with pytest.raises(RuntimeError, match="body"), own.snapshot():  # restored on errors too
+        own.register_scheduler("step", torch.optim.lr_scheduler.StepLR)
+        raise RuntimeError("body")
+    assert own.list_schedulers() == []
+
+
+def test_registry_instances_are_independent_of_the_default_one():
+    own = registry.Registry()
+    own.register_optimizer("only_here", torch.optim.SGD)
+    assert "only_here" not in hf_optim.list_optimizers(source="hf_optim")
+    assert registry.default_registry.list_optimizers(source="hf_optim") == ["adam_weight_decay", "adamw_hf"]
+    opt = own.create_optimizer("only_here", Model(), lr=0.1)
+    assert type(opt) is torch.optim.SGD and opt.hf_optim_name == "only_here"
+
+
+class _Provider:
+    source = "elsewhere"
+
+    def names(self):
+        return ["far_sgd"]
+
+    def info(self, name):
+        if name != "far_sgd":
+            return None
+        return registry.OptimizerInfo(name, torch.optim.SGD, "SGD from elsewhere", source=self.source)
+
+
+def test_providers_add_names_with_their_source():
+    own = registry.Registry()
+    own.register_optimizer("sgd", torch.optim.SGD)
+    own.add_optimizer_provider(_Provider())
+    assert own.list_optimizers() == ["far_sgd", "sgd"]
+    assert own.list_optimizers(source="elsewhere") == ["far_sgd"]
+    assert own.list_optimizers(source="hf_optim") == ["sgd"]
+    info = own.get_optimizer_info("far_sgd")
+    assert info.source == "elsewhere"
+    assert type(own.create_optimizer("far_sgd", Model(), lr=0.1)) is torch.optim.SGD
+    with pytest.raises(
+        ValueError, match=r"Did you mean 'far_sgd'.*Registered optimizers: sgd \(and those of elsewhere"
+    ):
+        own.get_optimizer_info("far_sdg")
+    with pytest.raises(ValueError, match="source"):
+        own.add_optimizer_provider(type("P", (), {"source": "hf_optim"})())
+    own.remove_optimizer_provider("elsewhere")
+    assert own.list_optimizers() == ["sgd"]
+
+
+def test_public_introspection_of_records():
+    awd = hf_optim.get_optimizer_info("adam_weight_decay")
+    assert awd.map_common({"lr": 1e-3, "betas": (0.8, 0.9), "amsgrad": True}, "x") == {
+        "learning_rate": 1e-3,
+        "beta_1": 0.8,
+        "beta_2": 0.9,
+        "amsgrad": True,
+    }
+    assert awd.own_name("eps") == "epsilon" and awd.own_name("momentum") == "momentum"
+    assert awd.accepts("weight_decay_rate") and not awd.accepts("weight_decay")
+    assert not awd.takes_var_keyword()
+    names = [p.name for p in awd.keyword_parameters()]
+    assert names[0] == "learning_rate" and "params" not in names
+    assert awd.signature() == registry.signature_of(hf_optim.AdamWeightDecay)
+
+    def with_kwargs(params, lr=1.0, **extra):
+        return torch.optim.SGD(params, lr=lr)
+
+    sig = registry.signature_of(with_kwargs)
+    assert registry.accepts_argument(sig, "anything") and registry.accepts_argument(None, "anything")
+    assert [p.name for p in registry.keyword_parameters(sig)] == ["lr"]
+    assert registry.signature_of(print) is None or registry.accepts_argument(
+        registry.signature_of(print), "sep"
+    )
