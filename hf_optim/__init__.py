@@ -38,7 +38,6 @@ from hf_optim.registry import (
     register_scheduler,
     remove_registry_listener,
     scheduler_from_config,
-    snapshot,
 )
 from hf_optim.schedules import (
     get_constant_schedule,

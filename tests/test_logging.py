@@ -116,4 +116,4 @@ def test_shared_schedule_names_are_noted_once_each_at_debug():
         line for line in result.stderr.splitlines() if line.startswith("hf_optim.") and "'cosine'" in line
     ]
     assert len(notes) == 1, result.stderr
-    assert "keeps transformers' entry" in notes[0]
+    assert "keeps its own entry" in notes[0] and "same learning rates" in notes[0]

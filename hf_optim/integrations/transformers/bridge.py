@@ -65,14 +65,21 @@ def _complete(module_name: str, just_loaded: str | None) -> Any:
 def _note_shadowed(kind: str, value: str) -> None:
     """Say once per name (at DEBUG) that ``TrainingArguments`` keeps transformers' meaning of ``value``."""
     key = f"{kind}:{value}"
-    if key not in _warned:
-        _warned.add(key)
+    if key in _warned:
+        return
+    _warned.add(key)
+    if kind == "optimizer":
         logger.debug(
-            "%s name %r: transformers defines it too, so TrainingArguments(%s=%r) keeps transformers' entry "
-            "(hf_optim's Trainer and hf_optim.get_scheduler use hf_optim's, which gives the same values)",
-            kind,
+            "optimizer name %r: transformers defines it too, so TrainingArguments(optim=%r) keeps transformers' "
+            "entry; hf_optim.create_optimizer(%r, ...) builds hf_optim's",
             value,
-            "optim" if kind == "optimizer" else "lr_scheduler_type",
+            value,
+            value,
+        )
+    else:
+        logger.debug(
+            "schedule name %r: transformers defines it too, so transformers' Trainer keeps its own entry; "
+            "hf_optim's Trainer and hf_optim.get_scheduler build hf_optim's, with the same learning rates",
             value,
         )
 
