@@ -90,7 +90,7 @@ def optimizer_handler(name: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
         kwargs.update(map_training_arguments(args, info, lr))
         from_optim_args = parse_optim_args(getattr(ctx, "optim_args", None) or {}, info)
         kwargs.update(from_optim_args)
-        own_weight_decay = info.arg_names.get("weight_decay", "weight_decay")
+        own_weight_decay = info.own_name("weight_decay")
         weight_decay = from_optim_args.get(own_weight_decay, args.weight_decay)
         model = getattr(ctx, "model", None)
 
