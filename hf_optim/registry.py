@@ -51,6 +51,7 @@ __all__ = [
     "Registry",
     "SchedulerInfo",
     "accepts_argument",
+    "add_optimizer_provider",
     "add_registry_listener",
     "create_optimizer",
     "create_scheduler",
@@ -64,6 +65,7 @@ __all__ = [
     "optimizer_name",
     "register_optimizer",
     "register_scheduler",
+    "remove_optimizer_provider",
     "remove_registry_listener",
     "scheduler_from_config",
     "signature_of",
@@ -751,6 +753,8 @@ _register_schedulers(default_registry)
 register_optimizer = default_registry.register_optimizer
 register_scheduler = default_registry.register_scheduler
 add_registry_listener = default_registry.add_listener
+add_optimizer_provider = default_registry.add_optimizer_provider
+remove_optimizer_provider = default_registry.remove_optimizer_provider
 remove_registry_listener = default_registry.remove_listener
 snapshot = default_registry.snapshot
 list_optimizers = default_registry.list_optimizers

@@ -29,8 +29,12 @@ def test_list_shows_every_entry_with_its_description(capsys):
     assert code == 0
     from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
 
-    # hf_optim's two optimizers plus transformers' own names (its handler table, where hf_optim added its two)
-    assert f"Optimizers ({len(_OPTIMIZER_HANDLERS)}):" in out and "Schedules (10):" in out
+    from hf_optim.integrations.transformers import registered_names
+
+    # hf_optim's two optimizers plus transformers' own names: its handler table without the names hf_optim added
+    # (its two, and those earlier tests registered)
+    transformers_own = {k.value for k in _OPTIMIZER_HANDLERS} - set(registered_names()["optimizers"])
+    assert f"Optimizers ({len(transformers_own) + 2}):" in out and "Schedules (10):" in out
     lines = out.splitlines()
     for name, words in (
         ("adamw_hf", "[hf_optim] AdamW of transformers 4.x"),

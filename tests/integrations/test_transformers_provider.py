@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hf_optim
+from hf_optim.integrations.transformers import registered_names
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer as HFTrainer  # noqa: E402
@@ -83,9 +84,9 @@ def test_flat_parameters_get_the_weight_decay():
 def test_listing_marks_the_source():
     ours = hf_optim.list_optimizers(source="hf_optim")
     theirs = hf_optim.list_optimizers(source="transformers")
-    expected = sorted(
-        k.value for k in _OPTIMIZER_HANDLERS if k.value not in HF_OPTIM_NAMES
-    )  # transformers' table, minus the names hf_optim added to it
+    added = set(registered_names()["optimizers"])  # hf_optim's two, and names earlier tests registered
+    assert set(HF_OPTIM_NAMES) <= added and added.isdisjoint({"adamw_torch", "sgd", "adafactor"})
+    expected = sorted(k.value for k in _OPTIMIZER_HANDLERS if k.value not in added)
     assert theirs == expected
     assert {"adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "adafactor"} <= set(theirs)
     assert set(ours) == set(HF_OPTIM_NAMES)

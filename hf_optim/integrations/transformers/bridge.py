@@ -28,8 +28,8 @@ from hf_optim.integrations.transformers.handlers import optimizer_handler, sched
 from hf_optim.integrations.transformers.provider import TransformersOptimizers
 from hf_optim.registry import (
     HF_OPTIM_SOURCE,
+    add_optimizer_provider,
     add_registry_listener,
-    default_registry,
     list_optimizers,
     list_schedulers,
 )
@@ -162,7 +162,7 @@ def _sync(just_loaded: str | None) -> None:
         # Added before listing, so that no entry registered meanwhile is missed; its replay is skipped.
         add_registry_listener(_on_registry_entry)
         _listener_added = True
-    default_registry.add_optimizer_provider(_PROVIDER)
+    add_optimizer_provider(_PROVIDER)
     for value in list_optimizers(source=HF_OPTIM_SOURCE):
         _register(_BRIDGES["optimizer"], value, just_loaded)
     for value in list_schedulers():
