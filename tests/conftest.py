@@ -22,13 +22,10 @@ pytest_plugins = ["tests.hub_plugin"]
 def _restore_registry():
     """Entries a test registers (unique names, overwrites) are gone after it, so every test sees the builtins.
 
-    Restored in place: the dicts stay the same objects. Listeners are left alone (the transformers bridge adds
-    one the first time transformers is imported, whichever test that happens in).
+    Listeners and providers are left alone (the transformers integration adds its own the first time
+    transformers is imported, whichever test that happens in).
     """
     from hf_optim import registry
 
-    optimizers, schedulers = dict(registry._OPTIMIZERS), dict(registry._SCHEDULERS)
-    yield
-    for live, saved in ((registry._OPTIMIZERS, optimizers), (registry._SCHEDULERS, schedulers)):
-        live.clear()
-        live.update(saved)
+    with registry.snapshot():
+        yield

@@ -28,11 +28,19 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_list_shows_every_entry_with_its_description(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
-    assert "Optimizers (2):" in out and "Schedules (10):" in out
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+
+    from hf_optim.integrations.transformers import registered_names
+
+    # hf_optim's two optimizers plus transformers' own names: its handler table without the names hf_optim added
+    # (its two, and those earlier tests registered)
+    transformers_own = {k.value for k in _OPTIMIZER_HANDLERS} - set(registered_names()["optimizers"])
+    assert f"Optimizers ({len(transformers_own) + 2}):" in out and "Schedules (10):" in out
     lines = out.splitlines()
     for name, words in (
-        ("adamw_hf", "AdamW of transformers 4.x"),
-        ("adam_weight_decay", "AdamWeightDecay of transformers 4.x TF"),
+        ("adamw_hf", "[hf_optim] AdamW of transformers 4.x"),
+        ("adam_weight_decay", "[hf_optim] AdamWeightDecay of transformers 4.x TF"),
+        ("adamw_torch", "[transformers] "),
         ("linear", "linear warmup, then linear decay to 0"),
         ("warmup_stable_decay", "warmup, constant phase"),
     ):
@@ -51,6 +59,14 @@ def test_list_filters_and_json(capsys):
     code, out, _ = run_cli(capsys, "list", "--optimizers", "-v")
     assert "renames: lr -> learning_rate, weight_decay -> weight_decay_rate, betas -> beta_1/beta_2" in out
     assert "Schedules" not in out
+
+    code, out, _ = run_cli(capsys, "list", "--optimizers", "--source", "hf_optim", "--json")
+    assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [
+        ("adam_weight_decay", "hf_optim"),
+        ("adamw_hf", "hf_optim"),
+    ]
+    code, out, _ = run_cli(capsys, "list", "--optimizers", "--source", "transformers", "sgd", "--json")
+    assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [("sgd", "transformers")]
 
 
 def test_console_script_is_installed():
@@ -260,7 +276,10 @@ def test_plot_without_matplotlib_falls_back_to_text(tmp_path, capsys, monkeypatc
         (["plot", "cosin", "--num-training-steps", "10"], "Did you mean 'cosine'"),
         (["plot", "linear", "--num-training-steps", "10", "--arg", "num_cycles=2"], "--arg num_cycles"),
         (["plot", "linear", "--num-training-steps", "10", "--arg", "oops"], "expected KEY=VALUE"),
-        (["plot", "linear", "--num-warmup-steps", "20", "--num-training-steps", "10"], "num_warmup_steps"),
+        (
+            ["plot", "polynomial", "--num-warmup-steps", "10", "--num-training-steps", "10"],
+            "num_warmup_steps",
+        ),
         (["plot", "linear", "--num-training-steps", "0"], "--num-training-steps"),
         (["plot", "warmup_stable_decay", "--num-training-steps", "10"], "num_decay_steps"),
         (["plot", "linear:num_cycles=3", "--num-training-steps", "10"], "num_cycles"),
