@@ -20,8 +20,9 @@ import torch
 from safetensors import safe_open
 
 import hf_optim
-from hf_optim import serialization as ser
-from hf_optim.serialization import (
+from hf_optim.state import atomic, parse_max_shard_size
+from hf_optim.state.io import open_file, read_safetensors, read_tensors, write_safetensors
+from hf_optim import (
     ACCUMULATOR_NAME,
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
@@ -154,7 +155,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
 def test_writer_output_is_read_by_safetensors(tmp_path):
     tensors = sample_tensors()
     path = str(tmp_path / "x.safetensors")
-    ser._write_safetensors(path, list(tensors.items()), {"format": "pt", "k": "v ü"}, fsync=True)
+    write_safetensors(path, tensors, {"format": "pt", "k": "v ü"}, fsync=True)
     loaded = safetensors.torch.load_file(path)
     assert loaded.keys() == tensors.keys()
     for k, t in tensors.items():
@@ -168,9 +169,11 @@ def test_reader_reads_files_written_by_safetensors(tmp_path):
     tensors = {k: v.contiguous() for k, v in sample_tensors().items()}
     path = str(tmp_path / "y.safetensors")
     safetensors.torch.save_file(tensors, path, metadata={"a": "b"})
-    st = ser._open_safetensors(path, "y")
+    f = open_file(path, roots=[str(tmp_path)])
+    st = read_safetensors(f)
     assert st.metadata == {"a": "b"}
-    loaded = ser._read_tensors(st.entries, "y")
+    loaded = read_tensors(st, st.entries)
+    f.close()
     for k, t in tensors.items():
         assert_same_value(loaded[k], t, k)
 
@@ -561,11 +564,11 @@ def test_max_shard_size_is_validated(tmp_path, bad):
 
 
 def test_max_shard_size_units():
-    assert ser._parse_max_shard_size("5GB") == 5 * 10**9
-    assert ser._parse_max_shard_size("500MB") == 500 * 10**6
-    assert ser._parse_max_shard_size("2GiB") == 2 * 2**30
-    assert ser._parse_max_shard_size("1.5kb") == 1500
-    assert ser._parse_max_shard_size(1234) == 1234
+    assert parse_max_shard_size("5GB") == 5 * 10**9
+    assert parse_max_shard_size("500MB") == 500 * 10**6
+    assert parse_max_shard_size("2GiB") == 2 * 2**30
+    assert parse_max_shard_size("1.5kb") == 1500
+    assert parse_max_shard_size(1234) == 1234
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -794,7 +797,7 @@ def test_malformed_index_and_scheduler_json_are_checkpoint_errors(tmp_path, save
     assert_load_fails_unchanged(tmp_path / "sharded", (model, *big_setup()[1:], None), match, CheckpointError)
     assert not has_state(tmp_path / "sharded")
     index_path.write_text(json.dumps(index)[:-10])
-    match = r"optimizer\.safetensors\.index\.json in .* is truncated or corrupted"
+    match = r"sharded/optimizer\.safetensors\.index\.json is truncated or corrupted"
     assert_load_fails_unchanged(tmp_path / "sharded", (model, *big_setup()[1:], None), match, CheckpointError)
     assert not has_state(tmp_path / "sharded")
 
@@ -1016,13 +1019,13 @@ def test_save_interrupted_at_each_rename_leaves_a_loadable_checkpoint(
             calls += 1
             return real_replace(src, dst)
 
-        monkeypatch.setattr(ser.os, "replace", interrupted)
+        monkeypatch.setattr(atomic.os, "replace", interrupted)
         try:
             save_state(directory, opt, sched, acc, max_shard_size=new_shard)
             finished = True
         except KeyboardInterrupt:
             finished = False
-        monkeypatch.setattr(ser.os, "replace", real_replace)
+        monkeypatch.setattr(atomic.os, "replace", real_replace)
 
         _, opt2, sched2 = big_setup()
         acc2 = hf_optim.GradientAccumulator()
@@ -1061,17 +1064,6 @@ def test_accelerate_wrappers_are_looked_through(tmp_path):
     model3, opt3, sched3 = accelerator.prepare(model3, opt3, sched3)
     load_state(tmp_path / "plain", opt3, sched3)
     assert_same_value(snapshot(opt3.optimizer, sched3.scheduler), expected, "wrapped")
-
-
-def test_chunked_writes_with_writeback(tmp_path, monkeypatch):
-    monkeypatch.setattr(ser, "_WRITEBACK_CHUNK", 1000)  # many chunks, each followed by a writeback request
-    tensors = {k: v.contiguous() for k, v in sample_tensors().items()}
-    tensors["big"] = torch.randn(3001)
-    path = str(tmp_path / "chunked.safetensors")
-    ser._write_safetensors(path, list(tensors.items()), {"a": "b"}, fsync=True)
-    loaded = safetensors.torch.load_file(path)
-    for k, t in tensors.items():
-        assert_same_value(loaded[k], t, k)
 
 
 def test_scheduler_with_other_arguments_loads_its_position_and_keeps_its_config(saved):

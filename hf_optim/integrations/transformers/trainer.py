@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import transformers
 
-from hf_optim.hub import _is_url
+from hf_optim._utils import is_hub_url as _is_url
 from hf_optim.integrations.transformers.names import registered_names
 from hf_optim.registry import list_schedulers
 from hf_optim.schedules import get_scheduler
-from hf_optim.serialization import (
+from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
     SCHEDULER_NAME,
