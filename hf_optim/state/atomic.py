@@ -39,6 +39,7 @@ __all__ = [
     "file_checkpoint_id",
     "new_checkpoint_id",
     "prev_path",
+    "read_checkpoint_id",
     "save_lock",
 ]
 
@@ -72,6 +73,14 @@ def fsync_directory(directory: str) -> None:
 def checkpoint_id_of(raw: bytes, label: str) -> str | None:
     """The checkpoint id recorded in one of our files' bytes (JSON or safetensors, told apart by content)."""
     try:
+        return read_checkpoint_id(raw, label)
+    except CheckpointError:
+        return None
+
+
+def read_checkpoint_id(raw: bytes, label: str) -> str:
+    """Like :func:`checkpoint_id_of`, but a file without a readable id is a :class:`CheckpointError` saying why."""
+    try:
         if raw[:1] == b"{":  # scheduler.json or the index
             doc = parse_json(raw, label)
             if "weight_map" in doc:
@@ -80,12 +89,14 @@ def checkpoint_id_of(raw: bytes, label: str) -> str | None:
         else:
             (n,) = struct.unpack("<Q", raw[:8])
             if n > _MAX_HEADER or len(raw) < 8 + n:
-                return None
+                raise CheckpointError(f"{label} is truncated or corrupted: bad header size {n}")
             header = parse_json(raw[8 : 8 + n], label)
             value = parse_json(header["__metadata__"][METADATA_KEY], label)["checkpoint_id"]
-    except (CheckpointError, KeyError, TypeError, IndexError, struct.error):
-        return None
-    return value if isinstance(value, str) else None
+    except (KeyError, TypeError, IndexError, struct.error):
+        raise CheckpointError(f"{label} is truncated or corrupted (it records no checkpoint id)") from None
+    if not isinstance(value, str):
+        raise CheckpointError(f"{label}: its checkpoint id is not a string")
+    return value
 
 
 def read_head(fd: int) -> bytes:

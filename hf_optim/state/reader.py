@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hf_optim.errors import CheckpointError
-from hf_optim.state.atomic import checkpoint_id_of, prev_path, read_head
+from hf_optim.state.atomic import checkpoint_id_of, prev_path, read_checkpoint_id, read_head
 from hf_optim.state.codec import TensorHeader, check_tensor_nodes, tensor_refs
 from hf_optim.state.format import (
     KIND_OPTIMIZER,
@@ -108,27 +108,29 @@ def _open_member(directory: str, name: str, checkpoint_id: str, manifest: str, r
     """``name`` if it belongs to ``checkpoint_id``, else its recovery copy from an interrupted save."""
     path = os.path.join(directory, name)
     found_any = False
-    unreadable = False
+    unreadable: CheckpointError | None = None
     for candidate in (path, prev_path(path)):
         try:
             f = open_file(candidate, roots=roots)
         except FileNotFoundError:
             continue
         found_any = True
+        file_id = None
         try:
-            file_id = checkpoint_id_of(read_head(f.fd), candidate)
-        except OSError:
-            file_id = None
+            file_id = read_checkpoint_id(read_head(f.fd), candidate)
+        except CheckpointError as err:
+            if candidate == path:
+                unreadable = err
+        except OSError as err:
+            if candidate == path:
+                unreadable = CheckpointError(f"{candidate} cannot be read: {err.strerror}")
         if file_id == checkpoint_id:
             return f
         f.close()
-        unreadable |= file_id is None and candidate == path
     if not found_any:
         raise FileNotFoundError(f"{name} is listed by {manifest} but missing from {directory}")
-    if unreadable:
-        raise CheckpointError(
-            f"{name} in {directory} is truncated or corrupted (its metadata cannot be read)"
-        )
+    if unreadable is not None:
+        raise unreadable
     raise _Changed(
         f"{name} in {directory} does not belong to the checkpoint described by {manifest} (different checkpoint "
         "id): the directory holds an incomplete save or files from different saves",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import safetensors.torch
@@ -280,3 +281,28 @@ def change_hf_optim_metadata(path, change):
         md["hf_optim"] = json.dumps(meta)
 
     rewrite_safetensors(path, edit)
+
+
+def trained(seed: int = 8, steps: int = 5, factory: str = "torch_adamw", **kwargs):
+    """A trained (model, optimizer, scheduler, accumulator) with named parameters in two groups."""
+    model, opt, sched = make_setup(OPTIMIZERS[factory], **kwargs)
+    acc = hf_optim.GradientAccumulator()
+    train(model, opt, sched, batches(seed, steps, kwargs.get("dtype", torch.float32)), acc, micro=2)
+    return model, opt, sched, acc
+
+
+def assert_refused(directory, objs, exc, file_name, match=None, *, fresh=False, **kwargs):
+    """``load_state`` raises ``exc`` whose message names ``file_name`` (and matches ``match``), and leaves
+    every live object exactly as it was (optimizer state + param groups, scheduler ``__dict__``, accumulator)."""
+    _model, opt, sched, acc = objs
+    if fresh:
+        opt.state.clear()
+    before = live_snapshot(opt, sched, acc)
+    with pytest.raises(exc) as info:
+        load_state(directory, opt, sched, acc, **kwargs)
+    message = str(info.value)
+    assert file_name in message, f"{file_name!r} not named in: {message}"
+    if match is not None:
+        assert re.search(match, message), f"{match!r} not in: {message}"
+    assert_live_unchanged(before, opt, sched, acc)
+    return message
