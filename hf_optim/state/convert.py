@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +46,11 @@ _SHAPED_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")
 def _torch_load(path: str) -> Any:
     """``torch.load(weights_only=True)`` (tensors and plain containers only); any failure names the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # e.g. torch's note on the pickle protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
