@@ -242,7 +242,7 @@ def _download_state(
 ) -> str:
     """Download the manifest, then the files it references; returns the local folder."""
 
-    def fetch(name: str, revision: str | None) -> str:
+    def fetch(name: str, revision: str | None, *, cache_only: bool = False) -> str:
         return hf_hub_download(
             location.repo_id,
             name,
@@ -251,25 +251,25 @@ def _download_state(
             revision=revision,
             token=token,
             cache_dir=cache_dir,
-            local_files_only=local_files_only,
+            local_files_only=local_files_only or cache_only,
             force_download=force_download,
         )
 
+    # The index takes precedence (as locally). If it cannot be had from the Hub nor the cache (offline, or the Hub
+    # unreachable), the single-file manifest may still be cached: look there only, without a second round of
+    # connection retries.
     manifest_path = None
-    try:
-        for name in (OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME):
-            try:
-                manifest_path = fetch(name, location.revision)
-                break
-            except LocalEntryNotFoundError:
-                if name == OPTIMIZER_NAME:
-                    raise
-                # not cached (or offline): the single-file manifest may still be
-                continue
-            except EntryNotFoundError:
-                continue
-    except LocalEntryNotFoundError as err:
-        raise _not_cached("optimizer state", location, err, local_files_only) from err
+    unreachable: LocalEntryNotFoundError | None = None
+    for name in (OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME):
+        try:
+            manifest_path = fetch(name, location.revision, cache_only=unreachable is not None)
+            break
+        except LocalEntryNotFoundError as err:
+            unreachable = unreachable or err
+        except EntryNotFoundError:
+            continue
+    if manifest_path is None and unreachable is not None:
+        raise _not_cached("optimizer state", location, unreachable, local_files_only) from unreachable
     if manifest_path is None:
         where = f"subfolder {location.subfolder!r}" if location.subfolder else "the repository root"
         raise FileNotFoundError(
