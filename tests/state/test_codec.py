@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors import safe_open
 import hf_optim
 from hf_optim import (
     OPTIMIZER_NAME,
+    CheckpointError,
     has_state,
     load_state,
     save_state,
@@ -132,3 +134,99 @@ def test_unsupported_state_value_names_parameter_and_key(tmp_path):
         save_state(tmp_path, opt)
     assert not os.path.exists(tmp_path / OPTIMIZER_NAME)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+class Schedule:
+    """A stand-in for an object stored by class name + JSON arguments."""
+
+    def __init__(self, warmup: float, total: int) -> None:
+        self.warmup, self.total = warmup, total
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and (self.warmup, self.total) == (other.warmup, other.total)
+
+
+def _schedule_from_json(doc: dict) -> Schedule:
+    if set(doc) != {"warmup", "total"} or not isinstance(doc["total"], int):
+        raise ValueError(f"bad arguments {doc}")
+    return Schedule(float(doc["warmup"]), doc["total"])
+
+
+@pytest.fixture
+def registered():
+    from hf_optim.state import register_json_type
+
+    register_json_type(
+        Schedule,
+        name="test.Schedule",
+        to_json=lambda s: {"warmup": s.warmup, "total": s.total},
+        from_json=_schedule_from_json,
+    )
+    yield
+    from hf_optim.state import codec
+
+    codec._TYPES_BY_CLASS.pop(Schedule, None)
+    codec._TYPES_BY_NAME.pop("test.Schedule", None)
+
+
+def test_registered_json_type_round_trips_in_param_groups(tmp_path, registered):
+    model = Net()
+    opt = torch.optim.SGD([{"params": list(model.parameters()), "schedule": Schedule(0.1, 100)}], lr=0.1)
+    save_state(tmp_path, opt)
+    with safe_open(str(tmp_path / OPTIMIZER_NAME), framework="pt") as f:
+        meta = json.loads(f.metadata()["hf_optim"])
+    assert meta["param_groups"][0]["hyperparameters"]["schedule"] == {
+        "object": "test.Schedule",
+        "json": {"warmup": 0.1, "total": 100},
+    }
+    opt2 = torch.optim.SGD([{"params": list(Net().parameters()), "schedule": Schedule(0.5, 1)}], lr=0.1)
+    load_state(tmp_path, opt2)
+    assert opt2.param_groups[0]["schedule"] == Schedule(0.1, 100)
+
+
+def test_decoding_constructs_only_registered_names(registered):
+    from hf_optim.state.codec import decode
+
+    assert decode({"object": "test.Schedule", "json": {"warmup": 1, "total": 2}}, {}, "f") == Schedule(1.0, 2)
+    with pytest.raises(CheckpointError, match=r"f: object type 'os.system' is not registered"):
+        decode({"object": "os.system", "json": {"command": "true"}}, {}, "f")
+    with pytest.raises(CheckpointError, match=r"cannot build 'test\.Schedule'.*bad arguments"):
+        decode({"object": "test.Schedule", "json": {"warmup": 1, "total": "x"}}, {}, "f")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        decode({"object": "test.Schedule", "json": [1, 2]}, {}, "f")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        decode(
+            {"object": "test.Schedule", "json": {"warmup": {"tensor": "t"}, "total": torch.zeros(1)}}, {}, "f"
+        )
+
+
+def test_register_json_type_validates_its_arguments(registered):
+    from hf_optim.state import register_json_type
+
+    with pytest.raises(TypeError):
+        register_json_type("x", name="n", to_json=dict, from_json=dict)
+    with pytest.raises(ValueError, match="already registered"):
+        register_json_type(Net, name="test.Schedule", to_json=dict, from_json=dict)
+
+
+def test_object_state_round_trips_nested_values(tmp_path):
+    from hf_optim.state import load_object_state, save_object_state
+
+    value = {
+        "a": [1, 2.5, None, True, "s", (3, torch.arange(4))],
+        "t": torch.randn(2, 3, dtype=torch.float64),
+        "nested": {"x": {"y": [torch.zeros(0)]}},
+        5: "int key",
+    }
+    path = tmp_path / "obj.safetensors"
+    save_object_state(path, value, kind="sampler")
+    assert [p.name for p in tmp_path.iterdir()] == ["obj.safetensors"]  # no temporary left behind
+    got = load_object_state(path, kind="sampler")
+    assert_same_value(got, value, "object")
+    with safe_open(str(path), framework="pt") as f:  # a plain safetensors file any reader opens
+        assert set(f.keys()) == {"value.0.5.1", "value.1", "value.2.x.y.0"}  # items of a dict with an int key
+    with pytest.raises(CheckpointError, match=r"obj\.safetensors holds 'sampler' state, not 'rng'"):
+        load_object_state(path, kind="rng")
+    with pytest.raises(ValueError, match="cannot be saved"):
+        save_object_state(path, {"f": print}, kind="sampler")
+    assert load_object_state(path, kind="sampler").keys() == value.keys()  # the failed save left the file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 import torch
 
 import hf_optim
@@ -111,3 +112,38 @@ def test_scheduler_with_other_arguments_loads_its_position_and_keeps_its_config(
     assert any("num_training_steps" in note for note in report.notes)
     assert sched.hf_optim_config["kwargs"]["num_training_steps"] == 40
     assert sched.last_epoch == 2  # 5 micro-steps with micro=2: 2 optimizer steps
+
+
+def test_report_carries_the_schedule_argument_mismatch_and_summarises(saved):
+    _model, opt, _, acc = target()
+    sched = hf_optim.get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=40)
+    report = load_state(saved, opt, sched, acc)
+    assert report.scheduler_mismatch == {"num_training_steps": (20, 40)}
+    text = repr(report)
+    assert (
+        "complete=True" in text and "loaded=6" in text and "scheduler_mismatch=['num_training_steps']" in text
+    )
+    assert "encoder.weight" not in text  # the full lists stay on the attributes
+    assert "encoder.weight" in report.loaded
+
+
+def test_local_load_state_does_not_touch_the_hub():
+    from hf_optim import state
+
+    _model, opt, sched, acc = target()
+    with pytest.raises(FileNotFoundError):
+        state.load_state("user/repo", opt, sched, acc)  # a repo id is just a missing local folder here
+
+
+def test_serialization_is_a_deprecated_alias():
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop("hf_optim.serialization", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        serialization = importlib.import_module("hf_optim.serialization")
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    for name in serialization.__all__:
+        assert getattr(serialization, name) is getattr(hf_optim, name, getattr(hf_optim.state, name))

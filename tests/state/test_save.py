@@ -238,3 +238,27 @@ def test_accelerate_wrappers_are_looked_through(tmp_path):
     model3, opt3, sched3 = accelerator.prepare(model3, opt3, sched3)
     load_state(tmp_path / "plain", opt3, sched3)
     assert_same_value(snapshot(opt3.optimizer, sched3.scheduler), expected, "wrapped")
+
+
+def test_save_state_dict_and_load_state_dict_round_trip_torch_format(tmp_path):
+    from hf_optim.state import load_state_dict, save_state_dict
+
+    model, opt, sched = make_setup(OPTIMIZERS["torch_adamw"])
+    train(model, opt, sched, batches(1, 3))
+    sd = opt.state_dict()
+    save_state_dict(
+        tmp_path,
+        sd,
+        scheduler_state=sched.state_dict(),
+        max_shard_size=500,
+        metadata={"origin": "test"},
+    )
+    got = load_state_dict(tmp_path)
+    assert_same_value(got, sd, "state_dict")
+    torch_opt = torch.optim.AdamW(grouped(model), lr=1.0)
+    torch_opt.load_state_dict(got)  # torch itself accepts it
+    assert hf_optim.inspect_state(tmp_path).info == {"origin": "test"}
+    with pytest.raises(ValueError, match="'state' and 'param_groups'"):
+        save_state_dict(tmp_path, {"state": {}})
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        save_state_dict(tmp_path, sd, metadata={"a": 1})
