@@ -28,17 +28,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_same_structure(saved: Any, live: Any, where: str) -> None:
+def check_same_structure(saved: Any, live: Any, where: str, *, none_is_unset: bool = False) -> None:
     """``saved`` has ``live``'s type structure: same dict keys, same list / tuple lengths, numbers for numbers.
 
     An int may stand for a float and vice versa (``1.0`` vs ``1``), a one-element tensor for a number, never a
-    bool for a number; where the live value is None (not set) any value is accepted.
+    bool for a number. Where the live value is None, ``none_is_unset=True`` (hyperparameters: None means "not
+    set") accepts any value, otherwise only None.
     """
     stack = [(saved, live, where)]
     while stack:
         s, v, at = stack.pop()
         if v is None:
-            pass  # "not set" (e.g. foreach=None): any saved value; known keys get value checks
+            if s is not None and not none_is_unset:
+                raise CheckpointError(f"{at}: expected None, got {_describe(s)}")
         elif isinstance(v, bool):
             if not isinstance(s, bool):
                 raise CheckpointError(f"{at}: expected a bool, got {_describe(s)}")
@@ -118,7 +120,7 @@ def check_hyperparameters(
         )
     out = {k: v for k, v in saved.items() if k in live}
     for key, value in out.items():
-        check_same_structure(value, live[key], f"{where}: hyperparameter {key!r}")
+        check_same_structure(value, live[key], f"{where}: hyperparameter {key!r}", none_is_unset=True)
         _value_checks(key, value, live[key], where)
     _construct_check(optimizer, out, where)
     return out

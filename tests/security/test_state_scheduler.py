@@ -37,6 +37,11 @@ def _edit(path, change):
         (lambda s: s.update(_last_lr=[0.1]), "_last_lr'\\]: expected a list of length 2"),
         (lambda s: s.update(_last_lr={"tuple": [0.1, 0.2]}), "_last_lr'\\]: expected a list of length 2"),
         (lambda s: s.update(_step_count=None), "_step_count'\\]: expected a number"),
+        (
+            # hf_optim's schedule callables keep no state: nothing may be injected into their __dict__
+            lambda s: s.update(lr_lambdas=[{"dict": {"func": 1}}, {"dict": {}}]),
+            r"lr_lambdas'\]\[0\]: expected keys \[\], got \['func'\]",
+        ),
     ],
     ids=[
         "extra-optimizer",
@@ -49,6 +54,7 @@ def _edit(path, change):
         "last_lr-short",
         "last_lr-tuple",
         "step_count-none",
+        "lr_lambda-state-for-a-function",
     ],
 )
 def test_scheduler_state_must_match_the_live_one(saved, change, match):
