@@ -1,6 +1,7 @@
 """Atomic updates of a checkpoint folder: temporary names, renames, ``-prev`` recovery copies, the save lock.
 
-Every file is written as ``.<name>.hf_optim-<checkpoint_id>.tmp`` and renamed into place, the manifest last; a
+Every file is written into a staging folder ``.hf_optim-<checkpoint_id>.tmp/`` inside the checkpoint folder (so
+that whatever the writers leave behind when killed stays in it) and renamed into place, the manifest last; a
 companion file the checkpoint in place still uses is first renamed to ``.<name>.hf_optim-prev`` so that the
 old checkpoint stays loadable until the manifest switches (``docs/FORMAT.md``, "Atomic saving").
 """
@@ -11,6 +12,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import struct
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,10 +42,12 @@ __all__ = [
     "new_checkpoint_id",
     "prev_path",
     "read_checkpoint_id",
+    "remove_leftovers",
     "save_lock",
+    "staging_folder",
 ]
 
-TMP_RE = re.compile(r"^\..+\.hf_optim-[0-9a-f]{32}\.tmp$")
+TMP_RE = re.compile(r"^\.(.+\.)?hf_optim-[0-9a-f]{32}\.tmp$")  # staging folders (and older temporary files)
 PREV_SUFFIX = ".hf_optim-prev"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
@@ -222,12 +226,23 @@ def save_lock(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
+def staging_folder(directory: str, checkpoint_id: str) -> str:
+    """A new, empty staging folder for one save's temporary files."""
+    path = os.path.join(directory, f".hf_optim-{checkpoint_id}.tmp")
+    os.mkdir(path)
+    return path
+
+
 def remove_leftovers(directory: str) -> None:
-    """Delete temporary files of saves that were killed."""
+    """Delete the staging folders (and temporary files) of saves that were killed."""
     for entry in os.listdir(directory):
         if TMP_RE.match(entry):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(directory, entry))
+            path = os.path.join(directory, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
 
 def commit(
@@ -239,10 +254,11 @@ def commit(
     """
     remove_leftovers(directory)
     old = existing_checkpoint(directory)
+    staging = staging_folder(directory, checkpoint_id)
     temps: dict[str, str] = {}
     try:
         for pending in [*companions, manifest]:
-            tmp = os.path.join(directory, f".{pending.name}.hf_optim-{checkpoint_id}.tmp")
+            tmp = os.path.join(staging, pending.name)
             temps[pending.name] = tmp
             pending.write(tmp)
         for pending in companions:
@@ -262,9 +278,7 @@ def commit(
             # an index takes precedence over optimizer.safetensors: retiring it is the commit point
             os.replace(index_path, prev_path(index_path))
     finally:
-        for tmp in temps.values():
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+        shutil.rmtree(staging, ignore_errors=True)
     if fsync:
         fsync_directory(directory)
 

@@ -65,8 +65,15 @@ RESERVED_KEYS = frozenset({"params", "param_names", "state", "param_groups"})
 MAX_JSON_DEPTH = 64
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """``"float32"`` for ``torch.float32``."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def dtype_from_name(name: Any, where: str) -> torch.dtype:
@@ -137,26 +144,30 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON (iterative: safe for any depth)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            node = list(node.values())
-        if isinstance(node, list):
-            deepest = max(deepest, depth)
-            if depth > MAX_JSON_DEPTH:
-                return depth
-            stack.extend((item, depth + 1) for item in node if isinstance(item, (list, dict)))
-    return deepest
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether arrays / objects nest deeper than :data:`MAX_JSON_DEPTH`, from the text (strings removed first)."""
+    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", raw))
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for char in brackets:
+        depth += 1 if char in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
 
 
 def parse_json(raw: str | bytes, label: str) -> Any:
     """Parse JSON from a checkpoint: duplicate keys, NaN/Infinity literals, nesting deeper than
     :data:`MAX_JSON_DEPTH` and integers beyond Python's digit limit are a :class:`CheckpointError` naming
     ``label`` (never a ``RecursionError``)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if _too_deep(data):
+        raise CheckpointError(f"{label}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
         value = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
     except RecursionError:
@@ -165,8 +176,6 @@ def parse_json(raw: str | bytes, label: str) -> Any:
         ) from None
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, int digit limit, duplicates
         raise CheckpointError(f"{label} is truncated or corrupted: {err}") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{label}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return value
 
 

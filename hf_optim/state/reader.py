@@ -26,6 +26,7 @@ from hf_optim.state.format import (
     check_metadata,
     is_safe_name,
     is_shape,
+    parse_json,
 )
 from hf_optim.state.io import (
     OpenFile,
@@ -57,6 +58,7 @@ class Checkpoint:
     files: list[str]  #: paths actually read
     roots: list[str]
     _manifest_file: OpenFile
+    _manifest_head: bytes  #: the manifest's header (safetensors) or whole text (index) as first read
     _tensor_files: dict[str, SafetensorsFile] = field(default_factory=dict)  #: by path
     _companions: dict[str, OpenFile] = field(default_factory=dict)  #: by kind ("scheduler", "accumulator")
     _open: list[OpenFile] = field(default_factory=list)
@@ -97,10 +99,7 @@ class Checkpoint:
 
     def check_unchanged(self) -> None:
         """The manifest's descriptor still records this checkpoint's id (its file was not rewritten in place)."""
-        if (
-            checkpoint_id_of(read_head(self._manifest_file.fd), self._manifest_file.path)
-            != self.checkpoint_id
-        ):
+        if read_head(self._manifest_file.fd) != self._manifest_head:
             raise CheckpointError(f"{self._manifest_file.path}: the checkpoint changed while loading")
 
 
@@ -182,7 +181,8 @@ def _read_structure(directory: str, roots: list[str], opened: list[OpenFile]) ->
     if os.path.lexists(index_path):
         manifest_file = open_file(index_path, roots=roots)
         opened.append(manifest_file)
-        index = read_json(manifest_file)
+        manifest_head = read_head(manifest_file.fd)
+        index = parse_json(manifest_head, index_path)
         if not isinstance(index, dict) or not isinstance(index.get("metadata"), dict):
             raise CheckpointError(f"{OPTIMIZER_INDEX_NAME} in {directory} has no 'metadata'")
         weight_map = index.get("weight_map")
@@ -221,6 +221,7 @@ def _read_structure(directory: str, roots: list[str], opened: list[OpenFile]) ->
     elif os.path.lexists(single_path):
         manifest_file = open_file(single_path, roots=roots)
         opened.append(manifest_file)
+        manifest_head = read_head(manifest_file.fd)
         single = read_safetensors(manifest_file)
         meta = check_metadata(single.metadata.get(METADATA_KEY), single_path, KIND_OPTIMIZER)
         entries = dict(single.entries)
@@ -247,7 +248,17 @@ def _read_structure(directory: str, roots: list[str], opened: list[OpenFile]) ->
         companions[kind] = f
         files.append(f.path)
     return Checkpoint(
-        directory, manifest, meta, entries, files, roots, manifest_file, tensor_files, companions, opened
+        directory,
+        manifest,
+        meta,
+        entries,
+        files,
+        roots,
+        manifest_file,
+        manifest_head,
+        tensor_files,
+        companions,
+        opened,
     )
 
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from hf_optim import registry
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
-from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_lock
+from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_lock, staging_folder
 from hf_optim.state.codec import Encoder
 from hf_optim.state.format import (
     ACCUMULATOR_NAME,
@@ -379,10 +380,10 @@ def save_object_state(path: str | os.PathLike[str], value: Any, *, kind: str) ->
         "value": node,
     }
     directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.hf_optim-{checkpoint_id}.tmp")
+    staging = staging_folder(directory, checkpoint_id)
     try:
+        tmp = os.path.join(staging, name)
         write_safetensors(tmp, enc.tensors, {"format": "pt", METADATA_KEY: json.dumps(meta)}, fsync=False)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(staging, ignore_errors=True)
