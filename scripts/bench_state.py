@@ -4,8 +4,9 @@
     python scripts/bench_state.py                  # ~800 MB of state (two moments of 100M float32)
     python scripts/bench_state.py --size-mb 200 --rounds 5 --json
 
-Rounds are interleaved (save_state, torch.save, load_state, torch.load + load_state_dict, memcpy) and the best of
-each is reported: disk and page-cache noise only ever adds time. Every load goes into a fresh optimizer without
+Rounds are interleaved (saves into a fresh folder and over the previous checkpoint, loads, memcpy) and the best
+of each is reported: disk and page-cache noise only ever adds time. Loads are also timed up to the first use of
+every state tensor (a lazily mapped load pays its page faults there). Every load goes into a fresh optimizer without
 state. The floor is one memcpy of the state into freshly allocated memory (what any load must at least do:
 copy from the page cache and fault in new pages).
 
@@ -119,19 +120,29 @@ def main() -> None:
     size = state_bytes(opt)
     state_tensors = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
 
-    def torch_load() -> None:
+    def first_use(fresh: torch.optim.Optimizer) -> None:
+        """Read every loaded state tensor once (a lazily mapped load pays its page faults here)."""
+        for s in fresh.state.values():
+            for t in s.values():
+                if torch.is_tensor(t):
+                    t.sum()
+
+    def torch_load() -> tuple[float, float]:
         fresh = build(numel, args.tensors, with_state=False)
         start = time.perf_counter()
         fresh.load_state_dict(torch.load(pt, weights_only=True))
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        first_use(fresh)
+        return seconds, time.perf_counter() - start
 
-    def hf_load() -> tuple[float, float]:
+    def hf_load() -> tuple[float, float, float]:
         fresh = build(numel, args.tensors, with_state=False)
         with CheckTimer() as checks_timer:
             start = time.perf_counter()
             hf_optim.load_state(ckpt, fresh)
             seconds = time.perf_counter() - start
-        return seconds, checks_timer.seconds
+        first_use(fresh)
+        return seconds, time.perf_counter() - start, checks_timer.seconds
 
     def memcpy() -> None:
         for t in state_tensors:
@@ -140,24 +151,43 @@ def main() -> None:
     results: dict[str, list[float]] = {
         "save_state": [],
         "torch.save": [],
+        "save_state over the previous one": [],
+        "torch.save over the previous one": [],
         "load_state": [],
         "torch.load + load_state_dict": [],
+        "load_state, then first use": [],
+        "torch.load + ..., then first use": [],
         "memcpy floor": [],
         "hardening checks": [],
     }
     for _ in range(args.rounds):
+        # into a fresh folder / file, as Trainer's checkpoint-N folders are (the previous ones removed untimed)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if os.path.exists(pt):
+            os.remove(pt)
         results["save_state"].append(timed(lambda: hf_optim.save_state(ckpt, opt)))
         results["torch.save"].append(timed(lambda: torch.save(opt.state_dict(), pt)))
-        seconds, check_seconds = hf_load()
+        # over the previous checkpoint: save_state keeps it loadable until the new one is in place, torch.save
+        # truncates it first (its pages, possibly not yet written back, are dropped before the new ones are written)
+        results["save_state over the previous one"].append(timed(lambda: hf_optim.save_state(ckpt, opt)))
+        results["torch.save over the previous one"].append(timed(lambda: torch.save(opt.state_dict(), pt)))
+        seconds, with_use, check_seconds = hf_load()
         results["load_state"].append(seconds)
+        results["load_state, then first use"].append(with_use)
         results["hardening checks"].append(check_seconds)
-        results["torch.load + load_state_dict"].append(torch_load())
+        seconds, with_use = torch_load()
+        results["torch.load + load_state_dict"].append(seconds)
+        results["torch.load + ..., then first use"].append(with_use)
         results["memcpy floor"].append(timed(memcpy))
     best = {k: min(v) for k, v in results.items()}
     ratios = {
         "save_state / torch.save": best["save_state"] / best["torch.save"],
+        "the same, over the previous checkpoint": best["save_state over the previous one"]
+        / best["torch.save over the previous one"],
         "load_state / (torch.load + load_state_dict)": best["load_state"]
         / best["torch.load + load_state_dict"],
+        "the same, including the first use": best["load_state, then first use"]
+        / best["torch.load + ..., then first use"],
         "hardening checks / load_state": best["hardening checks"] / best["load_state"],
     }
     if args.dir is None:
