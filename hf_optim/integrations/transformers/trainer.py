@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import transformers
 
-from hf_optim.hub import _is_url
+from hf_optim._utils import is_hub_url as _is_url
 from hf_optim.integrations.transformers.bridge import registered_names
 from hf_optim.registry import get_scheduler, list_schedulers
-from hf_optim.serialization import (
+from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
     SCHEDULER_NAME,
