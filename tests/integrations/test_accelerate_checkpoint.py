@@ -158,7 +158,7 @@ import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from accelerate import Accelerator
 from safetensors.torch import save_file
-from tests.integrations.test_accelerate_state import _setup
+from tests.integrations.test_accelerate_checkpoint import _setup
 from hf_optim.integrations.accelerate import accelerate_load_state
 accelerator, model, optimizer, scheduler = _setup(lambda **kw: Accelerator(cpu=True, **kw), seed=2)
 accelerate_load_state(accelerator, {hub_repo_id!r}, subfolder="ckpt")
