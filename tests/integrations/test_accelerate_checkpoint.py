@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_optim
+from hf_optim.errors import CheckpointError
 from hf_optim.integrations.accelerate import accelerate_load_state, accelerate_prepare, accelerate_save_state
 
 STEPS_BEFORE, STEPS_AFTER = 3, 3
@@ -304,3 +306,352 @@ def test_save_rejects_bad_arguments(make_accelerator, tmp_path: Path) -> None:
     bare = make_accelerator()
     with pytest.raises(ValueError, match="accumulator"):
         accelerate_save_state(bare, tmp_path / "c", accumulator=hf_optim.GradientAccumulator())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registered objects (accelerator.register_for_checkpointing): safetensors + JSON, validated
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Registered:
+    """A registered object whose state exercises every supported value type."""
+
+    def __init__(self) -> None:
+        self.state = {"count": 0}
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def _rich_state() -> dict:
+    return {
+        "count": 3,
+        "ratio": 0.25,
+        "missing": float("nan"),
+        "big": float("inf"),
+        "flag": True,
+        "name": "run",
+        "nothing": None,
+        "pair": (1, "two"),
+        "by_step": {0: torch.arange(4, dtype=torch.int32), 5: [torch.ones(2, 2, dtype=torch.bfloat16)]},
+        "nested": [{"a": [1, 2.5, None]}],
+    }
+
+
+def _assert_same_value(got, expected) -> None:
+    assert type(got) is type(expected), (got, expected)
+    if isinstance(expected, torch.Tensor):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for k in expected:
+            _assert_same_value(got[k], expected[k])
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            _assert_same_value(a, b)
+    elif isinstance(expected, float) and expected != expected:
+        assert got != got
+    else:
+        assert got == expected
+
+
+def test_registered_objects_round_trip_as_safetensors(make_accelerator, tmp_path: Path) -> None:
+    accelerator, *_ = _setup(make_accelerator)
+    first, second = Registered(), Registered()
+    first.state, second.state = _rich_state(), {"count": 9}
+    accelerator.register_for_checkpointing(first, second)
+    accelerate_save_state(accelerator, tmp_path / "ckpt")
+    assert not [
+        n for n in os.listdir(tmp_path / "ckpt") if n.startswith("custom_checkpoint") and n.endswith(".pkl")
+    ]
+    # raw bytes: a safetensors header (little-endian u64 length + JSON) whose metadata holds the value tree
+    raw = (tmp_path / "ckpt" / "custom_checkpoint_0.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    tree = json.loads(header["__metadata__"]["hf_optim"])
+    assert tree["kind"] == "hf_optim.registered_object" and tree["format_version"] == 1
+    assert tree["value"]["dict"]["count"] == 3 and tree["value"]["dict"]["missing"] == {"float": "nan"}
+
+    accelerator2, *_ = _setup(make_accelerator, seed=3)
+    new_first, new_second = Registered(), Registered()
+    accelerator2.register_for_checkpointing(new_first, new_second)
+    accelerate_load_state(accelerator2, tmp_path / "ckpt")
+    _assert_same_value(new_first.state, _rich_state())
+    assert new_second.state == {"count": 9}
+
+
+def test_registered_state_with_unsupported_values_is_not_saved(make_accelerator, tmp_path: Path) -> None:
+    accelerator, *_ = _setup(make_accelerator)
+    obj = Registered()
+    obj.state = {"callback": print}
+    accelerator.register_for_checkpointing(obj)
+    with pytest.raises(TypeError, match="builtin_function_or_method"):
+        accelerate_save_state(accelerator, tmp_path / "ckpt")
+
+
+def _write_registered(path: Path, metadata: dict | str, tensors: dict | None = None) -> None:
+    text = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    save_file(tensors or {}, path, metadata={"hf_optim": text})
+
+
+@pytest.mark.parametrize(
+    ("metadata", "tensors", "message"),
+    [
+        ({"format_version": 1, "kind": "hf_optim.optimizer", "value": 1}, None, "kind"),
+        ({"format_version": 2, "kind": "hf_optim.registered_object", "value": 1}, None, "format_version"),
+        ({"format_version": 1, "kind": "hf_optim.registered_object"}, None, "exactly"),
+        (
+            {"format_version": 1, "kind": "hf_optim.registered_object", "value": {"tensor": "0"}},
+            None,
+            "not in",
+        ),
+        (
+            {"format_version": 1, "kind": "hf_optim.registered_object", "value": 1},
+            {"0": torch.zeros(1)},
+            "not part of the state",
+        ),
+        (
+            {
+                "format_version": 1,
+                "kind": "hf_optim.registered_object",
+                "value": [{"tensor": "0"}, {"tensor": "0"}],
+            },
+            {"0": torch.zeros(1)},
+            "twice",
+        ),
+        (
+            {"format_version": 1, "kind": "hf_optim.registered_object", "value": {"pickle": "gASVAAAAAA=="}},
+            None,
+            "cannot decode",
+        ),
+        ('{"format_version": 1, "kind": "hf_optim.registered_object", "value": NaN}', None, "JSON"),
+        (
+            '{"format_version": 1, "kind": "hf_optim.registered_object", "value": '
+            + "[" * 5000
+            + "]" * 5000
+            + "}",
+            None,
+            "JSON|nested",
+        ),
+    ],
+)
+def test_hostile_registered_files_are_refused_before_anything_changes(
+    make_accelerator, checkpoint: Path, metadata, tensors, message
+) -> None:
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=9)
+    obj = Registered()
+    accelerator.register_for_checkpointing(obj)
+    _write_registered(checkpoint / "custom_checkpoint_0.safetensors", metadata, tensors)
+    before = _snapshot(model, optimizer, scheduler)
+    with pytest.raises(CheckpointError, match=rf"custom_checkpoint_0\.safetensors.*({message})"):
+        accelerate_load_state(accelerator, checkpoint)
+    _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
+    assert obj.state == {"count": 0}
+
+
+def test_registered_files_must_match_the_registered_objects(make_accelerator, checkpoint: Path) -> None:
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=9)
+    accelerator.register_for_checkpointing(Registered())  # the checkpoint has no registered object
+    before = _snapshot(model, optimizer, scheduler)
+    with pytest.raises(CheckpointError, match="register_for_checkpointing"):
+        accelerate_load_state(accelerator, checkpoint)
+    (checkpoint / "custom_checkpoint_0.safetensors").mkdir()  # a folder where a file is expected
+    with pytest.raises(CheckpointError, match=r"custom_checkpoint_0\.safetensors: not a regular file"):
+        accelerate_load_state(accelerator, checkpoint)
+    _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
+
+
+def test_accelerate_files_must_be_regular_files(make_accelerator, checkpoint: Path) -> None:
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=9)
+    before = _snapshot(model, optimizer, scheduler)
+    (checkpoint / "random_states_0.pkl").unlink()
+    (checkpoint / "random_states_0.pkl").mkdir()
+    with pytest.raises(CheckpointError, match=r"random_states_0\.pkl: not a regular file"):
+        accelerate_load_state(accelerator, checkpoint)
+    _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# All or nothing: a failure after the first change puts everything back
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _scheduler_dict(scheduler) -> dict:
+    inner = scheduler.scheduler
+    return {k: copy.deepcopy(v) for k, v in inner.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
+
+
+def _lambda_values(scheduler) -> list[float]:
+    return [fn(step) for fn in scheduler.scheduler.lr_lambdas for step in range(12)]
+
+
+def test_failure_inside_accelerate_load_state_restores_everything(
+    make_accelerator, tmp_path: Path, uninterrupted: dict
+) -> None:
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator)
+    saved_obj = Registered()
+    saved_obj.state = {"count": 3, "buffer": torch.full((2,), 3.0)}
+    accelerator.register_for_checkpointing(saved_obj)
+    _train(accelerator, model, optimizer, scheduler, range(STEPS_BEFORE))
+    accelerate_save_state(accelerator, tmp_path / "ckpt")
+
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=9)
+    obj = Registered()
+    obj.state = {"count": 1, "buffer": torch.zeros(2)}
+    accelerator.register_for_checkpointing(obj)
+    _train(accelerator, model, optimizer, scheduler, range(1))
+    before = _snapshot(model, optimizer, scheduler)
+    sched_dict, lambdas = _scheduler_dict(scheduler), _lambda_values(scheduler)
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+    state_obj, groups_obj = optimizer.optimizer.state, optimizer.optimizer.param_groups
+    rng, step = torch.get_rng_state(), accelerator.step
+    seen = {}
+
+    def failing_hook(models, input_dir):
+        # Runs inside accelerator.load_state, after hf_optim's own part was applied.
+        seen["last_epoch"] = scheduler.scheduler.last_epoch
+        seen["count"] = obj.state["count"]
+        raise RuntimeError("Accelerate's part failed")
+
+    handle = accelerator.register_load_state_pre_hook(failing_hook)
+    with pytest.raises(RuntimeError, match="Accelerate's part failed"):
+        accelerate_load_state(accelerator, tmp_path / "ckpt")
+    handle.remove()
+    assert seen == {"last_epoch": STEPS_BEFORE, "count": 3}  # the loads had happened ...
+    _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)  # ... and were undone
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups
+    assert optimizer.optimizer.state is state_obj and optimizer.optimizer.param_groups is groups_obj
+    assert _scheduler_dict(scheduler) == sched_dict and _lambda_values(scheduler) == lambdas
+    assert scheduler.scheduler.optimizer is optimizer.optimizer
+    assert obj.state["count"] == 1 and torch.equal(obj.state["buffer"], torch.zeros(2))
+    assert torch.equal(torch.get_rng_state(), rng) and accelerator.step == step
+
+    # and the same accelerator then resumes exactly
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=9)
+    accelerator.register_for_checkpointing(Registered())
+    accelerate_load_state(accelerator, tmp_path / "ckpt")
+    _train(accelerator, model, optimizer, scheduler, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+    _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), uninterrupted)
+
+
+def test_failure_in_the_second_optimizer_restores_the_first(make_accelerator, tmp_path: Path) -> None:
+    def setup(seed: int, hidden: int = 6):
+        accelerator = make_accelerator()
+        torch.manual_seed(seed)
+        gen, disc = Net(), Net(hidden)
+        opt_g = hf_optim.create_optimizer("adamw_hf", gen, lr=1e-2)
+        opt_d = hf_optim.create_optimizer("adamw_hf", disc, lr=2e-2)
+        sched_g = hf_optim.create_scheduler("linear", opt_g, num_warmup_steps=1, num_training_steps=8)
+        objs = accelerate_prepare(accelerator, gen, disc, opt_g, opt_d, sched_g)
+        x = torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))
+        (objs[0](x).pow(2).mean() + objs[1](x).abs().mean()).backward()
+        objs[2].step(), objs[3].step(), objs[4].step()
+        return accelerator, objs
+
+    accelerator, _ = setup(0)
+    accelerate_save_state(accelerator, tmp_path / "ckpt")
+    accelerator, _ = setup(0, hidden=7)
+    accelerate_save_state(accelerator, tmp_path / "other")
+    # optimizer 1's state from a discriminator of another width: valid files, wrong shapes for this model
+    shutil.rmtree(tmp_path / "ckpt" / "optimizer_1")
+    shutil.copytree(tmp_path / "other" / "optimizer_1", tmp_path / "ckpt" / "optimizer_1")
+
+    accelerator, objs = setup(5)
+    opt_g, sched_g = objs[2], objs[4]
+    before = copy.deepcopy(opt_g.optimizer.state_dict()), copy.deepcopy(sched_g.state_dict())
+    with pytest.raises(ValueError, match="optimizer_1"):
+        accelerate_load_state(accelerator, tmp_path / "ckpt")
+    after = opt_g.optimizer.state_dict(), sched_g.state_dict()
+    assert after[0]["param_groups"] == before[0]["param_groups"] and after[1] == before[1]
+    for i, state in before[0]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(after[0]["state"][i][key]), torch.as_tensor(value)), (i, key)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# use_safetensors_state: the accelerator's own save_state() / load_state() in hf_optim's format
+# --------------------------------------------------------------------------------------------------------------
+
+
+class StepCounter:
+    def __init__(self) -> None:
+        self.steps = torch.zeros((), dtype=torch.int64)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"].clone()
+
+
+def test_plain_save_state_and_load_state_after_use_safetensors_state(
+    make_accelerator, tmp_path: Path, uninterrupted: dict
+) -> None:
+    from accelerate.utils import ProjectConfiguration
+
+    def project():
+        return ProjectConfiguration(
+            project_dir=str(tmp_path / "run"), automatic_checkpoint_naming=True, total_limit=1
+        )
+
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator, project_config=project())
+    assert hf_optim.use_safetensors_state(accelerator) is accelerator
+    counter = StepCounter()
+    accelerator.register_for_checkpointing(counter)
+    for steps in (range(1), range(1, STEPS_BEFORE)):
+        _train(accelerator, model, optimizer, scheduler, steps)
+        counter.steps += len(steps)
+        accelerator.save_state()  # checkpoint_0, then checkpoint_1 (total_limit=1 removes checkpoint_0)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_1"]
+    files = sorted(os.listdir(checkpoints / "checkpoint_1"))
+    assert [n for n in files if not n.endswith((".safetensors", ".json"))] == ["random_states_0.pkl"]
+    assert {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "scheduler.json",
+        "custom_checkpoint_0.safetensors",
+    } <= set(files)
+
+    accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=123, project_config=project())
+    hf_optim.use_safetensors_state(accelerator)
+    restored = StepCounter()
+    accelerator.register_for_checkpointing(restored)
+    assert accelerator.load_state() == str(checkpoints / "checkpoint_1")  # the latest, as Accelerate picks it
+    assert int(restored.steps) == STEPS_BEFORE
+    _train(accelerator, model, optimizer, scheduler, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+    _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), uninterrupted)
+    # an explicit folder works as with Accelerate; arguments for other backends are refused
+    assert accelerator.load_state(str(checkpoints / "checkpoint_1")) == str(checkpoints / "checkpoint_1")
+    with pytest.raises(ValueError, match="safe_serialization"):
+        accelerator.save_state(safe_serialization=False)
+    with pytest.raises(TypeError, match="load_kwargs"):
+        accelerator.load_state(load_kwargs={"weights_only": False})
+
+
+def test_hub_download_keywords_are_forwarded(
+    make_accelerator, checkpoint: Path, hub_api, hub_repo_id, tmp_path
+) -> None:
+    import inspect
+
+    hub_api.create_repo(hub_repo_id, repo_type="dataset")
+    hub_api.upload_folder(
+        repo_id=hub_repo_id, folder_path=str(checkpoint), path_in_repo="ckpt", repo_type="dataset"
+    )
+    accelerator, *_ = _setup(make_accelerator, seed=4)
+    folder = accelerate_load_state(accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt")
+    assert "datasets--" in folder
+    cache = tmp_path / "own-cache"
+    if "cache_dir" in inspect.signature(hf_optim.download_checkpoint).parameters:
+        folder = accelerate_load_state(
+            accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt", cache_dir=cache
+        )
+        assert Path(folder).resolve().is_relative_to(cache.resolve())
+    else:
+        with pytest.raises(TypeError, match="cache_dir"):
+            accelerate_load_state(
+                accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt", cache_dir=cache
+            )
