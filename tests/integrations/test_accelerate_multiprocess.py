@@ -417,6 +417,28 @@ def test_resume_one_process_checkpoint_in_two_processes_from_local_hub(
     _assert_same_weights(_weights(pushed / "model.safetensors"), reference[1])
 
 
+def test_resume_takes_the_schedule_from_the_checkpoint(two_proc_run, reference, tmp_path: Path) -> None:
+    """Resuming without schedule arguments follows the checkpoint's schedule (scheduler.json); one given on
+    the command line wins. The linear schedule's lr is written out as the reference."""
+    checkpoint = two_proc_run[0] / f"checkpoint-{SAVE_STEP}"
+    schedule_args = {"lr_scheduler_type", "num_warmup_steps", "max_steps"}
+    args = [a for a in _train_args(tmp_path / "a", GLOBAL_BATCH, "--resume_from", str(checkpoint))]
+    for name in schedule_args:
+        i = args.index(f"--{name}")
+        del args[i : i + 2]
+    _launch(SCRIPT, args, 1)
+    _assert_same_weights(_weights(tmp_path / "a" / "model.safetensors"), reference[1])
+
+    override = [*args, "--num_warmup_steps", "0"]
+    override[override.index("--output_dir") + 1] = str(tmp_path / "b")
+    log = _launch(SCRIPT, override, 1)
+    lr0, total = TRAIN["learning_rate"], TRAIN["max_steps"]
+    logged = {
+        int(s): float(lr) for s, lr in re.findall(r"step=(\d+) epoch=\d+ loss=\S+ items=\d+ lr=(\S+)", log)
+    }
+    assert abs(logged[total - 1] - lr0 * 1 / total) <= 1e-5 * lr0  # warmup 0: linear decay over all 6 steps
+
+
 if __name__ == "__main__":
     # Worker mode under `accelerate launch`: argv = ["--cpu", OUT_DIR]
     _worker_main(sys.argv[-1])
