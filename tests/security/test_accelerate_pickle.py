@@ -109,7 +109,7 @@ def test_payload_is_real_plain_accelerate_runs_it(make_accelerator, tmp_path: Pa
 def test_pickled_registered_object_is_refused(make_accelerator, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     folder = _hostile_folder(make_accelerator, tmp_path, marker)
-    accelerator, model, optimizer, scheduler, counter = _setup(make_accelerator, seed=1)
+    accelerator, model, _, scheduler, _ = _setup(make_accelerator, seed=1)
     weights = model.weight.detach().clone()
     with pytest.raises(CheckpointError, match=r"custom_checkpoint_0\.pkl"):
         accelerate_load_state(accelerator, folder)
@@ -138,7 +138,7 @@ def test_pickled_registered_object_is_refused_from_the_local_hub(
 
 
 def test_allow_pickle_loads_a_folder_you_made(make_accelerator, tmp_path: Path) -> None:
-    accelerator, model, optimizer, scheduler, counter = _setup(make_accelerator)
+    accelerator, *_, counter = _setup(make_accelerator)
     counter.count, counter.history = 7, torch.tensor([1.0, 2.0, 3.0])
     folder = tmp_path / "trusted"
     accelerate_save_state(accelerator, folder)

@@ -15,6 +15,11 @@ is loaded into the scheduler Trainer rebuilt from the same ``TrainingArguments``
 
 DeepSpeed, FSDP, XLA and SageMaker model parallel have their own optimizer checkpoint formats: there the base
 behaviour is kept, with a warning.
+
+Nothing read on resume is unpickled with arbitrary objects: hf_optim reads safetensors + JSON, and transformers
+5.x reads ``rng_state*.pth``, ``scaler.pt`` and legacy ``optimizer.pt`` / ``scheduler.pt`` with
+``torch.load(weights_only=True)`` (model weights as safetensors, or ``weights_only=True``); ``training_args.bin``
+is written but never read back. The native backends above load their own files their own way.
 """
 
 from __future__ import annotations
