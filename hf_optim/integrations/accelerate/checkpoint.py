@@ -32,6 +32,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import re
@@ -110,9 +111,10 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str, depth: int
         return {"tensor": key}
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):  # also numpy integers
         return int(value)
-    if isinstance(value, float):
+    if isinstance(value, numbers.Real):
+        value = float(value)
         return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, list):
         return [_encode(v, tensors, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
@@ -181,7 +183,14 @@ def _reject_constant(name: str) -> Any:
 
 
 def _save_registered(path: str, state_dict: Any) -> None:
-    """Write a registered object's ``state_dict()`` to ``path`` (one safetensors file; atomic replace)."""
+    """Write a registered object's ``state_dict()`` to ``path`` (one safetensors file; atomic replace).
+
+    The file's tensors are named ``"0"``, ``"1"``, ...; its ``__metadata__["hf_optim"]`` is the JSON document
+    ``{"format_version": 1, "kind": "hf_optim.registered_object", "value": TREE}`` where TREE encodes the value:
+    JSON scalars as themselves, ``{"float": "nan"|"inf"|"-inf"}``, lists as arrays, ``{"tuple": [...]}``,
+    ``{"dict": {...}}`` (string keys), ``{"items": [[key, value], ...]}`` (other scalar keys) and
+    ``{"tensor": NAME}``, each tensor referenced exactly once.
+    """
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state_dict, tensors, "state_dict()")
     metadata = {
