@@ -283,8 +283,15 @@ def test_failed_loads_change_nothing(make_accelerator, checkpoint: Path, tmp_pat
         accelerate_load_state(accelerator, broken)
     _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
 
-    # missing model weights
+    # truncated model weights: refused before the optimizer state is touched
     (broken / "optimizer.safetensors").write_bytes((checkpoint / "optimizer.safetensors").read_bytes())
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 16])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        accelerate_load_state(accelerator, broken)
+    _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
+
+    # missing model weights
     (broken / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         accelerate_load_state(accelerator, broken)

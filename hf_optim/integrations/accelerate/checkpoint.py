@@ -371,7 +371,8 @@ def accelerate_load_state(
     the optimizer / scheduler / ``accumulator`` state is loaded with :func:`hf_optim.load_state`, the registered
     objects' ``load_state_dict``, Accelerate's part (RNG states, samplers, scaler, step counter) and the model
     weights. If any step raises, the optimizers, schedulers, accumulator, registered objects, RNG states, scaler
-    and step counter are restored and the error re-raised.
+    and step counter are restored and the error re-raised (a copy of the optimizer state is held in memory for
+    the duration of the load to make that possible).
 
     A folder holding pickled ``custom_checkpoint_N.pkl`` files (what plain ``accelerator.save_state`` writes for
     registered objects) is refused with a :class:`~hf_optim.CheckpointError`: Accelerate reads them with
