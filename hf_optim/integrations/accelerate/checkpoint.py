@@ -83,15 +83,6 @@ _RNG_NAME = "random_states_{}.pkl"
 _SCALER_NAME = "scaler.pt"
 
 _SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.FSDP)
-_HUB_KEYWORDS = (
-    "repo_type",
-    "revision",
-    "subfolder",
-    "token",
-    "cache_dir",
-    "local_files_only",
-    "force_download",
-)
 
 
 # --------------------------------------------------------------------------------------------------------------
