@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 
 import hf_optim
@@ -379,7 +380,7 @@ def test_registered_objects_round_trip_as_safetensors(make_accelerator, tmp_path
     raw = (tmp_path / "ckpt" / "custom_checkpoint_0.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     tree = json.loads(header["__metadata__"]["hf_optim"])
-    assert tree["kind"] == "hf_optim.registered_object" and tree["format_version"] == 1
+    assert tree["format"] == "hf_optim.object" and tree["kind"] == "accelerate.registered_object"
     assert tree["value"]["dict"]["count"] == 3 and tree["value"]["dict"]["missing"] == {"float": "nan"}
 
     accelerator2, *_ = _setup(make_accelerator, seed=3)
@@ -395,66 +396,62 @@ def test_registered_state_with_unsupported_values_is_not_saved(make_accelerator,
     obj = Registered()
     obj.state = {"callback": print}
     accelerator.register_for_checkpointing(obj)
-    with pytest.raises(TypeError, match="builtin_function_or_method"):
+    with pytest.raises(ValueError, match="builtin_function_or_method"):
         accelerate_save_state(accelerator, tmp_path / "ckpt")
 
 
-def _write_registered(path: Path, metadata: dict | str, tensors: dict | None = None) -> None:
-    text = metadata if isinstance(metadata, str) else json.dumps(metadata)
-    save_file(tensors or {}, path, metadata={"hf_optim": text})
+def _rewrite_registered(path: Path, change) -> None:
+    """Rewrite a valid registered-object file: ``change(metadata, tensors)`` edits the JSON document / tensors."""
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    doc = json.loads(header["__metadata__"]["hf_optim"])
+    tensors = load_file(path)
+    text = change(doc, tensors)
+    save_file(
+        tensors,
+        path,
+        metadata={"format": "pt", "hf_optim": text if isinstance(text, str) else json.dumps(doc)},
+    )
+
+
+def _tensor_node(doc: dict) -> dict:
+    return doc["value"]["dict"]["buffer"]
 
 
 @pytest.mark.parametrize(
-    ("metadata", "tensors", "message"),
+    ("change", "message"),
     [
-        ({"format_version": 1, "kind": "hf_optim.optimizer", "value": 1}, None, "kind"),
-        ({"format_version": 2, "kind": "hf_optim.registered_object", "value": 1}, None, "format_version"),
-        ({"format_version": 1, "kind": "hf_optim.registered_object"}, None, "exactly"),
+        (lambda doc, t: doc.update(kind="accelerate.other"), "accelerate.other"),
+        (lambda doc, t: doc.update(format_version=99), "version"),
+        (lambda doc, t: doc.update(format="hf_optim.optimizer"), ""),
+        (lambda doc, t: doc.pop("value"), ""),
+        (lambda doc, t: _tensor_node(doc).update(tensor="value.elsewhere"), ""),  # tensor not in the file
         (
-            {"format_version": 1, "kind": "hf_optim.registered_object", "value": {"tensor": "0"}},
-            None,
-            "not in",
-        ),
-        (
-            {"format_version": 1, "kind": "hf_optim.registered_object", "value": 1},
-            {"0": torch.zeros(1)},
-            "not part of the state",
-        ),
-        (
-            {
-                "format_version": 1,
-                "kind": "hf_optim.registered_object",
-                "value": [{"tensor": "0"}, {"tensor": "0"}],
-            },
-            {"0": torch.zeros(1)},
-            "twice",
-        ),
-        (
-            {"format_version": 1, "kind": "hf_optim.registered_object", "value": {"pickle": "gASVAAAAAA=="}},
-            None,
-            "cannot decode",
-        ),
-        ('{"format_version": 1, "kind": "hf_optim.registered_object", "value": NaN}', None, "JSON"),
-        (
-            '{"format_version": 1, "kind": "hf_optim.registered_object", "value": '
-            + "[" * 5000
-            + "]" * 5000
-            + "}",
-            None,
-            "JSON|nested",
-        ),
+            lambda doc, t: t.update({"value.extra": torch.zeros(1)}),
+            "do not match",
+        ),  # tensor not in the metadata
+        (lambda doc, t: _tensor_node(doc).update(shape=[3]), ""),  # header and metadata disagree
+        (lambda doc, t: doc["value"]["dict"].update(code={"pickle": "gASVAAAAAA=="}), ""),  # unknown tag
+        (lambda doc, t: json.dumps(doc).replace('"count": 1', '"count": NaN'), ""),  # non-standard JSON
+        (lambda doc, t: json.dumps(doc).replace('"count": 1', '"count": ' + "[" * 5000 + "]" * 5000), ""),
     ],
 )
 def test_hostile_registered_files_are_refused_before_anything_changes(
-    make_accelerator, checkpoint: Path, metadata, tensors, message
+    make_accelerator, checkpoint: Path, change, message
 ) -> None:
     accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=9)
     obj = Registered()
+    obj.state = {"count": 1, "buffer": torch.ones(2)}
     accelerator.register_for_checkpointing(obj)
-    _write_registered(checkpoint / "custom_checkpoint_0.safetensors", metadata, tensors)
+    accelerate_save_state(accelerator, checkpoint.parent / "valid")
+    path = checkpoint / "custom_checkpoint_0.safetensors"
+    path.write_bytes((checkpoint.parent / "valid" / path.name).read_bytes())
+    _rewrite_registered(path, change)
+    obj.state = {"count": 0}
     before = _snapshot(model, optimizer, scheduler)
-    with pytest.raises(CheckpointError, match=rf"custom_checkpoint_0\.safetensors.*({message})"):
+    with pytest.raises(CheckpointError, match=rf"custom_checkpoint_0\.safetensors.*{message}") as info:
         accelerate_load_state(accelerator, checkpoint)
+    assert message in str(info.value)
     _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
     assert obj.state == {"count": 0}
 
@@ -642,8 +639,6 @@ def test_plain_save_state_and_load_state_after_use_safetensors_state(
 def test_hub_download_keywords_are_forwarded(
     make_accelerator, checkpoint: Path, hub_api, hub_repo_id, tmp_path
 ) -> None:
-    import inspect
-
     hub_api.create_repo(hub_repo_id, repo_type="dataset")
     hub_api.upload_folder(
         repo_id=hub_repo_id, folder_path=str(checkpoint), path_in_repo="ckpt", repo_type="dataset"
@@ -652,13 +647,29 @@ def test_hub_download_keywords_are_forwarded(
     folder = accelerate_load_state(accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt")
     assert "datasets--" in folder
     cache = tmp_path / "own-cache"
-    if "cache_dir" in inspect.signature(hf_optim.download_checkpoint).parameters:
-        folder = accelerate_load_state(
-            accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt", cache_dir=cache
+    folder = accelerate_load_state(
+        accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt", cache_dir=cache
+    )
+    assert Path(folder).resolve().is_relative_to(cache.resolve())
+    # served from that cache without the network, and fetched again on request
+    folder = accelerate_load_state(
+        accelerator,
+        hub_repo_id,
+        repo_type="dataset",
+        subfolder="ckpt",
+        cache_dir=cache,
+        local_files_only=True,
+    )
+    assert Path(folder).resolve().is_relative_to(cache.resolve())
+    accelerate_load_state(
+        accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt", cache_dir=cache, force_download=True
+    )
+    with pytest.raises(LocalEntryNotFoundError, match=hub_repo_id.split("/")[1]):
+        accelerate_load_state(
+            accelerator,
+            hub_repo_id,
+            repo_type="dataset",
+            subfolder="ckpt",
+            cache_dir=tmp_path / "empty",
+            local_files_only=True,
         )
-        assert Path(folder).resolve().is_relative_to(cache.resolve())
-    else:
-        with pytest.raises(TypeError, match="cache_dir"):
-            accelerate_load_state(
-                accelerator, hub_repo_id, repo_type="dataset", subfolder="ckpt", cache_dir=cache
-            )

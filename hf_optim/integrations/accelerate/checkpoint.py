@@ -28,16 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
-import json
 import logging
-import math
-import numbers
 import os
 import random
 import re
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -47,13 +42,21 @@ from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hf_optim._utils import is_hub_url, unwrap_optimizer
 from hf_optim.errors import CheckpointError
 from hf_optim.hub import download_checkpoint, resolve_state_dir
 from hf_optim.integrations.accelerate.prepare import is_hf_optim_scheduler
-from hf_optim.serialization import OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME, inspect_state, load_state, save_state
+from hf_optim.state import (
+    OPTIMIZER_INDEX_NAME,
+    OPTIMIZER_NAME,
+    inspect_state,
+    load_object_state,
+    load_state,
+    save_object_state,
+    save_state,
+)
 
 __all__ = [
     "REGISTERED_STATE_NAME",
@@ -69,10 +72,7 @@ REGISTERED_STATE_NAME = "custom_checkpoint_{}.safetensors"
 _REGISTERED_STATE_RE = re.compile(r"^custom_checkpoint_(\d+)\.safetensors$")
 # What plain Accelerate writes for registered objects (and reads with torch.load(weights_only=False)).
 _PICKLED_REGISTERED_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
-_REGISTERED_KIND = "hf_optim.registered_object"
-_REGISTERED_VERSION = 1
-_METADATA_KEY = "hf_optim"
-_MAX_DEPTH = 64
+_REGISTERED_KIND = "accelerate.registered_object"
 
 # Accelerate writes the first model as ``model.safetensors`` and the i-th as ``model_{i}.safetensors``.
 _MODEL_STEM = "model"
@@ -90,150 +90,16 @@ _SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, Distri
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str, depth: int = 0) -> Any:
-    if depth > _MAX_DEPTH:
-        raise ValueError(f"{where}: nested more than {_MAX_DEPTH} levels deep")
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:
-            raise ValueError(f"{where}: only dense tensors can be saved, got layout {value.layout}")
-        key = str(len(tensors))
-        # A copy: safetensors refuses tensors sharing storage, and the live buffers may change after saving.
-        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
-        return {"tensor": key}
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, numbers.Integral):  # also numpy integers
-        return int(value)
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        return value if math.isfinite(value) else {"float": repr(value)}
-    if isinstance(value, list):
-        return [_encode(v, tensors, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v, tensors, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]}
-    if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value):
-            return {"dict": {k: _encode(v, tensors, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}}
-        items = []
-        for k, v in value.items():
-            if not (k is None or isinstance(k, (str, int, float, bool))):
-                raise TypeError(f"{where}: dictionary keys must be str, int, float, bool or None, got {k!r}")
-            items.append(
-                [_encode(k, tensors, where, depth + 1), _encode(v, tensors, f"{where}[{k!r}]", depth + 1)]
-            )
-        return {"items": items}
-    raise TypeError(
-        f"{where}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be saved "
-        "(supported: tensors, int, float, bool, str, None, and lists / tuples / dicts of them)"
-    )
-
-
-def _decode(
-    node: Any, tensors: Mapping[str, torch.Tensor], used: set[str], label: str, depth: int = 0
-) -> Any:
-    if depth > _MAX_DEPTH:
-        raise CheckpointError(f"{label}: value nested more than {_MAX_DEPTH} levels deep")
-    if node is None or isinstance(node, (bool, str, int)):
-        return node
-    if isinstance(node, float):
-        return node
-    if isinstance(node, list):
-        return [_decode(item, tensors, used, label, depth + 1) for item in node]
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, inner),) = node.items()
-        if tag == "tensor" and isinstance(inner, str):
-            if inner not in tensors:
-                raise CheckpointError(f"{label}: tensor {inner!r} is not in the file")
-            if inner in used:
-                raise CheckpointError(f"{label}: tensor {inner!r} is referenced twice")
-            used.add(inner)
-            return tensors[inner]
-        if tag == "float" and inner in ("nan", "inf", "-inf"):
-            return float(inner)
-        if tag == "tuple" and isinstance(inner, list):
-            return tuple(_decode(item, tensors, used, label, depth + 1) for item in inner)
-        if tag == "dict" and isinstance(inner, dict):
-            return {k: _decode(v, tensors, used, label, depth + 1) for k, v in inner.items()}
-        if tag == "items" and isinstance(inner, list):
-            out: dict[Any, Any] = {}
-            for pair in inner:
-                if not (isinstance(pair, list) and len(pair) == 2):
-                    raise CheckpointError(f"{label}: malformed dictionary item {pair!r}")
-                key = _decode(pair[0], tensors, used, label, depth + 1)
-                if not (key is None or isinstance(key, (str, int, float, bool))):
-                    raise CheckpointError(
-                        f"{label}: dictionary key {pair[0]!r} is not a str, number, bool or null"
-                    )
-                out[key] = _decode(pair[1], tensors, used, label, depth + 1)
-            return out
-    raise CheckpointError(f"{label}: cannot decode value {str(node)[:200]!r}")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def _save_registered(path: str, state_dict: Any) -> None:
-    """Write a registered object's ``state_dict()`` to ``path`` (one safetensors file; atomic replace).
-
-    The file's tensors are named ``"0"``, ``"1"``, ...; its ``__metadata__["hf_optim"]`` is the JSON document
-    ``{"format_version": 1, "kind": "hf_optim.registered_object", "value": TREE}`` where TREE encodes the value:
-    JSON scalars as themselves, ``{"float": "nan"|"inf"|"-inf"}``, lists as arrays, ``{"tuple": [...]}``,
-    ``{"dict": {...}}`` (string keys), ``{"items": [[key, value], ...]}`` (other scalar keys) and
-    ``{"tensor": NAME}``, each tensor referenced exactly once.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    tree = _encode(state_dict, tensors, "state_dict()")
-    metadata = {
-        _METADATA_KEY: json.dumps(
-            {"format_version": _REGISTERED_VERSION, "kind": _REGISTERED_KIND, "value": tree}, allow_nan=False
-        )
-    }
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    """Write a registered object's ``state_dict()`` to ``path`` (one safetensors file, atomic)."""
+    save_object_state(path, state_dict, kind=_REGISTERED_KIND)
 
 
 def _load_registered(path: str) -> Any:
-    """Read and validate a file written by :func:`_save_registered`; return the state (tensors on CPU)."""
-    label = path
+    """Read and validate a file written by :func:`_save_registered`."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{label}: not a regular file")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            raw = (f.metadata() or {}).get(_METADATA_KEY)
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    except Exception as err:
-        raise CheckpointError(f"{label}: not a readable safetensors file: {err}") from None
-    if not isinstance(raw, str):
-        raise CheckpointError(f"{label}: no hf_optim metadata: not a registered-object state file")
-    try:
-        doc = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as err:
-        raise CheckpointError(f"{label}: malformed JSON metadata: {err}") from None
-    if not isinstance(doc, dict) or set(doc) != {"format_version", "kind", "value"}:
-        raise CheckpointError(f"{label}: metadata must hold exactly format_version, kind and value")
-    if doc["kind"] != _REGISTERED_KIND:
-        raise CheckpointError(f"{label}: kind {doc['kind']!r}, expected {_REGISTERED_KIND!r}")
-    if doc["format_version"] != _REGISTERED_VERSION or isinstance(doc["format_version"], bool):
-        raise CheckpointError(
-            f"{label}: format_version {doc['format_version']!r} is not supported (this hf_optim reads "
-            f"{_REGISTERED_VERSION})"
-        )
-    used: set[str] = set()
-    try:
-        value = _decode(doc["value"], tensors, used, label)
-    except RecursionError:
-        raise CheckpointError(f"{label}: value nested too deeply") from None
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise CheckpointError(f"{label}: tensors {unused[:5]} are not part of the state")
-    return value
+        raise CheckpointError(f"{path}: not a regular file")
+    return load_object_state(path, kind=_REGISTERED_KIND)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -443,14 +309,7 @@ def _checkpoint_dir(path_or_repo_id: str | os.PathLike[str], hub: dict[str, Any]
         return resolve_state_dir(
             value, revision=hub["revision"], subfolder=hub["subfolder"], token=hub["token"]
         )
-    # Forward the keywords the installed download_checkpoint has; refuse a set keyword it lacks.
-    accepted = inspect.signature(download_checkpoint).parameters
-    unsupported = sorted(k for k, v in hub.items() if k not in accepted and v not in (None, False))
-    if unsupported:
-        raise TypeError(
-            f"hf_optim.download_checkpoint does not accept {', '.join(unsupported)} in this version"
-        )
-    return download_checkpoint(value, **{k: v for k, v in hub.items() if k in accepted})
+    return download_checkpoint(value, **hub)
 
 
 def _read_registered(accelerator: Accelerator, directory: str, allow_pickle: bool) -> tuple[list[Any], bool]:

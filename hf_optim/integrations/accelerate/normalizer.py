@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from hf_optim._utils import parameters_of
+
 __all__ = ["ItemNormalizer"]
 
 _NO_GRADIENT_ACCESS = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-
-
-def _parameters_of(model_or_params: torch.nn.Module | Iterable[Any], argument: str) -> list[torch.Tensor]:
-    """Parameters of a module, or of an iterable of tensors / (name, tensor) pairs / param-group dicts, in order.
-
-    The same rule as ``hf_optim.GradientAccumulator`` applies to its argument.
-    """
-    if isinstance(model_or_params, torch.nn.Module):
-        return list(model_or_params.parameters())
-    if isinstance(model_or_params, torch.Tensor):
-        raise ValueError(f"{argument} must be an nn.Module or an iterable of parameters, got a single Tensor")
-    out: list[torch.Tensor] = []
-    for item in model_or_params:
-        if isinstance(item, Mapping):
-            out.extend(_parameters_of(item["params"], argument))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
-            out.append(item[1])
-        elif isinstance(item, torch.Tensor):
-            out.append(item)
-        else:
-            raise ValueError(
-                f"{argument} must hold parameters, (name, parameter) pairs or param-group dicts, got {item!r}"
-            )
-    return out
 
 
 class ItemNormalizer:
@@ -66,7 +44,7 @@ class ItemNormalizer:
         self.accelerator = accelerator
         # Each parameter once: a gradient listed twice must not be scaled twice.
         self._params = list(
-            {id(p): p for p in _parameters_of(model_or_params, "model_or_params") if p.requires_grad}.values()
+            {id(p): p for p in parameters_of(model_or_params, "model_or_params") if p.requires_grad}.values()
         )
         if not self._params:
             raise ValueError(
