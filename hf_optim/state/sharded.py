@@ -36,7 +36,29 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
@@ -50,7 +72,6 @@ __all__ = [
     "inspect_sharded_state",
     "is_sharded",
     "load_sharded_state",
-    "read_sharded_tensors",
     "save_sharded_state",
 ]
 
@@ -153,6 +174,57 @@ def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     return names
 
 
+class _StreamingWriter(HuggingFaceStorageWriter):
+    """``HuggingFaceStorageWriter`` writing each file with ``safetensors.torch.save_file``.
+
+    The stock writer serialises a whole file to ``bytes`` in memory first (two transient copies of the
+    process's shard of that file); ``save_file`` streams the tensors' memory to disk. Same file names, same
+    ``DCP_SHARDING_INFO`` metadata, so ``HuggingFaceStorageReader`` reads the result unchanged.
+    """
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        mapping: dict[str, int] | None = plan.storage_data.get("fqn_to_index_mapping")
+        shard_index = plan.storage_data.get("shard_index", 1)
+        highest = max(mapping.values()) if mapping else 1
+        files: dict[int, list[WriteItem]] = {}
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                raise TypeError(f"{item.index.fqn}: only tensors can be written to safetensors")
+            files.setdefault(mapping[item.index.fqn] if mapping else 1, []).append(item)
+        results: list[WriteResult] = []
+        for index, items in sorted(files.items()):
+            name = f"shard-{shard_index:05d}-model-{index:05d}-of-{highest:05d}.safetensors"
+            tensors: dict[str, torch.Tensor] = {}
+            offsets: dict[str, dict[str, list[int]]] = {}
+            for item in items:
+                tensor = planner.resolve_data(item).detach().cpu()
+                if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+                    tensor = tensor.clone(memory_format=torch.contiguous_format)
+                tensors[item.index.fqn] = tensor
+                offsets[item.index.fqn] = {_DCP_OFFSETS_KEY: list(item.tensor_data.chunk.offsets)}
+                results.append(WriteResult(index=item.index, size_in_bytes=tensor.nbytes, storage_data=name))
+            metadata = {_DCP_INFO_KEY: json.dumps(offsets), "DCP_VERSION": "1.0", "format": "pt"}
+            save_file(tensors, os.path.join(str(self.path), name), metadata=metadata)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+
+def _file_buckets(tensors: Mapping[str, torch.Tensor], max_file_size: int | str) -> dict[str, int]:
+    """Tensor key -> file number (from 1), the same on every rank, so that each process's files stay near
+    ``max_file_size``: tensors are split by their per-process share of the global size, in order, with
+    huggingface_hub's shard splitter (which also parses ``"100MB"``-style sizes)."""
+    world = dist.get_world_size() if _distributed() else 1
+    shares = {
+        key: torch.empty(math.ceil(t.numel() / world), dtype=t.dtype, device="meta")
+        for key, t in tensors.items()
+    }
+    split = split_torch_state_dict_into_shards(
+        shares, filename_pattern="file{suffix}", max_shard_size=max_file_size
+    )
+    return {key: i for i, keys in enumerate(split.filename_to_tensors.values(), start=1) for key in keys}
+
+
 def _json_value(value: Any, where: str) -> Any:
     """A hyperparameter or state value as JSON (tuples become lists; the live optimizer restores the type)."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
@@ -182,14 +254,15 @@ def save_sharded_state(
     scheduler: Any = None,
     *,
     model: torch.nn.Module,
+    max_file_size: int | str = "100MB",
 ) -> str:
     """Save sharded (FSDP2) optimizer state: every process writes its shard; returns the manifest's path.
 
     Call it on every process of the group, with the same ``save_directory`` (a filesystem all processes see).
-    No process gathers the state: each writes only its local shards.
+    No process gathers the state: each writes only its local shards, in files of about ``max_file_size``
+    (``"100MB"`` or a number of bytes), which also bounds the memory the writer needs beyond the state itself.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     directory = os.fspath(save_directory)
     opt = unwrap_optimizer(optimizer)
@@ -240,7 +313,10 @@ def save_sharded_state(
     tmp_dir = os.path.join(directory, f".{shard_dir}.tmp")
     error = None
     try:
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(tmp_dir, save_distributed=True))
+        writer = _StreamingWriter(
+            tmp_dir, fqn_to_index_mapping=_file_buckets(tensors, max_file_size), save_distributed=True
+        )
+        dcp.save(tensors, storage_writer=writer)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     error = _agree(error)
@@ -321,6 +397,19 @@ class _Manifest:
     shard_dir: str
     doc: dict[str, Any]
     tensors: dict[str, _TensorPlan]
+    fds: dict[str, int]  # shard file name -> the descriptor whose header was checked (close with _close)
+
+
+def _close(manifest: _Manifest | None) -> None:
+    for fd in manifest.fds.values() if manifest is not None else ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _fd_path(fd: int, fallback: str) -> str:
+    """A path that opens the same file as ``fd`` (Linux: /proc/self/fd), so a rename cannot swap it."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else fallback
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -394,7 +483,11 @@ def _int_list(value: Any, where: str) -> tuple[int, ...]:
 
 
 def _read_manifest(directory: str) -> _Manifest:
-    """The manifest and the chunk plan of every sharded tensor, checked against the shard headers."""
+    """The manifest and the chunk plan of every sharded tensor, checked against the shard headers.
+
+    The shard files stay open (``_Manifest.fds``): the data is later read through the very descriptors whose
+    headers were checked. Close them with :func:`_close`.
+    """
     path = os.path.join(directory, SHARDED_MANIFEST_NAME)
     doc = _read_manifest_doc(directory)
     checkpoint_id = doc.get("checkpoint_id")
@@ -426,58 +519,117 @@ def _read_manifest(directory: str) -> _Manifest:
 
     expected = _expected_tensors(doc, path)
     chunks: dict[str, list[_Chunk]] = {key: [] for key in expected}
-    for name in files:
-        label = os.path.join(shard_dir, name)
-        fd = _open_regular(label, label)
-        try:
-            with safe_open(f"/proc/self/fd/{fd}" if os.path.exists("/proc/self/fd") else label, "pt") as f:
-                info_raw = (f.metadata() or {}).get(_DCP_INFO_KEY)
-                try:
-                    info = json.loads(info_raw, object_pairs_hook=_no_duplicates) if info_raw else None
-                except (ValueError, RecursionError):
-                    info = None
-                if not isinstance(info, dict):
-                    raise CheckpointError(
-                        f"{label}: no {_DCP_INFO_KEY} metadata: not a shard of a sharded save"
-                    )
-                for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                    if key not in expected:
-                        raise CheckpointError(f"{label}: tensor {key!r} is not in the manifest")
-                    plan = expected[key]
-                    sl = f.get_slice(key)
-                    sizes = tuple(sl.get_shape())
-                    dtype = sl.get_dtype()
-                    entry = info.get(key)
-                    offsets = _int_list(
-                        entry.get(_DCP_OFFSETS_KEY) if isinstance(entry, dict) else None, f"{label}: {key}"
-                    )
-                    if _ST_DTYPES.get(dtype) is not plan[1]:
-                        raise CheckpointError(
-                            f"{label}: {key} has dtype {dtype}, the manifest says {plan[1]}"
-                        )
-                    if (
-                        len(offsets) != len(plan[0])
-                        or len(sizes) != len(plan[0])
-                        or any(o + s > g for o, s, g in zip(offsets, sizes, plan[0], strict=True))
-                    ):
-                        raise CheckpointError(
-                            f"{label}: {key} chunk at {list(offsets)} of size {list(sizes)} lies outside its "
-                            f"global shape {list(plan[0])}"
-                        )
-                    chunks[key].append(_Chunk(name, offsets, sizes))
-        except SafetensorError as exc:
-            raise CheckpointError(f"{label}: not a valid safetensors file ({exc})") from None
-        except OSError as exc:
-            raise CheckpointError(
-                f"{label}: cannot read ({exc.strerror}); the checkpoint changed while loading?"
-            ) from None
-        finally:
+    fds: dict[str, int] = {}
+    try:
+        for name in files:
+            label = os.path.join(shard_dir, name)
+            fds[name] = _open_regular(label, label)
+            _read_shard_header(label, fds[name], expected, chunks)
+        plans = {}
+        for key, (shape, dtype, name, state_key) in expected.items():
+            _check_tiling(key, shape, chunks[key], shard_dir)
+            plans[key] = _TensorPlan(key, name, state_key, shape, dtype, tuple(chunks[key]))
+    except BaseException:
+        for fd in fds.values():
             os.close(fd)
-    plans = {}
-    for key, (shape, dtype, name, state_key) in expected.items():
-        _check_tiling(key, shape, chunks[key], shard_dir)
-        plans[key] = _TensorPlan(key, name, state_key, shape, dtype, tuple(chunks[key]))
-    return _Manifest(directory, checkpoint_id, shard_dir, doc, plans)
+        raise
+    return _Manifest(directory, checkpoint_id, shard_dir, doc, plans, fds)
+
+
+def _read_shard_header(
+    label: str, fd: int, expected: Mapping[str, tuple[Any, ...]], chunks: dict[str, list[_Chunk]]
+) -> None:
+    """Check one shard file's header (tensor names, dtypes, DCP offsets) and record its chunks."""
+    try:
+        with safe_open(_fd_path(fd, label), "pt", backend="pread") as f:
+            info_raw = (f.metadata() or {}).get(_DCP_INFO_KEY)
+            try:
+                info = json.loads(info_raw, object_pairs_hook=_no_duplicates) if info_raw else None
+            except (ValueError, RecursionError):
+                info = None
+            if not isinstance(info, dict):
+                raise CheckpointError(
+                    f"{label}: no valid {_DCP_INFO_KEY} metadata: not a shard of a sharded save"
+                )
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                if key not in expected:
+                    raise CheckpointError(f"{label}: tensor {key!r} is not in the manifest")
+                shape, dtype = expected[key][0], expected[key][1]
+                sl = f.get_slice(key)
+                sizes = tuple(sl.get_shape())
+                entry = info.get(key)
+                offsets = _int_list(
+                    entry.get(_DCP_OFFSETS_KEY) if isinstance(entry, dict) else None, f"{label}: {key}"
+                )
+                if _ST_DTYPES.get(sl.get_dtype()) is not dtype:
+                    raise CheckpointError(
+                        f"{label}: {key} has dtype {sl.get_dtype()}, the manifest says {dtype}"
+                    )
+                if (
+                    len(offsets) != len(shape)
+                    or len(sizes) != len(shape)
+                    or any(o + n > g for o, n, g in zip(offsets, sizes, shape, strict=True))
+                ):
+                    raise CheckpointError(
+                        f"{label}: {key} chunk at {list(offsets)} of size {list(sizes)} lies outside its "
+                        f"global shape {list(shape)}"
+                    )
+                chunks[key].append(_Chunk(os.path.basename(label), offsets, sizes))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{label}: not a valid safetensors file ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{label}: cannot read ({exc.strerror})") from None
+
+
+class _CheckedReader(HuggingFaceStorageReader):
+    """``HuggingFaceStorageReader`` over a checked plan: metadata from the validated headers (nothing is
+    re-read or unpickled), data read with ``pread`` through the descriptors whose headers were checked."""
+
+    def __init__(self, manifest: _Manifest) -> None:
+        super().__init__(manifest.shard_dir)
+        self._manifest = manifest
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        state_dict_metadata: dict[str, TensorStorageMetadata] = {}
+        storage_data: dict[MetadataIndex, str] = {}
+        for key, plan in self._manifest.tensors.items():
+            state_dict_metadata[key] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=plan.dtype),
+                size=torch.Size(plan.shape),
+                chunks=[
+                    ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in plan.chunks
+                ],
+            )
+            for c in plan.chunks:
+                storage_data[MetadataIndex(fqn=key, offset=torch.Size(c.offsets))] = c.file
+        return Metadata(
+            state_dict_metadata=state_dict_metadata,
+            storage_data=storage_data,
+            storage_meta=StorageMeta(load_id=self.load_id),
+        )
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index], []).append(item)
+        for name, items in per_file.items():
+            label = os.path.join(self._manifest.shard_dir, name)
+            with safe_open(_fd_path(self._manifest.fds[name], label), "pt", backend="pread") as f:
+                for item in items:
+                    region = tuple(
+                        slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True)
+                    )
+                    target = planner.resolve_tensor(item).detach()
+                    source = f.get_slice(item.storage_index.fqn)[region]
+                    if target.size() != source.size():
+                        raise CheckpointError(
+                            f"{label}: {item.storage_index.fqn} chunk does not fit its target"
+                        )
+                    target.copy_(source)
+                    planner.commit_tensor(item, target)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -652,6 +804,12 @@ def _short(value: Any) -> str:
     return f"of {len(value)}" if isinstance(value, list | tuple) else ""
 
 
+def _keeps_step_on_device(opt: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    """Whether scalar state (``step``) lives on the parameter's device, as torch.optim does for fused/capturable."""
+    group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+    return bool(group.get("fused") or group.get("capturable"))
+
+
 @contextlib.contextmanager
 def _rollback(opt: torch.optim.Optimizer, scheduler: Any) -> Iterator[None]:
     state = {p: dict(entries) for p, entries in opt.state.items()}
@@ -672,22 +830,15 @@ def _rollback(opt: torch.optim.Optimizer, scheduler: Any) -> Iterator[None]:
         raise
 
 
-def read_sharded_tensors(directory: str | os.PathLike[str], targets: Mapping[str, torch.Tensor]) -> None:
-    """Fill ``targets`` (``state.<name>.<key>`` -> tensor or DTensor of the global shape) from the shards.
-
-    A thin use of ``torch.distributed.checkpoint.load`` with ``HuggingFaceStorageReader``: each rank reads the
-    byte ranges of its local chunks. Validate with the manifest first; the shard folder must hold only the
-    manifest's files.
-    """
+def _read_tensors(manifest: _Manifest, targets: Mapping[str, torch.Tensor]) -> None:
+    """Fill ``targets`` (``state.<name>.<key>`` -> tensor or DTensor of the global shape) from the shards:
+    ``torch.distributed.checkpoint.load`` plans which byte ranges each rank needs, ``_CheckedReader`` reads them."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    reader = HuggingFaceStorageReader(os.fspath(directory))
-    with (
-        warnings.catch_warnings()
-    ):  # DCP warns that one process without a process group "assumes" one process
+    with warnings.catch_warnings():
+        # one process without a process group: DCP warns that it "assumes" exactly that
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(dict(targets), storage_reader=reader, no_dist=not _distributed())
+        dcp.load(dict(targets), storage_reader=_CheckedReader(manifest), no_dist=not _distributed())
 
 
 def load_sharded_state(
@@ -703,60 +854,79 @@ def load_sharded_state(
     validates the whole checkpoint against its live objects first, and all ranks raise together if any of them
     finds a problem, leaving every optimizer and scheduler unchanged.
     """
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     directory = os.fspath(directory)
     opt = unwrap_optimizer(optimizer)
     names = _param_names(model, opt)
-    error = manifest = None
+    manifest: _Manifest | None = None
     try:
-        manifest = _read_manifest(directory)
-        _check_against_live(manifest, opt, names, scheduler)
-    except CheckpointError as exc:
-        error = str(exc)
-    error = _agree(error)
-    if error is not None or manifest is None:
-        raise CheckpointError(error or "another process could not read the checkpoint")
+        error = None
+        try:
+            manifest = _read_manifest(directory)
+            _check_against_live(manifest, opt, names, scheduler)
+        except CheckpointError as exc:
+            error = str(exc)
+        error = _agree(error)
+        if error is not None or manifest is None:
+            raise CheckpointError(error or "another process could not read the checkpoint")
+        params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
+        targets = {
+            key: torch.empty_like(params[plan.name].detach(), dtype=plan.dtype)
+            for key, plan in manifest.tensors.items()
+        }
+        try:
+            _read_tensors(manifest, targets)
+            if _read_manifest_doc(directory).get("checkpoint_id") != manifest.checkpoint_id:
+                raise CheckpointError(f"{directory}: the checkpoint changed while loading")
+        except CheckpointError as exc:
+            error = str(exc)
+        except Exception as exc:  # DCP wraps failures of any rank; all ranks report one error
+            error = (
+                f"{manifest.shard_dir}: reading the shards failed ({type(exc).__name__}: {str(exc)[:300]})"
+            )
+        error = _agree(error)
+        if error is not None:
+            raise CheckpointError(error)
+    finally:
+        _close(manifest)
+    _apply(manifest, opt, params, targets, scheduler)
+    logger.debug("loaded sharded optimizer state from %s", directory)
 
-    params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
-    targets = {
-        key: torch.empty_like(params[plan.name].detach(), dtype=plan.dtype)
-        for key, plan in manifest.tensors.items()
-    }
-    error = None
-    try:
-        read_sharded_tensors(manifest.shard_dir, targets)
-        if _read_manifest_doc(directory).get("checkpoint_id") != manifest.checkpoint_id:
-            raise CheckpointError(f"{directory}: the checkpoint changed while loading")
-    except CheckpointError as exc:
-        error = str(exc)
-    except Exception as exc:
-        error = f"{manifest.shard_dir}: reading the shards failed ({type(exc).__name__}: {str(exc)[:300]})"
-    error = _agree(error)
-    if error is not None:
-        raise CheckpointError(error)
 
+def _apply(
+    manifest: _Manifest,
+    opt: torch.optim.Optimizer,
+    params: Mapping[str, torch.Tensor],
+    targets: Mapping[str, torch.Tensor],
+    scheduler: Any,
+) -> None:
+    """Install the loaded state, hyperparameters and scheduler position (validated), or change nothing."""
     state: dict[str, dict[str, Any]] = {}
     for name, record in manifest.doc["state"].items():
+        param = params[name]
         state[name] = {}
         for state_key, entry in record.items():
             if "sharded" in entry:
                 state[name][state_key] = targets[entry["sharded"]]
             else:
-                state[name][state_key] = _restore_value(entry["value"], None, state_key)
-    groups = []
-    for saved, live in zip(manifest.doc["param_groups"], opt.param_groups, strict=True):
-        group = {k: _restore_value(v, live[k], k) for k, v in saved["hyperparameters"].items()}
-        group["params"] = list(saved["params"])
-        groups.append(group)
+                value = _restore_value(entry["value"], None, state_key)
+                if isinstance(value, torch.Tensor) and _keeps_step_on_device(opt, param):
+                    value = value.to(param.device)
+                state[name][state_key] = value
+    groups = [
+        {k: _restore_value(v, live[k], k) for k, v in saved["hyperparameters"].items()}
+        for saved, live in zip(manifest.doc["param_groups"], opt.param_groups, strict=True)
+    ]
     with _rollback(opt, scheduler):
-        set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups})
+        # As Optimizer.load_state_dict does, minus its copies: the targets already have their final placement.
+        opt.state.clear()
+        opt.state.update({params[name]: entries for name, entries in state.items()})
+        for live, hyper in zip(opt.param_groups, groups, strict=True):
+            live.update(hyper)
         if scheduler is not None:
             inner = unwrap_scheduler(scheduler)
             inner.load_state_dict(
                 _restore_value(manifest.doc["scheduler"]["state_dict"], inner.state_dict(), "scheduler")
             )
-    logger.debug("loaded sharded optimizer state from %s", directory)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -780,6 +950,7 @@ class ShardedStateInfo:
 def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo:
     """Describe a sharded checkpoint (validated like a load): parameters, global shapes, number of shards."""
     manifest = _read_manifest(os.fspath(directory))
+    _close(manifest)
     params: dict[str, dict[str, tuple[int, ...]]] = {}
     for plan in manifest.tensors.values():
         params.setdefault(plan.name, {})[plan.state_key] = plan.shape
@@ -799,18 +970,18 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
 
 
 def full_state_tensors(directory: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each sharded state tensor as a full tensor, one at a time (for consolidation without torch.distributed)."""
+    """Each sharded state tensor as a full tensor, one at a time (consolidation without torch.distributed)."""
     manifest = _read_manifest(os.fspath(directory))
-    for key, plan in manifest.tensors.items():
-        full = torch.empty(plan.shape, dtype=plan.dtype)
-        for chunk in plan.chunks:
-            label = os.path.join(manifest.shard_dir, chunk.file)
-            try:
-                with safe_open(label, "pt") as f:
-                    region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
+    try:
+        for key, plan in manifest.tensors.items():
+            full = torch.empty(plan.shape, dtype=plan.dtype)
+            for chunk in plan.chunks:
+                label = os.path.join(manifest.shard_dir, chunk.file)
+                with safe_open(_fd_path(manifest.fds[chunk.file], label), "pt", backend="pread") as f:
+                    region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
                     full[region] = f.get_slice(key)[:]
-            except (OSError, SafetensorError) as exc:
-                raise CheckpointError(
-                    f"{label}: cannot read {key} ({exc}); the checkpoint changed?"
-                ) from None
-        yield key, full
+            yield key, full
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{manifest.shard_dir}: cannot read the shards ({exc})") from None
+    finally:
+        _close(manifest)
