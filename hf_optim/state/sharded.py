@@ -287,7 +287,12 @@ def save_sharded_state(
             name = names[id(p)]
             record: dict[str, Any] = {}
             for key, value in entries.items():
-                if _is_dtensor(value):
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    if value.shape != p.shape:
+                        raise ValueError(
+                            f"state[{name!r}][{key!r}] has shape {list(value.shape)}, its parameter "
+                            f"{list(p.shape)}: sharded saving supports state shaped like the parameter"
+                        )
                     tensor_key = f"state.{name}.{key}"
                     tensors[tensor_key] = value
                     record[key] = {
@@ -339,33 +344,29 @@ def save_sharded_state(
             "scheduler": scheduler_state,
             "versions": {"torch": torch.__version__},
         }
-        previous = _previous_shard_dir(manifest_path)
         os.replace(tmp_dir, os.path.join(directory, shard_dir))
         tmp_manifest = os.path.join(directory, f".{SHARDED_MANIFEST_NAME}.{checkpoint_id}.tmp")
         with open(tmp_manifest, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, allow_nan=False)
         os.replace(tmp_manifest, manifest_path)
-        _remove_stale(directory, keep=shard_dir, previous=previous)
+        _remove_stale(directory, keep=shard_dir)
     _barrier()
     logger.debug("saved sharded optimizer state to %s", directory)
     return manifest_path
 
 
-def _previous_shard_dir(manifest_path: str) -> str | None:
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            folder = json.load(f).get("shards", {}).get("folder")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-    return folder if isinstance(folder, str) and _SHARD_DIR_RE.match(folder) else None
-
-
-def _remove_stale(directory: str, *, keep: str, previous: str | None) -> None:
-    """Remove the previous checkpoint's shard folder and leftovers of killed saves (never ``keep``)."""
+def _remove_stale(directory: str, *, keep: str) -> None:
+    """Remove every shard folder but ``keep`` (the previous checkpoint's, and those of killed saves) and the
+    temporary files of killed saves."""
     for entry in os.listdir(directory):
-        stale = entry == previous or (entry.startswith(".optimizer-shards-") and entry.endswith(".tmp"))
-        if stale and entry != keep:
-            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+        path = os.path.join(directory, entry)
+        if entry == keep:
+            continue
+        if _SHARD_DIR_RE.match(entry) or (entry.startswith(".optimizer-shards-") and entry.endswith(".tmp")):
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(f".{SHARDED_MANIFEST_NAME}.") and entry.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

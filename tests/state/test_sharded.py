@@ -116,6 +116,28 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
                 save_file(loaded, os.path.join(out, f"loaded_{world}.safetensors"))
                 save_file({"lr": lr}, os.path.join(out, f"lr_{world}.safetensors"))
                 save_file(final, os.path.join(out, f"resumed_{world}.safetensors"))
+        elif job.startswith("kill"):
+            # a save that dies on one rank: "kill-write" in the middle of rank 1's shard writing,
+            # "kill-manifest" on rank 0 after the shards are in place but before the manifest is
+            import hf_optim.state.sharded as sharded
+
+            model, opt, sched = _make(world, None)
+            _train(model, opt, sched, range(STEPS_BEFORE + 1), rank, world)
+            if job == "kill-write" and rank == 1:
+                original = sharded.save_file
+
+                def dying_save_file(tensors, path, metadata=None):
+                    original(dict(list(tensors.items())[:1]), path, metadata=metadata)
+                    os._exit(3)
+
+                sharded.save_file = dying_save_file
+            if job == "kill-manifest" and rank == 0:
+
+                def dying_dump(*args, **kwargs):
+                    os._exit(3)
+
+                sharded.json.dump = dying_dump
+            save_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
         elif job == "corrupt":
             weights = {
                 k.removeprefix("param."): v
@@ -134,6 +156,11 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
                 json.dump({"message": message, "unchanged": same}, f)
     finally:
         dist.destroy_process_group()
+
+
+def _spawn_dying(world: int, job: str, out: str) -> None:
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_worker, args=(world, _free_port(), job, out), nprocs=world, join=True)
 
 
 def _free_port() -> int:
@@ -311,3 +338,25 @@ def test_every_rank_raises_and_stays_unchanged(saved):
     for rank in range(2):
         result = json.loads(Path(os.path.join(saved, f"corrupt_{rank}.json")).read_text())
         assert "differ from the manifest" in result["message"] and result["unchanged"], result
+
+
+@pytest.mark.parametrize("job", ["kill-write", "kill-manifest"])
+def test_save_killed_on_one_rank_keeps_the_previous_checkpoint(saved, tmp_path, job):
+    shutil.copytree(os.path.join(saved, "ckpt"), tmp_path / "ckpt")
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), tmp_path / "at_save.safetensors")
+    _spawn_dying(2, job, str(tmp_path))
+    loaded, _ = _plain_resume(str(tmp_path))  # the previous checkpoint, whole
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    for key, value in at_save.items():
+        assert torch.equal(loaded[key], value), key
+    leftovers = [
+        e for e in os.listdir(tmp_path / "ckpt") if e.endswith(".tmp") or e.startswith("optimizer-shards-")
+    ]
+    assert len(leftovers) >= 2  # the killed save's folder is still there, unreferenced...
+    model, opt, sched = _make(1, None)
+    _train(model, opt, sched, range(1), 0, 1)
+    save_sharded_state(str(tmp_path / "ckpt"), opt, sched, model=model)  # ...until the next save removes it
+    manifest = json.loads((tmp_path / "ckpt" / SHARDED_MANIFEST_NAME).read_text())
+    assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(
+        [SHARDED_MANIFEST_NAME, manifest["shards"]["folder"]]
+    )
