@@ -12,6 +12,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The 'hf_optim' library logger: its level (HF_OPTIM_VERBOSITY) and prefixed handler; the root logger is untouched.
+from hf_optim import logging
+
 # --- optimizers (issue 2) ---
 from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
 
@@ -26,6 +29,7 @@ from hf_optim.registry import (
     create_optimizer,
     create_scheduler,
     get_optimizer_info,
+    get_scheduler,
     get_scheduler_info,
     list_optimizers,
     list_schedulers,
@@ -33,6 +37,7 @@ from hf_optim.registry import (
     register_optimizer,
     register_scheduler,
     remove_registry_listener,
+    scheduler_from_config,
 )
 from hf_optim.schedules import (
     get_constant_schedule,
@@ -44,15 +49,21 @@ from hf_optim.schedules import (
     get_inverse_sqrt_schedule,
     get_linear_schedule_with_warmup,
     get_polynomial_decay_schedule_with_warmup,
-    get_scheduler,
     get_wsd_schedule,
-    scheduler_from_config,
 )
 
 # --- serialization and Hub (issue 4) ---
 # isort: split
-from hf_optim.hub import HfUrl, download_checkpoint, parse_hf_url, push_state_to_hub, resolve_state_dir
-from hf_optim.serialization import (
+from hf_optim.hub import (
+    HfUrl,
+    download_checkpoint,
+    inspect_state,
+    load_state,
+    parse_hf_url,
+    push_state_to_hub,
+    resolve_state_dir,
+)
+from hf_optim.state import (
     ACCUMULATOR_NAME,
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
@@ -61,9 +72,12 @@ from hf_optim.serialization import (
     LoadReport,
     StateInfo,
     has_state,
-    inspect_state,
-    load_state,
+    load_object_state,
+    load_state_dict,
+    register_json_type,
+    save_object_state,
     save_state,
+    save_state_dict,
 )
 
 # --- lazily imported integrations (issues 5 and 6): name -> module ---
