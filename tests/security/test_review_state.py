@@ -1,0 +1,229 @@
+"""Adversarial review: hostile checkpoints that break the documented load guarantees (README "Security",
+docs/FORMAT.md "Loading"). Each test asserts the CORRECT behaviour and is marked xfail(strict=True) while the
+product code still violates it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_optim import (
+    ACCUMULATOR_NAME,
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
+    CheckpointError,
+    inspect_state,
+    load_state,
+    save_state,
+)
+from tests.state.helpers import assert_refused, live_snapshot, rewrite_safetensors, trained
+
+
+@pytest.fixture
+def saved(tmp_path):
+    _, opt, sched, acc = trained()
+    save_state(tmp_path / "ckpt", opt, sched, acc)
+    return tmp_path / "ckpt"
+
+
+def _edit_meta(path, change, change_tensors=None):
+    def md(mdict):
+        meta = json.loads(mdict["hf_optim"])
+        change(meta)
+        mdict["hf_optim"] = json.dumps(meta)
+
+    rewrite_safetensors(path, md, change_tensors)
+
+
+def _edit_scheduler(path, change):
+    doc = json.loads(path.read_text())
+    change(doc["state_dict"]["dict"])
+    path.write_text(json.dumps(doc))
+
+
+def _state_tensors(opt):
+    return [
+        (id(p), k, v)
+        for g in opt.param_groups
+        for p in g["params"]
+        for k, v in opt.state[p].items()
+        if isinstance(v, torch.Tensor)
+    ]
+
+
+@pytest.mark.xfail(strict=True, reason="codec.check_tensor_nodes lets two state entries reference one tensor")
+@pytest.mark.parametrize("entry", ["step", "exp_avg"])
+def test_one_tensor_referenced_by_two_parameters_is_refused(saved, entry):
+    """The file makes head.weight's state the SAME tensor object as encoder.weight's: a load must not alias
+    state between parameters (stepping would update it twice / mix two parameters' moments)."""
+    victim = "head.weight" if entry == "step" else "encoder.bias"
+    source = "encoder.weight" if entry == "step" else "norm.weight"  # same shapes ([8] / [8]) for exp_avg
+    removed = f"state.{victim}.{entry}"
+
+    def change(meta):
+        meta["state"][victim][entry] = dict(meta["state"][source][entry])
+
+    _edit_meta(saved / OPTIMIZER_NAME, change, lambda t: t.pop(removed))
+    objs = trained(seed=9, steps=3)
+    _, opt, sched, acc = objs
+    try:
+        load_state(saved, opt, sched, acc)
+    except CheckpointError as err:
+        assert OPTIMIZER_NAME in str(err)
+        return
+    seen = {}
+    for pid, key, tensor in _state_tensors(opt):
+        ptr = tensor.untyped_storage().data_ptr()
+        assert ptr not in seen or tensor.numel() == 0, f"state {key!r} shares memory with {seen[ptr]}"
+        seen[ptr] = (pid, key)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="checks.check_hyperparameters: a None-valued hyperparameter accepts any value, and tensors skip "
+    "_construct_check; the next step() raises",
+)
+def test_tensor_for_an_optional_bool_hyperparameter_is_refused(saved):
+    """``foreach`` is None in the live group; the file sets it to a 3-element tensor. load_state accepts it and
+    the optimizer's next step() fails with 'Boolean value of Tensor with more than one value is ambiguous'."""
+
+    def change(meta):
+        meta["param_groups"][0]["hyperparameters"]["foreach"] = {
+            "tensor": "x.foreach",
+            "dtype": "float32",
+            "shape": [3],
+        }
+
+    _edit_meta(saved / OPTIMIZER_NAME, change, lambda t: t.__setitem__("x.foreach", torch.ones(3)))
+    assert_refused(saved, trained(seed=9, steps=3), CheckpointError, OPTIMIZER_NAME, "foreach")
+
+
+@pytest.mark.xfail(
+    strict=True, reason="a Python-int step beyond float range raises OverflowError from torch's __setstate__"
+)
+def test_huge_integer_step_is_a_checkpoint_error(saved):
+    """A plain JSON int step (within Python's digit limit) passes check_param_state; torch's AdamW.__setstate__
+    then raises a bare OverflowError that does not name the file."""
+
+    def change(meta):
+        meta["state"]["encoder.weight"]["step"] = 10**400
+
+    _edit_meta(saved / OPTIMIZER_NAME, change, lambda t: t.pop("state.encoder.weight.step"))
+    assert_refused(saved, trained(seed=9, steps=3), CheckpointError, OPTIMIZER_NAME)
+
+
+@pytest.mark.xfail(strict=True, reason="scheduler base_lrs / last_epoch are not bounds-checked")
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.update(base_lrs=[-5.0, -5.0]),
+        lambda s: s.update(base_lrs=[{"float": "nan"}, 0.01]),
+        lambda s: s.update(last_epoch=-50),
+    ],
+    ids=["negative-base_lrs", "nan-base_lrs", "negative-last_epoch"],
+)
+def test_scheduler_state_cannot_smuggle_a_negative_learning_rate(saved, change):
+    """A group ``lr`` < 0 or NaN is refused in the optimizer metadata; through scheduler.json it is accepted and
+    the next scheduler.step() sets a negative / NaN learning rate on the optimizer."""
+    _edit_scheduler(saved / SCHEDULER_NAME, change)
+    objs = trained(seed=9, steps=3)
+    _, opt, sched, acc = objs
+    try:
+        load_state(saved, opt, sched, acc)
+    except CheckpointError as err:
+        assert SCHEDULER_NAME in str(err)
+        return
+    sched.step()
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert all(lr == lr and lr >= 0 for lr in lrs), f"learning rates after one scheduler step: {lrs}"
+
+
+@pytest.mark.xfail(
+    strict=True, reason="ReduceLROnPlateau.load_state_dict's own ValueError escapes without the file name"
+)
+def test_plateau_scheduler_bad_mode_names_the_file(tmp_path):
+    _, opt, _, _ = trained()
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    save_state(tmp_path / "c", opt, sched)
+    _edit_scheduler(tmp_path / "c" / SCHEDULER_NAME, lambda s: s.update(mode="bogus"))
+    _, opt2, _, _ = trained(seed=9, steps=3)
+    sched2 = torch.optim.lr_scheduler.ReduceLROnPlateau(opt2)
+    assert_refused(tmp_path / "c", (None, opt2, sched2, None), (CheckpointError, ValueError), SCHEDULER_NAME)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="GradientAccumulator.load_state_dict's ValueError escapes without the file name"
+)
+@pytest.mark.parametrize("field", ["step", "num_items"])
+def test_negative_accumulator_counter_names_the_file(saved, field):
+    def change(meta):
+        meta["state"]["dict"][field] = -3
+
+    _edit_meta(saved / ACCUMULATOR_NAME, change)
+    assert_refused(saved, trained(seed=9, steps=3), (CheckpointError, ValueError), ACCUMULATOR_NAME)
+
+
+def _inspect_cli(path, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-m", "hf_optim.cli.main", "inspect", *args, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True, reason="reader.validate_optimizer_meta does not check that 'info' values are strings"
+)
+def test_non_string_info_is_refused(saved):
+    """FORMAT.md: ``info`` is an object of strings. An int there crashes ``hf-optim inspect`` with a TypeError
+    traceback (inspect_cmd._table) instead of one error line naming the file."""
+    _edit_meta(saved / OPTIMIZER_NAME, lambda m: m.update(info={"source": 7}))
+    with pytest.raises(CheckpointError, match=OPTIMIZER_NAME):
+        inspect_state(saved)
+    proc = _inspect_cli(saved)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.xfail(strict=True, reason="inspect --json crashes on dictionaries with non-string keys")
+def test_inspect_json_with_tuple_dictionary_keys(saved):
+    """A hyperparameter ``{"items": [[{"tuple": [1, 2]}, 0.5]]}`` decodes to ``{(1, 2): 0.5}``; ``hf-optim
+    inspect --json`` then dies in json.dumps with a traceback."""
+
+    def change(meta):
+        meta["param_groups"][0]["hyperparameters"]["betas"] = {"items": [[{"tuple": [1, 2]}, 0.5]]}
+
+    _edit_meta(saved / OPTIMIZER_NAME, change)
+    proc = _inspect_cli(saved, "--json")
+    assert "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert proc.returncode in (0, 2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="io.checkpoint_roots trusts any '<x>/snapshots/<y>/...' path: <x>/blobs becomes a root for symlinks",
+)
+def test_snapshots_named_local_folder_does_not_widen_the_roots(tmp_path):
+    """A plain local folder that merely lives under a directory called ``snapshots`` is not a Hugging Face
+    cache; a symlink from it into a sibling ``blobs`` folder leaves the checkpoint folder and must be refused."""
+    _, opt, sched, acc = trained()
+    ckpt = tmp_path / "snapshots" / "run" / "ckpt"
+    save_state(ckpt, opt, sched, acc)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    os.replace(ckpt / SCHEDULER_NAME, blobs / "outside.json")
+    os.symlink(blobs / "outside.json", ckpt / SCHEDULER_NAME)
+    objs = trained(seed=9, steps=3)
+    before = live_snapshot(objs[1], objs[2], objs[3])
+    with pytest.raises(CheckpointError, match="outside"):
+        load_state(ckpt, objs[1], objs[2], objs[3])
+    from tests.state.helpers import assert_live_unchanged
+
+    assert_live_unchanged(before, objs[1], objs[2], objs[3])
