@@ -88,9 +88,14 @@ def test_one_tensor_referenced_by_two_parameters_is_refused(saved, entry):
     reason="checks.check_hyperparameters: a None-valued hyperparameter accepts any value, and tensors skip "
     "_construct_check; the next step() raises",
 )
-def test_tensor_for_an_optional_bool_hyperparameter_is_refused(saved):
-    """``foreach`` is None in the live group; the file sets it to a 3-element tensor. load_state accepts it and
-    the optimizer's next step() fails with 'Boolean value of Tensor with more than one value is ambiguous'."""
+@pytest.mark.parametrize("factory", ["torch_adamw", "hf_adamw"])
+def test_tensor_for_an_optional_bool_hyperparameter_is_refused(tmp_path, factory):
+    """``foreach`` is None in the live group; the file sets it to a 3-element tensor. With torch's AdamW
+    load_state accepts it and the next step() fails ('Boolean value of Tensor with more than one value is
+    ambiguous'); with hf_optim's AdamW the load raises that bare RuntimeError (no file named)."""
+    _, opt, sched, acc = trained(factory=factory)
+    saved = tmp_path / "ckpt"
+    save_state(saved, opt, sched, acc)
 
     def change(meta):
         meta["param_groups"][0]["hyperparameters"]["foreach"] = {
@@ -100,7 +105,8 @@ def test_tensor_for_an_optional_bool_hyperparameter_is_refused(saved):
         }
 
     _edit_meta(saved / OPTIMIZER_NAME, change, lambda t: t.__setitem__("x.foreach", torch.ones(3)))
-    assert_refused(saved, trained(seed=9, steps=3), CheckpointError, OPTIMIZER_NAME, "foreach")
+    objs = trained(seed=9, steps=3, factory=factory)
+    assert_refused(saved, objs, CheckpointError, OPTIMIZER_NAME, "foreach")
 
 
 @pytest.mark.xfail(
@@ -289,12 +295,17 @@ def test_integer_gradient_into_a_fresh_accumulator_is_refused(saved):
 
 
 @pytest.mark.xfail(strict=True, reason="state keys are compared only when the optimizer already has state")
-def test_state_missing_a_moment_is_refused_for_a_fresh_optimizer(saved):
-    """Saved AdamW state for encoder.weight without exp_avg loads into a fresh optimizer; step() then raises
-    KeyError('exp_avg')."""
+@pytest.mark.parametrize("factory", ["torch_adamw", "hf_adamw"])
+def test_state_missing_a_moment_is_refused_for_a_fresh_optimizer(tmp_path, factory):
+    """Saved AdamW state for encoder.weight without exp_avg: torch's AdamW loads it and step() raises
+    KeyError('exp_avg'); hf_optim's AdamW raises its own ValueError from load_state_dict, not naming the file."""
+    _, opt, sched, acc = trained(factory=factory)
+    saved = tmp_path / "ckpt"
+    save_state(saved, opt, sched, acc)
 
     def change(meta):
         del meta["state"]["encoder.weight"]["exp_avg"]
 
     _edit_meta(saved / OPTIMIZER_NAME, change, lambda t: t.pop("state.encoder.weight.exp_avg"))
-    assert_refused(saved, trained(seed=9, steps=3), CheckpointError, OPTIMIZER_NAME, fresh=True)
+    objs = trained(seed=9, steps=3, factory=factory)
+    assert_refused(saved, objs, CheckpointError, OPTIMIZER_NAME, fresh=True)
