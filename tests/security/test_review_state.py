@@ -351,3 +351,34 @@ def test_inspect_does_not_print_terminal_escapes(saved):
     proc = _inspect_cli(saved)
     assert proc.returncode in (0, 2), proc.stderr[-500:]
     assert "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
+
+
+@pytest.mark.xfail(
+    strict=True, reason="scheduler state strings are only type-checked; OneCycleLR uses them as group keys"
+)
+def test_onecycle_phases_cannot_redirect_the_learning_rate(tmp_path):
+    """OneCycleLR's ``_schedule_phases`` name the param-group keys its lr is interpolated between
+    (``initial_lr`` / ``max_lr`` / ``min_lr``). scheduler.json may set them to ``weight_decay``: load_state
+    accepts it (a str for a str) and the next step sets lr = weight_decay (0.1 here), outside [min_lr, max_lr]."""
+
+    def make(opt):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=100, cycle_momentum=False)
+
+    _, opt, _, _ = trained()
+    save_state(tmp_path / "c", opt, make(opt))
+
+    def change(state):
+        for phase in state["_schedule_phases"]:
+            phase["dict"]["start_lr"] = phase["dict"]["end_lr"] = "weight_decay"
+
+    _edit_scheduler(tmp_path / "c" / SCHEDULER_NAME, change)
+    _, opt2, _, _ = trained(seed=9, steps=3)
+    sched2 = make(opt2)
+    try:
+        load_state(tmp_path / "c", opt2, sched2)
+    except CheckpointError as err:
+        assert SCHEDULER_NAME in str(err)
+        return
+    sched2.step()
+    lrs = [g["lr"] for g in opt2.param_groups]
+    assert all(0.0 <= lr <= 0.01 for lr in lrs), f"OneCycleLR(max_lr=0.01) set lr {lrs}"
