@@ -382,3 +382,36 @@ def test_onecycle_phases_cannot_redirect_the_learning_rate(tmp_path):
     sched2.step()
     lrs = [g["lr"] for g in opt2.param_groups]
     assert all(0.0 <= lr <= 0.01 for lr in lrs), f"OneCycleLR(max_lr=0.01) set lr {lrs}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="checks.check_param_state skips every 0-d tensor before the moment shape / dtype checks",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_scalar_moment_is_refused_for_a_fresh_optimizer(saved, dtype):
+    """FORMAT.md: moments have the parameter's shape and a floating dtype. A 0-d exp_avg for the [8, 4]
+    encoder.weight (even an int64 one) loads into an optimizer without state; step() then fails."""
+    key = "state.encoder.weight.exp_avg"
+
+    def change(meta):
+        meta["state"]["encoder.weight"]["exp_avg"].update(shape=[], dtype=str(dtype).removeprefix("torch."))
+
+    _edit_meta(saved / OPTIMIZER_NAME, change, lambda t: t.__setitem__(key, torch.tensor(0, dtype=dtype)))
+    assert_refused(saved, trained(seed=9, steps=3), CheckpointError, OPTIMIZER_NAME, fresh=True)
+
+
+@pytest.mark.xfail(strict=True, reason="state.load_state joins subfolder without refusing '..' (hub.py does)")
+def test_local_subfolder_cannot_leave_the_directory(tmp_path):
+    """``hf_optim.load_state(dir, subfolder="../x")`` refuses '..' (ValueError); the local layer
+    ``hf_optim.state.load_state`` loads from outside ``dir`` instead."""
+    from hf_optim import state
+
+    _, opt, sched, acc = trained()
+    save_state(tmp_path / "outside", opt, sched, acc)
+    (tmp_path / "dir").mkdir()
+    _, opt2, sched2, acc2 = trained(seed=9, steps=3)
+    with pytest.raises(ValueError, match="subfolder"):
+        load_state(tmp_path / "dir", opt2, sched2, acc2, subfolder="../outside")
+    with pytest.raises(ValueError, match="subfolder"):
+        state.load_state(tmp_path / "dir", opt2, sched2, acc2, subfolder="../outside")
