@@ -152,6 +152,27 @@ def test_custom_checkpoint_pickle_runs_no_code(make_accelerator, tmp_path: Path)
 
 @pytest.mark.xfail(
     strict=True,
+    reason="accelerate_load_state downloads custom_checkpoint_N.pkl from the Hub and Accelerate unpickles it "
+    "with weights_only=False",
+)
+def test_hub_repo_pickle_runs_no_code(make_accelerator, tmp_path: Path, hub_api, hub_repo_id) -> None:
+    """The same through the Hub: a repo anyone can publish, resumed with ``hf://USER/REPO/SUBFOLDER`` as the
+    README's Accelerate section shows."""
+    accelerator, _ = _setup(make_accelerator, 0, counter=True)
+    ckpt = tmp_path / "ckpt"
+    accelerate_save_state(accelerator, ckpt)
+    marker = tmp_path / "PWNED-hub"
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
+    hub_api.create_repo(hub_repo_id)
+    hub_api.upload_folder(repo_id=hub_repo_id, folder_path=str(ckpt), path_in_repo="run/checkpoint-3")
+    accelerator2, _ = _setup(make_accelerator, 5, counter=True)
+    with contextlib.suppress(Exception):
+        accelerate_load_state(accelerator2, f"hf://{hub_repo_id}/run/checkpoint-3")
+    assert not marker.exists(), "a Hub repo's pickle ran code"
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="accelerate_load_state loads the optimizers one by one, then runs accelerator.load_state; a failure "
     "in a later step leaves the earlier ones applied",
 )
