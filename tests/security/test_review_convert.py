@@ -86,3 +86,39 @@ def test_rejected_structure_names_the_file(tmp_path, state_dict):
     path = tmp_path / "optimizer.pt"
     torch.save(state_dict, path)
     _assert_one_error_line(tmp_path, path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="convert._trainer_named_groups calls getattr(transformers, config.architectures[0])(config) for any "
+    "name the file gives",
+)
+def test_names_from_model_dir_only_builds_model_classes(tmp_path):
+    """``--names-from DIR`` (the README suggests the checkpoint folder itself): ``config.json`` names
+    ``architectures[0] = "is_torch_available"``, which convert calls with the config: a TypeError traceback. Only
+    model classes may be built; anything else is one error line naming config.json."""
+    import json
+
+    pytest.importorskip("transformers")
+    path = tmp_path / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [{"params": [0, 1], "lr": 0.1}]}, path)
+    config = {
+        "model_type": "bert",
+        "architectures": ["is_torch_available"],
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 8,
+        "vocab_size": 10,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_optim.cli.main", "convert", str(tmp_path), "--names-from", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-800:]
+    assert result.returncode == 2 and "config.json" in result.stderr, result.stderr[-800:]
