@@ -453,3 +453,33 @@ def test_other_optimizer_class_with_strict_false(tmp_path):
         assert_live_unchanged(before, opt)
         return
     assert not report.complete
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="format._too_deep runs a string regex that is quadratic on an unterminated string of escaped "
+    "quotes, before json.loads would reject it",
+)
+def test_unterminated_string_does_not_hang_the_reader(saved):
+    """A 400 kB scheduler.json ``{"a": "\\"\\"\\"...`` (never closed): parse_json's depth pre-check rescans to
+    the end from every quote, ~N^2 steps (about 8 minutes here; a 1 MB file takes about an hour) before the JSON
+    parser, which refuses it at once, ever runs. The load must fail promptly with a CheckpointError; the
+    subprocess gets 20 s for what takes milliseconds when linear."""
+    (saved / SCHEDULER_NAME).write_bytes(b'{"a": "' + b'\\"' * 200_000)
+    code = (
+        "import sys, hf_optim\n"
+        "from tests.state.helpers import trained\n"
+        "_, opt, sched, acc = trained(seed=9, steps=3)\n"
+        "try:\n"
+        f"    hf_optim.load_state({str(saved)!r}, opt, sched, acc)\n"
+        "except hf_optim.CheckpointError as err:\n"
+        "    print('refused:', str(err)[:200])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, env=env, cwd=os.getcwd()
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("load_state was still parsing a 400 kB scheduler.json after 20 s")
+    assert "refused:" in proc.stdout and SCHEDULER_NAME in proc.stdout, proc.stderr[-500:]
