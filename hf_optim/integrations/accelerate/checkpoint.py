@@ -20,8 +20,11 @@ an allow-list of numpy globals), ``scaler.pt``, ``sampler.bin``, ``dl_state_dict
 ``load_kwargs``, so none of these can unpickle arbitrary objects; model files are read by hf_optim
 (safetensors), never by Accelerate's ``pytorch_model.bin`` fallback.
 
-Only single-process and DDP-style runs (CPU/GPU/XPU/..., also ``MULTI_CPU``) are supported: FSDP, DeepSpeed and
-Megatron-LM keep sharded optimizer state that this format does not describe.
+Single-process and DDP-style runs (CPU/GPU/XPU/..., also ``MULTI_CPU``) and FSDP2 are supported. Under FSDP2 every
+process writes its own shard of the optimizer state (:func:`hf_optim.save_state` with ``model=``) and Accelerate
+saves and loads the sharded model its own way; this path is thin over the torch-level functions tested on CPU, and
+has not been run on GPUs here (Accelerate enables FSDP on GPUs only): ``scripts/gpu_check.sh`` checks it. FSDP1,
+DeepSpeed and Megatron-LM keep sharded optimizer state that this format does not describe.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from hf_optim.integrations.accelerate.prepare import is_hf_optim_scheduler
 from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
+    has_sharded_state,
     inspect_state,
     load_object_state,
     load_state,
@@ -147,7 +151,10 @@ def accelerate_save_state(
     _warn_if_scheduler_steps_per_process(accelerator)
     registered = list(accelerator._custom_objects)
 
-    handle = accelerator.register_save_state_pre_hook(_unwrapped_weights_hook(accelerator))
+    fsdp2 = _fsdp2(accelerator)
+    # FSDP2: Accelerate saves the sharded model its own way; otherwise the unwrapped model's weights
+    hook = (lambda models, weights, output_dir: None) if fsdp2 else _unwrapped_weights_hook(accelerator)
+    handle = accelerator.register_save_state_pre_hook(hook)
     try:
         with _hidden_from_accelerate(accelerator, custom_objects=True):
             # The class's method: use_safetensors_state replaces the instance's save_state with a call to this.
@@ -163,9 +170,14 @@ def accelerate_save_state(
         else accelerator.is_main_process
     )
     error: Exception | None = None
+    if fsdp2:  # every process writes its own shard of the optimizer state (a collective)
+        for index, (optimizer, scheduler) in enumerate(pairs):
+            save_state(
+                _state_dir(location, index), optimizer, scheduler, model=_model_of(accelerator, optimizer)
+            )
     if writes:
         try:
-            for index, (optimizer, scheduler) in enumerate(pairs):
+            for index, (optimizer, scheduler) in enumerate(pairs if not fsdp2 else ()):
                 save_state(
                     _state_dir(location, index), optimizer, scheduler, accumulator if index == 0 else None
                 )
@@ -253,12 +265,17 @@ def accelerate_load_state(
         local_dir = _checkpoint_dir(path_or_repo_id, hub)
 
     # 1. Validate every file before changing anything.
+    fsdp2 = _fsdp2(accelerator)
     weights = [
         _read_model_weights(accelerator, model, local_dir, index)
-        for index, model in enumerate(accelerator._models)
+        for index, model in enumerate(
+            accelerator._models if not fsdp2 else ()
+        )  # FSDP2: Accelerate loads them
     ]
     for index in range(len(pairs)):
         state_dir = _state_dir(local_dir, index)
+        if fsdp2 and has_sharded_state(state_dir):
+            continue  # validated on every process by load_state, before anything changes
         if not any(
             os.path.isfile(os.path.join(state_dir, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)
         ):
@@ -280,12 +297,15 @@ def accelerate_load_state(
                 scheduler,
                 accumulator if index == 0 else None,
                 strict=strict,
+                model=_model_of(accelerator, optimizer) if fsdp2 else None,
             )
         for obj, state in zip(accelerator._custom_objects, registered_states, strict=False):
             obj.load_state_dict(state)
         # Accelerate: RNG, samplers, scaler, step (and pickled registered objects with allow_pickle=True).
         # The hook keeps it from reading the model files: hf_optim read them above.
-        handle = accelerator.register_load_state_pre_hook(_skip_model_loading)
+        handle = accelerator.register_load_state_pre_hook(
+            (lambda models, input_dir: None) if fsdp2 else _skip_model_loading
+        )
         try:
             with _hidden_from_accelerate(accelerator, custom_objects=not accelerate_reads_registered):
                 type(accelerator).load_state(accelerator, local_dir)
@@ -509,11 +529,28 @@ def _latest_automatic_checkpoint(accelerator: Accelerator) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _fsdp2(accelerator: Accelerator) -> bool:
+    """FSDP2 (``fully_shard``): optimizer state is sharded DTensors, which hf_optim saves per process."""
+    return accelerator.distributed_type == DistributedType.FSDP and bool(
+        getattr(accelerator, "is_fsdp2", False)
+    )
+
+
+def _model_of(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    """The prepared model that holds ``optimizer``'s parameters (it names them in a sharded save)."""
+    inner = unwrap_optimizer(optimizer)
+    ids = {id(p) for group in inner.param_groups for p in group["params"]}
+    for model in accelerator._models:
+        if any(id(p) in ids for p in model.parameters()):
+            return model
+    raise ValueError("no prepared model holds this optimizer's parameters")
+
+
 def _check_checkpoint_support(accelerator: Accelerator, function: str) -> None:
-    if accelerator.distributed_type in _SHARDED_STATE:
+    if accelerator.distributed_type in _SHARDED_STATE and not _fsdp2(accelerator):
         raise NotImplementedError(
-            f"{function} supports single-process and DDP runs; {accelerator.distributed_type} shards optimizer "
-            "state, use accelerator.save_state / load_state there"
+            f"{function} supports single-process, DDP and FSDP2 runs; {accelerator.distributed_type} shards "
+            "optimizer state its own way, use accelerator.save_state / load_state there"
         )
 
 

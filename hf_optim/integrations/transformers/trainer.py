@@ -13,7 +13,10 @@ for names only hf_optim has). ``scheduler.json`` stores the scheduler's JSON ``s
 is loaded into the scheduler Trainer rebuilt from the same ``TrainingArguments``, exactly as Trainer does with
 ``scheduler.pt``.
 
-DeepSpeed, FSDP, XLA and SageMaker model parallel have their own optimizer checkpoint formats: there the base
+Under FSDP2 every process writes its own shard of the optimizer state (:func:`hf_optim.save_state` with
+``model=``, format version 2) and resumes from it on any number of processes; this path is thin over the
+torch-level functions tested on CPU and has not been run on GPUs here (``scripts/gpu_check.sh`` checks it).
+DeepSpeed, FSDP1, XLA and SageMaker model parallel have their own optimizer checkpoint formats: there the base
 behaviour is kept, with a warning.
 
 Nothing read on resume is unpickled with arbitrary objects: hf_optim reads safetensors + JSON, and transformers
@@ -40,6 +43,7 @@ from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
     SCHEDULER_NAME,
+    SHARDED_MANIFEST_NAME,
     load_state,
     save_state,
 )
@@ -95,6 +99,8 @@ class TrainerMixin:
         """The name of the backend whose own optimizer checkpointing must be kept, if any."""
         if getattr(self, "is_deepspeed_enabled", False):
             return "DeepSpeed"
+        if self._hf_optim_fsdp2():
+            return None  # sharded optimizer state: hf_optim saves it per process
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
             return "FSDP"
         utils = transformers.utils
@@ -103,6 +109,11 @@ class TrainerMixin:
         if getattr(utils, "is_sagemaker_mp_enabled", lambda: False)():
             return "SageMaker model parallel"
         return None
+
+    def _hf_optim_fsdp2(self) -> bool:
+        """FSDP2 (``fully_shard``): every process saves and loads its own shard of the optimizer state."""
+        accelerator = getattr(self, "accelerator", None)
+        return bool(getattr(self, "is_fsdp_enabled", False) and getattr(accelerator, "is_fsdp2", False))
 
     def _hf_optim_warn_fallback(self, backend: str) -> None:
         if not self._hf_optim_fallback_warned:
@@ -160,6 +171,9 @@ class TrainerMixin:
         if backend is not None:
             self._hf_optim_warn_fallback(backend)
             return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        if self._hf_optim_fsdp2():  # a collective: every process writes its shard
+            save_state(output_dir, self.optimizer, scheduler=self.lr_scheduler, model=self.model)
+            return None
         if not self.args.should_save:
             return None
         save_state(output_dir, self.optimizer, scheduler=self.lr_scheduler, fsync=self.hf_optim_fsync)
@@ -172,6 +186,10 @@ class TrainerMixin:
         if backend is not None:
             self._hf_optim_warn_fallback(backend)
             return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        if self._hf_optim_fsdp2() and os.path.isfile(os.path.join(checkpoint, SHARDED_MANIFEST_NAME)):
+            load_state(checkpoint, self.optimizer, scheduler=self.lr_scheduler, model=self.model)
+            logger.info("Loaded sharded optimizer and scheduler state from %s", checkpoint)
+            return None
         # On the files, not has_state(): a corrupt state file must fail in load_state, naming the problem.
         if any(os.path.isfile(os.path.join(checkpoint, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)):
             has_scheduler = os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))
@@ -181,7 +199,12 @@ class TrainerMixin:
                     checkpoint,
                     SCHEDULER_NAME,
                 )
-            load_state(checkpoint, self.optimizer, scheduler=self.lr_scheduler if has_scheduler else None)
+            load_state(
+                checkpoint,
+                self.optimizer,
+                scheduler=self.lr_scheduler if has_scheduler else None,
+                model=self.model if self._hf_optim_fsdp2() else None,
+            )
             logger.info(
                 "Loaded optimizer%s state from %s", " and scheduler" if has_scheduler else "", checkpoint
             )
