@@ -52,8 +52,9 @@ def build_model(seed: int) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32, tie_word_embeddings=False
-    )
+        n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32, tie_word_embeddings=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: resumed runs follow the same trajectory
+    )  # fmt: skip
     return GPT2LMHeadModel(config)
 
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     rank = dist.get_rank() if world > 1 else 0
     if args.global_batch_size % world:
         raise SystemExit(f"--global_batch_size {args.global_batch_size} must divide by {world} processes")
+    os.makedirs(args.output_dir, exist_ok=True)
     model = build_model(args.seed)
     start = 0
     resume = args.resume_from_checkpoint
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         ids = batch(step, rank, world, args)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        loss = loss.detach()
+        if world > 1:  # the loss of the global batch, whatever the number of processes
+            dist.all_reduce(loss)
+            loss /= world
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
