@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # hf_optim end to end: Trainer with optim="adamw_hf" and a cosine schedule, checkpoints (optimizer.safetensors +
 # scheduler.json) pushed to a Hub, the run "interrupted", resumed from the Hub in a new process, and checked
-# bit for bit and step by step against an uninterrupted run. Then a plot of both runs and a summary.
+# bit for bit and step by step against an uninterrupted run; an FSDP2 run on 2 processes resumed on 1. Then a plot
+# of the Trainer runs and a summary.
 #
 #   scripts/demo.sh                  # local Hub server (python -m hf_optim.hub_server), nothing leaves the machine
 #   HF_ENDPOINT=https://huggingface.co HF_TOKEN=hf_... [DEMO_REPO=user/name] scripts/demo.sh   # a real Hub
@@ -143,23 +144,43 @@ COMMON=(
   --disable_tqdm true
 )
 
-say "1/4 Uninterrupted reference run: $STEPS steps"
+say "1/5 Uninterrupted reference run: $STEPS steps"
 run_stage "$OUT/uninterrupted.log" \
   python scripts/train_trainer.py --output_dir "$OUT/uninterrupted" "${SCHEDULE[@]}" "${COMMON[@]}" \
   --step_log "$OUT/uninterrupted/steps.jsonl"
 
-say "2/4 Same run, checkpoints pushed to $REPO (hub_strategy=checkpoint), interrupted after step $STOP_AT"
+say "2/5 Same run, checkpoints pushed to $REPO (hub_strategy=checkpoint), interrupted after step $STOP_AT"
 run_stage "$OUT/first.log" \
   python scripts/train_trainer.py --output_dir "$OUT/first" "${SCHEDULE[@]}" "${COMMON[@]}" \
   --step_log "$OUT/first/steps.jsonl" --stop_after_step "$STOP_AT" \
   --push_to_hub --hub_model_id "$REPO" --hub_strategy checkpoint --hub_always_push true --hub_private_repo true
 
-say "3/4 New process, empty cache: resume from hf://$REPO/last-checkpoint (schedule from its scheduler.json)"
+say "3/5 New process, empty cache: resume from hf://$REPO/last-checkpoint (schedule from its scheduler.json)"
 run_stage "$OUT/resumed.log" \
   env HF_HOME="$OUT/hf_home_resume" python scripts/train_trainer.py --output_dir "$OUT/resumed" "${COMMON[@]}" \
   --step_log "$OUT/resumed/steps.jsonl" --resume_from_checkpoint "hf://$REPO/last-checkpoint"
 
-say "4/4 Checks, plot, summary"
+say "4/5 FSDP2: 2 processes train and save sharded optimizer state, 1 process resumes from it"
+FSDP_STEPS=(--max_steps 12 --global_batch_size 12)
+PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+run_stage "$OUT/fsdp_two.log" \
+  python -m torch.distributed.run --nproc_per_node 2 --master_port "$PORT" scripts/train_fsdp.py \
+  --output_dir "$OUT/fsdp" --save_steps 6 "${FSDP_STEPS[@]}"
+run_stage "$OUT/fsdp_one.log" \
+  python scripts/train_fsdp.py --output_dir "$OUT/fsdp_resumed" --save_steps 0 "${FSDP_STEPS[@]}" \
+  --resume_from_checkpoint "$OUT/fsdp/checkpoint-6"
+python - "$OUT/fsdp/final_model.safetensors" "$OUT/fsdp_resumed/final_model.safetensors" <<'PYEOF'
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+worst = max((x - b[k]).abs().max().item() for k, x in a.items())
+ok = a.keys() == b.keys() and all(torch.allclose(x, b[k], rtol=1e-5, atol=1e-6) for k, x in a.items())
+print(f"  FSDP2 2 -> 1 process resume: {len(a)} weight tensors, max |difference| {worst:.1e} "
+      f"({'float32 rounding: the reductions differ' if ok else 'MISMATCH'})")
+sys.exit(0 if ok else 1)
+PYEOF
+
+say "5/5 Checks, plot, summary"
 t=$SECONDS
 status=0
 python scripts/demo_report.py "$OUT" --repo "$REPO" --hub "$HUB_KIND" --stop-at "$STOP_AT" \

@@ -278,7 +278,7 @@ def save_state(
         if accumulator is not None:
             raise ValueError("a GradientAccumulator cannot be saved with sharded (FSDP2) optimizer state")
         manifest = sharded.save_sharded_state(
-            save_directory, opt, scheduler, model=model, max_file_size=max_shard_size or "100MB"
+            save_directory, opt, scheduler, model=model, max_file_size="100MB" if max_shard_size is None else max_shard_size
         )
         if consolidate_to is not None and sharded.rank() == 0:
             consolidate_state(save_directory, consolidate_to)
@@ -320,7 +320,7 @@ def save_state(
         param_dtypes=dtypes,
         optimizer_class=qualname(opt),
         optimizer_name=registry.optimizer_name(opt),
-        max_shard_size=max_shard_size or "5GB",
+        max_shard_size="5GB" if max_shard_size is None else max_shard_size,
         fsync=fsync,
         **sched,
         **acc,
