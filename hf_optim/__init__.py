@@ -13,7 +13,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 # --- optimizers (issue 2) ---
-from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
+from hf_optim.optimizers import (
+    AdamW,
+    AdamWeightDecay,
+    BertAdam,
+    OpenAIAdam,
+    adam_weight_decay,
+    adamw,
+    bert_adam,
+    openai_adam,
+)
 
 # --- schedules, registry, accumulation (issue 3) ---
 # isort: split
