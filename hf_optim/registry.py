@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hf_optim import schedules
-from hf_optim.optimizers import AdamW, AdamWeightDecay
+from hf_optim.optimizers import AdamW, AdamWeightDecay, BertAdam, OpenAIAdam
 from hf_optim.param_groups import group_parameters
 
 logger = logging.getLogger(__name__)
@@ -495,4 +495,22 @@ def _register_builtins() -> None:
         register_scheduler(name, factory, description=description)
 
 
+def _register_legacy() -> None:
+    # pytorch-pretrained-bert's optimizers, whose lr schedule is built in (Adam's betas / eps are b1, b2, e)
+    legacy_names = {"betas": ("b1", "b2"), "eps": "e"}
+    register_optimizer(
+        "bert_adam",
+        BertAdam,
+        description="BertAdam of pytorch-pretrained-bert (built-in schedule, per-tensor clipping, no bias correction)",
+        arg_names=legacy_names,
+    )
+    register_optimizer(
+        "openai_adam",
+        OpenAIAdam,
+        description="OpenAIAdam of pytorch-pretrained-bert (built-in schedule, decay of matrices after the update)",
+        arg_names=legacy_names,
+    )
+
+
 _register_builtins()
+_register_legacy()

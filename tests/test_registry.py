@@ -44,7 +44,7 @@ BUILTIN_SCHEDULES = [
 
 
 def test_builtins_and_wildcards():
-    assert hf_optim.list_optimizers() == ["adam_weight_decay", "adamw_hf"]
+    assert hf_optim.list_optimizers() == ["adam_weight_decay", "adamw_hf", "bert_adam", "openai_adam"]
     assert hf_optim.list_schedulers() == BUILTIN_SCHEDULES
     assert hf_optim.list_schedulers("cosine*") == [
         "cosine",
@@ -117,9 +117,9 @@ def test_unknown_names_list_the_closest():
 def test_listeners_see_existing_and_new_entries_and_cannot_break_registration(caplog):
     seen = []
     hf_optim.add_registry_listener(lambda kind, info: seen.append((kind, info.name)))
-    assert seen == [("optimizer", n) for n in ("adamw_hf", "adam_weight_decay")] + [
-        ("scheduler", n) for n in registry._SCHEDULERS
-    ]
+    assert seen == [
+        ("optimizer", n) for n in ("adamw_hf", "adam_weight_decay", "bert_adam", "openai_adam")
+    ] + [("scheduler", n) for n in registry._SCHEDULERS]
 
     def broken(kind, info):
         raise RuntimeError("listener bug")
