@@ -459,12 +459,15 @@ def clip_grad_norms_(grads: list[Tensor], max_norm: float, *, foreach: bool) -> 
             grad.mul_(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
         return
     norms = torch._foreach_norm(grads)
-    coefs = (
-        [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-        if len(norms) < 2
-        else list(torch.clamp(max_norm / (torch.stack(norms) + 1e-6), max=1.0).unbind())
-    )
-    torch._foreach_mul_(grads, coefs)
+    coefs = torch.clamp(max_norm / (torch.stack(norms) + 1e-6), max=1.0)
+    if coefs.device.type == "cpu":
+        # Multiplying by exactly 1.0 changes nothing: skip those gradients (on the CPU the coefficients can be read
+        # without waiting for a device). NaN coefficients are applied, as in the legacy code.
+        todo = (coefs != 1.0).nonzero().flatten().tolist()
+        if todo:
+            torch._foreach_mul_([grads[i] for i in todo], list(coefs[todo].unbind()))
+        return
+    torch._foreach_mul_(grads, list(coefs.unbind()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

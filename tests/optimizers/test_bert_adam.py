@@ -181,3 +181,20 @@ def test_schedule_object_with_warmup_logs_the_legacy_warning(caplog):
             [torch.zeros(2, requires_grad=True)], lr=1e-3, warmup=0.1, schedule=ours.ConstantLR(t_total=5)
         )
     assert any("ineffective" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_non_finite_element_spreads_to_its_whole_gradient_like_legacy(impl):
+    # a NaN norm gives a NaN clipping coefficient, applied to the whole gradient, as clip_grad_norm_ did
+    def run(cls, extra):
+        params = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+        opt = cls(params, lr=0.1, **extra)
+        params[0].grad = torch.tensor([0.1, float("nan"), 0.2])
+        params[1].grad = torch.tensor([0.1, 0.2])
+        opt.step()
+        return [p.detach() for p in params] + [p.grad for p in params]
+
+    expected = run(LEGACY.BertAdam, {})
+    assert expected[2].isnan().all() and not expected[3].isnan().any()
+    for e, g in zip(expected, run(ours.BertAdam, IMPLS[impl]), strict=True):
+        torch.testing.assert_close(g, e, equal_nan=True, rtol=0, atol=0)
