@@ -13,16 +13,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 # --- optimizers (issue 2) ---
-from hf_optim.optimizers import (
-    AdamW,
-    AdamWeightDecay,
-    BertAdam,
-    OpenAIAdam,
-    adam_weight_decay,
-    adamw,
-    bert_adam,
-    openai_adam,
-)
+from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
+
+# isort: split
+from hf_optim.optimizers import BertAdam, OpenAIAdam, bert_adam, openai_adam  # pytorch-pretrained-bert's
 
 # --- schedules, registry, accumulation (issue 3) ---
 # isort: split
