@@ -122,12 +122,15 @@ class LRSchedule(abc.ABC):
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> LRSchedule:
-        """Rebuild a schedule written by :meth:`to_json_dict` (untrusted input: only built-in classes, numbers)."""
+        """Rebuild a schedule written by :meth:`to_json_dict` (untrusted input: only built-in classes, numbers).
+
+        ``LRSchedule.from_json_dict`` accepts every built-in schedule; on a subclass, only that exact class.
+        """
         if not isinstance(data, Mapping):
             raise ValueError(f"a schedule must be a JSON object, got {type(data).__name__}")
         kind = data.get("type")
         schedule_cls = SCHEDULE_CLASSES.get(kind) if isinstance(kind, str) else None
-        if schedule_cls is None or not issubclass(schedule_cls, cls):
+        if schedule_cls is None or not (cls is LRSchedule or schedule_cls is cls):
             raise ValueError(f"unknown schedule type {kind!r}; known: {', '.join(sorted(SCHEDULE_CLASSES))}")
         expected = {"type", *schedule_cls._JSON_FIELDS}
         if set(data) != expected:

@@ -139,3 +139,13 @@ def test_json_form_rebuilds_the_same_schedule(name, kwargs):
 def test_json_form_rejects_anything_else(data):
     with pytest.raises(ValueError):
         ours.LRSchedule.from_json_dict(data)
+
+
+def test_json_form_of_a_subclass_accepts_only_that_class():
+    data = ours.WarmupCosineWithHardRestartsSchedule(warmup=0.1, t_total=10, cycles=2.0).to_json_dict()
+    assert (
+        type(ours.WarmupCosineWithHardRestartsSchedule.from_json_dict(data))
+        is ours.WarmupCosineWithHardRestartsSchedule
+    )
+    with pytest.raises(ValueError, match="WarmupCosineWithHardRestartsSchedule"):
+        ours.WarmupCosineSchedule.from_json_dict(data)
