@@ -27,11 +27,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_list_shows_every_entry_with_its_description(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
-    assert "Optimizers (2):" in out and "Schedules (10):" in out
+    assert "Optimizers (4):" in out and "Schedules (10):" in out
     lines = out.splitlines()
     for name, words in (
         ("adamw_hf", "AdamW of transformers 4.x"),
         ("adam_weight_decay", "AdamWeightDecay of transformers 4.x TF"),
+        ("bert_adam", "BertAdam of pytorch-pretrained-bert"),
+        ("openai_adam", "OpenAIAdam of pytorch-pretrained-bert"),
         ("linear", "linear warmup, then linear decay to 0"),
         ("warmup_stable_decay", "warmup, constant phase"),
     ):
