@@ -38,6 +38,7 @@ from hf_optim.optimizers._kernels import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "OWN_CALL_MIN_NUMEL",
     "SCHEDULES",
     "SCHEDULE_CLASSES",
     "BertAdam",
@@ -50,7 +51,9 @@ __all__ = [
     "WarmupLinearSchedule",
     "bert_adam",
     "check_legacy_adam_args",
+    "clip_coefficients",
     "clip_grad_norms_",
+    "clipped_indices",
     "gather_legacy_state",
     "resolve_schedule",
     "scheduled_lrs",
@@ -448,6 +451,11 @@ def gather_legacy_state(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def clip_coefficients(grads: list[Tensor], max_norm: float) -> Tensor:
+    """``min(max_norm / (||g|| + 1e-6), 1)`` for each gradient (one ``torch._foreach_norm`` for all)."""
+    return torch.clamp(max_norm / (torch.stack(torch._foreach_norm(grads)) + 1e-6), max=1.0)
+
+
 def clip_grad_norms_(grads: list[Tensor], max_norm: float, *, foreach: bool) -> None:
     """Scale each gradient in place by ``min(max_norm / (||g|| + 1e-6), 1)``, its own norm only.
 
@@ -461,16 +469,19 @@ def clip_grad_norms_(grads: list[Tensor], max_norm: float, *, foreach: bool) -> 
             total_norm = torch.nn.utils.get_total_norm([grad])
             grad.mul_(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
         return
-    norms = torch._foreach_norm(grads)
-    coefs = torch.clamp(max_norm / (torch.stack(norms) + 1e-6), max=1.0)
+    coefs = clip_coefficients(grads, max_norm)
     if coefs.device.type == "cpu":
-        # Multiplying by exactly 1.0 changes nothing: skip those gradients (on the CPU the coefficients can be read
-        # without waiting for a device). NaN coefficients are applied, as in the legacy code.
-        todo = (coefs != 1.0).nonzero().flatten().tolist()
+        todo = clipped_indices(coefs)
         if todo:
             torch._foreach_mul_([grads[i] for i in todo], list(coefs[todo].unbind()))
         return
     torch._foreach_mul_(grads, list(coefs.unbind()))
+
+
+def clipped_indices(coefs: Tensor) -> list[int]:
+    """Indices whose coefficient is not exactly 1 (a multiplication by 1.0 changes nothing; NaN is kept, as the
+    legacy code applied it). Reads the coefficients: only for the CPU, where that does not wait for a device."""
+    return (coefs != 1.0).nonzero().flatten().tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,8 +602,20 @@ def _fused_bert_adam(
     # (the decay term uses the old p, as the kernel does). With k = t+1 (any k >= 1 works):
     #   eps' = e/sqrt(bc2) makes the fraction sqrt(bc2) * m / (sqrt(v) + e), so lr' = s*bc1/sqrt(bc2)
     #   cancels both corrections, and wd' = s*wd / lr' gives the factor 1 - s*wd.
+    # Clipping: a large gradient that needs it is not multiplied in a pass of its own but gets its own kernel call
+    # with grad_scale = 1/coefficient (the kernel divides the gradient by it and stores the result in place).
+    own_call: list[int] = []
+    coefs = None
     if max_grad_norm > 0:
-        clip_grad_norms_(grads, max_grad_norm, foreach=True)
+        coefs = clip_coefficients(grads, max_grad_norm)
+        if coefs.device.type == "cpu":
+            todo = clipped_indices(coefs)
+            own_call = [i for i in todo if grads[i].numel() >= OWN_CALL_MIN_NUMEL]
+            rest = [i for i in todo if grads[i].numel() < OWN_CALL_MIN_NUMEL]
+            if rest:
+                torch._foreach_mul_([grads[i] for i in rest], list(coefs[rest].unbind()))
+        else:
+            torch._foreach_mul_(grads, list(coefs.unbind()))
 
     def hyperparameters(k: float) -> tuple[float, float, float]:
         s = lrs[k - 1]
@@ -602,10 +625,28 @@ def _fused_bert_adam(
         return kernel_lr, eps / sqrt_bc2, kernel_wd
 
     torch._foreach_add_(state_steps, 1)
-    fused_adamw(
-        params, grads, next_ms, next_vs, [], state_steps,
-        beta1=beta1, beta2=beta2, hyperparameters=hyperparameters,
-    )  # fmt: skip
+    tensors = [params, grads, next_ms, next_vs, state_steps]
+    batch = tensors
+    if own_call:
+        separate = set(own_call)
+        kept = [i for i in range(len(params)) if i not in separate]
+        batch = [[x[i] for i in kept] for x in tensors]
+    if batch[0]:
+        p, g, m, v, steps = batch
+        fused_adamw(p, g, m, v, [], steps, beta1=beta1, beta2=beta2, hyperparameters=hyperparameters)
+    for i in own_call:
+        lr_k, eps_k, wd_k = hyperparameters(state_steps[i].item())
+        torch._fused_adamw_(
+            [params[i]], [grads[i]], [next_ms[i]], [next_vs[i]], [], [state_steps[i]],
+            lr=lr_k, beta1=beta1, beta2=beta2, weight_decay=wd_k, eps=eps_k, amsgrad=False, maximize=False,
+            grad_scale=torch.reciprocal(coefs[i]),  # type: ignore[index]
+        )  # fmt: skip
+
+
+OWN_CALL_MIN_NUMEL = 1 << 16
+"""On the default path, a gradient of at least this many elements that needs clipping is clipped inside its own
+fused-kernel call (saving a read and a write of it); smaller ones are multiplied together first (one call
+costs more than that pass)."""
 
 
 _IMPLEMENTATIONS = {

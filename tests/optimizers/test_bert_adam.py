@@ -199,3 +199,43 @@ def test_one_non_finite_element_spreads_to_its_whole_gradient_like_legacy(impl):
     exact = impl != "default"  # the fused kernel rounds differently
     for e, g in zip(expected, run(ours.BertAdam, IMPLS[impl]), strict=True):
         torch.testing.assert_close(g, e, equal_nan=True, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+
+
+def test_large_clipped_gradients_on_the_default_path(monkeypatch):
+    # gradients above OWN_CALL_MIN_NUMEL are clipped inside their own fused-kernel call (grad_scale)
+    from hf_optim.optimizers.bert_adam import OWN_CALL_MIN_NUMEL
+
+    shapes = [(300, 250), (OWN_CALL_MIN_NUMEL,), (40, 30), (7,)]
+    scaled = []
+    real = torch._fused_adamw_
+
+    def spy(*args, **kwargs):
+        scaled.append(kwargs.get("grad_scale") is not None)
+        return real(*args, **kwargs)
+
+    def run(cls, extra):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+        opt = cls([{"params": params[:2]}, {"params": params[2:], "max_grad_norm": 0.5}], lr=1e-2, warmup=0.2,
+                  t_total=4, **extra)  # fmt: skip
+        grads = []
+        for step in range(5):
+            for i, p in enumerate(params):  # the second tensor's gradient is small at step 2: not clipped
+                scale = 1e-4 if (i == 1 and step == 2) else 3.0
+                p.grad = torch.randn(p.shape, generator=g) * scale
+            opt.step()
+            grads.append([p.grad.clone() for p in params])
+        return params, opt, grads
+
+    e_params, e_opt, e_grads = run(LEGACY.BertAdam, {})
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    g_params, g_opt, g_grads = run(ours.BertAdam, {})
+    assert sum(scaled) == 2 * 5 - 1 and not all(scaled)
+    for e, g in zip(e_params, g_params, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    for e_step, g_step in zip(e_grads, g_grads, strict=True):
+        for e, g in zip(e_step, g_step, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    for e_state, g_state in zip(e_opt.state.values(), g_opt.state.values(), strict=True):
+        torch.testing.assert_close(g_state["next_m"], e_state["next_m"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_state["next_v"], e_state["next_v"], rtol=1e-5, atol=1e-6)
