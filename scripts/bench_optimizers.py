@@ -44,6 +44,9 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "hf_optim BertAdam no clip (default)": lambda p: hf_optim.BertAdam(
         p, lr=1e-3, warmup=0.1, t_total=10**6, max_grad_norm=-1
     ),
+    "hf_optim BertAdam all clipped (default)": lambda p: hf_optim.BertAdam(
+        p, lr=1e-3, warmup=0.1, t_total=10**6, max_grad_norm=1e-3
+    ),
     "hf_optim OpenAIAdam (default)": lambda p: hf_optim.OpenAIAdam(
         p, lr=1e-3, warmup=0.1, t_total=10**6, weight_decay=0.01
     ),
