@@ -12,6 +12,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The 'hf_optim' library logger: its level (HF_OPTIM_VERBOSITY) and prefixed handler; the root logger is untouched.
+from hf_optim import logging
+
 # --- optimizers (issue 2) ---
 from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
 
@@ -29,6 +32,7 @@ from hf_optim.registry import (
     create_optimizer,
     create_scheduler,
     get_optimizer_info,
+    get_scheduler,
     get_scheduler_info,
     list_optimizers,
     list_schedulers,
@@ -36,6 +40,7 @@ from hf_optim.registry import (
     register_optimizer,
     register_scheduler,
     remove_registry_listener,
+    scheduler_from_config,
 )
 from hf_optim.schedules import (
     get_constant_schedule,
@@ -47,9 +52,7 @@ from hf_optim.schedules import (
     get_inverse_sqrt_schedule,
     get_linear_schedule_with_warmup,
     get_polynomial_decay_schedule_with_warmup,
-    get_scheduler,
     get_wsd_schedule,
-    scheduler_from_config,
 )
 
 # --- serialization and Hub (issue 4) ---

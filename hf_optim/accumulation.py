@@ -14,7 +14,6 @@ micro-batch's **summed** loss, pass its item count to ``accumulate_from(..., num
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -22,48 +21,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hf_optim._utils import non_negative_int, parameters_of
+
 __all__ = ["GradientAccumulator"]
 
 Normalize = Literal["steps", "items"] | None
-
-
-def _parameters(
-    params_or_model: nn.Module | Iterable[Any], argument: str = "params_or_model"
-) -> list[torch.Tensor]:
-    """Parameters of a module, or of an iterable of tensors / (name, tensor) pairs / param-group dicts, in order."""
-    if isinstance(params_or_model, nn.Module):
-        return list(params_or_model.parameters())
-    if isinstance(params_or_model, torch.Tensor):
-        raise ValueError(f"{argument} must be an nn.Module or an iterable of parameters, got a single Tensor")
-    out: list[torch.Tensor] = []
-    for item in params_or_model:
-        if isinstance(item, Mapping):
-            out.extend(_parameters(item["params"], argument))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
-            out.append(item[1])
-        elif isinstance(item, torch.Tensor):
-            out.append(item)
-        else:
-            raise ValueError(
-                f"{argument} must hold parameters, (name, parameter) pairs or param-group dicts, got {item!r}"
-            )
-    return out
-
-
-def _count(value: Any, argument: str) -> int:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{argument} must be a scalar count, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value != int(value)
-        or value < 0
-    ):
-        raise ValueError(f"{argument} must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 class GradientAccumulator:
@@ -131,7 +93,7 @@ class GradientAccumulator:
         With ``zero_grad`` (default) the parameters' ``.grad`` is then set to ``None`` for the next micro-batch; a
         gradient that is not a view is then taken over without a copy.
         """
-        params = _parameters(params_or_model)
+        params = parameters_of(params_or_model)
         self._accumulate([p.grad for p in params], num_items, take=zero_grad)
         if zero_grad:
             for p in params:
@@ -153,7 +115,7 @@ class GradientAccumulator:
         """
         if not self._initialized or self._step == 0:
             raise ValueError("nothing to apply: no gradients were accumulated since the last reset")
-        params = _parameters(params_or_model)
+        params = parameters_of(params_or_model)
         if len(params) != len(self._gradients):
             raise ValueError(f"Expected {len(self._gradients)} parameters, but got {len(params)}")
         if normalize == "steps":
@@ -231,8 +193,8 @@ class GradientAccumulator:
         for i, g in enumerate(gradients):
             if g is not None and not isinstance(g, torch.Tensor):
                 raise ValueError(f"state['gradients'][{i}] must be a tensor or None, got {type(g).__name__}")
-        step = _count(state["step"], "state['step']")
-        num_items = _count(state["num_items"], "state['num_items']")
+        step = non_negative_int(state["step"], "state['step']")
+        num_items = non_negative_int(state["num_items"], "state['num_items']")
         if step > 0 and not gradients:
             raise ValueError("state['step'] > 0 but state['gradients'] is empty")
         if self._initialized and len(gradients) != len(self._gradients):
@@ -268,7 +230,7 @@ class GradientAccumulator:
                     f"gradients[{i}] has shape {tuple(g.shape)}, but the accumulated one has {tuple(buffer.shape)}"
                 )
         counts = num_items is not None
-        items = _count(num_items, "num_items") if counts else 0
+        items = non_negative_int(num_items, "num_items") if counts else 0
         if self._step > 0 and self._counts_items is not None and self._counts_items != counts:
             raise ValueError(
                 "num_items must be given for all accumulated micro-steps or for none "

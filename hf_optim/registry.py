@@ -1,29 +1,43 @@
 """Name registries for optimizers and learning-rate schedules (in the spirit of timm's optimizer factory).
 
-Each entry is a small frozen record. :func:`create_optimizer` turns a model into decay / no-decay parameter
-groups and maps the common arguments (``lr``, ``weight_decay``, ``betas``, ``eps``) to the optimizer's own names;
-:func:`create_scheduler` builds a schedule and records how to rebuild it (``hf_optim_config``). Listeners added
-with :func:`add_registry_listener` hear about every entry (the transformers integration uses this to extend
-``OptimizerNames`` / ``SchedulerType``).
+Each entry is a small frozen record (:class:`OptimizerInfo`, :class:`SchedulerInfo`) held by a
+:class:`Registry`; the module-level functions (``register_optimizer``, ``create_optimizer``, ``get_scheduler``,
+...) act on the default instance, :data:`default_registry`. :func:`create_optimizer` turns a model into decay /
+no-decay parameter groups and maps the common arguments (``lr``, ``weight_decay``, ``betas``, ``eps``) to the
+optimizer's own names; :func:`create_scheduler` builds a schedule and records how to rebuild it
+(``hf_optim_config``).
+
+Optimizers of other libraries come from *providers* (:meth:`Registry.add_optimizer_provider`): entries looked
+up by name, listed with their ``source``. ``hf_optim.integrations.transformers`` adds one for transformers' own
+``optim`` names (``adamw_torch``, ``sgd``, ``adafactor``, ...) when transformers is imported; the registry only
+imports transformers (if installed, inside a function) when a name is not its own or when listing every source.
+Listeners added with :func:`add_registry_listener` hear about every registered entry (the transformers
+integration uses this to extend ``OptimizerNames`` / ``SchedulerType``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import enum
 import fnmatch
+import importlib
+import importlib.util
 import inspect
 import logging
 import re
+import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from hf_optim import schedules
+from hf_optim._utils import finite_number
 from hf_optim.optimizers import AdamW, AdamWeightDecay, BertAdam, OpenAIAdam
 from hf_optim.param_groups import group_parameters
 
@@ -31,48 +45,156 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COMMON_OPTIMIZER_ARGS",
+    "HF_OPTIM_SOURCE",
     "OptimizerInfo",
+    "OptimizerProvider",
+    "Registry",
     "SchedulerInfo",
+    "accepts_argument",
+    "add_optimizer_provider",
     "add_registry_listener",
     "create_optimizer",
     "create_scheduler",
+    "default_registry",
     "get_optimizer_info",
+    "get_scheduler",
     "get_scheduler_info",
+    "keyword_parameters",
     "list_optimizers",
     "list_schedulers",
     "optimizer_name",
     "register_optimizer",
     "register_scheduler",
+    "remove_optimizer_provider",
     "remove_registry_listener",
+    "scheduler_from_config",
+    "signature_of",
+    "snapshot",
 ]
 
 COMMON_OPTIMIZER_ARGS = ("lr", "weight_decay", "betas", "eps")
+#: ``source`` of the entries registered in hf_optim's registry (built-in or by the user).
+HF_OPTIM_SOURCE = "hf_optim"
 _WEIGHT_DECAY_PATTERN_ARGS = ("include_in_weight_decay", "exclude_from_weight_decay")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# Libraries whose import lets hf_optim's integration add their optimizer provider (hf_optim._autoload's hook
+# runs hf_optim.integrations.transformers.sync after this module executed).
+_PROVIDER_MODULES = {"transformers": "transformers.trainer_optimizer"}
 
 RegistryKind = Literal["optimizer", "scheduler"]
 Listener = Callable[[RegistryKind, Any], None]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Signature introspection (public: the integrations map arguments with it)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def signature_of(factory: Callable[..., Any]) -> inspect.Signature | None:
+    """``inspect.signature(factory)``, or ``None`` for callables without one (some builtins): checks are skipped."""
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+
+
+def accepts_argument(sig: inspect.Signature | None, argument: str) -> bool:
+    """Whether a callable with signature ``sig`` takes ``argument`` by keyword (``**kwargs`` counts; no
+    signature: assumed yes)."""
+    if sig is None:
+        return True
+    param = sig.parameters.get(argument)
+    if param is not None:
+        return param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+    return any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def keyword_parameters(sig: inspect.Signature) -> list[inspect.Parameter]:
+    """Parameters after the first (params / optimizer) that can be passed by keyword."""
+    params = list(sig.parameters.values())[1:]
+    return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+class _FactoryIntrospection:
+    """Signature helpers shared by the two records (their ``factory`` is introspected)."""
+
+    factory: Callable[..., Any]
+
+    def signature(self) -> inspect.Signature | None:
+        """The factory's signature (``None`` if it has none)."""
+        return signature_of(self.factory)
+
+    def accepts(self, argument: str) -> bool:
+        """Whether the factory takes ``argument`` by keyword (directly or through ``**kwargs``)."""
+        return accepts_argument(self.signature(), argument)
+
+    def takes_var_keyword(self) -> bool:
+        """Whether the factory takes ``**kwargs`` (or has no signature): any argument name may be passed."""
+        sig = self.signature()
+        return sig is None or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+    def keyword_parameters(self) -> list[inspect.Parameter]:
+        """The factory's keyword-capable parameters after the first one (empty without a signature)."""
+        sig = self.signature()
+        return [] if sig is None else keyword_parameters(sig)
+
+
+def _empty_mapping() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True)
-class OptimizerInfo:
+class OptimizerInfo(_FactoryIntrospection):
     """A registered optimizer.
 
     ``factory(params, **kwargs)`` builds it (a ``torch.optim.Optimizer`` class or a function); ``defaults`` are
     keyword arguments applied before the caller's; ``arg_names`` maps the common names ``lr``, ``weight_decay``,
     ``betas``, ``eps`` to the factory's own (a tuple splits a sequence value, e.g. ``betas`` ->
-    ``("beta_1", "beta_2")``); common names that are absent map to themselves.
+    ``("beta_1", "beta_2")``); common names that are absent map to themselves. ``source`` says where the entry
+    comes from: ``"hf_optim"`` for the registry's own entries, else the provider's library (``"transformers"``).
     """
 
     name: str
     factory: Callable[..., torch.optim.Optimizer]
     description: str = ""
-    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    arg_names: Mapping[str, str | tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    defaults: Mapping[str, Any] = field(default_factory=_empty_mapping)
+    arg_names: Mapping[str, str | tuple[str, ...]] = field(default_factory=_empty_mapping)
+    source: str = HF_OPTIM_SOURCE
+
+    def own_name(self, common: str) -> str | tuple[str, ...]:
+        """The factory's own name(s) for the common argument ``common`` (itself when not renamed)."""
+        return self.arg_names.get(common, common)
+
+    def map_common(self, kwargs: Mapping[str, Any], argument: str = "kwargs") -> dict[str, Any]:
+        """``kwargs`` with ``lr``/``weight_decay``/``betas``/``eps`` renamed to the factory's own names.
+
+        A tuple target splits the value (``betas=(0.9, 0.99)`` -> ``beta_1=0.9, beta_2=0.99``). ``ValueError``
+        (prefixed by ``argument``) when a split value has the wrong length or a name arrives twice.
+        """
+        out: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            own = self.own_name(key)
+            if isinstance(own, tuple):
+                if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(own):
+                    raise ValueError(
+                        f"{argument}: {key} must be a sequence of {len(own)} values for optimizer {self.name!r} "
+                        f"(mapped to {', '.join(own)}), got {value!r}"
+                    )
+                pairs = list(zip(own, value, strict=True))
+            else:
+                pairs = [(own, value)]
+            for own_name, own_value in pairs:
+                if own_name in out:
+                    raise ValueError(
+                        f"{argument}: {own_name!r} for optimizer {self.name!r} is given twice "
+                        f"(as {key!r} and directly)"
+                    )
+                out[own_name] = own_value
+        return out
 
 
 @dataclass(frozen=True)
-class SchedulerInfo:
+class SchedulerInfo(_FactoryIntrospection):
     """A registered schedule: ``factory(optimizer, [num_warmup_steps], [num_training_steps], **kwargs)``."""
 
     name: str
@@ -80,14 +202,22 @@ class SchedulerInfo:
     description: str = ""
 
 
-_lock = threading.RLock()
-_OPTIMIZERS: dict[str, OptimizerInfo] = {}
-_SCHEDULERS: dict[str, SchedulerInfo] = {}
-_LISTENERS: list[Listener] = []
+class OptimizerProvider(Protocol):
+    """Optimizers another library builds, looked up by name (they are not registry entries).
+
+    ``source`` names the library; ``names()`` lists its optimizer names; ``info(name)`` returns an
+    :class:`OptimizerInfo` (with that ``source``) or ``None`` for a name it does not have.
+    """
+
+    source: str
+
+    def names(self) -> Iterable[str]: ...
+
+    def info(self, name: str) -> OptimizerInfo | None: ...
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Registration and listeners
+# Argument checks
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -100,40 +230,6 @@ def _check_name(name: Any, kind: str) -> str:
     return name
 
 
-def _notify(kind: RegistryKind, info: Any, listeners: Iterable[Listener]) -> None:
-    for listener in listeners:
-        try:
-            listener(kind, info)
-        except Exception:
-            logger.exception("hf_optim registry listener %r failed for %s %r", listener, kind, info.name)
-
-
-def add_registry_listener(callback: Listener) -> Listener:
-    """Call ``callback(kind, info)`` now for every registered entry and later for each new registration.
-
-    A listener that raises is logged and otherwise ignored: it never breaks registration. Returns ``callback``.
-    """
-    if not callable(callback):
-        raise ValueError(f"callback must be callable, got {callback!r}")
-    with _lock:
-        if callback not in _LISTENERS:
-            _LISTENERS.append(callback)
-        optimizers = list(_OPTIMIZERS.values())
-        schedulers = list(_SCHEDULERS.values())
-    for info in optimizers:
-        _notify("optimizer", info, [callback])
-    for info in schedulers:
-        _notify("scheduler", info, [callback])
-    return callback
-
-
-def remove_registry_listener(callback: Listener) -> None:
-    """Stop calling ``callback`` (no error if it was not registered)."""
-    with _lock:
-        if callback in _LISTENERS:
-            _LISTENERS.remove(callback)
-
-
 def _mapping(value: Mapping[str, Any] | None, argument: str) -> MappingProxyType:
     if value is None:
         return MappingProxyType({})
@@ -142,19 +238,7 @@ def _mapping(value: Mapping[str, Any] | None, argument: str) -> MappingProxyType
     return MappingProxyType(dict(value))
 
 
-def register_optimizer(
-    name: str,
-    factory: Callable[..., torch.optim.Optimizer],
-    *,
-    description: str = "",
-    defaults: Mapping[str, Any] | None = None,
-    arg_names: Mapping[str, str | Sequence[str]] | None = None,
-    overwrite: bool = False,
-) -> OptimizerInfo:
-    """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``."""
-    _check_name(name, "optimizer")
-    if not callable(factory):
-        raise ValueError(f"factory for optimizer {name!r} must be callable, got {factory!r}")
+def _arg_names(arg_names: Mapping[str, str | Sequence[str]] | None) -> MappingProxyType:
     names = dict(_mapping(arg_names, "arg_names"))
     for common, own in names.items():
         if common not in COMMON_OPTIMIZER_ARGS:
@@ -165,162 +249,33 @@ def register_optimizer(
             names[common] = tuple(own)
         else:
             raise ValueError(f"arg_names[{common!r}] must be a name or a sequence of names, got {own!r}")
-    info = OptimizerInfo(
-        name=name,
-        factory=factory,
-        description=str(description),
-        defaults=_mapping(defaults, "defaults"),
-        arg_names=MappingProxyType(names),
-    )
-    with _lock:
-        if name in _OPTIMIZERS and not overwrite:
-            raise ValueError(f"optimizer {name!r} is already registered; pass overwrite=True to replace it")
-        _OPTIMIZERS[name] = info
-        listeners = list(_LISTENERS)
-    _notify("optimizer", info, listeners)
-    return info
-
-
-def register_scheduler(
-    name: str, factory: Callable[..., Any], *, description: str = "", overwrite: bool = False
-) -> SchedulerInfo:
-    """Register a schedule ``factory(optimizer, ...)`` as ``name``; an existing name raises unless ``overwrite``."""
-    _check_name(name, "scheduler")
-    if not callable(factory):
-        raise ValueError(f"factory for scheduler {name!r} must be callable, got {factory!r}")
-    info = SchedulerInfo(name=name, factory=factory, description=str(description))
-    with _lock:
-        if name in _SCHEDULERS and not overwrite:
-            raise ValueError(f"scheduler {name!r} is already registered; pass overwrite=True to replace it")
-        _SCHEDULERS[name] = info
-        listeners = list(_LISTENERS)
-    _notify("scheduler", info, listeners)
-    return info
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Lookup
-# ----------------------------------------------------------------------------------------------------------------
+    return MappingProxyType(names)
 
 
 def _filter(names: Iterable[str], pattern: str | Sequence[str] | None) -> list[str]:
-    names = sorted(names)
+    names = sorted(set(names))
     if pattern is None:
         return names
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def list_optimizers(pattern: str | Sequence[str] | None = None) -> list[str]:
-    """Sorted registered optimizer names, optionally filtered by shell-style wildcards (``"adam*"``)."""
-    with _lock:
-        return _filter(_OPTIMIZERS, pattern)
-
-
-def list_schedulers(pattern: str | Sequence[str] | None = None) -> list[str]:
-    """Sorted registered schedule names, optionally filtered by shell-style wildcards (``"cosine*"``)."""
-    with _lock:
-        return _filter(_SCHEDULERS, pattern)
-
-
-def _unknown(kind: str, name: Any, registered: Iterable[str]) -> ValueError:
+def _unknown(
+    kind: str, name: Any, registered: Iterable[str], candidates: Iterable[str] | None = None
+) -> ValueError:
+    """``ValueError`` for an unknown name, suggesting the closest ``candidates`` (default: ``registered``)."""
     registered = sorted(registered)
-    close = difflib.get_close_matches(str(name), registered, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(str(name), sorted(candidates or registered), n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     return ValueError(f"Unknown {kind} {name!r}.{hint} Registered {kind}s: {', '.join(registered)}")
 
 
-def get_optimizer_info(name: str) -> OptimizerInfo:
-    """The record registered as ``name``; ``ValueError`` listing the closest names if there is none."""
-    with _lock:
-        info = _OPTIMIZERS.get(name) if isinstance(name, str) else None
-        if info is None:
-            raise _unknown("optimizer", name, _OPTIMIZERS)
-        return info
-
-
-def get_scheduler_info(name: str) -> SchedulerInfo:
-    """The record registered as ``name``; ``ValueError`` listing the closest names if there is none."""
-    with _lock:
-        info = _SCHEDULERS.get(name) if isinstance(name, str) else None
-        if info is None:
-            raise _unknown("scheduler", name, _SCHEDULERS)
-        return info
-
-
-def optimizer_name(optimizer: Any) -> str | None:
-    """The registry name of ``optimizer``: its ``hf_optim_name``, else the entry whose factory is its exact class.
-
-    Wrappers that keep the real optimizer in ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``) are unwrapped.
-    """
-    seen = 0
-    while optimizer is not None and seen < 8:
-        name = getattr(optimizer, "__dict__", {}).get("hf_optim_name")
-        if isinstance(name, str):
-            return name
-        with _lock:
-            for info in _OPTIMIZERS.values():
-                if info.factory is type(optimizer):
-                    return info.name
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Creation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
-    try:
-        return inspect.signature(factory)
-    except (TypeError, ValueError):  # some builtins have no signature: skip the checks
-        return None
-
-
-def _accepts(sig: inspect.Signature | None, argument: str) -> bool:
-    if sig is None:
-        return True
-    param = sig.parameters.get(argument)
-    if param is not None:
-        return param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-    return any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-
-
-def _keyword_params(sig: inspect.Signature) -> list[inspect.Parameter]:
-    """Parameters after the first (params / optimizer) that can be passed by keyword."""
-    params = list(sig.parameters.values())[1:]
-    return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _map_common(info: OptimizerInfo, kwargs: Mapping[str, Any], argument: str) -> dict[str, Any]:
-    """Rename ``lr``/``weight_decay``/``betas``/``eps`` in ``kwargs`` to the optimizer's own argument names."""
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        own = info.arg_names.get(key, key)
-        if isinstance(own, tuple):
-            if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(own):
-                raise ValueError(
-                    f"{argument}: {key} must be a sequence of {len(own)} values for optimizer {info.name!r} "
-                    f"(mapped to {', '.join(own)}), got {value!r}"
-                )
-            pairs = list(zip(own, value, strict=True))
-        else:
-            pairs = [(own, value)]
-        for own_name, own_value in pairs:
-            if own_name in out:
-                raise ValueError(
-                    f"{argument}: {own_name!r} for optimizer {info.name!r} is given twice (as {key!r} and directly)"
-                )
-            out[own_name] = own_value
-    return out
-
-
-def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any], sig: inspect.Signature | None) -> float:
-    own = info.arg_names.get("weight_decay", "weight_decay")
+def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any]) -> float:
+    """The weight decay the decay group gets: the caller's, else the factory's default, else 0."""
+    own = info.own_name("weight_decay")
     if isinstance(own, tuple):
         own = own[0]
+    sig = info.signature()
     if own in kwargs:
         value = kwargs[own]
     elif (
@@ -331,111 +286,403 @@ def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any], sig: inspect.S
         value = sig.parameters[own].default
     else:
         value = 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"weight_decay must be a number, got {value!r}")
-    return value
+    return finite_number(value, "weight_decay")
 
 
-def create_optimizer(
-    name: str, model_or_params: nn.Module | Iterable[Any], **kwargs: Any
-) -> torch.optim.Optimizer:
-    """Build the optimizer registered as ``name``.
+def _scheduler_name(name: Any) -> str:
+    if isinstance(name, enum.Enum):  # transformers' SchedulerType is a str enum
+        name = name.value
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a scheduler name (str), got {name!r}")
+    return name
 
-    Given an ``nn.Module``, its trainable parameters are split by name into a decay group and a no-decay group
-    (biases and normalisation weights, see :func:`hf_optim.param_groups.group_parameters`;
-    ``include_in_weight_decay`` / ``exclude_from_weight_decay`` regexes override, with AdamWeightDecay's rule)
-    and passed as named parameters. Anything else (parameters, named parameters, group dicts) is passed through.
-    ``lr``, ``weight_decay``, ``betas`` and ``eps`` are renamed to the optimizer's own argument names. The result
-    carries ``hf_optim_name = name``.
-    """
-    info = get_optimizer_info(name)
-    sig = _signature(info.factory)
-    merged = _map_common(info, info.defaults, "defaults")
-    merged.update(_map_common(info, kwargs, "create_optimizer"))
 
-    if isinstance(model_or_params, nn.Module):
-        patterns = {arg: merged.pop(arg, None) for arg in _WEIGHT_DECAY_PATTERN_ARGS}
-        params: Any = group_parameters(
-            model_or_params,
-            weight_decay=_weight_decay(info, merged, sig),
-            include_in_weight_decay=patterns["include_in_weight_decay"],
-            exclude_from_weight_decay=patterns["exclude_from_weight_decay"],
-        )
-    else:
-        if isinstance(model_or_params, torch.Tensor):
-            raise ValueError(
-                "model_or_params must be an nn.Module or an iterable of parameters / (name, parameter) pairs / "
-                "param-group dicts, got a single Tensor (wrap it in a list)"
-            )
-        params = model_or_params
-
-    if sig is not None and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        accepted = {p.name for p in _keyword_params(sig)}
-        unknown = sorted(set(merged) - accepted)
-        if unknown:
-            raise ValueError(
-                f"optimizer {name!r} does not accept argument(s) {', '.join(unknown)}; "
-                f"accepted: {', '.join(sorted(accepted))}"
-            )
-    optimizer = info.factory(params, **merged)
+def _import_provider_library(source: str) -> None:
+    """Import ``source``'s optimizer module if the library is installed, so that its provider gets added."""
+    module = _PROVIDER_MODULES.get(source)
+    if module is None or module in sys.modules or importlib.util.find_spec(source) is None:
+        return
     try:
-        optimizer.hf_optim_name = name
-    except AttributeError:  # pragma: no cover - exotic factories returning slotted objects
-        logger.warning("could not set hf_optim_name on %r", optimizer)
-    return optimizer
+        importlib.import_module(module)
+    except Exception as err:  # a broken optional library must not break hf_optim's own names
+        logger.debug("importing %s for its optimizer names failed: %r", module, err)
 
 
-def create_scheduler(
-    name: str,
-    optimizer: torch.optim.Optimizer,
-    num_warmup_steps: int | None = None,
-    num_training_steps: int | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Build the schedule registered as ``name`` for ``optimizer``.
+# ----------------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------------
 
-    ``num_warmup_steps`` / ``num_training_steps`` go only to schedules that take them; a schedule that requires
-    an argument that is missing raises ``ValueError`` naming it, and so does an argument it does not take. The
-    result carries ``hf_optim_config = {"name": name, "kwargs": {every argument but optimizer and last_epoch}}``.
+
+class Registry:
+    """Optimizer and schedule entries by name, optimizer providers of other libraries, and listeners.
+
+    Thread-safe; :data:`default_registry` is the instance behind hf_optim's module-level functions.
     """
-    info = get_scheduler_info(name)
-    sig = _signature(info.factory)
-    call: dict[str, Any] = {}
-    for argument, value in (
-        ("num_warmup_steps", num_warmup_steps),
-        ("num_training_steps", num_training_steps),
-    ):
-        if value is not None and _accepts(sig, argument):
-            call[argument] = value
-    if sig is not None:
-        unknown = sorted(k for k in kwargs if not _accepts(sig, k))
-        if unknown:
-            accepted = sorted(p.name for p in _keyword_params(sig))
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._optimizers: dict[str, OptimizerInfo] = {}
+        self._schedulers: dict[str, SchedulerInfo] = {}
+        self._listeners: list[Listener] = []
+        self._providers: dict[str, OptimizerProvider] = {}
+
+    # --- registration -------------------------------------------------------------------------------------------
+
+    def register_optimizer(
+        self,
+        name: str,
+        factory: Callable[..., torch.optim.Optimizer],
+        *,
+        description: str = "",
+        defaults: Mapping[str, Any] | None = None,
+        arg_names: Mapping[str, str | Sequence[str]] | None = None,
+        overwrite: bool = False,
+    ) -> OptimizerInfo:
+        """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``."""
+        _check_name(name, "optimizer")
+        if not callable(factory):
+            raise ValueError(f"factory for optimizer {name!r} must be callable, got {factory!r}")
+        info = OptimizerInfo(
+            name=name,
+            factory=factory,
+            description=str(description),
+            defaults=_mapping(defaults, "defaults"),
+            arg_names=_arg_names(arg_names),
+        )
+        with self._lock:
+            if name in self._optimizers and not overwrite:
+                raise ValueError(
+                    f"optimizer {name!r} is already registered; pass overwrite=True to replace it"
+                )
+            self._optimizers[name] = info
+            listeners = list(self._listeners)
+        self._notify("optimizer", info, listeners)
+        return info
+
+    def register_scheduler(
+        self, name: str, factory: Callable[..., Any], *, description: str = "", overwrite: bool = False
+    ) -> SchedulerInfo:
+        """Register a schedule ``factory(optimizer, ...)`` as ``name``; an existing name raises unless
+        ``overwrite``."""
+        _check_name(name, "scheduler")
+        if not callable(factory):
+            raise ValueError(f"factory for scheduler {name!r} must be callable, got {factory!r}")
+        info = SchedulerInfo(name=name, factory=factory, description=str(description))
+        with self._lock:
+            if name in self._schedulers and not overwrite:
+                raise ValueError(
+                    f"scheduler {name!r} is already registered; pass overwrite=True to replace it"
+                )
+            self._schedulers[name] = info
+            listeners = list(self._listeners)
+        self._notify("scheduler", info, listeners)
+        return info
+
+    def add_optimizer_provider(self, provider: OptimizerProvider) -> None:
+        """Look names up in ``provider`` too (after the registry's own entries); replaces a provider with the
+        same ``source``."""
+        source = getattr(provider, "source", None)
+        if not isinstance(source, str) or source == HF_OPTIM_SOURCE:
             raise ValueError(
-                f"scheduler {name!r} does not accept argument(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+                f"provider.source must be a library name other than {HF_OPTIM_SOURCE!r}, got {source!r}"
             )
-    call.update(kwargs)
-    if sig is not None:
-        for param in _keyword_params(sig):
+        with self._lock:
+            self._providers[source] = provider
+
+    def remove_optimizer_provider(self, source: str) -> None:
+        """Forget the provider of ``source`` (no error if there is none)."""
+        with self._lock:
+            self._providers.pop(source, None)
+
+    # --- listeners ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _notify(kind: RegistryKind, info: Any, listeners: Iterable[Listener]) -> None:
+        for listener in listeners:
+            try:
+                listener(kind, info)
+            except Exception:
+                logger.exception("hf_optim registry listener %r failed for %s %r", listener, kind, info.name)
+
+    def add_listener(self, callback: Listener) -> Listener:
+        """Call ``callback(kind, info)`` now for every registered entry and later for each new registration.
+
+        A listener that raises is logged and otherwise ignored: it never breaks registration. Returns
+        ``callback``. Provider entries are not registrations: listeners do not hear about them.
+        """
+        if not callable(callback):
+            raise ValueError(f"callback must be callable, got {callback!r}")
+        with self._lock:
+            if callback not in self._listeners:
+                self._listeners.append(callback)
+            optimizers = list(self._optimizers.values())
+            schedulers = list(self._schedulers.values())
+        for info in optimizers:
+            self._notify("optimizer", info, [callback])
+        for info in schedulers:
+            self._notify("scheduler", info, [callback])
+        return callback
+
+    def remove_listener(self, callback: Listener) -> None:
+        """Stop calling ``callback`` (no error if it was not registered)."""
+        with self._lock:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+    @contextlib.contextmanager
+    def snapshot(self, *, hooks: bool = False) -> Iterator[Registry]:
+        """Restore the registered entries on exit, whatever the body registered or overwrote.
+
+        With ``hooks=True`` listeners and providers are restored too; by default they are left as they are
+        (integrations add theirs once per process, whenever their library is first imported). Restoring does not
+        notify listeners. The containers stay the same objects.
+        """
+        with self._lock:
+            saved = (
+                dict(self._optimizers),
+                dict(self._schedulers),
+                list(self._listeners),
+                dict(self._providers),
+            )
+        try:
+            yield self
+        finally:
+            with self._lock:
+                for live, old in zip((self._optimizers, self._schedulers), saved[:2], strict=True):
+                    live.clear()
+                    live.update(old)
+                if hooks:
+                    self._listeners[:] = saved[2]
+                    self._providers.clear()
+                    self._providers.update(saved[3])
+
+    # --- lookup -------------------------------------------------------------------------------------------------
+
+    def _provider_list(self, load: bool) -> list[OptimizerProvider]:
+        if load:
+            for source in _PROVIDER_MODULES:
+                _import_provider_library(source)
+        with self._lock:
+            return list(self._providers.values())
+
+    def list_optimizers(
+        self, pattern: str | Sequence[str] | None = None, *, source: str | Sequence[str] | None = None
+    ) -> list[str]:
+        """Sorted optimizer names, optionally filtered by shell-style wildcards (``"adam*"``) and by ``source``
+        (``"hf_optim"``: the registry's own entries; ``"transformers"``: transformers' own ``optim`` names).
+
+        Listing another source than ``"hf_optim"`` imports that library if it is installed and not yet loaded.
+        """
+        sources = None if source is None else ({source} if isinstance(source, str) else set(source))
+        names: set[str] = set()
+        with self._lock:
+            if sources is None or HF_OPTIM_SOURCE in sources:
+                names.update(self._optimizers)
+        wanted_providers = sources is None or bool(sources - {HF_OPTIM_SOURCE})
+        if wanted_providers:
+            for provider in self._provider_list(load=True):
+                if sources is None or provider.source in sources:
+                    names.update(provider.names())
+        return _filter(names, pattern)
+
+    def list_schedulers(self, pattern: str | Sequence[str] | None = None) -> list[str]:
+        """Sorted registered schedule names, optionally filtered by shell-style wildcards (``"cosine*"``)."""
+        with self._lock:
+            return _filter(self._schedulers, pattern)
+
+    def get_optimizer_info(self, name: str) -> OptimizerInfo:
+        """The record of ``name``: the registry's own entry, else a provider's; ``ValueError`` listing the
+        closest names if there is none."""
+        if not isinstance(name, str):
+            raise _unknown("optimizer", name, self.list_optimizers(source=HF_OPTIM_SOURCE))
+        with self._lock:
+            info = self._optimizers.get(name)
+        if info is not None:
+            return info
+        for provider in self._provider_list(load=True):
+            info = provider.info(name)
+            if info is not None:
+                return info
+        own = self.list_optimizers(source=HF_OPTIM_SOURCE)
+        error = _unknown("optimizer", name, own, candidates=self.list_optimizers())
+        others = sorted(p.source for p in self._provider_list(load=False))
+        if others:
+            error.args = (
+                f"{error.args[0]} (and those of {', '.join(others)}: see hf_optim.list_optimizers())",
+            )
+        raise error
+
+    def get_scheduler_info(self, name: str) -> SchedulerInfo:
+        """The record registered as ``name``; ``ValueError`` listing the closest names if there is none."""
+        with self._lock:
+            info = self._schedulers.get(name) if isinstance(name, str) else None
+            if info is None:
+                raise _unknown("scheduler", name, self._schedulers)
+            return info
+
+    def optimizer_name(self, optimizer: Any) -> str | None:
+        """The registry name of ``optimizer``: its ``hf_optim_name``, else the entry whose factory is its exact
+        class. Wrappers that keep the real optimizer in ``.optimizer`` (``AcceleratedOptimizer``) are unwrapped."""
+        seen = 0
+        while optimizer is not None and seen < 8:
+            name = getattr(optimizer, "__dict__", {}).get("hf_optim_name")
+            if isinstance(name, str):
+                return name
+            with self._lock:
+                for info in self._optimizers.values():
+                    if info.factory is type(optimizer):
+                        return info.name
+            optimizer = getattr(optimizer, "optimizer", None)
+            seen += 1
+        return None
+
+    # --- creation -----------------------------------------------------------------------------------------------
+
+    def create_optimizer(
+        self, name: str, model_or_params: nn.Module | Iterable[Any], **kwargs: Any
+    ) -> torch.optim.Optimizer:
+        """Build the optimizer called ``name`` (an entry of the registry or of a provider, e.g. ``adamw_torch``).
+
+        Given an ``nn.Module``, its trainable parameters are split by name into a decay group and a no-decay group
+        (biases and normalisation weights, see :func:`hf_optim.param_groups.group_parameters`;
+        ``include_in_weight_decay`` / ``exclude_from_weight_decay`` regexes override, with AdamWeightDecay's rule)
+        and passed as named parameters. Anything else (parameters, named parameters, group dicts) is passed
+        through. ``lr``, ``weight_decay``, ``betas`` and ``eps`` are renamed to the optimizer's own argument
+        names. The result carries ``hf_optim_name = name``.
+        """
+        info = self.get_optimizer_info(name)
+        merged = info.map_common(info.defaults, "defaults")
+        merged.update(info.map_common(kwargs, "create_optimizer"))
+
+        if isinstance(model_or_params, nn.Module):
+            patterns = {arg: merged.pop(arg, None) for arg in _WEIGHT_DECAY_PATTERN_ARGS}
+            params: Any = group_parameters(
+                model_or_params,
+                weight_decay=_weight_decay(info, merged),
+                include_in_weight_decay=patterns["include_in_weight_decay"],
+                exclude_from_weight_decay=patterns["exclude_from_weight_decay"],
+            )
+        else:
+            if isinstance(model_or_params, torch.Tensor):
+                raise ValueError(
+                    "model_or_params must be an nn.Module or an iterable of parameters / (name, parameter) pairs / "
+                    "param-group dicts, got a single Tensor (wrap it in a list)"
+                )
+            params = model_or_params
+
+        if not info.takes_var_keyword():
+            accepted = {p.name for p in info.keyword_parameters()}
+            unknown = sorted(set(merged) - accepted)
+            if unknown:
+                raise ValueError(
+                    f"optimizer {name!r} does not accept argument(s) {', '.join(unknown)}; "
+                    f"accepted: {', '.join(sorted(accepted))}"
+                )
+        optimizer = info.factory(params, **merged)
+        try:
+            optimizer.hf_optim_name = name
+        except AttributeError:  # pragma: no cover - exotic factories returning slotted objects
+            logger.warning("could not set hf_optim_name on %r", optimizer)
+        return optimizer
+
+    def create_scheduler(
+        self,
+        name: str,
+        optimizer: torch.optim.Optimizer,
+        num_warmup_steps: int | None = None,
+        num_training_steps: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Build the schedule registered as ``name`` for ``optimizer``.
+
+        ``num_warmup_steps`` / ``num_training_steps`` go only to schedules that take them; a schedule that
+        requires an argument that is missing raises ``ValueError`` naming it, and so does an argument it does not
+        take. The result carries ``hf_optim_config = {"name": name, "kwargs": {every argument but optimizer and
+        last_epoch}}``.
+        """
+        info = self.get_scheduler_info(name)
+        sig = info.signature()
+        call: dict[str, Any] = {}
+        for argument, value in (
+            ("num_warmup_steps", num_warmup_steps),
+            ("num_training_steps", num_training_steps),
+        ):
+            if value is not None and info.accepts(argument):
+                call[argument] = value
+        if sig is not None:
+            unknown = sorted(k for k in kwargs if not info.accepts(k))
+            if unknown:
+                accepted = sorted(p.name for p in info.keyword_parameters())
+                raise ValueError(
+                    f"scheduler {name!r} does not accept argument(s) {', '.join(unknown)}; "
+                    f"accepted: {', '.join(accepted)}"
+                )
+        call.update(kwargs)
+        for param in info.keyword_parameters():
             if param.default is inspect.Parameter.empty and param.name not in call:
                 raise ValueError(f"scheduler {name!r} requires the argument {param.name}")
-    described = {k: v for k, v in call.items() if k != "last_epoch"}
-    if sig is not None:
-        bound = sig.bind_partial(optimizer, **call)
-        bound.apply_defaults()
-        first = next(iter(sig.parameters))
-        described = {}
-        for key, value in bound.arguments.items():
-            param = sig.parameters[key]
-            if key in (first, "last_epoch") or param.kind is param.VAR_POSITIONAL:
-                continue
-            if param.kind is param.VAR_KEYWORD:
-                described.update({k: v for k, v in value.items() if k != "last_epoch"})
-            else:
-                described[key] = value
-    schedules.check_json(described)  # before the factory touches the optimizer's learning rates
-    scheduler = info.factory(optimizer, **call)
-    return schedules.attach_config(scheduler, name, described)
+        described = {k: v for k, v in call.items() if k != "last_epoch"}
+        if sig is not None:
+            bound = sig.bind_partial(optimizer, **call)
+            bound.apply_defaults()
+            first = next(iter(sig.parameters))
+            described = {}
+            for key, value in bound.arguments.items():
+                param = sig.parameters[key]
+                if key in (first, "last_epoch") or param.kind is param.VAR_POSITIONAL:
+                    continue
+                if param.kind is param.VAR_KEYWORD:
+                    described.update({k: v for k, v in value.items() if k != "last_epoch"})
+                else:
+                    described[key] = value
+        schedules.check_json(described)  # before the factory touches the optimizer's learning rates
+        scheduler = info.factory(optimizer, **call)
+        return schedules.attach_config(scheduler, name, described)
+
+    def get_scheduler(
+        self,
+        name: str,
+        optimizer: torch.optim.Optimizer,
+        num_warmup_steps: int | None = None,
+        num_training_steps: int | None = None,
+        scheduler_specific_kwargs: Mapping[str, Any] | None = None,
+        **scheduler_kwargs: Any,
+    ) -> Any:
+        """Build the schedule ``name`` (a str or transformers ``SchedulerType``), like ``transformers.get_scheduler``.
+
+        ``num_warmup_steps`` / ``num_training_steps`` are passed only to schedules that take them (Trainer always
+        passes both); a schedule that requires one raises ``ValueError`` when it is missing. Extra arguments come
+        as keywords or, as in ``transformers.get_scheduler``, in ``scheduler_specific_kwargs``.
+        """
+        kwargs = dict(scheduler_specific_kwargs or {})
+        duplicated = sorted(set(kwargs) & set(scheduler_kwargs))
+        if duplicated:
+            raise ValueError(
+                f"scheduler argument(s) {duplicated} given both as keywords and in scheduler_specific_kwargs"
+            )
+        kwargs.update(scheduler_kwargs)
+        return self.create_scheduler(
+            _scheduler_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs
+        )
+
+    def scheduler_from_config(
+        self, optimizer: torch.optim.Optimizer, config: Mapping[str, Any], last_epoch: int = -1
+    ) -> Any:
+        """Rebuild a scheduler from its ``hf_optim_config`` (``{"name": ..., "kwargs": {...}}``) for ``optimizer``.
+
+        To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state.
+        """
+        if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
+            raise ValueError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
+        kwargs = config.get("kwargs", {})
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(
+                f"config['kwargs'] must be a mapping of argument names to values, got {kwargs!r}"
+            )
+        kwargs = dict(kwargs)
+        if last_epoch != -1:
+            kwargs["last_epoch"] = last_epoch
+        return self.create_scheduler(config["name"], optimizer, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,13 +690,13 @@ def create_scheduler(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _register_builtins() -> None:
-    register_optimizer(
+def _register_optimizers(registry: Registry) -> None:
+    registry.register_optimizer(
         "adamw_hf",
         AdamW,
         description="AdamW of transformers 4.x (legacy-exact, with correct_bias; decoupled decay after the update)",
     )
-    register_optimizer(
+    registry.register_optimizer(
         "adam_weight_decay",
         AdamWeightDecay,
         description="AdamWeightDecay of transformers 4.x TF (Keras Adam math, decay by parameter-name patterns)",
@@ -460,6 +707,9 @@ def _register_builtins() -> None:
             "eps": "epsilon",
         },
     )
+
+
+def _register_schedulers(registry: Registry) -> None:
     for name, factory, description in (
         ("linear", schedules.get_linear_schedule_with_warmup, "linear warmup, then linear decay to 0"),
         ("cosine", schedules.get_cosine_schedule_with_warmup, "linear warmup, then cosine decay to 0"),
@@ -492,19 +742,19 @@ def _register_builtins() -> None:
             "warmup, constant phase, then decay (linear/cosine/1-sqrt) over num_decay_steps",
         ),
     ):
-        register_scheduler(name, factory, description=description)
+        registry.register_scheduler(name, factory, description=description)
 
 
-def _register_legacy() -> None:
+def _register_legacy(registry: Registry) -> None:
     # pytorch-pretrained-bert's optimizers, whose lr schedule is built in (Adam's betas / eps are b1, b2, e)
     legacy_names = {"betas": ("b1", "b2"), "eps": "e"}
-    register_optimizer(
+    registry.register_optimizer(
         "bert_adam",
         BertAdam,
         description="BertAdam of pytorch-pretrained-bert (built-in schedule, per-tensor clipping, no bias correction)",
         arg_names=legacy_names,
     )
-    register_optimizer(
+    registry.register_optimizer(
         "openai_adam",
         OpenAIAdam,
         description="OpenAIAdam of pytorch-pretrained-bert (built-in schedule, decay of matrices after the update)",
@@ -512,5 +762,25 @@ def _register_legacy() -> None:
     )
 
 
-_register_builtins()
-_register_legacy()
+#: The registry behind hf_optim's module-level functions.
+default_registry = Registry()
+_register_optimizers(default_registry)
+_register_legacy(default_registry)
+_register_schedulers(default_registry)
+
+register_optimizer = default_registry.register_optimizer
+register_scheduler = default_registry.register_scheduler
+add_registry_listener = default_registry.add_listener
+add_optimizer_provider = default_registry.add_optimizer_provider
+remove_optimizer_provider = default_registry.remove_optimizer_provider
+remove_registry_listener = default_registry.remove_listener
+snapshot = default_registry.snapshot
+list_optimizers = default_registry.list_optimizers
+list_schedulers = default_registry.list_schedulers
+get_optimizer_info = default_registry.get_optimizer_info
+get_scheduler_info = default_registry.get_scheduler_info
+optimizer_name = default_registry.optimizer_name
+create_optimizer = default_registry.create_optimizer
+create_scheduler = default_registry.create_scheduler
+get_scheduler = default_registry.get_scheduler
+scheduler_from_config = default_registry.scheduler_from_config

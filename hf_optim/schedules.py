@@ -4,24 +4,30 @@ Every function returns a plain :class:`torch.optim.lr_scheduler.LambdaLR` whose 
 ``functools.partial`` of a module-level function (so the scheduler pickles) performing the same float operations
 in the same order as transformers 5.x, hence the same learning rates bit for bit. Each scheduler also carries
 ``hf_optim_config = {"name": <registry name>, "kwargs": {...}}``: a JSON description from which
-:func:`scheduler_from_config` rebuilds it without code. Because it is an instance attribute, LambdaLR's
+:func:`hf_optim.scheduler_from_config` rebuilds it without code. Because it is an instance attribute, LambdaLR's
 ``state_dict()`` includes it too; that dict holds only numbers, booleans, lists and strings (JSON-serialisable as
 long as the optimizer's learning rates are Python floats).
+
+The functions accept every argument combination transformers 5 accepts, with identical values, and refuse only
+what transformers refuses plus what would divide by zero or give NaN (the message names the argument); step
+counts are non-negative integers, as ``TrainingArguments`` requires. This module depends on torch only: building
+a schedule *by name* (``get_scheduler``, ``scheduler_from_config``) lives next to the names, in
+:mod:`hf_optim.registry`, and is exported as ``hf_optim.get_scheduler`` / ``hf_optim.scheduler_from_config``.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import math
-import numbers
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from hf_optim._utils import finite_number, non_negative_int
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +42,7 @@ __all__ = [
     "get_inverse_sqrt_schedule",
     "get_linear_schedule_with_warmup",
     "get_polynomial_decay_schedule_with_warmup",
-    "get_scheduler",
     "get_wsd_schedule",
-    "scheduler_from_config",
 ]
 
 WSD_TYPES = ("linear", "cosine", "1-sqrt")
@@ -47,46 +51,6 @@ WSD_TYPES = ("linear", "cosine", "1-sqrt")
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checking and the JSON description
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _steps(value: Any, argument: str, *, optional: bool = False, positive: bool = False) -> int | None:
-    """A step count as a Python ``int`` (integral floats accepted), else ``ValueError`` naming ``argument``."""
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{argument} is required (a non-negative integer), got None")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{argument} must be a non-negative integer, got {value!r}")
-    if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
-        raise ValueError(f"{argument} must be a non-negative integer, got {value!r}")
-    value = int(value)
-    if value < 0 or (positive and value == 0):
-        kind = "a positive" if positive else "a non-negative"
-        raise ValueError(f"{argument} must be {kind} integer, got {value}")
-    return value
-
-
-def _number(
-    value: Any, argument: str, *, optional: bool = False, minimum: float | None = None, strict: bool = False
-) -> int | float | None:
-    """A finite real number as a Python ``int``/``float`` (``strict``: ``> minimum``, else ``>= minimum``)."""
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{argument} is required (a number), got None")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{argument} must be a finite number, got {value!r}")
-    value = int(value) if isinstance(value, numbers.Integral) else float(value)
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{argument} must be {'>' if strict else '>='} {minimum}, got {value}")
-    return value
-
-
-def _warmup_within_training(num_warmup_steps: int, num_training_steps: int) -> None:
-    if num_warmup_steps > num_training_steps:
-        raise ValueError(
-            f"num_warmup_steps ({num_warmup_steps}) must not exceed num_training_steps ({num_training_steps})"
-        )
 
 
 def _base_lr(optimizer: Optimizer) -> float:
@@ -277,7 +241,7 @@ def get_constant_schedule_with_warmup(
     optimizer: Optimizer, num_warmup_steps: int, last_epoch: int = -1
 ) -> LambdaLR:
     """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate."""
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     return _lambda_schedule(
         optimizer,
         "constant_with_warmup",
@@ -291,9 +255,8 @@ def get_linear_schedule_with_warmup(
     optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
 ) -> LambdaLR:
     """Linear warmup from 0 to the optimizer's learning rate, then linear decay to 0 at ``num_training_steps``."""
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    num_training_steps = _steps(num_training_steps, "num_training_steps")
-    _warmup_within_training(num_warmup_steps, num_training_steps)
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     return _lambda_schedule(
         optimizer,
         "linear",
@@ -312,10 +275,9 @@ def get_cosine_schedule_with_warmup(
     last_epoch: int = -1,
 ) -> LambdaLR:
     """Linear warmup, then a cosine from the optimizer's learning rate to 0 (``num_cycles`` waves; 0.5 = half)."""
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    num_training_steps = _steps(num_training_steps, "num_training_steps")
-    _warmup_within_training(num_warmup_steps, num_training_steps)
-    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
+    num_cycles = finite_number(num_cycles, "num_cycles")
     return _lambda_schedule(
         optimizer,
         "cosine",
@@ -335,10 +297,9 @@ def get_cosine_with_hard_restarts_schedule_with_warmup(
     last_epoch: int = -1,
 ) -> LambdaLR:
     """Linear warmup, then ``num_cycles`` cosine decays to 0, each restarting at the optimizer's learning rate."""
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    num_training_steps = _steps(num_training_steps, "num_training_steps")
-    _warmup_within_training(num_warmup_steps, num_training_steps)
-    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
+    num_cycles = finite_number(num_cycles, "num_cycles")
     return _lambda_schedule(
         optimizer,
         "cosine_with_restarts",
@@ -360,21 +321,29 @@ def get_polynomial_decay_schedule_with_warmup(
 ) -> LambdaLR:
     """Linear warmup, then polynomial decay (``power``) from the optimizer's learning rate to ``lr_end``.
 
-    ``lr_end`` is absolute and must be below ``optimizer.defaults["lr"]``. The decay phase needs at least one step,
-    so ``num_training_steps`` must exceed ``num_warmup_steps`` (transformers divides by zero there).
+    ``lr_end`` is absolute and must be below ``optimizer.defaults["lr"]``. Refused besides what transformers
+    refuses: ``num_training_steps == num_warmup_steps`` (transformers divides by the zero-length decay phase at
+    that step), a negative ``power`` when the decay phase is reached (``0 ** power`` at its last step) and an
+    optimizer learning rate of 0 (the multiplier divides by it).
     """
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    num_training_steps = _steps(num_training_steps, "num_training_steps")
-    if num_training_steps <= num_warmup_steps:
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
+    if num_training_steps == num_warmup_steps:
         raise ValueError(
-            f"num_training_steps ({num_training_steps}) must be greater than num_warmup_steps ({num_warmup_steps}) "
-            "for the polynomial schedule (its decay phase needs at least one step)"
+            f"num_training_steps ({num_training_steps}) must differ from num_warmup_steps ({num_warmup_steps}) "
+            "for the polynomial schedule: its decay phase would have length 0 (a division by zero at that step)"
         )
-    lr_end = _number(lr_end, "lr_end", minimum=0)
-    power = _number(power, "power", minimum=0)
+    lr_end = finite_number(lr_end, "lr_end")
+    power = finite_number(power, "power")
+    if power < 0 and num_training_steps > num_warmup_steps:
+        raise ValueError(
+            f"power must be >= 0 (0 ** power at step num_training_steps divides by zero), got {power}"
+        )
     lr_init = _base_lr(optimizer)
     if not (lr_init > lr_end):
         raise ValueError(f"lr_end ({lr_end}) must be smaller than initial lr ({lr_init})")
+    if lr_init == 0:
+        raise ValueError("the optimizer's lr must not be 0 for the polynomial schedule (it divides by it)")
     lr_lambda = partial(
         _polynomial_lambda,
         num_warmup_steps=num_warmup_steps,
@@ -402,8 +371,8 @@ def get_inverse_sqrt_schedule(
 
     ``timescale`` defaults to ``num_warmup_steps`` (10 000 when that is 0), as in transformers.
     """
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    given_timescale = _steps(timescale, "timescale", optional=True, positive=True)
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    given_timescale = non_negative_int(timescale, "timescale", optional=True, positive=True)
     timescale = given_timescale if given_timescale is not None else (num_warmup_steps or 10_000)
     lr_lambda = partial(_inverse_sqrt_lambda, num_warmup_steps=num_warmup_steps, timescale=timescale)
     return attach_config(
@@ -417,7 +386,10 @@ def _min_lr_rate(optimizer: Optimizer, min_lr: float | None, min_lr_rate: float 
     if min_lr is not None and min_lr_rate is not None:
         raise ValueError("Only one of min_lr or min_lr_rate should be set")
     if min_lr is not None:
-        return min_lr / _base_lr(optimizer)
+        lr = _base_lr(optimizer)
+        if lr == 0:
+            raise ValueError("min_lr needs an optimizer lr other than 0 (min_lr_rate = min_lr / lr)")
+        return min_lr / lr
     if min_lr_rate is None:
         raise ValueError("One of min_lr or min_lr_rate should be set through the `lr_scheduler_kwargs`")
     return min_lr_rate
@@ -433,12 +405,11 @@ def get_cosine_with_min_lr_schedule_with_warmup(
     min_lr_rate: float | None = None,
 ) -> LambdaLR:
     """Like the cosine schedule but decaying to ``min_lr`` (absolute) or ``min_lr_rate`` (fraction of the lr)."""
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    num_training_steps = _steps(num_training_steps, "num_training_steps")
-    _warmup_within_training(num_warmup_steps, num_training_steps)
-    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
-    min_lr = _number(min_lr, "min_lr", optional=True, minimum=0)
-    min_lr_rate = _number(min_lr_rate, "min_lr_rate", optional=True, minimum=0)
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
+    num_cycles = finite_number(num_cycles, "num_cycles")
+    min_lr = finite_number(min_lr, "min_lr", optional=True)
+    min_lr_rate = finite_number(min_lr_rate, "min_lr_rate", optional=True)
     rate = _min_lr_rate(optimizer, min_lr, min_lr_rate)
     lr_lambda = partial(
         _cosine_lambda,
@@ -472,13 +443,12 @@ def get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
 ) -> LambdaLR:
     """transformers' ``cosine_warmup_with_min_lr``: warmup starting at ``warmup_lr_rate`` (or ``1/num_warmup``),
     cosine to ``min_lr`` / ``min_lr_rate``, with transformers' one-step shift (step ``t`` uses ``t + 1``)."""
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    num_training_steps = _steps(num_training_steps, "num_training_steps")
-    _warmup_within_training(num_warmup_steps, num_training_steps)
-    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
-    min_lr = _number(min_lr, "min_lr", optional=True, minimum=0)
-    min_lr_rate = _number(min_lr_rate, "min_lr_rate", optional=True, minimum=0)
-    warmup_lr_rate = _number(warmup_lr_rate, "warmup_lr_rate", optional=True, minimum=0)
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
+    num_cycles = finite_number(num_cycles, "num_cycles")
+    min_lr = finite_number(min_lr, "min_lr", optional=True)
+    min_lr_rate = finite_number(min_lr_rate, "min_lr_rate", optional=True)
+    warmup_lr_rate = finite_number(warmup_lr_rate, "warmup_lr_rate", optional=True)
     rate = _min_lr_rate(optimizer, min_lr, min_lr_rate)
     lr_lambda = partial(
         _cosine_warmup_with_min_lr_lambda,
@@ -519,10 +489,10 @@ def get_wsd_schedule(
 
     The stable phase lasts ``num_stable_steps``, or ``num_training_steps - num_warmup_steps - num_decay_steps``.
     """
-    num_warmup_steps = _steps(num_warmup_steps, "num_warmup_steps")
-    num_decay_steps = _steps(num_decay_steps, "num_decay_steps")
-    num_training_steps = _steps(num_training_steps, "num_training_steps", optional=True)
-    num_stable_steps = _steps(num_stable_steps, "num_stable_steps", optional=True)
+    num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
+    num_decay_steps = non_negative_int(num_decay_steps, "num_decay_steps")
+    num_training_steps = non_negative_int(num_training_steps, "num_training_steps", optional=True)
+    num_stable_steps = non_negative_int(num_stable_steps, "num_stable_steps", optional=True)
     if num_training_steps is None and num_stable_steps is None:
         raise ValueError("Either num_training_steps or num_stable_steps must be specified.")
     if num_training_steps is not None and num_stable_steps is not None:
@@ -534,16 +504,11 @@ def get_wsd_schedule(
             raise ValueError(
                 f"Unknown {argument}: {value!r}, expected one of {', '.join(map(repr, WSD_TYPES))}"
             )
-    min_lr_ratio = _number(min_lr_ratio, "min_lr_ratio", minimum=0)
-    num_cycles = _number(num_cycles, "num_cycles", minimum=0, strict=True)
+    min_lr_ratio = finite_number(min_lr_ratio, "min_lr_ratio")
+    num_cycles = finite_number(num_cycles, "num_cycles")
     stable = num_stable_steps
     if stable is None:
         stable = num_training_steps - num_warmup_steps - num_decay_steps
-        if stable < 0:
-            raise ValueError(
-                f"num_warmup_steps ({num_warmup_steps}) + num_decay_steps ({num_decay_steps}) must not exceed "
-                f"num_training_steps ({num_training_steps})"
-            )
     lr_lambda = partial(
         _wsd_lambda,
         num_warmup_steps=num_warmup_steps,
@@ -568,60 +533,3 @@ def get_wsd_schedule(
             "num_cycles": num_cycles,
         },
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# By name
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _name(name: Any) -> str:
-    if isinstance(name, enum.Enum):  # transformers' SchedulerType is a str enum
-        name = name.value
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a scheduler name (str), got {name!r}")
-    return name
-
-
-def get_scheduler(
-    name: str,
-    optimizer: Optimizer,
-    num_warmup_steps: int | None = None,
-    num_training_steps: int | None = None,
-    scheduler_specific_kwargs: Mapping[str, Any] | None = None,
-    **scheduler_kwargs: Any,
-) -> Any:
-    """Build the schedule registered as ``name`` (a str or transformers ``SchedulerType``) through the registry.
-
-    ``num_warmup_steps`` / ``num_training_steps`` are passed only to schedules that take them (Trainer always
-    passes both); a schedule that requires one raises ``ValueError`` when it is missing. Extra arguments come as
-    keywords or, as in ``transformers.get_scheduler``, in ``scheduler_specific_kwargs``.
-    """
-    from hf_optim.registry import create_scheduler
-
-    kwargs = dict(scheduler_specific_kwargs or {})
-    duplicated = sorted(set(kwargs) & set(scheduler_kwargs))
-    if duplicated:
-        raise ValueError(
-            f"scheduler argument(s) {duplicated} given both as keywords and in scheduler_specific_kwargs"
-        )
-    kwargs.update(scheduler_kwargs)
-    return create_scheduler(_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs)
-
-
-def scheduler_from_config(optimizer: Optimizer, config: Mapping[str, Any], last_epoch: int = -1) -> Any:
-    """Rebuild a scheduler from its ``hf_optim_config`` (``{"name": ..., "kwargs": {...}}``) for ``optimizer``.
-
-    To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state.
-    """
-    from hf_optim.registry import create_scheduler
-
-    if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
-        raise ValueError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
-    kwargs = config.get("kwargs", {})
-    if not isinstance(kwargs, Mapping):
-        raise ValueError(f"config['kwargs'] must be a mapping of argument names to values, got {kwargs!r}")
-    kwargs = dict(kwargs)
-    if last_epoch != -1:
-        kwargs["last_epoch"] = last_epoch
-    return create_scheduler(config["name"], optimizer, **kwargs)

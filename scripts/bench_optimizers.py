@@ -7,6 +7,7 @@ memory throughput against the 28 bytes/param an AdamW step must move (read p, g,
 
     python scripts/bench_optimizers.py                # 1M/10, 20M/200, 100M/2000
     python scripts/bench_optimizers.py --sizes 20M/200 --repeats 30 --json
+    python scripts/bench_optimizers.py --sizes 1M/10 --optimizers "hf_optim AdamW (compile)"  # compiled step
 """
 
 from __future__ import annotations
@@ -57,6 +58,31 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
 BASELINE = "torch AdamW fused"
 
 
+def compiled_step(factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
+    """``factory`` with the optimizer's ``step`` replaced by ``torch.compile(step)`` (compiled in the warm-up)."""
+
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        opt = factory(params)
+        opt.step = torch.compile(opt.step)  # type: ignore[method-assign]
+        return opt
+
+    return make
+
+
+# Compiled-step rows: opt-in (``--optimizers``), compiling for thousands of tensors takes minutes on CPU.
+COMPILED = {
+    "torch AdamW (compile)": compiled_step(
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)
+    ),
+    "hf_optim AdamW (compile)": compiled_step(lambda p: hf_optim.AdamW(p, lr=1e-3, weight_decay=0.01)),
+    "hf_optim AdamWeightDecay (compile)": compiled_step(
+        lambda p: hf_optim.AdamWeightDecay(p, learning_rate=1e-3, weight_decay_rate=0.01)
+    ),
+}
+DEFAULT_OPTIMIZERS = list(OPTIMIZERS)
+OPTIMIZERS.update(COMPILED)
+
+
 def parse_size(spec: str) -> tuple[int, int]:
     """``"20M/200"`` -> (20_000_000, 200)."""
     numel, _, tensors = spec.partition("/")
@@ -94,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", nargs="+", default=["1M/10", "20M/200", "100M/2000"], help="NUMEL/TENSORS")
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, choices=list(OPTIMIZERS))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # hf_optim end to end: Trainer with optim="adamw_hf" and a cosine schedule, checkpoints (optimizer.safetensors +
 # scheduler.json) pushed to a Hub, the run "interrupted", resumed from the Hub in a new process, and checked
-# bit for bit against an uninterrupted run. Then a learning-rate plot and a summary.
+# bit for bit and step by step against an uninterrupted run. Then a plot of both runs and a summary.
 #
 #   scripts/demo.sh                  # local Hub server (python -m hf_optim.hub_server), nothing leaves the machine
 #   HF_ENDPOINT=https://huggingface.co HF_TOKEN=hf_... [DEMO_REPO=user/name] scripts/demo.sh   # a real Hub
 #
-# Knobs (environment): STEPS (160), STOP_AT (70), OUT (outputs/demo, relative to the repository root; emptied
-# first, so it must be new, empty, under outputs/ or a previous demo's), DEMO_REPO (<user>/hf-optim-demo-<time>).
+# Knobs (environment): STEPS (160), STOP_AT (70), WARMUP (STEPS / 10), OUT (outputs/demo, relative to the
+# repository root; emptied first, so it must be new, empty, under outputs/ or a previous demo's), DEMO_REPO
+# (<user>/hf-optim-demo-<time>).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd -P)"
 cd "$ROOT"
@@ -37,13 +38,29 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 touch "$OUT/$MARKER"
 
+START=$SECONDS
+TTY=0; [ -t 1 ] && TTY=1
+if [ "$TTY" = 1 ]; then say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }; else say() { printf '\n== %s\n' "$*"; }; fi
+note() { printf '   %s\n' "$*"; }
+
+say "Python environment (.venv)"
+if [ -x .venv/bin/python ]; then
+  note "checking .venv (installs hf_optim[dev] again only if pyproject.toml changed: then about 10-40 s) ..."
+else
+  note "creating .venv and installing torch 2.13 + hf_optim[dev] (about 40 s to a few minutes) ..."
+fi
+t=$SECONDS
 . scripts/_venv.sh dev   # creates/updates .venv, activates it
+note ".venv ready ($((SECONDS - t)) s)"
 
 STEPS="${STEPS:-160}"
 STOP_AT="${STOP_AT:-70}"
-WARMUP=16
+WARMUP="${WARMUP:-$((STEPS / 10))}"
 LR=2e-3
-export HF_HUB_DISABLE_TELEMETRY=1
+export HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
+# One thread per process: this model is too small to gain from more (on 2 busy cores, 2 threads took 2-3x the
+# time). Every run must use the same number: another thread count rounds some sums differently.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 SERVER_PID=""
 cleanup() {
@@ -51,13 +68,49 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-# run_quiet LOG PATTERN CMD...: run CMD with its output in LOG, show only the lines matching PATTERN
-run_quiet() {
-  local log="$1" pattern="$2"; shift 2
-  if ! "$@" >"$log" 2>&1; then tail -n 40 "$log"; echo "failed: $* (log: $log)"; exit 1; fi
-  grep -E "$pattern" "$log" || true
+# progress: read a training log on stdin; show its "step N/M: loss ..., learning rate ..." lines as one live
+# line on a terminal (a few plain lines otherwise, e.g. in CI) and the other lines worth seeing as they are.
+progress() {
+  local line msg step total width=24 shown=0 every
+  while IFS= read -r line; do
+    msg="${line#* train_trainer: }"
+    case "$line" in
+      *" train_trainer: step "[0-9]*/[0-9]*:*)
+        step="${msg#step }"; step="${step%%/*}"
+        total="${msg#step */}"; total="${total%%:*}"
+        if [ "$TTY" = 1 ]; then
+          local filled=$((step * width / total)) bar
+          printf -v bar "%*s" "$filled" ""; bar="${bar// /#}"
+          printf '\r\033[K   [%-*s] %s' "$width" "$bar" "$msg"
+          shown=1
+        else
+          every=$(((total + 3) / 4))
+          [ $((step % every)) = 0 ] && note "$msg"
+        fi
+        continue ;;
+      *" train_trainer: stopped after"* | *" train_trainer: schedule from"* | *"Resuming from "* | \
+      *"Loaded optimizer"* | *" WARNING "* | *Error*) ;;
+      *) continue ;;
+    esac
+    [ "$shown" = 1 ] && { printf '\n'; shown=0; }
+    case "$line" in *" INFO "*) msg="${line#* INFO *: }" ;; esac
+    msg="${msg% (downloaded to *}"; msg="${msg% from /*}"   # cache paths: in the log
+    note "$msg"
+  done
+  [ "$shown" = 1 ] && printf '\n'
+  return 0
 }
+
+# run_stage LOG CMD...: run CMD with all its output in LOG, its progress on the terminal (see progress)
+run_stage() {
+  local log="$1" t=$SECONDS; shift
+  if ! "$@" 2>&1 | tee "$log" | progress; then
+    tail -n 40 "$log"; echo "failed: $* (log: $log)"; exit 1
+  fi
+  note "done in $((SECONDS - t)) s (log: ${log#"$ROOT"/})"
+  STAGE_TIMES+=("$((SECONDS - t))")
+}
+STAGE_TIMES=()
 
 if [ -z "${HF_ENDPOINT:-}" ]; then
   say "Starting the local Hub server (root: $OUT/hub)"
@@ -80,68 +133,37 @@ else
 fi
 HUB_USER="$(python -c 'from huggingface_hub import whoami; print(whoami()["name"])')"
 REPO="${DEMO_REPO:-$HUB_USER/hf-optim-demo-$(date +%Y%m%d-%H%M%S)}"
-echo "Hub: $HUB_KIND, user $HUB_USER, repo $REPO"
+note "$HUB_KIND, user $HUB_USER, repo $REPO"
 
+# The schedule is given to the first two runs only: the resumed run reads it from the checkpoint's scheduler.json.
+SCHEDULE=(--lr_scheduler_type cosine --warmup_steps "$WARMUP" --max_steps "$STEPS")
 COMMON=(
-  --optim adamw_hf --lr_scheduler_type cosine --learning_rate "$LR" --warmup_steps "$WARMUP" --weight_decay 0.01
-  --max_steps "$STEPS" --save_steps 35 --logging_steps 10 --per_device_train_batch_size 16 --seed 42
-  --use_cpu --report_to none --dataloader_num_workers 0
+  --optim adamw_hf --learning_rate "$LR" --weight_decay 0.01 --save_steps 35 --logging_steps 1
+  --per_device_train_batch_size 16 --seed 42 --use_cpu --report_to none --dataloader_num_workers 0
+  --disable_tqdm true
 )
 
 say "1/4 Uninterrupted reference run: $STEPS steps"
-run_quiet "$OUT/uninterrupted.log" "summary" \
-  python scripts/train_trainer.py --output_dir "$OUT/uninterrupted" "${COMMON[@]}" --do_eval
+run_stage "$OUT/uninterrupted.log" \
+  python scripts/train_trainer.py --output_dir "$OUT/uninterrupted" "${SCHEDULE[@]}" "${COMMON[@]}" \
+  --step_log "$OUT/uninterrupted/steps.jsonl"
 
 say "2/4 Same run, checkpoints pushed to $REPO (hub_strategy=checkpoint), interrupted after step $STOP_AT"
-run_quiet "$OUT/first.log" "summary" \
-  python scripts/train_trainer.py --output_dir "$OUT/first" "${COMMON[@]}" --stop_after_step "$STOP_AT" \
+run_stage "$OUT/first.log" \
+  python scripts/train_trainer.py --output_dir "$OUT/first" "${SCHEDULE[@]}" "${COMMON[@]}" \
+  --step_log "$OUT/first/steps.jsonl" --stop_after_step "$STOP_AT" \
   --push_to_hub --hub_model_id "$REPO" --hub_strategy checkpoint --hub_always_push true --hub_private_repo true
 
-say "3/4 New process, empty cache: resume from hf://$REPO/last-checkpoint"
-run_quiet "$OUT/resumed.log" "Resuming from|Loaded optimizer|Resuming training|summary" \
+say "3/4 New process, empty cache: resume from hf://$REPO/last-checkpoint (schedule from its scheduler.json)"
+run_stage "$OUT/resumed.log" \
   env HF_HOME="$OUT/hf_home_resume" python scripts/train_trainer.py --output_dir "$OUT/resumed" "${COMMON[@]}" \
-  --resume_from_checkpoint "hf://$REPO/last-checkpoint" --do_eval
+  --step_log "$OUT/resumed/steps.jsonl" --resume_from_checkpoint "hf://$REPO/last-checkpoint"
 
 say "4/4 Checks, plot, summary"
-hf-optim plot cosine --num-warmup-steps "$WARMUP" --num-training-steps "$STEPS" --lr "$LR" \
-  --output "$OUT/lr_schedule.png" >/dev/null
-python - "$OUT" "$REPO" "$STOP_AT" "$HUB_KIND" <<'EOF'
-import json, os, sys
-
-import torch
-from huggingface_hub import HfApi
-from safetensors.torch import load_file
-
-out, repo, stop_at, hub_kind = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-ref, res = (load_file(os.path.join(out, d, "model.safetensors")) for d in ("uninterrupted", "resumed"))
-same = ref.keys() == res.keys() and all(torch.equal(ref[k], res[k]) for k in ref)
-
-
-def history(d):
-    with open(os.path.join(out, d, "trainer_state.json")) as f:
-        return json.load(f)["log_history"]
-
-
-lrs = [{e["step"]: e["learning_rate"] for e in history(d) if "learning_rate" in e} for d in ("uninterrupted", "resumed")]
-evals = [next((e["eval_accuracy"] for e in history(d) if "eval_accuracy" in e), None) for d in ("uninterrupted", "resumed")]
-losses = [e["loss"] for e in history("resumed") if "loss" in e]
-api = HfApi()
-pushed = sorted(f for f in api.list_repo_files(repo) if f.startswith("last-checkpoint/"))
-with open(api.hf_hub_download(repo, "last-checkpoint/trainer_state.json")) as f:
-    pushed_step = json.load(f)["global_step"]
-ckpt = os.path.join(out, "first", f"checkpoint-{stop_at}")
-print(f"""
-Summary
-  Hub                    {hub_kind}
-  repo                   {repo}
-  pushed checkpoint      {', '.join(p.removeprefix('last-checkpoint/') for p in pushed)}
-  pickled optimizer      {'none' if not any(p.endswith(('optimizer.pt', 'scheduler.pt')) for p in pushed) else 'PRESENT'}
-  interrupted at step    {stop_at}  (local copy: {ckpt})
-  resumed in new process hf://{repo}/last-checkpoint (step {pushed_step})
-  loss (logged)          {losses[0]:.3f} -> {losses[-1]:.3f}; eval accuracy {evals[1]} (uninterrupted: {evals[0]})
-  final weights          {'bit-for-bit EQUAL' if same else 'DIFFERENT'} to the uninterrupted run ({len(ref)} tensors)
-  learning rates         {'equal' if lrs[0] == lrs[1] else 'DIFFERENT'} at all {len(lrs[0])} logged steps
-  files                  {out}/resumed/model.safetensors, {out}/lr_schedule.png, logs in {out}/*.log
-""")
-sys.exit(0 if same and lrs[0] == lrs[1] else 1)
-EOF
+t=$SECONDS
+status=0
+python scripts/demo_report.py "$OUT" --repo "$REPO" --hub "$HUB_KIND" --stop-at "$STOP_AT" \
+  --schedule "cosine:$WARMUP:$STEPS:$LR" || status=$?
+printf '  %-22s %s s (runs %s s, checks and plot %s s)\n' "total time" "$((SECONDS - START))" \
+  "$(IFS=+; echo "${STAGE_TIMES[*]}")" "$((SECONDS - t))"
+exit "$status"

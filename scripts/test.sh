@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv if missing, install .[dev], run ruff and the test-suite.
+# Create .venv if missing, install .[dev], run ruff, the test-suite and the import-layering contract.
 set -euo pipefail
 . "$(dirname "$0")/_venv.sh" dev
 export HF_HUB_DISABLE_TELEMETRY=1
 ruff check .
 ruff format --check --quiet .
-python -m pytest -q -p no:cacheprovider "$@"
+lint-imports  # the layers contract in pyproject.toml ([tool.importlinter])
+python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"

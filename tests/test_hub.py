@@ -17,7 +17,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 import hf_optim
 from hf_optim import OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, load_state, push_state_to_hub
 from hf_optim.hub import download_checkpoint, parse_hf_url, resolve_state_dir
-from hf_optim.hub_server.testing import bind_listen_socket, client_env, endpoint_of, run_python
+from tests.hub_plugin import bind_listen_socket, client_env, endpoint_of, run_python
 
 
 def setup(hidden: int = 8, steps: int = 3):

@@ -14,11 +14,10 @@ from hf_optim import registry
 
 
 @pytest.fixture(autouse=True)
-def isolated_registry(monkeypatch):
-    """Registrations made by a test are undone afterwards (the registry is process-global)."""
-    monkeypatch.setattr(registry, "_OPTIMIZERS", dict(registry._OPTIMIZERS))
-    monkeypatch.setattr(registry, "_SCHEDULERS", dict(registry._SCHEDULERS))
-    monkeypatch.setattr(registry, "_LISTENERS", list(registry._LISTENERS))
+def isolated_registry():
+    """Registrations and listeners a test adds are undone afterwards (the registry is process-global)."""
+    with registry.snapshot(hooks=True):
+        yield
 
 
 class Model(nn.Module):
@@ -43,8 +42,28 @@ BUILTIN_SCHEDULES = [
 ]
 
 
+# registration order (listeners replay entries in it)
+BUILTIN_SCHEDULES_IN_ORDER = [
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+]
+
+
 def test_builtins_and_wildcards():
-    assert hf_optim.list_optimizers() == ["adam_weight_decay", "adamw_hf", "bert_adam", "openai_adam"]
+    assert hf_optim.list_optimizers(source="hf_optim") == [
+        "adam_weight_decay",
+        "adamw_hf",
+        "bert_adam",
+        "openai_adam",
+    ]
     assert hf_optim.list_schedulers() == BUILTIN_SCHEDULES
     assert hf_optim.list_schedulers("cosine*") == [
         "cosine",
@@ -53,13 +72,15 @@ def test_builtins_and_wildcards():
         "cosine_with_restarts",
     ]
     assert hf_optim.list_schedulers(["*_with_warmup", "lin?ar"]) == ["constant_with_warmup", "linear"]
-    assert hf_optim.list_optimizers("sgd*") == []
+    assert hf_optim.list_optimizers("sgd*", source="hf_optim") == []
     assert hf_optim.get_optimizer_info("adamw_hf").factory is hf_optim.AdamW
     assert hf_optim.get_optimizer_info("adam_weight_decay").factory is hf_optim.AdamWeightDecay
     assert hf_optim.get_scheduler_info("linear").factory is hf_optim.get_linear_schedule_with_warmup
-    for name in hf_optim.list_optimizers() + hf_optim.list_schedulers():
-        info = registry._OPTIMIZERS.get(name) or registry._SCHEDULERS[name]
-        assert info.description
+    for name in hf_optim.list_optimizers(source="hf_optim"):
+        assert hf_optim.get_optimizer_info(name).description
+        assert hf_optim.get_optimizer_info(name).source == "hf_optim"
+    for name in hf_optim.list_schedulers():
+        assert hf_optim.get_scheduler_info(name).description
 
 
 def test_records_are_frozen():
@@ -101,7 +122,7 @@ def test_register_rejects_bad_records():
         hf_optim.register_optimizer("x", torch.optim.SGD, arg_names={"momentum": "m"})
     with pytest.raises(ValueError, match="defaults"):
         hf_optim.register_optimizer("x", torch.optim.SGD, defaults=[("lr", 1)])
-    assert "x" not in hf_optim.list_optimizers()
+    assert "x" not in hf_optim.list_optimizers(source="hf_optim")
 
 
 def test_unknown_names_list_the_closest():
@@ -110,7 +131,9 @@ def test_unknown_names_list_the_closest():
     assert "adam_weight_decay" in str(err.value)
     with pytest.raises(ValueError, match=r"Unknown scheduler 'cosin'. Did you mean 'cosine'"):
         hf_optim.get_scheduler_info("cosin")
-    with pytest.raises(ValueError, match="Registered optimizers: adam_weight_decay, adamw_hf"):
+    with pytest.raises(
+        ValueError, match=r"Registered optimizers: adam_weight_decay, adamw_hf, bert_adam, openai_adam( |$)"
+    ):
         hf_optim.get_optimizer_info("zzzzzz")
 
 
@@ -119,7 +142,7 @@ def test_listeners_see_existing_and_new_entries_and_cannot_break_registration(ca
     hf_optim.add_registry_listener(lambda kind, info: seen.append((kind, info.name)))
     assert seen == [
         ("optimizer", n) for n in ("adamw_hf", "adam_weight_decay", "bert_adam", "openai_adam")
-    ] + [("scheduler", n) for n in registry._SCHEDULERS]
+    ] + [("scheduler", n) for n in BUILTIN_SCHEDULES_IN_ORDER]
 
     def broken(kind, info):
         raise RuntimeError("listener bug")
@@ -130,7 +153,7 @@ def test_listeners_see_existing_and_new_entries_and_cannot_break_registration(ca
         hf_optim.register_scheduler("step", torch.optim.lr_scheduler.StepLR)
     assert "listener bug" in caplog.text
     assert seen[-2:] == [("optimizer", "sgd"), ("scheduler", "step")]
-    assert "sgd" in hf_optim.list_optimizers() and "step" in hf_optim.list_schedulers()
+    assert "sgd" in hf_optim.list_optimizers(source="hf_optim") and "step" in hf_optim.list_schedulers()
     hf_optim.remove_registry_listener(broken)
     hf_optim.register_optimizer("sgd2", torch.optim.SGD)
     assert seen[-1] == ("optimizer", "sgd2")
@@ -293,3 +316,97 @@ def test_non_json_scheduler_arguments_are_rejected():
     with pytest.raises(ValueError, match=r"fn=.*JSON"):
         hf_optim.create_scheduler("custom", opt, fn=lambda step: 1.0)
     assert "initial_lr" not in opt.param_groups[0]  # refused before the scheduler touched the optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry instances, snapshot() and the public introspection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_snapshot_restores_entries_and_optionally_hooks():
+    own = registry.Registry()
+    own.register_optimizer("sgd", torch.optim.SGD)
+    seen = []
+    with own.snapshot():
+        own.register_optimizer("adam", torch.optim.Adam)
+        own.register_optimizer("sgd", torch.optim.Adam, overwrite=True)
+        own.add_listener(lambda kind, info: seen.append(info.name))
+    assert own.list_optimizers() == ["sgd"]
+    assert own.get_optimizer_info("sgd").factory is torch.optim.SGD
+    own.register_optimizer("later", torch.optim.SGD)  # the listener stayed (hooks=False)
+    assert seen == ["sgd", "adam", "later"]  # replay of the entries at the time, then the new one
+    with own.snapshot(hooks=True):
+        own.add_listener(lambda kind, info: seen.append("second " + info.name))
+    own.register_optimizer("last", torch.optim.SGD)
+    assert seen[-1] == "last"
+    with pytest.raises(RuntimeError, match="body"), own.snapshot():  # restored on errors too
+        own.register_scheduler("step", torch.optim.lr_scheduler.StepLR)
+        raise RuntimeError("body")
+    assert own.list_schedulers() == []
+
+
+def test_registry_instances_are_independent_of_the_default_one():
+    own = registry.Registry()
+    own.register_optimizer("only_here", torch.optim.SGD)
+    assert "only_here" not in hf_optim.list_optimizers(source="hf_optim")
+    assert registry.default_registry.list_optimizers(source="hf_optim") == ["adam_weight_decay", "adamw_hf"]
+    opt = own.create_optimizer("only_here", Model(), lr=0.1)
+    assert type(opt) is torch.optim.SGD and opt.hf_optim_name == "only_here"
+
+
+class _Provider:
+    source = "elsewhere"
+
+    def names(self):
+        return ["far_sgd"]
+
+    def info(self, name):
+        if name != "far_sgd":
+            return None
+        return registry.OptimizerInfo(name, torch.optim.SGD, "SGD from elsewhere", source=self.source)
+
+
+def test_providers_add_names_with_their_source():
+    own = registry.Registry()
+    own.register_optimizer("sgd", torch.optim.SGD)
+    own.add_optimizer_provider(_Provider())
+    assert own.list_optimizers() == ["far_sgd", "sgd"]
+    assert own.list_optimizers(source="elsewhere") == ["far_sgd"]
+    assert own.list_optimizers(source="hf_optim") == ["sgd"]
+    info = own.get_optimizer_info("far_sgd")
+    assert info.source == "elsewhere"
+    assert type(own.create_optimizer("far_sgd", Model(), lr=0.1)) is torch.optim.SGD
+    with pytest.raises(
+        ValueError, match=r"Did you mean 'far_sgd'.*Registered optimizers: sgd \(and those of elsewhere"
+    ):
+        own.get_optimizer_info("far_sdg")
+    with pytest.raises(ValueError, match="source"):
+        own.add_optimizer_provider(type("P", (), {"source": "hf_optim"})())
+    own.remove_optimizer_provider("elsewhere")
+    assert own.list_optimizers() == ["sgd"]
+
+
+def test_public_introspection_of_records():
+    awd = hf_optim.get_optimizer_info("adam_weight_decay")
+    assert awd.map_common({"lr": 1e-3, "betas": (0.8, 0.9), "amsgrad": True}, "x") == {
+        "learning_rate": 1e-3,
+        "beta_1": 0.8,
+        "beta_2": 0.9,
+        "amsgrad": True,
+    }
+    assert awd.own_name("eps") == "epsilon" and awd.own_name("momentum") == "momentum"
+    assert awd.accepts("weight_decay_rate") and not awd.accepts("weight_decay")
+    assert not awd.takes_var_keyword()
+    names = [p.name for p in awd.keyword_parameters()]
+    assert names[0] == "learning_rate" and "params" not in names
+    assert awd.signature() == registry.signature_of(hf_optim.AdamWeightDecay)
+
+    def with_kwargs(params, lr=1.0, **extra):
+        return torch.optim.SGD(params, lr=lr)
+
+    sig = registry.signature_of(with_kwargs)
+    assert registry.accepts_argument(sig, "anything") and registry.accepts_argument(None, "anything")
+    assert [p.name for p in registry.keyword_parameters(sig)] == ["lr"]
+    assert registry.signature_of(print) is None or registry.accepts_argument(
+        registry.signature_of(print), "sep"
+    )

@@ -16,7 +16,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers.trainer_utils import SchedulerType
 
 import hf_optim
-from hf_optim import schedules
 
 
 def make_optimizer(lr: float = 10.0, groups: int = 1) -> torch.optim.Optimizer:
@@ -237,7 +236,50 @@ TRANSFORMERS_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("function", "args", "kwargs"), TRANSFORMERS_CASES)
+# Boundaries: transformers' functions accept them and give finite values, so hf_optim must give the same values.
+EDGE_CASES = [
+    ("get_constant_schedule_with_warmup", (1,), {}),
+    ("get_linear_schedule_with_warmup", (500, 3), {}),  # warmup_steps beyond max_steps: Trainer still trains
+    ("get_linear_schedule_with_warmup", (3, 3), {}),
+    ("get_linear_schedule_with_warmup", (0, 0), {}),
+    ("get_linear_schedule_with_warmup", (5, 0), {}),
+    ("get_cosine_schedule_with_warmup", (500, 3), {}),
+    ("get_cosine_schedule_with_warmup", (10, 3), {"num_cycles": 2.0}),
+    ("get_cosine_schedule_with_warmup", (2, 20), {"num_cycles": 0}),
+    ("get_cosine_schedule_with_warmup", (2, 20), {"num_cycles": -0.5}),
+    ("get_cosine_schedule_with_warmup", (2, 20), {"num_cycles": 1e-12}),
+    ("get_cosine_with_hard_restarts_schedule_with_warmup", (500, 3), {}),
+    ("get_cosine_with_hard_restarts_schedule_with_warmup", (0, 0), {}),
+    ("get_cosine_with_hard_restarts_schedule_with_warmup", (2, 20), {"num_cycles": 0}),
+    ("get_cosine_with_hard_restarts_schedule_with_warmup", (2, 20), {"num_cycles": -1.5}),
+    ("get_polynomial_decay_schedule_with_warmup", (10, 3), {}),  # decay phase never reached
+    ("get_polynomial_decay_schedule_with_warmup", (10, 3), {"power": -1.0}),
+    ("get_polynomial_decay_schedule_with_warmup", (2, 20), {"power": 0.0}),
+    ("get_polynomial_decay_schedule_with_warmup", (2, 20), {"lr_end": -0.05}),
+    ("get_polynomial_decay_schedule_with_warmup", (0, 1), {"lr_end": 0.0999}),
+    ("get_inverse_sqrt_schedule", (7,), {"timescale": 1}),
+    ("get_inverse_sqrt_schedule", (0,), {"timescale": 3}),
+    ("get_cosine_with_min_lr_schedule_with_warmup", (500, 3), {"min_lr": 1e-3}),
+    ("get_cosine_with_min_lr_schedule_with_warmup", (2, 20), {"min_lr": -0.01, "num_cycles": 0}),
+    ("get_cosine_with_min_lr_schedule_with_warmup", (2, 20), {"min_lr_rate": 1.5}),
+    ("get_cosine_with_min_lr_schedule_with_warmup", (0, 0), {"min_lr_rate": 0.0}),
+    ("get_cosine_with_min_lr_schedule_with_warmup_lr_rate", (500, 3), {"min_lr_rate": 0.1}),
+    (
+        "get_cosine_with_min_lr_schedule_with_warmup_lr_rate",
+        (1, 10),
+        {"min_lr_rate": 0.1, "warmup_lr_rate": 0.3},
+    ),
+    ("get_cosine_with_min_lr_schedule_with_warmup_lr_rate", (0, 0), {"min_lr_rate": 0.1}),
+    ("get_cosine_with_min_lr_schedule_with_warmup_lr_rate", (4, 10), {"min_lr": 0.0, "warmup_lr_rate": -0.2}),
+    ("get_wsd_schedule", (6, 5), {"num_training_steps": 10}),  # negative stable phase
+    ("get_wsd_schedule", (0, 0), {"num_training_steps": 0}),
+    ("get_wsd_schedule", (500, 5), {"num_training_steps": 3}),
+    ("get_wsd_schedule", (3, 5), {"num_stable_steps": 0, "min_lr_ratio": 1.0}),
+    ("get_wsd_schedule", (3, 5), {"num_training_steps": 20, "num_cycles": 0, "min_lr_ratio": -0.1}),
+]
+
+
+@pytest.mark.parametrize(("function", "args", "kwargs"), TRANSFORMERS_CASES + EDGE_CASES)
 def test_same_lrs_as_transformers(function, args, kwargs):
     ours_opt, theirs_opt = make_optimizer(0.1, groups=2), make_optimizer(0.1, groups=2)
     ours = getattr(hf_optim, function)(ours_opt, *args, **kwargs)
@@ -252,27 +294,68 @@ def test_same_lrs_as_transformers(function, args, kwargs):
         theirs.step()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     warmup=st.integers(0, 30),
-    extra=st.integers(0, 60),
-    cycles=st.floats(0.05, 4.0, allow_nan=False),
-    name=st.sampled_from(["linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr"]),
+    total=st.integers(0, 60),
+    cycles=st.floats(-4.0, 4.0, allow_nan=False),
+    name=st.sampled_from(
+        [
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "cosine_with_min_lr",
+            "cosine_warmup_with_min_lr",
+        ]
+    ),
 )
-def test_get_scheduler_matches_transformers_get_scheduler(warmup, extra, cycles, name):
-    total = warmup + extra + (1 if name == "polynomial" else 0)
+def test_get_scheduler_matches_transformers_get_scheduler(warmup, total, cycles, name):
+    """Any step counts (warmup beyond training included) and any finite num_cycles give transformers' values."""
     specific = {
         "cosine": {"num_cycles": cycles},
         "cosine_with_restarts": {"num_cycles": cycles},
-        "polynomial": {"power": cycles},
+        "polynomial": {"power": abs(cycles)},
         "cosine_with_min_lr": {"num_cycles": cycles, "min_lr_rate": 0.1},
+        "cosine_warmup_with_min_lr": {"num_cycles": cycles, "min_lr_rate": 0.1},
     }.get(name, {})
+    if name == "polynomial" and warmup == total:
+        # transformers divides by the zero-length decay phase at step `total`; hf_optim refuses up front
+        with pytest.raises(ValueError, match="num_training_steps"):
+            hf_optim.get_scheduler(name, make_optimizer(0.01), warmup, total, **specific)
+        with pytest.raises(ZeroDivisionError):
+            theirs_opt = make_optimizer(0.01)
+            run(
+                tfo.get_scheduler(name, theirs_opt, warmup, total, scheduler_specific_kwargs=specific),
+                theirs_opt,
+                total + 2,
+            )
+        return
     ours_opt, theirs_opt = make_optimizer(0.01), make_optimizer(0.01)
     ours = hf_optim.get_scheduler(
         SchedulerType(name), ours_opt, warmup, total, scheduler_specific_kwargs=specific
     )
     theirs = tfo.get_scheduler(name, theirs_opt, warmup, total, scheduler_specific_kwargs=specific)
-    assert run(ours, ours_opt, total + 5) == run(theirs, theirs_opt, total + 5)
+    assert run(ours, ours_opt, max(total, warmup) + 5) == run(theirs, theirs_opt, max(total, warmup) + 5)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+    ],
+)
+def test_warmup_longer_than_training_by_name_matches_transformers(name):
+    specific = {"min_lr_rate": 0.1} if name == "cosine_with_min_lr" else {}
+    ours_opt, theirs_opt = make_optimizer(0.1), make_optimizer(0.1)
+    ours = hf_optim.get_scheduler(name, ours_opt, 500, 3, **specific)
+    theirs = tfo.get_scheduler(name, theirs_opt, 500, 3, scheduler_specific_kwargs=specific)
+    assert run(ours, ours_opt, 10) == run(theirs, theirs_opt, 10)
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"])
@@ -387,18 +470,30 @@ def test_state_dict_is_json_and_plain():
     [
         (lambda o: hf_optim.get_linear_schedule_with_warmup(o, -1, 10), "num_warmup_steps"),
         (lambda o: hf_optim.get_linear_schedule_with_warmup(o, 1, -10), "num_training_steps"),
-        (lambda o: hf_optim.get_linear_schedule_with_warmup(o, 11, 10), "num_warmup_steps"),
         (lambda o: hf_optim.get_linear_schedule_with_warmup(o, 1.5, 10), "num_warmup_steps"),
         (lambda o: hf_optim.get_linear_schedule_with_warmup(o, True, 10), "num_warmup_steps"),
         (lambda o: hf_optim.get_constant_schedule_with_warmup(o, -3), "num_warmup_steps"),
-        (lambda o: hf_optim.get_cosine_schedule_with_warmup(o, 1, 10, num_cycles=0), "num_cycles"),
-        (lambda o: hf_optim.get_cosine_schedule_with_warmup(o, 1, 10, num_cycles=-0.5), "num_cycles"),
-        (lambda o: hf_optim.get_cosine_schedule_with_warmup(o, 20, 10), "num_warmup_steps"),
-        (lambda o: hf_optim.get_cosine_with_hard_restarts_schedule_with_warmup(o, 1, 10, 0), "num_cycles"),
+        (lambda o: hf_optim.get_cosine_schedule_with_warmup(o, 1, 10, num_cycles=math.nan), "num_cycles"),
+        (lambda o: hf_optim.get_cosine_schedule_with_warmup(o, 1, 10, num_cycles=math.inf), "num_cycles"),
         (
-            lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(o, 1, 10, 0.0, min_lr=0.1),
+            lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(o, 1, 10, math.nan, min_lr=0.1),
             "num_cycles",
         ),
+        (
+            lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(
+                make_optimizer(0.0), 1, 10, min_lr=0.1
+            ),
+            "min_lr",
+        ),
+        (lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(o, 0, 0), "num_training_steps"),
+        (
+            lambda o: hf_optim.get_polynomial_decay_schedule_with_warmup(
+                make_optimizer(0.0), 1, 10, lr_end=-1.0
+            ),
+            "lr",
+        ),
+        (lambda o: hf_optim.get_inverse_sqrt_schedule(o, 0, timescale=-3), "timescale"),
+        (lambda o: hf_optim.get_wsd_schedule(o, 1, 5, 10, min_lr_ratio=math.nan), "min_lr_ratio"),
         (lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(o, 1, 10), "min_lr"),
         (
             lambda o: hf_optim.get_cosine_with_min_lr_schedule_with_warmup(
@@ -413,9 +508,7 @@ def test_state_dict_is_json_and_plain():
         (lambda o: hf_optim.get_wsd_schedule(o, 1, 5), "num_training_steps"),
         (lambda o: hf_optim.get_wsd_schedule(o, 1, 5, 10, warmup_type="exp"), "warmup_type"),
         (lambda o: hf_optim.get_wsd_schedule(o, 1, 5, 10, decay_type="step"), "decay_type"),
-        (lambda o: hf_optim.get_wsd_schedule(o, 6, 5, 10), "num_training_steps"),
         (lambda o: hf_optim.get_wsd_schedule(o, 1, -5, 10), "num_decay_steps"),
-        (lambda o: hf_optim.get_wsd_schedule(o, 1, 5, 10, num_cycles=0), "num_cycles"),
         (lambda o: hf_optim.get_scheduler("linear", o, num_warmup_steps=2), "num_training_steps"),
         (lambda o: hf_optim.get_scheduler("cosine", o, num_training_steps=20), "num_warmup_steps"),
         (lambda o: hf_optim.get_scheduler("warmup_stable_decay", o, 2, 20), "num_decay_steps"),
@@ -448,7 +541,7 @@ def test_unknown_name_suggests_the_closest():
 )
 def test_scheduler_from_config_rejects_malformed(config):
     with pytest.raises(ValueError, match="config"):
-        schedules.scheduler_from_config(make_optimizer(), config)
+        hf_optim.scheduler_from_config(make_optimizer(), config)
 
 
 def test_scheduler_from_config_with_last_epoch_resumes_from_initial_lr():
@@ -456,6 +549,6 @@ def test_scheduler_from_config_with_last_epoch_resumes_from_initial_lr():
     scheduler = hf_optim.get_linear_schedule_with_warmup(opt, 2, 10)
     run(scheduler, opt, 5)
     # LambdaLR with last_epoch >= 0 reads 'initial_lr' from the groups (set by the first scheduler)
-    rebuilt = schedules.scheduler_from_config(opt, scheduler.hf_optim_config, last_epoch=5)
+    rebuilt = hf_optim.scheduler_from_config(opt, scheduler.hf_optim_config, last_epoch=5)
     assert rebuilt.last_epoch == 6
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # (10 - 6) / 8

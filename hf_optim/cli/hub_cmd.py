@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve repos from a directory over the Hub HTTP API",
         description="Serve a local Hugging Face Hub-compatible API. The first line printed on stdout is the "
-        "URL to use as HF_ENDPOINT; any token is accepted for writes unless --token is given.",
+        "URL to use as HF_ENDPOINT; any token is accepted for writes and private repos unless the server has "
+        "one (--token-file, --token or $HF_OPTIM_HUB_TOKEN).",
     )
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)

@@ -1,4 +1,8 @@
-"""``hf-optim list``: the registered optimizers and learning-rate schedules, with their descriptions."""
+"""``hf-optim list``: the optimizers and learning-rate schedules by name, with their source and descriptions.
+
+Optimizers come from hf_optim's registry (source ``hf_optim``) and, when transformers is installed, from
+transformers' own ``optim`` names (source ``transformers``), which ``hf_optim.create_optimizer`` builds too.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also show arguments, defaults and renames"
     )
+    parser.add_argument(
+        "--source",
+        action="append",
+        metavar="SOURCE",
+        help="only optimizers from this source (hf_optim, transformers); repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -48,11 +58,12 @@ def _entries(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     result: dict[str, list[dict[str, Any]]] = {}
     if not args.schedulers:
         result["optimizers"] = []
-        for name in registry.list_optimizers(pattern):
+        for name in registry.list_optimizers(pattern, source=args.source):
             info = registry.get_optimizer_info(name)
             result["optimizers"].append(
                 {
                     "name": name,
+                    "source": info.source,
                     "description": info.description,
                     "arguments": _arguments(info.factory),
                     "defaults": {k: repr(v) for k, v in info.defaults.items()},
@@ -84,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if not group:
             lines.append("  (none match)")
         for e in group:
-            lines.append(f"  {e['name']:<{width}}{e['description']}".rstrip())
+            source = f"[{e['source']}] " if "source" in e else ""
+            lines.append(f"  {e['name']:<{width}}{source}{e['description']}".rstrip())
             if args.verbose:
                 pad = " " * (width + 2)
                 lines.append(f"{pad}arguments: {', '.join(e['arguments']) or '-'}")

@@ -13,12 +13,15 @@ import json
 import logging
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from hf_optim import registry
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +164,12 @@ def text_plot(curves: dict[str, list[float]], *, width: int = 60, height: int = 
     return "\n".join(lines)
 
 
-def save_figure(curves: dict[str, list[float]], output: str, *, num_warmup_steps: int, lr: float) -> None:
-    """Draw the curves with matplotlib (no pyplot, so no GUI backend or global state) into ``output``."""
+def draw_figure(curves: dict[str, list[float]], *, num_warmup_steps: int, lr: float) -> Figure:
+    """The curves as a matplotlib ``Figure`` (no pyplot, so no GUI backend or global state).
+
+    The legend goes below the axes, outside them, so it never covers a curve; the y axis leaves 5% headroom above
+    the highest rate so that peaks do not merge into the frame.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
@@ -175,10 +182,18 @@ def save_figure(curves: dict[str, list[float]], output: str, *, num_warmup_steps
     ax.set_ylabel("learning rate")
     ax.set_title(f"learning-rate schedule (peak lr {lr:g})")
     ax.set_xlim(0, max(len(lrs) for lrs in curves.values()) - 1)
-    ax.set_ylim(bottom=min(0.0, *(min(lrs) for lrs in curves.values())))
+    low = min(0.0, *(min(lrs) for lrs in curves.values()))
+    high = max(max(lrs) for lrs in curves.values())
+    ax.set_ylim(low, high + 0.05 * (high - low) if high > low else low + 1.0)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(output, dpi=120)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), frameon=False)
+    return fig
+
+
+def save_figure(curves: dict[str, list[float]], output: str, *, num_warmup_steps: int, lr: float) -> None:
+    """Draw the curves (:func:`draw_figure`) into ``output`` (png, svg, pdf, ...: from its extension)."""
+    draw_figure(curves, num_warmup_steps=num_warmup_steps, lr=lr).savefig(output, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A local Hugging Face Hub-compatible server, so ``huggingface_hub`` works without huggingface.co.
 
 Run ``hf-optim hub serve --root DIR`` (or ``python -m hf_optim.hub_server --root DIR``), then point clients at
-it with ``HF_ENDPOINT=<printed URL>`` and any token. From Python::
+it with ``HF_ENDPOINT=<printed URL>`` and any token (or the server's, if it was started with ``--token-file``,
+``--token`` or ``HF_OPTIM_HUB_TOKEN``). From Python::
 
     from hf_optim.hub_server import serve
 

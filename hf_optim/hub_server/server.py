@@ -14,23 +14,32 @@ Standard library only (``http.server.ThreadingHTTPServer``, HTTP/1.1 keep-alive)
 - ``GET /api/whoami-v2`` (any token) and ``POST /api/validate-yaml`` (accepts everything).
 
 Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and ``X-Error-Message``,
-which is how the client picks its exception classes. Writes need a bearer token (any string, or exactly
-``token`` if the server was started with one). Xet is not implemented: the xet token endpoints answer 501.
+which is how the client picks its exception classes; a malformed request gets a 4xx with a short message, never
+internals. Writes and private repos need a bearer token (any string, or exactly ``token`` if the server was
+started with one). LFS transfers go to signed, short-lived hrefs (``hf_optim.hub_server.signing``) and reach an
+object only through a repo whose commits hold it. Bodies are limited while they are read
+(``hf_optim.hub_server.body``). Xet is not implemented: the xet token endpoints answer 501.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
 import socket
 import threading
+import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
+from hf_optim.hub_server.body import RequestBody
+from hf_optim.hub_server.signing import UrlSigner
 from hf_optim.hub_server.storage import (
     DEFAULT_BRANCH,
     DEFAULT_USER,
@@ -45,6 +54,7 @@ from hf_optim.hub_server.storage import (
     NotFound,
     NotImplementedOnLocalHub,
     Operation,
+    PayloadTooLarge,
     RepoNotFound,
     TreeView,
     Unauthorized,
@@ -61,10 +71,15 @@ PAGE_SIZE = 1000  # entries per page of tree / commits listings, as on the Hub
 EXPAND_PAGE_SIZE = 50
 _TYPE_SEGMENTS = {"models": "model", "datasets": "dataset", "spaces": "space", "kernels": "kernel"}
 _URL_TYPE_PREFIXES = {"datasets": "dataset", "spaces": "space", "kernels": "kernel"}
-_READ_LIMIT = 64 << 20  # JSON request bodies (not commits, not LFS uploads) above this are refused
-_DRAIN_LIMIT = 1 << 20
+JSON_BODY_LIMIT = 16 << 20  # bodies of JSON endpoints (every endpoint but commits and LFS uploads)
+DEFAULT_MAX_UPLOAD_SIZE = 50 << 30  # commit bodies and LFS objects (the Hub's per-file limit)
+_DRAIN_LIMIT = 1 << 20  # unread body bytes read and dropped to keep a connection alive
+_LINGER_LIMIT = 4 << 20  # bytes read and dropped after an error reply, so that the client sees the reply
+_LINGER_SECONDS = 2.0
 _OID_RE = re.compile(r"[0-9a-f]{64}")
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_DIGITS_RE = re.compile(r"[0-9]{1,19}")
+_RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})", re.IGNORECASE)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _InternalError(HubError):
@@ -76,113 +91,43 @@ def _truthy(value: str | None) -> bool:
 
 
 def _header_safe(text: str) -> str:
-    """One line of latin-1, as an HTTP header value must be."""
-    return " ".join(text.split()).encode("latin-1", "replace").decode("latin-1")[:2000]
+    """One line of latin-1 without control characters, as an HTTP header value must be."""
+    text = _CONTROL_RE.sub(" ", " ".join(text.split()))
+    return text.encode("latin-1", "replace").decode("latin-1")[:2000]
 
 
-class _Body:
-    """Request body reader for ``Content-Length`` and ``Transfer-Encoding: chunked`` bodies."""
+def _int_field(value: Any, name: str) -> int:
+    """A non-negative integer from a JSON body (BadRequest otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{name!r} must be a non-negative integer.")
+    return value
 
-    def __init__(self, rfile: BinaryIO, headers: Any) -> None:
-        self._rfile = rfile
-        self._chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
-        length = headers.get("Content-Length")
-        if self._chunked:
-            self._remaining: int | None = None
-        else:
-            try:
-                self._remaining = int(length) if length else 0
-            except ValueError:
-                raise BadRequest(f"Invalid Content-Length header {length!r}.") from None
-        self._chunk_left = 0
-        self._eof = not self._chunked and self._remaining == 0
-        self._buf = bytearray()
 
-    @property
-    def unread(self) -> int | None:
-        """Bytes left to read (None: unknown, chunked)."""
-        return None if self._chunked and not self._eof else (self._remaining or 0)
+def _str_field(value: Any, name: str) -> str | None:
+    """An optional string from a JSON body (BadRequest for another type)."""
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{name!r} must be a string.")
+    return value
 
-    def _raw(self, n: int) -> bytes:
-        if self._eof:
-            return b""
-        if not self._chunked:
-            assert self._remaining is not None
-            data = self._rfile.read(min(n, self._remaining))
-            if not data:
-                raise BadRequest("Request body ended before Content-Length bytes.")
-            self._remaining -= len(data)
-            self._eof = self._remaining == 0
-            return data
-        if self._chunk_left == 0:
-            line = self._rfile.readline(65537)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise BadRequest("Malformed chunked request body.") from None
-            if size == 0:
-                while self._rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                self._eof = True
-                return b""
-            self._chunk_left = size
-        data = self._rfile.read(min(n, self._chunk_left))
-        if not data:
-            raise BadRequest("Chunked request body ended early.")
-        self._chunk_left -= len(data)
-        if self._chunk_left == 0:
-            self._rfile.readline(3)  # CRLF after the chunk
-        return data
 
-    def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (everything if n < 0); b"" at the end."""
-        if n < 0:
-            out = bytearray(self._buf)
-            self._buf.clear()
-            while chunk := self._raw(1 << 20):
-                out += chunk
-            return bytes(out)
-        if self._buf:
-            data = bytes(self._buf[:n])
-            del self._buf[:n]
-            return data
-        return self._raw(n)
-
-    def readline(self) -> bytes:
-        """Next line including its ``\\n`` (b"" at the end)."""
-        if not self._chunked and not self._buf:
-            if self._eof:
-                return b""
-            assert self._remaining is not None
-            line = self._rfile.readline(self._remaining)
-            self._remaining -= len(line)
-            self._eof = self._remaining == 0
-            return line
-        while b"\n" not in self._buf:
-            chunk = self._raw(1 << 16)
-            if not chunk:
-                break
-            self._buf += chunk
-        idx = self._buf.find(b"\n")
-        end = len(self._buf) if idx < 0 else idx + 1
-        line = bytes(self._buf[:end])
-        del self._buf[:end]
-        return line
-
-    def drain(self) -> bool:
-        """Read what is left if small; False if the connection must be closed instead."""
-        unread = self.unread
-        if unread is None or unread > _DRAIN_LIMIT:
-            return False
-        while self._raw(1 << 16):
-            pass
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only listens on this machine."""
+    if host == "localhost":
         return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "hf-optim-local-hub"
     timeout = 300  # idle keep-alive connections are closed after this many seconds
+    # Errors found by http.server itself (request line, headers): a short plain message.
+    error_message_format = "%(code)d %(message)s\n"
+    error_content_type = "text/plain; charset=utf-8"
+    default_request_version = "HTTP/1.0"  # replies to unparsable request lines get a status line too
     server: _HTTPServer
 
     # ------------------------------------------------------------------ plumbing
@@ -201,6 +146,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors; an unknown method is the client's error (405), not 501."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, "Method not allowed"
+        super().send_error(code, message, None)
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
 
@@ -209,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.hub.storage
 
     @property
-    def body(self) -> _Body:
+    def body(self) -> RequestBody:
         """The current request's body (set by ``_dispatch``)."""
         assert self._body is not None
         return self._body
@@ -217,33 +174,54 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._method = method
         self._started = False
-        self._body: _Body | None = None  # the handler object is reused for every request of a connection
+        self._body: RequestBody | None = None  # the handler is reused for every request of a connection
         try:
-            self._body = _Body(self.rfile, self.headers)
+            self._body = RequestBody(self.rfile, self.headers, method, JSON_BODY_LIMIT)
             split = urlsplit(self.path)
             self._query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
             self._route(method, split.path)
         except HubError as err:
-            if self._started:
-                self.close_connection = True
-            else:
-                self._send_error(err)
+            self._fail(err)
         except (TimeoutError, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return
-        except Exception as err:  # a bug: report it as a 500 and keep serving
+        except Exception:  # a bug: log it here, answer a 500 without internals and keep serving
             logger.exception("local Hub: error while handling %s %s", method, self.path)
-            if self._started:
-                self.close_connection = True
-            else:
-                self._send_error(
-                    _InternalError(f"Internal error of the local Hub: {type(err).__name__}: {err}")
-                )
+            self._fail(_InternalError("Internal error of the local Hub (details are in the server log)."))
         try:
-            if self._body is None or not self._body.drain():
+            if self._body is None or not self._body.drain(_DRAIN_LIMIT):
                 self.close_connection = True
         except (HubError, OSError):
             self.close_connection = True
+
+    def _fail(self, err: HubError) -> None:
+        """Answer ``err``; if the request body cannot be drained, close the connection after a lingering read."""
+        if self._started:
+            self.close_connection = True
+            return
+        unread = None if self._body is None else self._body.unread
+        closing = self._body is None or unread is None or unread > _DRAIN_LIMIT
+        try:
+            self._send_error(err, close=closing)
+            if closing:
+                self._linger()
+        except OSError:
+            self.close_connection = True
+
+    def _linger(self) -> None:
+        """Half-close and read a little of what the client still sends, so that its reading the error reply
+        is not cut by a reset; then the connection closes."""
+        self.close_connection = True
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _LINGER_SECONDS
+        received = 0
+        while received < _LINGER_LIMIT and (left := deadline - time.monotonic()) > 0:
+            self.connection.settimeout(left)
+            data = self.connection.recv(1 << 16)
+            if not data:
+                break
+            received += len(data)
 
     def _base_url(self) -> str:
         host = self.headers.get("Host")
@@ -262,18 +240,20 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _token_ok(self) -> bool:
+        """Whether the request carries a token that may read private repos and write."""
         token = self._token()
         expected = self.server.hub.token
-        return token is not None and (expected is None or token == expected)
+        if token is None or expected is None:
+            return token is not None
+        return hmac.compare_digest(token.encode("utf-8", "replace"), expected.encode("utf-8"))
 
     def _require_write(self) -> None:
-        token = self._token()
-        if token is None:
+        if self._token() is None:
             raise Unauthorized(
                 "This action needs an access token: pass token=... or set HF_TOKEN (any string works with the "
-                "local Hub unless it was started with --token)."
+                "local Hub unless it was started with a token)."
             )
-        if self.server.hub.token is not None and token != self.server.hub.token:
+        if not self._token_ok():
             raise Unauthorized("Invalid credentials in Authorization header")
 
     def _read_repo(self, repo_type: str, repo_id: str) -> dict[str, Any]:
@@ -283,15 +263,15 @@ class _Handler(BaseHTTPRequestHandler):
         return meta
 
     def _json_body(self) -> dict[str, Any]:
-        unread = self.body.unread
-        if unread is not None and unread > _READ_LIMIT:
-            raise BadRequest(f"Request body too large ({unread} bytes) for a JSON endpoint.")
         raw = self.body.read()
         if not raw.strip():
             return {}
         ctype = self.headers.get("Content-Type", "")
         if "application/x-www-form-urlencoded" in ctype:
-            parsed = parse_qs(raw.decode("utf-8"), keep_blank_values=True)
+            try:
+                parsed = parse_qs(raw.decode("utf-8"), keep_blank_values=True)
+            except UnicodeDecodeError:
+                raise BadRequest("Form body is not valid UTF-8.") from None
             return {k: (v if len(v) > 1 or k == "paths" else v[0]) for k, v in parsed.items()}
         try:
             obj = json.loads(raw)
@@ -322,12 +302,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_json(self, obj: Any, status: int = 200, *, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers=headers)
 
-    def _send_error(self, err: HubError) -> None:
+    def _send_error(self, err: HubError, *, close: bool = False) -> None:
         headers = {"X-Error-Message": _header_safe(err.message)}
         if err.code:
             headers["X-Error-Code"] = err.code
         if err.commit:
             headers["X-Repo-Commit"] = err.commit
+        if close:
+            headers["Connection"] = "close"
         logger.debug("-> %s %s: %s", err.status, err.code or "", err.message)
         self._send(err.status, json.dumps({"error": err.message}).encode(), headers=headers)
 
@@ -437,7 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "discussions":
             if method == "POST" and len(rest) == 1:
                 return self._create_discussion(repo_type, repo_id)
-            if method == "GET" and len(rest) == 2 and rest[1].isdigit():
+            if method == "GET" and len(rest) == 2 and _DIGITS_RE.fullmatch(rest[1]):
                 return self._discussion(repo_type, repo_id, int(rest[1]))
         if action == "settings" and method == "PUT" and len(rest) == 1:
             return self._settings(repo_type, repo_id)
@@ -472,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest("Missing repo 'name' in the request body.")
-        organization = body.get("organization") or self.storage.user
+        organization = _str_field(body.get("organization"), "organization") or self.storage.user
         repo_type = normalize_repo_type(body.get("type"))
         repo_id = f"{organization}/{name}"
         validate_repo_id(repo_id)
@@ -523,7 +505,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _list_repos(self, repo_type: str) -> None:
         author = self._query.get("author")
         search = (self._query.get("search") or "").lower()
-        limit = int(self._query["limit"]) if self._query.get("limit", "").isdigit() else None
+        limit_text = self._query.get("limit")
+        if limit_text is not None and not _DIGITS_RE.fullmatch(limit_text):
+            raise BadRequest("'limit' must be a non-negative integer.")
+        limit = None if limit_text is None else int(limit_text)
         out = []
         for meta in self.storage.list_repos(repo_type):
             if meta["private"] and not self._token_ok():
@@ -587,11 +572,10 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ listings
     def _page(self, items: list[Any], default_size: int) -> tuple[list[Any], dict[str, str]]:
         """Cursor pagination with a GitHub-style ``Link: <...>; rel="next"`` header."""
-        try:
-            cursor = int(self._query.get("cursor", "0"))
-            size = int(self._query.get("limit", str(default_size)))
-        except ValueError:
-            raise BadRequest("'cursor' and 'limit' must be integers.") from None
+        cursor_text, size_text = self._query.get("cursor", "0"), self._query.get("limit", str(default_size))
+        if not _DIGITS_RE.fullmatch(cursor_text) or not _DIGITS_RE.fullmatch(size_text):
+            raise BadRequest("'cursor' and 'limit' must be non-negative integers.")
+        cursor, size = int(cursor_text), int(size_text)
         size = max(1, min(size, default_size))
         page = items[cursor : cursor + size]
         headers = {}
@@ -633,6 +617,8 @@ class _Handler(BaseHTTPRequestHandler):
         paths = body.get("paths", [])
         if isinstance(paths, str):
             paths = [paths]
+        if not isinstance(paths, list):
+            raise BadRequest("'paths' must be a list of paths.")
         entries = []
         for p in dict.fromkeys(str(p).strip("/") for p in paths):
             if p and (p in view.files or view.is_dir(p)):
@@ -693,16 +679,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_blob(entry.sha256, entry.size, headers)
 
     def _send_blob(self, sha256: str, size: int, headers: dict[str, str]) -> None:
+        """The blob, whole or one ``Range: bytes=`` range (416 for a malformed or unsatisfiable one)."""
         start, end, status = 0, size - 1, 200
-        match = _RANGE_RE.fullmatch(self.headers.get("Range", "").strip())
-        if match and (match.group(1) or match.group(2)):
-            first, last = match.group(1), match.group(2)
+        range_header = self.headers.get("Range", "").strip()
+        if range_header.lower().startswith("bytes="):  # other units are ignored, as RFC 9110 allows
+            match = _RANGE_RE.fullmatch(range_header.replace(" ", ""))
+            first, last = (match.group(1), match.group(2)) if match else ("", "")
             if first:
                 start = int(first)
                 end = min(int(last), size - 1) if last else size - 1
-            else:  # suffix range: the last N bytes
+            elif last:  # suffix range: the last N bytes
                 start = max(size - int(last), 0)
-            if start >= size or start > end:
+            if not (first or last) or start >= size or start > end:
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
@@ -733,11 +721,13 @@ class _Handler(BaseHTTPRequestHandler):
         meta = self._read_repo(repo_type, repo_id)
         sha = self.storage.resolve(meta, revision)
         files = self.storage.load_commit(repo_type, repo_id, sha).files
-        body = self._json_body()
+        items = self._json_body().get("files", [])
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise BadRequest("'files' must be a list of {'path': ..., 'size': ...} objects.")
         out = []
-        for item in body.get("files", []):
+        for item in items:
             path = validate_path_in_repo(str(item.get("path", "")))
-            mode = self.storage.upload_mode(path, int(item.get("size", 0)))
+            mode = self.storage.upload_mode(path, _int_field(item.get("size", 0), "size"))
             existing = files.get(path)
             oid = None
             if existing is not None and existing.lfs == (mode == "lfs"):
@@ -746,28 +736,38 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({"files": out, "commitOid": sha})
 
     def _lfs_batch(self, repo_type: str, repo_id: str) -> None:
+        """git-LFS batch API: signed upload hrefs for objects the repo lacks, download hrefs for held ones."""
         self._require_write()
         self._read_repo(repo_type, repo_id)
         body = self._json_body()
-        operation = body.get("operation")
+        operation, requested = body.get("operation"), body.get("objects", [])
         if operation not in ("upload", "download"):
             raise BadRequest(
-                f"Unsupported LFS batch operation {operation!r}: expected 'upload' or 'download'."
+                f"Unsupported LFS batch operation {str(operation)[:40]!r}: expected 'upload' or 'download'."
             )
+        if not isinstance(requested, list) or not all(isinstance(obj, dict) for obj in requested):
+            raise BadRequest("'objects' must be a list of {'oid': ..., 'size': ...} objects.")
         base = f"{self._base_url()}/{URL_PREFIXES[repo_type]}{repo_id}.git/info/lfs/objects"
+        signer = self.server.hub.signer
         objects = []
-        for obj in body.get("objects", []):
+        for obj in requested:
             oid, size = str(obj.get("oid", "")).lower(), obj.get("size")
             item: dict[str, Any] = {"oid": oid, "size": size if isinstance(size, int) else 0}
-            if not _OID_RE.fullmatch(oid) or not isinstance(size, int) or size < 0:
+            if not _OID_RE.fullmatch(oid) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 item["error"] = {"code": 422, "message": "Expected a sha256 'oid' and a non-negative 'size'."}
             elif operation == "upload":
                 item["authenticated"] = True
-                if not self.storage.has_blob(oid, size):
-                    item["actions"] = {"upload": {"href": f"{base}/upload/{oid}/{size}", "expires_in": 3600}}
-            elif self.storage.has_blob(oid, size):
+                if size > self.server.hub.max_upload_size:
+                    item["error"] = {"code": 413, "message": "Object larger than the server's limit."}
+                elif not self.storage.repo_has_lfs(repo_type, repo_id, oid):
+                    query = signer.query("upload", repo_type, repo_id, oid, size)
+                    href = f"{base}/upload/{oid}/{size}?{query}"
+                    item["actions"] = {"upload": {"href": href, "expires_in": signer.ttl}}
+            elif self.storage.repo_holds_lfs(repo_type, repo_id, oid):
                 item["authenticated"] = True
-                item["actions"] = {"download": {"href": f"{base}/download/{oid}", "expires_in": 3600}}
+                query = signer.query("download", repo_type, repo_id, oid, self.storage.blob_size(oid))
+                href = f"{base}/download/{oid}?{query}"
+                item["actions"] = {"download": {"href": href, "expires_in": signer.ttl}}
             else:
                 item["error"] = {"code": 404, "message": f"Object {oid} does not exist."}
             objects.append(item)
@@ -778,23 +778,38 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _lfs_upload(self, repo_type: str, repo_id: str, oid: str, size_text: str) -> None:
-        # No token check: the client PUTs to the batch href without credentials (as to S3); the content
-        # is verified against the sha256 and size named in the URL before it is stored.
-        self.storage.get_repo(repo_type, repo_id)
-        if not _OID_RE.fullmatch(oid) or not size_text.isdigit():
+        """PUT of one LFS object: with the signed href the batch endpoint returned, or with the token.
+
+        The content is checked against the sha256 and size named in the URL while it is received, and kept
+        private to the repo until one of its commits names it.
+        """
+        if not _OID_RE.fullmatch(oid) or not _DIGITS_RE.fullmatch(size_text):
             raise BadRequest("LFS upload URL must end with /upload/<sha256>/<size>.")
-        self.storage.put_stream(self.body.read, expected_sha256=oid, expected_size=int(size_text))
+        size = int(size_text)
+        if not self.server.hub.signer.verify("upload", repo_type, repo_id, oid, size, self._query):
+            self._require_write()
+            self._read_repo(repo_type, repo_id)
+        if size > self.server.hub.max_upload_size:
+            raise PayloadTooLarge(f"LFS object of {size} bytes exceeds the server's limit.")
+        self.body.set_limit(size)
+        self.storage.stage_upload(repo_type, repo_id, self.body.read, sha256=oid, size=size)
         self._send_json({})
 
     def _lfs_download(self, repo_type: str, repo_id: str, oid: str) -> None:
-        self._read_repo(repo_type, repo_id)
-        if not self.storage.has_blob(oid):
-            raise NotFound(f"LFS object {oid} not found.")
-        self._send_blob(oid, self.storage.blob_size(oid), {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"})
+        """GET of an LFS object held by one of the repo's commits (signed href, or read access)."""
+        self.storage.get_repo(repo_type, repo_id)
+        held = self.storage.repo_holds_lfs(repo_type, repo_id, oid)
+        size = self.storage.blob_size(oid) if held else -1
+        if not self.server.hub.signer.verify("download", repo_type, repo_id, oid, size, self._query):
+            self._read_repo(repo_type, repo_id)
+        if not held:
+            raise NotFound(f"LFS object {oid} not found in {repo_id}.")
+        self._send_blob(oid, size, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"})
 
     def _commit(self, repo_type: str, repo_id: str, revision: str) -> None:
         self._require_write()
         self._read_repo(repo_type, repo_id)
+        self.body.set_limit(self.server.hub.max_upload_size)
         if "json" in self.headers.get("Content-Type", "") and "ndjson" not in self.headers.get(
             "Content-Type", ""
         ):
@@ -829,7 +844,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif key == "lfsFile":
                 if value.get("algo", "sha256") != "sha256":
                     raise BadRequest(f"LFS file {path!r}: only algo 'sha256' is supported.")
-                entry = self.storage.lfs_entry(str(value.get("oid", "")), value.get("size"))
+                size = value.get("size")
+                entry = self.storage.lfs_entry(
+                    repo_type,
+                    repo_id,
+                    str(value.get("oid", "")),
+                    None if size is None else _int_field(size, "size"),
+                )
                 operations.append(AddFile(validate_path_in_repo(path), entry))
             elif key == "deletedFile":
                 operations.append(DeleteFile(path))
@@ -846,7 +867,7 @@ class _Handler(BaseHTTPRequestHandler):
             operations,
             summary=str(header.get("summary") or ""),
             description=str(header.get("description") or ""),
-            parent_commit=header.get("parentCommit"),
+            parent_commit=_str_field(header.get("parentCommit"), "parentCommit"),
             create_pr=_truthy(self._query.get("create_pr")),
         )
         repo_url = self._repo_url(repo_type, repo_id)
@@ -869,7 +890,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.storage.delete_branch(repo_type, repo_id, branch)
         else:
             body = self._json_body()
-            self.storage.create_branch(repo_type, repo_id, branch, body.get("startingPoint"))
+            starting_point = _str_field(body.get("startingPoint"), "startingPoint")
+            self.storage.create_branch(repo_type, repo_id, branch, starting_point)
         self._send_json({})
 
     def _tag(self, method: str, repo_type: str, repo_id: str, name: str) -> None:
@@ -939,8 +961,9 @@ class LocalHubServer:
 
     ``port=0`` picks a free port (see ``url``). ``lfs_extensions``: suffixes uploaded through LFS
     (default none: every file is regular, so clients with xet enabled work). ``token``: if given, the only
-    token accepted (otherwise any bearer token is). ``listen_socket``: an already bound and listening
-    socket to serve on (host and port are then ignored).
+    token accepted for writes and private repos (otherwise any bearer token is; listening beyond this
+    machine without one logs a warning). ``max_upload_size``: largest commit body or LFS object, in bytes.
+    ``listen_socket``: an already bound and listening socket to serve on (host and port are then ignored).
     """
 
     def __init__(
@@ -953,12 +976,19 @@ class LocalHubServer:
         user: str = DEFAULT_USER,
         token: str | None = None,
         fsync: bool = True,
+        max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
         listen_socket: socket.socket | None = None,
     ) -> None:
         if not 0 <= int(port) <= 65535:
             raise ValueError(f"--port must be between 0 and 65535, got {port}")
+        if token is not None and (not token.strip() or token != token.strip()):
+            raise ValueError("--token: expected a non-empty token without surrounding whitespace")
+        if max_upload_size < 1:
+            raise ValueError(f"--max-upload-size must be positive, got {max_upload_size}")
         self.storage = HubStorage(root, lfs_extensions=lfs_extensions, user=user, fsync=fsync)
         self.token = token
+        self.max_upload_size = int(max_upload_size)
+        self.signer = UrlSigner()
         server_cls = _HTTPServer6 if ":" in host else _HTTPServer
         if listen_socket is not None:
             server_cls = _HTTPServer6 if listen_socket.family == socket.AF_INET6 else _HTTPServer
@@ -971,6 +1001,15 @@ class LocalHubServer:
         self._httpd.hub = self
         self._thread: threading.Thread | None = None
         self._closed = False
+        if token is None and not is_loopback(self.host):
+            logger.warning(
+                "the local Hub listens on %s without a token: anyone who can reach it can create, change and "
+                "delete repos and read private ones. Pass --token, --token-file or set HF_OPTIM_HUB_TOKEN.",
+                self.host,
+            )
+        pruned = self.storage.prune_uploads()
+        if pruned:
+            logger.debug("removed %d stale uncommitted LFS uploads", pruned)
 
     @property
     def root(self) -> str:
@@ -1036,8 +1075,16 @@ def serve(
     user: str = DEFAULT_USER,
     token: str | None = None,
     fsync: bool = True,
+    max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
 ) -> LocalHubServer:
     """Start a local Hub in a background thread and return it (``.url``, ``.shutdown()``)."""
     return LocalHubServer(
-        root, host, port, lfs_extensions=lfs_extensions, user=user, token=token, fsync=fsync
+        root,
+        host,
+        port,
+        lfs_extensions=lfs_extensions,
+        user=user,
+        token=token,
+        fsync=fsync,
+        max_upload_size=max_upload_size,
     ).start()

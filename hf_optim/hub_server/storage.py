@@ -7,7 +7,14 @@ Layout under ``root``::
     repos/<type>s/<namespace>/<name>/
         repo.json                           id, type, private, dates, refs (heads / tags / pr), discussions
         commits/<commit id>.json            one immutable file per commit: parents, message, full file tree
+        lfs-objects/<sha256>                empty marker: a commit of this repo holds this LFS object
+        uploads/<sha256>                    LFS object uploaded to this repo, not committed yet
     tmp/                                    temporary files, renamed into place once complete
+
+Blobs are shared, but a blob is only ever reached through a repo: a file of one of its commits, or an LFS
+object named in ``lfs-objects/``. An LFS upload lands in the repo's ``uploads/`` and joins the shared store
+when a commit of that repo references it, so an uploaded-but-uncommitted object is reachable through no repo
+and knowing an object's sha256 gives access to nothing (``prune_uploads`` removes stale uploads).
 
 Every write goes to a temporary file first and is renamed into place (``os.replace``), so a reader never
 sees a partial file and a failed request changes nothing. Mutations of ``repo.json`` happen under a lock
@@ -105,6 +112,10 @@ class PreconditionFailed(HubError):
     status = 412
 
 
+class PayloadTooLarge(HubError):
+    status = 413
+
+
 class NotImplementedOnLocalHub(HubError):
     status = 501
 
@@ -131,6 +142,8 @@ def normalize_repo_type(repo_type: str | None) -> str:
     """``None`` -> ``"model"``; plural forms (``"datasets"``) accepted; anything else is a BadRequest."""
     if repo_type is None:
         return "model"
+    if not isinstance(repo_type, str):
+        raise BadRequest("The repo type must be a string.")
     singular = repo_type[:-1] if repo_type.endswith("s") else repo_type
     if singular not in REPO_TYPES:
         raise BadRequest(f"Invalid repo type {repo_type!r}: expected one of {', '.join(REPO_TYPES)}.")
@@ -383,26 +396,26 @@ class HubStorage:
             _atomic_write_bytes(self._blob_path(sha256), data, fsync=self.fsync)
         return FileEntry(sha256=sha256, size=len(data), oid=git_blob_sha1(data), lfs=False)
 
-    def put_stream(
-        self,
-        read: Callable[[int], bytes],
-        *,
-        expected_sha256: str | None = None,
-        expected_size: int | None = None,
-    ) -> tuple[str, int]:
-        """Stream content into the blob store (``read(n)`` returns b"" at the end); returns (sha256, size).
+    @contextlib.contextmanager
+    def _received(
+        self, read: Callable[[int], bytes], expected_sha256: str | None, expected_size: int | None
+    ) -> Iterator[tuple[Path, str, int]]:
+        """Stream ``read`` into a temporary file, checked against the expected digest and size.
 
-        With ``expected_sha256`` / ``expected_size`` the content is checked before it is kept: a mismatch
-        raises BadRequest and stores nothing.
+        Reading stops as soon as the content outgrows ``expected_size``. Yields (temporary path, sha256,
+        size); the temporary file is removed on exit unless it was moved away.
         """
         digest = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
+        tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as f:
                 while chunk := read(_COPY_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
+                    if expected_size is not None and size > expected_size:
+                        raise BadRequest(f"Uploaded content exceeds the expected {expected_size} bytes.")
                     f.write(chunk)
                 if self.fsync:
                     f.flush()
@@ -412,26 +425,112 @@ class HubStorage:
                 raise BadRequest(f"Uploaded content has {size} bytes, expected {expected_size}.")
             if expected_sha256 is not None and sha256 != expected_sha256:
                 raise BadRequest(f"Uploaded content has sha256 {sha256}, expected {expected_sha256}.")
-            target = self._blob_path(sha256)
-            if not self.has_blob(sha256, size):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, target)
-            return sha256, size
+            yield tmp, sha256, size
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def lfs_entry(self, sha256: str, size: int | None = None) -> FileEntry:
-        """Tree entry for an already stored LFS object; BadRequest if it was never uploaded."""
+    # ------------------------------------------------------------------ LFS objects of a repo
+    def stage_upload(
+        self, repo_type: str, repo_id: str, read: Callable[[int], bytes], *, sha256: str, size: int
+    ) -> None:
+        """Receive an LFS object uploaded to a repo; it stays private to the repo until a commit names it.
+
+        The content must have exactly this sha256 and size (BadRequest otherwise, nothing is kept).
+        """
+        repo_type = normalize_repo_type(repo_type)
+        self.get_repo(repo_type, repo_id)
+        if not _SHA256_RE.fullmatch(sha256) or size < 0:
+            raise BadRequest("An LFS object is named by a sha256 and a non-negative size.")
+        with self._received(read, sha256, size) as (tmp, _, _):
+            target = self._repo_dir(repo_type, repo_id) / "uploads" / sha256
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+
+    def _lfs_markers(self, repo_type: str, repo_id: str) -> Path:
+        """The repo's ``lfs-objects/`` folder, built from its commits if the repo predates it."""
+        repo_dir = self._repo_dir(repo_type, repo_id)
+        markers = repo_dir / "lfs-objects"
+        if not markers.is_dir():
+            self.get_repo(repo_type, repo_id)  # RepoNotFound rather than a folder in a missing repo
+            building = Path(tempfile.mkdtemp(dir=repo_dir, prefix=".lfs-objects-"))
+            for path in (repo_dir / "commits").glob("*.json"):
+                for entry in _read_json(path)["files"].values():
+                    if entry.get("lfs"):
+                        (building / entry["sha256"]).touch()
+            try:
+                os.rename(building, markers)
+            except OSError:  # built concurrently by another request
+                shutil.rmtree(building, ignore_errors=True)
+        return markers
+
+    def repo_holds_lfs(self, repo_type: str, repo_id: str, sha256: str) -> bool:
+        """Whether a commit of this repo (reachable or not from its refs) holds this LFS object."""
+        if not _SHA256_RE.fullmatch(sha256):
+            return False
+        return (self._lfs_markers(normalize_repo_type(repo_type), repo_id) / sha256).exists()
+
+    def _staged(self, repo_type: str, repo_id: str, sha256: str) -> Path | None:
+        path = self._repo_dir(repo_type, repo_id) / "uploads" / sha256
+        return path if _SHA256_RE.fullmatch(sha256) and path.is_file() else None
+
+    def repo_has_lfs(self, repo_type: str, repo_id: str, sha256: str) -> bool:
+        """Whether a commit of this repo may name the LFS object: committed before, or uploaded to it."""
+        repo_type = normalize_repo_type(repo_type)
+        return (
+            self.repo_holds_lfs(repo_type, repo_id, sha256)
+            or self._staged(repo_type, repo_id, sha256) is not None
+        )
+
+    def lfs_entry(self, repo_type: str, repo_id: str, sha256: str, size: int | None = None) -> FileEntry:
+        """Tree entry for an LFS object this repo holds or received; BadRequest if it was never uploaded to it."""
+        repo_type = normalize_repo_type(repo_type)
         sha256 = sha256.lower()
-        if not self.has_blob(sha256):
-            raise BadRequest(
-                f"LFS object {sha256} was not uploaded (POST .../info/lfs/objects/batch, then PUT)."
-            )
-        actual = self.blob_size(sha256)
+        if self.repo_holds_lfs(repo_type, repo_id, sha256):
+            actual = self.blob_size(sha256)
+        else:
+            staged = self._staged(repo_type, repo_id, sha256)
+            if staged is None:
+                raise BadRequest(
+                    f"LFS object {sha256} was not uploaded to {repo_id} "
+                    "(POST .../info/lfs/objects/batch, then PUT)."
+                )
+            actual = staged.stat().st_size
         if size is not None and size != actual:
             raise BadRequest(f"LFS object {sha256} has {actual} bytes, the commit says {size}.")
         return FileEntry(sha256=sha256, size=actual, oid=git_blob_sha1(lfs_pointer(sha256, actual)), lfs=True)
+
+    def _adopt_uploads(self, repo_type: str, repo_id: str, entries: Iterable[FileEntry]) -> list[str]:
+        """Move the staged uploads among ``entries`` into the shared store; returns their sha256s.
+
+        Called under the write lock, once the commit passed every check. The caller marks them as held by
+        the repo once the commit is written.
+        """
+        adopted = []
+        for entry in entries:
+            if not entry.lfs or self.repo_holds_lfs(repo_type, repo_id, entry.sha256):
+                continue
+            staged = self._staged(repo_type, repo_id, entry.sha256)
+            if staged is None:
+                raise BadRequest(f"LFS object {entry.sha256} was not uploaded to {repo_id}.")
+            if self.has_blob(entry.sha256, entry.size):
+                staged.unlink()
+            else:
+                self._blob_path(entry.sha256).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, self._blob_path(entry.sha256))
+            adopted.append(entry.sha256)
+        return adopted
+
+    def prune_uploads(self, max_age: float = 24 * 3600.0) -> int:
+        """Delete uploaded LFS objects no commit used within ``max_age`` seconds; returns how many."""
+        deadline = time.time() - max_age
+        removed = 0
+        for path in self.root.glob("repos/*/*/*/uploads/*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < deadline:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def upload_mode(self, path: str, size: int) -> str:
         """``"lfs"`` if ``path`` ends with one of the LFS extensions (and is not empty), else ``"regular"``."""
@@ -472,6 +571,7 @@ class HubStorage:
                 parents=(), files={".gitattributes": entry}, title="initial commit", message="", date=date
             )
             self._write_commit(repo_dir, commit)
+            (repo_dir / "lfs-objects").mkdir()
             meta = {
                 "id": repo_id,
                 "type": repo_type,
@@ -644,8 +744,14 @@ class HubStorage:
             commit = self._make_commit(
                 parents=(base,), files=files, title=summary, message=description or "", date=date
             )
+            adopted = self._adopt_uploads(
+                repo_type, repo_id, [op.entry for op in operations if isinstance(op, AddFile)]
+            )
             repo_dir = self._repo_dir(repo_type, repo_id)
             self._write_commit(repo_dir, commit)
+            markers = self._lfs_markers(repo_type, repo_id)
+            for sha256 in adopted:
+                (markers / sha256).touch()
             pr_num: int | None = None
             if create_pr:
                 pr_num = self._new_discussion(
@@ -877,6 +983,8 @@ def decode_content(value: dict[str, Any]) -> bytes:
     """Content of an NDJSON ``file`` line (``encoding`` base64 or utf-8)."""
     encoding = value.get("encoding", "base64")
     content = value.pop("content", "")
+    if not isinstance(content, str):
+        raise BadRequest(f"Content of {value.get('path')!r} must be a string.")
     if encoding == "base64":
         return base64.b64decode(content, validate=True)
     if encoding in ("utf-8", "utf8"):

@@ -36,7 +36,7 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hf_optim.accumulation import _parameters
+from hf_optim._utils import parameters_of
 from hf_optim.hub import _is_url, download_checkpoint, resolve_state_dir
 from hf_optim.serialization import (
     OPTIMIZER_INDEX_NAME,
@@ -142,7 +142,7 @@ class ItemNormalizer:
         self.accelerator = accelerator
         # Each parameter once: a gradient listed twice must not be scaled twice.
         self._params = list(
-            {id(p): p for p in _parameters(model_or_params, "model_or_params") if p.requires_grad}.values()
+            {id(p): p for p in parameters_of(model_or_params, "model_or_params") if p.requires_grad}.values()
         )
         if not self._params:
             raise ValueError(

@@ -7,15 +7,22 @@ optimizers give :func:`fused_adamw` a function that turns ``t`` into the kernel'
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+try:  # private torch module: looked up lazily so that a torch without it still imports hf_optim
+    import torch.utils._foreach_utils as _torch_foreach_utils
+except ImportError:  # pragma: no cover - depends on the torch build
+    _torch_foreach_utils = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 Implementation = Literal["single_tensor", "multi_tensor", "fused"]
 
@@ -41,6 +48,71 @@ def check_flags(foreach: bool | None, fused: bool | None) -> None:
         raise ValueError("foreach and fused cannot both be True: pick one implementation")
 
 
+# --- torch's private APIs, each behind a guard: a torch without one runs a slower path, never fails to import ---
+
+# The foreach ops the multi-tensor paths call.
+_FOREACH_OPS = (
+    "_foreach_add_", "_foreach_addcdiv_", "_foreach_addcmul_", "_foreach_div", "_foreach_lerp_", "_foreach_maximum_",
+    "_foreach_mul_", "_foreach_sqrt",
+)  # fmt: skip
+_logged_fallbacks: set[str] = set()
+
+
+def _log_fallback_once(missing: str, consequence: str) -> None:
+    if missing not in _logged_fallbacks:
+        _logged_fallbacks.add(missing)
+        logger.info("torch %s has no %s: %s", torch.__version__, missing, consequence)
+
+
+def fused_kernel_devices() -> list[str] | None:
+    """Device types ``torch._fused_adamw_`` supports, or ``None`` when this torch lacks the kernel or the list.
+
+    ``None`` makes every fused choice fall back to the multi-tensor path (logged once at INFO).
+    """
+    if getattr(torch, "_fused_adamw_", None) is None:
+        _log_fallback_once("torch._fused_adamw_", "the fused paths run the multi-tensor path instead")
+        return None
+    supported = getattr(_torch_foreach_utils, "_get_fused_kernels_supported_devices", None)
+    if supported is None:
+        _log_fallback_once(
+            "torch.utils._foreach_utils._get_fused_kernels_supported_devices",
+            "the fused paths run the multi-tensor path instead",
+        )
+        return None
+    return list(supported())
+
+
+def foreach_available() -> bool:
+    """Whether this torch has every ``torch._foreach_*`` op the multi-tensor paths use (else: reference path)."""
+    missing = [name for name in _FOREACH_OPS if getattr(torch, name, None) is None]
+    if missing:
+        _log_fallback_once(
+            ", ".join(f"torch.{name}" for name in missing),
+            "the multi-tensor paths run the reference path instead",
+        )
+        return False
+    return True
+
+
+def group_by_device_and_dtype(
+    tensors: list[list[Tensor]],
+) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
+    """Split parallel tensor lists by the (device, dtype) of the first list's tensors; empty lists stay empty.
+
+    torch's ``Optimizer._group_tensors_by_device_and_dtype`` when present, else the same in Python.
+    """
+    torch_grouping = getattr(Optimizer, "_group_tensors_by_device_and_dtype", None)
+    if torch_grouping is not None:
+        return {key: bucket for key, (bucket, _) in torch_grouping(tensors).items()}  # type: ignore[misc]
+    _log_fallback_once(
+        "torch.optim.Optimizer._group_tensors_by_device_and_dtype", "tensors are grouped in Python instead"
+    )
+    indices: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors[0]):
+        indices[(t.device, t.dtype)].append(i)
+    return {key: [[x[i] for i in idx] if x else [] for x in tensors] for key, idx in indices.items()}
+
+
 def bucket_implementation(
     device: torch.device, dtype: torch.dtype, foreach: bool | None, fused: bool | None
 ) -> Implementation:
@@ -48,19 +120,19 @@ def bucket_implementation(
 
     ``fused=True``: the fused kernel (error if the tensors cannot use it); ``foreach=True``: multi-tensor;
     ``foreach=False`` (fused not True): the per-tensor reference; both ``None``: fused when the tensors can use it,
-    else multi-tensor.
+    else multi-tensor. A torch without the fused kernel or the foreach ops runs the next slower path.
     """
-    supported = _get_fused_kernels_supported_devices()
-    fusable = device.type in supported and dtype.is_floating_point
     if fused or (fused is None and foreach is None):
-        if fusable:
-            return "fused"
-        if fused:
-            raise RuntimeError(
-                f"fused=True needs floating-point parameters on one of {supported}, got {dtype} on {device}; "
-                "use fused=None to fall back"
-            )
-    if foreach is False or dtype.is_complex:
+        supported = fused_kernel_devices()
+        if supported is not None:
+            if device.type in supported and dtype.is_floating_point:
+                return "fused"
+            if fused:
+                raise RuntimeError(
+                    f"fused=True needs floating-point parameters on one of {supported}, got {dtype} on {device}; "
+                    "use fused=None to fall back"
+                )
+    if foreach is False or dtype.is_complex or not foreach_available():
         return "single_tensor"
     return "multi_tensor"
 
@@ -68,14 +140,55 @@ def bucket_implementation(
 def group_buckets(
     tensors: list[list[Tensor]], foreach: bool | None, fused: bool | None
 ) -> list[tuple[Implementation, list[list[Tensor]]]]:
-    """Split parallel tensor lists by (device, dtype) and pick each bucket's implementation."""
+    """Split parallel tensor lists by (device, dtype) and pick each bucket's implementation.
+
+    Under ``torch.compile`` the lists stay whole (inductor groups and fuses them itself, as torch.optim does) and
+    the fused choice runs the multi-tensor code: the fused re-parametrisations need the step as a Python number.
+    """
     if foreach is False and not fused:
         return [("single_tensor", tensors)]
-    grouped = Optimizer._group_tensors_by_device_and_dtype(tensors)  # type: ignore[arg-type]
+    if torch.compiler.is_compiling():
+        return [("multi_tensor" if foreach_available() else "single_tensor", tensors)]
     return [
-        (bucket_implementation(device, dtype, foreach, fused), bucket)  # type: ignore[misc]
-        for (device, dtype), (bucket, _) in grouped.items()
+        (bucket_implementation(device, dtype, foreach, fused), bucket)
+        for (device, dtype), bucket in group_by_device_and_dtype(tensors).items()
     ]
+
+
+def set_steps(steps: list[Tensor], value: float | Tensor | None = None) -> None:
+    """Add 1 to each step tensor (``value=None``), or set each to ``value``."""
+    if value is None and foreach_available():
+        torch._foreach_add_(steps, 1)
+        return
+    for step in steps:
+        if value is None:
+            step.add_(1)
+        elif isinstance(value, Tensor):
+            step.copy_(value)
+        else:
+            step.fill_(value)
+
+
+def tensor_steps(capturable: bool) -> bool:
+    """Whether bias corrections are computed on the step tensors (no host sync) rather than as Python floats.
+
+    So with ``capturable=True`` and under ``torch.compile``, where reading the step back (``.item()``,
+    ``.tolist()``) would be a graph break or a data-dependent value, depending on the torch version.
+    """
+    return capturable or torch.compiler.is_compiling()
+
+
+def adam_step_sizes(steps: list[Tensor], *, lr: float, beta1: float, beta2: float) -> list[Tensor]:
+    """``-lr * sqrt(1-beta2^t) / (1-beta1^t)`` per step tensor, as 0-dim tensors on the steps' devices.
+
+    Computed in float64 (float32 where the device has no float64) so that the result rounds like the Python-float
+    computation of the eager paths.
+    """
+    sizes = []
+    for step in steps:
+        t = step.to(torch.float32 if step.device.type == "mps" else torch.float64)
+        sizes.append((1.0 - beta2**t).sqrt() * -lr / (1.0 - beta1**t))
+    return sizes
 
 
 def gather_state(
@@ -109,6 +222,62 @@ def gather_state(
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return params, grads, states
+
+
+def check_loaded_state(
+    optimizer: Optimizer,
+    state_dict: Mapping[str, Any],
+    state_keys: Callable[[dict[str, Any]], tuple[set[str], set[str]]],
+) -> None:
+    """Raise ``ValueError`` when a parameter's saved state has keys the optimizer does not use or lacks one it needs.
+
+    ``state_keys(group)`` gives the ``(required, optional)`` state keys for the parameters of a saved param group
+    (completed with the optimizer's defaults). Also checks that each saved moment is a tensor of its parameter's
+    shape. The message lists every parameter at fault (by name when the state_dict has ``param_names``); called
+    before anything is loaded, so a refused state_dict leaves the optimizer as it was.
+    """
+    name = type(optimizer).__name__
+    state, saved_groups = state_dict.get("state"), state_dict.get("param_groups")
+    if not isinstance(state, Mapping) or not isinstance(saved_groups, (list, tuple)):
+        raise ValueError(
+            f"{name}.load_state_dict needs a dict with 'state' and 'param_groups', got {sorted(state_dict)}"
+        )
+    problems = []
+    for gi, saved in enumerate(saved_groups):
+        required, optional = state_keys({**optimizer.defaults, **saved})
+        names = saved.get("param_names")
+        live = optimizer.param_groups[gi]["params"] if gi < len(optimizer.param_groups) else []
+        for i, pid in enumerate(saved.get("params", [])):
+            s = state.get(pid)
+            if not s:
+                continue
+            label = repr(names[i]) if names and i < len(names) else f"#{pid}"
+            keys = set(s)
+            unexpected, missing = sorted(keys - required - optional), sorted(required - keys)
+            if unexpected or missing:
+                problems.append(f"parameter {label}: unexpected keys {unexpected}, missing keys {missing}")
+                continue
+            step = s.get("step")
+            if "step" in s and not (
+                (isinstance(step, (int, float)) and not isinstance(step, bool))
+                or (isinstance(step, Tensor) and step.numel() == 1)
+            ):
+                problems.append(f"parameter {label}: 'step' must be a number or a one-element tensor")
+            for key in sorted(keys - {"step"}):
+                value = s[key]
+                if not isinstance(value, Tensor):
+                    problems.append(f"parameter {label}: {key!r} is a {type(value).__name__}, not a tensor")
+                elif i < len(live) and value.shape != live[i].shape:
+                    problems.append(
+                        f"parameter {label}: {key!r} has shape {tuple(value.shape)}, "
+                        f"the parameter {tuple(live[i].shape)}"
+                    )
+    if problems:
+        expected = sorted(set().union(*state_keys(dict(optimizer.defaults))))
+        raise ValueError(
+            f"{name}.load_state_dict: the state does not match what {name} keeps per parameter ({expected}); "
+            "nothing was loaded:\n  " + "\n  ".join(problems)
+        )
 
 
 def steps_to_tensors(state: dict[Tensor, dict[str, Any]]) -> None:
@@ -150,7 +319,7 @@ def fused_adamw(
         p, g, m, v, vmax, steps = (
             tensors if idx is None else [[x[i] for i in idx] if x else x for x in tensors]
         )
-        torch._fused_adamw_(
+        torch._fused_adamw_(  # bucket_implementation picks "fused" only when it exists
             p, g, m, v, vmax if amsgrad else [], steps,
             lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
             amsgrad=amsgrad, maximize=False,
@@ -186,12 +355,20 @@ def keras_clip_gradients(
     if clipvalue is not None:
         grads = [g.clamp(-clipvalue, clipvalue) for g in grads]
     if clipnorm is not None:
-        norms = torch._foreach_norm(grads)
+        norms = _norms(grads)
         grads = [g * clipnorm / torch.clamp(n, min=clipnorm) for g, n in zip(grads, norms, strict=True)]
     if global_clipnorm is not None and grads:
-        norms = torch._foreach_norm(grads)
+        norms = _norms(grads)
         global_norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
         scale = global_clipnorm * torch.minimum(1.0 / global_norm, torch.tensor(1.0 / global_clipnorm))
         scale = torch.where(torch.isfinite(global_norm), scale, torch.tensor(float("nan")))
-        grads = list(torch._foreach_mul(grads, scale))
+        grads = [g * scale for g in grads]
     return grads
+
+
+def _norms(grads: list[Tensor]) -> list[Tensor]:
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    if foreach_norm is None:
+        _log_fallback_once("torch._foreach_norm", "gradient norms are computed one tensor at a time")
+        return [torch.linalg.vector_norm(g) for g in grads]
+    return list(foreach_norm(grads))

@@ -26,13 +26,17 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from hf_optim.optimizers._kernels import (
+    adam_step_sizes,
     check_flags,
+    check_loaded_state,
     check_number,
     fused_adamw,
     gather_state,
     group_buckets,
     keras_clip_gradients,
+    set_steps,
     steps_to_tensors,
+    tensor_steps,
 )
 from hf_optim.param_groups import compile_patterns, decay_applies
 
@@ -68,6 +72,8 @@ class AdamWeightDecay(Optimizer):
         clipnorm, clipvalue, global_clipnorm: Keras gradient clipping (``clipnorm`` and ``global_clipnorm``
             are exclusive).
         foreach, fused: implementation choice as in torch.optim; the default uses the fused kernel.
+        capturable: keep the step count on the step tensors (no host sync; CUDA graphs). Always the case under
+            ``torch.compile``.
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class AdamWeightDecay(Optimizer):
         global_clipnorm: float | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         check_flags(foreach, fused)
         if clipnorm is not None and global_clipnorm is not None:
@@ -107,7 +114,9 @@ class AdamWeightDecay(Optimizer):
         self.exclude_from_weight_decay = exclude_from_weight_decay
         self._include = compile_patterns(include_in_weight_decay, "include_in_weight_decay")
         self._exclude = compile_patterns(exclude_from_weight_decay, "exclude_from_weight_decay")
-        self._iterations: int | None = 0
+        # Keras' iteration count, cached; None: recompute from the step tensors. A dict, not an attribute, because
+        # torch.compile replays item assignments made inside a compiled step() but not attribute assignments.
+        self._count: dict[str, int | None] = {"iterations": 0}
         self._decay: dict[Tensor, bool] = {}  # whether each parameter is decayed, decided once by name
         defaults = {
             "lr": learning_rate,
@@ -117,23 +126,23 @@ class AdamWeightDecay(Optimizer):
             "amsgrad": amsgrad,
             "foreach": foreach,
             "fused": fused,
+            "capturable": capturable,
         }
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(_to_torch_keys(param_group, self.defaults["betas"]))
         group = self.param_groups[-1]
-        check_number("learning_rate", group["lr"])
-        check_number("beta_1", group["betas"][0], high=1.0)
-        check_number("beta_2", group["betas"][1], high=1.0)
-        check_number("epsilon", group["eps"])
-        check_number("weight_decay_rate", group["weight_decay"])
-        check_flags(group["foreach"], group["fused"])
-        if (self._include or self._exclude) and "param_names" not in group:
-            raise ValueError(
-                "include_in_weight_decay / exclude_from_weight_decay match parameter names: "
-                "pass model.named_parameters() (or (name, tensor) pairs) instead of bare tensors"
-            )
+        try:
+            _check_group(group)
+            if (self._include or self._exclude) and "param_names" not in group:
+                raise ValueError(
+                    "include_in_weight_decay / exclude_from_weight_decay match parameter names: "
+                    "pass model.named_parameters() (or (name, tensor) pairs) instead of bare tensors"
+                )
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # refused: the optimizer stays as it was
+            raise
         self._set_decay(group)
 
     def _set_decay(self, group: dict[str, Any]) -> None:
@@ -152,19 +161,34 @@ class AdamWeightDecay(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:  # keys an older state_dict lacks
+            group.setdefault("capturable", False)
         self._decay = {}
         for group in self.param_groups:
             self._set_decay(group)
         steps_to_tensors(self.state)
-        self._iterations = None  # recomputed from the loaded steps
+        self._count = {"iterations": None}  # recomputed from the loaded steps
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by this class.
+
+        Raises ``ValueError`` (loading nothing) when a parameter's state has other keys than ``step``,
+        ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad), or a moment of the wrong shape. Runs
+        after the caller's own ``register_load_state_dict_pre_hook`` hooks.
+        """
+        handle = self.register_load_state_dict_pre_hook(_check_loaded)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
 
     @property
     def iterations(self) -> int:
         """Number of steps applied so far (Keras' ``optimizer.iterations``)."""
-        if self._iterations is None:
+        if self._count["iterations"] is None:
             steps = [int(s["step"]) for s in self.state.values() if "step" in s]
-            self._iterations = max(steps, default=0)
-        return self._iterations
+            self._count["iterations"] = max(steps, default=0)
+        return self._count["iterations"]  # type: ignore[return-value]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -239,10 +263,19 @@ class AdamWeightDecay(Optimizer):
                 )
             )
             gathered = [(grp, ps, [next(clipped) for _ in gs], sts) for grp, ps, gs, sts in gathered]
-        t = self.iterations + 1
+        t: int | Tensor
+        if tensor_steps(any(group["capturable"] for group, *_ in gathered)):
+            # The optimizer's count is the largest step of any parameter: each step() sets its parameters' steps
+            # to it. Kept on the step tensors, read back only by ``iterations``.
+            device = gathered[0][1][0].device
+            t = torch.stack([s["step"].to(device) for s in self.state.values() if "step" in s]).max() + 1
+            self._count["iterations"] = None
+        else:
+            t = self.iterations + 1
         for group, params, grads, states in gathered:
             self._update_group(group, params, grads, states, t)
-        self._iterations = t
+        if isinstance(t, int):
+            self._count["iterations"] = t
 
     def _update_group(
         self,
@@ -250,16 +283,15 @@ class AdamWeightDecay(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         states: list[dict[str, Any]],
-        t: int,
+        t: int | Tensor,
     ) -> None:
         amsgrad = group["amsgrad"]
         if amsgrad:
             for p, s in zip(params, states, strict=True):
                 if "max_exp_avg_sq" not in s:
                     s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        steps = [s["step"] for s in states]
-        torch._foreach_zero_(steps)
-        torch._foreach_add_(steps, float(t))  # every updated parameter is at the optimizer's step t
+        # every updated parameter is at the optimizer's step t
+        set_steps([s["step"] for s in states], t if isinstance(t, Tensor) else float(t))
         decays = [self._decay[p] for p in params]
         beta1, beta2 = group["betas"]
         for decay in (True, False):
@@ -273,8 +305,34 @@ class AdamWeightDecay(Optimizer):
                 [s["max_exp_avg_sq"] for s in sub] if amsgrad else None, [s["step"] for s in sub],
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"] if decay else 0.0, amsgrad=amsgrad,
-                foreach=group["foreach"], fused=group["fused"],
+                foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
             )  # fmt: skip
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    check_number("learning_rate", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta_1, beta_2), got {betas!r}")
+    check_number("beta_1", betas[0], high=1.0)
+    check_number("beta_2", betas[1], high=1.0)
+    check_number("epsilon", group["eps"])
+    check_number("weight_decay_rate", group["weight_decay"])
+    check_flags(group["foreach"], group["fused"])
+    for key in ("amsgrad", "capturable"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be a bool, got {type(group[key]).__name__}")
+
+
+def _state_keys(group: dict[str, Any]) -> tuple[set[str], set[str]]:
+    # max_exp_avg_sq appears with amsgrad (created at the first amsgrad step, so optional)
+    return {"step", "exp_avg", "exp_avg_sq"}, {"max_exp_avg_sq"} if group.get("amsgrad") else set()
+
+
+def _check_loaded(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    check_loaded_state(optimizer, state_dict, _state_keys)
+    for saved in state_dict["param_groups"]:
+        _check_group({**optimizer.defaults, **saved})
 
 
 def _to_torch_keys(group: dict[str, Any], default_betas: tuple[float, float]) -> dict[str, Any]:
@@ -308,20 +366,25 @@ def adam_weight_decay(
     amsgrad: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
+    capturable: bool = False,
 ) -> None:
     """Functional ``AdamWeightDecay`` update for tensors whose ``state_steps`` already hold the step ``t``.
 
     ``weight_decay`` applies to every tensor given (split decayed and non-decayed parameters into two calls).
     ``foreach=False, fused=False`` is the reference; ``None`` picks the fastest implementation.
+    ``capturable=True`` (and ``torch.compile``) computes the bias corrections on the step tensors.
     """
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     check_flags(foreach, fused)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps]
     for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+        if impl == "fused" and capturable:  # the re-parametrisation needs t as a number
+            impl = "multi_tensor"
         _IMPLEMENTATIONS[impl](
-            *bucket, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
-        )
+            *bucket, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            capturable=capturable,
+        )  # fmt: skip
 
 
 def _keras_lr(lr: float, beta1: float, beta2: float, t: float) -> float:
@@ -342,14 +405,20 @@ def _single_tensor_adam_weight_decay(
     eps: float,
     weight_decay: float,
     amsgrad: bool,
+    capturable: bool,
 ) -> None:
     # The reference, following TensorFlow's ops: var.assign_sub(lr * var * rate), then ResourceApplyAdam
     # (m += (g - m) * (1 - b1); v += (g*g - v) * (1 - b2); var -= m * alpha / (sqrt(v) + eps)) or, with amsgrad,
     # Keras' python ops (m = m*b1 + g*(1-b1); v = v*b2 + g*g*(1-b2); vhat = max(vhat, v); var -= alpha*m/(...)).
+    on_tensors = tensor_steps(capturable)
     for i, (param, grad, m, v, step_t) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True)
     ):
-        alpha = _keras_lr(lr, beta1, beta2, step_t.item())
+        alpha: float | Tensor
+        if on_tensors:  # the same factor, as a tensor
+            alpha = -adam_step_sizes([step_t], lr=lr, beta1=beta1, beta2=beta2)[0]
+        else:
+            alpha = _keras_lr(lr, beta1, beta2, step_t.item())
         if weight_decay > 0.0:
             param.sub_(param * lr * weight_decay)
         if amsgrad:
@@ -378,6 +447,7 @@ def _multi_tensor_adam_weight_decay(
     eps: float,
     weight_decay: float,
     amsgrad: bool,
+    capturable: bool,
 ) -> None:
     # For tensors of one device and dtype.
     if weight_decay > 0.0:
@@ -389,8 +459,13 @@ def _multi_tensor_adam_weight_decay(
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
     denom = torch._foreach_sqrt(max_exp_avg_sqs if amsgrad else exp_avg_sqs)
     torch._foreach_add_(denom, eps)
-    alphas = [-_keras_lr(lr, beta1, beta2, t) for t in torch.stack(state_steps).tolist()]
-    torch._foreach_addcdiv_(params, exp_avgs, denom, alphas)
+    if tensor_steps(capturable):
+        updates = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_mul_(updates, adam_step_sizes(state_steps, lr=lr, beta1=beta1, beta2=beta2))
+        torch._foreach_add_(params, updates)
+    else:
+        alphas = [-_keras_lr(lr, beta1, beta2, t) for t in torch.stack(state_steps).tolist()]
+        torch._foreach_addcdiv_(params, exp_avgs, denom, alphas)
 
 
 def _fused_adam_weight_decay(
@@ -407,9 +482,12 @@ def _fused_adam_weight_decay(
     eps: float,
     weight_decay: float,
     amsgrad: bool,
+    capturable: bool,
 ) -> None:
     # torch._fused_adamw_: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps'). With eps' = eps/sqrt(bc2)
     # that is Keras' p -= lr*sqrt(bc2)/bc1 * m / (sqrt(v) + eps), after the same decoupled decay.
+    del capturable  # adam_weight_decay() sends capturable work to the multi-tensor path
+
     def hyperparameters(t: float) -> tuple[float, float, float]:
         return lr, eps / math.sqrt(1.0 - beta2**t), weight_decay
 

@@ -25,23 +25,46 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from hf_optim.optimizers._kernels import (
+    adam_step_sizes,
     check_flags,
+    check_loaded_state,
     check_number,
     fused_adamw,
     gather_state,
     group_buckets,
+    set_steps,
     steps_to_tensors,
+    tensor_steps,
 )
 
 __all__ = ["AdamW", "adamw"]
+
+_STATE_KEYS = ({"step", "exp_avg", "exp_avg_sq"}, set())
+
+# torch.optim.AdamW's param-group options and the only value of each that keeps the legacy math.
+TORCH_ADAMW_FIXED_OPTIONS: dict[str, bool] = {
+    "amsgrad": False,
+    "maximize": False,
+    "differentiable": False,
+    "decoupled_weight_decay": True,
+}
 
 
 class AdamW(torch.optim.AdamW):
     """transformers 4.x ``AdamW``: Adam with decoupled weight decay applied after the update, and ``correct_bias``.
 
-    Subclasses ``torch.optim.AdamW`` so code that checks ``isinstance(opt, torch.optim.AdamW)`` (DeepSpeed's
-    CPU-offload swap, accelerate) treats it as AdamW; hyperparameters live in the param groups under torch's names
-    (``lr``, ``betas``, ``eps``, ``weight_decay``) plus ``correct_bias``, so LR schedulers work unchanged.
+    It is a ``torch.optim.AdamW`` (``isinstance`` holds) and its param groups carry every key of torch's AdamW
+    groups, with the values that describe its math: ``amsgrad=False``, ``maximize=False``,
+    ``differentiable=False``, ``decoupled_weight_decay=True`` (other values are refused, they would change the
+    algorithm), and ``capturable``, ``foreach``, ``fused`` (honoured: they only pick an implementation). Code that
+    reads torch's keys or checks the class works, LR schedulers included.
+
+    ``isinstance`` is what accelerate reads when DeepSpeed ZeRO-Offload is configured: ``Accelerator.prepare``
+    (Trainer's too) then *replaces* any client optimizer by ``DeepSpeedCPUAdam``, in AdamW mode (decoupled decay)
+    for a ``torch.optim.AdamW``, in Adam-with-L2 mode otherwise. Either way the legacy details (``eps`` before the
+    bias correction, decay after the update, ``correct_bias=False``) are lost; AdamW mode is the closer one. No
+    method of this class runs during or after that swap, so it cannot warn; ``"zero_force_ds_cpu_optimizer":
+    false`` in the DeepSpeed config prevents the swap and DeepSpeed then runs this optimizer itself.
 
     Args:
         params: tensors, ``model.named_parameters()``, or param-group dicts (as torch.optim accepts).
@@ -52,6 +75,9 @@ class AdamW(torch.optim.AdamW):
         correct_bias: whether to apply Adam's bias correction (BERT used ``False``).
         foreach: ``False`` together with ``fused=False`` runs the per-tensor reference path.
         fused: ``None`` (default) picks ``torch._fused_adamw_`` when every parameter can use it.
+        capturable: compute the bias corrections on the step tensors (no host sync; CUDA graphs). Always the case
+            under ``torch.compile``.
+        amsgrad, maximize, differentiable: torch's options; only ``False`` is accepted.
     """
 
     def __init__(
@@ -65,6 +91,10 @@ class AdamW(torch.optim.AdamW):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
     ) -> None:
         check_flags(foreach, fused)
         defaults = {
@@ -75,26 +105,52 @@ class AdamW(torch.optim.AdamW):
             "correct_bias": correct_bias,
             "foreach": foreach,
             "fused": fused,
+            "capturable": capturable,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "decoupled_weight_decay": True,
         }
-        # torch.optim.AdamW.__init__ would validate and store torch's own options; only the base class is wanted.
+        _check_torch_options(defaults)
+        # torch.optim.AdamW.__init__ would validate its own option values and store its eps default; the base
+        # class is enough, the keys are all in ``defaults``.
         Optimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_number("lr", group["lr"])
-        _check_betas(group["betas"])
-        check_number("eps", group["eps"])
-        check_number("weight_decay", group["weight_decay"])
-        check_flags(group["foreach"], group["fused"])
+        try:
+            check_number("lr", group["lr"])
+            _check_betas(group["betas"])
+            check_number("eps", group["eps"])
+            check_number("weight_decay", group["weight_decay"])
+            check_flags(group["foreach"], group["fused"])
+            _check_torch_options(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # refused: the optimizer stays as it was
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Not Adam.__setstate__: it would add torch's own group options.
+        # Not Adam.__setstate__: its defaults for missing keys are torch's, these are the constructor's.
         Optimizer.__setstate__(self, state)
-        for group in self.param_groups:  # keys a legacy or torch state_dict lacks: the constructor's choice
-            for key in ("correct_bias", "foreach", "fused"):
-                group.setdefault(key, self.defaults[key])
+        for group in self.param_groups:  # keys a legacy or older torch state_dict lacks
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         steps_to_tensors(self.state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of this class, of transformers 4.x ``AdamW`` or of ``torch.optim.AdamW``.
+
+        Raises ``ValueError`` (loading nothing) when a parameter's state has other keys than ``step``,
+        ``exp_avg``, ``exp_avg_sq`` (e.g. BertAdam's ``next_m`` / ``next_v``), a moment of the wrong shape, or a
+        group option that would change the math (``amsgrad=True``...). Runs after the caller's own
+        ``register_load_state_dict_pre_hook`` hooks, which may convert a foreign state_dict first.
+        """
+        handle = self.register_load_state_dict_pre_hook(_check_loaded)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -113,9 +169,29 @@ class AdamW(torch.optim.AdamW):
                 [s["step"] for s in states],
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
-                foreach=group["foreach"], fused=group["fused"],
+                foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
             )  # fmt: skip
         return loss
+
+
+def _check_torch_options(group: dict[str, Any]) -> None:
+    for key in ("capturable", *TORCH_ADAMW_FIXED_OPTIONS):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be a bool, got {type(group[key]).__name__}")
+    for key, value in TORCH_ADAMW_FIXED_OPTIONS.items():
+        if group[key] is not value:
+            raise ValueError(
+                f"{key}={group[key]} would change the algorithm: hf_optim.AdamW is transformers 4.x AdamW and "
+                f"keeps torch.optim.AdamW's {key}={value}; use torch.optim.AdamW for {key}={group[key]}"
+            )
+
+
+def _check_loaded(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    check_loaded_state(optimizer, state_dict, lambda group: _STATE_KEYS)
+    for saved in state_dict["param_groups"]:
+        merged = {**optimizer.defaults, **saved}
+        _check_torch_options(merged)
+        check_flags(merged["foreach"], merged["fused"])
 
 
 def _check_betas(betas: tuple[float, float]) -> None:
@@ -140,17 +216,21 @@ def adamw(
     correct_bias: bool = True,
     foreach: bool | None = None,
     fused: bool | None = None,
+    capturable: bool = False,
 ) -> None:
     """Functional legacy AdamW: update ``params`` and the state lists in place, and add 1 to ``state_steps``.
 
     ``foreach=False, fused=False`` is the reference; ``None`` picks, per device and dtype, the fastest
-    implementation the tensors support.
+    implementation the tensors support. ``capturable=True`` (and ``torch.compile``) computes the bias corrections
+    on the step tensors instead of reading them back as Python numbers.
     """
     check_flags(foreach, fused)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
-        if impl == "fused" and weight_decay > 0 and lr * weight_decay == 1.0:
-            impl = "multi_tensor"  # the decay factor is 0: no re-parametrisation of the fused kernel exists
+        if impl == "fused" and (capturable or (weight_decay > 0 and lr * weight_decay == 1.0)):
+            # capturable: the re-parametrisation needs t as a number; lr*wd == 1: the decay factor is 0 and no
+            # re-parametrisation of the fused kernel exists
+            impl = "multi_tensor"
         _IMPLEMENTATIONS[impl](
             *bucket,
             lr=lr,
@@ -159,6 +239,7 @@ def adamw(
             eps=eps,
             weight_decay=weight_decay,
             correct_bias=correct_bias,
+            capturable=capturable,
         )
 
 
@@ -175,22 +256,28 @@ def _single_tensor_adamw(
     eps: float,
     weight_decay: float,
     correct_bias: bool,
+    capturable: bool,
 ) -> None:
     # The reference: transformers 4.x AdamW.step, op for op.
+    on_tensors = tensor_steps(capturable)
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
     ):
         step_t += 1
-        step = step_t.item()
         exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(eps)
-        step_size = lr
-        if correct_bias:
-            bias_correction1 = 1.0 - beta1**step
-            bias_correction2 = 1.0 - beta2**step
-            step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        if on_tensors and correct_bias:  # the same step size, as a tensor
+            (neg_step_size,) = adam_step_sizes([step_t], lr=lr, beta1=beta1, beta2=beta2)
+            param.add_(exp_avg / denom * neg_step_size)
+        else:
+            step_size = lr
+            if correct_bias:
+                step = step_t.item()
+                bias_correction1 = 1.0 - beta1**step
+                bias_correction2 = 1.0 - beta2**step
+                step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
+            param.addcdiv_(exp_avg, denom, value=-step_size)
         if weight_decay > 0.0:
             param.add_(param, alpha=(-lr * weight_decay))
 
@@ -208,16 +295,21 @@ def _multi_tensor_adamw(
     eps: float,
     weight_decay: float,
     correct_bias: bool,
+    capturable: bool,
 ) -> None:
     # The reference's ops, one foreach call per op, for tensors of one device and dtype.
-    torch._foreach_add_(state_steps, 1)
+    set_steps(state_steps)
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, eps)
-    if correct_bias:
+    if correct_bias and tensor_steps(capturable):
+        updates = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_mul_(updates, adam_step_sizes(state_steps, lr=lr, beta1=beta1, beta2=beta2))
+        torch._foreach_add_(params, updates)
+    elif correct_bias:
         step_sizes = [
             -(lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)) for t in torch.stack(state_steps).tolist()
         ]
@@ -241,12 +333,14 @@ def _fused_adamw(
     eps: float,
     weight_decay: float,
     correct_bias: bool,
+    capturable: bool,
 ) -> None:
     # torch._fused_adamw_ computes, with bias corrections bc1 = 1-b1^t and bc2 = 1-b2^t:
     #   p *= 1 - lr'*wd';  p -= lr'/bc1 * m / (sqrt(v)/sqrt(bc2) + eps')
     # The legacy update, multiplied out, is:
     #   p = (1 - lr*wd) * p - (1 - lr*wd) * s * m / (sqrt(v) + eps),   s = lr*sqrt(bc2)/bc1 (or lr)
     # so eps' = eps/sqrt(bc2), lr' = (lr or lr*bc1/sqrt(bc2)) * (1 - lr*wd) and wd' = lr*wd / lr'.
+    del capturable  # adamw() sends capturable work to the multi-tensor path
     shrink = 1.0 - lr * weight_decay
 
     def hyperparameters(t: float) -> tuple[float, float, float]:
@@ -256,7 +350,7 @@ def _fused_adamw(
         kernel_wd = lr * weight_decay / kernel_lr if kernel_lr != 0.0 else 0.0
         return kernel_lr, eps / sqrt_bc2, kernel_wd
 
-    torch._foreach_add_(state_steps, 1)
+    set_steps(state_steps)
     fused_adamw(
         params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
         beta1=beta1, beta2=beta2, hyperparameters=hyperparameters,

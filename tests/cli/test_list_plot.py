@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from hf_optim.cli.main import main
-from hf_optim.cli.plot_cmd import parse_schedule, text_plot
+from hf_optim.cli.plot_cmd import draw_figure, parse_schedule, schedule_lrs, text_plot
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -27,13 +28,21 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_list_shows_every_entry_with_its_description(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
-    assert "Optimizers (4):" in out and "Schedules (10):" in out
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+
+    from hf_optim.integrations.transformers import registered_names
+
+    # hf_optim's four optimizers plus transformers' own names: its handler table without the names hf_optim added
+    # (its four, and those earlier tests registered)
+    transformers_own = {k.value for k in _OPTIMIZER_HANDLERS} - set(registered_names()["optimizers"])
+    assert f"Optimizers ({len(transformers_own) + 4}):" in out and "Schedules (10):" in out
     lines = out.splitlines()
     for name, words in (
-        ("adamw_hf", "AdamW of transformers 4.x"),
-        ("adam_weight_decay", "AdamWeightDecay of transformers 4.x TF"),
-        ("bert_adam", "BertAdam of pytorch-pretrained-bert"),
-        ("openai_adam", "OpenAIAdam of pytorch-pretrained-bert"),
+        ("adamw_hf", "[hf_optim] AdamW of transformers 4.x"),
+        ("adam_weight_decay", "[hf_optim] AdamWeightDecay of transformers 4.x TF"),
+        ("bert_adam", "[hf_optim] BertAdam of pytorch-pretrained-bert"),
+        ("openai_adam", "[hf_optim] OpenAIAdam of pytorch-pretrained-bert"),
+        ("adamw_torch", "[transformers] "),
         ("linear", "linear warmup, then linear decay to 0"),
         ("warmup_stable_decay", "warmup, constant phase"),
     ):
@@ -52,6 +61,14 @@ def test_list_filters_and_json(capsys):
     code, out, _ = run_cli(capsys, "list", "--optimizers", "-v")
     assert "renames: lr -> learning_rate, weight_decay -> weight_decay_rate, betas -> beta_1/beta_2" in out
     assert "Schedules" not in out
+
+    code, out, _ = run_cli(capsys, "list", "--optimizers", "--source", "hf_optim", "--json")
+    assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [
+        ("adam_weight_decay", "hf_optim"),
+        ("adamw_hf", "hf_optim"),
+    ]
+    code, out, _ = run_cli(capsys, "list", "--optimizers", "--source", "transformers", "sgd", "--json")
+    assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [("sgd", "transformers")]
 
 
 def test_console_script_is_installed():
@@ -174,6 +191,72 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def segment_hits_box(p: tuple[float, float], q: tuple[float, float], box) -> bool:
+    """Whether the segment p-q meets the rectangle ``box`` (x0, y0, x1, y1), by Liang-Barsky clipping."""
+    (x, y), (dx, dy) = p, (q[0] - p[0], q[1] - p[1])
+    t0, t1 = 0.0, 1.0
+    for pk, qk in ((-dx, x - box[0]), (dx, box[2] - x), (-dy, y - box[1]), (dy, box[3] - y)):
+        if pk == 0:
+            if qk < 0:  # parallel to this edge and outside it
+                return False
+        elif pk < 0:
+            t0 = max(t0, qk / pk)
+        else:
+            t1 = min(t1, qk / pk)
+    return t0 <= t1
+
+
+def lines_crossing(figure, box) -> list[str]:
+    """Labels of the figure's data lines with a segment, in display coordinates, inside ``box`` (a Bbox)."""
+    rect = (box.x0, box.y0, box.x1, box.y1)
+    hits = []
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            points = line.get_transform().transform(line.get_xydata())
+            if any(segment_hits_box(a, b, rect) for a, b in itertools.pairwise(points)):
+                hits.append(line.get_label())
+    return hits
+
+
+def test_segment_hits_box():
+    box = (0, 0, 10, 10)
+    assert segment_hits_box((-5, 5), (15, 5), box)  # crosses with both ends outside
+    assert segment_hits_box((5, 5), (6, 6), box)  # inside
+    assert segment_hits_box((-1, 11), (11, -1), box)  # the diagonal
+    assert not segment_hits_box((-1, 12), (12, 11), box)  # passes above the corner
+    assert not segment_hits_box((11, 0), (11, 10), box)  # parallel, outside
+    assert not segment_hits_box((-3, 4), (-1, 9), box)
+
+
+@pytest.mark.parametrize(
+    "schedules",
+    [
+        # restarts rise to the peak at the right end, where a "best" legend used to sit
+        ["cosine", "linear", "cosine_with_restarts:num_cycles=3"],
+        ["constant"],  # a flat line at the top
+        ["polynomial:power=0.5", "inverse_sqrt", "constant_with_warmup"],
+    ],
+)
+def test_plot_legend_covers_no_curve(schedules):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    curves = {}
+    for spec in schedules:
+        name, kwargs = parse_schedule(spec)
+        curves[spec] = schedule_lrs(name, lr=1e-3, num_warmup_steps=10, num_training_steps=100, kwargs=kwargs)
+    figure = draw_figure(curves, num_warmup_steps=10, lr=1e-3)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)  # lays the figure out (constrained layout), as saving it does
+    legends = figure.legends + [ax.get_legend() for ax in figure.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    labels = [text.get_text() for text in legends[0].get_texts()]
+    assert labels == [*schedules, "end of warmup"]
+    # the check can fail: the curves do cross the axes' own box, in the same coordinates
+    assert set(lines_crossing(figure, figure.axes[0].get_window_extent(renderer))) == set(labels)
+    assert lines_crossing(figure, legends[0].get_window_extent(renderer)) == []
+
+
 def test_plot_without_matplotlib_falls_back_to_text(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes "import matplotlib" raise ImportError
     output = tmp_path / "lr.png"
@@ -195,7 +278,10 @@ def test_plot_without_matplotlib_falls_back_to_text(tmp_path, capsys, monkeypatc
         (["plot", "cosin", "--num-training-steps", "10"], "Did you mean 'cosine'"),
         (["plot", "linear", "--num-training-steps", "10", "--arg", "num_cycles=2"], "--arg num_cycles"),
         (["plot", "linear", "--num-training-steps", "10", "--arg", "oops"], "expected KEY=VALUE"),
-        (["plot", "linear", "--num-warmup-steps", "20", "--num-training-steps", "10"], "num_warmup_steps"),
+        (
+            ["plot", "polynomial", "--num-warmup-steps", "10", "--num-training-steps", "10"],
+            "num_warmup_steps",
+        ),
         (["plot", "linear", "--num-training-steps", "0"], "--num-training-steps"),
         (["plot", "warmup_stable_decay", "--num-training-steps", "10"], "num_decay_steps"),
         (["plot", "linear:num_cycles=3", "--num-training-steps", "10"], "num_cycles"),

@@ -20,7 +20,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from hf_optim.cli.main import main as cli_main
 from hf_optim.hub_server import HubStorage, serve
-from hf_optim.hub_server.testing import TEST_TOKEN, client_env, run_python
+from tests.hub_plugin import TEST_TOKEN, client_env, run_python
 
 # Runs in the client subprocess: print {path in repo: sha256} of what hf_hub_download / snapshot_download return.
 _DIGESTS = """

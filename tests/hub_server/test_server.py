@@ -547,7 +547,7 @@ def test_lfs_batch_and_chunked_upload_protocol(hub_api: HfApi, hub_repo_id: str,
         url = urlsplit(href)
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
         chunks = (payload[i : i + 7000] for i in range(0, len(payload), 7000))
-        conn.request("PUT", url.path, body=chunks, encode_chunked=True)
+        conn.request("PUT", f"{url.path}?{url.query}", body=chunks, encode_chunked=True)
         response = conn.getresponse()
         response.read()
         return response.status
@@ -558,5 +558,10 @@ def test_lfs_batch_and_chunked_upload_protocol(hub_api: HfApi, hub_repo_id: str,
     assert "actions" in batch()  # ... and not stored
     assert put_chunked(href, data) == 200
     assert "actions" not in batch()  # now present upstream: nothing to upload
+    # Received, then committed by the client: the repo serves exactly the uploaded bytes.
+    hub_api.create_commit(
+        hub_repo_id, [CommitOperationAdd("w.safetensors", data)], commit_message="lfs object already uploaded"
+    )
     storage = HubStorage(hub_server.root)
     assert storage.read_blob(oid) == data
+    assert read_bytes(hf_hub_download(hub_repo_id, "w.safetensors")) == data

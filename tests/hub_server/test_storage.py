@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -140,25 +141,62 @@ def test_invalid_paths_are_rejected(storage: HubStorage, path: str) -> None:
         storage.commit("model", REPO, "main", [AddFile(path, storage.put_bytes(b"x"))], summary="bad")
 
 
-def test_lfs_objects_are_verified(storage: HubStorage) -> None:
+def test_lfs_objects_are_verified_and_private_to_their_repo(storage: HubStorage) -> None:
     data = os.urandom(1000)
     good = hashlib.sha256(data).hexdigest()
     with pytest.raises(BadRequest, match="was not uploaded"):
-        storage.lfs_entry(good)
+        storage.lfs_entry("model", REPO, good)
     chunks = iter([data[:300], data[300:], b""])
     with pytest.raises(BadRequest, match="sha256"):
-        storage.put_stream(lambda n: next(chunks), expected_sha256="0" * 64)
-    assert not storage.has_blob(good)
+        storage.stage_upload("model", REPO, lambda n: next(chunks), sha256="0" * 64, size=1000)
+    chunks = iter([data, b"extra", b""])
+    with pytest.raises(BadRequest, match="exceeds the expected 1000 bytes"):
+        storage.stage_upload("model", REPO, lambda n: next(chunks), sha256=good, size=1000)
+    assert not storage.repo_has_lfs("model", REPO, good)
     assert list((storage.root / "tmp").iterdir()) == []  # nothing left behind
+
     chunks = iter([data[:300], data[300:], b""])
-    assert storage.put_stream(lambda n: next(chunks), expected_sha256=good, expected_size=1000) == (
-        good,
-        1000,
-    )
-    entry = storage.lfs_entry(good, 1000)
+    storage.stage_upload("model", REPO, lambda n: next(chunks), sha256=good, size=1000)
+    # Uploaded, not committed: usable by a commit of this repo only, held by no commit, not in the shared store.
+    assert storage.repo_has_lfs("model", REPO, good) and not storage.repo_holds_lfs("model", REPO, good)
+    assert not storage.has_blob(good)
+    storage.create_repo("model", "local-user/other")
+    with pytest.raises(BadRequest, match="was not uploaded to local-user/other"):
+        storage.lfs_entry("model", "local-user/other", good)
+    entry = storage.lfs_entry("model", REPO, good, 1000)
     assert entry.lfs and entry.size == 1000
     with pytest.raises(BadRequest, match="1000 bytes"):
-        storage.lfs_entry(good, 999)
+        storage.lfs_entry("model", REPO, good, 999)
+
+    storage.commit("model", REPO, "main", [AddFile("w.safetensors", entry)], summary="lfs")
+    assert storage.repo_holds_lfs("model", REPO, good) and storage.read_blob(good) == data
+    assert not storage.repo_holds_lfs("model", "local-user/other", good)
+    assert list((storage.root / "repos/models/local-user/unit/uploads").iterdir()) == []
+
+
+def test_stale_uploads_are_pruned(storage: HubStorage) -> None:
+    data = b"never committed"
+    oid = hashlib.sha256(data).hexdigest()
+    chunks = iter([data, b""])
+    storage.stage_upload("model", REPO, lambda n: next(chunks), sha256=oid, size=len(data))
+    assert storage.prune_uploads(max_age=3600) == 0
+    staged = storage.root / "repos/models/local-user/unit/uploads" / oid
+    os.utime(staged, (0, 0))
+    assert storage.prune_uploads(max_age=3600) == 1
+    assert not staged.exists() and not storage.repo_has_lfs("model", REPO, oid)
+
+
+def test_lfs_index_is_rebuilt_for_repos_stored_without_it(storage: HubStorage) -> None:
+    data = b"weights"
+    oid = hashlib.sha256(data).hexdigest()
+    chunks = iter([data, b""])
+    storage.stage_upload("model", REPO, lambda n: next(chunks), sha256=oid, size=len(data))
+    storage.commit(
+        "model", REPO, "main", [AddFile("w.bin", storage.lfs_entry("model", REPO, oid))], summary="w"
+    )
+    shutil.rmtree(storage.root / "repos/models/local-user/unit/lfs-objects")  # as written by an older version
+    assert storage.repo_holds_lfs("model", REPO, oid)
+    assert not storage.repo_holds_lfs("model", REPO, hashlib.sha256(b"other").hexdigest())
 
 
 def test_concurrent_commits_from_threads_form_a_linear_history(storage: HubStorage) -> None:
@@ -217,3 +255,27 @@ def test_tree_view_listings() -> None:
     )
     assert other.dir_oid("d") != view.dir_oid("d") and other.dir_oid("d/e") != view.dir_oid("d/e")
     assert TreeView(dict(view.files)).dir_oid("d") == view.dir_oid("d")
+
+
+def _upload_and_commit(storage: HubStorage, repo_id: str, data: bytes) -> str:
+    oid = hashlib.sha256(data).hexdigest()
+    chunks = iter([data, b""])
+    storage.stage_upload("model", repo_id, lambda n: next(chunks), sha256=oid, size=len(data))
+    entry = storage.lfs_entry("model", repo_id, oid)
+    storage.commit("model", repo_id, "main", [AddFile("w.bin", entry)], summary="w")
+    return oid
+
+
+def test_lfs_objects_follow_moves_and_die_with_their_repo(storage: HubStorage) -> None:
+    oid = _upload_and_commit(storage, REPO, b"moved weights")
+    storage.move_repo("model", REPO, "local-user/renamed")
+    assert storage.repo_holds_lfs("model", "local-user/renamed", oid)
+    assert storage.lfs_entry("model", "local-user/renamed", oid).size == len(b"moved weights")
+
+    storage.delete_repo("model", "local-user/renamed")
+    storage.create_repo("model", "local-user/renamed")  # same name, new repo: inherits nothing
+    assert not storage.repo_holds_lfs("model", "local-user/renamed", oid)
+    with pytest.raises(BadRequest, match="was not uploaded"):
+        storage.lfs_entry("model", "local-user/renamed", oid)
+    with pytest.raises(RepoNotFound):
+        storage.repo_holds_lfs("model", "local-user/never-created", oid)

@@ -30,7 +30,7 @@ pytest.importorskip("transformers")
 import transformers
 
 import hf_optim
-from hf_optim.hub_server.testing import client_env
+from tests.hub_plugin import client_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_trainer.py"

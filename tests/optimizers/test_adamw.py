@@ -148,6 +148,11 @@ def test_is_a_torch_adamw_with_the_legacy_state_keys():
         "correct_bias": True,
         "foreach": None,
         "fused": None,
+        "capturable": False,
+        "amsgrad": False,
+        "maximize": False,
+        "differentiable": False,
+        "decoupled_weight_decay": True,
     }
 
 
@@ -178,33 +183,6 @@ def test_loads_a_transformers_4_state_dict_and_continues_identically(impl):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(p, q)
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_state_dict_round_trip_continues_bit_for_bit(impl):
-    kw = {"lr": 1e-2, "weight_decay": 0.02, **IMPLS[impl]}
-    full, _ = run(lambda p: AdamW(p, **kw), steps=20, layout="named")
-
-    params = make_params()
-    named = [(f"layer{i}.weight", p) for i, p in enumerate(params)]
-    opt = AdamW(named, **kw)
-    g = torch.Generator().manual_seed(1)
-    stream = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(20)]
-    for grads in stream[:10]:
-        for p, gr in zip(params, grads, strict=True):
-            p.grad = gr
-        opt.step()
-    sd = copy.deepcopy(opt.state_dict())
-    assert sd["param_groups"][0]["param_names"] == [n for n, _ in named]
-    resumed = [p.detach().clone().requires_grad_() for p in params]
-    opt2 = AdamW([(n, q) for (n, _), q in zip(named, resumed, strict=True)], **kw)
-    opt2.load_state_dict(sd)
-    for grads in stream[10:]:
-        for q, gr in zip(resumed, grads, strict=True):
-            q.grad = gr
-        opt2.step()
-    for e, q in zip(full, resumed, strict=True):
-        assert torch.equal(e, q)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -267,33 +245,6 @@ def test_closure_and_lr_scheduler_work():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
-def test_sparse_gradients_are_rejected():
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    opt = AdamW(emb.named_parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter weight\)"):
-        opt.step()
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"lr": -1e-3}, r"lr must be finite and in \[0.0, inf\)"),
-        ({"lr": float("nan")}, "lr must be finite"),
-        ({"betas": (1.0, 0.999)}, r"betas\[0\] must be finite and in \[0.0, 1.0\)"),
-        ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
-        ({"betas": (0.9,)}, "betas must be a pair"),
-        ({"eps": -1e-8}, "eps must be finite"),
-        ({"weight_decay": -0.1}, "weight_decay must be finite"),
-        ({"weight_decay": float("inf")}, "weight_decay must be finite"),
-        ({"foreach": True, "fused": True}, "foreach and fused cannot both be True"),
-    ],
-)
-def test_bad_hyperparameters(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        AdamW(make_params(), **kwargs)
-
-
 def test_bad_hyperparameter_in_a_param_group():
     params = make_params()
     with pytest.raises(ValueError, match="lr must be finite"):
@@ -306,3 +257,208 @@ def test_mixing_named_and_unnamed_parameters():
         AdamW([("a", params[0]), params[1]])
     with pytest.raises(ValueError, match="with/without names"):
         AdamW([{"params": [("a", params[0])]}, {"params": [params[1]]}])
+
+
+# --- the torch.optim.AdamW contract ---
+
+
+def test_param_groups_carry_every_torch_adamw_key_with_the_legacy_values():
+    params = make_params()
+    torch_group = torch.optim.AdamW(make_params()).param_groups[0]
+    group = AdamW(params, lr=1e-2, foreach=True).param_groups[0]
+    assert set(torch_group) <= set(group)
+    assert set(group) - set(torch_group) == {"correct_bias"}
+    assert {k: group[k] for k in ("amsgrad", "maximize", "capturable", "differentiable")} == dict.fromkeys(
+        ("amsgrad", "maximize", "capturable", "differentiable"), False
+    )
+    assert group["decoupled_weight_decay"] is True
+    assert (group["foreach"], group["fused"]) == (True, None)
+
+
+def test_a_torch_optimizer_built_from_its_param_groups_runs_torch_adamw():
+    # What a consumer of the torch contract does (accelerate hands `optimizer.param_groups` to DeepSpeedCPUAdam):
+    # build another optimizer from the groups, which reads torch's keys. torch's AdamW must accept them and run
+    # exactly as one given the same options explicitly.
+    params, twins = make_params(), make_params()
+    groups = AdamW(params, lr=1e-2, betas=(0.8, 0.99), eps=1e-5, weight_decay=0.1, foreach=False).param_groups
+    rebuilt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "correct_bias"} for g in groups])
+    explicit = torch.optim.AdamW(twins, lr=1e-2, betas=(0.8, 0.99), eps=1e-5, weight_decay=0.1, foreach=False)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        rebuilt.step()
+        explicit.step()
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_torch_adamw_setstate_keeps_the_options():
+    # torch's Adam.__setstate__ fills missing keys with torch's values (decoupled_weight_decay=False for Adam);
+    # with every key present, it changes nothing.
+    opt = AdamW(make_params(), weight_decay=0.1)
+    before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    torch.optim.Adam.__setstate__(opt, opt.__getstate__())
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before
+
+
+def test_what_accelerate_does_under_deepspeed_zero_offload(monkeypatch):
+    # accelerate.Accelerator.prepare, with ZeRO-Offload configured, replaces a client optimizer by DeepSpeedCPUAdam
+    # (accelerate.utils.deepspeed.map_pytorch_optim_to_deepspeed), in AdamW mode only for a torch.optim.AdamW.
+    # DeepSpeed is not installed here: a stand-in records what accelerate's real function passes it.
+    import sys
+    import types
+
+    accelerate_deepspeed = pytest.importorskip("accelerate.utils.deepspeed")
+    built = {}
+
+    class DeepSpeedCPUAdam:
+        def __init__(self, param_groups, **kwargs):
+            built.update(param_groups=param_groups, **kwargs)
+
+    adam = types.ModuleType("deepspeed.ops.adam")
+    adam.DeepSpeedCPUAdam = DeepSpeedCPUAdam
+    for name, module in {
+        "deepspeed": types.ModuleType("deepspeed"),
+        "deepspeed.ops": types.ModuleType("deepspeed.ops"),
+        "deepspeed.ops.adam": adam,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(accelerate_deepspeed, "compare_versions", lambda *a, **k: a[2] == "0.3.1")
+    opt = AdamW(make_params(), lr=2e-5, weight_decay=0.01, correct_bias=False)
+    assert isinstance(accelerate_deepspeed.map_pytorch_optim_to_deepspeed(opt), DeepSpeedCPUAdam)
+    assert built["adamw_mode"] is True  # decoupled decay, torch's AdamW formula: not the legacy one
+    assert (built["lr"], built["weight_decay"]) == (2e-5, 0.01)
+    assert (
+        built["param_groups"] is opt.param_groups
+    )  # with correct_bias=False, which DeepSpeedCPUAdam ignores
+    assert type(opt) is not torch.optim.AdamW  # DeepSpeed's ZeRO "supported optimizer" check compares type()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"amsgrad": True}, ValueError, r"amsgrad=True would change the algorithm.*use torch.optim.AdamW"),
+        ({"maximize": True}, ValueError, "maximize=True would change the algorithm"),
+        ({"differentiable": True}, ValueError, "differentiable=True"),
+        ({"amsgrad": 1}, TypeError, "amsgrad must be a bool"),
+    ],
+)
+def test_options_that_would_change_the_math_are_refused_in_a_group_too(kwargs, error, message):
+    params = make_params()
+    opt = AdamW(params[:2])
+    with pytest.raises(error, match=message):
+        opt.add_param_group({"params": params[2:], **kwargs})
+    assert len(opt.param_groups) == 1  # the refused group was not added
+    opt.add_param_group({"params": params[2:]})
+
+
+# --- load_state_dict refuses state it does not use ---
+
+
+def bert_adam_style_state_dict(params):
+    # pytorch-pretrained-bert BertAdam keeps next_m / next_v (and no step) per parameter
+    return {
+        "state": {
+            i: {"next_m": torch.zeros_like(p), "next_v": torch.zeros_like(p)} for i, p in enumerate(params)
+        },
+        "param_groups": [
+            {
+                "lr": 1e-3,
+                "b1": 0.9,
+                "b2": 0.999,
+                "e": 1e-6,
+                "weight_decay": 0.01,
+                "params": list(range(len(params))),
+            }
+        ],
+    }
+
+
+def snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for k in a["state"][i]:
+            assert torch.equal(a["state"][i][k], b["state"][i][k])
+
+
+@pytest.mark.parametrize("stepped", [False, True])
+def test_a_bert_adam_state_dict_is_refused_naming_the_keys(stepped):
+    params = make_params()
+    opt = AdamW([(f"layer{i}.weight", p) for i, p in enumerate(params)], lr=1e-2)
+    if stepped:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"nothing was loaded") as info:
+        opt.load_state_dict(bert_adam_style_state_dict(params))
+    message = str(info.value)
+    assert "unexpected keys ['next_m', 'next_v'], missing keys ['exp_avg', 'exp_avg_sq', 'step']" in message
+    assert "parameter #0" in message and "parameter #3" in message
+    assert_same_state(snapshot(opt), before)
+    opt.step()  # still usable
+
+
+def test_a_moment_of_the_wrong_shape_is_refused():
+    params = make_params()
+    opt = AdamW(params)
+    sd = {
+        "state": {0: {"step": 3, "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(17, 9)}},
+        "param_groups": [{**opt.defaults, "params": [0, 1, 2, 3]}],
+    }
+    with pytest.raises(
+        ValueError, match=r"parameter #0: 'exp_avg' has shape \(2,\), the parameter \(17, 9\)"
+    ):
+        opt.load_state_dict(sd)
+    assert not opt.state
+
+
+def test_a_torch_adamw_state_dict_loads_unless_its_options_change_the_math():
+    params = make_params()
+    torch_opt = torch.optim.AdamW(make_params(), lr=1e-2)
+    for p in torch_opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    torch_opt.step()
+    opt = AdamW(params)
+    opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    assert opt.param_groups[0]["correct_bias"] is True and opt.param_groups[0]["lr"] == 1e-2
+    assert opt.state[params[0]]["step"].item() == 1
+
+    amsgrad = torch.optim.AdamW(make_params(), amsgrad=True).state_dict()
+    fresh = AdamW(make_params())
+    with pytest.raises(ValueError, match="amsgrad=True would change the algorithm"):
+        fresh.load_state_dict(amsgrad)
+    assert fresh.param_groups[0]["amsgrad"] is False
+
+
+def test_a_pre_hook_may_convert_a_foreign_state_dict_first():
+    params = make_params()
+    opt = AdamW(params)
+
+    def convert(optimizer, state_dict):
+        for s in state_dict["state"].values():
+            s["exp_avg"], s["exp_avg_sq"], s["step"] = s.pop("next_m"), s.pop("next_v"), 5
+        return state_dict
+
+    opt.register_load_state_dict_pre_hook(convert)
+    opt.load_state_dict(bert_adam_style_state_dict(params))
+    assert opt.state[params[2]]["step"].item() == 5
+
+
+def test_a_step_that_is_not_a_number_is_refused():
+    params = make_params()
+    opt = AdamW(params)
+    sd = {
+        "state": {1: {"step": "3", "exp_avg": torch.zeros(9), "exp_avg_sq": torch.zeros(9)}},
+        "param_groups": [{**opt.defaults, "params": [0, 1, 2, 3]}],
+    }
+    with pytest.raises(ValueError, match="parameter #1: 'step' must be a number or a one-element tensor"):
+        opt.load_state_dict(sd)
+    assert not opt.state

@@ -1,8 +1,10 @@
 """transformers integration: optimizer / schedule names for ``TrainingArguments`` and a safetensors ``Trainer``.
 
-- :func:`register` / :func:`sync` (in :mod:`.names`) add hf_optim's registry names to transformers'
-  ``OptimizerNames`` / ``SchedulerType`` and dispatch tables. ``import hf_optim`` and the start-up hook
-  (``hf_optim._autoload``) call :func:`sync`; importing this package does not import transformers.
+- :func:`register` / :func:`sync` (in :mod:`.bridge`) add hf_optim's registry names to transformers'
+  ``OptimizerNames`` / ``SchedulerType`` and dispatch tables (:mod:`.enums`, :mod:`.handlers`,
+  :mod:`.optim_args`), and transformers' own optimizer names to hf_optim's registry (:mod:`.provider`).
+  ``import hf_optim`` and the start-up hook (``hf_optim._autoload``) call :func:`sync`; importing this package
+  does not import transformers.
 - :class:`Trainer` and :class:`TrainerMixin` (in :mod:`.trainer`, imported on first access because it imports
   ``transformers.Trainer``) save optimizer and scheduler state as ``optimizer.safetensors`` + ``scheduler.json``
   and resume from local folders, ``hf://`` URLs and legacy ``optimizer.pt`` checkpoints.
@@ -13,12 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from hf_optim.integrations.transformers.names import (
-    TransformersIntegrationError,
-    register,
-    registered_names,
-    sync,
-)
+from hf_optim.errors import TransformersIntegrationError
+from hf_optim.integrations.transformers.bridge import register, registered_names, sync
 
 __all__ = ["Trainer", "TrainerMixin", "TransformersIntegrationError", "register", "registered_names", "sync"]
 

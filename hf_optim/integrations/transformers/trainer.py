@@ -28,9 +28,8 @@ import torch
 import transformers
 
 from hf_optim.hub import _is_url
-from hf_optim.integrations.transformers.names import registered_names
-from hf_optim.registry import list_schedulers
-from hf_optim.schedules import get_scheduler
+from hf_optim.integrations.transformers.bridge import registered_names
+from hf_optim.registry import get_scheduler, list_schedulers
 from hf_optim.serialization import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,

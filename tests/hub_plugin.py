@@ -1,16 +1,25 @@
-"""Helpers for test-suites that talk to the local Hub over real HTTP.
+"""Pytest plugin: the test-suite's local Hub over real HTTP, and helpers for client subprocesses.
 
-``start_hub_process`` runs ``python -m hf_optim.hub_server`` (or ``hf-optim hub serve``) in a subprocess. The
-listening socket is bound here, in the parent, and handed to the child (POSIX ``pass_fds``): the endpoint is
-known at once (set ``HF_ENDPOINT`` before importing huggingface_hub) and requests made before the child is
-up wait in the socket backlog instead of failing. ``run_python`` runs client code in a fresh interpreter
-with its own environment (huggingface_hub reads its settings once, at import).
+Registered from tests/conftest.py, which first calls ``isolate_hf_environment()``: huggingface_hub reads
+``HF_ENDPOINT``, ``HF_HOME`` etc. once, when it is first imported, so they must be set before any test module
+(or hf_optim, which imports huggingface_hub) is imported. That call binds a listening socket on 127.0.0.1,
+points ``HF_ENDPOINT`` at it and sets ``HF_HOME`` (temporary), ``HF_TOKEN``, ``HF_HUB_DISABLE_TELEMETRY=1`` and
+``HF_HUB_DISABLE_XET=1``. The server itself, ``python -m hf_optim.hub_server`` serving ``.safetensors`` as LFS,
+is started in a subprocess on that socket once collection shows a test needs it, and stopped at exit.
 
-Standard library only, like the rest of ``hf_optim.hub_server``.
+The listening socket is bound here, in the parent, and handed to the child (POSIX ``pass_fds``): the endpoint
+is known at once and requests made before the child is up wait in the socket backlog instead of failing.
+
+Fixtures: ``hub_server`` (waits until the server answers), ``hub_repo_id``, ``hub_api`` and
+``spawn_hub_server_factory`` (a separate server subprocess, e.g. to stop it or give it options). Tests needing
+another client environment (xet on, offline) run the client with ``run_python(code, client_env(...))``.
+
+Standard library only at import (huggingface_hub is imported lazily, inside fixtures).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -19,12 +28,17 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 TEST_TOKEN = "hf_local_test_token"
-_HF_ENV_TO_CLEAR = (
+HUB_LFS_EXTENSIONS = (".safetensors",)
+# Settings of the user's environment that would point clients at another cache, token or mode.
+HF_ENV_TO_CLEAR = (
     "HF_HUB_CACHE",
     "HUGGINGFACE_HUB_CACHE",
     "HF_XET_CACHE",
@@ -35,6 +49,9 @@ _HF_ENV_TO_CLEAR = (
     "TRANSFORMERS_OFFLINE",
     "HF_HUB_DISABLE_XET",
     "HUGGING_FACE_HUB_TOKEN",
+    "TRANSFORMERS_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_OPTIM_HUB_TOKEN",
 )
 
 
@@ -48,7 +65,9 @@ def bind_listen_socket(host: str = "127.0.0.1") -> socket.socket:
 
 
 def endpoint_of(sock: socket.socket) -> str:
+    """The URL to reach a listening socket (a wildcard address is reached on the loopback interface)."""
     host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -119,13 +138,18 @@ def start_hub_process(
     log_path: str | os.PathLike[str] | None = None,
     verbose: bool = False,
     fsync: bool = False,
+    require_token: bool = False,
+    extra_args: tuple[str, ...] | list[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> HubProcess:
     """Start a local Hub subprocess serving ``root``; returns at once (``wait_ready()`` blocks until it serves).
 
     ``listen_socket``: serve on this bound socket (it is handed over to the child and closed here); by default
     a free port of ``host`` is bound. ``cli=True`` runs ``python -m hf_optim.cli.main hub serve`` instead of
-    ``python -m hf_optim.hub_server``. ``token`` is only recorded: the server accepts any token. Files are not
-    fsync'd unless ``fsync=True`` (test data is throw-away; writes stay atomic).
+    ``python -m hf_optim.hub_server``. ``token`` is what clients should send; the server accepts any token
+    unless ``require_token`` (then it gets ``--token``). ``extra_args`` go to the command line, ``env``
+    replaces the server's environment. Files are not fsync'd unless ``fsync=True`` (test data is throw-away;
+    writes stay atomic).
     """
     root = str(Path(root).resolve())
     Path(root).mkdir(parents=True, exist_ok=True)
@@ -147,6 +171,9 @@ def start_hub_process(
         command.append("--verbose")
     if not fsync:
         command.append("--no-fsync")
+    if require_token:
+        command += ["--token", token]
+    command += list(extra_args)
     sock = listen_socket
     pass_fds: tuple[int, ...] = ()
     if os.name == "posix":
@@ -166,6 +193,7 @@ def start_hub_process(
             stdin=subprocess.DEVNULL,
             text=True,
             pass_fds=pass_fds,
+            env=None if env is None else dict(env),
         )
     if sock is not None:
         sock.close()  # the child owns it now: once the child exits, connections are refused
@@ -203,7 +231,7 @@ def client_env(
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Environment for a huggingface_hub client subprocess: endpoint, cache, token, xet and offline switches."""
-    env = {k: v for k, v in os.environ.items() if k not in _HF_ENV_TO_CLEAR and k != "HF_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k not in HF_ENV_TO_CLEAR and k != "HF_TOKEN"}
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1")
     if token is not None:
         env["HF_TOKEN"] = token
@@ -226,3 +254,107 @@ def run_python(code: str, env: Mapping[str, str], *args: str, timeout: float = 3
             f"{result.stderr[-6000:]}"
         )
     return result.stdout
+
+
+# ---------------------------------------------------------------------- the session's Hub
+class _Session:
+    """State of the session Hub: temporary folders, the socket bound early, the server once started."""
+
+    base_dir: str | None = None
+    listen_socket: socket.socket | None = None
+    hub: HubProcess | None = None
+
+
+def isolate_hf_environment() -> str:
+    """Bind the session Hub's socket and set the HF_* variables; returns the endpoint. Idempotent.
+
+    Must run before huggingface_hub is imported (tests/conftest.py calls it first thing).
+    """
+    if _Session.base_dir is not None:
+        return os.environ["HF_ENDPOINT"]
+    if "huggingface_hub" in sys.modules:  # pragma: no cover - a plugin imported it before us
+        raise RuntimeError(
+            "huggingface_hub was imported before tests/conftest.py could set HF_ENDPOINT and HF_HOME; the "
+            "test-suite would talk to the real Hub and the user's cache. Disable the plugin that imports it."
+        )
+    _Session.base_dir = tempfile.mkdtemp(prefix="hf-optim-tests-")
+    _Session.listen_socket = bind_listen_socket()
+    for name in HF_ENV_TO_CLEAR:
+        os.environ.pop(name, None)
+    os.environ.update(
+        HF_ENDPOINT=endpoint_of(_Session.listen_socket),
+        HF_HOME=os.path.join(_Session.base_dir, "hf_home"),
+        HF_TOKEN=TEST_TOKEN,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
+    atexit.register(_cleanup)
+    return os.environ["HF_ENDPOINT"]
+
+
+def _start_session_hub() -> HubProcess:
+    if _Session.hub is None:
+        if _Session.listen_socket is None or _Session.base_dir is None:
+            raise RuntimeError("tests/conftest.py must call isolate_hf_environment() before the Hub starts")
+        _Session.hub = start_hub_process(
+            os.path.join(_Session.base_dir, "hub"),
+            lfs_extensions=HUB_LFS_EXTENSIONS,
+            token=TEST_TOKEN,
+            listen_socket=_Session.listen_socket,
+        )
+        _Session.listen_socket = None  # handed over to the subprocess
+    return _Session.hub
+
+
+def _cleanup() -> None:
+    if _Session.hub is not None:
+        _Session.hub.stop()
+    if _Session.listen_socket is not None:
+        _Session.listen_socket.close()
+    if _Session.base_dir is not None:
+        shutil.rmtree(_Session.base_dir, ignore_errors=True)
+
+
+_HUB_FIXTURES = {"hub_server", "hub_repo_id", "hub_api"}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the server early (it needs a few seconds to import) if any collected test will use it."""
+    if any(_HUB_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        _start_session_hub()
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> HubProcess:
+    """The session's local Hub: ``.endpoint`` (== HF_ENDPOINT), ``.token`` (== HF_TOKEN), ``.root``."""
+    return _start_session_hub().wait_ready()
+
+
+@pytest.fixture
+def hub_repo_id(hub_server: HubProcess) -> str:
+    """A repo id nobody used yet on the session Hub (the repo is not created)."""
+    return f"local-user/test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def hub_api(hub_server: HubProcess):
+    """``huggingface_hub.HfApi`` bound to the session Hub and its token."""
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+
+
+@pytest.fixture
+def spawn_hub_server_factory(tmp_path):
+    """``spawn_hub_server_factory(**kwargs)``: context manager running a separate local Hub subprocess.
+
+    Its root defaults to ``tmp_path / "hub-N"``; keyword arguments go to ``start_hub_process``
+    (``lfs_extensions``, ``cli``, ``require_token``, ``extra_args``, ``env``, ...).
+    """
+    counter = iter(range(1_000_000))
+
+    def factory(root=None, **kwargs):
+        return spawn_hub_server(root if root is not None else tmp_path / f"hub-{next(counter)}", **kwargs)
+
+    return factory
