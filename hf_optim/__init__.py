@@ -57,8 +57,16 @@ from hf_optim.schedules import (
 
 # --- serialization and Hub (issue 4) ---
 # isort: split
-from hf_optim.hub import HfUrl, download_checkpoint, parse_hf_url, push_state_to_hub, resolve_state_dir
-from hf_optim.serialization import (
+from hf_optim.hub import (
+    HfUrl,
+    download_checkpoint,
+    inspect_state,
+    load_state,
+    parse_hf_url,
+    push_state_to_hub,
+    resolve_state_dir,
+)
+from hf_optim.state import (
     ACCUMULATOR_NAME,
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
@@ -67,9 +75,12 @@ from hf_optim.serialization import (
     LoadReport,
     StateInfo,
     has_state,
-    inspect_state,
-    load_state,
+    load_object_state,
+    load_state_dict,
+    register_json_type,
+    save_object_state,
     save_state,
+    save_state_dict,
 )
 
 # --- lazily imported integrations (issues 5 and 6): name -> module ---

@@ -1,52 +1,64 @@
 """Optimizer state on the Hugging Face Hub: push in one commit, download into the HF cache, ``hf://`` URLs.
 
-Every Hub call goes through ``huggingface_hub`` (``HfApi.create_repo`` / ``create_branch`` / ``create_commit``,
-``snapshot_download``), so ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, the cache layout and the progress
-bars behave as everywhere else in the ecosystem. :func:`load_state` fetches only the state files (optimizer,
-index, shards, scheduler, accumulator) of the requested subfolder; :func:`download_checkpoint` fetches a whole
-checkpoint folder, for resuming a Trainer or Accelerate run.
+Every Hub call goes through ``huggingface_hub`` (``HfApi.create_repo`` / ``create_branch`` / ``upload_folder``,
+``hf_hub_download``, ``snapshot_download``), so ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, the cache
+layout and the progress bars behave as everywhere else in the ecosystem. :func:`load_state` downloads the
+manifest (``optimizer.safetensors`` or the index) first and then exactly the files it references, like
+transformers does for sharded weights; :func:`download_checkpoint` fetches a whole checkpoint folder, for
+resuming a Trainer or Accelerate run. :func:`load_state` and :func:`inspect_state` are ``hf_optim.state``'s
+with Hub repo ids and ``hf://`` URLs added.
+
+Every entry point takes the same Hub keywords: ``repo_type``, ``revision``, ``subfolder``, ``token``,
+``cache_dir``, ``local_files_only``, ``force_download``.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
-import posixpath
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from huggingface_hub import (
-    CommitInfo,
-    CommitOperationAdd,
-    CommitOperationDelete,
-    HfApi,
-    parse_hf_uri,
-    snapshot_download,
-)
-from huggingface_hub.errors import HfUriError, LocalEntryNotFoundError
+from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download, parse_hf_uri, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HfUriError, LocalEntryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from hf_optim.serialization import (
+from hf_optim import state
+from hf_optim._utils import is_hub_url
+from hf_optim.errors import CheckpointError
+from hf_optim.state import (
     ACCUMULATOR_NAME,
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
     OPTIMIZER_SHARD_PATTERN,
     SCHEDULER_NAME,
+    LoadReport,
+    StateInfo,
     save_state,
 )
+from hf_optim.state.io import checkpoint_roots
+from hf_optim.state.reader import manifest_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HfUrl", "download_checkpoint", "parse_hf_url", "push_state_to_hub", "resolve_state_dir"]
+__all__ = [
+    "HfUrl",
+    "download_checkpoint",
+    "inspect_state",
+    "load_state",
+    "parse_hf_url",
+    "push_state_to_hub",
+    "resolve_state_dir",
+]
 
 # huggingface_hub's split_state_dict_into_shards_factory names shards with the suffix -{i:05d}-of-{n:05d}
 _SHARD_GLOB = OPTIMIZER_SHARD_PATTERN.format(suffix="-?????-of-?????")
 _STATE_FILES = (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME, SCHEDULER_NAME, ACCUMULATOR_NAME)
 _REPO_TYPES = ("model", "dataset", "space")
 _EXTRA_OPTIMIZER_DIRS = "optimizer_[0-9]*/*"  # further optimizers of an Accelerate checkpoint
+_GLOB_CHARACTERS = frozenset("*?[]")
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,18 @@ class HfUrl:
     repo_id: str
     revision: str | None = None
     subfolder: str | None = None
+
+
+@dataclass(frozen=True)
+class _Location:
+    repo_id: str
+    subfolder: str | None
+    revision: str | None
+    repo_type: str | None
+
+    def describe(self) -> str:
+        where = f", subfolder {self.subfolder!r}" if self.subfolder else ""
+        return f"{self.repo_id} (revision {self.revision or 'main'}{where})"
 
 
 def parse_hf_url(url: str) -> HfUrl:
@@ -88,6 +112,8 @@ def _clean_subfolder(subfolder: str | None) -> str | None:
     parts = cleaned.split("/")
     if any(part in ("", ".", "..") for part in parts) or os.path.isabs(subfolder):
         raise ValueError(f"subfolder must be a relative path inside the repository, got {subfolder!r}")
+    if _GLOB_CHARACTERS & set(cleaned):
+        raise ValueError(f"subfolder must not contain glob characters (* ? [ ]), got {subfolder!r}")
     return cleaned
 
 
@@ -97,21 +123,12 @@ def _merge(name: str, explicit: str | None, from_url: str | None, url: str) -> s
     return explicit if explicit is not None else from_url
 
 
-def _is_url(value: str) -> bool:
-    return value.startswith(("hf://", "https://", "http://"))
-
-
-def _state_patterns(subfolder: str | None) -> list[str]:
-    prefix = f"{subfolder}/" if subfolder else ""
-    return [prefix + name for name in (*_STATE_FILES, _SHARD_GLOB)]
-
-
-def _repo_location(
+def _locate(
     repo_id_or_url: str, subfolder: str | None, revision: str | None, repo_type: str | None
-) -> tuple[str, str | None, str | None, str | None]:
-    """``(repo_id, subfolder, revision, repo_type)`` from a repo id or an ``hf://`` URL plus explicit arguments."""
+) -> _Location:
+    """Repo id, subfolder, revision and type from a repo id or an ``hf://`` URL plus explicit arguments."""
     repo_id = repo_id_or_url
-    if _is_url(repo_id_or_url):
+    if is_hub_url(repo_id_or_url):
         url = parse_hf_url(repo_id_or_url)
         repo_id = url.repo_id
         revision = _merge("revision", revision, url.revision, repo_id_or_url)
@@ -122,35 +139,55 @@ def _repo_location(
             validate_repo_id(repo_id)
         except HFValidationError as err:
             raise ValueError(f"{repo_id!r} is not a valid Hub repo id: {err}") from None
-    return repo_id, _clean_subfolder(subfolder), revision, repo_type
+    if repo_type is not None and repo_type not in _REPO_TYPES:
+        raise ValueError(f"repo_type must be one of {_REPO_TYPES}, got {repo_type!r}")
+    return _Location(repo_id, _clean_subfolder(subfolder), revision, repo_type)
+
+
+def _not_cached(
+    what: str, location: _Location, err: Exception, local_files_only: bool
+) -> LocalEntryNotFoundError:
+    """One clear error for a download that neither the Hub nor the cache could serve."""
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        why = "offline mode (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "local_files_only=True"
+        reason = f"and {why} forbids downloading it"
+    else:
+        reason = (
+            f"and the Hub at {constants.ENDPOINT} could not be reached. Offline alternatives: HF_HUB_OFFLINE=1 "
+            "loads what is already cached; `hf-optim hub serve` runs a local Hub (point HF_ENDPOINT at it)"
+        )
+    return LocalEntryNotFoundError(
+        f"the {what} of {location.describe()} is not in the local cache {reason} ({type(err).__name__})"
+    )
 
 
 def _snapshot_folder(
-    repo_id: str,
-    subfolder: str | None,
-    revision: str | None,
-    repo_type: str | None,
-    token: str | bool | None,
+    location: _Location,
     allow_patterns: list[str],
     what: str,
+    *,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+    force_download: bool,
+    revision: str | None = None,
     ignore_patterns: list[str] | None = None,
 ) -> str:
-    where = f", subfolder {subfolder!r}" if subfolder else ""
     try:
         snapshot = snapshot_download(
-            repo_id,
-            repo_type=repo_type,
-            revision=revision,
+            location.repo_id,
+            repo_type=location.repo_type,
+            revision=revision or location.revision,
             allow_patterns=allow_patterns,
             ignore_patterns=ignore_patterns,
             token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
         )
     except LocalEntryNotFoundError as err:
-        raise LocalEntryNotFoundError(
-            f"the {what} of {repo_id} (revision {revision or 'main'}{where}) is not in the local cache "
-            f"and cannot be downloaded: {err}"
-        ) from err
-    return os.path.join(snapshot, *subfolder.split("/")) if subfolder else snapshot
+        raise _not_cached(what, location, err, local_files_only) from err
+    return os.path.join(snapshot, *location.subfolder.split("/")) if location.subfolder else snapshot
 
 
 def download_checkpoint(
@@ -160,6 +197,9 @@ def download_checkpoint(
     token: str | bool | None = None,
     *,
     repo_type: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
 ) -> str:
     """Download a whole checkpoint folder from the Hub into the HF cache and return the local folder.
 
@@ -169,74 +209,216 @@ def download_checkpoint(
     its files and ``optimizer_N/`` folders are fetched, not other folders such as a run's ``checkpoint-*``.
     With ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached, the cached copy is used.
     """
-    repo_id, subfolder, revision, repo_type = _repo_location(repo_id_or_url, subfolder, revision, repo_type)
-    if subfolder:
-        # fnmatch's "*" crosses "/": the whole folder
-        directory = _snapshot_folder(
-            repo_id, subfolder, revision, repo_type, token, [f"{subfolder}/*"], "checkpoint"
-        )
+    location = _locate(repo_id_or_url, subfolder, revision, repo_type)
+    options: dict[str, Any] = {
+        "token": token,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "force_download": force_download,
+    }
+    if location.subfolder:
+        # fnmatch's "*" crosses "/": the whole folder (glob characters in the subfolder are refused)
+        directory = _snapshot_folder(location, [f"{location.subfolder}/*"], "checkpoint", **options)
     else:
         # Patterns only, no listing of the root: snapshot_download checks a cached snapshot against exactly these
         # patterns, so the cache serves them offline too. The root's files ("*/*": not those in folders) ...
-        directory = _snapshot_folder(
-            repo_id, None, revision, repo_type, token, ["*"], "checkpoint", ignore_patterns=["*/*"]
-        )
+        directory = _snapshot_folder(location, ["*"], "checkpoint", ignore_patterns=["*/*"], **options)
         # ... then its optimizer_N/ folders, from the same commit (the snapshot folder's name)
         commit = os.path.basename(directory)
-        _snapshot_folder(repo_id, None, commit, repo_type, token, [_EXTRA_OPTIMIZER_DIRS], "checkpoint")
+        _snapshot_folder(location, [_EXTRA_OPTIMIZER_DIRS], "checkpoint", revision=commit, **options)
     if not os.path.isdir(directory) or not os.listdir(directory):
-        where = f"folder {subfolder!r}" if subfolder else "files at the repository root"
-        raise FileNotFoundError(f"{repo_id} (revision {revision or 'main'}) has no {where}")
+        where = f"folder {location.subfolder!r}" if location.subfolder else "files at the repository root"
+        raise FileNotFoundError(f"{location.repo_id} (revision {location.revision or 'main'}) has no {where}")
     return directory
 
 
 def _download_state(
-    repo_id_or_url: str, subfolder: str | None, revision: str | None, token: str | bool | None
+    location: _Location,
+    *,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+    force_download: bool,
 ) -> str:
-    """Download only the optimizer-state files (optimizer, index, shards, scheduler, accumulator)."""
-    repo_id, subfolder, revision, repo_type = _repo_location(repo_id_or_url, subfolder, revision, None)
-    directory = _snapshot_folder(
-        repo_id, subfolder, revision, repo_type, token, _state_patterns(subfolder), "optimizer state"
-    )
-    if not any(os.path.isfile(os.path.join(directory, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)):
-        where = f"subfolder {subfolder!r}" if subfolder else "the repository root"
-        raise FileNotFoundError(
-            f"{repo_id} (revision {revision or 'main'}) has no optimizer state in {where}: expected "
-            f"{OPTIMIZER_NAME} or {OPTIMIZER_INDEX_NAME}"
+    """Download the manifest, then the files it references; returns the local folder."""
+
+    def fetch(name: str, revision: str | None, *, cache_only: bool = False) -> str:
+        return hf_hub_download(
+            location.repo_id,
+            name,
+            subfolder=location.subfolder,
+            repo_type=location.repo_type,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only or cache_only,
+            force_download=force_download,
         )
+
+    # The index takes precedence (as locally). If it cannot be had from the Hub nor the cache (offline, or the Hub
+    # unreachable), the single-file manifest may still be cached: look there only, without a second round of
+    # connection retries.
+    manifest_path = None
+    unreachable: LocalEntryNotFoundError | None = None
+    for name in (OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME):
+        try:
+            manifest_path = fetch(name, location.revision, cache_only=unreachable is not None)
+            break
+        except LocalEntryNotFoundError as err:
+            unreachable = unreachable or err
+        except EntryNotFoundError:
+            continue
+    if manifest_path is None and unreachable is not None:
+        raise _not_cached("optimizer state", location, unreachable, local_files_only) from unreachable
+    if manifest_path is None:
+        where = f"subfolder {location.subfolder!r}" if location.subfolder else "the repository root"
+        raise FileNotFoundError(
+            f"{location.repo_id} (revision {location.revision or 'main'}) has no optimizer state in {where}: "
+            f"expected {OPTIMIZER_NAME} or {OPTIMIZER_INDEX_NAME}"
+        )
+    directory = os.path.dirname(manifest_path)
+    snapshot = directory
+    for _ in location.subfolder.split("/") if location.subfolder else ():
+        snapshot = os.path.dirname(snapshot)
+    commit = os.path.basename(snapshot)  # every further file from the manifest's commit
+    try:
+        for name in manifest_files(manifest_path):
+            if name != os.path.basename(manifest_path):
+                fetch(name, commit)
+    except LocalEntryNotFoundError as err:
+        raise _not_cached("optimizer state", location, err, local_files_only) from err
+    except EntryNotFoundError as err:
+        raise CheckpointError(
+            f"{manifest_path} references a file the repository does not have: {err}"
+        ) from None
     return directory
 
 
-def resolve_state_dir(
+def _resolve(
     path_or_repo_id: str | os.PathLike[str],
     *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    token: str | bool | None = None,
-) -> str:
-    """A local directory holding the state: local paths as they are, Hub repo ids / ``hf://`` URLs downloaded."""
+    repo_type: str | None,
+    revision: str | None,
+    subfolder: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+    force_download: bool,
+) -> tuple[str, list[str]]:
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
         raise ValueError(f"path_or_repo_id must be a path, repo id or hf:// URL, got {path_or_repo_id!r}")
-    if _is_url(value):
-        return _download_state(value, subfolder, revision, token)
-    if os.path.isdir(value):
-        if revision is not None:
+    options: dict[str, Any] = {
+        "token": token,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "force_download": force_download,
+    }
+    if not is_hub_url(value) and os.path.isdir(value):
+        if revision is not None or repo_type is not None:
             raise ValueError(
-                f"revision={revision!r} applies to Hub repositories, but {value!r} is a local directory"
+                f"revision / repo_type apply to Hub repositories, but {value!r} is a local directory"
             )
         sub = _clean_subfolder(subfolder)
         directory = os.path.join(value, *sub.split("/")) if sub else value
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"no subfolder {sub!r} in {value}")
-        return directory
-    if os.path.exists(value):
-        raise ValueError(f"{value!r} is a file; pass the checkpoint directory")
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
-    return _download_state(value, subfolder, revision, token)
+        return directory, checkpoint_roots(directory)
+    if not is_hub_url(value):
+        if os.path.exists(value):
+            raise ValueError(f"{value!r} is a file; pass the checkpoint directory")
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
+    location = _locate(value, subfolder, revision, repo_type)
+    directory = _download_state(location, **options)
+    return directory, checkpoint_roots(directory)
+
+
+def resolve_state_dir(
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    repo_type: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> str:
+    """A local directory holding the state: local paths as they are, Hub repo ids / ``hf://`` URLs downloaded
+    (the manifest, then only the files it references)."""
+    directory, _roots = _resolve(
+        path_or_repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        subfolder=subfolder,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
+    return directory
+
+
+def load_state(
+    path_or_repo_id: str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    accumulator: Any = None,
+    *,
+    strict: bool = True,
+    repo_type: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> LoadReport:
+    """:func:`hf_optim.state.load_state` from a local directory, a Hub repo id or an ``hf://`` URL.
+
+    Hub repositories are downloaded with ``huggingface_hub`` into the usual cache (``HF_HUB_OFFLINE=1`` works):
+    the manifest first, then only the files it references. Everything is validated before the optimizer,
+    scheduler or accumulator is touched; on any error they are left exactly as they were.
+    """
+    directory, roots = _resolve(
+        path_or_repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        subfolder=subfolder,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
+    return state.load_state(directory, optimizer, scheduler, accumulator, strict=strict, roots=roots)
+
+
+def inspect_state(
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    repo_type: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> StateInfo:
+    """:func:`hf_optim.state.inspect_state` for a local directory, a Hub repo id or an ``hf://`` URL."""
+    directory, roots = _resolve(
+        path_or_repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        subfolder=subfolder,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
+    return state.inspect_state(directory, roots=roots)
 
 
 def push_state_to_hub(
@@ -245,52 +427,47 @@ def push_state_to_hub(
     scheduler: Any = None,
     accumulator: Any = None,
     *,
+    repo_type: str | None = None,
     revision: str | None = None,
     subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
     commit_message: str | None = None,
     private: bool | None = None,
-    token: str | bool | None = None,
     create_pr: bool = False,
     max_shard_size: int | str = "5GB",
-    repo_type: str | None = None,
 ) -> CommitInfo:
     """Save the state (see :func:`hf_optim.save_state`) and upload it to ``repo_id`` in one commit.
 
     Creates the repo if needed (``private`` applies then) and the branch ``revision`` if it does not exist. State
     files of a previous push in the same subfolder that the new checkpoint does not use (e.g. surplus shards)
     are deleted in the same commit. ``create_pr=True`` opens a pull request against ``revision`` instead.
+    ``cache_dir`` / ``force_download`` do not apply to uploads; ``local_files_only=True`` is refused.
     """
-    repo_id, subfolder, revision, repo_type = _repo_location(repo_id, subfolder, revision, repo_type)
+    del cache_dir, force_download  # accepted for a uniform signature: nothing is downloaded
+    if local_files_only:
+        raise ValueError("push_state_to_hub cannot run with local_files_only=True")
+    location = _locate(repo_id, subfolder, revision, repo_type)
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True).repo_id
-    if revision is not None and not create_pr and not revision.startswith("refs/"):
-        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-    prefix = f"{subfolder}/" if subfolder else ""
+    repo = api.create_repo(
+        location.repo_id, private=private, repo_type=location.repo_type, exist_ok=True
+    ).repo_id
+    if location.revision is not None and not create_pr and not location.revision.startswith("refs/"):
+        api.create_branch(repo, branch=location.revision, repo_type=location.repo_type, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hf_optim-push-") as tmp:
-        written = save_state(tmp, optimizer, scheduler, accumulator, max_shard_size=max_shard_size)
-        names = [os.path.basename(path) for path in written]
-        existing = api.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
-        stale = []
-        for path in existing:
-            folder, name = posixpath.split(path)
-            if (
-                folder == (subfolder or "")
-                and name not in names
-                and (name in _STATE_FILES or fnmatch.fnmatchcase(name, _SHARD_GLOB))
-            ):
-                stale.append(path)
-        operations: list[Any] = [
-            CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=path)
-            for name, path in zip(names, written, strict=True)
-        ]
-        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
-        info = api.create_commit(
-            repo_id,
-            operations=operations,
+        save_state(tmp, optimizer, scheduler, accumulator, max_shard_size=max_shard_size)
+        info = api.upload_folder(
+            repo_id=repo,
+            folder_path=tmp,
+            path_in_repo=location.subfolder,
             commit_message=commit_message or "Upload optimizer state with hf_optim",
-            revision=revision,
-            repo_type=repo_type,
+            revision=location.revision,
+            repo_type=location.repo_type,
             create_pr=create_pr,
+            # state files of an earlier push that this checkpoint does not use (upload_folder keeps the new ones)
+            delete_patterns=[*_STATE_FILES, _SHARD_GLOB],
         )
-    logger.info("pushed optimizer state to %s (%s)", repo_id, info.commit_url)
+    logger.info("pushed optimizer state to %s (%s)", repo, info.commit_url)
     return info

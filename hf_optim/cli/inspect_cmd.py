@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any
 
-from hf_optim.serialization import StateInfo, inspect_state
+from hf_optim.hub import inspect_state
+from hf_optim.state import StateInfo
 
 
 def register(subparsers: Any) -> None:
@@ -26,6 +27,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--revision", help="Hub branch, tag or commit")
     parser.add_argument("--subfolder", help="folder inside the directory or repository")
     parser.add_argument("--token", help="Hub token (default: the stored one / HF_TOKEN)")
+    parser.add_argument("--repo-type", choices=("model", "dataset", "space"), help="Hub repository type")
+    parser.add_argument("--cache-dir", help="Hugging Face cache folder (default: the usual one)")
+    parser.add_argument("--local-files-only", action="store_true", help="use the cache only, never download")
+    parser.add_argument("--force-download", action="store_true", help="download again even if cached")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=run)
 
@@ -78,6 +83,8 @@ def format_info(info: StateInfo) -> str:
     ]
     if info.accumulator_bytes is not None:
         summary.append(["Accumulator", _size(info.accumulator_bytes)])
+    for key, value in (info.info or {}).items():
+        summary.append([f"Converted: {key}", value])
     lines = _table(summary)
     if info.param_groups:
         keys: list[str] = []
@@ -95,7 +102,14 @@ def format_info(info: StateInfo) -> str:
 
 def run(args: argparse.Namespace) -> int:
     info = inspect_state(
-        args.path_or_repo_id, revision=args.revision, subfolder=args.subfolder, token=args.token
+        args.path_or_repo_id,
+        repo_type=args.repo_type,
+        revision=args.revision,
+        subfolder=args.subfolder,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+        force_download=args.force_download,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(info), indent=2, default=str))

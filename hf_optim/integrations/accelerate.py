@@ -36,12 +36,13 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from hf_optim._utils import is_hub_url as _is_url
 from hf_optim._utils import parameters_of
-from hf_optim.hub import _is_url, download_checkpoint, resolve_state_dir
-from hf_optim.serialization import (
+from hf_optim._utils import unwrap_optimizer as _unwrap_optimizer
+from hf_optim.hub import download_checkpoint, resolve_state_dir
+from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
-    _unwrap_optimizer,
     load_state,
     save_state,
 )

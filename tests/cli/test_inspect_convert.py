@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import pytest
 import safetensors.torch
@@ -291,3 +292,46 @@ def test_convert_real_trainer_checkpoint(tmp_path, capsys):
     with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as f:
         assert "state.classifier.weight.exp_avg" in set(f.keys())
         assert "state.bert.embeddings.word_embeddings.weight.exp_avg_sq" in set(f.keys())
+
+
+def test_convert_records_what_it_inferred_and_inspect_shows_it(tmp_path, capsys):
+    _, opt, sched = trained(named=False)
+    write_torch_checkpoint(tmp_path, opt, sched)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}))
+    code, _, err = run_cli(capsys, "convert", str(tmp_path))
+    assert code == 0, err
+    info = hf_optim.inspect_state(tmp_path)
+    # torch.optim.AdamW keeps decoupled_weight_decay=True in its groups: that is how the class is told apart
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    assert info.optimizer_class == "torch.optim.adamw.AdamW"
+    assert info.info["optimizer_class"].startswith("inferred")
+    assert info.info["trainer_global_step"] == "3"
+    assert info.info["parameter_names"].startswith("unknown")
+    assert info.info["scheduler"].startswith("from scheduler.pt")
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path))
+    assert code == 0
+    assert re.search(r"Converted: optimizer_class +inferred", out)
+    assert re.search(r"Converted: trainer_global_step +3\n", out)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a zip file at all", b"PK\x03\x04" + b"\x00" * 40],
+    ids=["garbage", "truncated-zip"],
+)
+def test_convert_of_a_malformed_file_prints_one_error_line(tmp_path, content):
+    """In a subprocess, through the console entry point: one line on stderr naming the file, no traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "optimizer.pt").write_bytes(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_optim.cli.main", "convert", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and str(tmp_path / "optimizer.pt") in lines[0]

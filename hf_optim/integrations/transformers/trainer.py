@@ -1,7 +1,7 @@
 """``hf_optim.Trainer``: transformers' ``Trainer`` with safetensors optimizer / scheduler checkpoints.
 
 Checkpoints hold ``optimizer.safetensors`` (+ index when sharded) and ``scheduler.json`` written by
-:func:`hf_optim.serialization.save_state`, instead of pickled ``optimizer.pt`` / ``scheduler.pt``; everything
+:func:`hf_optim.save_state`, instead of pickled ``optimizer.pt`` / ``scheduler.pt``; everything
 else (model weights, ``trainer_state.json``, ``rng_state.pth``, scaler) is transformers' own. Resuming reads
 them back, still accepts checkpoints that hold ``optimizer.pt`` (read by transformers with
 ``weights_only=True``), and ``train(resume_from_checkpoint="hf://USER/REPO[@REVISION]/SUBFOLDER")`` downloads
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import transformers
 
-from hf_optim.hub import _is_url
+from hf_optim._utils import is_hub_url as _is_url
 from hf_optim.integrations.transformers.bridge import registered_names
 from hf_optim.registry import get_scheduler, list_schedulers
-from hf_optim.serialization import (
+from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
     SCHEDULER_NAME,

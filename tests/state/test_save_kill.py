@@ -91,8 +91,9 @@ def test_killed_saves_leave_a_loadable_checkpoint(tmp_path):
             time.sleep(rng.uniform(0.0, 0.3))
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not any(n.endswith(".tmp") for n in os.listdir(directory)):
-                time.sleep(0.002)  # wait until a save is writing its temporary files ...
-            time.sleep(rng.uniform(0.0, 0.15))  # ... then kill somewhere in writing, renaming or cleaning up
+                time.sleep(0.001)  # wait until a save is writing its temporary files ...
+            # ... then kill somewhere in writing, renaming or cleaning up (a save of this size takes milliseconds)
+            time.sleep(rng.uniform(0.0, 0.004))
             child.send_signal(signal.SIGKILL)
         finally:
             child.kill()

@@ -1,0 +1,265 @@
+"""Converting a Trainer / Accelerate checkpoint's pickled optimizer state into the hf_optim format.
+
+Reads ``optimizer.pt`` or ``optimizer.bin`` (and ``scheduler.pt`` / ``scheduler.bin`` if present) with
+``torch.load(weights_only=True)`` only (which refuses arbitrary objects) and writes ``optimizer.safetensors``
+and ``scheduler.json`` beside them (or into ``output``), recording in the checkpoint's ``info`` what it
+inferred (optimizer class from the state / group keys, the Trainer's step) and what it could not.
+
+Parameter names: a torch optimizer state dict numbers parameters; names are only in it if the optimizer was
+given ``named_parameters()`` (torch >= 2.6 keeps ``param_names``). Otherwise ``names_from`` supplies them:
+
+- a text file with one name per line (or a JSON list), in the optimizer's order (group by group);
+- a model directory with ``config.json`` (e.g. the Trainer checkpoint itself): the model is built on the meta
+  device with transformers and named the way ``Trainer.create_optimizer`` groups parameters: decay parameters
+  (``Trainer.get_decay_parameter_names``) then the others, each in ``named_parameters()`` order, trainable only.
+
+Without names the state is keyed by index; ``load_state`` then matches parameters by position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from hf_optim.errors import CheckpointError
+from hf_optim.state.format import parse_json
+from hf_optim.state.save import save_state_dict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OPTIMIZER_FILES", "SCHEDULER_FILES", "convert_checkpoint", "infer_optimizer_class"]
+
+TRAINER_STATE_NAME = "trainer_state.json"
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+SCHEDULER_FILES = ("scheduler.pt", "scheduler.bin")
+# state entries that have the parameter's shape, used to check that names were assigned correctly
+_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")
+
+
+def _torch_load(path: str) -> Any:
+    """``torch.load(weights_only=True)`` (tensors and plain containers only); any failure names the file."""
+    try:
+        with (
+            warnings.catch_warnings()
+        ):  # e.g. torch's note on the pickle protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers "
+            f"(read with torch.load(weights_only=True)): {str(err).splitlines()[0]}"
+        ) from None
+    except Exception as err:  # torch raises many types for malformed archives
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {first}") from None
+
+
+def _find(directory: str, candidates: Sequence[str]) -> str | None:
+    found = [name for name in candidates if os.path.isfile(os.path.join(directory, name))]
+    if len(found) > 1:
+        raise ValueError(f"{directory} holds both {found[0]} and {found[1]}; keep one")
+    return os.path.join(directory, found[0]) if found else None
+
+
+def _names_from_file(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path}: expected a JSON list of parameter names")
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _trainer_named_groups(model_dir: str) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
+    """Names (and meta parameters) grouped as ``transformers.Trainer.create_optimizer`` does."""
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - transformers is an optional dependency
+        raise ValueError(
+            "--names-from MODEL_DIR needs transformers (pip install 'hf_optim[transformers]')"
+        ) from None
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    architectures = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    with torch.device("meta"):
+        model = model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))  # does not use self
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [[n for n, _ in named if n in decay], [n for n, _ in named if n not in decay]]
+    return groups, dict(named)
+
+
+def convert_checkpoint(
+    checkpoint_dir: str,
+    *,
+    names_from: str | None = None,
+    output: str | None = None,
+    optimizer_class: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
+    """Convert ``optimizer.pt|.bin`` (+ ``scheduler.pt|.bin``) in ``checkpoint_dir``; returns the files written."""
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"no such checkpoint directory: {checkpoint_dir}")
+    opt_path = _find(checkpoint_dir, OPTIMIZER_FILES)
+    if opt_path is None:
+        raise FileNotFoundError(f"no {' or '.join(OPTIMIZER_FILES)} in {checkpoint_dir}")
+    state_dict = _torch_load(opt_path)
+    _check_torch_state_dict(state_dict, opt_path)
+    groups = state_dict["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+
+    names: list[list[str | None]] = [[None] * n for n in sizes]
+    shapes: dict[str, torch.Tensor] = {}
+    if all(g.get("param_names") for g in groups if g["params"]):
+        names = [list(g.get("param_names") or []) for g in groups]
+        if [len(n) for n in names] != sizes or not all(isinstance(n, str) for g in names for n in g):
+            raise CheckpointError(f"{opt_path}: 'param_names' do not match 'params'")
+        if names_from is not None:
+            logger.info("%s already names its parameters; ignoring --names-from", opt_path)
+    elif names_from is not None:
+        if os.path.isdir(names_from):
+            grouped, shapes = _trainer_named_groups(names_from)
+            if [len(g) for g in grouped] != sizes:
+                raise ValueError(
+                    f"the model in {names_from} gives Trainer groups of sizes {[len(g) for g in grouped]}, but "
+                    f"{opt_path} has groups of sizes {sizes}: the optimizer was not built by the default "
+                    "Trainer.create_optimizer; pass --names-from NAMES_FILE"
+                )
+            names = [list(g) for g in grouped]
+        else:
+            flat = _names_from_file(names_from)
+            if len(flat) != sum(sizes):
+                raise ValueError(
+                    f"{names_from} lists {len(flat)} names but {opt_path} has {sum(sizes)} parameters"
+                )
+            it = iter(flat)
+            names = [[next(it) for _ in range(n)] for n in sizes]
+
+    for g, group in enumerate(groups):
+        for j, index in enumerate(group["params"]):
+            name = names[g][j]
+            param = shapes.get(name) if name is not None else None
+            shape = list(param.shape) if param is not None else None
+            state = state_dict["state"].get(index, {})
+            for key in _SHAPED_STATE:
+                value = state.get(key)
+                if shape is not None and isinstance(value, torch.Tensor) and list(value.shape) != shape:
+                    raise ValueError(
+                        f"parameter {name!r} has shape {tuple(shape)} in the model but its optimizer state {key!r} "
+                        f"has shape {tuple(value.shape)}: the names do not match the optimizer's parameter order"
+                    )
+
+    info: dict[str, str] = {"source": os.path.basename(opt_path)}
+    if optimizer_class is None:
+        optimizer_class, reason = infer_optimizer_class(state_dict)
+        info["optimizer_class"] = f"inferred: {reason}" if optimizer_class else f"unknown: {reason}"
+    else:
+        info["optimizer_class"] = "given"
+    named = bool(names) and all(n is not None for g in names for n in g)
+    if named:
+        info["parameter_names"] = "from --names-from" if names_from is not None else "from the state dict"
+    else:
+        info["parameter_names"] = "unknown: state keyed by index, matched by position on load"
+    info["parameter_shapes"] = "from the model" if shapes else "unknown: not checked on load"
+    scheduler: dict[str, Any] = {}
+    sched_path = _find(checkpoint_dir, SCHEDULER_FILES)
+    if sched_path is not None:
+        sched_state = _torch_load(sched_path)
+        if not isinstance(sched_state, Mapping) or not all(isinstance(k, str) for k in sched_state):
+            raise CheckpointError(f"{sched_path} is not a scheduler state_dict")
+        scheduler = {"scheduler_state": sched_state}
+        info["scheduler"] = f"from {os.path.basename(sched_path)}; class and schedule name unknown"
+    else:
+        info["scheduler"] = "none: no scheduler.pt / scheduler.bin"
+    trainer_state = os.path.join(checkpoint_dir, TRAINER_STATE_NAME)
+    if os.path.isfile(trainer_state):
+        step = _trainer_step(trainer_state)
+        if step is not None:
+            info["trainer_global_step"] = str(step)
+    for g, group in enumerate(groups):
+        if named:
+            group["param_names"] = list(names[g])
+        else:
+            group.pop("param_names", None)
+    shape_lists = (
+        [[list(shapes[n].shape) if n in shapes else None for n in g] for g in names] if shapes else None
+    )
+    # fsync (unlike save_state's default): a one-off conversion whose output is then relied on instead of the
+    # pickled files; flushing it costs once and makes it survive a power loss
+    written = save_state_dict(
+        output or checkpoint_dir,
+        state_dict,
+        param_shapes=shape_lists,
+        optimizer_class=optimizer_class,
+        max_shard_size=max_shard_size,
+        metadata=info,
+        fsync=True,
+        **scheduler,
+    )
+    logger.info(
+        "converted %s%s -> %s; state keyed by %s",
+        opt_path,
+        f" and {sched_path}" if sched_path else "",
+        ", ".join(os.path.basename(w) for w in written),
+        "name" if named else "index",
+    )
+    return written
+
+
+def _trainer_step(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            doc = parse_json(f.read(), path)
+    except (OSError, CheckpointError):
+        return None
+    step = doc.get("global_step") if isinstance(doc, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _check_torch_state_dict(state_dict: Any, path: str) -> None:
+    """The structure ``torch.optim.Optimizer.state_dict()`` produces; anything else names the file."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise CheckpointError(f"{path} is not an optimizer state_dict (no 'state' / 'param_groups')")
+    groups = state_dict["param_groups"]
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict)
+        and isinstance(g.get("params"), list)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
+        and all(isinstance(k, str) for k in g)
+        for g in groups
+    ):
+        raise CheckpointError(f"{path}: 'param_groups' is not a list of groups with integer 'params'")
+    state = state_dict["state"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Mapping) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state' is not a mapping of per-parameter dicts")
+    indices = [i for g in groups for i in g["params"]]
+    if len(set(indices)) != len(indices) or not set(state) <= set(indices):
+        raise CheckpointError(f"{path}: parameter indices are repeated or state belongs to no group")
+
+
+def infer_optimizer_class(state_dict: Mapping[str, Any]) -> tuple[str | None, str]:
+    """Guess the optimizer class of a torch-format state dict from its state and group keys: (class, reason)."""
+    groups = state_dict.get("param_groups") or []
+    group_keys: set[str] = set().union(*(set(g) for g in groups)) if groups else set()
+    states = list((state_dict.get("state") or {}).values())
+    state_keys: set[str] = set().union(*(set(s) for s in states)) if states else set()
+    if {"exp_avg", "exp_avg_sq"} <= state_keys or {"betas", "eps"} <= group_keys:
+        if "correct_bias" in group_keys:
+            return "hf_optim.optimizers.adamw.AdamW", "Adam moments and a correct_bias group key"
+        if "decoupled_weight_decay" in group_keys:
+            if any(g.get("decoupled_weight_decay") for g in groups):
+                return "torch.optim.adamw.AdamW", "Adam moments and decoupled_weight_decay=True"
+            return "torch.optim.adam.Adam", "Adam moments and decoupled_weight_decay=False"
+        return None, "Adam moments, but the group keys do not tell Adam from AdamW"
+    if "momentum_buffer" in state_keys or {"momentum", "nesterov", "dampening"} <= group_keys:
+        return "torch.optim.sgd.SGD", "momentum / nesterov / dampening group keys"
+    return None, "no state or group keys identify the class"

@@ -1,0 +1,123 @@
+"""Describing a checkpoint without a model: metadata, headers and the step counters (``hf-optim inspect``)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hf_optim.state.codec import TensorHeader, decode
+from hf_optim.state.format import dtype_name
+from hf_optim.state.io import read_safetensors
+from hf_optim.state.load import read_scheduler
+from hf_optim.state.reader import Checkpoint, open_checkpoint
+
+__all__ = ["StateInfo", "inspect_state"]
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    """Summary of a checkpoint read from metadata and tensor headers only (``hf-optim inspect``)."""
+
+    directory: str
+    checkpoint_id: str
+    format_version: int
+    optimizer_class: str | None
+    optimizer_name: str | None
+    keyed_by: str
+    param_groups: tuple[dict[str, Any], ...]  #: per group: num_params, numel, hyperparameters
+    num_params: int
+    numel: int
+    state_bytes: int
+    files: tuple[str, ...]
+    step: tuple[float, float] | None  #: (min, max) of the per-parameter step counters
+    scheduler_name: str | None = None
+    scheduler_class: str | None = None
+    scheduler_step: int | None = None
+    scheduler_lr: tuple[float, ...] | None = None
+    accumulator_bytes: int | None = None
+    #: what the writer recorded about the checkpoint's origin (``hf-optim convert``: inferred values, gaps)
+    info: dict[str, str] | None = None
+
+
+def inspect_state(directory: str | os.PathLike[str], *, roots: Iterable[str] | None = None) -> StateInfo:
+    """Describe a local checkpoint without a model or optimizer: reads metadata, headers and the step counters.
+
+    ``hf_optim.inspect_state`` adds Hub repo ids and ``hf://`` URLs.
+    """
+    directory = os.fspath(directory)
+    with open_checkpoint(directory, roots=roots) as ckpt:
+        return _inspect(ckpt, directory)
+
+
+def _inspect(ckpt: Checkpoint, directory: str) -> StateInfo:
+    meta = ckpt.meta
+    groups = []
+    total_params = total_numel = 0
+    for group in meta["param_groups"]:
+        numel = sum(math.prod(rec["shape"]) for rec in group["params"] if rec.get("shape") is not None)
+        hyper = decode({"dict": group["hyperparameters"]}, PlaceholderTensors(ckpt.entries), "param group")
+        groups.append({"num_params": len(group["params"]), "numel": numel, "hyperparameters": hyper})
+        total_params += len(group["params"])
+        total_numel += numel
+    steps = [
+        node["step"]
+        for node in meta["state"].values()
+        if isinstance(node.get("step"), dict) and "tensor" in node["step"]
+    ]
+    step_range = None
+    if steps:
+        values = ckpt.read_tensors({n["tensor"] for n in steps})
+        nums = [float(v.reshape(-1)[0]) for v in values.values() if v.numel() == 1 and not v.is_complex()]
+        if nums:
+            step_range = (min(nums), max(nums))
+    info: dict[str, Any] = {}
+    files = list(ckpt.files)
+    saved_scheduler = read_scheduler(ckpt)
+    if saved_scheduler is not None:
+        _sched_path, doc, state = saved_scheduler
+        info["scheduler_name"] = doc.get("name")
+        info["scheduler_class"] = doc.get("class")
+        info["scheduler_step"] = state.get("last_epoch")
+        last_lr = state.get("_last_lr")
+        if isinstance(last_lr, list):
+            info["scheduler_lr"] = tuple(last_lr)
+    acc_file = ckpt.companion("accumulator")
+    if acc_file is not None:
+        st = read_safetensors(acc_file)
+        info["accumulator_bytes"] = sum(e.nbytes for e in st.entries.values())
+    return StateInfo(
+        directory=directory,
+        checkpoint_id=ckpt.checkpoint_id,
+        format_version=meta["format_version"],
+        optimizer_class=(meta.get("optimizer") or {}).get("class"),
+        optimizer_name=(meta.get("optimizer") or {}).get("name"),
+        keyed_by=meta["keyed_by"],
+        param_groups=tuple(groups),
+        num_params=total_params,
+        numel=total_numel,
+        state_bytes=sum(e.nbytes for e in ckpt.entries.values()),
+        files=tuple(files),
+        step=step_range,
+        info=dict(meta["info"]) if meta.get("info") else None,
+        **info,
+    )
+
+
+class PlaceholderTensors(Mapping[str, Any]):
+    """Stands in for tensors when decoding for display: ``<tensor float32 []>``."""
+
+    def __init__(self, entries: Mapping[str, TensorHeader]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, key: str) -> Any:
+        e = self._entries[key]
+        return f"<tensor {dtype_name(e.dtype)} {list(e.shape)}>"
+
+    def __iter__(self) -> Iterator[str]:  # pragma: no cover - Mapping protocol
+        return iter(self._entries)
+
+    def __len__(self) -> int:  # pragma: no cover
+        return len(self._entries)

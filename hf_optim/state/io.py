@@ -1,0 +1,234 @@
+"""Reading and writing the checkpoint's files: safetensors through the ``safetensors`` library, JSON by hand.
+
+Reads are hardened: a file is opened once (no following of a last-component symlink, non-blocking so that a FIFO
+cannot hang the reader), must be a regular file inside the checkpoint folder, and every later read (headers,
+metadata, tensors) goes through that same descriptor (``/proc/self/fd/N`` for ``safe_open``), so a concurrent
+save that renames new files into place cannot mix two checkpoints into one load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hf_optim.errors import CheckpointError
+from hf_optim.state.codec import TensorHeader
+from hf_optim.state.format import parse_json
+
+__all__ = [
+    "OpenFile",
+    "SafetensorsFile",
+    "checkpoint_roots",
+    "open_file",
+    "read_json",
+    "read_safetensors",
+    "read_tensors",
+    "write_json",
+    "write_safetensors",
+]
+
+_HAS_PROC_FD = os.path.isdir("/proc/self/fd")
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+}
+
+
+@dataclass
+class OpenFile:
+    """A checked, open checkpoint file; ``path`` names it in messages, ``fd`` is what is read."""
+
+    path: str
+    fd: int
+    st: os.stat_result
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def reader_path(self) -> str:
+        """A path that opens this descriptor's file, not whatever is at ``path`` now."""
+        if _HAS_PROC_FD:
+            return f"/proc/self/fd/{self.fd}"
+        try:  # pragma: no cover - platforms without /proc
+            now = os.stat(self.path)
+        except OSError:  # pragma: no cover
+            now = None
+        if now is None or (now.st_dev, now.st_ino, now.st_mtime_ns) != (  # pragma: no cover
+            self.st.st_dev,
+            self.st.st_ino,
+            self.st.st_mtime_ns,
+        ):
+            raise CheckpointError(
+                f"{self.path} was replaced while loading: the checkpoint changed while loading"
+            )
+        return self.path  # pragma: no cover
+
+    def read_all(self) -> bytes:
+        chunks = []
+        offset = 0
+        while True:
+            chunk = os.pread(self.fd, 1 << 20, offset)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            offset += len(chunk)
+
+
+def checkpoint_roots(directory: str) -> list[str]:
+    """Folders a checkpoint's files may resolve into: the folder itself, and in a Hugging Face cache snapshot
+    (``<repo>/snapshots/<commit>/...``, whose files link to ``<repo>/blobs/``) that repository's ``blobs``."""
+    roots = [directory]
+    current = os.path.abspath(directory)
+    while True:
+        parent = os.path.dirname(current)
+        if parent == current:
+            return roots
+        if os.path.basename(parent) == "snapshots":
+            blobs = os.path.join(os.path.dirname(parent), "blobs")
+            if os.path.isdir(blobs):
+                roots.append(blobs)
+            return roots
+        current = parent
+
+
+def _inside(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def open_file(path: str, *, roots: Iterable[str]) -> OpenFile:
+    """Open a checkpoint file for reading: it must resolve inside one of ``roots`` and be a regular file.
+
+    Raises ``FileNotFoundError`` when it does not exist and :class:`CheckpointError` (naming it) otherwise.
+    """
+    real = os.path.realpath(path)
+    real_roots = [os.path.realpath(r) for r in roots]
+    if not _inside(real, real_roots):
+        raise CheckpointError(f"{path} is a link to {real}, outside the checkpoint folder: refused")
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file {path}") from None
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be opened: {err.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path} is not a regular file: refused")
+    return OpenFile(path, fd, st)
+
+
+def read_json(file: OpenFile) -> Any:
+    """Parse a JSON file of the checkpoint (the index, ``scheduler.json``) from its descriptor."""
+    return parse_json(file.read_all(), file.path)
+
+
+@dataclass
+class SafetensorsFile:
+    """A safetensors file's validated header: ``__metadata__`` and each tensor's dtype and shape."""
+
+    file: OpenFile
+    metadata: dict[str, str]
+    entries: dict[str, TensorHeader] = field(default_factory=dict)
+
+
+def read_safetensors(file: OpenFile) -> SafetensorsFile:
+    """Read and validate a safetensors header with the ``safetensors`` library (through ``file``'s descriptor)."""
+    entries: dict[str, TensorHeader] = {}
+    try:
+        with safe_open(file.reader_path(), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = f.get_slice(key)
+                dtype = _DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(
+                        f"{file.path}: tensor {key!r} has unsupported dtype {piece.get_dtype()}"
+                    )
+                shape = tuple(piece.get_shape())
+                numel = 1
+                for d in shape:
+                    numel *= d
+                entries[key] = TensorHeader(file.path, dtype, shape, numel * dtype.itemsize)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{file.path} is truncated or corrupted: {err}") from None
+    return SafetensorsFile(file, dict(metadata), entries)
+
+
+def read_tensors(st: SafetensorsFile, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read the given tensors eagerly (``backend="pread"``) through the checked descriptor."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    try:
+        with safe_open(st.file.reader_path(), framework="pt", backend="pread") as f:
+            return {key: f.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{st.file.path} is truncated or corrupted: {err}") from None
+
+
+def write_safetensors(
+    path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, fsync: bool
+) -> None:
+    """Write a safetensors file with ``safetensors.torch.save_file`` (CPU, contiguous, no shared memory)."""
+    prepared: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, tensor in tensors.items():
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        if t.numel():
+            storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if storage in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # save_file refuses tensors sharing memory (also views into a larger storage)
+            seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        prepared[key] = t
+    save_file(prepared, path, metadata=dict(metadata))
+    if fsync:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(path: str, doc: Any, *, fsync: bool) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, allow_nan=False)
+        f.write("\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())

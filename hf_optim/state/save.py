@@ -1,0 +1,389 @@
+"""Writing checkpoints: ``save_state`` (live objects), ``save_state_dict`` (a torch-format state dict) and
+``save_object_state`` (one value tree in one file)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+
+from hf_optim import registry
+from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
+from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_lock, staging_folder
+from hf_optim.state.codec import Encoder
+from hf_optim.state.format import (
+    ACCUMULATOR_NAME,
+    FORMAT_VERSION,
+    KIND_ACCUMULATOR,
+    KIND_OBJECT,
+    KIND_OPTIMIZER,
+    KIND_SCHEDULER,
+    KIND_SHARD,
+    METADATA_KEY,
+    OPTIMIZER_INDEX_NAME,
+    OPTIMIZER_NAME,
+    OPTIMIZER_SHARD_PATTERN,
+    SCHEDULER_NAME,
+    dtype_name,
+    parse_max_shard_size,
+    qualname,
+)
+from hf_optim.state.io import write_json, write_safetensors
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_object_state", "save_state", "save_state_dict"]
+
+
+@dataclass
+class _ParamRecord:
+    index: int
+    name: str | None
+    shape: list[int] | None
+    dtype: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "shape": self.shape, "dtype": self.dtype}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _optimizer_payload(
+    state_dict: Mapping[str, Any],
+    params: Sequence[Sequence[_ParamRecord]],
+    *,
+    optimizer_class: str | None,
+    optimizer_name: str | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimizer ``state_dict`` into tensors + the JSON metadata (docs/FORMAT.md)."""
+    groups = state_dict["param_groups"]
+    all_records = [r for group in params for r in group]
+    names = [r.name for r in all_records]
+    keyed_by = "name" if all_records and all(n is not None for n in names) else "index"
+    if keyed_by == "name" and len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        logger.warning("parameter name %r appears twice; keying the optimizer state by index instead", dup)
+        keyed_by = "index"
+    key_of = {r.index: (r.name if keyed_by == "name" else str(r.index)) for r in all_records}
+
+    enc = Encoder()
+    group_meta = []
+    for g, (group, records) in enumerate(zip(groups, params, strict=True)):
+        hyper = {}
+        for k, v in group.items():
+            if k in ("params", "param_names"):
+                continue
+            if not isinstance(k, str):
+                raise ValueError(f"param group {g}: hyperparameter names must be strings, got {k!r}")
+            if k in ("state", "param_groups"):
+                raise ValueError(f"param group {g}: {k!r} is reserved and cannot be a hyperparameter")
+            hyper[k] = enc.encode(v, f"param_groups.{g}.{k}", f"param group {g} hyperparameter {k!r}")
+        group_meta.append({"params": [r.to_json() for r in records], "hyperparameters": hyper})
+
+    state_meta: dict[str, Any] = {}
+    for index, pstate in state_dict["state"].items():
+        if index not in key_of:
+            raise ValueError(f"optimizer state has an entry {index!r} that belongs to no parameter group")
+        pkey = key_of[index]
+        where = f"state of parameter {pkey!r}"
+        if not isinstance(pstate, Mapping):
+            raise ValueError(f"{where} must be a dict, got {type(pstate).__name__}")
+        node = {}
+        for k, v in pstate.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: state keys must be strings, got {k!r}")
+            node[k] = enc.encode(v, f"state.{pkey}.{k}", f"{where}, key {k!r}", numbers_as_tensors=True)
+        state_meta[pkey] = node
+
+    extra = {}
+    for k, v in state_dict.items():
+        if k in ("state", "param_groups"):
+            continue
+        if not isinstance(k, str):
+            raise ValueError(f"optimizer.state_dict() has a non-string top-level key {k!r}")
+        if k in ("params", "param_names"):
+            raise ValueError(f"optimizer.state_dict() has a top-level key {k!r}, which is reserved")
+        extra[k] = enc.encode(v, f"extra.{k}", f"optimizer.state_dict()[{k!r}]")
+
+    meta = {
+        "format": KIND_OPTIMIZER,
+        "format_version": FORMAT_VERSION,
+        "optimizer": {"class": optimizer_class, "name": optimizer_name},
+        "keyed_by": keyed_by,
+        "param_groups": group_meta,
+        "state": state_meta,
+        "extra": extra,
+        "versions": {"hf_optim": _version(), "torch": torch.__version__},
+    }
+    return enc.tensors, meta
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hf_optim")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _scheduler_document(
+    state: Mapping[str, Any], class_name: str | None, name: str | None, kwargs: Any
+) -> dict[str, Any]:
+    """The content of ``scheduler.json`` (without the checkpoint id) for a scheduler ``state_dict``."""
+    enc = Encoder()
+    state_node = enc.encode(state, "state", "scheduler.state_dict()")
+    kwargs_node = enc.encode(kwargs, "kwargs", "scheduler.hf_optim_config['kwargs']")
+    if enc.tensors:
+        raise ValueError(
+            f"scheduler.state_dict() holds tensors ({', '.join(enc.tensors)}); scheduler.json stores JSON only"
+        )
+    return {
+        "format": KIND_SCHEDULER,
+        "format_version": FORMAT_VERSION,
+        "class": class_name,
+        "name": name,
+        "kwargs": kwargs_node,
+        "state_dict": state_node,
+    }
+
+
+def _records(
+    state_dict: Mapping[str, Any],
+    shapes: Sequence[Sequence[Sequence[int] | None]] | None,
+    dtypes: Sequence[Sequence[torch.dtype | None]] | None,
+) -> list[list[_ParamRecord]]:
+    out = []
+    for g, group in enumerate(state_dict["param_groups"]):
+        names = group.get("param_names")
+        records = []
+        for j, index in enumerate(group["params"]):
+            name = names[j] if names is not None and j < len(names) else None
+            shape = shapes[g][j] if shapes is not None else None
+            dtype = dtypes[g][j] if dtypes is not None else None
+            records.append(
+                _ParamRecord(
+                    int(index),
+                    name,
+                    [int(d) for d in shape] if shape is not None else None,
+                    dtype_name(dtype) if dtype is not None else None,
+                )
+            )
+        out.append(records)
+    return out
+
+
+def save_state_dict(
+    save_directory: str | os.PathLike[str],
+    state_dict: Mapping[str, Any],
+    *,
+    param_shapes: Sequence[Sequence[Sequence[int] | None]] | None = None,
+    param_dtypes: Sequence[Sequence[torch.dtype | None]] | None = None,
+    optimizer_class: str | None = None,
+    optimizer_name: str | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
+    scheduler_class: str | None = None,
+    scheduler_name: str | None = None,
+    scheduler_kwargs: Any = None,
+    accumulator_state: Mapping[str, Any] | None = None,
+    accumulator_class: str | None = None,
+    max_shard_size: int | str = "5GB",
+    metadata: Mapping[str, str] | None = None,
+    fsync: bool = False,
+) -> list[str]:
+    """Save a torch-format optimizer ``state_dict`` (``{"state", "param_groups"}``) as an hf_optim checkpoint.
+
+    The lower layer of :func:`save_state` and of ``hf-optim convert``. Parameter names come from the groups'
+    ``param_names`` (torch keeps them for named parameters); ``param_shapes`` / ``param_dtypes`` (group by group)
+    are recorded so that loading can check them. ``metadata`` (str -> str) is stored as the checkpoint's ``info``.
+    Returns the written paths.
+    """
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict must have 'state' and 'param_groups' (torch's optimizer format)")
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise TypeError("metadata must map str to str")
+    directory = os.fspath(save_directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_directory {directory!r} exists and is not a directory")
+    shard_size = parse_max_shard_size(max_shard_size)
+    tensors, meta = _optimizer_payload(
+        state_dict,
+        _records(state_dict, param_shapes, param_dtypes),
+        optimizer_class=optimizer_class,
+        optimizer_name=optimizer_name,
+    )
+    if metadata:
+        meta["info"] = dict(metadata)
+    scheduler_doc = None
+    if scheduler_state is not None:
+        scheduler_doc = _scheduler_document(
+            scheduler_state, scheduler_class, scheduler_name, scheduler_kwargs
+        )
+    accumulator_payload = None
+    if accumulator_state is not None:
+        enc = Encoder()
+        acc_meta = {
+            "format": KIND_ACCUMULATOR,
+            "format_version": FORMAT_VERSION,
+            "class": accumulator_class,
+            "state": enc.encode(accumulator_state, "state", "accumulator.state_dict()"),
+        }
+        accumulator_payload = (enc.tensors, acc_meta)
+    return _save_payload(directory, tensors, meta, scheduler_doc, accumulator_payload, shard_size, fsync)
+
+
+def save_state(
+    save_directory: str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    accumulator: Any = None,
+    *,
+    max_shard_size: int | str = "5GB",
+    fsync: bool = False,
+) -> list[str]:
+    """Save optimizer (and scheduler / gradient-accumulator) state to ``save_directory``; returns the file paths.
+
+    Writes ``optimizer.safetensors`` (or ``optimizer-0000i-of-0000N.safetensors`` shards plus
+    ``optimizer.safetensors.index.json`` when the state exceeds ``max_shard_size``), ``scheduler.json`` and
+    ``accumulator.safetensors``. State is keyed by parameter name when the optimizer was given named parameters.
+
+    The directory is updated atomically: a process killed mid-save leaves the previous checkpoint loadable.
+    ``fsync=True`` also flushes every file and the directory, so the checkpoint survives a power loss too. A
+    second process saving into the same directory at the same time fails at once (``.hf_optim.lock``).
+    """
+    opt = unwrap_optimizer(optimizer)
+    state_dict = opt.state_dict()
+    shapes = [[list(p.shape) for p in group["params"]] for group in opt.param_groups]
+    dtypes = [[p.dtype for p in group["params"]] for group in opt.param_groups]
+    for sd_group, group in zip(state_dict["param_groups"], opt.param_groups, strict=True):
+        if "param_names" not in sd_group and group.get("param_names") is not None:
+            sd_group["param_names"] = group["param_names"]
+    sched: dict[str, Any] = {}
+    if scheduler is not None:
+        inner = unwrap_scheduler(scheduler)
+        if not callable(getattr(inner, "state_dict", None)):
+            raise ValueError(f"scheduler must have a state_dict() method, got {type(scheduler).__name__}")
+        config = getattr(inner, "hf_optim_config", None)
+        sched = {
+            "scheduler_state": inner.state_dict(),
+            "scheduler_class": qualname(inner),
+            "scheduler_name": config.get("name") if isinstance(config, Mapping) else None,
+            "scheduler_kwargs": config.get("kwargs") if isinstance(config, Mapping) else None,
+        }
+    acc: dict[str, Any] = {}
+    if accumulator is not None:
+        if not callable(getattr(accumulator, "state_dict", None)):
+            raise ValueError(f"accumulator must have a state_dict() method, got {type(accumulator).__name__}")
+        acc = {"accumulator_state": accumulator.state_dict(), "accumulator_class": qualname(accumulator)}
+    return save_state_dict(
+        save_directory,
+        state_dict,
+        param_shapes=shapes,
+        param_dtypes=dtypes,
+        optimizer_class=qualname(opt),
+        optimizer_name=registry.optimizer_name(opt),
+        max_shard_size=max_shard_size,
+        fsync=fsync,
+        **sched,
+        **acc,
+    )
+
+
+def _save_payload(
+    directory: str,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    scheduler_doc: dict[str, Any] | None,
+    accumulator_payload: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+    shard_size: int,
+    fsync: bool,
+) -> list[str]:
+    checkpoint_id = new_checkpoint_id()
+    meta = {**meta, "checkpoint_id": checkpoint_id}
+    meta["files"] = {
+        "scheduler": SCHEDULER_NAME if scheduler_doc is not None else None,
+        "accumulator": ACCUMULATOR_NAME if accumulator_payload is not None else None,
+    }
+    companions: list[PendingFile] = []
+    if scheduler_doc is not None:
+        doc = {**scheduler_doc, "checkpoint_id": checkpoint_id}
+        companions.append(PendingFile(SCHEDULER_NAME, lambda path: write_json(path, doc, fsync=fsync)))
+    if accumulator_payload is not None:
+        acc_tensors, acc_meta = accumulator_payload
+        acc_md = {"format": "pt", METADATA_KEY: json.dumps({**acc_meta, "checkpoint_id": checkpoint_id})}
+        companions.append(
+            PendingFile(
+                ACCUMULATOR_NAME, lambda path: write_safetensors(path, acc_tensors, acc_md, fsync=fsync)
+            )
+        )
+
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern=OPTIMIZER_SHARD_PATTERN, max_shard_size=shard_size
+    )
+    shards = split.filename_to_tensors if tensors else {OPTIMIZER_NAME: []}
+    if len(shards) == 1:
+        md = {"format": "pt", METADATA_KEY: json.dumps(meta, allow_nan=False)}
+        single = {k: tensors[k] for k in next(iter(shards.values()))}
+        manifest = PendingFile(OPTIMIZER_NAME, lambda path: write_safetensors(path, single, md, fsync=fsync))
+    else:
+        for shard_name, keys in shards.items():
+            shard_meta = {
+                "format": KIND_SHARD,
+                "format_version": FORMAT_VERSION,
+                "checkpoint_id": checkpoint_id,
+                "shard": shard_name,
+            }
+            shard_md = {"format": "pt", METADATA_KEY: json.dumps(shard_meta)}
+            shard_tensors = {k: tensors[k] for k in keys}
+
+            def write_shard(path: str, items: dict = shard_tensors, md: dict = shard_md) -> None:
+                write_safetensors(path, items, md, fsync=fsync)
+
+            companions.append(PendingFile(shard_name, write_shard))
+        index = {
+            "metadata": {"total_size": split.metadata["total_size"], METADATA_KEY: meta},
+            "weight_map": {k: split.tensor_to_filename[k] for k in tensors},
+        }
+        manifest = PendingFile(OPTIMIZER_INDEX_NAME, lambda path: write_json(path, index, fsync=fsync))
+    os.makedirs(directory, exist_ok=True)
+    with save_lock(directory):
+        written = commit(directory, checkpoint_id, companions, manifest, fsync)
+    logger.debug("saved optimizer state to %s (%d file(s))", directory, len(written))
+    return written
+
+
+def save_object_state(path: str | os.PathLike[str], value: Any, *, kind: str) -> None:
+    """Save one value tree (nested dict/list/tuple/str/int/float/bool/None/tensors) to one safetensors file.
+
+    Atomic (temporary name, then rename). ``kind`` names what it is; :func:`load_object_state` checks it.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+    path = os.fspath(path)
+    enc = Encoder()
+    node = enc.encode(value, "value", f"{kind} state")
+    checkpoint_id = new_checkpoint_id()
+    meta = {
+        "format": KIND_OBJECT,
+        "format_version": FORMAT_VERSION,
+        "checkpoint_id": checkpoint_id,
+        "kind": kind,
+        "value": node,
+    }
+    directory, name = os.path.split(os.path.abspath(path))
+    staging = staging_folder(directory, checkpoint_id)
+    try:
+        tmp = os.path.join(staging, name)
+        write_safetensors(tmp, enc.tensors, {"format": "pt", METADATA_KEY: json.dumps(meta)}, fsync=False)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
