@@ -28,9 +28,8 @@ def tiny_bert() -> BertForSequenceClassification:
 
 
 def training_args(tmp_path, **kwargs) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", **kwargs
-    )
+    kwargs.setdefault("save_strategy", "no")
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kwargs)
 
 
 def bert_no_decay(name: str) -> bool:
@@ -145,3 +144,36 @@ def test_trainer_reproduces_a_legacy_bert_adam_run(tmp_path, impl):
             assert torch.equal(got.detach(), expected.detach()), name
         else:
             torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_hf_optim_trainer_checkpoint_keeps_the_schedule_and_resumes_exactly(tmp_path):
+    """hf_optim.Trainer saves BertAdam's state (schedule as JSON) in safetensors and resumes bit for bit."""
+
+    def run(output_dir, max_steps, resume=None):
+        args = training_args(
+            output_dir,
+            optim="bert_adam",
+            optim_args="schedule=warmup_cosine,warmup=0.2,t_total=2,foreach=false,fused=false",  # past t_total
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            per_device_train_batch_size=4,
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=4,
+        )
+        model = tiny_bert()
+        trainer = hf_optim.Trainer(model=model, args=args, train_dataset=dataset())
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    straight, _ = run(tmp_path / "straight", 6)
+    _, first = run(tmp_path / "first", 4)
+    checkpoint = tmp_path / "first" / "checkpoint-4"
+    assert (checkpoint / "optimizer.safetensors").is_file() and not (checkpoint / "optimizer.pt").exists()
+    saved_schedule = first.optimizer.param_groups[0]["schedule"]
+    assert saved_schedule.warned_for_t_total_at_progress > 1
+    assert saved_schedule.get_lr(5, nowarn=True) > 0  # the steps after the checkpoint still move the weights
+    resumed, _ = run(tmp_path / "first", 6, resume=str(checkpoint))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach()), name
