@@ -349,7 +349,12 @@ def test_registry_instances_are_independent_of_the_default_one():
     own = registry.Registry()
     own.register_optimizer("only_here", torch.optim.SGD)
     assert "only_here" not in hf_optim.list_optimizers(source="hf_optim")
-    assert registry.default_registry.list_optimizers(source="hf_optim") == ["adam_weight_decay", "adamw_hf"]
+    assert registry.default_registry.list_optimizers(source="hf_optim") == [
+        "adam_weight_decay",
+        "adamw_hf",
+        "bert_adam",
+        "openai_adam",
+    ]
     opt = own.create_optimizer("only_here", Model(), lr=0.1)
     assert type(opt) is torch.optim.SGD and opt.hf_optim_name == "only_here"
 

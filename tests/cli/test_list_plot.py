@@ -66,6 +66,8 @@ def test_list_filters_and_json(capsys):
     assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [
         ("adam_weight_decay", "hf_optim"),
         ("adamw_hf", "hf_optim"),
+        ("bert_adam", "hf_optim"),
+        ("openai_adam", "hf_optim"),
     ]
     code, out, _ = run_cli(capsys, "list", "--optimizers", "--source", "transformers", "sgd", "--json")
     assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [("sgd", "transformers")]
