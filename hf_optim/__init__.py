@@ -93,6 +93,7 @@ _LAZY: dict[str, str] = {
     "accelerate_load_state": "hf_optim.integrations.accelerate",
     "accelerate_prepare": "hf_optim.integrations.accelerate",
     "accelerate_save_state": "hf_optim.integrations.accelerate",
+    "use_safetensors_state": "hf_optim.integrations.accelerate",
 }
 
 

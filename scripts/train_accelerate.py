@@ -49,17 +49,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("--optim", default="adamw_hf", help="hf_optim optimizer name (hf-optim list)")
-    p.add_argument("--lr_scheduler_type", default="linear", help="hf_optim schedule name (hf-optim list)")
+    # Schedule arguments default to None ("not given"): on resume they come from the checkpoint's scheduler.json.
+    p.add_argument(
+        "--lr_scheduler_type",
+        default=None,
+        help="hf_optim schedule name (hf-optim list); default: linear, or the checkpoint's when resuming",
+    )
     p.add_argument(
         "--lr_scheduler_kwargs",
         type=json.loads,
-        default={},
-        help="extra schedule arguments as JSON, e.g. '{\"min_lr\": 1e-5}'",
+        default=None,
+        help="extra schedule arguments as JSON, e.g. '{\"min_lr\": 1e-5}'; default: none, or the checkpoint's",
     )
     p.add_argument("--learning_rate", type=float, default=5e-3)
     p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--num_warmup_steps", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=20, help="number of optimizer steps")
+    p.add_argument(
+        "--num_warmup_steps", type=int, default=None, help="default: 0, or the checkpoint's when resuming"
+    )
+    p.add_argument(
+        "--num_training_steps",
+        type=int,
+        default=None,
+        help="length of the schedule in optimizer steps; default: --max_steps, or the checkpoint's when resuming",
+    )
+    p.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="number of optimizer steps; default: 20, or the checkpoint's num_training_steps when resuming",
+    )
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden_size", type=int, default=32)
     args = p.parse_args(argv)
     for name in (
-        "max_steps",
         "gradient_accumulation_steps",
         "per_device_train_batch_size",
         "logging_steps",
@@ -90,10 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "num_training_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("save_steps", "num_warmup_steps"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not isinstance(args.lr_scheduler_kwargs, dict):
+    if args.lr_scheduler_kwargs is not None and not isinstance(args.lr_scheduler_kwargs, dict):
         p.error(f"--lr_scheduler_kwargs must be a JSON object, got {args.lr_scheduler_kwargs!r}")
     if args.seq_len < 2:
         p.error(f"--seq_len must be >= 2, got {args.seq_len}")
@@ -174,6 +194,49 @@ def _read_start_step(checkpoint_dir: str) -> int:
     return step
 
 
+def _saved_schedule(checkpoint_dir: str) -> tuple[str, dict[str, Any]]:
+    """The schedule name and arguments recorded in a checkpoint's ``scheduler.json``."""
+    path = os.path.join(checkpoint_dir, hf_optim.SCHEDULER_NAME)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        name, kwargs = doc["name"], doc["kwargs"]["dict"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume_from: cannot read the schedule from {path!r}: {err}") from None
+    plain = (str, int, float, bool, type(None))
+    if (
+        not isinstance(name, str)
+        or not isinstance(kwargs, dict)
+        or not all(isinstance(v, plain) for v in kwargs.values())
+    ):
+        raise ValueError(
+            f"--resume_from: {path!r} records no hf_optim schedule with plain arguments; pass --lr_scheduler_type, "
+            "--num_warmup_steps, --num_training_steps and --lr_scheduler_kwargs explicitly"
+        )
+    return name, kwargs
+
+
+def resolve_schedule_args(args: argparse.Namespace, checkpoint_dir: str | None) -> None:
+    """Fill the schedule arguments not given on the command line: from the checkpoint when resuming (so the
+    resumed run follows the same schedule), else the defaults."""
+    saved_name, saved = _saved_schedule(checkpoint_dir) if checkpoint_dir else ("linear", {})
+    saved = dict(saved)
+    if args.lr_scheduler_type is None:
+        args.lr_scheduler_type = saved_name
+    elif args.lr_scheduler_type != saved_name:
+        saved = {}  # another schedule: the recorded arguments belong to the old one
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = saved.get("num_warmup_steps") or 0
+    if args.max_steps is None:
+        args.max_steps = args.num_training_steps or saved.get("num_training_steps") or 20
+    if args.num_training_steps is None:
+        args.num_training_steps = saved.get("num_training_steps") or args.max_steps
+    if args.lr_scheduler_kwargs is None:
+        args.lr_scheduler_kwargs = {
+            k: v for k, v in saved.items() if k not in ("num_warmup_steps", "num_training_steps")
+        }
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(cpu=args.cpu, gradient_accumulation_steps=args.gradient_accumulation_steps)
     logging.basicConfig(
@@ -184,6 +247,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     print(f"world_size={accelerator.num_processes} rank={accelerator.process_index}", flush=True)
     set_seed(args.seed)
+    checkpoint_dir = None
+    if args.resume_from:
+        with accelerator.local_main_process_first():  # the state files only; the rest is fetched below
+            checkpoint_dir = hf_optim.resolve_state_dir(args.resume_from)
+    resolve_schedule_args(args, checkpoint_dir)
+    logger.info(
+        "schedule %s: num_warmup_steps=%s num_training_steps=%s %s",
+        args.lr_scheduler_type,
+        args.num_warmup_steps,
+        args.num_training_steps,
+        args.lr_scheduler_kwargs,
+    )
 
     model = build_model(args.vocab_size, args.hidden_size, args.seed)
     dataset = build_dataset(args.num_samples, args.seq_len, args.vocab_size, args.seed)
@@ -195,7 +270,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         args.lr_scheduler_type,
         optimizer,
         num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=args.max_steps,
+        num_training_steps=args.num_training_steps,
         **args.lr_scheduler_kwargs,
     )
     # accelerate_prepare: the hf_optim schedule advances once per optimizer step on any number of processes.

@@ -50,6 +50,19 @@ def _worker_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch
     return torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
 
 
+class _Registered:
+    """An object registered with ``accelerator.register_for_checkpointing``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = torch.tensor([value])
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"].clone()
+
+
 def _worker_main(out_dir: str) -> None:
     from accelerate import Accelerator
     from safetensors.torch import save_file
@@ -123,6 +136,16 @@ def _worker_main(out_dir: str) -> None:
     # ... and can between windows.
     accumulator.reset()
     hf_optim.accelerate_save_state(accelerator, os.path.join(out_dir, "ckpt"), accumulator=accumulator)
+    # The accelerator's own save_state / load_state in hf_optim's format: the main process writes the
+    # registered object's state, every process reads it back.
+    registered = _Registered(10.0 + rank)
+    accelerator.register_for_checkpointing(registered)
+    hf_optim.use_safetensors_state(accelerator)
+    plain_dir = os.path.join(out_dir, "plain")
+    accelerator.save_state(plain_dir)
+    registered.value = torch.tensor([-1.0])
+    accelerator.load_state(plain_dir)
+    registered_values = accelerator.gather(registered.value).tolist()
     if accelerator.is_main_process:
         adam_step = next(iter(optimizer.optimizer.state.values()))["step"]
         result = {
@@ -134,6 +157,12 @@ def _worker_main(out_dir: str) -> None:
             "control_last_epoch": control_sched.scheduler.last_epoch,
             "adam_step": float(adam_step),
             "mid_window_error": mid_window_error,
+            "registered_values": registered_values,
+            "plain_files": sorted(
+                os.path.relpath(os.path.join(d, n), plain_dir)
+                for d, _, names in os.walk(plain_dir)
+                for n in names
+            ),
         }
         with open(os.path.join(out_dir, "worker.json"), "w") as f:
             json.dump(result, f)
@@ -255,6 +284,20 @@ def test_item_normalised_gradient_and_scheduler_two_processes(tmp_path: Path) ->
     assert "mid-window" in result["mid_window_error"]
     assert (tmp_path / "ckpt" / "accumulator.safetensors").is_file()
     assert (tmp_path / "ckpt" / "optimizer.safetensors").is_file()
+
+    # use_safetensors_state: the main process's registered state (10.0) is what every process loads, and the
+    # folder holds no pickle except Accelerate's per-process RNG files.
+    assert result["registered_values"] == [10.0, 10.0]
+    files = result["plain_files"]
+    assert [n for n in files if not n.endswith((".safetensors", ".json"))] == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert {
+        "custom_checkpoint_0.safetensors",
+        "optimizer.safetensors",
+        "optimizer_1/optimizer.safetensors",
+    } <= set(files)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,6 +458,28 @@ def test_resume_one_process_checkpoint_in_two_processes_from_local_hub(
     assert f"at step {SAVE_STEP}" in log
     _assert_same_weights(_weights(resumed / "model.safetensors"), reference[1])
     _assert_same_weights(_weights(pushed / "model.safetensors"), reference[1])
+
+
+def test_resume_takes_the_schedule_from_the_checkpoint(two_proc_run, reference, tmp_path: Path) -> None:
+    """Resuming without schedule arguments follows the checkpoint's schedule (scheduler.json); one given on
+    the command line wins. The linear schedule's lr is written out as the reference."""
+    checkpoint = two_proc_run[0] / f"checkpoint-{SAVE_STEP}"
+    schedule_args = {"lr_scheduler_type", "num_warmup_steps", "max_steps"}
+    args = [a for a in _train_args(tmp_path / "a", GLOBAL_BATCH, "--resume_from", str(checkpoint))]
+    for name in schedule_args:
+        i = args.index(f"--{name}")
+        del args[i : i + 2]
+    _launch(SCRIPT, args, 1)
+    _assert_same_weights(_weights(tmp_path / "a" / "model.safetensors"), reference[1])
+
+    override = [*args, "--num_warmup_steps", "0"]
+    override[override.index("--output_dir") + 1] = str(tmp_path / "b")
+    log = _launch(SCRIPT, override, 1)
+    lr0, total = TRAIN["learning_rate"], TRAIN["max_steps"]
+    logged = {
+        int(s): float(lr) for s, lr in re.findall(r"step=(\d+) epoch=\d+ loss=\S+ items=\d+ lr=(\S+)", log)
+    }
+    assert abs(logged[total - 1] - lr0 * 1 / total) <= 1e-5 * lr0  # warmup 0: linear decay over all 6 steps
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import hf_optim
 from hf_optim import OPTIMIZER_INDEX_NAME, CheckpointError, push_state_to_hub
 from hf_optim.cli import inspect_cmd
 from hf_optim.hub import download_checkpoint, inspect_state, load_state, resolve_state_dir
-from hf_optim.hub_server.testing import bind_listen_socket, client_env, endpoint_of, run_python
+from tests.hub_plugin import bind_listen_socket, client_env, endpoint_of, run_python
 
 HUB_KEYWORDS = {
     "repo_type",

@@ -15,6 +15,11 @@ is loaded into the scheduler Trainer rebuilt from the same ``TrainingArguments``
 
 DeepSpeed, FSDP, XLA and SageMaker model parallel have their own optimizer checkpoint formats: there the base
 behaviour is kept, with a warning.
+
+Nothing read on resume is unpickled with arbitrary objects: hf_optim reads safetensors + JSON, and transformers
+5.x reads ``rng_state*.pth``, ``scaler.pt`` and legacy ``optimizer.pt`` / ``scheduler.pt`` with
+``torch.load(weights_only=True)`` (model weights as safetensors, or ``weights_only=True``); ``training_args.bin``
+is written but never read back. The native backends above load their own files their own way.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 import torch
 import transformers
 
-from hf_optim._utils import is_hub_url as _is_url
+from hf_optim._utils import is_hub_url
+from hf_optim.hub import download_checkpoint
 from hf_optim.integrations.transformers.bridge import registered_names
 from hf_optim.registry import get_scheduler, list_schedulers
 from hf_optim.state import (
@@ -50,8 +56,6 @@ def download_trainer_checkpoint(url: str, token: str | bool | None = None) -> st
     """Download a Trainer checkpoint folder (``hf://USER/REPO[@REVISION]/SUBFOLDER`` or its huggingface.co web
     URL) with :func:`hf_optim.download_checkpoint` and check that it is one (``trainer_state.json``); return the
     folder."""
-    from hf_optim.hub import download_checkpoint
-
     directory = download_checkpoint(url, token=token)
     if not os.path.isfile(os.path.join(directory, TRAINER_STATE_NAME)):
         raise FileNotFoundError(
@@ -198,7 +202,7 @@ class TrainerMixin:
         """``transformers.Trainer.train``; ``resume_from_checkpoint`` may also be ``hf://USER/REPO[@REV]/SUBDIR``
         (or its huggingface.co web URL), which is downloaded (main process first, into the HF cache) before
         resuming."""
-        if isinstance(resume_from_checkpoint, str) and _is_url(resume_from_checkpoint):
+        if isinstance(resume_from_checkpoint, str) and is_hub_url(resume_from_checkpoint):
             url = resume_from_checkpoint
             with self.args.main_process_first(desc="downloading the checkpoint"):
                 resume_from_checkpoint = download_trainer_checkpoint(url, token=self.args.hub_token)

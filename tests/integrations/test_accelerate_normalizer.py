@@ -1,4 +1,4 @@
-"""Single-process tests of hf_optim's Accelerate helpers: ItemNormalizer, accelerate_prepare.
+"""Single-process tests of hf_optim.integrations.accelerate.normalizer (ItemNormalizer).
 
 The reference for every gradient is autograd on the whole accumulation window at once
 (``sum of item losses / number of items``), computed without Accelerate. Two-process behaviour is tested in
@@ -7,17 +7,11 @@ The reference for every gradient is autograd on the whole accumulation window at
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.scheduler import AcceleratedScheduler
 from torch.utils.data import DataLoader, TensorDataset
 
-import hf_optim
-from hf_optim.integrations.accelerate import ItemNormalizer, accelerate_prepare, step_once_per_optimizer_step
+from hf_optim.integrations.accelerate import ItemNormalizer
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -143,54 +137,3 @@ def test_item_normalizer_scales_each_parameter_once(make_accelerator) -> None:
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="model_or_params"):
         ItemNormalizer(accelerator, ["not a parameter"])
-
-
-def test_optimizer_and_scheduler_by_name_go_through_plain_prepare(make_accelerator) -> None:
-    accelerator = make_accelerator()
-    model = _model()
-    optimizer = hf_optim.create_optimizer("adamw_hf", model, lr=1e-2, weight_decay=0.1)
-    scheduler = hf_optim.create_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=4)
-    p_model, p_opt, p_sched = accelerator.prepare(model, optimizer, scheduler)
-    assert isinstance(p_opt, AcceleratedOptimizer) and p_opt.optimizer is optimizer
-    assert isinstance(
-        p_opt.optimizer, torch.optim.AdamW
-    )  # what DeepSpeed's CPU offload checks for AdamW mode
-    assert isinstance(p_sched, AcceleratedScheduler) and p_sched.scheduler is scheduler
-    before = [p.detach().clone() for p in model.parameters()]
-    x, y = _batch(4, 0)
-    accelerator.backward(_loss_sum(p_model, x, y))
-    p_opt.step()
-    p_sched.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
-    assert p_sched.get_last_lr() == [pytest.approx(1e-2 * 3 / 4)] * 2  # decay + no-decay groups, linear to 0
-
-
-def test_accelerate_prepare_fixes_only_hf_optim_schedulers(make_accelerator) -> None:
-    accelerator = make_accelerator()
-    model = _model()
-    optimizer = hf_optim.create_optimizer("adamw_hf", model, lr=1e-2)
-    ours = hf_optim.create_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=10)
-    other_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    theirs = torch.optim.lr_scheduler.StepLR(other_opt, step_size=2)
-    prepared = accelerate_prepare(accelerator, model, optimizer, ours, other_opt, theirs)
-    assert len(prepared) == 5
-    p_ours, p_theirs = prepared[2], prepared[4]
-    assert isinstance(p_ours, AcceleratedScheduler) and p_ours.scheduler is ours
-    assert p_ours.split_batches is True  # steps once per optimizer step
-    assert p_theirs.split_batches is False  # Accelerate's behaviour kept for other schedulers
-    single = accelerate_prepare(accelerator, hf_optim.create_scheduler("constant", optimizer))
-    assert isinstance(single, AcceleratedScheduler) and single.split_batches is True
-    with pytest.raises(TypeError, match="AcceleratedScheduler"):
-        step_once_per_optimizer_step(ours)
-
-
-def test_import_hf_optim_does_not_import_accelerate() -> None:
-    code = (
-        "import sys, hf_optim\n"
-        "assert 'accelerate' not in sys.modules, 'accelerate imported by import hf_optim'\n"
-        "assert hf_optim.ItemNormalizer.__module__ == 'hf_optim.integrations.accelerate'\n"
-        "assert callable(hf_optim.accelerate_save_state) and callable(hf_optim.accelerate_load_state)\n"
-        "assert callable(hf_optim.accelerate_prepare)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr

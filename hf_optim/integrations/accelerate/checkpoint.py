@@ -1,0 +1,650 @@
+"""Accelerate checkpoints without pickle: Accelerate writes the model weights (safetensors), RNG states, samplers
+and its step counter; hf_optim writes the optimizer / scheduler / accumulator state and the objects registered
+with ``accelerator.register_for_checkpointing`` as safetensors + JSON.
+
+Accelerate's own ``save_state`` pickles the optimizer and scheduler (``optimizer.bin`` / ``scheduler.bin``, read
+back with ``weights_only=True``) and the registered objects (``custom_checkpoint_N.pkl``, read back with
+``torch.load(weights_only=False)``: a checkpoint folder could run arbitrary code). Here:
+
+- :func:`accelerate_save_state` / :func:`accelerate_load_state` are the explicit form;
+- :func:`use_safetensors_state` makes ``accelerator.save_state()`` / ``load_state()`` themselves use them.
+
+A load validates every file first (model weights, hf_optim state, registered objects, the files Accelerate will
+read), then changes the live objects; if any later step raises, the optimizers, schedulers, accumulator,
+registered objects, RNG states, scaler and step counter are put back as they were. A folder holding pickled
+``custom_checkpoint_N.pkl`` files (plain Accelerate) is refused unless ``allow_pickle=True``.
+
+What Accelerate itself reads (accelerate 1.15, ``checkpointing.load_accelerator_state``) goes through
+``accelerate.utils.load``, which sets ``weights_only=True`` unless told otherwise: ``random_states_N.pkl`` (with
+an allow-list of numpy globals), ``scaler.pt``, ``sampler.bin``, ``dl_state_dict.bin``. hf_optim never passes
+``load_kwargs``, so none of these can unpickle arbitrary objects; model files are read by hf_optim
+(safetensors), never by Accelerate's ``pytorch_model.bin`` fallback.
+
+Only single-process and DDP-style runs (CPU/GPU/XPU/..., also ``MULTI_CPU``) are supported: FSDP, DeepSpeed and
+Megatron-LM keep sharded optimizer state that this format does not describe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.utils import DistributedType
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from hf_optim._utils import is_hub_url, unwrap_optimizer
+from hf_optim.errors import CheckpointError
+from hf_optim.hub import download_checkpoint, resolve_state_dir
+from hf_optim.integrations.accelerate.prepare import is_hf_optim_scheduler
+from hf_optim.state import (
+    OPTIMIZER_INDEX_NAME,
+    OPTIMIZER_NAME,
+    inspect_state,
+    load_object_state,
+    load_state,
+    save_object_state,
+    save_state,
+)
+
+__all__ = [
+    "REGISTERED_STATE_NAME",
+    "accelerate_load_state",
+    "accelerate_save_state",
+    "use_safetensors_state",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The state of the i-th object registered with ``accelerator.register_for_checkpointing``.
+REGISTERED_STATE_NAME = "custom_checkpoint_{}.safetensors"
+_REGISTERED_STATE_RE = re.compile(r"^custom_checkpoint_(\d+)\.safetensors$")
+# What plain Accelerate writes for registered objects (and reads with torch.load(weights_only=False)).
+_PICKLED_REGISTERED_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+_REGISTERED_KIND = "accelerate.registered_object"
+
+# Accelerate writes the first model as ``model.safetensors`` and the i-th as ``model_{i}.safetensors``.
+_MODEL_STEM = "model"
+# The state of the i-th prepared optimizer (i > 0) goes into this sub-folder of the checkpoint.
+_EXTRA_OPTIMIZER_DIR = "optimizer_{}"
+# Accelerate's other files (accelerate.utils.constants): RNG, scaler, samplers, stateful dataloaders.
+_RNG_NAME = "random_states_{}.pkl"
+_SCALER_NAME = "scaler.pt"
+
+_SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.FSDP)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registered objects: their state_dict() as a value tree in one safetensors file (tensors + JSON metadata)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _save_registered(path: str, state_dict: Any) -> None:
+    """Write a registered object's ``state_dict()`` to ``path`` (one safetensors file, atomic)."""
+    save_object_state(path, state_dict, kind=_REGISTERED_KIND)
+
+
+def _load_registered(path: str) -> Any:
+    """Read and validate a file written by :func:`_save_registered`."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file")
+    return load_object_state(path, kind=_REGISTERED_KIND)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------
+
+
+def accelerate_save_state(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    accumulator: Any | None = None,
+) -> str:
+    """Save a resumable checkpoint with no pickled optimizer, scheduler or registered-object files.
+
+    Accelerate writes the model weights (``model.safetensors``, stored under the unwrapped model's parameter
+    names so a checkpoint from N processes loads into a run with M), the RNG states, dataloader samplers and its
+    step counter, and applies its automatic checkpoint naming and ``total_limit`` (``output_dir=None`` with
+    ``ProjectConfiguration(automatic_checkpoint_naming=True)``). The main process (each node's main process with
+    ``save_on_each_node``) writes the hf_optim state: the first prepared optimizer and its scheduler into the
+    checkpoint folder itself, the i-th into ``optimizer_{i}/``, and the ``state_dict()`` of each object
+    registered with ``accelerator.register_for_checkpointing`` into ``custom_checkpoint_{i}.safetensors``
+    (tensors, numbers, strings, booleans, None, and lists / tuples / dicts of them).
+    ``accumulator`` (a :class:`hf_optim.GradientAccumulator`) is stored with the first optimizer; it is
+    process-local, so with several processes it can only be saved between accumulation windows (else
+    ``ValueError``). Call on every process; all wait until the checkpoint is complete. Returns its folder.
+    """
+    _check_checkpoint_support(accelerator, "accelerate_save_state")
+    if output_dir is not None:
+        output_dir = os.fspath(output_dir)
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise ValueError(f"output_dir: {output_dir!r} exists and is not a directory")
+    pairs = _optimizer_scheduler_pairs(accelerator)
+    if accumulator is not None:
+        if not pairs:
+            raise ValueError("accumulator: no prepared optimizer to store it with")
+        if accelerator.num_processes > 1:
+            # Only the main process writes: the other processes' partial sums would be lost mid-window.
+            steps = accelerator.gather(torch.tensor([accumulator.step], device=accelerator.device))
+            if bool((steps > 0).any()):
+                raise ValueError(
+                    f"accumulator: mid-window on some process (micro-steps per process: {steps.tolist()}); its "
+                    "state is process-local, so save between accumulation windows (after apply_to / reset)"
+                )
+    _warn_if_scheduler_steps_per_process(accelerator)
+    registered = list(accelerator._custom_objects)
+
+    handle = accelerator.register_save_state_pre_hook(_unwrapped_weights_hook(accelerator))
+    try:
+        with _hidden_from_accelerate(accelerator, custom_objects=True):
+            # The class's method: use_safetensors_state replaces the instance's save_state with a call to this.
+            location = os.fspath(
+                type(accelerator).save_state(accelerator, output_dir, safe_serialization=True)
+            )
+    finally:
+        handle.remove()
+
+    writes = (
+        accelerator.is_local_main_process
+        if accelerator.project_configuration.save_on_each_node
+        else accelerator.is_main_process
+    )
+    error: Exception | None = None
+    if writes:
+        try:
+            for index, (optimizer, scheduler) in enumerate(pairs):
+                save_state(
+                    _state_dir(location, index), optimizer, scheduler, accumulator if index == 0 else None
+                )
+            for index, obj in enumerate(registered):
+                _save_registered(
+                    os.path.join(location, REGISTERED_STATE_NAME.format(index)), obj.state_dict()
+                )
+            for name in os.listdir(location):  # files of more registered objects from an earlier save
+                match = _REGISTERED_STATE_RE.match(name)
+                if match and int(match.group(1)) >= len(registered):
+                    os.remove(os.path.join(location, name))
+            logger.debug(
+                "Saved hf_optim state of %d optimizer(s) and %d registered object(s) in %s",
+                len(pairs),
+                len(registered),
+                location,
+            )
+        except Exception as err:  # re-raised below, after telling the other processes
+            error = err
+    # Acts as the barrier, and makes every process fail (rather than wait forever) if the writer failed.
+    failed = accelerator.gather(torch.tensor([error is not None], device=accelerator.device))
+    if error is not None:
+        raise error
+    if bool(failed.any()):
+        raise RuntimeError(
+            f"accelerate_save_state: writing the hf_optim state into {location!r} failed on another process"
+        )
+    return location
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def accelerate_load_state(
+    accelerator: Accelerator,
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    repo_type: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    accumulator: Any | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+) -> str:
+    """Resume from a checkpoint written by :func:`accelerate_save_state`, all or nothing.
+
+    ``path_or_repo_id`` is a local folder, a Hub repo id or an ``hf://USER/REPO[@REVISION]/SUBFOLDER`` URL; Hub
+    checkpoints are downloaded with :func:`hf_optim.download_checkpoint` (``repo_type``, ``revision``,
+    ``subfolder``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` go to it), by each node's
+    main process first, then read from the cache by the others.
+
+    Every file is validated before anything changes: model weights (names and shapes, read into memory), the
+    hf_optim state of each optimizer, the registered objects' files, and the files Accelerate will read. Then
+    the optimizer / scheduler / ``accumulator`` state is loaded with :func:`hf_optim.load_state`, the registered
+    objects' ``load_state_dict``, Accelerate's part (RNG states, samplers, scaler, step counter) and the model
+    weights. If any step raises, the optimizers, schedulers, accumulator, registered objects, RNG states, scaler
+    and step counter are restored and the error re-raised (a copy of the optimizer state is held in memory for
+    the duration of the load to make that possible).
+
+    A folder holding pickled ``custom_checkpoint_N.pkl`` files (what plain ``accelerator.save_state`` writes for
+    registered objects) is refused with a :class:`~hf_optim.CheckpointError`: Accelerate reads them with
+    ``torch.load(weights_only=False)``, which runs whatever code the file holds. ``allow_pickle=True`` lets
+    Accelerate read them; only for files you made. Returns the local checkpoint folder.
+    """
+    _check_checkpoint_support(accelerator, "accelerate_load_state")
+    pairs = _optimizer_scheduler_pairs(accelerator)
+    if accumulator is not None and not pairs:
+        raise ValueError("accumulator: no prepared optimizer to load its state with")
+    hub = {
+        "repo_type": repo_type,
+        "revision": revision,
+        "subfolder": subfolder,
+        "token": token,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "force_download": force_download,
+    }
+    with accelerator.local_main_process_first():
+        local_dir = _checkpoint_dir(path_or_repo_id, hub)
+
+    # 1. Validate every file before changing anything.
+    weights = [
+        _read_model_weights(accelerator, model, local_dir, index)
+        for index, model in enumerate(accelerator._models)
+    ]
+    for index in range(len(pairs)):
+        state_dir = _state_dir(local_dir, index)
+        if not any(
+            os.path.isfile(os.path.join(state_dir, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)
+        ):
+            raise FileNotFoundError(
+                f"path_or_repo_id: no hf_optim optimizer state ({OPTIMIZER_NAME}) in {state_dir!r}: expected a "
+                "checkpoint written by hf_optim.accelerate_save_state (`hf-optim convert` converts Accelerate's)"
+            )
+        inspect_state(state_dir)  # the files on their own; load_state checks them against the optimizer
+    registered_states, accelerate_reads_registered = _read_registered(accelerator, local_dir, allow_pickle)
+    _check_accelerate_files(accelerator, local_dir)
+
+    # 2. Apply, with everything that can change restorable.
+    snapshot = _Snapshot(accelerator, pairs, accumulator)
+    try:
+        for index, (optimizer, scheduler) in enumerate(pairs):
+            load_state(
+                _state_dir(local_dir, index),
+                optimizer,
+                scheduler,
+                accumulator if index == 0 else None,
+                strict=strict,
+            )
+        for obj, state in zip(accelerator._custom_objects, registered_states, strict=False):
+            obj.load_state_dict(state)
+        # Accelerate: RNG, samplers, scaler, step (and pickled registered objects with allow_pickle=True).
+        # The hook keeps it from reading the model files: hf_optim read them above.
+        handle = accelerator.register_load_state_pre_hook(_skip_model_loading)
+        try:
+            with _hidden_from_accelerate(accelerator, custom_objects=not accelerate_reads_registered):
+                type(accelerator).load_state(accelerator, local_dir)
+        finally:
+            handle.remove()
+        for model, state in zip(accelerator._models, weights, strict=True):
+            # names were checked; strict=False allows tied weights stored once
+            _bare_model(accelerator, model).load_state_dict(state, strict=False)
+    except BaseException:
+        snapshot.restore()
+        raise
+    logger.debug("Loaded checkpoint from %s", local_dir)
+    return local_dir
+
+
+def _checkpoint_dir(path_or_repo_id: str | os.PathLike[str], hub: dict[str, Any]) -> str:
+    """The local checkpoint folder: a local path as is, else the whole folder downloaded from the Hub."""
+    value = os.fspath(path_or_repo_id)
+    if not is_hub_url(value) and os.path.exists(value):
+        # local folder checks (revision is refused for a local folder, subfolder applied)
+        return resolve_state_dir(
+            value, revision=hub["revision"], subfolder=hub["subfolder"], token=hub["token"]
+        )
+    return download_checkpoint(value, **hub)
+
+
+def _read_registered(accelerator: Accelerator, directory: str, allow_pickle: bool) -> tuple[list[Any], bool]:
+    """The validated states of the registered objects, or ``([], True)`` when Accelerate must read pickles."""
+    names = sorted(os.listdir(directory))
+    pickled = [n for n in names if _PICKLED_REGISTERED_RE.match(n)]
+    if pickled:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{os.path.join(directory, pickled[0])}: pickled registered-object state (written by plain "
+                "accelerator.save_state); loading it would run any code it holds. Pass allow_pickle=True only "
+                "for files you made"
+            )
+        logger.warning(
+            "Letting Accelerate unpickle %s in %s (allow_pickle=True)", ", ".join(pickled), directory
+        )
+        return [], True
+    found = sorted(int(m.group(1)) for m in map(_REGISTERED_STATE_RE.match, names) if m)
+    expected = list(range(len(accelerator._custom_objects)))
+    if found != expected:
+        raise CheckpointError(
+            f"{directory}: registered-object files {[REGISTERED_STATE_NAME.format(i) for i in found]} do not "
+            f"match the {len(expected)} object(s) registered with accelerator.register_for_checkpointing"
+        )
+    return [
+        _load_registered(os.path.join(directory, REGISTERED_STATE_NAME.format(i))) for i in expected
+    ], False
+
+
+def _check_accelerate_files(accelerator: Accelerator, directory: str) -> None:
+    """The files ``accelerator.load_state`` will open exist (when it needs them) and are regular files."""
+    required: list[str] = []
+    optional = [
+        _RNG_NAME.format(accelerator.process_index)
+    ]  # a run on more processes has no file for new ranks
+    if accelerator.scaler is not None:
+        required.append(_SCALER_NAME)
+    for index, loader in enumerate(accelerator._dataloaders):
+        suffix = f"_{index}" if index else ""
+        get_sampler = getattr(loader, "get_sampler", None)
+        if isinstance(getattr(loader, "dataset", None), IterableDatasetShard) and isinstance(
+            get_sampler() if get_sampler else None, SeedableRandomSampler
+        ):
+            required.append(f"sampler{suffix}.bin")
+        if getattr(loader, "use_stateful_dataloader", False):
+            optional.append(f"dl_state_dict{suffix}.bin")
+    for name in required + optional:
+        path = os.path.join(directory, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise CheckpointError(f"{path}: not a regular file")
+        if name in required and not os.path.lexists(path):
+            raise CheckpointError(f"{path}: missing (accelerator.load_state needs it)")
+
+
+class _Snapshot:
+    """Copies of everything ``accelerate_load_state`` may change, to put back if a step fails."""
+
+    def __init__(
+        self, accelerator: Accelerator, pairs: list[tuple[Any, Any]], accumulator: Any | None
+    ) -> None:
+        self.accelerator = accelerator
+        self.optimizers = [(opt, opt.state, opt.param_groups, _copy_optimizer(opt)) for opt, _ in pairs]
+        self.schedulers = [(s, _copy_scheduler(s)) for _, s in pairs if s is not None]
+        self.accumulator = (accumulator, copy.deepcopy(accumulator.state_dict())) if accumulator else None
+        self.registered = [(obj, copy.deepcopy(obj.state_dict())) for obj in accelerator._custom_objects]
+        self.scaler = (
+            copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
+        )
+        self.step = accelerator.step
+        self.rng = (
+            random.getstate(),
+            np.random.get_state(),
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        )
+
+    def restore(self) -> None:
+        for opt, state, groups, (saved_state, saved_groups) in self.optimizers:
+            opt.state, opt.param_groups = state, groups  # the same objects, with their old contents
+            state.clear()
+            state.update(saved_state)
+            groups[:] = [group for group, _ in saved_groups]
+            for group, content in saved_groups:
+                group.clear()
+                group.update(content)
+        for scheduler, saved in self.schedulers:
+            scheduler.__dict__.clear()
+            scheduler.__dict__.update(saved)
+        if self.accumulator is not None:
+            self.accumulator[0].load_state_dict(self.accumulator[1])
+        for obj, saved in self.registered:
+            obj.load_state_dict(saved)
+        if self.scaler is not None:
+            self.accelerator.scaler.load_state_dict(self.scaler)
+        self.accelerator.step = self.step
+        random.setstate(self.rng[0])
+        np.random.set_state(self.rng[1])
+        torch.set_rng_state(self.rng[2])
+        if self.rng[3] is not None:
+            torch.cuda.set_rng_state_all(self.rng[3])
+
+
+def _copy_optimizer(
+    opt: torch.optim.Optimizer,
+) -> tuple[dict[Any, Any], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    memo = {id(p): p for group in opt.param_groups for p in group["params"]}  # parameters are not copied
+    state = {p: copy.deepcopy(s, memo) for p, s in opt.state.items()}
+    groups = [
+        (group, {k: v if k == "params" else copy.deepcopy(v, memo) for k, v in group.items()})
+        for group in opt.param_groups
+    ]
+    return state, groups
+
+
+def _copy_scheduler(scheduler: Any) -> dict[str, Any]:
+    memo: dict[int, Any] = {}
+    optimizer = getattr(scheduler, "optimizer", None)
+    if optimizer is not None:
+        memo[id(optimizer)] = optimizer  # the scheduler's reference to its optimizer stays a reference
+    return {k: copy.deepcopy(v, memo) for k, v in scheduler.__dict__.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# accelerator.save_state() / load_state() in hf_optim's format
+# --------------------------------------------------------------------------------------------------------------
+
+
+def use_safetensors_state(accelerator: Accelerator) -> Accelerator:
+    """Make this accelerator's own ``save_state()`` / ``load_state()`` write and read hf_optim's format.
+
+    After this call ``accelerator.save_state(output_dir)`` is :func:`accelerate_save_state` and
+    ``accelerator.load_state(input_dir)`` is :func:`accelerate_load_state`: no ``optimizer.bin``,
+    ``scheduler.bin`` or ``custom_checkpoint_N.pkl``. With ``ProjectConfiguration(automatic_checkpoint_naming=
+    True)``, ``save_state()`` names folders ``checkpoint_<iteration>`` under ``project_dir/checkpoints``, applies
+    ``total_limit`` and advances the iteration (Accelerate's own code does it), and ``load_state()`` picks the
+    folder with the highest number, as Accelerate does. Only this instance changes. Returns ``accelerator``.
+    """
+    _check_checkpoint_support(accelerator, "use_safetensors_state")
+    if getattr(accelerator, "_hf_optim_safetensors_state", False):
+        return accelerator
+
+    def save_state(
+        output_dir: str | os.PathLike[str] | None = None,
+        safe_serialization: bool = True,
+        **save_model_func_kwargs: Any,
+    ) -> str:
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False: hf_optim's checkpoints store model weights as safetensors"
+            )
+        if save_model_func_kwargs:
+            raise TypeError(
+                f"save_state() got {sorted(save_model_func_kwargs)}: those are for DeepSpeed / Megatron-LM, which "
+                "hf_optim's checkpoints do not support"
+            )
+        return accelerate_save_state(accelerator, output_dir)
+
+    def load_state(
+        input_dir: str | os.PathLike[str] | None = None,
+        load_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        if load_kwargs or kwargs:
+            raise TypeError(
+                "load_state(): load_kwargs and model loading arguments do not apply to hf_optim's checkpoints "
+                "(safetensors files, read by hf_optim)"
+            )
+        if input_dir is None:
+            input_dir = _latest_automatic_checkpoint(accelerator)
+        return accelerate_load_state(accelerator, input_dir)
+
+    save_state.__doc__ = accelerate_save_state.__doc__
+    load_state.__doc__ = accelerate_load_state.__doc__
+    accelerator.save_state = save_state  # type: ignore[method-assign]
+    accelerator.load_state = load_state  # type: ignore[method-assign]
+    accelerator._hf_optim_safetensors_state = True
+    return accelerator
+
+
+def _latest_automatic_checkpoint(accelerator: Accelerator) -> str:
+    """The folder ``Accelerator.load_state(None)`` picks: the highest trailing number in ``project_dir/checkpoints``."""
+    if not accelerator.project_configuration.automatic_checkpoint_naming:
+        raise ValueError("No input_dir provided and automatic checkpoint naming is disabled.")
+    root = os.path.join(accelerator.project_dir, "checkpoints")
+    numbered = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = re.search(r"([0-9]+)[^/]*$", name)
+        if match:
+            numbered.append((int(match.group(1)), name))
+    if not numbered:
+        raise FileNotFoundError(f"no checkpoint folder in {root!r}")
+    return os.path.join(root, max(numbered)[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_checkpoint_support(accelerator: Accelerator, function: str) -> None:
+    if accelerator.distributed_type in _SHARDED_STATE:
+        raise NotImplementedError(
+            f"{function} supports single-process and DDP runs; {accelerator.distributed_type} shards optimizer "
+            "state, use accelerator.save_state / load_state there"
+        )
+
+
+def _state_dir(checkpoint_dir: str, index: int) -> str:
+    return checkpoint_dir if index == 0 else os.path.join(checkpoint_dir, _EXTRA_OPTIMIZER_DIR.format(index))
+
+
+def _optimizer_scheduler_pairs(accelerator: Accelerator) -> list[tuple[torch.optim.Optimizer, Any | None]]:
+    """The prepared optimizers (unwrapped), each with the scheduler (unwrapped) that drives it, if any."""
+    optimizers = [unwrap_optimizer(opt) for opt in accelerator._optimizers]
+    schedulers = [s.scheduler if isinstance(s, AcceleratedScheduler) else s for s in accelerator._schedulers]
+    paired: list[Any | None] = [None] * len(optimizers)
+    for scheduler in schedulers:
+        target = getattr(scheduler, "optimizer", None)
+        if isinstance(target, torch.optim.Optimizer):
+            target = unwrap_optimizer(target)
+        index = next((i for i, opt in enumerate(optimizers) if opt is target), None)
+        if index is None:
+            raise ValueError(
+                f"scheduler {type(scheduler).__name__} drives an optimizer that was not prepared with this accelerator"
+            )
+        if paired[index] is not None:
+            raise ValueError(
+                f"optimizer {index} is driven by two prepared schedulers; hf_optim stores one per optimizer"
+            )
+        paired[index] = scheduler
+    return list(zip(optimizers, paired, strict=True))
+
+
+def _warn_if_scheduler_steps_per_process(accelerator: Accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    for scheduler in accelerator._schedulers:
+        if (
+            isinstance(scheduler, AcceleratedScheduler)
+            and is_hf_optim_scheduler(scheduler.scheduler)
+            and scheduler.step_with_optimizer
+            and not scheduler.split_batches
+        ):
+            logger.warning(
+                "An hf_optim scheduler is stepped %d times per optimizer step: prepare it with "
+                "hf_optim.accelerate_prepare so the checkpoint counts optimizer steps",
+                accelerator.num_processes,
+            )
+
+
+@contextlib.contextmanager
+def _hidden_from_accelerate(accelerator: Accelerator, *, custom_objects: bool) -> Iterator[None]:
+    """Hide the prepared optimizers and schedulers (and the registered objects) from ``save_state`` /
+    ``load_state``.
+
+    Accelerate has no switch to leave them out: ``save_state`` pickles them into ``optimizer.bin`` /
+    ``scheduler.bin`` / ``custom_checkpoint_N.pkl`` and ``load_state`` opens those files unconditionally.
+    Emptying its registries for the duration of the call keeps everything else Accelerate does (automatic naming
+    and rotation, hooks, RNG, samplers, scaler, its step counter) unchanged.
+    """
+    saved = accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects
+    accelerator._optimizers, accelerator._schedulers = [], []
+    if custom_objects:
+        accelerator._custom_objects = []
+    try:
+        yield
+    finally:
+        accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects = saved
+
+
+def _bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
+
+
+def _unwrapped_weights_hook(accelerator: Accelerator) -> Callable[[list[Any], list[Any], str], None]:
+    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        # Accelerate saves DDP models under ``module.``-prefixed names; store the model's own names instead.
+        for index, model in enumerate(models[: len(weights)]):
+            weights[index] = _bare_model(accelerator, model).state_dict()
+
+    return hook
+
+
+def _weights_file(checkpoint_dir: str, index: int) -> str:
+    suffix = f"_{index}" if index else ""
+    return os.path.join(checkpoint_dir, f"{_MODEL_STEM}{suffix}.safetensors")
+
+
+def _read_model_weights(
+    accelerator: Accelerator, model: torch.nn.Module, checkpoint_dir: str, index: int
+) -> dict[str, torch.Tensor]:
+    """Read the weights file of model ``index`` after checking it has exactly the model's tensors and shapes."""
+    path = _weights_file(checkpoint_dir, index)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found")
+    state = _bare_model(accelerator, model).state_dict()
+    expected = {name: tuple(t.shape) for name, t in state.items()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            found = {_strip_wrapper_prefix(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:
+        raise CheckpointError(f"path_or_repo_id: cannot read model weights {path!r}: {err}") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
+    # with a stored one is restored through it.
+    stored = {state[name].untyped_storage().data_ptr() for name in found if name in state}
+    missing = [name for name in missing if state[name].untyped_storage().data_ptr() not in stored]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"path_or_repo_id: model weights {path!r} do not match model {index}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, shape in sorted(found.items()):
+        if expected[name] != shape:
+            raise CheckpointError(
+                f"path_or_repo_id: model weights {path!r}: {name} has shape {list(shape)}, "
+                f"the model expects {list(expected[name])}"
+            )
+    try:
+        return {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read model weights: {err}") from None
+
+
+def _strip_wrapper_prefix(name: str) -> str:
+    # Checkpoints written by a plain accelerator.save_state under DDP / torch.compile carry wrapper prefixes.
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def _skip_model_loading(models: list[Any], input_dir: str) -> None:
+    """``load_state`` pre-hook: hf_optim loads the model weights itself (under unwrapped names)."""
+    models.clear()

@@ -1,0 +1,362 @@
+"""Sharded (FSDP2) optimizer state: save on N processes, resume on N, M or one plain process.
+
+Every multi-process run is compared with a reference run of the same global batch: the uninterrupted run on the
+same number of processes for bit-exact continuation, and the loaded state against the saved state (gathered with
+``full_tensor`` in the saving run) for exact restoration on another number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import hf_optim
+from hf_optim.errors import CheckpointError
+from hf_optim.state.sharded import (
+    SHARDED_MANIFEST_NAME,
+    inspect_sharded_state,
+    load_sharded_state,
+    save_sharded_state,
+)
+
+STEPS_BEFORE, STEPS_AFTER, GLOBAL_BATCH = 3, 3, 6
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _batch(step: int, rank: int, world: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 5, generator=g)
+    per = GLOBAL_BATCH // world
+    return x[rank * per : (rank + 1) * per]
+
+
+def _train(model, opt, sched, steps, rank, world):
+    for step in steps:
+        loss = model(_batch(step, rank, world)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _make(world: int, weights: dict | None):
+    model = _model()
+    if weights is not None:
+        model.load_state_dict(weights)
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    opt = hf_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, correct_bias=False)
+    sched = hf_optim.get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=20)
+    return model, opt, sched
+
+
+def _snapshot(model, opt) -> dict[str, torch.Tensor]:
+    out = {f"param.{n}": _full(p) for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, entries in opt.state.items():
+        for k, v in entries.items():
+            out[f"state.{names[id(p)]}.{k}"] = (
+                _full(v).reshape(-1) if torch.is_tensor(v) else torch.tensor([v])
+            )
+    return out
+
+
+def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if job == "save":
+            model, opt, sched = _make(world, None)
+            _train(model, opt, sched, range(STEPS_BEFORE), rank, world)
+            save_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
+            snap = _snapshot(model, opt)
+            _train(model, opt, sched, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), rank, world)
+            final = _snapshot(model, opt)
+            if rank == 0:
+                save_file(snap, os.path.join(out, "at_save.safetensors"))
+                save_file(final, os.path.join(out, f"final_{world}.safetensors"))
+        elif job == "resume":
+            weights = {
+                k.removeprefix("param."): v
+                for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
+                if k.startswith("param.")
+            }
+            model, opt, sched = _make(world, weights)
+            load_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
+            loaded = _snapshot(model, opt)
+            lr = torch.tensor([g["lr"] for g in opt.param_groups] + [sched.last_epoch], dtype=torch.float64)
+            _train(model, opt, sched, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), rank, world)
+            final = _snapshot(model, opt)
+            if rank == 0:
+                save_file(loaded, os.path.join(out, f"loaded_{world}.safetensors"))
+                save_file({"lr": lr}, os.path.join(out, f"lr_{world}.safetensors"))
+                save_file(final, os.path.join(out, f"resumed_{world}.safetensors"))
+        elif job.startswith("kill"):
+            # a save that dies on one rank: "kill-write" in the middle of rank 1's shard writing,
+            # "kill-manifest" on rank 0 after the shards are in place but before the manifest is
+            import hf_optim.state.sharded as sharded
+
+            model, opt, sched = _make(world, None)
+            _train(model, opt, sched, range(STEPS_BEFORE + 1), rank, world)
+            if job == "kill-write" and rank == 1:
+                original = sharded.save_file
+
+                def dying_save_file(tensors, path, metadata=None):
+                    original(dict(list(tensors.items())[:1]), path, metadata=metadata)
+                    os._exit(3)
+
+                sharded.save_file = dying_save_file
+            if job == "kill-manifest" and rank == 0:
+
+                def dying_dump(*args, **kwargs):
+                    os._exit(3)
+
+                sharded.json.dump = dying_dump
+            save_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
+        elif job == "corrupt":
+            weights = {
+                k.removeprefix("param."): v
+                for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
+                if k.startswith("param.")
+            }
+            model, opt, sched = _make(world, weights)
+            before = _snapshot(model, opt)
+            try:
+                load_sharded_state(os.path.join(out, "bad"), opt, sched, model=model)
+                message = "loaded"
+            except CheckpointError as exc:
+                message = str(exc)
+            same = all(torch.equal(before[k], v) for k, v in _snapshot(model, opt).items()) and not opt.state
+            with open(os.path.join(out, f"corrupt_{rank}.json"), "w") as f:
+                json.dump({"message": message, "unchanged": same}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_dying(world: int, job: str, out: str) -> None:
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_worker, args=(world, _free_port(), job, out), nprocs=world, join=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, job: str, out: str) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), job, out), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sharded"))
+    _spawn(2, "save", out)
+    return out
+
+
+def _plain_resume(out: str) -> tuple[dict, dict]:
+    weights = {
+        k.removeprefix("param."): v
+        for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
+        if k.startswith("param.")
+    }
+    model, opt, sched = _make(1, weights)
+    load_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
+    loaded = _snapshot(model, opt)
+    _train(model, opt, sched, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), 0, 1)
+    return loaded, _snapshot(model, opt)
+
+
+def test_files_are_safetensors_and_json_only(saved):
+    ckpt = os.path.join(saved, "ckpt")
+    manifest = json.loads(Path(os.path.join(ckpt, SHARDED_MANIFEST_NAME)).read_text())
+    shard_dir = os.path.join(ckpt, manifest["shards"]["folder"])
+    assert sorted(os.listdir(ckpt)) == sorted([SHARDED_MANIFEST_NAME, manifest["shards"]["folder"]])
+    assert sorted(os.listdir(shard_dir)) == manifest["shards"]["files"]
+    assert len(manifest["shards"]["files"]) == 2 and all(
+        f.endswith(".safetensors") for f in os.listdir(shard_dir)
+    )
+    info = inspect_sharded_state(ckpt)
+    assert info.num_shards == 2 and info.world_size == 2
+    assert info.parameters["0.weight"]["exp_avg"] == (7, 5)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_resume_on_n_processes(saved, world):
+    _spawn(world, "resume", saved)
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    loaded = load_file(os.path.join(saved, f"loaded_{world}.safetensors"))
+    assert loaded.keys() == at_save.keys()
+    for key, value in at_save.items():  # the restored state is exact on any number of processes
+        assert torch.equal(loaded[key], value), key
+    final = load_file(os.path.join(saved, "final_2.safetensors"))
+    resumed = load_file(os.path.join(saved, f"resumed_{world}.safetensors"))
+    for key, value in final.items():
+        if world == 2:  # same reductions: bit for bit
+            assert torch.equal(resumed[key], value), key
+        else:
+            torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+    lr = load_file(os.path.join(saved, f"lr_{world}.safetensors"))["lr"]
+    # linear schedule, 2 warmup steps of 20: lr = 1e-2 * (20 - t) / (20 - 2) at t = STEPS_BEFORE
+    assert lr[0].item() == pytest.approx(1e-2 * (20 - STEPS_BEFORE) / 18, rel=1e-12)
+    assert lr[-1].item() == STEPS_BEFORE
+
+
+def test_resume_on_one_plain_process(saved):
+    loaded, resumed = _plain_resume(saved)
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    for key, value in at_save.items():
+        assert torch.equal(loaded[key], value), key
+    final = load_file(os.path.join(saved, "final_2.safetensors"))
+    for key, value in final.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+def _corrupt_copy(saved: str, name: str, edit) -> str:
+    bad = os.path.join(saved, "bad")
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(os.path.join(saved, "ckpt"), bad)
+    edit(bad)
+    return bad
+
+
+def _manifest_edit(fn):
+    def edit(bad):
+        path = os.path.join(bad, SHARDED_MANIFEST_NAME)
+        doc = json.loads(Path(path).read_text())
+        fn(doc)
+        Path(path).write_text(json.dumps(doc))
+
+    return edit
+
+
+def _shard_dir(bad: str) -> str:
+    doc = json.loads(Path(os.path.join(bad, SHARDED_MANIFEST_NAME)).read_text())
+    return os.path.join(bad, doc["shards"]["folder"])
+
+
+ATTACKS = {
+    "missing shard": (
+        lambda bad: os.remove(os.path.join(_shard_dir(bad), sorted(os.listdir(_shard_dir(bad)))[1])),
+        "differ from the manifest",
+    ),
+    "unlisted shard": (
+        lambda bad: shutil.copy(
+            os.path.join(_shard_dir(bad), sorted(os.listdir(_shard_dir(bad)))[0]),
+            os.path.join(_shard_dir(bad), "shard-00009-model-00001-of-00001.safetensors"),
+        ),
+        "differ from the manifest",
+    ),
+    "duplicated shard": (
+        lambda bad: shutil.copy(
+            *[os.path.join(_shard_dir(bad), f) for f in sorted(os.listdir(_shard_dir(bad)))]
+        ),
+        "overlap",
+    ),
+    "global shape": (
+        _manifest_edit(lambda d: d["state"]["0.weight"]["exp_avg"].update(shape=[8, 5])),
+        "0.weight",
+    ),
+    "hyperparameter type": (
+        _manifest_edit(lambda d: d["param_groups"][0]["hyperparameters"].update(lr="abc")),
+        "'lr'",
+    ),
+    "injected hyperparameter": (
+        _manifest_edit(lambda d: d["param_groups"][0]["hyperparameters"].update(maximize=True)),
+        "maximize",
+    ),
+    "reserved state key": (
+        _manifest_edit(lambda d: d["state"]["0.weight"].update(params={"value": 1})),
+        "reserved",
+    ),
+    "swapped parameters": (
+        _manifest_edit(lambda d: d["param_groups"][0].update(params=d["param_groups"][0]["params"][::-1])),
+        "other parameters",
+    ),
+    "scheduler keys": (
+        _manifest_edit(lambda d: d["scheduler"]["state_dict"].update(injected=1)),
+        "scheduler",
+    ),
+    "shard folder escapes": (_manifest_edit(lambda d: d["shards"].update(folder="../ckpt")), "shard folder"),
+    "fifo manifest": (
+        lambda bad: (
+            os.remove(os.path.join(bad, SHARDED_MANIFEST_NAME)),
+            os.mkfifo(os.path.join(bad, SHARDED_MANIFEST_NAME)),
+        ),
+        "not a regular file",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_hostile_checkpoint_changes_nothing(saved, attack):
+    edit, expected = ATTACKS[attack]
+    bad = _corrupt_copy(saved, attack, edit)
+    weights = {
+        k.removeprefix("param."): v
+        for k, v in load_file(os.path.join(saved, "at_save.safetensors")).items()
+        if k.startswith("param.")
+    }
+    model, opt, sched = _make(1, weights)
+    before_sched = dict(sched.__dict__)
+    with pytest.raises(CheckpointError, match=expected) as info:
+        load_sharded_state(bad, opt, sched, model=model)
+    assert bad in str(info.value) or "bad" in str(info.value)
+    assert not opt.state and sched.__dict__.keys() == before_sched.keys()
+    assert all(sched.__dict__[k] == v for k, v in before_sched.items() if k != "optimizer")
+
+
+def test_every_rank_raises_and_stays_unchanged(saved):
+    _corrupt_copy(saved, "missing", ATTACKS["missing shard"][0])
+    _spawn(2, "corrupt", saved)
+    for rank in range(2):
+        result = json.loads(Path(os.path.join(saved, f"corrupt_{rank}.json")).read_text())
+        assert "differ from the manifest" in result["message"] and result["unchanged"], result
+
+
+@pytest.mark.parametrize("job", ["kill-write", "kill-manifest"])
+def test_save_killed_on_one_rank_keeps_the_previous_checkpoint(saved, tmp_path, job):
+    shutil.copytree(os.path.join(saved, "ckpt"), tmp_path / "ckpt")
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), tmp_path / "at_save.safetensors")
+    _spawn_dying(2, job, str(tmp_path))
+    loaded, _ = _plain_resume(str(tmp_path))  # the previous checkpoint, whole
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    for key, value in at_save.items():
+        assert torch.equal(loaded[key], value), key
+    leftovers = [
+        e for e in os.listdir(tmp_path / "ckpt") if e.endswith(".tmp") or e.startswith("optimizer-shards-")
+    ]
+    assert len(leftovers) >= 2  # the killed save's folder is still there, unreferenced...
+    model, opt, sched = _make(1, None)
+    _train(model, opt, sched, range(1), 0, 1)
+    save_sharded_state(str(tmp_path / "ckpt"), opt, sched, model=model)  # ...until the next save removes it
+    manifest = json.loads((tmp_path / "ckpt" / SHARDED_MANIFEST_NAME).read_text())
+    assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(
+        [SHARDED_MANIFEST_NAME, manifest["shards"]["folder"]]
+    )
