@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,14 @@ from hf_optim.state import (
     OPTIMIZER_SHARD_PATTERN,
     SCHEDULER_NAME,
     LoadReport,
+    ShardedStateInfo,
     StateInfo,
     save_state,
+    sharded,
 )
 from hf_optim.state.io import checkpoint_roots
 from hf_optim.state.reader import manifest_files
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, sharded_manifest_files
 
 logger = logging.getLogger(__name__)
 
@@ -239,8 +243,13 @@ def _download_state(
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
     force_download: bool,
+    prefer_sharded: bool = False,
 ) -> str:
-    """Download the manifest, then the files it references; returns the local folder."""
+    """Download the manifest, then the files it references; returns the local folder.
+
+    A folder may hold both an ordinary and a sharded checkpoint (``consolidate_to``): the sharded one is taken
+    first for a sharded optimizer (``prefer_sharded``), last otherwise.
+    """
 
     def fetch(name: str, revision: str | None, *, cache_only: bool = False) -> str:
         return hf_hub_download(
@@ -260,7 +269,9 @@ def _download_state(
     # connection retries.
     manifest_path = None
     unreachable: LocalEntryNotFoundError | None = None
-    for name in (OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME):
+    names = (OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME)
+    names = (SHARDED_MANIFEST_NAME, *names) if prefer_sharded else (*names, SHARDED_MANIFEST_NAME)
+    for name in names:
         try:
             manifest_path = fetch(name, location.revision, cache_only=unreachable is not None)
             break
@@ -282,7 +293,12 @@ def _download_state(
         snapshot = os.path.dirname(snapshot)
     commit = os.path.basename(snapshot)  # every further file from the manifest's commit
     try:
-        for name in manifest_files(manifest_path):
+        referenced = (
+            sharded_manifest_files(manifest_path)
+            if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME
+            else manifest_files(manifest_path)
+        )
+        for name in referenced:
             if name != os.path.basename(manifest_path):
                 fetch(name, commit)
     except LocalEntryNotFoundError as err:
@@ -304,6 +320,7 @@ def _resolve(
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
     force_download: bool,
+    prefer_sharded: bool = False,
 ) -> tuple[str, list[str]]:
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
@@ -332,7 +349,24 @@ def _resolve(
         except HFValidationError:
             raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
     location = _locate(value, subfolder, revision, repo_type)
-    directory = _download_state(location, **options)
+    if prefer_sharded and sharded.local_rank() != 0:  # one download per machine: local rank 0 fetches first
+        sharded.barrier()
+        options["local_files_only"] = True
+    error = directory = None
+    try:
+        directory = _download_state(location, prefer_sharded=prefer_sharded, **options)
+    except Exception as err:
+        if not prefer_sharded:
+            raise
+        error = err
+    if prefer_sharded and sharded.local_rank() == 0:
+        sharded.barrier()
+    if prefer_sharded:
+        message = sharded.agree(None if error is None else f"{type(error).__name__}: {error}")
+        if message is not None:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"downloading the optimizer state failed on another process: {message}")
     return directory, checkpoint_roots(directory)
 
 
@@ -376,13 +410,16 @@ def load_state(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> LoadReport:
     """:func:`hf_optim.state.load_state` from a local directory, a Hub repo id or an ``hf://`` URL.
 
     Hub repositories are downloaded with ``huggingface_hub`` into the usual cache (``HF_HUB_OFFLINE=1`` works):
     the manifest first, then only the files it references. Everything is validated before the optimizer,
-    scheduler or accumulator is touched; on any error they are left exactly as they were.
+    scheduler or accumulator is touched; on any error they are left exactly as they were. ``model``: see
+    :func:`hf_optim.state.load_state` (required for sharded FSDP2 state; then each machine downloads once).
     """
+    is_sharded = sharded.is_sharded(optimizer)
     directory, roots = _resolve(
         path_or_repo_id,
         repo_type=repo_type,
@@ -392,8 +429,11 @@ def load_state(
         cache_dir=cache_dir,
         local_files_only=local_files_only,
         force_download=force_download,
+        prefer_sharded=is_sharded,
     )
-    return state.load_state(directory, optimizer, scheduler, accumulator, strict=strict, roots=roots)
+    return state.load_state(
+        directory, optimizer, scheduler, accumulator, strict=strict, roots=roots, model=model
+    )
 
 
 def inspect_state(
@@ -406,8 +446,9 @@ def inspect_state(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
-) -> StateInfo:
-    """:func:`hf_optim.state.inspect_state` for a local directory, a Hub repo id or an ``hf://`` URL."""
+) -> StateInfo | ShardedStateInfo:
+    """:func:`hf_optim.state.inspect_state` for a local directory, a Hub repo id or an ``hf://`` URL (a sharded
+    checkpoint is described by :func:`hf_optim.state.inspect_sharded_state`)."""
     directory, roots = _resolve(
         path_or_repo_id,
         repo_type=repo_type,
@@ -418,6 +459,8 @@ def inspect_state(
         local_files_only=local_files_only,
         force_download=force_download,
     )
+    if state.has_sharded_state(directory) and not state.has_state(directory):
+        return state.inspect_sharded_state(directory)
     return state.inspect_state(directory, roots=roots)
 
 
@@ -437,37 +480,113 @@ def push_state_to_hub(
     commit_message: str | None = None,
     private: bool | None = None,
     create_pr: bool = False,
-    max_shard_size: int | str = "5GB",
-) -> CommitInfo:
+    max_shard_size: int | str | None = None,
+    model: torch.nn.Module | None = None,
+    save_directory: str | os.PathLike[str] | None = None,
+) -> CommitInfo | None:
     """Save the state (see :func:`hf_optim.save_state`) and upload it to ``repo_id`` in one commit.
 
     Creates the repo if needed (``private`` applies then) and the branch ``revision`` if it does not exist. State
     files of a previous push in the same subfolder that the new checkpoint does not use (e.g. surplus shards)
     are deleted in the same commit. ``create_pr=True`` opens a pull request against ``revision`` instead.
     ``cache_dir`` / ``force_download`` do not apply to uploads; ``local_files_only=True`` is refused.
+
+    Sharded (FSDP2) state: call it on every process with ``model=``. Every process writes its shard, then rank 0
+    makes the one commit and returns its ``CommitInfo`` (the others return None). The files go to a temporary
+    folder on this machine, or to ``save_directory``, which must be on a filesystem every machine sees when the
+    processes span several machines.
     """
     del cache_dir, force_download  # accepted for a uniform signature: nothing is downloaded
     if local_files_only:
         raise ValueError("push_state_to_hub cannot run with local_files_only=True")
     location = _locate(repo_id, subfolder, revision, repo_type)
+    upload = {"location": location, "token": token, "commit_message": commit_message}
+    upload.update(private=private, create_pr=create_pr)
+    if sharded.is_sharded(optimizer):
+        return _push_sharded(optimizer, scheduler, accumulator, model, save_directory, max_shard_size, upload)
+    if save_directory is not None:
+        save_state(
+            save_directory, optimizer, scheduler, accumulator, model=model, max_shard_size=max_shard_size
+        )
+        return _upload(os.fspath(save_directory), **upload)
+    with tempfile.TemporaryDirectory(prefix="hf_optim-push-") as tmp:
+        save_state(tmp, optimizer, scheduler, accumulator, model=model, max_shard_size=max_shard_size)
+        return _upload(tmp, **upload)
+
+
+def _upload(
+    folder: str,
+    *,
+    location: _Location,
+    token: str | bool | None,
+    commit_message: str | None,
+    private: bool | None,
+    create_pr: bool,
+) -> CommitInfo:
+    """One commit of a saved state folder; state files of an earlier push that it does not use are deleted."""
     api = HfApi(token=token)
     repo = api.create_repo(
         location.repo_id, private=private, repo_type=location.repo_type, exist_ok=True
     ).repo_id
     if location.revision is not None and not create_pr and not location.revision.startswith("refs/"):
         api.create_branch(repo, branch=location.revision, repo_type=location.repo_type, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hf_optim-push-") as tmp:
-        save_state(tmp, optimizer, scheduler, accumulator, max_shard_size=max_shard_size)
-        info = api.upload_folder(
-            repo_id=repo,
-            folder_path=tmp,
-            path_in_repo=location.subfolder,
-            commit_message=commit_message or "Upload optimizer state with hf_optim",
-            revision=location.revision,
-            repo_type=location.repo_type,
-            create_pr=create_pr,
-            # state files of an earlier push that this checkpoint does not use (upload_folder keeps the new ones)
-            delete_patterns=[*_STATE_FILES, _SHARD_GLOB],
-        )
+    info = api.upload_folder(
+        repo_id=repo,
+        folder_path=folder,
+        path_in_repo=location.subfolder,
+        commit_message=commit_message or "Upload optimizer state with hf_optim",
+        revision=location.revision,
+        repo_type=location.repo_type,
+        create_pr=create_pr,
+        # state files of an earlier push that this checkpoint does not use (upload_folder keeps the new ones)
+        delete_patterns=[*_STATE_FILES, _SHARD_GLOB, SHARDED_MANIFEST_NAME, "optimizer-shards-*/*"],
+        ignore_patterns=[".*", "*/.*"],  # lock, staging folders
+    )
     logger.info("pushed optimizer state to %s (%s)", repo, info.commit_url)
+    return info
+
+
+def _push_sharded(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accumulator: Any,
+    model: torch.nn.Module | None,
+    save_directory: str | os.PathLike[str] | None,
+    max_shard_size: int | str | None,
+    upload: dict[str, Any],
+) -> CommitInfo | None:
+    if model is None:
+        raise ValueError(
+            "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
+        )
+    spans_machines = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) != os.environ.get(
+        "WORLD_SIZE"
+    )
+    if save_directory is None and spans_machines:
+        raise ValueError(
+            "the processes span several machines: pass save_directory= on a filesystem all of them see"
+        )
+    temporary = save_directory is None
+    folder = os.fspath(save_directory) if save_directory is not None else None
+    if temporary:
+        folder = sharded.broadcast_text(
+            tempfile.mkdtemp(prefix="hf_optim-push-") if sharded.rank() == 0 else ""
+        )
+    try:
+        save_state(folder, optimizer, scheduler, accumulator, model=model, max_shard_size=max_shard_size)
+        info = error = None
+        if sharded.rank() == 0:
+            try:
+                info = _upload(folder, **upload)
+            except Exception as err:  # reported on every process below
+                error = err
+        message = sharded.agree(None if error is None else f"{type(error).__name__}: {error}")
+    finally:
+        sharded.barrier()
+        if temporary and sharded.rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise OSError(f"pushing the sharded optimizer state failed on rank 0: {message}")
     return info

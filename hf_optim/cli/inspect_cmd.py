@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
 from hf_optim.hub import inspect_state
-from hf_optim.state import StateInfo
+from hf_optim.state import ShardedStateInfo, StateInfo
 
 
 def register(subparsers: Any) -> None:
@@ -100,6 +101,24 @@ def format_info(info: StateInfo) -> str:
     return "\n".join(lines)
 
 
+def format_sharded_info(info: ShardedStateInfo) -> str:
+    """The table ``hf-optim inspect`` prints for a sharded (FSDP2) checkpoint."""
+    elements = sum(math.prod(shape) for entries in info.parameters.values() for shape in entries.values())
+    summary = [
+        ["Checkpoint", info.directory],
+        ["Format", f"sharded (version 2), checkpoint id {info.checkpoint_id}"],
+        ["Optimizer", info.optimizer_class or "unknown class"],
+        ["Shards", f"{info.num_shards} file(s), saved by {info.world_size or '?'} process(es)"],
+        ["Parameters", f"{len(info.parameters)} with state, {elements:,} state elements"],
+        ["Schedule", "saved" if info.has_scheduler else "-"],
+    ]
+    rows = [["parameter", "state", "global shape"]]
+    for name, entries in info.parameters.items():
+        for key, shape in entries.items():
+            rows.append([name, key, "x".join(map(str, shape)) or "scalar"])
+    return "\n".join([*_table(summary), "", *_table(rows)])
+
+
 def run(args: argparse.Namespace) -> int:
     info = inspect_state(
         args.path_or_repo_id,
@@ -113,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(info), indent=2, default=str))
+    elif isinstance(info, ShardedStateInfo):
+        print(format_sharded_info(info))
     else:
         print(format_info(info))
     return 0

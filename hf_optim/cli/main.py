@@ -18,7 +18,7 @@ import sys
 from hf_optim import __version__
 from hf_optim import logging as hf_logging
 
-_COMMANDS: tuple[str, ...] = ("list", "plot", "hub", "inspect", "convert")
+_COMMANDS: tuple[str, ...] = ("list", "plot", "hub", "inspect", "convert", "consolidate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,13 @@ from hf_optim.state.format import (
 )
 from hf_optim.state.inspect import StateInfo, inspect_state
 from hf_optim.state.load import LoadReport, has_state, load_object_state, load_state, load_state_dict
-from hf_optim.state.save import save_object_state, save_state, save_state_dict
+from hf_optim.state.save import consolidate_state, save_object_state, save_state, save_state_dict
+from hf_optim.state.sharded import (
+    SHARDED_MANIFEST_NAME,
+    ShardedStateInfo,
+    has_sharded_state,
+    inspect_sharded_state,
+)
 
 __all__ = [
     "ACCUMULATOR_NAME",
@@ -30,10 +36,15 @@ __all__ = [
     "OPTIMIZER_NAME",
     "OPTIMIZER_SHARD_PATTERN",
     "SCHEDULER_NAME",
+    "SHARDED_MANIFEST_NAME",
     "CheckpointError",
     "LoadReport",
+    "ShardedStateInfo",
     "StateInfo",
+    "consolidate_state",
+    "has_sharded_state",
     "has_state",
+    "inspect_sharded_state",
     "inspect_state",
     "load_object_state",
     "load_state",

@@ -18,6 +18,7 @@ import torch
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
+from hf_optim.state import sharded
 from hf_optim.state.checks import check_hyperparameters, check_param_state, check_same_structure
 from hf_optim.state.codec import check_tensor_nodes, decode, tensor_refs
 from hf_optim.state.format import (
@@ -233,6 +234,7 @@ def load_state(
     subfolder: str | None = None,
     strict: bool = True,
     roots: Iterable[str] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> LoadReport:
     """Restore state saved by :func:`save_state` from a local directory (``hf_optim.load_state`` adds the Hub).
 
@@ -243,13 +245,38 @@ def load_state(
     continues bit for bit. With ``strict=False`` the matching part is loaded and the :class:`LoadReport` lists
     the rest. ``roots``: folders the checkpoint's files may resolve into through symlinks (default: the
     checkpoint folder itself).
+
+    ``model``: the trained model. With a plain model it names the parameters (when the optimizer was not given
+    ``named_parameters()``). It is required for sharded state: a sharded checkpoint (``optimizer.sharded.json``)
+    loads on any number of processes, or into a plain single-process model; an FSDP2 optimizer (``DTensor``
+    parameters) also loads an ordinary checkpoint, each process keeping its own shard of it. Call it on every
+    process then.
     """
     directory = os.fspath(directory)
     if subfolder:
         directory = os.path.join(directory, *subfolder.replace("\\", "/").strip("/").split("/"))
     opt = unwrap_optimizer(optimizer)
+    is_sharded = sharded.is_sharded(opt)
+    if is_sharded and model is None:
+        raise ValueError(
+            "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
+        )
+    if sharded.has_sharded_state(directory) and (is_sharded or not has_state(directory)):
+        if model is None:
+            raise ValueError(f"{directory} holds sharded optimizer state: pass model= to name the parameters")
+        if accumulator is not None:
+            raise ValueError("a GradientAccumulator cannot be restored from sharded optimizer state")
+        checkpoint_id, loaded = sharded.load_sharded_state(directory, opt, scheduler, model=model)
+        return LoadReport(
+            source=directory,
+            checkpoint_id=checkpoint_id,
+            loaded=tuple(loaded),
+            param_groups_restored=True,
+            scheduler_loaded=scheduler is not None,
+        )
     with open_checkpoint(directory, roots=roots) as ckpt:
-        return _load(ckpt, opt, scheduler, accumulator, strict)
+        names = sharded.parameter_names(model, opt) if model is not None else None
+        return _load(ckpt, opt, scheduler, accumulator, strict, names)
 
 
 def _build_state_dict(
@@ -303,12 +330,24 @@ def _build_state_dict(
 
 
 def _load(
-    ckpt: Checkpoint, opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any, strict: bool
+    ckpt: Checkpoint,
+    opt: torch.optim.Optimizer,
+    scheduler: Any,
+    accumulator: Any,
+    strict: bool,
+    names: Mapping[int, str] | None = None,
 ) -> LoadReport:
     notes: list[str] = []
     mismatch: dict[str, tuple[Any, Any]] = {}
     live_sd = opt.state_dict()
+    unnamed = [g for g, sd_group in enumerate(live_sd["param_groups"]) if "param_names" not in sd_group]
+    if names is not None:  # name the parameters for matching only: the optimizer's groups stay as they are
+        for g in unnamed:
+            live_sd["param_groups"][g]["param_names"] = [names[id(p)] for p in opt.param_groups[g]["params"]]
     new_sd, plan, restore_groups, lists, saved_values = _build_state_dict(ckpt, opt, live_sd, strict, notes)
+    for g in unnamed:
+        new_sd["param_groups"][g].pop("param_names", None)
+    sharded.place_like_parameters(opt, new_sd, saved_values)
     sched_state = (
         _scheduler_state(ckpt, scheduler, strict, notes, mismatch) if scheduler is not None else None
     )

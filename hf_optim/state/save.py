@@ -17,6 +17,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from hf_optim import registry
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
+from hf_optim.state import sharded
 from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_lock, staging_folder
 from hf_optim.state.codec import Encoder
 from hf_optim.state.format import (
@@ -247,8 +248,10 @@ def save_state(
     scheduler: Any = None,
     accumulator: Any = None,
     *,
-    max_shard_size: int | str = "5GB",
+    model: torch.nn.Module | None = None,
+    max_shard_size: int | str | None = None,
     fsync: bool = False,
+    consolidate_to: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """Save optimizer (and scheduler / gradient-accumulator) state to ``save_directory``; returns the file paths.
 
@@ -259,9 +262,35 @@ def save_state(
     The directory is updated atomically: a process killed mid-save leaves the previous checkpoint loadable.
     ``fsync=True`` also flushes every file and the directory, so the checkpoint survives a power loss too. A
     second process saving into the same directory at the same time fails at once (``.hf_optim.lock``).
+
+    ``model``: the trained model. With a plain model it names the parameters (when the optimizer was not given
+    ``named_parameters()``). When the optimizer's parameters are FSDP2 ``DTensor``s the state is sharded and
+    ``model`` is required: call ``save_state`` on every process; each writes its own shard (format version 2,
+    ``docs/FORMAT.md``), in files of about ``max_shard_size`` (default ``"100MB"`` there, ``"5GB"`` otherwise),
+    and ``consolidate_to`` also writes the ordinary single-process checkpoint there (from rank 0).
     """
     opt = unwrap_optimizer(optimizer)
+    if sharded.is_sharded(opt):
+        if model is None:
+            raise ValueError(
+                "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
+            )
+        if accumulator is not None:
+            raise ValueError("a GradientAccumulator cannot be saved with sharded (FSDP2) optimizer state")
+        manifest = sharded.save_sharded_state(
+            save_directory, opt, scheduler, model=model, max_file_size=max_shard_size or "100MB"
+        )
+        if consolidate_to is not None and sharded.rank() == 0:
+            consolidate_state(save_directory, consolidate_to)
+        sharded.barrier()
+        return [manifest]
+    if consolidate_to is not None:
+        raise ValueError("consolidate_to= applies to sharded (FSDP2) optimizer state only")
     state_dict = opt.state_dict()
+    if model is not None:
+        names = sharded.parameter_names(model, opt)
+        for sd_group, group in zip(state_dict["param_groups"], opt.param_groups, strict=True):
+            sd_group.setdefault("param_names", [names[id(p)] for p in group["params"]])
     shapes = [[list(p.shape) for p in group["params"]] for group in opt.param_groups]
     dtypes = [[p.dtype for p in group["params"]] for group in opt.param_groups]
     for sd_group, group in zip(state_dict["param_groups"], opt.param_groups, strict=True):
@@ -291,7 +320,7 @@ def save_state(
         param_dtypes=dtypes,
         optimizer_class=qualname(opt),
         optimizer_name=registry.optimizer_name(opt),
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size or "5GB",
         fsync=fsync,
         **sched,
         **acc,
@@ -387,3 +416,25 @@ def save_object_state(path: str | os.PathLike[str], value: Any, *, kind: str) ->
         os.replace(tmp, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def consolidate_state(
+    sharded_directory: str | os.PathLike[str],
+    save_directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
+    """Write the ordinary single-process checkpoint of a sharded (FSDP2) one, in one process, without
+    torch.distributed. Holds the full state in memory once (the output is ``max_shard_size`` files)."""
+    full = sharded.consolidated_state(sharded_directory)
+    return save_state_dict(
+        save_directory,
+        full.state_dict,
+        param_shapes=full.param_shapes,
+        optimizer_class=full.optimizer_class,
+        scheduler_state=full.scheduler_state,
+        scheduler_class=full.scheduler_class,
+        scheduler_name=full.scheduler_name,
+        scheduler_kwargs=full.scheduler_kwargs,
+        max_shard_size=max_shard_size,
+    )

@@ -62,6 +62,10 @@ from torch.futures import Future
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
+from hf_optim.state.checks import check_hyperparameters, check_param_state, check_same_structure
+from hf_optim.state.codec import Encoder, decode
+from hf_optim.state.format import dtype_name, parse_json
+from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +86,6 @@ _SHARD_DIR_RE = re.compile(r"^optimizer-shards-([0-9a-f]{32})$")
 _SHARD_FILE_RE = re.compile(r"^shard-\d{5}-model-\d{5}-of-\d{5}\.safetensors$")
 _DCP_INFO_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
 _DCP_OFFSETS_KEY = "saved_offsets"
-_MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-_MAX_JSON_DEPTH = 64
 _RESERVED = frozenset({"params", "param_names", "state", "param_groups"})
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -113,11 +115,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if _distributed() else 0
 
 
-def _agree(error: str | None) -> str | None:
+def agree(error: str | None) -> str | None:
     """Every rank's verdict: its own error, else the first error another rank met, else ``None``."""
     if not _distributed():
         return error
@@ -141,6 +144,25 @@ def _agree(error: str | None) -> str | None:
     return None  # pragma: no cover - a non-zero size was seen above
 
 
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank (no pickling)."""
+    if not _distributed():
+        return text
+    data = text.encode() if rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if data:
+        buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.tolist()).decode()
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK``, set by torchrun and accelerate; 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if _distributed() else 0
+
+
 def _broadcast_id() -> str:
     """A new checkpoint id, chosen by rank 0 and known to every rank (no pickling)."""
     raw = torch.tensor(list(uuid.uuid4().bytes), dtype=torch.uint8)
@@ -149,7 +171,8 @@ def _broadcast_id() -> str:
     return bytes(raw.tolist()).hex()
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """A barrier over the default process group (nothing without one)."""
     if _distributed():
         dist.barrier()
 
@@ -159,7 +182,7 @@ def _barrier() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
     """Parameter name for each optimizer parameter, by ``id``; every optimizer parameter must be in ``model``."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -225,21 +248,54 @@ def _file_buckets(tensors: Mapping[str, torch.Tensor], max_file_size: int | str)
     return {key: i for i, keys in enumerate(split.filename_to_tensors.values(), start=1) for key in keys}
 
 
-def _json_value(value: Any, where: str) -> Any:
-    """A hyperparameter or state value as JSON (tuples become lists; the live optimizer restores the type)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            return {"float": repr(value)}
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not _is_dtensor(value):
-        return {"tensor_scalar": value.item(), "dtype": str(value.dtype).removeprefix("torch.")}
-    if isinstance(value, list | tuple):
-        return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        return {"mapping": {k: _json_value(v, f"{where}[{k!r}]") for k, v in value.items()}}
-    raise TypeError(f"{where}: cannot store a {type(value).__name__} in a sharded checkpoint's JSON")
+def place_like_parameters(
+    opt: torch.optim.Optimizer, state_dict: dict[str, Any], saved_values: dict[int, dict[str, Any]]
+) -> None:
+    """Turn full state tensors of ``DTensor`` parameters into ``DTensor``s placed like them (each process
+    keeps its own part: no communication), in a torch-format ``state_dict`` about to be loaded into ``opt``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for index, entries in state_dict["state"].items():
+        param = params[index] if isinstance(index, int) and index < len(params) else None
+        if not isinstance(param, DTensor):
+            continue
+        for key, value in list(entries.items()):
+            if (
+                isinstance(value, torch.Tensor)
+                and not isinstance(value, DTensor)
+                and value.shape == param.shape
+            ):
+                placed = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                entries[key] = placed
+                if index in saved_values and key in saved_values[index]:
+                    saved_values[index][key] = placed
+
+
+def _encode(value: Any, key: str, where: str) -> Any:
+    """``value`` as JSON through the state codec (tuples, dicts, registered objects keep their types); a
+    one-element tensor (``step``) as ``{"scalar": x, "dtype": d}``. Other tensors are refused: they go to the
+    shards, not to the manifest."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not _is_dtensor(value):
+        if value.dtype not in _DTYPES.values():
+            raise ValueError(f"{where}: a scalar of dtype {value.dtype} cannot be saved")
+        return {"scalar": value.item(), "dtype": dtype_name(value.dtype)}
+    enc = Encoder()
+    node = enc.encode(value, key, where)
+    if enc.tensors:
+        raise ValueError(
+            f"{where}: tensors inside hyperparameters or scheduler state cannot be saved sharded"
+        )
+    return node
+
+
+def _decode(node: Any, where: str) -> Any:
+    if isinstance(node, dict) and set(node) == {"scalar", "dtype"}:
+        number, dtype = node["scalar"], _DTYPES.get(node["dtype"]) if isinstance(node["dtype"], str) else None
+        if dtype is None or isinstance(number, bool) or not isinstance(number, int | float):
+            raise CheckpointError(f"{where}: bad scalar {str(node)[:100]}")
+        return torch.tensor(number, dtype=dtype)
+    return decode(node, {}, where)
 
 
 def _is_dtensor(value: Any) -> bool:
@@ -266,7 +322,7 @@ def save_sharded_state(
 
     directory = os.fspath(save_directory)
     opt = unwrap_optimizer(optimizer)
-    names = _param_names(model, opt)
+    names = parameter_names(model, opt)
     checkpoint_id = _broadcast_id()
     shard_dir = f"optimizer-shards-{checkpoint_id}"
 
@@ -274,12 +330,13 @@ def save_sharded_state(
     groups: list[dict[str, Any]] = []
     state: dict[str, dict[str, Any]] = {}
     for g, group in enumerate(opt.param_groups):
-        hyper = {}
-        for key, value in group.items():
-            if key in ("params", "param_names"):
-                continue
-            hyper[key] = _json_value(value, f"param_groups[{g}][{key!r}]")
-        groups.append({"params": [names[id(p)] for p in group["params"]], "hyperparameters": hyper})
+        hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        groups.append(
+            {
+                "params": [names[id(p)] for p in group["params"]],
+                "hyperparameters": _encode(hyper, f"param_groups.{g}", f"param_groups[{g}]"),
+            }
+        )
         for p in group["params"]:
             entries = opt.state.get(p)
             if not entries:
@@ -301,7 +358,9 @@ def save_sharded_state(
                         "dtype": str(value.dtype).removeprefix("torch."),
                     }
                 else:
-                    record[key] = {"value": _json_value(value, f"state[{name!r}][{key!r}]")}
+                    record[key] = {
+                        "value": _encode(value, f"state.{name}.{key}", f"state[{name!r}][{key!r}]")
+                    }
             state[name] = record
     scheduler_state = None
     if scheduler is not None:
@@ -309,12 +368,12 @@ def save_sharded_state(
         scheduler_state = {
             "class": f"{type(inner).__module__}.{type(inner).__qualname__}",
             "config": getattr(inner, "hf_optim_config", None),
-            "state_dict": _json_value(inner.state_dict(), "scheduler.state_dict()"),
+            "state_dict": _encode(inner.state_dict(), "scheduler", "scheduler.state_dict()"),
         }
 
-    if _rank() == 0:
+    if rank() == 0:
         os.makedirs(directory, exist_ok=True)
-    _barrier()
+    barrier()
     tmp_dir = os.path.join(directory, f".{shard_dir}.tmp")
     error = None
     try:
@@ -324,12 +383,12 @@ def save_sharded_state(
         dcp.save(tensors, storage_writer=writer)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-    error = _agree(error)
+    error = agree(error)
     if error is not None:
         raise OSError(f"saving sharded optimizer state to {directory!r} failed: {error}")
 
     manifest_path = os.path.join(directory, SHARDED_MANIFEST_NAME)
-    if _rank() == 0:
+    if rank() == 0:
         shard_files = sorted(f for f in os.listdir(tmp_dir) if _SHARD_FILE_RE.match(f))
         world = dist.get_world_size() if _distributed() else 1
         manifest = {
@@ -350,7 +409,7 @@ def save_sharded_state(
             json.dump(manifest, f, indent=1, allow_nan=False)
         os.replace(tmp_manifest, manifest_path)
         _remove_stale(directory, keep=shard_dir)
-    _barrier()
+    barrier()
     logger.debug("saved sharded optimizer state to %s", directory)
     return manifest_path
 
@@ -398,81 +457,54 @@ class _Manifest:
     shard_dir: str
     doc: dict[str, Any]
     tensors: dict[str, _TensorPlan]
-    fds: dict[str, int]  # shard file name -> the descriptor whose header was checked (close with _close)
+    files: dict[str, OpenFile]  # shard file name -> the open file whose header was checked (see _close)
 
 
 def _close(manifest: _Manifest | None) -> None:
-    for fd in manifest.fds.values() if manifest is not None else ():
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    for f in manifest.files.values() if manifest is not None else ():
+        f.close()
 
 
-def _fd_path(fd: int, fallback: str) -> str:
-    """A path that opens the same file as ``fd`` (Linux: /proc/self/fd), so a rename cannot swap it."""
-    proc = f"/proc/self/fd/{fd}"
-    return proc if os.path.exists(proc) else fallback
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _depth(node: Any, limit: int) -> int:
-    stack = [(node, 1)]
-    deepest = 0
-    while stack:
-        value, d = stack.pop()
-        deepest = max(deepest, d)
-        if deepest > limit:
-            return deepest
-        if isinstance(value, dict):
-            stack.extend((v, d + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, d + 1) for v in value)
-    return deepest
-
-
-def _open_regular(path: str, label: str) -> int:
-    """An fd on ``path`` if it is a regular file (FIFOs, devices and symlinks refused before reading)."""
+def _open(path: str, directory: str) -> OpenFile:
+    """A checked, open file of the checkpoint (regular, resolving inside it or its Hub cache blobs)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        return open_file(path, roots=checkpoint_roots(directory))
     except FileNotFoundError:
-        raise CheckpointError(f"{label}: file is missing") from None
-    except OSError as exc:
-        raise CheckpointError(f"{label}: cannot open ({exc.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{label}: not a regular file")
-    return fd
+        raise CheckpointError(f"{path}: file is missing") from None
 
 
 def _read_manifest_doc(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, SHARDED_MANIFEST_NAME)
-    fd = _open_regular(path, path)
+    f = _open(path, directory)
     try:
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX_MANIFEST_BYTES + 1)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(raw) > _MAX_MANIFEST_BYTES:
-        raise CheckpointError(f"{path}: larger than {_MAX_MANIFEST_BYTES} bytes")
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
+        doc = read_json(f)
+    finally:
+        f.close()
     if not isinstance(doc, dict) or doc.get("format") != _KIND:
         raise CheckpointError(f"{path}: not a sharded hf_optim checkpoint")
-    if _depth(doc, _MAX_JSON_DEPTH) > _MAX_JSON_DEPTH:
-        raise CheckpointError(f"{path}: nested deeper than {_MAX_JSON_DEPTH}")
     version = doc.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version > SHARDED_FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown format version {version!r}")
     return doc
+
+
+def sharded_manifest_files(path: str) -> list[str]:
+    """The files a sharded manifest references (relative paths, itself first): to download exactly them."""
+    directory = os.path.dirname(path)
+    doc = _read_manifest_doc(directory)
+    shards = doc.get("shards")
+    checkpoint_id = doc.get("checkpoint_id")
+    folder = shards.get("folder") if isinstance(shards, dict) else None
+    files = shards.get("files") if isinstance(shards, dict) else None
+    if (
+        not isinstance(checkpoint_id, str)
+        or folder != f"optimizer-shards-{checkpoint_id}"
+        or not _SHARD_DIR_RE.match(folder)
+        or not isinstance(files, list)
+        or not all(isinstance(f, str) and _SHARD_FILE_RE.match(f) for f in files)
+    ):
+        raise CheckpointError(f"{path}: malformed 'shards'")
+    return [SHARDED_MANIFEST_NAME, *(f"{folder}/{name}" for name in files)]
 
 
 def _int_list(value: Any, where: str) -> tuple[int, ...]:
@@ -520,34 +552,31 @@ def _read_manifest(directory: str) -> _Manifest:
 
     expected = _expected_tensors(doc, path)
     chunks: dict[str, list[_Chunk]] = {key: [] for key in expected}
-    fds: dict[str, int] = {}
+    opened: dict[str, OpenFile] = {}
     try:
         for name in files:
             label = os.path.join(shard_dir, name)
-            fds[name] = _open_regular(label, label)
-            _read_shard_header(label, fds[name], expected, chunks)
+            opened[name] = _open(label, directory)
+            _read_shard_header(label, opened[name], expected, chunks)
         plans = {}
         for key, (shape, dtype, name, state_key) in expected.items():
             _check_tiling(key, shape, chunks[key], shard_dir)
             plans[key] = _TensorPlan(key, name, state_key, shape, dtype, tuple(chunks[key]))
     except BaseException:
-        for fd in fds.values():
-            os.close(fd)
+        for f in opened.values():
+            f.close()
         raise
-    return _Manifest(directory, checkpoint_id, shard_dir, doc, plans, fds)
+    return _Manifest(directory, checkpoint_id, shard_dir, doc, plans, opened)
 
 
 def _read_shard_header(
-    label: str, fd: int, expected: Mapping[str, tuple[Any, ...]], chunks: dict[str, list[_Chunk]]
+    label: str, file: OpenFile, expected: Mapping[str, tuple[Any, ...]], chunks: dict[str, list[_Chunk]]
 ) -> None:
     """Check one shard file's header (tensor names, dtypes, DCP offsets) and record its chunks."""
     try:
-        with safe_open(_fd_path(fd, label), "pt", backend="pread") as f:
+        with safe_open(file.reader_path(), "pt", backend="pread") as f:
             info_raw = (f.metadata() or {}).get(_DCP_INFO_KEY)
-            try:
-                info = json.loads(info_raw, object_pairs_hook=_no_duplicates) if info_raw else None
-            except (ValueError, RecursionError):
-                info = None
+            info = parse_json(info_raw.encode(), f"{label}: {_DCP_INFO_KEY}") if info_raw else None
             if not isinstance(info, dict):
                 raise CheckpointError(
                     f"{label}: no valid {_DCP_INFO_KEY} metadata: not a shard of a sharded save"
@@ -615,7 +644,7 @@ class _CheckedReader(HuggingFaceStorageReader):
             per_file.setdefault(self.storage_data[item.storage_index], []).append(item)
         for name, items in per_file.items():
             label = os.path.join(self._manifest.shard_dir, name)
-            with safe_open(_fd_path(self._manifest.fds[name], label), "pt", backend="pread") as f:
+            with safe_open(self._manifest.files[name].reader_path(), "pt", backend="pread") as f:
                 for item in items:
                     region = tuple(
                         slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True)
@@ -691,9 +720,18 @@ def _check_tiling(key: str, shape: tuple[int, ...], chunks: Sequence[_Chunk], sh
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """What the manifest says, decoded and checked against the live objects (nothing applied yet)."""
+
+    groups: list[dict[str, Any]]  # hyperparameters to apply, group by group
+    values: dict[str, dict[str, Any]]  # non-tensor state by parameter name
+    scheduler_state: dict[str, Any] | None
+
+
 def _check_against_live(
     manifest: _Manifest, opt: torch.optim.Optimizer, names: Mapping[int, str], scheduler: Any
-) -> None:
+) -> _Checked:
     path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
     groups = manifest.doc.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
@@ -701,108 +739,52 @@ def _check_against_live(
             f"{path}: {len(groups) if isinstance(groups, list) else '?'} param groups saved, "
             f"the optimizer has {len(opt.param_groups)}"
         )
-    params = {}
+    params: dict[str, torch.Tensor] = {}
+    checked_groups = []
     for g, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        where = f"{path}: param_groups[{g}]"
         if not isinstance(saved, dict) or set(saved) != {"params", "hyperparameters"}:
-            raise CheckpointError(f"{path}: param_groups[{g}] is malformed")
-        live_names = [names[id(p)] for p in live["params"]]
-        if saved["params"] != live_names:
-            raise CheckpointError(
-                f"{path}: param_groups[{g}] holds other parameters than the optimizer's group {g}"
-            )
+            raise CheckpointError(f"{where} is malformed")
+        if saved["params"] != [names[id(p)] for p in live["params"]]:
+            raise CheckpointError(f"{where} holds other parameters than the optimizer's group {g}")
         params.update({names[id(p)]: p for p in live["params"]})
-        hyper = saved["hyperparameters"]
-        live_keys = set(live) - {"params", "param_names"}
-        if not isinstance(hyper, dict) or set(hyper) != live_keys:
-            bad = sorted(set(hyper) ^ live_keys) if isinstance(hyper, dict) else []
-            raise CheckpointError(
-                f"{path}: param_groups[{g}] hyperparameters differ from the optimizer's: {bad}"
-            )
-        for key, value in hyper.items():
-            _restore_value(value, live[key], f"{path}: param_groups[{g}][{key!r}]")
-    state = manifest.doc["state"]
-    for name, record in state.items():
+        hyper = _decode(saved["hyperparameters"], where)
+        if not isinstance(hyper, dict) or _RESERVED & set(hyper):
+            raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
+        live_hyper = {k: v for k, v in live.items() if k not in ("params", "param_names")}
+        missing = sorted(set(live_hyper) - set(hyper))
+        if missing:
+            raise CheckpointError(f"{where}: hyperparameters {missing} are missing")
+        checked_groups.append(check_hyperparameters(opt, g, hyper, live_hyper, where, strict=True, notes=[]))
+    values: dict[str, dict[str, Any]] = {}
+    for name, record in manifest.doc["state"].items():
         if name not in params:
             raise CheckpointError(f"{path}: state for {name!r}, which is not a parameter of the optimizer")
+        decoded: dict[str, Any] = {}
         for state_key, entry in record.items():
+            where = f"{path}: state[{name!r}][{state_key!r}]"
             if "value" in entry:
-                _restore_value(entry["value"], None, f"{path}: state[{name!r}][{state_key!r}]")
+                decoded[state_key] = values.setdefault(name, {})[state_key] = _decode(entry["value"], where)
+            else:
+                plan = manifest.tensors[entry["sharded"]]
+                decoded[state_key] = torch.empty(
+                    plan.shape, dtype=plan.dtype, device="meta"
+                )  # shape, dtype only
+        check_param_state(name, decoded, params[name], opt.state.get(params[name]), path)
     for plan in manifest.tensors.values():
-        live_shape = tuple(params[plan.name].shape)
-        if plan.shape != live_shape:
+        if plan.shape != tuple(params[plan.name].shape):
             raise CheckpointError(
                 f"{path}: {plan.key} has global shape {list(plan.shape)}, parameter {plan.name!r} has "
-                f"{list(live_shape)}"
+                f"{list(params[plan.name].shape)}"
             )
-    saved_sched = manifest.doc.get("scheduler")
+    scheduler_state = None
     if scheduler is not None:
+        saved_sched = manifest.doc.get("scheduler")
         if not isinstance(saved_sched, dict) or "state_dict" not in saved_sched:
             raise CheckpointError(f"{path}: no scheduler state saved")
-        _restore_value(
-            saved_sched["state_dict"], unwrap_scheduler(scheduler).state_dict(), f"{path}: scheduler"
-        )
-
-
-def _restore_value(value: Any, like: Any, where: str) -> Any:
-    """The Python value of a JSON value; with ``like`` (the live value), also of the same kind and structure.
-
-    Mappings must have exactly ``like``'s keys, lists its length, numbers stay numbers and booleans booleans:
-    what the live object holds decides what a checkpoint may put there.
-    """
-    if isinstance(value, dict):
-        if set(value) == {"mapping"} and isinstance(value["mapping"], dict):
-            saved = value["mapping"]
-            if isinstance(like, Mapping) and set(saved) != {str(k) for k in like}:
-                raise CheckpointError(
-                    f"{where}: keys {sorted(saved)} differ from the live {sorted(map(str, like))}"[:400]
-                )
-            if like is not None and not isinstance(like, Mapping):
-                raise CheckpointError(f"{where}: expected {type(like).__name__}, got an object")
-            return {
-                k: _restore_value(v, like[k] if like is not None else None, f"{where}[{k!r}]")
-                for k, v in saved.items()
-            }
-        if set(value) == {"float"} and value["float"] in ("inf", "-inf", "nan"):
-            out: Any = float(value["float"])
-        elif set(value) == {"tensor_scalar", "dtype"} and value["dtype"] in _DTYPES:
-            number = value["tensor_scalar"]
-            if not isinstance(number, int | float) or isinstance(number, bool):
-                raise CheckpointError(f"{where}: bad tensor value {number!r}"[:300])
-            out = torch.tensor(number, dtype=_DTYPES[value["dtype"]])
-        else:
-            raise CheckpointError(f"{where}: unexpected object {sorted(value)!r}"[:300])
-    elif isinstance(value, list):
-        if like is not None and (not isinstance(like, list | tuple) or len(like) != len(value)):
-            raise CheckpointError(
-                f"{where}: expected {type(like).__name__} {_short(like)}, got a list of {len(value)}"
-            )
-        items = like if like is not None else [None] * len(value)
-        out = [
-            _restore_value(v, item, f"{where}[{i}]")
-            for i, (v, item) in enumerate(zip(value, items, strict=True))
-        ]
-        return tuple(out) if isinstance(like, tuple) else out
-    else:
-        out = value
-    if like is None:
-        return out
-    if isinstance(like, torch.Tensor):
-        if not isinstance(out, torch.Tensor):
-            raise CheckpointError(f"{where}: expected a tensor, got {value!r}"[:300])
-        return out
-    if isinstance(like, bool) or isinstance(out, bool):
-        same = isinstance(like, bool) and isinstance(out, bool)
-    elif isinstance(like, int | float):
-        same = isinstance(out, int | float)
-    else:
-        same = type(out) is type(like) or (like is None and out is None)
-    if not same:
-        raise CheckpointError(f"{where}: expected {type(like).__name__}, got {value!r}"[:300])
-    return out
-
-
-def _short(value: Any) -> str:
-    return f"of {len(value)}" if isinstance(value, list | tuple) else ""
+        scheduler_state = _decode(saved_sched["state_dict"], f"{path}: scheduler")
+        check_same_structure(scheduler_state, unwrap_scheduler(scheduler).state_dict(), f"{path}: scheduler")
+    return _Checked(checked_groups, values, scheduler_state)
 
 
 def _keeps_step_on_device(opt: torch.optim.Optimizer, param: torch.Tensor) -> bool:
@@ -848,26 +830,27 @@ def load_sharded_state(
     scheduler: Any = None,
     *,
     model: torch.nn.Module,
-) -> None:
+) -> tuple[str, list[str]]:
     """Restore state saved by :func:`save_sharded_state` into an FSDP2 or a plain model's optimizer.
 
     Works on any number of processes (resharding), including one process with a plain model. Every rank
     validates the whole checkpoint against its live objects first, and all ranks raise together if any of them
-    finds a problem, leaving every optimizer and scheduler unchanged.
+    finds a problem, leaving every optimizer and scheduler unchanged. Returns the checkpoint id and the names of
+    the parameters whose state was restored.
     """
     directory = os.fspath(directory)
     opt = unwrap_optimizer(optimizer)
-    names = _param_names(model, opt)
+    names = parameter_names(model, opt)
     manifest: _Manifest | None = None
     try:
-        error = None
+        error = checked = None
         try:
             manifest = _read_manifest(directory)
-            _check_against_live(manifest, opt, names, scheduler)
+            checked = _check_against_live(manifest, opt, names, scheduler)
         except CheckpointError as exc:
             error = str(exc)
-        error = _agree(error)
-        if error is not None or manifest is None:
+        error = agree(error)
+        if error is not None or manifest is None or checked is None:
             raise CheckpointError(error or "another process could not read the checkpoint")
         params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
         targets = {
@@ -884,17 +867,19 @@ def load_sharded_state(
             error = (
                 f"{manifest.shard_dir}: reading the shards failed ({type(exc).__name__}: {str(exc)[:300]})"
             )
-        error = _agree(error)
+        error = agree(error)
         if error is not None:
             raise CheckpointError(error)
     finally:
         _close(manifest)
-    _apply(manifest, opt, params, targets, scheduler)
+    _apply(manifest, checked, opt, params, targets, scheduler)
     logger.debug("loaded sharded optimizer state from %s", directory)
+    return manifest.checkpoint_id, list(manifest.doc["state"])
 
 
 def _apply(
     manifest: _Manifest,
+    checked: _Checked,
     opt: torch.optim.Optimizer,
     params: Mapping[str, torch.Tensor],
     targets: Mapping[str, torch.Tensor],
@@ -909,25 +894,18 @@ def _apply(
             if "sharded" in entry:
                 state[name][state_key] = targets[entry["sharded"]]
             else:
-                value = _restore_value(entry["value"], None, state_key)
+                value = checked.values[name][state_key]
                 if isinstance(value, torch.Tensor) and _keeps_step_on_device(opt, param):
                     value = value.to(param.device)
                 state[name][state_key] = value
-    groups = [
-        {k: _restore_value(v, live[k], k) for k, v in saved["hyperparameters"].items()}
-        for saved, live in zip(manifest.doc["param_groups"], opt.param_groups, strict=True)
-    ]
     with _rollback(opt, scheduler):
         # As Optimizer.load_state_dict does, minus its copies: the targets already have their final placement.
         opt.state.clear()
         opt.state.update({params[name]: entries for name, entries in state.items()})
-        for live, hyper in zip(opt.param_groups, groups, strict=True):
+        for live, hyper in zip(opt.param_groups, checked.groups, strict=True):
             live.update(hyper)
         if scheduler is not None:
-            inner = unwrap_scheduler(scheduler)
-            inner.load_state_dict(
-                _restore_value(manifest.doc["scheduler"]["state_dict"], inner.state_dict(), "scheduler")
-            )
+            unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(checked.scheduler_state))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -970,19 +948,81 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
     )
 
 
-def full_state_tensors(directory: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each sharded state tensor as a full tensor, one at a time (consolidation without torch.distributed)."""
-    manifest = _read_manifest(os.fspath(directory))
+@dataclass(frozen=True)
+class ConsolidatedState:
+    """A sharded checkpoint as one torch-format optimizer state dict with full tensors, plus its scheduler."""
+
+    state_dict: dict[str, Any]
+    param_shapes: list[list[list[int]]]
+    optimizer_class: str | None
+    scheduler_state: dict[str, Any] | None
+    scheduler_class: str | None
+    scheduler_name: str | None
+    scheduler_kwargs: Any
+
+
+def consolidated_state(directory: str | os.PathLike[str]) -> ConsolidatedState:
+    """Read a sharded checkpoint into full tensors in one process, without torch.distributed (validated as a
+    load is: every chunk read through the descriptor whose header was checked)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, SHARDED_MANIFEST_NAME)
+    manifest = _read_manifest(directory)
     try:
+        full: dict[str, torch.Tensor] = {}
         for key, plan in manifest.tensors.items():
-            full = torch.empty(plan.shape, dtype=plan.dtype)
+            tensor = torch.empty(plan.shape, dtype=plan.dtype)
             for chunk in plan.chunks:
-                label = os.path.join(manifest.shard_dir, chunk.file)
-                with safe_open(_fd_path(manifest.fds[chunk.file], label), "pt", backend="pread") as f:
+                with safe_open(manifest.files[chunk.file].reader_path(), "pt", backend="pread") as f:
                     region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
-                    full[region] = f.get_slice(key)[:]
-            yield key, full
+                    tensor[region] = f.get_slice(key)[:]
+            full[key] = tensor
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{manifest.shard_dir}: cannot read the shards ({exc})") from None
     finally:
         _close(manifest)
+    doc = manifest.doc
+    groups, shapes, state = [], [], {}
+    index = 0
+    for g, saved in enumerate(doc.get("param_groups") or []):
+        where = f"{path}: param_groups[{g}]"
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise CheckpointError(f"{where} is malformed")
+        hyper = _decode(saved.get("hyperparameters"), where)
+        if not isinstance(hyper, dict) or _RESERVED & set(hyper):
+            raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
+        names = saved["params"]
+        if not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{where}: parameter names must be strings")
+        groups.append({**hyper, "params": list(range(index, index + len(names))), "param_names": list(names)})
+        group_shapes = []
+        for name in names:
+            record = doc["state"].get(name)
+            entries: dict[str, Any] = {}
+            shape = None
+            for key, entry in (record or {}).items():
+                if "sharded" in entry:
+                    entries[key] = full[entry["sharded"]]
+                    shape = list(entries[key].shape)
+                else:
+                    entries[key] = _decode(entry["value"], f"{path}: state[{name!r}][{key!r}]")
+            if entries:
+                state[index] = entries
+            group_shapes.append(shape)
+            index += 1
+        shapes.append(group_shapes)
+    sched = doc.get("scheduler") if isinstance(doc.get("scheduler"), dict) else None
+    config = sched.get("config") if sched is not None and isinstance(sched.get("config"), dict) else {}
+    opt = doc.get("optimizer")
+    return ConsolidatedState(
+        state_dict={"state": state, "param_groups": groups},
+        param_shapes=shapes,
+        optimizer_class=opt.get("class")
+        if isinstance(opt, dict) and isinstance(opt.get("class"), str)
+        else None,
+        scheduler_state=_decode(sched["state_dict"], f"{path}: scheduler") if sched is not None else None,
+        scheduler_class=sched.get("class")
+        if sched is not None and isinstance(sched.get("class"), str)
+        else None,
+        scheduler_name=config.get("name") if isinstance(config.get("name"), str) else None,
+        scheduler_kwargs=config.get("kwargs") if isinstance(config.get("kwargs"), dict) else None,
+    )

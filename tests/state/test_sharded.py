@@ -116,6 +116,52 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
                 save_file(loaded, os.path.join(out, f"loaded_{world}.safetensors"))
                 save_file({"lr": lr}, os.path.join(out, f"lr_{world}.safetensors"))
                 save_file(final, os.path.join(out, f"resumed_{world}.safetensors"))
+        elif job == "resume-v1":  # an ordinary (consolidated) checkpoint into FSDP2, through the public API
+            weights = {
+                k.removeprefix("param."): v
+                for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
+                if k.startswith("param.")
+            }
+            model, opt, sched = _make(world, weights)
+            hf_optim.load_state(os.path.join(out, "v1"), opt, sched, model=model)
+            loaded = _snapshot(model, opt)
+            _train(model, opt, sched, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), rank, world)
+            final = _snapshot(model, opt)
+            if rank == 0:
+                save_file(loaded, os.path.join(out, f"loaded_v1_{world}.safetensors"))
+                save_file(final, os.path.join(out, f"resumed_v1_{world}.safetensors"))
+        elif job == "public":  # hf_optim.save_state / load_state pick the sharded format for DTensor state
+            model, opt, sched = _make(world, None)
+            _train(model, opt, sched, range(STEPS_BEFORE), rank, world)
+            hf_optim.save_state(os.path.join(out, "public"), opt, sched, model=model)
+            model2, opt2, sched2 = _make(world, None)
+            report = hf_optim.load_state(os.path.join(out, "public"), opt2, sched2, model=model2)
+            trained, loaded = _snapshot(model, opt), _snapshot(model2, opt2)
+            state_keys = [k for k in trained if k.startswith("state.")]
+            same = loaded.keys() == trained.keys() and all(
+                torch.equal(trained[k], loaded[k]) for k in state_keys
+            )
+            if rank == 0:
+                with open(os.path.join(out, "public.json"), "w") as f:
+                    json.dump({"same": same, "complete": report.complete, "loaded": len(report.loaded)}, f)
+        elif job.startswith("hub:"):  # push from every process (one commit), resume from hf:// on 3 processes
+            repo = job.removeprefix("hub:")
+            if world == 2:
+                model, opt, sched = _make(world, None)
+                _train(model, opt, sched, range(STEPS_BEFORE), rank, world)
+                info = hf_optim.push_state_to_hub(repo, opt, sched, model=model, subfolder="step-3")
+                pushed = _snapshot(model, opt)  # a collective: every rank
+                if rank == 0:
+                    save_file(pushed, os.path.join(out, "hub_pushed.safetensors"))
+                    Path(out, "hub_commit.txt").write_text(info.oid)
+                else:
+                    assert info is None
+            else:
+                model, opt, sched = _make(world, None)
+                hf_optim.load_state(f"hf://{repo}/step-3", opt, sched, model=model)
+                loaded = _snapshot(model, opt)
+                if rank == 0:
+                    save_file(loaded, os.path.join(out, "hub_loaded.safetensors"))
         elif job.startswith("kill"):
             # a save that dies on one rank: "kill-write" in the middle of rank 1's shard writing,
             # "kill-manifest" on rank 0 after the shards are in place but before the manifest is
@@ -284,11 +330,11 @@ ATTACKS = {
         "0.weight",
     ),
     "hyperparameter type": (
-        _manifest_edit(lambda d: d["param_groups"][0]["hyperparameters"].update(lr="abc")),
+        _manifest_edit(lambda d: d["param_groups"][0]["hyperparameters"]["dict"].update(lr="abc")),
         "'lr'",
     ),
     "injected hyperparameter": (
-        _manifest_edit(lambda d: d["param_groups"][0]["hyperparameters"].update(maximize=True)),
+        _manifest_edit(lambda d: d["param_groups"][0]["hyperparameters"]["dict"].update(maximize=True)),
         "maximize",
     ),
     "reserved state key": (
@@ -300,7 +346,7 @@ ATTACKS = {
         "other parameters",
     ),
     "scheduler keys": (
-        _manifest_edit(lambda d: d["scheduler"]["state_dict"].update(injected=1)),
+        _manifest_edit(lambda d: d["scheduler"]["state_dict"]["dict"].update(injected=1)),
         "scheduler",
     ),
     "shard folder escapes": (_manifest_edit(lambda d: d["shards"].update(folder="../ckpt")), "shard folder"),
@@ -360,3 +406,83 @@ def test_save_killed_on_one_rank_keeps_the_previous_checkpoint(saved, tmp_path, 
     assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(
         [SHARDED_MANIFEST_NAME, manifest["shards"]["folder"]]
     )
+
+
+def test_consolidate_then_resume_into_fsdp2(saved):
+    from hf_optim.state import consolidate_state
+
+    consolidate_state(os.path.join(saved, "ckpt"), os.path.join(saved, "v1"))
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    # one plain process reads the consolidated checkpoint exactly
+    weights = {k.removeprefix("param."): v for k, v in at_save.items() if k.startswith("param.")}
+    model, opt, sched = _make(1, weights)
+    hf_optim.load_state(os.path.join(saved, "v1"), opt, sched, model=model)
+    for key, value in _snapshot(model, opt).items():
+        assert torch.equal(value, at_save[key]), key
+    # and two FSDP2 processes each take their shard of it (1 -> 2), continuing bit for bit
+    _spawn(2, "resume-v1", saved)
+    loaded = load_file(os.path.join(saved, "loaded_v1_2.safetensors"))
+    for key, value in at_save.items():
+        assert torch.equal(loaded[key], value), key
+    final = load_file(os.path.join(saved, "final_2.safetensors"))
+    resumed = load_file(os.path.join(saved, "resumed_v1_2.safetensors"))
+    for key, value in final.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_public_save_and_load_state_choose_the_sharded_format(saved):
+    _spawn(2, "public", saved)
+    result = json.loads(Path(os.path.join(saved, "public.json")).read_text())
+    assert result == {"same": True, "complete": True, "loaded": 4}
+    assert os.path.isfile(os.path.join(saved, "public", SHARDED_MANIFEST_NAME))
+
+
+def test_model_is_required_for_sharded_state(saved):
+    _, opt, sched = _make(1, None)
+    with pytest.raises(ValueError, match="model="):
+        hf_optim.load_state(os.path.join(saved, "ckpt"), opt, sched)
+
+
+def test_push_from_every_process_and_resume_from_the_hub(saved, hub_repo_id, hub_api, tmp_path):
+    out = str(tmp_path)
+    _spawn(2, f"hub:{hub_repo_id}", out)
+    commits = hub_api.list_repo_commits(hub_repo_id)
+    assert next(c.commit_id for c in commits) == Path(out, "hub_commit.txt").read_text()
+    files = hub_api.list_repo_files(hub_repo_id)
+    shards = [f for f in files if f.startswith("step-3/optimizer-shards-")]
+    assert "step-3/optimizer.sharded.json" in files and len(shards) == 2
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".bin", ".metadata")) or "/." in f]
+    _spawn(3, f"hub:{hub_repo_id}", out)
+    pushed = load_file(os.path.join(out, "hub_pushed.safetensors"))
+    loaded = load_file(os.path.join(out, "hub_loaded.safetensors"))
+    for key, value in pushed.items():
+        if key.startswith("state."):
+            assert torch.equal(loaded[key], value), key
+
+
+def test_cli_inspect_and_consolidate(saved, tmp_path):
+    import subprocess
+    import sys
+
+    ckpt = os.path.join(saved, "ckpt")
+    shown = subprocess.run(
+        [sys.executable, "-m", "hf_optim.cli.main", "inspect", ckpt],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    manifest = json.loads(Path(ckpt, SHARDED_MANIFEST_NAME).read_text())
+    assert manifest["checkpoint_id"] in shown and "2 file(s), saved by 2 process(es)" in shown
+    assert "0.weight  exp_avg     7x5" in shown.replace("exp_avg_sq", "") or "7x5" in shown
+    out = str(tmp_path / "consolidated")
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_optim.cli.main", "consolidate", ckpt, out], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "optimizer.safetensors" in done.stdout and "scheduler.json" in done.stdout
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    weights = {k.removeprefix("param."): v for k, v in at_save.items() if k.startswith("param.")}
+    model, opt, sched = _make(1, weights)
+    hf_optim.load_state(out, opt, sched, model=model)
+    for key, value in _snapshot(model, opt).items():
+        assert torch.equal(value, at_save[key]), key
