@@ -18,6 +18,9 @@ from hf_optim import logging
 # --- optimizers (issue 2) ---
 from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
 
+# isort: split
+from hf_optim.optimizers import BertAdam, OpenAIAdam, bert_adam, openai_adam  # pytorch-pretrained-bert's
+
 # --- schedules, registry, accumulation (issue 3) ---
 # isort: split
 from hf_optim.accumulation import GradientAccumulator

@@ -15,12 +15,19 @@ calls ``sync``, which registers the names (idempotently). It never raises: failu
 
 Set ``HF_OPTIM_DISABLE_AUTOLOAD=1`` to switch the start-up hook off. ``import hf_optim`` installs the same
 finder regardless (an explicit import is an explicit request), so either import order works.
+
+Opt-in, with ``HF_OPTIM_LEGACY_IMPORTS=1``: names that transformers removed (``from transformers import AdamW``,
+``from transformers.optimization import AdamW``, ``AdamWeightDecay``, ``GradientAccumulator``) resolve to
+hf_optim's classes. The finder then also watches the ``transformers`` package itself and gives it (and
+``transformers.optimization``) a module-level ``__getattr__`` (PEP 562) that imports hf_optim only when one of
+those names is asked for; every other name falls through to transformers' own lookup, unchanged.
 """
 
 import os
 import sys
 
 ENV_DISABLE = "HF_OPTIM_DISABLE_AUTOLOAD"
+ENV_LEGACY_IMPORTS = "HF_OPTIM_LEGACY_IMPORTS"
 
 # transformers modules after whose execution hf_optim registers its names:
 # training_args defines OptimizerNames (and imports SchedulerType), trainer_optimizer holds the handler
@@ -30,6 +37,17 @@ WATCHED = frozenset(
 )
 
 _MARKER = "_hf_optim_autoload_finder"
+
+# With HF_OPTIM_LEGACY_IMPORTS: transformers module -> {removed name: (hf_optim module, attribute)}
+LEGACY_NAMES = {
+    "transformers": {
+        "AdamW": ("hf_optim.optimizers", "AdamW"),
+        "AdamWeightDecay": ("hf_optim.optimizers", "AdamWeightDecay"),
+        "GradientAccumulator": ("hf_optim.accumulation", "GradientAccumulator"),
+    },
+    "transformers.optimization": {"AdamW": ("hf_optim.optimizers", "AdamW")},
+}
+_LEGACY_MARKER = "_hf_optim_legacy_getattr"
 
 
 def _debug(message: str, *args: object) -> None:
@@ -44,8 +62,59 @@ def autoload_disabled() -> bool:
     return os.environ.get(ENV_DISABLE, "").strip().upper() in {"1", "TRUE", "YES", "ON"}
 
 
+def legacy_imports_enabled() -> bool:
+    """Whether ``HF_OPTIM_LEGACY_IMPORTS`` is set to a true value (1/true/yes/on)."""
+    return os.environ.get(ENV_LEGACY_IMPORTS, "").strip().upper() in {"1", "TRUE", "YES", "ON"}
+
+
+class _LegacyGetattr:
+    """A module's ``__getattr__`` serving the names transformers removed from hf_optim, imported on first use.
+
+    Any other name goes to the module's previous ``__getattr__`` if it had one, else raises ``AttributeError``
+    (then a ``_LazyModule`` still runs its own lookup: the class's ``__getattr__`` comes after this one).
+    """
+
+    _hf_optim_legacy_getattr = True
+
+    def __init__(self, module_name: str, names: dict, previous: object) -> None:
+        self._module_name = module_name
+        self._names = names
+        self._previous = previous
+
+    def __call__(self, name: str) -> object:
+        target = self._names.get(name)
+        if target is None:
+            if self._previous is not None:
+                return self._previous(name)  # type: ignore[operator]
+            raise AttributeError(f"module {self._module_name!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(target[0]), target[1])
+        _debug("hf_optim legacy imports: %s.%s is %s.%s", self._module_name, name, target[0], target[1])
+        return value
+
+
+def install_legacy_names(fullname: str) -> None:
+    """Give ``sys.modules[fullname]`` the ``__getattr__`` for its removed names (idempotent; never raises)."""
+    try:
+        module = sys.modules.get(fullname)
+        names = LEGACY_NAMES.get(fullname)
+        if module is None or names is None:
+            return
+        previous = module.__dict__.get("__getattr__")
+        if getattr(previous, _LEGACY_MARKER, False):
+            return
+        module.__dict__["__getattr__"] = _LegacyGetattr(fullname, names, previous)
+    except Exception as err:
+        _debug("hf_optim legacy imports: could not hook %s: %r", fullname, err)
+
+
 def _on_loaded(fullname: str) -> None:
     """Called right after a watched module executed: register hf_optim's names (never raises)."""
+    if fullname in LEGACY_NAMES and legacy_imports_enabled():
+        install_legacy_names(fullname)
+    if fullname not in WATCHED:
+        return
     try:
         from hf_optim.integrations.transformers import sync
 
@@ -80,12 +149,13 @@ class _HookedLoader:
 
 
 class _TransformersFinder:
-    """``sys.meta_path`` finder that only wraps the loaders of ``WATCHED`` modules (returns None otherwise)."""
+    """``sys.meta_path`` finder that only wraps the loaders of ``WATCHED`` modules, and of the ``LEGACY_NAMES``
+    modules when legacy imports are on (returns None otherwise)."""
 
     _hf_optim_autoload_finder = True
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
-        if fullname not in WATCHED:
+        if fullname not in WATCHED and not (fullname in LEGACY_NAMES and legacy_imports_enabled()):
             return None
         try:
             for finder in list(sys.meta_path):
@@ -120,6 +190,9 @@ def install() -> bool:
 def sync_if_loaded() -> None:
     """If transformers already imported a watched module, register now (``import hf_optim`` after
     transformers). Imports nothing from transformers; never raises."""
+    if legacy_imports_enabled():
+        for name in LEGACY_NAMES:
+            install_legacy_names(name)
     if not any(name in sys.modules for name in WATCHED):
         return
     try:

@@ -38,7 +38,7 @@ from torch import nn
 
 from hf_optim import schedules
 from hf_optim._utils import finite_number
-from hf_optim.optimizers import AdamW, AdamWeightDecay
+from hf_optim.optimizers import AdamW, AdamWeightDecay, BertAdam, OpenAIAdam
 from hf_optim.param_groups import group_parameters
 
 logger = logging.getLogger(__name__)
@@ -745,9 +745,27 @@ def _register_schedulers(registry: Registry) -> None:
         registry.register_scheduler(name, factory, description=description)
 
 
+def _register_legacy(registry: Registry) -> None:
+    # pytorch-pretrained-bert's optimizers, whose lr schedule is built in (Adam's betas / eps are b1, b2, e)
+    legacy_names = {"betas": ("b1", "b2"), "eps": "e"}
+    registry.register_optimizer(
+        "bert_adam",
+        BertAdam,
+        description="BertAdam of pytorch-pretrained-bert (built-in schedule, per-tensor clipping, no bias correction)",
+        arg_names=legacy_names,
+    )
+    registry.register_optimizer(
+        "openai_adam",
+        OpenAIAdam,
+        description="OpenAIAdam of pytorch-pretrained-bert (built-in schedule, decay of matrices after the update)",
+        arg_names=legacy_names,
+    )
+
+
 #: The registry behind hf_optim's module-level functions.
 default_registry = Registry()
 _register_optimizers(default_registry)
+_register_legacy(default_registry)
 _register_schedulers(default_registry)
 
 register_optimizer = default_registry.register_optimizer

@@ -37,6 +37,23 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "hf_optim AdamWeightDecay (default)": lambda p: hf_optim.AdamWeightDecay(
         p, learning_rate=1e-3, weight_decay_rate=0.01
     ),
+    # pytorch-pretrained-bert's optimizers with their defaults: per-tensor clipping (BertAdam), schedule
+    "hf_optim BertAdam (default)": lambda p: hf_optim.BertAdam(p, lr=1e-3, warmup=0.1, t_total=10**6),
+    "hf_optim BertAdam (reference)": lambda p: hf_optim.BertAdam(
+        p, lr=1e-3, warmup=0.1, t_total=10**6, foreach=False, fused=False
+    ),
+    "hf_optim BertAdam no clip (default)": lambda p: hf_optim.BertAdam(
+        p, lr=1e-3, warmup=0.1, t_total=10**6, max_grad_norm=-1
+    ),
+    "hf_optim BertAdam all clipped (default)": lambda p: hf_optim.BertAdam(
+        p, lr=1e-3, warmup=0.1, t_total=10**6, max_grad_norm=1e-3
+    ),
+    "hf_optim OpenAIAdam (default)": lambda p: hf_optim.OpenAIAdam(
+        p, lr=1e-3, warmup=0.1, t_total=10**6, weight_decay=0.01
+    ),
+    "hf_optim OpenAIAdam (reference)": lambda p: hf_optim.OpenAIAdam(
+        p, lr=1e-3, warmup=0.1, t_total=10**6, weight_decay=0.01, foreach=False, fused=False
+    ),
 }
 BASELINE = "torch AdamW fused"
 

@@ -58,7 +58,12 @@ BUILTIN_SCHEDULES_IN_ORDER = [
 
 
 def test_builtins_and_wildcards():
-    assert hf_optim.list_optimizers(source="hf_optim") == ["adam_weight_decay", "adamw_hf"]
+    assert hf_optim.list_optimizers(source="hf_optim") == [
+        "adam_weight_decay",
+        "adamw_hf",
+        "bert_adam",
+        "openai_adam",
+    ]
     assert hf_optim.list_schedulers() == BUILTIN_SCHEDULES
     assert hf_optim.list_schedulers("cosine*") == [
         "cosine",
@@ -126,16 +131,18 @@ def test_unknown_names_list_the_closest():
     assert "adam_weight_decay" in str(err.value)
     with pytest.raises(ValueError, match=r"Unknown scheduler 'cosin'. Did you mean 'cosine'"):
         hf_optim.get_scheduler_info("cosin")
-    with pytest.raises(ValueError, match=r"Registered optimizers: adam_weight_decay, adamw_hf( |$)"):
+    with pytest.raises(
+        ValueError, match=r"Registered optimizers: adam_weight_decay, adamw_hf, bert_adam, openai_adam( |$)"
+    ):
         hf_optim.get_optimizer_info("zzzzzz")
 
 
 def test_listeners_see_existing_and_new_entries_and_cannot_break_registration(caplog):
     seen = []
     hf_optim.add_registry_listener(lambda kind, info: seen.append((kind, info.name)))
-    assert seen == [("optimizer", n) for n in ("adamw_hf", "adam_weight_decay")] + [
-        ("scheduler", n) for n in BUILTIN_SCHEDULES_IN_ORDER
-    ]
+    assert seen == [
+        ("optimizer", n) for n in ("adamw_hf", "adam_weight_decay", "bert_adam", "openai_adam")
+    ] + [("scheduler", n) for n in BUILTIN_SCHEDULES_IN_ORDER]
 
     def broken(kind, info):
         raise RuntimeError("listener bug")
@@ -342,7 +349,12 @@ def test_registry_instances_are_independent_of_the_default_one():
     own = registry.Registry()
     own.register_optimizer("only_here", torch.optim.SGD)
     assert "only_here" not in hf_optim.list_optimizers(source="hf_optim")
-    assert registry.default_registry.list_optimizers(source="hf_optim") == ["adam_weight_decay", "adamw_hf"]
+    assert registry.default_registry.list_optimizers(source="hf_optim") == [
+        "adam_weight_decay",
+        "adamw_hf",
+        "bert_adam",
+        "openai_adam",
+    ]
     opt = own.create_optimizer("only_here", Model(), lr=0.1)
     assert type(opt) is torch.optim.SGD and opt.hf_optim_name == "only_here"
 

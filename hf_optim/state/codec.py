@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hf_optim.errors import CheckpointError
+from hf_optim.optimizers.bert_adam import SCHEDULE_CLASSES
 from hf_optim.state.format import dtype_from_name, dtype_name, is_shape
 
 __all__ = [
@@ -276,3 +277,18 @@ def check_tensor_nodes(node: Any, headers: Mapping[str, TensorHeader], where: st
                 f"{where}: tensor {key!r} ({ref.get('dtype')} {shape}) cannot hold a Python {python!r} "
                 "(an int is a 0-d int64 tensor, a float a 0-d float64 tensor)"
             )
+
+
+def _register_legacy_schedules() -> None:
+    # The schedule objects BertAdam / OpenAIAdam keep in their param groups: class name, arguments and warning
+    # position as JSON (each class rebuilds only itself, from numbers it checks).
+    for name, cls in SCHEDULE_CLASSES.items():
+        register_json_type(
+            cls,
+            name=f"pytorch_pretrained_bert.{name}",
+            to_json=cls.to_json_dict,
+            from_json=cls.from_json_dict,
+        )
+
+
+_register_legacy_schedules()

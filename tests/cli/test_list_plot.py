@@ -32,14 +32,16 @@ def test_list_shows_every_entry_with_its_description(capsys):
 
     from hf_optim.integrations.transformers import registered_names
 
-    # hf_optim's two optimizers plus transformers' own names: its handler table without the names hf_optim added
-    # (its two, and those earlier tests registered)
+    # hf_optim's four optimizers plus transformers' own names: its handler table without the names hf_optim added
+    # (its four, and those earlier tests registered)
     transformers_own = {k.value for k in _OPTIMIZER_HANDLERS} - set(registered_names()["optimizers"])
-    assert f"Optimizers ({len(transformers_own) + 2}):" in out and "Schedules (10):" in out
+    assert f"Optimizers ({len(transformers_own) + 4}):" in out and "Schedules (10):" in out
     lines = out.splitlines()
     for name, words in (
         ("adamw_hf", "[hf_optim] AdamW of transformers 4.x"),
         ("adam_weight_decay", "[hf_optim] AdamWeightDecay of transformers 4.x TF"),
+        ("bert_adam", "[hf_optim] BertAdam of pytorch-pretrained-bert"),
+        ("openai_adam", "[hf_optim] OpenAIAdam of pytorch-pretrained-bert"),
         ("adamw_torch", "[transformers] "),
         ("linear", "linear warmup, then linear decay to 0"),
         ("warmup_stable_decay", "warmup, constant phase"),
@@ -64,6 +66,8 @@ def test_list_filters_and_json(capsys):
     assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [
         ("adam_weight_decay", "hf_optim"),
         ("adamw_hf", "hf_optim"),
+        ("bert_adam", "hf_optim"),
+        ("openai_adam", "hf_optim"),
     ]
     code, out, _ = run_cli(capsys, "list", "--optimizers", "--source", "transformers", "sgd", "--json")
     assert [(e["name"], e["source"]) for e in json.loads(out)["optimizers"]] == [("sgd", "transformers")]

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
-HF_OPTIM_NAMES = ("adamw_hf", "adam_weight_decay")
+HF_OPTIM_NAMES = ("adamw_hf", "adam_weight_decay", "bert_adam", "openai_adam")
 
 
 ROOT = Path(__file__).resolve().parents[2]
-HF_OPTIM_NAMES = ("adamw_hf", "adam_weight_decay")
+HF_OPTIM_NAMES = ("adamw_hf", "adam_weight_decay", "bert_adam", "openai_adam")
 
 
 def tiny_bert() -> BertForSequenceClassification:

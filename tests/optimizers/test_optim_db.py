@@ -11,6 +11,7 @@ the per-optimizer test files (the verbatim transformers 4.x AdamW, TensorFlow's 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from hf_optim import AdamW, AdamWeightDecay
+from hf_optim import AdamW, AdamWeightDecay, BertAdam, OpenAIAdam
 
 IMPLS = {"reference": {"foreach": False, "fused": False}, "foreach": {"foreach": True}, "default": {}}
 # bias corrections on the step tensors (what torch.compile runs), for the optimizers that take ``capturable``
@@ -105,6 +106,49 @@ OPTIM_DB = [
         ],
         impls=WITH_CAPTURABLE,
     ),
+    OptimInfo(
+        functools.partial(BertAdam, lr=1e-2),  # lr has no default
+        configs={
+            "defaults": {"warmup": 0.1, "t_total": 6},  # clipping, decay, past t_total
+            "no_clip_cosine": {
+                "schedule": "warmup_cosine",
+                "warmup": 0.2,
+                "t_total": 20,
+                "max_grad_norm": -1,
+            },
+            "constant_no_decay": {"schedule": None, "weight_decay": 0.0, "b1": 0.8, "e": 1e-4},
+        },
+        bad_arguments=[
+            ({"lr": -1.0}, ValueError, r"lr must be finite and in \[0.0, inf\)"),
+            ({"b1": 1.0}, ValueError, r"b1 must be finite and in \[0.0, 1.0\)"),
+            ({"b2": float("nan")}, ValueError, "b2 must be finite"),
+            ({"e": -1e-6}, ValueError, "e must be finite"),
+            ({"warmup": 1.5, "t_total": 10}, ValueError, "Invalid warmup"),
+            ({"schedule": "warmup_linaer"}, ValueError, "Did you mean 'warmup_linear'"),
+            ({"foreach": True, "fused": True}, ValueError, "foreach and fused cannot both be True"),
+        ],
+    ),
+    OptimInfo(
+        functools.partial(OpenAIAdam, lr=1e-2),  # lr has no default
+        configs={
+            "defaults": {"warmup": 0.1, "t_total": 6},
+            "decay_clip": {"warmup": 0.1, "t_total": 20, "weight_decay": 0.01, "max_grad_norm": 1.0},
+            "vector_l2": {
+                "schedule": "warmup_constant",
+                "warmup": 0.2,
+                "t_total": 20,
+                "weight_decay": 0.1,
+                "vector_l2": True,
+            },
+        },
+        bad_arguments=[
+            ({"lr": -1.0}, ValueError, r"lr must be finite and in \[0.0, inf\)"),
+            ({"b1": -0.1}, ValueError, r"b1 must be finite and in \[0.0, 1.0\)"),
+            ({"e": -1e-8}, ValueError, "e must be finite"),
+            ({"schedule": "cosine"}, ValueError, "Invalid schedule parameter"),
+            ({"foreach": True, "fused": True}, ValueError, "foreach and fused cannot both be True"),
+        ],
+    ),
 ]
 
 NAMES = ["encoder.weight", "encoder.bias", "head.weight"]
@@ -112,7 +156,8 @@ SHAPES = [(5, 4), (4,), (3, 2, 2)]
 
 
 def _id(info: OptimInfo) -> str:
-    return getattr(info.cls, "__name__", str(info.cls))
+    cls = getattr(info.cls, "func", info.cls)  # a functools.partial names its class
+    return getattr(cls, "__name__", str(cls))
 
 
 CASES = [
