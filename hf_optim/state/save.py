@@ -278,7 +278,11 @@ def save_state(
         if accumulator is not None:
             raise ValueError("a GradientAccumulator cannot be saved with sharded (FSDP2) optimizer state")
         manifest = sharded.save_sharded_state(
-            save_directory, opt, scheduler, model=model, max_file_size="100MB" if max_shard_size is None else max_shard_size
+            save_directory,
+            opt,
+            scheduler,
+            model=model,
+            max_file_size="100MB" if max_shard_size is None else max_shard_size,
         )
         if consolidate_to is not None and sharded.rank() == 0:
             consolidate_state(save_directory, consolidate_to)
