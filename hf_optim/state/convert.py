@@ -23,12 +23,14 @@ import logging
 import os
 import pickle
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from hf_optim.errors import CheckpointError
+from hf_optim.legacy.checkpoints import LEGACY_SCHEDULE_MODULE, load_pickled_legacy_state_dict
 from hf_optim.state.format import parse_json
 from hf_optim.state.save import save_state_dict
 
@@ -59,6 +61,29 @@ def _torch_load(path: str) -> Any:
     except Exception as err:  # torch raises many types for malformed archives
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {first}") from None
+
+
+def _load_optimizer_file(path: str) -> Any:
+    """``torch.load(weights_only=True)``; a pytorch-pretrained-bert ``BertAdam`` / ``OpenAIAdam`` state dict,
+    whose groups hold pickled schedule objects, through the legacy reader's allow-list of exactly those classes
+    (rebuilt as hf_optim's schedules, which the checkpoint then stores as JSON)."""
+    try:
+        return _torch_load(path)
+    except CheckpointError:
+        if not _pickles_legacy_schedules(path):
+            raise
+    return load_pickled_legacy_state_dict(path)
+
+
+def _pickles_legacy_schedules(path: str) -> bool:
+    """Whether the pickle in a torch zip archive names pytorch-pretrained-bert's schedule module (a byte search
+    in its ``data.pkl``; nothing is unpickled)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            return name is not None and LEGACY_SCHEDULE_MODULE.encode() in archive.read(name)
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _find(directory: str, candidates: Sequence[str]) -> str | None:
@@ -112,7 +137,7 @@ def convert_checkpoint(
     opt_path = _find(checkpoint_dir, OPTIMIZER_FILES)
     if opt_path is None:
         raise FileNotFoundError(f"no {' or '.join(OPTIMIZER_FILES)} in {checkpoint_dir}")
-    state_dict = _torch_load(opt_path)
+    state_dict = _load_optimizer_file(opt_path)
     _check_torch_state_dict(state_dict, opt_path)
     groups = state_dict["param_groups"]
     sizes = [len(g["params"]) for g in groups]
@@ -252,6 +277,16 @@ def infer_optimizer_class(state_dict: Mapping[str, Any]) -> tuple[str | None, st
     group_keys: set[str] = set().union(*(set(g) for g in groups)) if groups else set()
     states = list((state_dict.get("state") or {}).values())
     state_keys: set[str] = set().union(*(set(s) for s in states)) if states else set()
+    if {"next_m", "next_v"} <= state_keys or {"b1", "b2", "e", "max_grad_norm", "schedule"} <= group_keys:
+        if "vector_l2" in group_keys:
+            return (
+                "hf_optim.optimizers.openai_adam.OpenAIAdam",
+                "pytorch-pretrained-bert OpenAIAdam group keys",
+            )
+        return (
+            "hf_optim.optimizers.bert_adam.BertAdam",
+            "pytorch-pretrained-bert BertAdam state and group keys",
+        )
     if {"exp_avg", "exp_avg_sq"} <= state_keys or {"betas", "eps"} <= group_keys:
         if "correct_bias" in group_keys:
             return "hf_optim.optimizers.adamw.AdamW", "Adam moments and a correct_bias group key"

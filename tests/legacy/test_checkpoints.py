@@ -144,3 +144,33 @@ def test_not_an_optimizer_state_dict(tmp_path):
     torch.save(torch.zeros(2), path)
     with pytest.raises(CheckpointError, match="param_groups"):
         load_pickled_legacy_state_dict(path)
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("bert", hf_optim.BertAdam), ("openai", hf_optim.OpenAIAdam)])
+def test_hf_optim_convert_then_load_state_continues_exactly(legacy_files, tmp_path, kind, cls):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "optimizer.pt").write_bytes((legacy_files / f"{kind}_optimizer.pt").read_bytes())
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_optim.cli.main", "convert", str(checkpoint)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (checkpoint / "optimizer.safetensors").is_file()
+    info = hf_optim.inspect_state(checkpoint)
+    assert info.optimizer_class == f"{cls.__module__}.{cls.__qualname__}"
+
+    params = [p.requires_grad_() for p in torch.load(legacy_files / f"{kind}_params6.pt", weights_only=True)]
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], lr=1.0, foreach=False, fused=False)
+    hf_optim.load_state(checkpoint, opt)  # by position: the legacy file has no parameter names
+    g = torch.Generator().manual_seed(7)
+    for step in range(12):
+        grads = [torch.randn(p.shape, generator=g) * 3.0 for p in params]
+        if step >= 6:
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
+            opt.step()
+    expected = torch.load(legacy_files / f"{kind}_params12.pt", weights_only=True)
+    for e, p in zip(expected, params, strict=True):
+        assert torch.equal(e, p.detach())
