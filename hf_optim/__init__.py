@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 # The 'hf_optim' library logger: its level (HF_OPTIM_VERBOSITY) and prefixed handler; the root logger is untouched.
 from hf_optim import logging
 
-# --- optimizers (issue 2) ---
+# --- optimizers ---
 from hf_optim.optimizers import AdamW, AdamWeightDecay, adam_weight_decay, adamw
 
 # isort: split
 from hf_optim.optimizers import BertAdam, OpenAIAdam, bert_adam, openai_adam  # pytorch-pretrained-bert's
 
-# --- schedules, registry, accumulation (issue 3) ---
+# --- schedules, registry, accumulation ---
 # isort: split
 from hf_optim.accumulation import GradientAccumulator
 from hf_optim.param_groups import get_decay_parameter_names, get_no_decay_parameter_names, group_parameters
@@ -55,7 +55,7 @@ from hf_optim.schedules import (
     get_wsd_schedule,
 )
 
-# --- serialization and Hub (issue 4) ---
+# --- state files and the Hub ---
 # isort: split
 from hf_optim.hub import (
     HfUrl,
@@ -71,9 +71,13 @@ from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
     SCHEDULER_NAME,
+    SHARDED_MANIFEST_NAME,
     CheckpointError,
     LoadReport,
+    ShardedStateInfo,
     StateInfo,
+    consolidate_state,
+    has_sharded_state,
     has_state,
     load_object_state,
     load_state_dict,
@@ -83,12 +87,12 @@ from hf_optim.state import (
     save_state_dict,
 )
 
-# --- lazily imported integrations (issues 5 and 6): name -> module ---
+# --- lazily imported integrations: name -> module ---
 _LAZY: dict[str, str] = {
-    # issue 5: transformers Trainer with safetensors checkpoints
+    # transformers Trainer with safetensors checkpoints
     "Trainer": "hf_optim.integrations.transformers.trainer",
     "TrainerMixin": "hf_optim.integrations.transformers.trainer",
-    # issue 6: Accelerate loops (prepare, item-normalised accumulation, safetensors checkpoints)
+    # Accelerate loops (prepare, item-normalised accumulation, safetensors checkpoints)
     "ItemNormalizer": "hf_optim.integrations.accelerate",
     "accelerate_load_state": "hf_optim.integrations.accelerate",
     "accelerate_prepare": "hf_optim.integrations.accelerate",
@@ -110,7 +114,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-# --- issue 5: register hf_optim's names with transformers once it is (or if it already is) imported ---
+# --- register hf_optim's names with transformers once it is (or if it already is) imported ---
 # Installs an import hook only; never imports transformers itself.
 from hf_optim import _autoload  # noqa: E402
 
