@@ -165,7 +165,7 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
         elif job.startswith("kill"):
             # a save that dies on one rank: "kill-write" in the middle of rank 1's shard writing,
             # "kill-manifest" on rank 0 after the shards are in place but before the manifest is
-            import hf_optim.state.sharded as sharded
+            import hf_optim.state.sharded._save as sharded  # fault injection into the writer
 
             model, opt, sched = _make(world, None)
             _train(model, opt, sched, range(STEPS_BEFORE + 1), rank, world)

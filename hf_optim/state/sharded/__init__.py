@@ -1,0 +1,59 @@
+"""Sharded optimizer state (FSDP2 ``DTensor`` state) saved per process, resumed on any number of processes.
+
+Every process writes its own shard of the state tensors with ``torch.distributed.checkpoint`` in its Hugging Face
+safetensors layout (one safetensors file per process and ~``max_file_size``, no pickled ``.metadata``), keyed
+``state.<parameter name>.<state key>`` as in the single-process format. The rest (param groups, non-tensor
+state, the scheduler, hf_optim's metadata) is one JSON manifest written once, last, by rank 0. Loading checks
+the manifest and every shard header against the live model on every rank, the ranks agree on the verdict, then
+each rank reads only the byte ranges of its own chunks (resharding to any number of processes, or to one plain
+process). The layout is ``docs/FORMAT.md``, format version 2:
+
+    optimizer.sharded.json                 manifest: checkpoint id, groups, non-tensor state, scheduler
+    optimizer-shards-<checkpoint id>/      shard-RRRRR-model-IIIII-of-NNNNN.safetensors (R: rank + 1)
+
+A new save writes a new shard folder before it replaces the manifest, so a save killed on any rank leaves the
+previous checkpoint loadable. Modules: ``_format`` (names, JSON values), ``_dist`` (process-group helpers),
+``_save``, ``_read`` (manifest and headers), ``_load`` (load, inspect, consolidate).
+"""
+
+from hf_optim.state.sharded._dist import (
+    agree,
+    barrier,
+    broadcast_text,
+    is_sharded,
+    local_rank,
+    parameter_names,
+    place_like_parameters,
+    rank,
+)
+from hf_optim.state.sharded._format import SHARDED_FORMAT_VERSION, SHARDED_MANIFEST_NAME
+from hf_optim.state.sharded._load import (
+    ConsolidatedState,
+    ShardedStateInfo,
+    consolidated_state,
+    inspect_sharded_state,
+    load_sharded_state,
+)
+from hf_optim.state.sharded._read import has_sharded_state, sharded_manifest_files
+from hf_optim.state.sharded._save import save_sharded_state
+
+__all__ = [
+    "SHARDED_FORMAT_VERSION",
+    "SHARDED_MANIFEST_NAME",
+    "ConsolidatedState",
+    "ShardedStateInfo",
+    "agree",
+    "barrier",
+    "broadcast_text",
+    "consolidated_state",
+    "has_sharded_state",
+    "inspect_sharded_state",
+    "is_sharded",
+    "load_sharded_state",
+    "local_rank",
+    "parameter_names",
+    "place_like_parameters",
+    "rank",
+    "save_sharded_state",
+    "sharded_manifest_files",
+]

@@ -1,0 +1,138 @@
+"""Process-group helpers for sharded state: every rank must reach the same verdict, without pickling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hf_optim._utils import unwrap_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def is_sharded(optimizer: Any) -> bool:
+    """Whether ``optimizer``'s parameters are ``DTensor``s (FSDP2 ``fully_shard``), so its state is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    opt = unwrap_optimizer(optimizer)
+    return any(isinstance(p, DTensor) for group in opt.param_groups for p in group["params"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process-group helpers: every rank must reach the same verdict
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if distributed() else 0
+
+
+def agree(error: str | None) -> str | None:
+    """Every rank's verdict: its own error, else the first error another rank met, else ``None``."""
+    if not distributed():
+        return error
+    data = (error or "").encode()
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    if longest == 0:
+        return None
+    buf = torch.zeros(longest, dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    bufs = [torch.zeros_like(buf) for _ in sizes]
+    dist.all_gather(bufs, buf)
+    if error is not None:
+        return error
+    for rank, (n, b) in enumerate(zip(sizes, bufs, strict=True)):
+        if n.item():
+            return f"{bytes(b[: int(n.item())].tolist()).decode(errors='replace')} (on rank {rank})"
+    return None  # pragma: no cover - a non-zero size was seen above
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank (no pickling)."""
+    if not distributed():
+        return text
+    data = text.encode() if rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if data:
+        buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.tolist()).decode()
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK``, set by torchrun and accelerate; 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if distributed() else 0
+
+
+def broadcast_id() -> str:
+    """A new checkpoint id, chosen by rank 0 and known to every rank (no pickling)."""
+    raw = torch.tensor(list(uuid.uuid4().bytes), dtype=torch.uint8)
+    if distributed():
+        dist.broadcast(raw, src=0)
+    return bytes(raw.tolist()).hex()
+
+
+def barrier() -> None:
+    """A barrier over the default process group (nothing without one)."""
+    if distributed():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Parameter name for each optimizer parameter, by ``id``; every optimizer parameter must be in ``model``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+    missing = [
+        i for group in optimizer.param_groups for i, p in enumerate(group["params"]) if id(p) not in names
+    ]
+    if missing:
+        raise ValueError(
+            "the optimizer has parameters that are not in model (model= must be the trained model)"
+        )
+    return names
+
+
+def place_like_parameters(
+    opt: torch.optim.Optimizer, state_dict: dict[str, Any], saved_values: dict[int, dict[str, Any]]
+) -> None:
+    """Turn full state tensors of ``DTensor`` parameters into ``DTensor``s placed like them (each process
+    keeps its own part: no communication), in a torch-format ``state_dict`` about to be loaded into ``opt``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for index, entries in state_dict["state"].items():
+        param = params[index] if isinstance(index, int) and index < len(params) else None
+        if not isinstance(param, DTensor):
+            continue
+        for key, value in list(entries.items()):
+            if (
+                isinstance(value, torch.Tensor)
+                and not isinstance(value, DTensor)
+                and value.shape == param.shape
+            ):
+                placed = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                entries[key] = placed
+                if index in saved_values and key in saved_values[index]:
+                    saved_values[index][key] = placed

@@ -1,0 +1,350 @@
+"""Loading sharded state (checked against the live objects, all ranks agreeing), inspecting, consolidating."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
+from hf_optim.errors import CheckpointError
+from hf_optim.state.checks import check_hyperparameters, check_param_state, check_same_structure
+from hf_optim.state.sharded._dist import (
+    agree,
+    distributed,
+    parameter_names,
+)
+from hf_optim.state.sharded._format import (
+    RESERVED,
+    SHARDED_MANIFEST_NAME,
+    decode_value,
+)
+from hf_optim.state.sharded._read import (
+    CheckedReader,
+    Manifest,
+    close_manifest,
+    read_manifest,
+    read_manifest_doc,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the manifest says, decoded and checked against the live objects (nothing applied yet)."""
+
+    groups: list[dict[str, Any]]  # hyperparameters to apply, group by group
+    values: dict[str, dict[str, Any]]  # non-tensor state by parameter name
+    scheduler_state: dict[str, Any] | None
+
+
+def _check_against_live(
+    manifest: Manifest, opt: torch.optim.Optimizer, names: Mapping[int, str], scheduler: Any
+) -> _Checked:
+    path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
+    groups = manifest.doc.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+        raise CheckpointError(
+            f"{path}: {len(groups) if isinstance(groups, list) else '?'} param groups saved, "
+            f"the optimizer has {len(opt.param_groups)}"
+        )
+    params: dict[str, torch.Tensor] = {}
+    checked_groups = []
+    for g, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        where = f"{path}: param_groups[{g}]"
+        if not isinstance(saved, dict) or set(saved) != {"params", "hyperparameters"}:
+            raise CheckpointError(f"{where} is malformed")
+        if saved["params"] != [names[id(p)] for p in live["params"]]:
+            raise CheckpointError(f"{where} holds other parameters than the optimizer's group {g}")
+        params.update({names[id(p)]: p for p in live["params"]})
+        hyper = decode_value(saved["hyperparameters"], where)
+        if not isinstance(hyper, dict) or RESERVED & set(hyper):
+            raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
+        live_hyper = {k: v for k, v in live.items() if k not in ("params", "param_names")}
+        missing = sorted(set(live_hyper) - set(hyper))
+        if missing:
+            raise CheckpointError(f"{where}: hyperparameters {missing} are missing")
+        checked_groups.append(check_hyperparameters(opt, g, hyper, live_hyper, where, strict=True, notes=[]))
+    values: dict[str, dict[str, Any]] = {}
+    for name, record in manifest.doc["state"].items():
+        if name not in params:
+            raise CheckpointError(f"{path}: state for {name!r}, which is not a parameter of the optimizer")
+        decoded: dict[str, Any] = {}
+        for state_key, entry in record.items():
+            where = f"{path}: state[{name!r}][{state_key!r}]"
+            if "value" in entry:
+                decoded[state_key] = values.setdefault(name, {})[state_key] = decode_value(
+                    entry["value"], where
+                )
+            else:
+                plan = manifest.tensors[entry["sharded"]]
+                decoded[state_key] = torch.empty(
+                    plan.shape, dtype=plan.dtype, device="meta"
+                )  # shape, dtype only
+        check_param_state(name, decoded, params[name], opt.state.get(params[name]), path)
+    for plan in manifest.tensors.values():
+        if plan.shape != tuple(params[plan.name].shape):
+            raise CheckpointError(
+                f"{path}: {plan.key} has global shape {list(plan.shape)}, parameter {plan.name!r} has "
+                f"{list(params[plan.name].shape)}"
+            )
+    scheduler_state = None
+    if scheduler is not None:
+        saved_sched = manifest.doc.get("scheduler")
+        if not isinstance(saved_sched, dict) or "state_dict" not in saved_sched:
+            raise CheckpointError(f"{path}: no scheduler state saved")
+        scheduler_state = decode_value(saved_sched["state_dict"], f"{path}: scheduler")
+        check_same_structure(scheduler_state, unwrap_scheduler(scheduler).state_dict(), f"{path}: scheduler")
+    return _Checked(checked_groups, values, scheduler_state)
+
+
+def _keeps_step_on_device(opt: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    """Whether scalar state (``step``) lives on the parameter's device, as torch.optim does for fused/capturable."""
+    group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+    return bool(group.get("fused") or group.get("capturable"))
+
+
+@contextlib.contextmanager
+def _rollback(opt: torch.optim.Optimizer, scheduler: Any) -> Iterator[None]:
+    state = {p: dict(entries) for p, entries in opt.state.items()}
+    groups = [{k: (v if k == "params" else copy.copy(v)) for k, v in g.items()} for g in opt.param_groups]
+    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
+    sched_dict = copy.deepcopy(inner.__dict__) if inner is not None else None
+    try:
+        yield
+    except BaseException:
+        opt.state.clear()
+        opt.state.update(state)
+        for live, saved in zip(opt.param_groups, groups, strict=True):
+            live.clear()
+            live.update(saved)
+        if inner is not None:
+            inner.__dict__.clear()
+            inner.__dict__.update(sched_dict)
+        raise
+
+
+def _read_tensors(manifest: Manifest, targets: Mapping[str, torch.Tensor]) -> None:
+    """Fill ``targets`` (``state.<name>.<key>`` -> tensor or DTensor of the global shape) from the shards:
+    ``torch.distributed.checkpoint.load`` plans which byte ranges each rank needs, ``CheckedReader`` reads them."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        # one process without a process group: DCP warns that it "assumes" exactly that
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(dict(targets), storage_reader=CheckedReader(manifest), no_dist=not distributed())
+
+
+def load_sharded_state(
+    directory: str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    *,
+    model: torch.nn.Module,
+) -> tuple[str, list[str]]:
+    """Restore state saved by :func:`save_sharded_state` into an FSDP2 or a plain model's optimizer.
+
+    Works on any number of processes (resharding), including one process with a plain model. Every rank
+    validates the whole checkpoint against its live objects first, and all ranks raise together if any of them
+    finds a problem, leaving every optimizer and scheduler unchanged. Returns the checkpoint id and the names of
+    the parameters whose state was restored.
+    """
+    directory = os.fspath(directory)
+    opt = unwrap_optimizer(optimizer)
+    names = parameter_names(model, opt)
+    manifest: Manifest | None = None
+    try:
+        error = checked = None
+        try:
+            manifest = read_manifest(directory)
+            checked = _check_against_live(manifest, opt, names, scheduler)
+        except CheckpointError as exc:
+            error = str(exc)
+        error = agree(error)
+        if error is not None or manifest is None or checked is None:
+            raise CheckpointError(error or "another process could not read the checkpoint")
+        params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
+        targets = {
+            key: torch.empty_like(params[plan.name].detach(), dtype=plan.dtype)
+            for key, plan in manifest.tensors.items()
+        }
+        try:
+            _read_tensors(manifest, targets)
+            if read_manifest_doc(directory).get("checkpoint_id") != manifest.checkpoint_id:
+                raise CheckpointError(f"{directory}: the checkpoint changed while loading")
+        except CheckpointError as exc:
+            error = str(exc)
+        except Exception as exc:  # DCP wraps failures of any rank; all ranks report one error
+            error = (
+                f"{manifest.shard_dir}: reading the shards failed ({type(exc).__name__}: {str(exc)[:300]})"
+            )
+        error = agree(error)
+        if error is not None:
+            raise CheckpointError(error)
+    finally:
+        close_manifest(manifest)
+    _apply(manifest, checked, opt, params, targets, scheduler)
+    logger.debug("loaded sharded optimizer state from %s", directory)
+    return manifest.checkpoint_id, list(manifest.doc["state"])
+
+
+def _apply(
+    manifest: Manifest,
+    checked: _Checked,
+    opt: torch.optim.Optimizer,
+    params: Mapping[str, torch.Tensor],
+    targets: Mapping[str, torch.Tensor],
+    scheduler: Any,
+) -> None:
+    """Install the loaded state, hyperparameters and scheduler position (validated), or change nothing."""
+    state: dict[str, dict[str, Any]] = {}
+    for name, record in manifest.doc["state"].items():
+        param = params[name]
+        state[name] = {}
+        for state_key, entry in record.items():
+            if "sharded" in entry:
+                state[name][state_key] = targets[entry["sharded"]]
+            else:
+                value = checked.values[name][state_key]
+                if isinstance(value, torch.Tensor) and _keeps_step_on_device(opt, param):
+                    value = value.to(param.device)
+                state[name][state_key] = value
+    with _rollback(opt, scheduler):
+        # As Optimizer.load_state_dict does, minus its copies: the targets already have their final placement.
+        opt.state.clear()
+        opt.state.update({params[name]: entries for name, entries in state.items()})
+        for live, hyper in zip(opt.param_groups, checked.groups, strict=True):
+            live.update(hyper)
+        if scheduler is not None:
+            unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(checked.scheduler_state))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inspection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardedStateInfo:
+    """What a sharded checkpoint holds, read without torch.distributed or a model."""
+
+    directory: str
+    checkpoint_id: str
+    optimizer_class: str | None
+    world_size: int | None
+    num_shards: int
+    parameters: dict[str, dict[str, tuple[int, ...]]]  # name -> state key -> global shape
+    has_scheduler: bool
+
+
+def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo:
+    """Describe a sharded checkpoint (validated like a load): parameters, global shapes, number of shards."""
+    manifest = read_manifest(os.fspath(directory))
+    close_manifest(manifest)
+    params: dict[str, dict[str, tuple[int, ...]]] = {}
+    for plan in manifest.tensors.values():
+        params.setdefault(plan.name, {})[plan.state_key] = plan.shape
+    opt = manifest.doc.get("optimizer")
+    world = manifest.doc.get("world_size")
+    return ShardedStateInfo(
+        directory=manifest.directory,
+        checkpoint_id=manifest.checkpoint_id,
+        optimizer_class=opt.get("class")
+        if isinstance(opt, dict) and isinstance(opt.get("class"), str)
+        else None,
+        world_size=world if isinstance(world, int) and not isinstance(world, bool) else None,
+        num_shards=len(manifest.doc["shards"]["files"]),
+        parameters=params,
+        has_scheduler=isinstance(manifest.doc.get("scheduler"), dict),
+    )
+
+
+@dataclass(frozen=True)
+class ConsolidatedState:
+    """A sharded checkpoint as one torch-format optimizer state dict with full tensors, plus its scheduler."""
+
+    state_dict: dict[str, Any]
+    param_shapes: list[list[list[int]]]
+    optimizer_class: str | None
+    scheduler_state: dict[str, Any] | None
+    scheduler_class: str | None
+    scheduler_name: str | None
+    scheduler_kwargs: Any
+
+
+def consolidated_state(directory: str | os.PathLike[str]) -> ConsolidatedState:
+    """Read a sharded checkpoint into full tensors in one process, without torch.distributed (validated as a
+    load is: every chunk read through the descriptor whose header was checked)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, SHARDED_MANIFEST_NAME)
+    manifest = read_manifest(directory)
+    try:
+        full: dict[str, torch.Tensor] = {}
+        for key, plan in manifest.tensors.items():
+            tensor = torch.empty(plan.shape, dtype=plan.dtype)
+            for chunk in plan.chunks:
+                with safe_open(manifest.files[chunk.file].reader_path(), "pt", backend="pread") as f:
+                    region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
+                    tensor[region] = f.get_slice(key)[:]
+            full[key] = tensor
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{manifest.shard_dir}: cannot read the shards ({exc})") from None
+    finally:
+        close_manifest(manifest)
+    doc = manifest.doc
+    groups, shapes, state = [], [], {}
+    index = 0
+    for g, saved in enumerate(doc.get("param_groups") or []):
+        where = f"{path}: param_groups[{g}]"
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise CheckpointError(f"{where} is malformed")
+        hyper = decode_value(saved.get("hyperparameters"), where)
+        if not isinstance(hyper, dict) or RESERVED & set(hyper):
+            raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
+        names = saved["params"]
+        if not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{where}: parameter names must be strings")
+        groups.append({**hyper, "params": list(range(index, index + len(names))), "param_names": list(names)})
+        group_shapes = []
+        for name in names:
+            record = doc["state"].get(name)
+            entries: dict[str, Any] = {}
+            shape = None
+            for key, entry in (record or {}).items():
+                if "sharded" in entry:
+                    entries[key] = full[entry["sharded"]]
+                    shape = list(entries[key].shape)
+                else:
+                    entries[key] = decode_value(entry["value"], f"{path}: state[{name!r}][{key!r}]")
+            if entries:
+                state[index] = entries
+            group_shapes.append(shape)
+            index += 1
+        shapes.append(group_shapes)
+    sched = doc.get("scheduler") if isinstance(doc.get("scheduler"), dict) else None
+    config = sched.get("config") if sched is not None and isinstance(sched.get("config"), dict) else {}
+    opt = doc.get("optimizer")
+    return ConsolidatedState(
+        state_dict={"state": state, "param_groups": groups},
+        param_shapes=shapes,
+        optimizer_class=opt.get("class")
+        if isinstance(opt, dict) and isinstance(opt.get("class"), str)
+        else None,
+        scheduler_state=decode_value(sched["state_dict"], f"{path}: scheduler")
+        if sched is not None
+        else None,
+        scheduler_class=sched.get("class")
+        if sched is not None and isinstance(sched.get("class"), str)
+        else None,
+        scheduler_name=config.get("name") if isinstance(config.get("name"), str) else None,
+        scheduler_kwargs=config.get("kwargs") if isinstance(config.get("kwargs"), dict) else None,
+    )
