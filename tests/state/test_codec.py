@@ -67,15 +67,22 @@ def test_exotic_values_round_trip_with_their_python_types(tmp_path):
         opt.zero_grad()
     expected = snapshot(opt)[0]
     save_state(tmp_path, opt)
+    # live values of the same structure (a None hyperparameter takes only None or a plain scalar)
     opt2 = OddState(
         [
-            {"params": named("encoder"), "lr": 0.0, "betas": (0.0, 0.0), "weird": None, "nested": None},
+            {
+                "params": named("encoder"),
+                "lr": 0.0,
+                "betas": (0.0, 0.0),
+                "weird": [0.0] * 6 + [None, "", False, 0],
+                "nested": {"a": (0, [0.0]), 3: ""},
+            },
             {
                 "params": named("head") + named("norm"),
                 "lr": 0.0,
                 "betas": (0.0, 0.0),
-                "weird": None,
-                "nested": None,
+                "weird": [],
+                "nested": {},
             },
         ]
     )
