@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any
 
+from hf_optim.cli import printable
 from hf_optim.hub import inspect_state
 from hf_optim.state import ShardedStateInfo, StateInfo
 
@@ -51,7 +52,18 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` with dictionary keys JSON cannot hold (tuples, ...) written as their ``repr`` and tuples as
+    lists, so that any decoded hyperparameter prints."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else repr(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _table(rows: list[list[str]]) -> list[str]:
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
@@ -131,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         force_download=args.force_download,
     )
     if args.json:
-        print(json.dumps(dataclasses.asdict(info), indent=2, default=str))
+        print(json.dumps(_jsonable(dataclasses.asdict(info)), indent=2, default=str))
     elif isinstance(info, ShardedStateInfo):
         print(format_sharded_info(info))
     else:

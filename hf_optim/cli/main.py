@@ -17,6 +17,7 @@ import sys
 
 from hf_optim import __version__
 from hf_optim import logging as hf_logging
+from hf_optim.cli import printable
 
 _COMMANDS: tuple[str, ...] = ("list", "plot", "hub", "inspect", "convert", "consolidate")
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"hf-optim {args.command}: error: {err}", file=sys.stderr)
+        print(printable(f"hf-optim {args.command}: error: {err}"), file=sys.stderr)
         return 2
     finally:
         hf_logging.get_logger().setLevel(previous)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,13 @@ import torch
 
 from hf_optim.errors import CheckpointError
 
-__all__ = ["check_hyperparameters", "check_param_state", "check_same_structure"]
+__all__ = [
+    "check_hyperparameters",
+    "check_param_state",
+    "check_same_structure",
+    "check_scheduler_state",
+    "expected_state_keys",
+]
 
 #: state entries that are tensors shaped like their parameter when present
 TENSOR_STATE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"})
@@ -33,14 +40,16 @@ def check_same_structure(saved: Any, live: Any, where: str, *, none_is_unset: bo
 
     An int may stand for a float and vice versa (``1.0`` vs ``1``), a one-element tensor for a number, never a
     bool for a number. Where the live value is None, ``none_is_unset=True`` (hyperparameters: None means "not
-    set") accepts any value, otherwise only None.
+    set") accepts None or a plain scalar (bool, number, string; never a tensor or container), otherwise only
+    None.
     """
     stack = [(saved, live, where)]
     while stack:
         s, v, at = stack.pop()
         if v is None:
-            if s is not None and not none_is_unset:
-                raise CheckpointError(f"{at}: expected None, got {_describe(s)}")
+            if s is not None and not (none_is_unset and (isinstance(s, (bool, str)) or _is_number(s))):
+                expected = "None, a bool, a number or a string" if none_is_unset else "None"
+                raise CheckpointError(f"{at}: expected {expected}, got {_describe(s)}")
         elif isinstance(v, bool):
             if not isinstance(s, bool):
                 raise CheckpointError(f"{at}: expected a bool, got {_describe(s)}")
@@ -150,33 +159,147 @@ def _construct_check(optimizer: torch.optim.Optimizer, hyper: Mapping[str, Any],
         return
 
 
-def check_param_state(
-    key: str, saved: Mapping[str, Any], param: torch.Tensor, live: Mapping[str, Any] | None, where: str
+_LR_KEY = re.compile(r"(?:^|_)lrs?$", re.IGNORECASE)
+
+
+def _names_lr(key: Any) -> bool:
+    """``base_lrs``, ``_last_lr``, ``min_lrs``, ``max_lr``...: a key whose values are learning rates."""
+    return isinstance(key, str) and _LR_KEY.search(key) is not None
+
+
+def check_scheduler_state(
+    saved: Mapping[str, Any], live: Mapping[str, Any], group_keys: set[str], where: str
 ) -> None:
-    """Saved state for one parameter fits it: moments (:data:`TENSOR_STATE`) have its shape, every non-scalar
-    state tensor a floating dtype, a step counter is a number or a float / int64 scalar tensor."""
+    """Values of a scheduler's state that its ``step()`` turns into learning rates, checked after
+    :func:`check_same_structure`: no NaN anywhere; the numbers under a key naming learning rates (``base_lrs``,
+    ``_last_lr``, ``max_lrs``...) finite and non-negative; ``last_epoch`` an int >= -1 and
+    ``_step_count`` an int >= 0; a string that names a param-group key (OneCycleLR's phases) or differs from the
+    live scheduler's equal to the live value (schedulers use such strings as keys or modes)."""
+    for key in ("last_epoch", "_step_count"):
+        if key in saved:
+            value, low = saved[key], -1 if key == "last_epoch" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise CheckpointError(f"{where}: {key} must be an int >= {low}, got {str(value)[:50]}")
+    stack = [(v, live.get(k), f"{where}[{k!r}]", _names_lr(k)) for k, v in saved.items()]
+    while stack:
+        s, v, at, is_lr = stack.pop()
+        if isinstance(s, Mapping):
+            stack.extend(
+                (
+                    s[k],
+                    v.get(k) if isinstance(v, Mapping) else None,
+                    f"{at}[{k!r}]",
+                    is_lr or _names_lr(k),
+                )
+                for k in s
+            )
+        elif isinstance(s, (list, tuple)):
+            stack.extend(
+                (item, v[i] if isinstance(v, (list, tuple)) and i < len(v) else None, f"{at}[{i}]", is_lr)
+                for i, item in enumerate(s)
+            )
+        elif isinstance(s, str):
+            if s != v and (s in group_keys or isinstance(v, str)):
+                raise CheckpointError(f"{at}: expected {v!r} (the scheduler's own value), got {s[:50]!r}")
+        elif _is_number(s) or isinstance(s, torch.Tensor):
+            numbers = s.detach().flatten().tolist() if isinstance(s, torch.Tensor) else [s]
+            for number in numbers:
+                if isinstance(number, complex) or math.isnan(number):
+                    raise CheckpointError(f"{at}: not a number ({str(number)[:50]})")
+                if is_lr and not isinstance(number, bool) and (math.isinf(number) or number < 0):
+                    raise CheckpointError(
+                        f"{at}: a learning rate must be finite and non-negative, got {str(number)[:50]}"
+                    )
+
+
+def expected_state_keys(
+    optimizer: torch.optim.Optimizer, hyperparameters: Mapping[str, Any], param: torch.Tensor
+) -> frozenset[str] | None:
+    """The state keys ``optimizer`` keeps for ``param`` after a step, for torch's own optimizers: found by
+    stepping a throwaway optimizer of the same class and hyperparameters on a small parameter of the same dtype.
+    None when that cannot be determined (other optimizers check the keys in their own ``load_state_dict``)."""
+    cls = type(optimizer)
+    if not cls.__module__.startswith("torch.optim."):
+        return None
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - C-implemented constructors
+        return None
+    kwargs = {
+        k: v
+        for k, v in hyperparameters.items()
+        if k in parameters and k not in ("self", "params") and not isinstance(v, torch.Tensor)
+    }
+    dummy = torch.zeros(2, dtype=param.dtype, requires_grad=True)
+    dummy.grad = torch.ones_like(dummy)
+    try:
+        throwaway = cls([dummy], **kwargs)
+        throwaway.step()
+    except Exception:  # a step that needs more (a closure, a device): not checkable this way
+        return None
+    return frozenset(throwaway.state.get(dummy, {}))
+
+
+def _check_step(value: Any, at: str) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise CheckpointError(
+                f"{at}: a step counter must be a real scalar, got {value.dtype} {list(value.shape)}"
+            )
+        if not (value.is_floating_point() or value.dtype == torch.int64):
+            raise CheckpointError(f"{at}: a step counter must be a float or int64 scalar, got {value.dtype}")
+        number = value.item()
+    elif _is_number(value):
+        number = value
+    else:
+        raise CheckpointError(f"{at}: a step counter must be a number, got {_describe(value)}")
+    try:
+        finite = math.isfinite(float(number))
+    except OverflowError:
+        finite = False
+    if not finite or number < 0 or number >= 2**63:
+        raise CheckpointError(
+            f"{at}: a step counter must be a finite number in [0, 2**63), got {str(number)[:50]}"
+        )
+
+
+def check_param_state(
+    key: str,
+    saved: Mapping[str, Any],
+    param: torch.Tensor,
+    live: Mapping[str, Any] | None,
+    where: str,
+    *,
+    expected_keys: frozenset[str] | None = None,
+) -> None:
+    """Saved state for one parameter fits it: moments (:data:`TENSOR_STATE`) are tensors of its shape, every
+    non-scalar state tensor has a floating dtype (complex only for a complex parameter), a step counter is a
+    finite non-negative number or a float / int64 scalar tensor. When the optimizer has no state for ``param``
+    yet, ``expected_keys`` (see :func:`expected_state_keys`) must be exactly the saved keys."""
+    if not live and expected_keys is not None and set(saved) != expected_keys:
+        missing, unexpected = sorted(expected_keys - set(saved)), sorted(set(saved) - expected_keys)
+        raise CheckpointError(
+            f"{where}: the state of parameter {key!r} is not what the optimizer keeps per parameter "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
     for name, value in saved.items():
         at = f"{where}: state {name!r} of parameter {key!r}"
-        expected_tensor = name in TENSOR_STATE or (
-            live is not None and isinstance(live.get(name), torch.Tensor)
-        )
+        is_moment = name in TENSOR_STATE
+        expected_tensor = is_moment or (live is not None and isinstance(live.get(name), torch.Tensor))
+        if name == "step":
+            _check_step(value, at)
+            continue
         if isinstance(value, torch.Tensor):
-            if value.dim() == 0:
-                if name == "step" and not (value.is_floating_point() or value.dtype == torch.int64):
-                    raise CheckpointError(
-                        f"{at}: a step counter must be a float or int64 scalar, got {value.dtype}"
-                    )
+            if value.dim() == 0 and not is_moment:
                 continue
-            if name in TENSOR_STATE and tuple(value.shape) != tuple(param.shape):
+            if is_moment and tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(
                     f"{at} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}"
                 )
-            if not (value.is_floating_point() or value.is_complex()):
+            if not (value.is_floating_point() or (value.is_complex() and param.is_complex())):
+                note = " (complex only for a complex parameter)" if value.is_complex() else ""
                 raise CheckpointError(
-                    f"{at} has dtype {value.dtype}; the optimizer steps floating state only"
+                    f"{at} has dtype {value.dtype}; the optimizer steps floating state only{note}"
                 )
-        elif name == "step":
-            if not _is_number(value):
-                raise CheckpointError(f"{at}: a step counter must be a number, got {_describe(value)}")
         elif expected_tensor and not (name == "momentum_buffer" and value is None):
             raise CheckpointError(f"{at} must be a tensor, got {_describe(value)}")

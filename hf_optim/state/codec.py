@@ -17,7 +17,7 @@ import torch
 
 from hf_optim.errors import CheckpointError
 from hf_optim.optimizers.bert_adam import SCHEDULE_CLASSES
-from hf_optim.state.format import dtype_from_name, dtype_name, is_shape
+from hf_optim.state.format import MAX_JSON_DEPTH, dtype_from_name, dtype_name, is_shape
 
 __all__ = [
     "Encoder",
@@ -48,6 +48,9 @@ SUPPORTED_DTYPES = frozenset(
         torch.uint16,
     }
 )
+#: JSON levels a saved value may use: the file's own structure around a value takes at most 4
+#: (metadata -> param_groups -> group -> hyperparameters)
+_MAX_VALUE_DEPTH = MAX_JSON_DEPTH - 4
 #: the tensors that hold a Python number of optimizer state
 PYTHON_NUMBERS = {"int": torch.int64, "float": torch.float64}
 
@@ -120,6 +123,7 @@ class Encoder:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self._depth = 0
 
     def tensor(self, key: str, value: torch.Tensor, where: str, python: str | None = None) -> dict[str, Any]:
         if key in self.tensors:
@@ -138,6 +142,19 @@ class Encoder:
         return node
 
     def encode(self, value: Any, key: str, where: str, *, numbers_as_tensors: bool = False) -> Any:
+        """The JSON node of ``value``; containers nested so deep that the file's JSON would exceed
+        :data:`~hf_optim.state.format.MAX_JSON_DEPTH` (which readers refuse) are a ``ValueError``."""
+        self._depth = 0
+        return self._encode(value, key, where, numbers_as_tensors)
+
+    def _nest(self, levels: int, where: str) -> None:
+        self._depth += levels
+        if self._depth > _MAX_VALUE_DEPTH:
+            raise ValueError(
+                f"{where}: nested too deeply to be saved (its JSON would exceed {MAX_JSON_DEPTH} levels)"
+            )
+
+    def _encode(self, value: Any, key: str, where: str, numbers_as_tensors: bool = False) -> Any:
         if isinstance(value, torch.Tensor):
             return self.tensor(key, value, where)
         if value is None or isinstance(value, (bool, str)):
@@ -152,19 +169,31 @@ class Encoder:
             if numbers_as_tensors:
                 return self.tensor(key, torch.tensor(value, dtype=torch.float64), where, python="float")
             return value if math.isfinite(value) else {"float": repr(value)}
+        if isinstance(value, (tuple, list, Mapping)):
+            string_keys = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+            levels = 1 if isinstance(value, list) else 2 if isinstance(value, tuple) or string_keys else 3
+            self._nest(levels, where)
+            try:
+                return self._container(value, key, where, string_keys)
+            finally:
+                self._depth -= levels
+        return self._object(value, where)
+
+    def _container(self, value: Any, key: str, where: str, string_keys: bool) -> Any:
         if isinstance(value, tuple):
-            return {"tuple": [self.encode(v, f"{key}.{i}", where) for i, v in enumerate(value)]}
+            return {"tuple": [self._encode(v, f"{key}.{i}", where) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            return [self.encode(v, f"{key}.{i}", where) for i, v in enumerate(value)]
-        if isinstance(value, Mapping):
-            if all(isinstance(k, str) for k in value):
-                return {"dict": {k: self.encode(v, f"{key}.{k}", where) for k, v in value.items()}}
-            items = []
-            for i, (k, v) in enumerate(value.items()):
-                if isinstance(k, torch.Tensor):
-                    raise ValueError(f"{where}: tensors cannot be dictionary keys")
-                items.append([self.encode(k, f"{key}.{i}.key", where), self.encode(v, f"{key}.{i}", where)])
-            return {"items": items}
+            return [self._encode(v, f"{key}.{i}", where) for i, v in enumerate(value)]
+        if string_keys:
+            return {"dict": {k: self._encode(v, f"{key}.{k}", where) for k, v in value.items()}}
+        items = []
+        for i, (k, v) in enumerate(value.items()):
+            if isinstance(k, torch.Tensor):
+                raise ValueError(f"{where}: tensors cannot be dictionary keys")
+            items.append([self._encode(k, f"{key}.{i}.key", where), self._encode(v, f"{key}.{i}", where)])
+        return {"items": items}
+
+    def _object(self, value: Any, where: str) -> Any:
         registered = _TYPES_BY_CLASS.get(type(value))
         if registered is not None:
             doc = registered.to_json(value)
@@ -252,10 +281,16 @@ def _decode_object(name: Any, doc: Any, where: str) -> Any:
 
 
 def check_tensor_nodes(node: Any, headers: Mapping[str, TensorHeader], where: str) -> None:
-    """Each referenced tensor exists in the files with the dtype and shape the metadata records."""
+    """Each referenced tensor exists in the files with the dtype and shape the metadata records, and is
+    referenced once: two values sharing one stored tensor would alias state between parameters."""
+    seen: set[str] = set()
     for ref in tensor_refs(node):
         key = ref["tensor"]
         entry = headers.get(key) if isinstance(key, str) else None
+        if entry is not None:
+            if key in seen:
+                raise CheckpointError(f"{where}: tensor {key!r} is referenced more than once in the metadata")
+            seen.add(key)
         if entry is None:
             raise CheckpointError(
                 f"{where}: tensor {key!r} is listed in the metadata but is not in the file(s)"

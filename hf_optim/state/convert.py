@@ -114,7 +114,19 @@ def _trainer_named_groups(model_dir: str) -> tuple[list[list[str]], dict[str, to
         ) from None
     config = transformers.AutoConfig.from_pretrained(model_dir)
     architectures = getattr(config, "architectures", None) or []
-    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    model_cls = None
+    if architectures:
+        name = architectures[0]
+        model_cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if not (
+            isinstance(model_cls, type)
+            and issubclass(model_cls, torch.nn.Module)
+            and ("Model" in name or "For" in name)
+        ):
+            raise CheckpointError(
+                f"{os.path.join(model_dir, 'config.json')}: architectures[0] = {str(name)[:100]!r} is not a "
+                "transformers model class"
+            )
     with torch.device("meta"):
         model = model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
     decay = set(transformers.Trainer.get_decay_parameter_names(None, model))  # does not use self
@@ -220,16 +232,25 @@ def convert_checkpoint(
     )
     # fsync (unlike save_state's default): a one-off conversion whose output is then relied on instead of the
     # pickled files; flushing it costs once and makes it survive a power loss
-    written = save_state_dict(
-        output or checkpoint_dir,
-        state_dict,
-        param_shapes=shape_lists,
-        optimizer_class=optimizer_class,
-        max_shard_size=max_shard_size,
-        metadata=info,
-        fsync=True,
-        **scheduler,
-    )
+    try:
+        written = save_state_dict(
+            output or checkpoint_dir,
+            state_dict,
+            param_shapes=shape_lists,
+            optimizer_class=optimizer_class,
+            max_shard_size=max_shard_size,
+            metadata=info,
+            fsync=True,
+            **scheduler,
+        )
+    except (
+        ValueError,
+        TypeError,
+    ) as err:  # refused before anything is written: a value the format cannot hold
+        if isinstance(err, CheckpointError):
+            raise
+        source = f"{opt_path} (or {sched_path})" if sched_path else opt_path
+        raise CheckpointError(f"{source} cannot be converted: {err}") from None
     logger.info(
         "converted %s%s -> %s; state keyed by %s",
         opt_path,

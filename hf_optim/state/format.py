@@ -144,37 +144,55 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+#: one JSON string (escapes included; an unterminated one runs to the end), matched in a single linear pass
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 
 
-def _too_deep(raw: bytes) -> bool:
-    """Whether arrays / objects nest deeper than :data:`MAX_JSON_DEPTH`, from the text (strings removed first)."""
-    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", raw))
+def _too_deep(text: str) -> bool:
+    """Whether arrays / objects nest deeper than :data:`MAX_JSON_DEPTH`: strings are removed in one left-to-right
+    pass (each character is read once, so an unterminated string costs no more than a closed one), then the
+    remaining brackets are counted."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
     if len(brackets) <= MAX_JSON_DEPTH:
         return False
     depth = 0
     for char in brackets:
-        depth += 1 if char in b"[{" else -1
+        depth += 1 if char in "[{" else -1
         if depth > MAX_JSON_DEPTH:
             return True
     return False
 
 
 def parse_json(raw: str | bytes, label: str) -> Any:
-    """Parse JSON from a checkpoint: duplicate keys, NaN/Infinity literals, nesting deeper than
-    :data:`MAX_JSON_DEPTH` and integers beyond Python's digit limit are a :class:`CheckpointError` naming
-    ``label`` (never a ``RecursionError``)."""
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    if _too_deep(data):
+    """Parse JSON from a checkpoint: bytes must be UTF-8 without a byte-order mark (``json.loads`` would also
+    guess UTF-16 / UTF-32, whose bytes hide brackets from a byte-level count); duplicate keys, NaN/Infinity
+    literals, nesting deeper than :data:`MAX_JSON_DEPTH` and integers beyond Python's digit limit are a
+    :class:`CheckpointError` naming ``label`` (never a ``RecursionError``)."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        data = bytes(raw)
+        if data.startswith(_BOMS) or b"\0" in data[:4]:
+            raise CheckpointError(f"{label} is not UTF-8 JSON (byte-order mark or UTF-16/UTF-32 text)")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{label} is not UTF-8 JSON: {err}") from None
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        raise TypeError(f"parse_json expects str or bytes, got {type(raw).__name__}")
+    if text.startswith("\ufeff"):
+        raise CheckpointError(f"{label} is not UTF-8 JSON (byte-order mark)")
+    if _too_deep(text):
         raise CheckpointError(f"{label}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
-        value = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
     except RecursionError:
         raise CheckpointError(
             f"{label}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)"
         ) from None
-    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, int digit limit, duplicates
+    except ValueError as err:  # JSONDecodeError, int digit limit, duplicates
         raise CheckpointError(f"{label} is truncated or corrupted: {err}") from None
     return value
 

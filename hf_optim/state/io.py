@@ -98,9 +98,14 @@ class OpenFile:
             offset += len(chunk)
 
 
+#: how the Hugging Face cache names a repository's folder (``models--user--name``)
+_CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+
+
 def checkpoint_roots(directory: str) -> list[str]:
     """Folders a checkpoint's files may resolve into: the folder itself, and in a Hugging Face cache snapshot
-    (``<repo>/snapshots/<commit>/...``, whose files link to ``<repo>/blobs/``) that repository's ``blobs``."""
+    (``<repo>/snapshots/<commit>/...``, whose files link to ``<repo>/blobs/``; ``<repo>`` is named
+    ``models--*`` / ``datasets--*`` / ``spaces--*`` and holds ``refs/``) that repository's ``blobs``."""
     roots = [directory]
     current = os.path.abspath(directory)
     while True:
@@ -108,8 +113,13 @@ def checkpoint_roots(directory: str) -> list[str]:
         if parent == current:
             return roots
         if os.path.basename(parent) == "snapshots":
-            blobs = os.path.join(os.path.dirname(parent), "blobs")
-            if os.path.isdir(blobs):
+            repo = os.path.dirname(parent)
+            blobs = os.path.join(repo, "blobs")
+            if (
+                os.path.basename(repo).startswith(_CACHE_REPO_PREFIXES)
+                and os.path.isdir(os.path.join(repo, "refs"))
+                and os.path.isdir(blobs)
+            ):
                 roots.append(blobs)
             return roots
         current = parent

@@ -19,7 +19,13 @@ import torch
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
 from hf_optim.state import sharded
-from hf_optim.state.checks import check_hyperparameters, check_param_state, check_same_structure
+from hf_optim.state.checks import (
+    check_hyperparameters,
+    check_param_state,
+    check_same_structure,
+    check_scheduler_state,
+    expected_state_keys,
+)
 from hf_optim.state.codec import check_tensor_nodes, decode, tensor_refs
 from hf_optim.state.format import (
     ACCUMULATOR_NAME,
@@ -135,6 +141,9 @@ def _scheduler_state(
     if not errors and len(notes) == notes_before:
         # same class and group count: the state must have exactly the live state's keys and types
         check_same_structure(state, live_state, f"{path}: state_dict")
+        live_opt = getattr(inner, "optimizer", None)
+        group_keys = {k for g in getattr(live_opt, "param_groups", ()) for k in g if isinstance(k, str)}
+        check_scheduler_state(state, live_state, group_keys, f"{path}: state_dict")
         last_epoch = state.get("last_epoch")
         if "last_epoch" in live_state and (not isinstance(last_epoch, int) or isinstance(last_epoch, bool)):
             raise CheckpointError(f"{path}: last_epoch must be an int, got {last_epoch!r}")
@@ -216,6 +225,10 @@ def _accumulator_state(
     value = decode(saved_state, tensors, f.path)
     if not isinstance(value, dict):
         raise CheckpointError(f"{f.path}: the accumulator state is not a dictionary")
+    gradients = value.get("gradients")
+    for i, g in enumerate(gradients if isinstance(gradients, list) else []):
+        if isinstance(g, torch.Tensor) and not g.is_floating_point():
+            raise CheckpointError(f"{f.path}: gradient {i} has dtype {g.dtype}; gradients are floating point")
     if isinstance(live_state, Mapping):
         check_same_structure(
             {k: v for k, v in value.items() if k != "gradients"},
@@ -254,7 +267,10 @@ def load_state(
     """
     directory = os.fspath(directory)
     if subfolder:
-        directory = os.path.join(directory, *subfolder.replace("\\", "/").strip("/").split("/"))
+        parts = subfolder.replace("\\", "/").strip("/").split("/")
+        if any(part in ("", ".", "..") for part in parts) or os.path.isabs(subfolder):
+            raise ValueError(f"subfolder must be a relative path inside the directory, got {subfolder!r}")
+        directory = os.path.join(directory, *parts)
     opt = unwrap_optimizer(optimizer)
     is_sharded = sharded.is_sharded(opt)
     if is_sharded and model is None:
@@ -283,9 +299,10 @@ def _build_state_dict(
     ckpt: Checkpoint, opt: torch.optim.Optimizer, live_sd: Mapping[str, Any], strict: bool, notes: list[str]
 ) -> tuple[dict[str, Any], dict[int, str], bool, dict[str, list[str]], dict[int, dict[str, Any]]]:
     """Read, decode and check the optimizer part; returns the new state dict in the live numbering."""
-    plan, restore_groups, lists = plan_optimizer(ckpt, opt, live_sd, strict, notes)
-    if not restore_groups:
-        notes.append("param-group hyperparameters not restored (different number of groups)")
+    plan, group_map, lists = plan_optimizer(ckpt, opt, live_sd, strict, notes)
+    restore_groups = group_map is not None
+    if group_map is None:
+        notes.append("param-group hyperparameters not restored (the groups do not pair up)")
     meta = ckpt.meta
     nodes = encoded_values(meta, set(plan.values()), groups=restore_groups)
     tensors = ckpt.read_tensors({ref["tensor"] for ref in tensor_refs(nodes)})
@@ -297,20 +314,14 @@ def _build_state_dict(
     for index, pstate in live_sd["state"].items():
         if index not in plan:
             new_state[index] = pstate  # not matched (strict=False): keep what the optimizer had
-    for index, key in plan.items():
-        if key in meta["state"]:
-            value = {
-                k: decode(v, tensors, f"{ckpt.path}: state of {key!r}") for k, v in meta["state"][key].items()
-            }
-            check_param_state(key, value, index_to_param[index], live_sd["state"].get(index), ckpt.path)
-            new_state[index] = value
-            saved_values[index] = value
     new_groups = []
     for g, live_group in enumerate(live_sd["param_groups"]):
         group = dict(live_group)
-        if restore_groups:
+        if group_map is not None:
             saved = decode(
-                {"dict": meta["param_groups"][g]["hyperparameters"]}, tensors, f"{ckpt.path}: param group {g}"
+                {"dict": meta["param_groups"][group_map[g]]["hyperparameters"]},
+                tensors,
+                f"{ckpt.path}: param group {group_map[g]}",
             )
             live_hyper = {k: v for k, v in live_group.items() if k not in ("params", "param_names")}
             checked = check_hyperparameters(
@@ -323,6 +334,22 @@ def _build_state_dict(
                 )
             group.update(checked)
         new_groups.append(group)
+    index_to_group = {i: g for g, group in enumerate(live_sd["param_groups"]) for i in group["params"]}
+    expected: dict[tuple[int, torch.dtype], frozenset[str] | None] = {}
+    for index, key in plan.items():
+        if key in meta["state"]:
+            value = {
+                k: decode(v, tensors, f"{ckpt.path}: state of {key!r}") for k, v in meta["state"][key].items()
+            }
+            param, g = index_to_param[index], index_to_group[index]
+            live_pstate = live_sd["state"].get(index)
+            if not live_pstate and (g, param.dtype) not in expected:
+                expected[g, param.dtype] = expected_state_keys(opt, new_groups[g], param)
+            check_param_state(
+                key, value, param, live_pstate, ckpt.path, expected_keys=expected.get((g, param.dtype))
+            )
+            new_state[index] = value
+            saved_values[index] = value
     new_sd: dict[str, Any] = {"state": new_state, "param_groups": new_groups}
     for k, node in (meta.get("extra") or {}).items():
         new_sd[k] = decode(node, tensors, f"{ckpt.path}: optimizer.state_dict()[{k!r}]")
@@ -360,15 +387,18 @@ def _load(
     old_sched = dict(inner_sched.__dict__) if inner_sched is not None else None
     old_sched_state = copy.deepcopy(inner_sched.state_dict()) if inner_sched is not None else None
     old_acc = copy.deepcopy(accumulator.state_dict()) if acc_state is not None else None
+    stage = ckpt.path
     try:
         opt.load_state_dict(new_sd)
         _restore_saved_dtypes(opt, saved_values)
         if sched_state is not None:
+            stage = ckpt.companion("scheduler").path
             # hf_optim_config describes the live scheduler's function: keep it (the kwargs were compared above)
             inner_sched.load_state_dict(copy.deepcopy(sched_state))
         if acc_state is not None:
+            stage = ckpt.companion("accumulator").path
             accumulator.load_state_dict(acc_state)
-    except BaseException:
+    except BaseException as err:
         opt.__dict__.update({"state": old_state, "param_groups": old_groups})
         if inner_sched is not None:
             inner_sched.load_state_dict(old_sched_state)
@@ -376,6 +406,11 @@ def _load(
             inner_sched.__dict__.update(old_sched)
         if old_acc is not None:
             accumulator.load_state_dict(old_acc)
+        if isinstance(err, (ValueError, TypeError, KeyError, OverflowError, RuntimeError)) and not isinstance(
+            err, CheckpointError
+        ):
+            # the object's own load_state_dict refused a value the checks above let through
+            raise CheckpointError(f"{stage}: refused while loading: {type(err).__name__}: {err}") from err
         raise
     for note in notes:
         logger.warning("load_state(%s): %s", ckpt.directory, note)

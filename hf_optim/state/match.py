@@ -42,8 +42,9 @@ def raise_errors(errors: list[str], source: str) -> None:
 
 def plan_optimizer(
     ckpt: Checkpoint, opt: torch.optim.Optimizer, live_sd: Mapping[str, Any], strict: bool, notes: list[str]
-) -> tuple[dict[int, str], bool, dict[str, list[str]]]:
-    """Match checkpoint parameters to live ones; returns (live index -> saved key, restore groups?, report lists)."""
+) -> tuple[dict[int, str], list[int] | None, dict[str, list[str]]]:
+    """Match checkpoint parameters to live ones; returns (live index -> saved key, the saved group each live
+    group takes its hyperparameters from or None, report lists)."""
     meta = ckpt.meta
     errors: list[str] = []
     saved_class = (meta.get("optimizer") or {}).get("class")
@@ -187,4 +188,30 @@ def plan_optimizer(
         plan[p.index] = key
     raise_errors(errors, ckpt.path)
     lists = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
-    return plan, len(saved_groups) == len(live), lists
+    return plan, _group_map(pairs, len(saved_groups), len(live), by_name, notes), lists
+
+
+def _group_map(
+    pairs: list[tuple[_Live, str, dict[str, Any], int]],
+    saved: int,
+    live: int,
+    by_name: bool,
+    notes: list[str],
+) -> list[int] | None:
+    """The saved group whose hyperparameters each live group takes: the one holding its parameters (when they
+    are matched by name), else the one at the same position; None when groups cannot be paired one to one."""
+    if saved != live:
+        return None
+    if not by_name:
+        return list(range(live))
+    sources: list[set[int]] = [set() for _ in range(live)]
+    for p, _key, _rec, g in pairs:
+        sources[p.group].add(g)
+    mapping = [next(iter(src)) if len(src) == 1 else lg for lg, src in enumerate(sources)]
+    if any(len(src) > 1 for src in sources) or sorted(mapping) != list(range(live)):
+        notes.append(
+            "the checkpoint's param groups hold other sets of parameters than the optimizer's: "
+            "hyperparameters not restored"
+        )
+        return None
+    return mapping

@@ -47,6 +47,11 @@ class _Changed(Exception):
     """A file's checkpoint id no longer matches the manifest read a moment ago: a save is in progress."""
 
 
+class _Missing(_Changed):
+    """A file the manifest lists is gone: a save retired it, unless the manifest still describes the same
+    checkpoint (then the file really is missing)."""
+
+
 @dataclass
 class Checkpoint:
     """An open, validated checkpoint: its metadata, tensor headers and the descriptors they were read from."""
@@ -127,7 +132,7 @@ def _open_member(directory: str, name: str, checkpoint_id: str, manifest: str, r
             return f
         f.close()
     if not found_any:
-        raise FileNotFoundError(f"{name} is listed by {manifest} but missing from {directory}")
+        raise _Missing(f"{name} is listed by {manifest} but missing from {directory}", checkpoint_id)
     if unreadable is not None:
         raise unreadable
     raise _Changed(
@@ -151,6 +156,8 @@ def open_checkpoint(directory: str, *, roots: Iterable[str] | None = None) -> Ch
             for f in opened:
                 f.close()
             if _manifest_id(directory, root_list) == err.args[1]:
+                if isinstance(err, _Missing) and err.args[1] is not None:
+                    raise FileNotFoundError(err.args[0]) from None  # the manifest lists a file that is absent
                 raise CheckpointError(err.args[0]) from None  # the files really are from different saves
         except BaseException:
             for f in opened:
@@ -174,12 +181,24 @@ def _manifest_id(directory: str, roots: list[str]) -> str | None:
     return None
 
 
+def _open_manifest(path: str, directory: str, roots: list[str]) -> OpenFile:
+    """Open the manifest seen a moment ago; gone meanwhile means a save retired it (retry)."""
+    try:
+        return open_file(path, roots=roots)
+    except FileNotFoundError:
+        raise _Missing(
+            f"the checkpoint in {directory} changed while loading ({os.path.basename(path)} was removed by "
+            "another save); try again",
+            None,
+        ) from None
+
+
 def _read_structure(directory: str, roots: list[str], opened: list[OpenFile]) -> Checkpoint:
     index_path = os.path.join(directory, OPTIMIZER_INDEX_NAME)
     single_path = os.path.join(directory, OPTIMIZER_NAME)
     tensor_files: dict[str, SafetensorsFile] = {}
     if os.path.lexists(index_path):
-        manifest_file = open_file(index_path, roots=roots)
+        manifest_file = _open_manifest(index_path, directory, roots)
         opened.append(manifest_file)
         manifest_head = read_head(manifest_file.fd)
         index = parse_json(manifest_head, index_path)
@@ -219,7 +238,7 @@ def _read_structure(directory: str, roots: list[str], opened: list[OpenFile]) ->
             files.append(f.path)
         manifest = OPTIMIZER_INDEX_NAME
     elif os.path.lexists(single_path):
-        manifest_file = open_file(single_path, roots=roots)
+        manifest_file = _open_manifest(single_path, directory, roots)
         opened.append(manifest_file)
         manifest_head = read_head(manifest_file.fd)
         single = read_safetensors(manifest_file)
@@ -290,6 +309,9 @@ def validate_optimizer_meta(meta: dict[str, Any], entries: Mapping[str, TensorHe
     for key in ("extra", "files", "info"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise CheckpointError(f"{label}: malformed metadata: {key!r} is {meta[key]!r}, not an object")
+    info = meta.get("info") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
+        raise CheckpointError(f"{label}: malformed metadata: 'info' must map strings to strings")
     reserved = sorted(RESERVED_KEYS & set(meta.get("extra") or {}))
     if reserved:
         raise CheckpointError(f"{label}: 'extra' has an entry named {reserved[0]!r}, which is reserved")

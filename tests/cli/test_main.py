@@ -68,3 +68,11 @@ def test_no_http_request_lines_in_cli_output(hub_repo_id, tmp_path):
     )
     assert configured.returncode == 0, configured.stderr
     assert "HTTP Request" in configured.stderr
+
+
+def test_printable_escapes_terminal_control_characters():
+    from hf_optim.cli import printable
+
+    assert printable("plain text: é, 名前") == "plain text: é, 名前"
+    assert printable("a\x1b]52;c;Zg==\x07b") == "a\\x1b]52;c;Zg==\\x07b"
+    assert printable("x\u202ey\rz\n") == "x\\u202ey\\rz\n"

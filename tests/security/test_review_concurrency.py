@@ -13,11 +13,6 @@ from hf_optim import OPTIMIZER_INDEX_NAME, SCHEDULER_NAME, CheckpointError, load
 from tests.state.helpers import trained
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reader._read_structure: index checked with lexists, then retired by a concurrent save -> "
-    "FileNotFoundError",
-)
 def test_index_retired_by_a_concurrent_save(tmp_path, monkeypatch):
     """Sharded checkpoint A in place; a save of a single-file checkpoint B runs between the reader's
     ``lexists(index)`` and its ``open_file(index)`` (B's commit retires the index)."""
@@ -41,10 +36,6 @@ def test_index_retired_by_a_concurrent_save(tmp_path, monkeypatch):
     assert fired
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reader._open_member raises FileNotFoundError (not _Changed) when a concurrent save deleted the file",
-)
 @pytest.mark.parametrize("case", ["shards-deleted", "scheduler-dropped"])
 def test_member_deleted_by_a_concurrent_save(tmp_path, monkeypatch, case):
     """A's manifest is open; before the reader opens a member file (a shard / scheduler.json), a save of B

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from hf_optim import CheckpointError
-from hf_optim.state.checks import check_hyperparameters, check_param_state, check_same_structure
+from hf_optim.state.checks import (
+    check_hyperparameters,
+    check_param_state,
+    check_same_structure,
+    check_scheduler_state,
+    expected_state_keys,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +89,87 @@ def test_param_state_checks():
     # a key the live state holds as a tensor must stay a tensor
     with pytest.raises(CheckpointError, match="must be a tensor"):
         check_param_state("w", {"buf": 1.0}, p, {"buf": torch.zeros(3, 2)}, "f")
+
+
+@pytest.mark.parametrize("saved", [None, True, 3, 0.5, "auto"])
+def test_unset_hyperparameter_takes_a_plain_scalar(saved):
+    check_same_structure(saved, None, "f", none_is_unset=True)
+
+
+@pytest.mark.parametrize("saved", [torch.ones(3), torch.tensor(1.0), [1], {"a": 1}, (True,)])
+def test_unset_hyperparameter_refuses_tensors_and_containers(saved):
+    with pytest.raises(CheckpointError, match="expected None, a bool, a number or a string"):
+        check_same_structure(saved, None, "f", none_is_unset=True)
+
+
+def test_param_state_checks_moments_and_steps():
+    p = torch.zeros(3, 2)
+    for state, match in [
+        ({"exp_avg": torch.tensor(0.0)}, r"has shape \(\), the parameter \(3, 2\)"),
+        ({"exp_avg": torch.zeros(3, 2, dtype=torch.complex64)}, "complex only for a complex parameter"),
+        ({"step": 10**400}, "finite number"),
+        ({"step": float("nan")}, "finite number"),
+        ({"step": -1}, "finite number"),
+        ({"step": torch.tensor([1.0, 2.0])}, "real scalar"),
+    ]:
+        with pytest.raises(CheckpointError, match=match):
+            check_param_state("w", state, p, None, "f")
+    # a complex parameter keeps complex moments
+    pc = torch.zeros(3, 2, dtype=torch.complex64)
+    check_param_state("w", {"exp_avg": torch.zeros(3, 2, dtype=torch.complex64)}, pc, None, "f")
+
+
+def test_fresh_state_keys_must_be_the_optimizers():
+    keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
+    p = torch.zeros(3, 2)
+    full = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3, 2), "exp_avg_sq": torch.zeros(3, 2)}
+    check_param_state("w", full, p, None, "f", expected_keys=keys)
+    for drop in keys:
+        with pytest.raises(CheckpointError, match=f"missing \\['{drop}'\\]"):
+            check_param_state(
+                "w", {k: v for k, v in full.items() if k != drop}, p, None, "f", expected_keys=keys
+            )
+
+
+@pytest.mark.parametrize(
+    ("make", "hyper", "expected"),
+    [  # the per-parameter state torch documents for each algorithm
+        (torch.optim.AdamW, {"lr": 0.1}, {"step", "exp_avg", "exp_avg_sq"}),
+        (
+            torch.optim.AdamW,
+            {"lr": 0.1, "amsgrad": True},
+            {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+        ),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, {"momentum_buffer"}),
+    ],
+)
+def test_expected_state_keys_of_torch_optimizers(make, hyper, expected):
+    live = make([torch.nn.Parameter(torch.zeros(3))], **hyper)
+    assert expected_state_keys(live, {**live.param_groups[0], **hyper}, torch.zeros(3)) == expected
+    assert not live.state  # the live optimizer is not stepped
+
+
+def _scheduler_pair():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=10, cycle_momentum=False)
+    return sched.state_dict(), set(opt.param_groups[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda s: s.update(base_lrs=[-1.0]), "learning rate must be finite and non-negative"),
+        (lambda s: s.update(_last_lr=[float("inf")]), "learning rate must be finite and non-negative"),
+        (lambda s: s.update(total_steps=float("nan")), "not a number"),
+        (lambda s: s.update(last_epoch=-2), "last_epoch must be an int >= -1"),
+        (lambda s: s["_schedule_phases"][0].update(start_lr="lr"), "expected 'initial_lr'"),
+    ],
+)
+def test_scheduler_state_values(change, match):
+    state, group_keys = _scheduler_pair()
+    live = dict(state)
+    check_scheduler_state(state, live, group_keys, "f")
+    saved = copy.deepcopy(state)
+    change(saved)
+    with pytest.raises(CheckpointError, match=match):
+        check_scheduler_state(saved, live, group_keys, "f")

@@ -67,15 +67,22 @@ def test_exotic_values_round_trip_with_their_python_types(tmp_path):
         opt.zero_grad()
     expected = snapshot(opt)[0]
     save_state(tmp_path, opt)
+    # live values of the same structure (a None hyperparameter takes only None or a plain scalar)
     opt2 = OddState(
         [
-            {"params": named("encoder"), "lr": 0.0, "betas": (0.0, 0.0), "weird": None, "nested": None},
+            {
+                "params": named("encoder"),
+                "lr": 0.0,
+                "betas": (0.0, 0.0),
+                "weird": [0.0] * 6 + [None, "", False, 0],
+                "nested": {"a": (0, [0.0]), 3: ""},
+            },
             {
                 "params": named("head") + named("norm"),
                 "lr": 0.0,
                 "betas": (0.0, 0.0),
-                "weird": None,
-                "nested": None,
+                "weird": [],
+                "nested": {},
             },
         ]
     )
@@ -230,3 +237,43 @@ def test_object_state_round_trips_nested_values(tmp_path):
     with pytest.raises(ValueError, match="cannot be saved"):
         save_object_state(path, {"f": print}, kind="sampler")
     assert load_object_state(path, kind="sampler").keys() == value.keys()  # the failed save left the file
+
+
+def test_a_tensor_referenced_twice_is_refused():
+    from hf_optim.state.codec import TensorHeader, check_tensor_nodes
+
+    node = {"tensor": "t", "dtype": "float32", "shape": [2]}
+    headers = {"t": TensorHeader("x.safetensors", torch.float32, (2,), 8)}
+    check_tensor_nodes([node], headers, "x.safetensors")
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: tensor 't' is referenced more than once"):
+        check_tensor_nodes([node, {"dict": {"b": dict(node)}}], headers, "x.safetensors")
+
+
+def test_encoder_refuses_what_readers_would_refuse_as_too_deep():
+    """The encoded JSON of a value plus the 4 levels of the file around it stays within MAX_JSON_DEPTH; deeper
+    values are a ValueError (never a RecursionError), counted in JSON levels (a list 1, a dict / tuple 2)."""
+    from hf_optim.state.codec import Encoder
+    from hf_optim.state.format import MAX_JSON_DEPTH, parse_json
+
+    def nested(depth):
+        out = cur = []
+        for _ in range(depth - 1):
+            cur.append([])
+            cur = cur[0]
+        return out
+
+    ok = nested(MAX_JSON_DEPTH - 4)
+    node = Encoder().encode(ok, "k", "w")
+    text = json.dumps({"a": {"b": [{"c": node}]}})  # 4 levels around the value, as in the metadata
+    assert parse_json(text, "x")["a"]["b"][0]["c"] == ok
+    with pytest.raises(ValueError, match="w: nested too deeply"):
+        Encoder().encode(nested(MAX_JSON_DEPTH - 3), "k", "w")
+    with pytest.raises(ValueError, match="w: nested too deeply"):
+        Encoder().encode(nested(5000), "k", "w")
+    deep_dict: dict = {}
+    cur = deep_dict
+    for _ in range(MAX_JSON_DEPTH // 2):
+        cur["x"] = {}
+        cur = cur["x"]
+    with pytest.raises(ValueError, match="w: nested too deeply"):
+        Encoder().encode(deep_dict, "k", "w")
