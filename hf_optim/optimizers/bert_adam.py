@@ -319,7 +319,43 @@ def step_values(state_steps: list[Tensor]) -> list[float]:
     return torch.stack([s.to(state_steps[0].device) for s in state_steps]).tolist()
 
 
-class BertAdam(Optimizer):
+class LegacyAdam(Optimizer):
+    """What BertAdam and OpenAIAdam share: the group checks, a legacy ``state_dict``'s missing keys, ``get_lr``.
+
+    Their groups hold ``lr``, ``schedule`` (an :class:`LRSchedule`), ``b1``, ``b2``, ``e``, ``foreach`` and
+    ``fused``; the subclass constructors set the defaults and ``step`` holds the algorithm.
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_legacy_adam_args(group["lr"], group["b1"], group["b2"], group["e"])
+        if not isinstance(group["schedule"], LRSchedule):
+            group["schedule"] = resolve_schedule(group["schedule"], -1, -1)
+        check_flags(group["foreach"], group["fused"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a legacy state_dict has no foreach / fused
+            group.setdefault("foreach", self.defaults["foreach"])
+            group.setdefault("fused", self.defaults["fused"])
+        steps_to_tensors(self.state)
+
+    def get_lr(self) -> list[float]:
+        """The scheduled lr of every parameter at its current step (``[0]`` before the first step)."""
+        lr = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if len(state) == 0:
+                    return [0]
+                lr_scheduled = group["lr"]
+                lr_scheduled *= group["schedule"].get_lr(float(state["step"]))
+                lr.append(lr_scheduled)
+        return lr
+
+
+class BertAdam(LegacyAdam):
     """pytorch-pretrained-bert's ``BertAdam``: Adam without bias correction, weight decay added to the update,
     per-parameter gradient clipping, and a built-in learning-rate schedule.
 
@@ -370,34 +406,6 @@ class BertAdam(Optimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_legacy_adam_args(group["lr"], group["b1"], group["b2"], group["e"])
-        if not isinstance(group["schedule"], LRSchedule):
-            group["schedule"] = resolve_schedule(group["schedule"], -1, -1)
-        check_flags(group["foreach"], group["fused"])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a legacy state_dict has no foreach / fused
-            group.setdefault("foreach", self.defaults["foreach"])
-            group.setdefault("fused", self.defaults["fused"])
-        steps_to_tensors(self.state)
-
-    def get_lr(self) -> list[float]:
-        """The scheduled lr of every parameter at its current step (``[0]`` before the first step)."""
-        lr = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if len(state) == 0:
-                    return [0]
-                lr_scheduled = group["lr"]
-                lr_scheduled *= group["schedule"].get_lr(float(state["step"]))
-                lr.append(lr_scheduled)
-        return lr
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

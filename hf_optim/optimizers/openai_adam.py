@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
-from hf_optim.optimizers._kernels import check_flags, fused_adamw, group_buckets, steps_to_tensors
+from hf_optim.optimizers._kernels import check_flags, fused_adamw, group_buckets
 from hf_optim.optimizers.bert_adam import (
+    LegacyAdam,
     LRSchedule,
     check_legacy_adam_args,
     clip_grad_norms_,
@@ -38,7 +38,7 @@ from hf_optim.optimizers.bert_adam import (
 __all__ = ["OpenAIAdam", "openai_adam"]
 
 
-class OpenAIAdam(Optimizer):
+class OpenAIAdam(LegacyAdam):
     """pytorch-pretrained-bert's ``OpenAIAdam``: bias-corrected Adam with a built-in schedule and decoupled
     weight decay after the update (scaled by the scheduled lr) on matrices only, unless ``vector_l2``.
 
@@ -92,34 +92,6 @@ class OpenAIAdam(Optimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_legacy_adam_args(group["lr"], group["b1"], group["b2"], group["e"])
-        if not isinstance(group["schedule"], LRSchedule):
-            group["schedule"] = resolve_schedule(group["schedule"], -1, -1)
-        check_flags(group["foreach"], group["fused"])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a legacy state_dict has no foreach / fused
-            group.setdefault("foreach", self.defaults["foreach"])
-            group.setdefault("fused", self.defaults["fused"])
-        steps_to_tensors(self.state)
-
-    def get_lr(self) -> list[float]:
-        """The scheduled lr of every parameter at its current step (``[0]`` before the first step)."""
-        lr = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if len(state) == 0:
-                    return [0]
-                lr_scheduled = group["lr"]
-                lr_scheduled *= group["schedule"].get_lr(float(state["step"]))
-                lr.append(lr_scheduled)
-        return lr
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

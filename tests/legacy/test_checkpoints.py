@@ -72,6 +72,20 @@ def legacy_files(tmp_path_factory):
     return out
 
 
+def _continue_to_step_12(opt, params, expected_file):
+    """Steps 6..11 with the legacy writer's gradient stream; the parameters must equal the legacy run's."""
+    g = torch.Generator().manual_seed(7)
+    for step in range(12):
+        grads = [torch.randn(p.shape, generator=g) * 3.0 for p in params]
+        if step >= 6:
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
+            opt.step()
+    expected = torch.load(expected_file, weights_only=True)
+    for e, p in zip(expected, params, strict=True):
+        assert torch.equal(e, p.detach())
+
+
 def test_the_legacy_package_is_not_importable_here():
     assert importlib.util.find_spec("pytorch_pretrained_bert") is None
 
@@ -89,16 +103,7 @@ def test_converted_state_continues_exactly(legacy_files, kind, cls):
     params = [p.requires_grad_() for p in torch.load(legacy_files / f"{kind}_params6.pt", weights_only=True)]
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], lr=1.0, foreach=False, fused=False)
     opt.load_state_dict(state_dict)
-    g = torch.Generator().manual_seed(7)
-    for step in range(12):
-        grads = [torch.randn(p.shape, generator=g) * 3.0 for p in params]
-        if step >= 6:
-            for p, grad in zip(params, grads, strict=True):
-                p.grad = grad
-            opt.step()
-    expected = torch.load(legacy_files / f"{kind}_params12.pt", weights_only=True)
-    for e, p in zip(expected, params, strict=True):
-        assert torch.equal(e, p.detach())
+    _continue_to_step_12(opt, params, legacy_files / f"{kind}_params12.pt")
 
 
 def test_other_classes_are_refused_by_name(legacy_files):
@@ -164,13 +169,4 @@ def test_hf_optim_convert_then_load_state_continues_exactly(legacy_files, tmp_pa
     params = [p.requires_grad_() for p in torch.load(legacy_files / f"{kind}_params6.pt", weights_only=True)]
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], lr=1.0, foreach=False, fused=False)
     hf_optim.load_state(checkpoint, opt)  # by position: the legacy file has no parameter names
-    g = torch.Generator().manual_seed(7)
-    for step in range(12):
-        grads = [torch.randn(p.shape, generator=g) * 3.0 for p in params]
-        if step >= 6:
-            for p, grad in zip(params, grads, strict=True):
-                p.grad = grad
-            opt.step()
-    expected = torch.load(legacy_files / f"{kind}_params12.pt", weights_only=True)
-    for e, p in zip(expected, params, strict=True):
-        assert torch.equal(e, p.detach())
+    _continue_to_step_12(opt, params, legacy_files / f"{kind}_params12.pt")
