@@ -1,6 +1,5 @@
 """Adversarial review: hostile checkpoints that break the documented load guarantees (README "Security",
-docs/FORMAT.md "Loading"). Each test asserts the CORRECT behaviour and is marked xfail(strict=True) while the
-product code still violates it."""
+docs/FORMAT.md "Loading"). Each test asserts the correct behaviour and guards the fix that made it pass."""
 
 from __future__ import annotations
 
