@@ -349,6 +349,17 @@ ATTACKS = {
         _manifest_edit(lambda d: d["scheduler"]["state_dict"]["dict"].update(injected=1)),
         "scheduler",
     ),
+    "missing moment": (
+        lambda bad: (
+            _manifest_edit(lambda d: d["state"]["0.weight"].pop("exp_avg"))(bad),
+            os.rename(_shard_dir(bad), _shard_dir(bad)),
+        ),
+        "exp_avg|0.weight",
+    ),
+    "negative base_lrs": (
+        _manifest_edit(lambda d: d["scheduler"]["state_dict"]["dict"].update(base_lrs=[-5.0])),
+        "base_lrs",
+    ),
     "shard folder escapes": (_manifest_edit(lambda d: d["shards"].update(folder="../ckpt")), "shard folder"),
     "fifo manifest": (
         lambda bad: (

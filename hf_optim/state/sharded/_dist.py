@@ -32,6 +32,19 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _device() -> torch.device:
+    """Where this process group's collectives take tensors: the accelerator for backends that only take
+    device tensors (NCCL and its kin), else the CPU (gloo, or a mixed ``cpu:gloo,cuda:nccl`` group)."""
+    if dist.get_backend() in ("nccl", "xccl", "hccl") and torch.accelerator.is_available():
+        accelerator = torch.accelerator.current_accelerator()
+        return torch.device(accelerator.type, torch.accelerator.current_device_index())
+    return torch.device("cpu")
+
+
+def _bytes(tensor: torch.Tensor, size: int | None = None) -> bytes:
+    return bytes(tensor[:size].cpu().tolist())
+
+
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if distributed() else 0
@@ -41,23 +54,25 @@ def agree(error: str | None) -> str | None:
     """Every rank's verdict: its own error, else the first error another rank met, else ``None``."""
     if not distributed():
         return error
+    device = _device()
     data = (error or "").encode()
-    size = torch.tensor([len(data)], dtype=torch.int64)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
-    longest = max(int(s.item()) for s in sizes)
-    if longest == 0:
+    counts = [int(s.item()) for s in sizes]
+    if max(counts) == 0:
         return None
-    buf = torch.zeros(longest, dtype=torch.uint8)
+    buf = torch.zeros(max(counts), dtype=torch.uint8)
     if data:
         buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(device)
     bufs = [torch.zeros_like(buf) for _ in sizes]
     dist.all_gather(bufs, buf)
     if error is not None:
         return error
-    for rank, (n, b) in enumerate(zip(sizes, bufs, strict=True)):
-        if n.item():
-            return f"{bytes(b[: int(n.item())].tolist()).decode(errors='replace')} (on rank {rank})"
+    for other, (count, b) in enumerate(zip(counts, bufs, strict=True)):
+        if count:
+            return f"{_bytes(b, count).decode(errors='replace')} (on rank {other})"
     return None  # pragma: no cover - a non-zero size was seen above
 
 
@@ -65,14 +80,16 @@ def broadcast_text(text: str) -> str:
     """Rank 0's ``text`` on every rank (no pickling)."""
     if not distributed():
         return text
+    device = _device()
     data = text.encode() if rank() == 0 else b""
-    size = torch.tensor([len(data)], dtype=torch.int64)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(size, src=0)
     buf = torch.zeros(int(size.item()), dtype=torch.uint8)
     if data:
         buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(device)
     dist.broadcast(buf, src=0)
-    return bytes(buf.tolist()).decode()
+    return _bytes(buf).decode()
 
 
 def local_rank() -> int:
@@ -84,8 +101,9 @@ def broadcast_id() -> str:
     """A new checkpoint id, chosen by rank 0 and known to every rank (no pickling)."""
     raw = torch.tensor(list(uuid.uuid4().bytes), dtype=torch.uint8)
     if distributed():
+        raw = raw.to(_device())
         dist.broadcast(raw, src=0)
-    return bytes(raw.tolist()).hex()
+    return _bytes(raw).hex()
 
 
 def barrier() -> None:
@@ -95,7 +113,7 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Saving
+# Naming and placing parameters
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,13 @@ from safetensors import SafetensorError, safe_open
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
-from hf_optim.state.checks import check_hyperparameters, check_param_state, check_same_structure
+from hf_optim.state.checks import (
+    check_hyperparameters,
+    check_param_state,
+    check_same_structure,
+    check_scheduler_state,
+    expected_state_keys,
+)
 from hf_optim.state.sharded._dist import (
     agree,
     distributed,
@@ -58,6 +64,7 @@ def _check_against_live(
             f"the optimizer has {len(opt.param_groups)}"
         )
     params: dict[str, torch.Tensor] = {}
+    group_of: dict[str, int] = {}
     checked_groups = []
     for g, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
         where = f"{path}: param_groups[{g}]"
@@ -66,6 +73,7 @@ def _check_against_live(
         if saved["params"] != [names[id(p)] for p in live["params"]]:
             raise CheckpointError(f"{where} holds other parameters than the optimizer's group {g}")
         params.update({names[id(p)]: p for p in live["params"]})
+        group_of.update({names[id(p)]: g for p in live["params"]})
         hyper = decode_value(saved["hyperparameters"], where)
         if not isinstance(hyper, dict) or RESERVED & set(hyper):
             raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
@@ -90,7 +98,9 @@ def _check_against_live(
                 decoded[state_key] = torch.empty(
                     plan.shape, dtype=plan.dtype, device="meta"
                 )  # shape, dtype only
-        check_param_state(name, decoded, params[name], opt.state.get(params[name]), path)
+        param, live_state = params[name], opt.state.get(params[name])
+        expected = None if live_state else expected_state_keys(opt, checked_groups[group_of[name]], param)
+        check_param_state(name, decoded, param, live_state, path, expected_keys=expected)
     for plan in manifest.tensors.values():
         if plan.shape != tuple(params[plan.name].shape):
             raise CheckpointError(
@@ -103,14 +113,11 @@ def _check_against_live(
         if not isinstance(saved_sched, dict) or "state_dict" not in saved_sched:
             raise CheckpointError(f"{path}: no scheduler state saved")
         scheduler_state = decode_value(saved_sched["state_dict"], f"{path}: scheduler")
-        check_same_structure(scheduler_state, unwrap_scheduler(scheduler).state_dict(), f"{path}: scheduler")
+        live_sched = unwrap_scheduler(scheduler).state_dict()
+        check_same_structure(scheduler_state, live_sched, f"{path}: scheduler")
+        group_keys = {k for group in opt.param_groups for k in group}
+        check_scheduler_state(scheduler_state, live_sched, group_keys, f"{path}: scheduler")
     return _Checked(checked_groups, values, scheduler_state)
-
-
-def _keeps_step_on_device(opt: torch.optim.Optimizer, param: torch.Tensor) -> bool:
-    """Whether scalar state (``step``) lives on the parameter's device, as torch.optim does for fused/capturable."""
-    group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
-    return bool(group.get("fused") or group.get("capturable"))
 
 
 @contextlib.contextmanager
@@ -205,25 +212,37 @@ def _apply(
     targets: Mapping[str, torch.Tensor],
     scheduler: Any,
 ) -> None:
-    """Install the loaded state, hyperparameters and scheduler position (validated), or change nothing."""
-    state: dict[str, dict[str, Any]] = {}
+    """Install the loaded state, hyperparameters and scheduler position (validated), or change nothing.
+
+    Through the optimizer's own ``load_state_dict`` (its key checks, torch's placement of ``step``); the state
+    tensors keep their saved dtype, as in the single-process format."""
+    path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
+    live_sd = opt.state_dict()
+    index_of = {
+        id(p): i
+        for group, sd_group in zip(opt.param_groups, live_sd["param_groups"], strict=True)
+        for p, i in zip(group["params"], sd_group["params"], strict=True)
+    }
+    state: dict[int, dict[str, Any]] = {}
     for name, record in manifest.doc["state"].items():
-        param = params[name]
-        state[name] = {}
-        for state_key, entry in record.items():
-            if "sharded" in entry:
-                state[name][state_key] = targets[entry["sharded"]]
-            else:
-                value = checked.values[name][state_key]
-                if isinstance(value, torch.Tensor) and _keeps_step_on_device(opt, param):
-                    value = value.to(param.device)
-                state[name][state_key] = value
+        state[index_of[id(params[name])]] = {
+            key: targets[entry["sharded"]] if "sharded" in entry else checked.values[name][key]
+            for key, entry in record.items()
+        }
+    groups = [
+        {**sd_group, **hyper} for sd_group, hyper in zip(live_sd["param_groups"], checked.groups, strict=True)
+    ]
     with _rollback(opt, scheduler):
-        # As Optimizer.load_state_dict does, minus its copies: the targets already have their final placement.
-        opt.state.clear()
-        opt.state.update({params[name]: entries for name, entries in state.items()})
-        for live, hyper in zip(opt.param_groups, checked.groups, strict=True):
-            live.update(hyper)
+        try:
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, TypeError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: the optimizer refused the state: {err}") from None
+        for name, record in manifest.doc[
+            "state"
+        ].items():  # torch casts floating state to the parameter dtype
+            for key, entry in record.items():
+                if "sharded" in entry:
+                    opt.state[params[name]][key] = targets[entry["sharded"]]
         if scheduler is not None:
             unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(checked.scheduler_state))
 
