@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -413,6 +414,9 @@ def test_save_killed_on_one_rank_keeps_the_previous_checkpoint(saved, tmp_path, 
     model, opt, sched = _make(1, None)
     _train(model, opt, sched, range(1), 0, 1)
     save_sharded_state(str(tmp_path / "ckpt"), opt, sched, model=model)  # ...until the next save removes it
+    for thread in threading.enumerate():  # in the background
+        if thread.name == "hf_optim-cleanup":
+            thread.join()
     manifest = json.loads((tmp_path / "ckpt" / SHARDED_MANIFEST_NAME).read_text())
     assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(
         [SHARDED_MANIFEST_NAME, manifest["shards"]["folder"]]

@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import shutil
+import threading
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,16 +213,34 @@ def save_sharded_state(
 
 def _remove_stale(directory: str, *, keep: str) -> None:
     """Remove every shard folder but ``keep`` (the previous checkpoint's, and those of killed saves) and the
-    temporary files of killed saves."""
+    temporary files of killed saves.
+
+    Folders are first renamed to temporary names (instant), then deleted by a background thread: freeing the
+    page cache of the previous checkpoint's files takes a while and need not hold up training. What a process
+    exiting first leaves behind, the next save removes.
+    """
+    doomed = []
     for entry in os.listdir(directory):
         path = os.path.join(directory, entry)
         if entry == keep:
             continue
-        if SHARD_DIR_RE.match(entry) or (entry.startswith(".optimizer-shards-") and entry.endswith(".tmp")):
-            shutil.rmtree(path, ignore_errors=True)
+        if SHARD_DIR_RE.match(entry):
+            hidden = os.path.join(directory, f".{entry}.{uuid.uuid4().hex}.tmp")
+            with contextlib.suppress(OSError):
+                os.replace(path, hidden)
+                doomed.append(hidden)
+        elif entry.startswith(".optimizer-shards-") and entry.endswith(".tmp"):
+            doomed.append(path)
         elif entry.startswith(f".{SHARDED_MANIFEST_NAME}.") and entry.endswith(".tmp"):
             with contextlib.suppress(OSError):
                 os.remove(path)
+    if doomed:
+        threading.Thread(target=_remove_folders, args=(doomed,), name="hf_optim-cleanup", daemon=True).start()
+
+
+def _remove_folders(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
