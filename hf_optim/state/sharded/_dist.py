@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from typing import Any
@@ -11,8 +10,6 @@ import torch
 import torch.distributed as dist
 
 from hf_optim._utils import unwrap_optimizer
-
-logger = logging.getLogger(__name__)
 
 
 def is_sharded(optimizer: Any) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -11,9 +10,6 @@ import torch
 from hf_optim.errors import CheckpointError
 from hf_optim.state.codec import Encoder, decode
 from hf_optim.state.format import dtype_name
-
-logger = logging.getLogger(__name__)
-
 
 SHARDED_MANIFEST_NAME = "optimizer.sharded.json"
 SHARDED_FORMAT_VERSION = 2
@@ -27,8 +23,6 @@ DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)
 }
-
-
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

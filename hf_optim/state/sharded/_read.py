@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -44,8 +43,6 @@ from hf_optim.state.sharded._format import (
     SHARDED_MANIFEST_NAME,
     ST_DTYPES,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def has_sharded_state(directory: str | os.PathLike[str]) -> bool:
