@@ -140,6 +140,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"shard_bytes": shard, "results": summary}, f)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

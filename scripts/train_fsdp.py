@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 

@@ -90,6 +90,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 if rank == 0:
                     save_file(weights, os.path.join(out, f"{config}-{impl}.safetensors"))
     finally:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 

@@ -202,6 +202,7 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
             with open(os.path.join(out, f"corrupt_{rank}.json"), "w") as f:
                 json.dump({"message": message, "unchanged": same}, f)
     finally:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 
