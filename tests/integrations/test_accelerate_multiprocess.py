@@ -11,7 +11,6 @@ the worker of ``test_item_normalised_gradient_and_scheduler_two_processes``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -22,6 +21,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from tests.integrations.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_accelerate.py"
@@ -326,10 +327,7 @@ SAVE_STEP = 4
 
 
 def _script_module() -> Any:
-    spec = importlib.util.spec_from_file_location("train_accelerate_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_accelerate.py", "train_accelerate_under_test")
 
 
 def _train_args(output_dir: Path, per_device_batch: int, *extra: str) -> list[str]:

@@ -7,16 +7,16 @@ guard cannot delete anything here; the refusal must come before the virtualenv s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integrations.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "scripts" / "demo.sh"
@@ -65,11 +65,7 @@ def test_demo_refuses_a_foreign_folder_outside_the_repository(tmp_path):
 
 
 def _load_report():
-    spec = importlib.util.spec_from_file_location("hf_optim_demo_report", ROOT / "scripts" / "demo_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo_report.py", "hf_optim_demo_report")
 
 
 report = _load_report()

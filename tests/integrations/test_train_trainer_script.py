@@ -6,7 +6,6 @@ The references are an uninterrupted run of the same configuration (its learning 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -16,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integrations.scripts import load_script
 
 pytest.importorskip("transformers")
 
@@ -37,11 +38,7 @@ SCHEDULE = [
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("hf_optim_train_trainer_script_schedule", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_trainer.py", "hf_optim_train_trainer_script_schedule")
 
 
 train_script = _load_script()

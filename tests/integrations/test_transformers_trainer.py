@@ -11,7 +11,6 @@ so 8 steps per epoch: the interruption at step 6 is mid-epoch and the resumed ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import transformers
 
 import hf_optim
 from tests.hub_plugin import client_env
+from tests.integrations.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_trainer.py"
@@ -41,11 +41,7 @@ PICKLED_OPTIMIZER_FILES = {"optimizer.pt", "optimizer.bin", "scheduler.pt", "sch
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("hf_optim_train_trainer_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_trainer.py", "hf_optim_train_trainer_script")
 
 
 train_script = _load_script()
