@@ -18,8 +18,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download, parse_hf_uri, snapshot_download
@@ -46,6 +47,7 @@ from hf_optim.state.reader import manifest_files
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, sharded_manifest_files
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 __all__ = [
     "HfUrl",
@@ -236,21 +238,14 @@ def download_checkpoint(
     return directory
 
 
-def _download_state(
+def _fetcher(
     location: _Location,
     *,
     token: str | bool | None,
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
     force_download: bool,
-    prefer_sharded: bool = False,
-) -> str:
-    """Download the manifest, then the files it references; returns the local folder.
-
-    A folder may hold both an ordinary and a sharded checkpoint (``consolidate_to``): the sharded one is taken
-    first for a sharded optimizer (``prefer_sharded``), last otherwise.
-    """
-
+) -> Callable[..., str]:
     def fetch(name: str, revision: str | None, *, cache_only: bool = False) -> str:
         return hf_hub_download(
             location.repo_id,
@@ -264,41 +259,60 @@ def _download_state(
             force_download=force_download,
         )
 
+    return fetch
+
+
+def _fetch_manifest(
+    location: _Location, fetch: Callable[..., str], local_files_only: bool, *, prefer_sharded: bool
+) -> str:
+    """Download the state's manifest; returns its local path.
+
+    A folder may hold both an ordinary and a sharded checkpoint (``consolidate_to``): the sharded one is taken
+    first for a sharded optimizer (``prefer_sharded``), last otherwise.
+    """
     # The index takes precedence (as locally). If it cannot be had from the Hub nor the cache (offline, or the Hub
     # unreachable), the single-file manifest may still be cached: look there only, without a second round of
     # connection retries.
-    manifest_path = None
     unreachable: LocalEntryNotFoundError | None = None
     names = (OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME)
     names = (SHARDED_MANIFEST_NAME, *names) if prefer_sharded else (*names, SHARDED_MANIFEST_NAME)
     for name in names:
         try:
-            manifest_path = fetch(name, location.revision, cache_only=unreachable is not None)
-            break
+            return fetch(name, location.revision, cache_only=unreachable is not None)
         except LocalEntryNotFoundError as err:
             unreachable = unreachable or err
         except EntryNotFoundError:
             continue
-    if manifest_path is None and unreachable is not None:
+    if unreachable is not None:
         raise _not_cached("optimizer state", location, unreachable, local_files_only) from unreachable
-    if manifest_path is None:
-        where = f"subfolder {location.subfolder!r}" if location.subfolder else "the repository root"
-        raise FileNotFoundError(
-            f"{location.repo_id} (revision {location.revision or 'main'}) has no optimizer state in {where}: "
-            f"expected {OPTIMIZER_NAME} or {OPTIMIZER_INDEX_NAME}"
-        )
-    directory = os.path.dirname(manifest_path)
-    snapshot = directory
+    where = f"subfolder {location.subfolder!r}" if location.subfolder else "the repository root"
+    raise FileNotFoundError(
+        f"{location.repo_id} (revision {location.revision or 'main'}) has no optimizer state in {where}: "
+        f"expected {OPTIMIZER_NAME} or {OPTIMIZER_INDEX_NAME}"
+    )
+
+
+def _referenced(manifest_path: str) -> list[str]:
+    """Every file the manifest references (relative paths, itself first)."""
+    if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
+        return sharded_manifest_files(manifest_path)
+    return manifest_files(manifest_path)
+
+
+def _fetch_files(
+    location: _Location,
+    fetch: Callable[..., str],
+    manifest_path: str,
+    names: list[str],
+    local_files_only: bool,
+) -> None:
+    """Download ``names`` (relative to the manifest's folder) from the manifest's commit."""
+    snapshot = os.path.dirname(manifest_path)
     for _ in location.subfolder.split("/") if location.subfolder else ():
         snapshot = os.path.dirname(snapshot)
     commit = os.path.basename(snapshot)  # every further file from the manifest's commit
     try:
-        referenced = (
-            sharded_manifest_files(manifest_path)
-            if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME
-            else manifest_files(manifest_path)
-        )
-        for name in referenced:
+        for name in names:
             if name != os.path.basename(manifest_path):
                 fetch(name, commit)
     except LocalEntryNotFoundError as err:
@@ -307,7 +321,58 @@ def _download_state(
         raise CheckpointError(
             f"{manifest_path} references a file the repository does not have: {err}"
         ) from None
-    return directory
+
+
+def _download_state(location: _Location, **options: Any) -> str:
+    """Download the manifest, then the files it references; returns the local folder."""
+    fetch = _fetcher(location, **options)
+    manifest_path = _fetch_manifest(location, fetch, options["local_files_only"], prefer_sharded=False)
+    _fetch_files(location, fetch, manifest_path, _referenced(manifest_path), options["local_files_only"])
+    return os.path.dirname(manifest_path)
+
+
+def _once_per_machine(work: Callable[[bool], _T]) -> _T:
+    """``work(cache_only)`` on every process: local rank 0 first (downloading), then the others (from the cache
+    it filled, ``cache_only=True``); all processes raise together if any failed. A collective."""
+    first = sharded.local_rank() == 0
+    if not first:
+        sharded.barrier()
+    error = result = None
+    try:
+        result = work(not first)
+    except Exception as err:
+        error = err
+    if first:
+        sharded.barrier()
+    message = sharded.agree(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise CheckpointError(f"downloading the optimizer state failed on another process: {message}")
+    return result
+
+
+def _download_sharded(location: _Location, model: torch.nn.Module, **options: Any) -> str:
+    """The state for a sharded (FSDP2) optimizer, downloaded once per machine: the manifest, then only the shard
+    files this machine's processes read (every file of an ordinary checkpoint). A collective."""
+    local_only = options["local_files_only"]
+
+    def manifest(cache_only: bool) -> str:
+        fetch = _fetcher(location, **{**options, "local_files_only": local_only or cache_only})
+        return _fetch_manifest(location, fetch, local_only, prefer_sharded=True)
+
+    manifest_path = _once_per_machine(manifest)
+    if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
+        names = sharded.machine_files(manifest_path, model)
+    else:
+        names = manifest_files(manifest_path)
+
+    def files(cache_only: bool) -> None:
+        if not cache_only:
+            _fetch_files(location, _fetcher(location, **options), manifest_path, names, local_only)
+
+    _once_per_machine(files)
+    return os.path.dirname(manifest_path)
 
 
 def _resolve(
@@ -320,7 +385,8 @@ def _resolve(
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
     force_download: bool,
-    prefer_sharded: bool = False,
+    sharded_optimizer: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> tuple[str, list[str]]:
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
@@ -349,24 +415,10 @@ def _resolve(
         except HFValidationError:
             raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
     location = _locate(value, subfolder, revision, repo_type)
-    if prefer_sharded and sharded.local_rank() != 0:  # one download per machine: local rank 0 fetches first
-        sharded.barrier()
-        options["local_files_only"] = True
-    error = directory = None
-    try:
-        directory = _download_state(location, prefer_sharded=prefer_sharded, **options)
-    except Exception as err:
-        if not prefer_sharded:
-            raise
-        error = err
-    if prefer_sharded and sharded.local_rank() == 0:
-        sharded.barrier()
-    if prefer_sharded:
-        message = sharded.agree(None if error is None else f"{type(error).__name__}: {error}")
-        if message is not None:
-            if error is not None:
-                raise error
-            raise CheckpointError(f"downloading the optimizer state failed on another process: {message}")
+    if model is not None and sharded_optimizer:
+        directory = _download_sharded(location, model, **options)
+    else:
+        directory = _download_state(location, **options)
     return directory, checkpoint_roots(directory)
 
 
@@ -420,6 +472,10 @@ def load_state(
     :func:`hf_optim.state.load_state` (required for sharded FSDP2 state; then each machine downloads once).
     """
     is_sharded = sharded.is_sharded(optimizer)
+    if is_sharded and model is None:
+        raise ValueError(
+            "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
+        )
     directory, roots = _resolve(
         path_or_repo_id,
         repo_type=repo_type,
@@ -429,7 +485,8 @@ def load_state(
         cache_dir=cache_dir,
         local_files_only=local_files_only,
         force_download=force_download,
-        prefer_sharded=is_sharded,
+        sharded_optimizer=is_sharded,
+        model=model,
     )
     return state.load_state(
         directory, optimizer, scheduler, accumulator, strict=strict, roots=roots, model=model

@@ -280,15 +280,16 @@ def load_state(
     if sharded.has_sharded_state(directory) and (is_sharded or not has_state(directory)):
         if model is None:
             raise ValueError(f"{directory} holds sharded optimizer state: pass model= to name the parameters")
-        if accumulator is not None:
-            raise ValueError("a GradientAccumulator cannot be restored from sharded optimizer state")
-        checkpoint_id, loaded = sharded.load_sharded_state(directory, opt, scheduler, model=model)
+        checkpoint_id, loaded = sharded.load_sharded_state(
+            directory, opt, scheduler, accumulator, model=model
+        )
         return LoadReport(
             source=directory,
             checkpoint_id=checkpoint_id,
             loaded=tuple(loaded),
             param_groups_restored=True,
             scheduler_loaded=scheduler is not None,
+            accumulator_loaded=accumulator is not None,
         )
     with open_checkpoint(directory, roots=roots) as ckpt:
         names = sharded.parameter_names(model, opt) if model is not None else None

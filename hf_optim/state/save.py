@@ -275,12 +275,11 @@ def save_state(
             raise ValueError(
                 "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
             )
-        if accumulator is not None:
-            raise ValueError("a GradientAccumulator cannot be saved with sharded (FSDP2) optimizer state")
         manifest = sharded.save_sharded_state(
             save_directory,
             opt,
             scheduler,
+            accumulator,
             model=model,
             max_file_size="100MB" if max_shard_size is None else max_shard_size,
         )

@@ -52,6 +52,23 @@ def _train(model, opt, sched, steps, rank, world):
         opt.zero_grad()
 
 
+def _train_accumulating(model, opt, sched, acc, micro_steps, rank, world):
+    """Two micro-batches per optimizer step through a GradientAccumulator; ``micro_steps`` counts micro-batches."""
+    for micro in micro_steps:
+        loss = model(_batch(100 + micro, rank, world)).pow(2).mean()
+        loss.backward()
+        acc.accumulate_from(model)
+        if micro % 2 == 1:
+            acc.apply_to(model)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+
+def _accumulated(acc) -> dict[str, torch.Tensor]:
+    return {f"acc.{i}": _full(g) for i, g in enumerate(acc.gradients) if g is not None}
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -117,6 +134,50 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
                 save_file(loaded, os.path.join(out, f"loaded_{world}.safetensors"))
                 save_file({"lr": lr}, os.path.join(out, f"lr_{world}.safetensors"))
                 save_file(final, os.path.join(out, f"resumed_{world}.safetensors"))
+        elif job == "acc-save":  # saved in the middle of an accumulation window
+            model, opt, sched = _make(world, None)
+            acc = hf_optim.GradientAccumulator()
+            _train_accumulating(model, opt, sched, acc, range(2 * STEPS_BEFORE + 1), rank, world)
+            hf_optim.save_state(os.path.join(out, "acc"), opt, sched, acc, model=model)
+            snap = {**_snapshot(model, opt), **_accumulated(acc)}
+            _train_accumulating(
+                model, opt, sched, acc, range(2 * STEPS_BEFORE + 1, 2 * STEPS_BEFORE + 6), rank, world
+            )
+            final = _snapshot(model, opt)
+            if rank == 0:
+                save_file(snap, os.path.join(out, "acc_at_save.safetensors"))
+                save_file(final, os.path.join(out, "acc_final.safetensors"))
+        elif job == "acc-resume":
+            weights = {
+                k.removeprefix("param."): v
+                for k, v in load_file(os.path.join(out, "acc_at_save.safetensors")).items()
+                if k.startswith("param.")
+            }
+            model, opt, sched = _make(world, weights)
+            acc = hf_optim.GradientAccumulator()
+            report = hf_optim.load_state(os.path.join(out, "acc"), opt, sched, acc, model=model)
+            assert report.accumulator_loaded and acc.step == 1
+            loaded = {**_snapshot(model, opt), **_accumulated(acc)}
+            _train_accumulating(
+                model, opt, sched, acc, range(2 * STEPS_BEFORE + 1, 2 * STEPS_BEFORE + 6), rank, world
+            )
+            final = _snapshot(model, opt)
+            if rank == 0:
+                save_file(loaded, os.path.join(out, f"acc_loaded_{world}.safetensors"))
+                save_file(final, os.path.join(out, f"acc_resumed_{world}.safetensors"))
+        elif job.startswith("machines:"):  # each process plays a machine of its own, with its own HF cache
+            os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))
+            weights = {
+                k.removeprefix("param."): v
+                for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
+                if k.startswith("param.")
+            }
+            model, opt, sched = _make(world, weights)
+            cache = os.path.join(out, f"machine{rank}")
+            hf_optim.load_state(job.removeprefix("machines:"), opt, sched, model=model, cache_dir=cache)
+            loaded = _snapshot(model, opt)
+            if rank == 0:
+                save_file(loaded, os.path.join(out, "machines_loaded.safetensors"))
         elif job == "resume-v1":  # an ordinary (consolidated) checkpoint into FSDP2, through the public API
             weights = {
                 k.removeprefix("param."): v
@@ -228,6 +289,13 @@ def saved(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def saved3(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sharded3"))
+    _spawn(3, "save", out)
+    return out
+
+
 def _plain_resume(out: str) -> tuple[dict, dict]:
     weights = {
         k.removeprefix("param."): v
@@ -276,6 +344,82 @@ def test_resume_on_n_processes(saved, world):
     assert lr[-1].item() == STEPS_BEFORE
 
 
+def test_save_on_three_resume_on_two(saved3):
+    _spawn(2, "resume", saved3)
+    at_save = load_file(os.path.join(saved3, "at_save.safetensors"))
+    loaded = load_file(os.path.join(saved3, "loaded_2.safetensors"))
+    assert loaded.keys() == at_save.keys()
+    for key, value in at_save.items():
+        assert torch.equal(loaded[key], value), key
+    final = load_file(os.path.join(saved3, "final_3.safetensors"))  # the uninterrupted 3-process run
+    resumed = load_file(os.path.join(saved3, "resumed_2.safetensors"))
+    for key, value in final.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+    assert inspect_sharded_state(os.path.join(saved3, "ckpt")).num_shards == 3
+
+
+@pytest.fixture(scope="module")
+def saved_accumulating(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("accumulating"))
+    _spawn(2, "acc-save", out)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_accumulator_saved_mid_window_resumes(saved_accumulating, world):
+    out = saved_accumulating
+    if world == 1:
+        _worker_plain_accumulating(out)
+    else:
+        _spawn(world, "acc-resume", out)
+    at_save = load_file(os.path.join(out, "acc_at_save.safetensors"))
+    loaded = load_file(os.path.join(out, f"acc_loaded_{world}.safetensors"))
+    assert loaded.keys() == at_save.keys() and any(k.startswith("acc.") for k in at_save)
+    for key, value in at_save.items():  # the half-accumulated gradients and the state, exactly
+        assert torch.equal(loaded[key], value), key
+    final = load_file(os.path.join(out, "acc_final.safetensors"))
+    resumed = load_file(os.path.join(out, f"acc_resumed_{world}.safetensors"))
+    for key, value in final.items():
+        if world == 2:
+            assert torch.equal(resumed[key], value), key
+        else:
+            torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+    manifest = json.loads(Path(out, "acc", SHARDED_MANIFEST_NAME).read_text())
+    assert manifest["accumulator"]["class"] == "hf_optim.accumulation.GradientAccumulator"
+
+
+def _worker_plain_accumulating(out: str) -> None:
+    weights = {
+        k.removeprefix("param."): v
+        for k, v in load_file(os.path.join(out, "acc_at_save.safetensors")).items()
+        if k.startswith("param.")
+    }
+    model, opt, sched = _make(1, weights)
+    acc = hf_optim.GradientAccumulator()
+    hf_optim.load_state(os.path.join(out, "acc"), opt, sched, acc, model=model)
+    loaded = {**_snapshot(model, opt), **_accumulated(acc)}
+    _train_accumulating(model, opt, sched, acc, range(2 * STEPS_BEFORE + 1, 2 * STEPS_BEFORE + 6), 0, 1)
+    save_file(loaded, os.path.join(out, "acc_loaded_1.safetensors"))
+    save_file(_snapshot(model, opt), os.path.join(out, "acc_resumed_1.safetensors"))
+
+
+def test_accumulator_mismatch_changes_nothing(saved_accumulating, saved):
+    weights = {
+        k.removeprefix("param."): v
+        for k, v in load_file(os.path.join(saved_accumulating, "acc_at_save.safetensors")).items()
+        if k.startswith("param.")
+    }
+    model, opt, sched = _make(1, weights)
+    acc = hf_optim.GradientAccumulator()
+    acc([torch.zeros(3)])  # one gradient accumulated: the checkpoint has four
+    with pytest.raises(CheckpointError, match="4 accumulator gradients saved, the accumulator has 1"):
+        hf_optim.load_state(os.path.join(saved_accumulating, "acc"), opt, sched, acc, model=model)
+    assert not opt.state and acc.step == 1 and torch.equal(acc.gradients[0], torch.zeros(3))
+    with pytest.raises(CheckpointError, match="no accumulator state saved"):
+        hf_optim.load_state(os.path.join(saved, "ckpt"), opt, sched, acc, model=model)
+    assert not opt.state and acc.step == 1
+
+
 def test_resume_on_one_plain_process(saved):
     loaded, resumed = _plain_resume(saved)
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
@@ -312,7 +456,7 @@ def _shard_dir(bad: str) -> str:
 ATTACKS = {
     "missing shard": (
         lambda bad: os.remove(os.path.join(_shard_dir(bad), sorted(os.listdir(_shard_dir(bad)))[1])),
-        "differ from the manifest",
+        "is missing",
     ),
     "unlisted shard": (
         lambda bad: shutil.copy(
@@ -325,7 +469,42 @@ ATTACKS = {
         lambda bad: shutil.copy(
             *[os.path.join(_shard_dir(bad), f) for f in sorted(os.listdir(_shard_dir(bad)))]
         ),
+        "chunks of .* differ from the manifest",
+    ),
+    "chunk recorded twice": (
+        _manifest_edit(
+            lambda d: d["state"]["0.weight"]["exp_avg"]["chunks"].append(
+                d["state"]["0.weight"]["exp_avg"]["chunks"][0]
+            )
+        ),
         "overlap",
+    ),
+    "chunk missing from the record": (
+        _manifest_edit(lambda d: d["state"]["0.weight"]["exp_avg"]["chunks"].pop()),
+        "cover",
+    ),
+    "chunk record names an unlisted file": (
+        _manifest_edit(
+            lambda d: d["state"]["0.weight"]["exp_avg"]["chunks"][0].update(file="../../x.safetensors")
+        ),
+        "listed shard file",
+    ),
+    "chunk record swaps files": (
+        _manifest_edit(
+            lambda d: [
+                c.update(file=d["shards"]["files"][1 - d["shards"]["files"].index(c["file"])])
+                for c in d["state"]["0.weight"]["exp_avg"]["chunks"]
+            ]
+        ),
+        "differ from the manifest",
+    ),
+    "chunk record on some tensors only": (
+        _manifest_edit(lambda d: d["state"]["0.weight"]["exp_avg"].pop("chunks")),
+        "others do not",
+    ),
+    "chunk outside the tensor": (
+        _manifest_edit(lambda d: d["state"]["0.weight"]["exp_avg"]["chunks"][-1].update(offsets=[6, 0])),
+        "outside",
     ),
     "global shape": (
         _manifest_edit(lambda d: d["state"]["0.weight"]["exp_avg"].update(shape=[8, 5])),
@@ -396,7 +575,7 @@ def test_every_rank_raises_and_stays_unchanged(saved):
     _spawn(2, "corrupt", saved)
     for rank in range(2):
         result = json.loads(Path(os.path.join(saved, f"corrupt_{rank}.json")).read_text())
-        assert "differ from the manifest" in result["message"] and result["unchanged"], result
+        assert "is missing" in result["message"] and result["unchanged"], result
 
 
 @pytest.mark.parametrize("job", ["kill-write", "kill-manifest"])
@@ -474,6 +653,24 @@ def test_push_from_every_process_and_resume_from_the_hub(saved, hub_repo_id, hub
     for key, value in pushed.items():
         if key.startswith("state."):
             assert torch.equal(loaded[key], value), key
+
+
+def test_each_machine_downloads_only_the_shards_it_reads(saved, hub_repo_id, hub_api, tmp_path):
+    hub_api.create_repo(hub_repo_id, exist_ok=True)
+    hub_api.upload_folder(repo_id=hub_repo_id, folder_path=os.path.join(saved, "ckpt"), path_in_repo="run")
+    manifest = json.loads(Path(saved, "ckpt", SHARDED_MANIFEST_NAME).read_text())
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), tmp_path / "at_save.safetensors")
+    _spawn(2, f"machines:hf://{hub_repo_id}/run", str(tmp_path))
+    for machine in range(2):
+        cached = sorted(
+            p.name for p in (tmp_path / f"machine{machine}").rglob("*.safetensors") if "snapshots" in p.parts
+        )
+        # FSDP2 splits the rows alike on save and on load: process r reads what process r wrote (shard r + 1)
+        assert cached == [f for f in manifest["shards"]["files"] if f.startswith(f"shard-{machine + 1:05d}-")]
+    loaded = load_file(tmp_path / "machines_loaded.safetensors")
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    for key, value in at_save.items():
+        assert torch.equal(loaded[key], value), key
 
 
 def test_cli_inspect_and_consolidate(saved, tmp_path):

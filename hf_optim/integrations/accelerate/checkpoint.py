@@ -137,11 +137,13 @@ def accelerate_save_state(
         if os.path.exists(output_dir) and not os.path.isdir(output_dir):
             raise ValueError(f"output_dir: {output_dir!r} exists and is not a directory")
     pairs = _optimizer_scheduler_pairs(accelerator)
+    fsdp2 = _fsdp2(accelerator)
     if accumulator is not None:
         if not pairs:
             raise ValueError("accumulator: no prepared optimizer to store it with")
-        if accelerator.num_processes > 1:
+        if accelerator.num_processes > 1 and not fsdp2:
             # Only the main process writes: the other processes' partial sums would be lost mid-window.
+            # (Under FSDP2 each process saves its own shard of the gradients, mid-window too.)
             steps = accelerator.gather(torch.tensor([accumulator.step], device=accelerator.device))
             if bool((steps > 0).any()):
                 raise ValueError(
@@ -151,7 +153,6 @@ def accelerate_save_state(
     _warn_if_scheduler_steps_per_process(accelerator)
     registered = list(accelerator._custom_objects)
 
-    fsdp2 = _fsdp2(accelerator)
     # FSDP2: Accelerate saves the sharded model its own way; otherwise the unwrapped model's weights
     hook = (lambda models, weights, output_dir: None) if fsdp2 else _unwrapped_weights_hook(accelerator)
     handle = accelerator.register_save_state_pre_hook(hook)
@@ -173,7 +174,11 @@ def accelerate_save_state(
     if fsdp2:  # every process writes its own shard of the optimizer state (a collective)
         for index, (optimizer, scheduler) in enumerate(pairs):
             save_state(
-                _state_dir(location, index), optimizer, scheduler, model=_model_of(accelerator, optimizer)
+                _state_dir(location, index),
+                optimizer,
+                scheduler,
+                accumulator if index == 0 else None,
+                model=_model_of(accelerator, optimizer),
             )
     if writes:
         try:

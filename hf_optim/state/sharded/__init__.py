@@ -22,6 +22,7 @@ from hf_optim.state.sharded._dist import (
     broadcast_text,
     is_sharded,
     local_rank,
+    machine_union,
     parameter_names,
     place_like_parameters,
     rank,
@@ -33,6 +34,7 @@ from hf_optim.state.sharded._load import (
     consolidated_state,
     inspect_sharded_state,
     load_sharded_state,
+    machine_files,
 )
 from hf_optim.state.sharded._read import has_sharded_state, sharded_manifest_files
 from hf_optim.state.sharded._save import save_sharded_state
@@ -51,6 +53,8 @@ __all__ = [
     "is_sharded",
     "load_sharded_state",
     "local_rank",
+    "machine_files",
+    "machine_union",
     "parameter_names",
     "place_like_parameters",
     "rank",

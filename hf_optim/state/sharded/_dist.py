@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -92,6 +95,26 @@ def broadcast_text(text: str) -> str:
 def local_rank() -> int:
     """This process's rank on its machine (``LOCAL_RANK``, set by torchrun and accelerate; 0 otherwise)."""
     return int(os.environ.get("LOCAL_RANK", "0")) if distributed() else 0
+
+
+def machine_union(flags: Sequence[bool]) -> list[bool]:
+    """For each item, whether any process on this machine flagged it (a collective; every process passes as many
+    flags). A machine is ``GROUP_RANK`` (torchrun's node rank) or, without it, the host name."""
+    if not distributed():
+        return list(flags)
+    machine = os.environ.get("GROUP_RANK") or socket.gethostname()
+    node = int.from_bytes(hashlib.sha256(machine.encode()).digest()[:7], "little")
+    row = torch.tensor(
+        [node, len(flags), *(int(bool(f)) for f in flags)], dtype=torch.int64, device=_device()
+    )
+    sizes = [torch.zeros(1, dtype=torch.int64, device=row.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([row.numel()], dtype=torch.int64, device=row.device))
+    if len({int(s.item()) for s in sizes}) != 1:
+        raise RuntimeError("the processes read different manifests (the revision moved between downloads)")
+    rows = [torch.zeros_like(row) for _ in sizes]
+    dist.all_gather(rows, row)
+    same = [r[2:].cpu() for r in rows if int(r[0].item()) == node]
+    return [bool(any(int(r[i].item()) for r in same)) for i in range(len(flags))]
 
 
 def broadcast_id() -> str:

@@ -18,6 +18,7 @@ SHARD_DIR_RE = re.compile(r"^optimizer-shards-([0-9a-f]{32})$")
 SHARD_FILE_RE = re.compile(r"^shard-\d{5}-model-\d{5}-of-\d{5}\.safetensors$")
 DCP_INFO_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
 DCP_OFFSETS_KEY = "saved_offsets"
+ACCUMULATOR_PREFIX = "accumulator.gradients."  # the accumulator's gradient i is the tensor f"{prefix}{i}"
 RESERVED = frozenset({"params", "param_names", "state", "param_groups"})
 DTYPES = {
     str(d).removeprefix("torch."): d

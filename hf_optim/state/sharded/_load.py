@@ -23,12 +23,15 @@ from hf_optim.state.checks import (
     check_scheduler_state,
     expected_state_keys,
 )
+from hf_optim.state.format import qualname
 from hf_optim.state.sharded._dist import (
     agree,
     distributed,
+    machine_union,
     parameter_names,
 )
 from hf_optim.state.sharded._format import (
+    ACCUMULATOR_PREFIX,
     RESERVED,
     SHARDED_MANIFEST_NAME,
     decode_value,
@@ -37,8 +40,11 @@ from hf_optim.state.sharded._read import (
     CheckedReader,
     Manifest,
     close_manifest,
+    needed_files,
+    open_shards,
     read_manifest,
     read_manifest_doc,
+    sharded_manifest_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,10 +57,17 @@ class _Checked:
     groups: list[dict[str, Any]]  # hyperparameters to apply, group by group
     values: dict[str, dict[str, Any]]  # non-tensor state by parameter name
     scheduler_state: dict[str, Any] | None
+    #: the accumulator's counters and, for each gradient, its tensor key (None where it had none)
+    accumulator: tuple[dict[str, Any], list[str | None]] | None = None
 
 
 def _check_against_live(
-    manifest: Manifest, opt: torch.optim.Optimizer, names: Mapping[int, str], scheduler: Any
+    manifest: Manifest,
+    opt: torch.optim.Optimizer,
+    names: Mapping[int, str],
+    scheduler: Any,
+    accumulator: Any,
+    model_params: Mapping[str, torch.Tensor],
 ) -> _Checked:
     path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
     groups = manifest.doc.get("param_groups")
@@ -101,7 +114,9 @@ def _check_against_live(
         param, live_state = params[name], opt.state.get(params[name])
         expected = None if live_state else expected_state_keys(opt, checked_groups[group_of[name]], param)
         check_param_state(name, decoded, param, live_state, path, expected_keys=expected)
-    for plan in manifest.tensors.values():
+    for key, plan in manifest.tensors.items():
+        if key.startswith(ACCUMULATOR_PREFIX):
+            continue
         if plan.shape != tuple(params[plan.name].shape):
             raise CheckpointError(
                 f"{path}: {plan.key} has global shape {list(plan.shape)}, parameter {plan.name!r} has "
@@ -117,11 +132,57 @@ def _check_against_live(
         check_same_structure(scheduler_state, live_sched, f"{path}: scheduler")
         group_keys = {k for group in opt.param_groups for k in group}
         check_scheduler_state(scheduler_state, live_sched, group_keys, f"{path}: scheduler")
-    return _Checked(checked_groups, values, scheduler_state)
+    acc = _check_accumulator(manifest, accumulator, model_params) if accumulator is not None else None
+    return _Checked(checked_groups, values, scheduler_state, acc)
+
+
+def _check_accumulator(
+    manifest: Manifest, accumulator: Any, model_params: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, Any], list[str | None]]:
+    """The saved accumulator against the live one: class, counters' structure, number and shapes of gradients,
+    and a parameter of the model laid out like each gradient (where it is placed)."""
+    path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
+    saved = manifest.doc.get("accumulator")
+    if saved is None:
+        raise CheckpointError(f"{path}: no accumulator state saved, but an accumulator was given")
+    if saved.get("class") != qualname(accumulator):
+        raise CheckpointError(
+            f"{path}: the accumulator was saved from {saved.get('class')!r}, not {qualname(accumulator)}"
+        )
+    rest = decode_value(saved.get("state"), f"{path}: accumulator")
+    live = accumulator.state_dict()
+    if not isinstance(rest, dict) or "gradients" in rest:
+        raise CheckpointError(f"{path}: the accumulator state must be an object without 'gradients'")
+    check_same_structure(rest, {k: v for k, v in live.items() if k != "gradients"}, f"{path}: accumulator")
+    keys: list[str | None] = []
+    live_grads = list(live.get("gradients") or [])
+    if live_grads and len(live_grads) != len(saved["gradients"]):
+        raise CheckpointError(
+            f"{path}: {len(saved['gradients'])} accumulator gradients saved, the accumulator has {len(live_grads)}"
+        )
+    for i, entry in enumerate(saved["gradients"]):
+        if entry is None:
+            keys.append(None)
+            continue
+        plan = manifest.tensors[f"{ACCUMULATOR_PREFIX}{i}"]
+        param = model_params.get(plan.name)
+        if param is None or tuple(param.shape) != plan.shape:
+            raise CheckpointError(
+                f"{path}: accumulator gradient {i} (shape {list(plan.shape)}) is placed like parameter "
+                f"{plan.name!r}, which the model {'does not have' if param is None else 'has in another shape'}"
+            )
+        if live_grads and live_grads[i] is not None and tuple(live_grads[i].shape) != plan.shape:
+            raise CheckpointError(
+                f"{path}: accumulator gradient {i} has shape {list(plan.shape)}, the accumulator's "
+                f"{list(live_grads[i].shape)}"
+            )
+        keys.append(plan.key)
+    return rest, keys
 
 
 @contextlib.contextmanager
-def _rollback(opt: torch.optim.Optimizer, scheduler: Any) -> Iterator[None]:
+def _rollback(opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any) -> Iterator[None]:
+    acc_state = copy.deepcopy(accumulator.state_dict()) if accumulator is not None else None
     state = {p: dict(entries) for p, entries in opt.state.items()}
     groups = [{k: (v if k == "params" else copy.copy(v)) for k, v in g.items()} for g in opt.param_groups]
     inner = unwrap_scheduler(scheduler) if scheduler is not None else None
@@ -137,6 +198,8 @@ def _rollback(opt: torch.optim.Optimizer, scheduler: Any) -> Iterator[None]:
         if inner is not None:
             inner.__dict__.clear()
             inner.__dict__.update(sched_dict)
+        if accumulator is not None:
+            accumulator.load_state_dict(acc_state)
         raise
 
 
@@ -155,6 +218,7 @@ def load_sharded_state(
     directory: str | os.PathLike[str],
     optimizer: torch.optim.Optimizer,
     scheduler: Any = None,
+    accumulator: Any = None,
     *,
     model: torch.nn.Module,
 ) -> tuple[str, list[str]]:
@@ -162,18 +226,21 @@ def load_sharded_state(
 
     Works on any number of processes (resharding), including one process with a plain model. Every rank
     validates the whole checkpoint against its live objects first, and all ranks raise together if any of them
-    finds a problem, leaving every optimizer and scheduler unchanged. Returns the checkpoint id and the names of
+    finds a problem, leaving every optimizer, scheduler and accumulator unchanged. Each rank opens only the shard
+    files holding chunks it needs and reads only those byte ranges. Returns the checkpoint id and the names of
     the parameters whose state was restored.
     """
     directory = os.fspath(directory)
     opt = unwrap_optimizer(optimizer)
     names = parameter_names(model, opt)
+    model_params = dict(model.named_parameters())
     manifest: Manifest | None = None
     try:
         error = checked = None
         try:
-            manifest = read_manifest(directory)
-            checked = _check_against_live(manifest, opt, names, scheduler)
+            manifest = read_manifest(directory, open_all=False)
+            checked = _check_against_live(manifest, opt, names, scheduler, accumulator, model_params)
+            open_shards(manifest, needed_files(manifest, _layouts(manifest, model_params)))
         except CheckpointError as exc:
             error = str(exc)
         error = agree(error)
@@ -181,7 +248,7 @@ def load_sharded_state(
             raise CheckpointError(error or "another process could not read the checkpoint")
         params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
         targets = {
-            key: torch.empty_like(params[plan.name].detach(), dtype=plan.dtype)
+            key: torch.empty_like(model_params[plan.name].detach(), dtype=plan.dtype)
             for key, plan in manifest.tensors.items()
         }
         try:
@@ -199,9 +266,43 @@ def load_sharded_state(
             raise CheckpointError(error)
     finally:
         close_manifest(manifest)
-    _apply(manifest, checked, opt, params, targets, scheduler)
+    _apply(manifest, checked, opt, params, targets, scheduler, accumulator)
     logger.debug("loaded sharded optimizer state from %s", directory)
     return manifest.checkpoint_id, list(manifest.doc["state"])
+
+
+def _layouts(manifest: Manifest, model_params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each sharded tensor's key -> the parameter laid out like it (its shape and placement: what to read)."""
+    return {key: model_params[plan.name] for key, plan in manifest.tensors.items()}
+
+
+def machine_files(manifest_path: str, model: torch.nn.Module) -> list[str]:
+    """The files of a sharded checkpoint the processes on this machine read (relative paths, the manifest
+    first), for downloading only those; every file when the manifest does not say where each chunk is, or does
+    not fit the model (the load then says why). A collective: call it on every process."""
+    directory = os.path.dirname(manifest_path)
+    error = listed = None
+    try:
+        listed = sharded_manifest_files(manifest_path)
+    except CheckpointError as exc:
+        error = str(exc)
+    error = agree(error)
+    if error is not None or listed is None:
+        raise CheckpointError(error or "another process could not read the manifest")
+    folder = os.path.dirname(listed[-1])
+    mine: set[str] | None = None
+    manifest = None
+    try:
+        manifest = read_manifest(directory, open_all=False)
+        if manifest.mapped:
+            mine = needed_files(manifest, _layouts(manifest, dict(model.named_parameters())))
+    except (CheckpointError, KeyError, ValueError, RuntimeError):
+        mine = None
+    finally:
+        close_manifest(manifest)
+    names = [os.path.basename(f) for f in listed[1:]]
+    wanted = machine_union([mine is None or name in mine for name in names])
+    return [listed[0], *(f"{folder}/{name}" for name, want in zip(names, wanted, strict=True) if want)]
 
 
 def _apply(
@@ -211,6 +312,7 @@ def _apply(
     params: Mapping[str, torch.Tensor],
     targets: Mapping[str, torch.Tensor],
     scheduler: Any,
+    accumulator: Any,
 ) -> None:
     """Install the loaded state, hyperparameters and scheduler position (validated), or change nothing.
 
@@ -232,7 +334,7 @@ def _apply(
     groups = [
         {**sd_group, **hyper} for sd_group, hyper in zip(live_sd["param_groups"], checked.groups, strict=True)
     ]
-    with _rollback(opt, scheduler):
+    with _rollback(opt, scheduler, accumulator):
         try:
             opt.load_state_dict({"state": state, "param_groups": groups})
         except (ValueError, TypeError, KeyError, RuntimeError) as err:
@@ -245,6 +347,13 @@ def _apply(
                     opt.state[params[name]][key] = targets[entry["sharded"]]
         if scheduler is not None:
             unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(checked.scheduler_state))
+        if checked.accumulator is not None:
+            rest, keys = checked.accumulator
+            gradients = [targets[key] if key is not None else None for key in keys]
+            try:
+                accumulator.load_state_dict({**copy.deepcopy(rest), "gradients": gradients})
+            except (ValueError, TypeError, RuntimeError) as err:
+                raise CheckpointError(f"{path}: the accumulator refused its state: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +379,9 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
     manifest = read_manifest(os.fspath(directory))
     close_manifest(manifest)
     params: dict[str, dict[str, tuple[int, ...]]] = {}
-    for plan in manifest.tensors.values():
+    for key, plan in manifest.tensors.items():
+        if key.startswith(ACCUMULATOR_PREFIX):
+            continue
         params.setdefault(plan.name, {})[plan.state_key] = plan.shape
     opt = manifest.doc.get("optimizer")
     world = manifest.doc.get("world_size")

@@ -6,13 +6,13 @@ import math
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, HuggingFaceStorageReader
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -32,12 +32,12 @@ from hf_optim.errors import CheckpointError
 from hf_optim.state.format import parse_json
 from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json
 from hf_optim.state.sharded._format import (
+    ACCUMULATOR_PREFIX,
     DCP_INFO_KEY,
     DCP_OFFSETS_KEY,
     DTYPES,
     KIND,
     RESERVED,
-    SHARD_DIR_RE,
     SHARD_FILE_RE,
     SHARDED_FORMAT_VERSION,
     SHARDED_MANIFEST_NAME,
@@ -73,15 +73,18 @@ class Manifest:
     checkpoint_id: str
     shard_dir: str
     doc: dict[str, Any]
+    listed: tuple[str, ...]  # the shard files the manifest lists
     tensors: dict[str, TensorPlan]
-    files: dict[
-        str, OpenFile
-    ]  # shard file name -> the open file whose header was checked (see close_manifest)
+    #: shard file name -> the open file whose header was checked (see open_shards, close_manifest)
+    files: dict[str, OpenFile]
+    mapped: bool  # whether the manifest records every chunk's file (so a process may open only some files)
 
 
 def close_manifest(manifest: Manifest | None) -> None:
     for f in manifest.files.values() if manifest is not None else ():
         f.close()
+    if manifest is not None:
+        manifest.files.clear()
 
 
 def _open(path: str, directory: str) -> OpenFile:
@@ -107,41 +110,8 @@ def read_manifest_doc(directory: str) -> dict[str, Any]:
     return doc
 
 
-def sharded_manifest_files(path: str) -> list[str]:
-    """The files a sharded manifest references (relative paths, itself first): to download exactly them."""
-    directory = os.path.dirname(path)
-    doc = read_manifest_doc(directory)
-    shards = doc.get("shards")
-    checkpoint_id = doc.get("checkpoint_id")
-    folder = shards.get("folder") if isinstance(shards, dict) else None
-    files = shards.get("files") if isinstance(shards, dict) else None
-    if (
-        not isinstance(checkpoint_id, str)
-        or folder != f"optimizer-shards-{checkpoint_id}"
-        or not SHARD_DIR_RE.match(folder)
-        or not isinstance(files, list)
-        or not all(isinstance(f, str) and SHARD_FILE_RE.match(f) for f in files)
-    ):
-        raise CheckpointError(f"{path}: malformed 'shards'")
-    return [SHARDED_MANIFEST_NAME, *(f"{folder}/{name}" for name in files)]
-
-
-def _int_list(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise CheckpointError(f"{where}: expected a list of integers, got {value!r}"[:300])
-    if any(v < 0 for v in value):
-        raise CheckpointError(f"{where}: negative size or offset {value!r}")
-    return tuple(value)
-
-
-def read_manifest(directory: str) -> Manifest:
-    """The manifest and the chunk plan of every sharded tensor, checked against the shard headers.
-
-    The shard files stay open (``Manifest.fds``): the data is later read through the very descriptors whose
-    headers were checked. Close them with :func:`close_manifest`.
-    """
-    path = os.path.join(directory, SHARDED_MANIFEST_NAME)
-    doc = read_manifest_doc(directory)
+def _listed_files(doc: dict[str, Any], path: str) -> tuple[str, str, tuple[str, ...]]:
+    """The checkpoint id, the shard folder and the shard file names of a manifest, checked."""
     checkpoint_id = doc.get("checkpoint_id")
     shards = doc.get("shards")
     if not isinstance(checkpoint_id, str) or not re.fullmatch(r"[0-9a-f]{32}", checkpoint_id):
@@ -156,36 +126,109 @@ def read_manifest(directory: str) -> Manifest:
         or len(set(files)) != len(files)
     ):
         raise CheckpointError(f"{path}: 'shards.files' must list shard-*.safetensors file names")
-    shard_dir = os.path.join(directory, shards["folder"])
-    try:
-        if not stat.S_ISDIR(os.lstat(shard_dir).st_mode):
-            raise CheckpointError(f"{shard_dir}: not a directory")
-        present = {f for f in os.listdir(shard_dir) if f.endswith(".safetensors")}
-    except FileNotFoundError:
-        raise CheckpointError(f"{shard_dir}: shard folder is missing") from None
-    if present != set(files):
-        extra, missing = sorted(present - set(files)), sorted(set(files) - present)
-        raise CheckpointError(
-            f"{shard_dir}: shard files differ from the manifest (missing {missing}, unlisted {extra})"
-        )
+    return checkpoint_id, shards["folder"], tuple(files)
 
-    expected = _expected_tensors(doc, path)
-    chunks: dict[str, list[Chunk]] = {key: [] for key in expected}
-    opened: dict[str, OpenFile] = {}
+
+def sharded_manifest_files(path: str) -> list[str]:
+    """The files a sharded manifest references (relative paths, itself first): to download exactly them."""
+    _, folder, files = _listed_files(read_manifest_doc(os.path.dirname(path)), path)
+    return [SHARDED_MANIFEST_NAME, *(f"{folder}/{name}" for name in files)]
+
+
+def _int_list(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CheckpointError(f"{where}: expected a list of integers, got {value!r}"[:300])
+    if any(v < 0 for v in value):
+        raise CheckpointError(f"{where}: negative size or offset {value!r}")
+    return tuple(value)
+
+
+def read_manifest(directory: str, *, open_all: bool = True) -> Manifest:
+    """The manifest and the chunk plan of every sharded tensor, checked.
+
+    The manifest records which file holds each chunk; the plan comes from there and must tile every tensor.
+    ``open_all``: open every shard file and check its header against the plan now; otherwise nothing in the shard
+    folder is touched, and :func:`open_shards` opens the files a process reads (a machine may hold only those: a
+    partial Hub download). The files
+    stay open: the data is later read through the very descriptors whose headers were checked. Close them with
+    :func:`close_manifest`. (Manifests without the chunk record are planned from every shard header.)
+    """
+    path = os.path.join(directory, SHARDED_MANIFEST_NAME)
+    doc = read_manifest_doc(directory)
+    checkpoint_id, folder, files = _listed_files(doc, path)
+    shard_dir = os.path.join(directory, folder)
+    expected, mapped = _expected_tensors(doc, path, files)
+    manifest = Manifest(directory, checkpoint_id, shard_dir, doc, files, {}, {}, mapped is not None)
     try:
+        if mapped is not None:
+            for key, (shape, dtype, name, state_key) in expected.items():
+                _check_tiling(key, shape, mapped[key], shard_dir)
+                manifest.tensors[key] = TensorPlan(key, name, state_key, shape, dtype, tuple(mapped[key]))
+            if open_all:
+                open_shards(manifest, files)
+            return manifest
+        _check_folder(manifest)
+        chunks: dict[str, list[Chunk]] = {key: [] for key in expected}
         for name in files:
             label = os.path.join(shard_dir, name)
-            opened[name] = _open(label, directory)
-            _read_shard_header(label, opened[name], expected, chunks)
-        plans = {}
+            manifest.files[name] = _open(label, directory)
+            _read_shard_header(label, manifest.files[name], expected, chunks)
         for key, (shape, dtype, name, state_key) in expected.items():
             _check_tiling(key, shape, chunks[key], shard_dir)
-            plans[key] = TensorPlan(key, name, state_key, shape, dtype, tuple(chunks[key]))
+            manifest.tensors[key] = TensorPlan(key, name, state_key, shape, dtype, tuple(chunks[key]))
     except BaseException:
-        for f in opened.values():
-            f.close()
+        close_manifest(manifest)
         raise
-    return Manifest(directory, checkpoint_id, shard_dir, doc, plans, opened)
+    return manifest
+
+
+def _check_folder(manifest: Manifest) -> None:
+    """The shard folder is a directory holding no shard file the manifest does not list."""
+    try:
+        if not stat.S_ISDIR(os.lstat(manifest.shard_dir).st_mode):
+            raise CheckpointError(f"{manifest.shard_dir}: not a directory")
+        present = {f for f in os.listdir(manifest.shard_dir) if f.endswith(".safetensors")}
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest.shard_dir}: shard folder is missing") from None
+    unlisted = sorted(present - set(manifest.listed))
+    if unlisted:
+        raise CheckpointError(
+            f"{manifest.shard_dir}: shard files differ from the manifest (unlisted {unlisted})"
+        )
+
+
+def open_shards(manifest: Manifest, names: Iterable[str]) -> None:
+    """Open the shard files ``names`` and check that each header holds exactly the chunks the plan gives it."""
+    _check_folder(manifest)
+    expected = {
+        key: (plan.shape, plan.dtype, plan.name, plan.state_key) for key, plan in manifest.tensors.items()
+    }
+    for name in sorted(set(names) - set(manifest.files)):
+        if name not in manifest.listed:
+            raise CheckpointError(f"{manifest.shard_dir}: {name} is not a shard file of the manifest")
+        label = os.path.join(manifest.shard_dir, name)
+        manifest.files[name] = _open(label, manifest.directory)
+        found: dict[str, list[Chunk]] = {key: [] for key in expected}
+        _read_shard_header(label, manifest.files[name], expected, found)
+        held = {(key, c.offsets, c.sizes) for key, chunks in found.items() for c in chunks}
+        planned = {
+            (key, c.offsets, c.sizes)
+            for key, plan in manifest.tensors.items()
+            for c in plan.chunks
+            if c.file == name
+        }
+        if held != planned:
+            key = sorted({k for k, *_ in held ^ planned})[0]
+            raise CheckpointError(f"{label}: its chunks of {key} differ from the manifest's")
+
+
+def needed_files(manifest: Manifest, targets: Mapping[str, torch.Tensor]) -> set[str]:
+    """The shard files DCP reads to fill ``targets`` (``state.<name>.<key>`` -> tensor or DTensor of the global
+    shape, or the parameter itself: only its shape and placement matter) on this process."""
+    planner = DefaultLoadPlanner()
+    metadata = checked_metadata(manifest)
+    planner.set_up_planner(dict(targets), metadata, is_coordinator=False)
+    return {metadata.storage_data[item.storage_index] for item in planner.create_local_plan().items}
 
 
 def _read_shard_header(
@@ -230,6 +273,25 @@ def _read_shard_header(
         raise CheckpointError(f"{label}: cannot read ({exc.strerror})") from None
 
 
+def checked_metadata(manifest: Manifest, load_id: str = "") -> Metadata:
+    """DCP's ``Metadata`` of the checked plan: every chunk of every tensor and the file that holds it."""
+    state_dict_metadata: dict[str, TensorStorageMetadata] = {}
+    storage_data: dict[MetadataIndex, str] = {}
+    for key, plan in manifest.tensors.items():
+        state_dict_metadata[key] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=plan.dtype),
+            size=torch.Size(plan.shape),
+            chunks=[ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in plan.chunks],
+        )
+        for c in plan.chunks:
+            storage_data[MetadataIndex(fqn=key, offset=torch.Size(c.offsets))] = c.file
+    return Metadata(
+        state_dict_metadata=state_dict_metadata,
+        storage_data=storage_data,
+        storage_meta=StorageMeta(load_id=load_id),
+    )
+
+
 class CheckedReader(HuggingFaceStorageReader):
     """``HuggingFaceStorageReader`` over a checked plan: metadata from the validated headers (nothing is
     re-read or unpickled), data read with ``pread`` through the descriptors whose headers were checked."""
@@ -239,23 +301,7 @@ class CheckedReader(HuggingFaceStorageReader):
         self._manifest = manifest
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        state_dict_metadata: dict[str, TensorStorageMetadata] = {}
-        storage_data: dict[MetadataIndex, str] = {}
-        for key, plan in self._manifest.tensors.items():
-            state_dict_metadata[key] = TensorStorageMetadata(
-                properties=TensorProperties(dtype=plan.dtype),
-                size=torch.Size(plan.shape),
-                chunks=[
-                    ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in plan.chunks
-                ],
-            )
-            for c in plan.chunks:
-                storage_data[MetadataIndex(fqn=key, offset=torch.Size(c.offsets))] = c.file
-        return Metadata(
-            state_dict_metadata=state_dict_metadata,
-            storage_data=storage_data,
-            storage_meta=StorageMeta(load_id=self.load_id),
-        )
+        return checked_metadata(self._manifest, load_id=self.load_id)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
@@ -263,6 +309,8 @@ class CheckedReader(HuggingFaceStorageReader):
             per_file.setdefault(self.storage_data[item.storage_index], []).append(item)
         for name, items in per_file.items():
             label = os.path.join(self._manifest.shard_dir, name)
+            if name not in self._manifest.files:  # planned with needed_files, so not expected
+                raise CheckpointError(f"{label}: needed but not opened")
             with safe_open(self._manifest.files[name].reader_path(), "pt", backend="pread") as f:
                 for item in items:
                     region = tuple(
@@ -282,36 +330,82 @@ class CheckedReader(HuggingFaceStorageReader):
 
 
 def _expected_tensors(
-    doc: dict[str, Any], path: str
-) -> dict[str, tuple[tuple[int, ...], torch.dtype, str, str]]:
+    doc: dict[str, Any], path: str, files: Sequence[str]
+) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype, str, str]], dict[str, list[Chunk]] | None]:
+    """Every sharded tensor's global shape, dtype, parameter and state key (``gradients.<i>`` for the
+    accumulator's, whose parameter is one laid out like it); and, when the manifest records them (every entry or
+    none), its chunks and their files."""
+    out: dict[str, tuple[tuple[int, ...], torch.dtype, str, str]] = {}
+    mapped: dict[str, list[Chunk]] = {}
+
+    def add(entry: dict[str, Any], key: str, name: str, state_key: str, where: str) -> None:
+        if entry.get("sharded") != key:
+            raise CheckpointError(f"{where} points at tensor {entry.get('sharded')!r}, not {key!r}"[:300])
+        dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+        if dtype is None or not dtype.is_floating_point:
+            raise CheckpointError(f"{where} has dtype {entry.get('dtype')!r}"[:300])
+        out[key] = (_int_list(entry.get("shape"), f"{where}: shape"), dtype, name, state_key)
+        if "chunks" in entry:
+            mapped[key] = _chunk_list(entry["chunks"], files, where)
+
     state = doc.get("state")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: 'state' must be an object")
-    out = {}
     for name, record in state.items():
         if not isinstance(record, dict):
             raise CheckpointError(f"{path}: state[{name!r}] must be an object")
         for state_key, entry in record.items():
+            where = f"{path}: state[{name!r}][{state_key!r}]"
             if state_key in RESERVED:
                 raise CheckpointError(f"{path}: state[{name!r}] uses the reserved key {state_key!r}")
             if not isinstance(entry, dict) or not ({"sharded"} <= entry.keys() or entry.keys() == {"value"}):
-                raise CheckpointError(f"{path}: state[{name!r}][{state_key!r}] is malformed")
-            if "sharded" not in entry:
+                raise CheckpointError(f"{where} is malformed")
+            if "sharded" in entry:
+                add(entry, f"state.{name}.{state_key}", name, state_key, where)
+    accumulator = doc.get("accumulator")
+    if accumulator is not None:
+        gradients = accumulator.get("gradients") if isinstance(accumulator, dict) else None
+        if not isinstance(gradients, list):
+            raise CheckpointError(f"{path}: 'accumulator' must be an object with a 'gradients' list")
+        for i, entry in enumerate(gradients):
+            where = f"{path}: accumulator gradient {i}"
+            if entry is None:
                 continue
-            key = entry["sharded"]
-            if key != f"state.{name}.{state_key}":
-                raise CheckpointError(f"{path}: state[{name!r}][{state_key!r}] points at tensor {key!r}")
-            dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
-            if dtype is None or not dtype.is_floating_point:
-                raise CheckpointError(
-                    f"{path}: state[{name!r}][{state_key!r}] has dtype {entry.get('dtype')!r}"
-                )
-            out[key] = (_int_list(entry.get("shape"), f"{path}: {key} shape"), dtype, name, state_key)
-    return out
+            if not isinstance(entry, dict) or not isinstance(entry.get("parameter"), str):
+                raise CheckpointError(f"{where} is malformed")
+            add(entry, f"{ACCUMULATOR_PREFIX}{i}", entry["parameter"], f"gradients.{i}", where)
+    if mapped and mapped.keys() != out.keys():
+        raise CheckpointError(f"{path}: some tensors record their chunks, others do not")
+    return out, (mapped if mapped else None)
+
+
+def _chunk_list(value: Any, files: Sequence[str], where: str) -> list[Chunk]:
+    if not isinstance(value, list):
+        raise CheckpointError(f"{where}: 'chunks' must be a list")
+    chunks = []
+    for item in value:
+        if (
+            not isinstance(item, dict)
+            or set(item) != {"file", "offsets", "sizes"}
+            or item["file"] not in files
+        ):
+            raise CheckpointError(f"{where}: a chunk must name a listed shard file, its offsets and sizes")
+        chunks.append(Chunk(item["file"], _int_list(item["offsets"], where), _int_list(item["sizes"], where)))
+    return chunks
 
 
 def _check_tiling(key: str, shape: tuple[int, ...], chunks: Sequence[Chunk], shard_dir: str) -> None:
     """The chunks cover ``shape`` exactly: no gap, no overlap."""
+    for c in chunks:
+        if (
+            len(c.offsets) != len(shape)
+            or len(c.sizes) != len(shape)
+            or any(o + n > g for o, n, g in zip(c.offsets, c.sizes, shape, strict=True))
+        ):
+            raise CheckpointError(
+                f"{shard_dir}: {key}: chunk at {list(c.offsets)} of size {list(c.sizes)} in {c.file} lies outside "
+                f"its global shape {list(shape)}"
+            )
     total = math.prod(shape)
     covered = sum(math.prod(c.sizes) for c in chunks)
     for i, a in enumerate(chunks):

@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import uuid
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (
     SavePlan,
     SavePlanner,
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
+from hf_optim.state.format import qualname
 from hf_optim.state.sharded._dist import (
     agree,
     barrier,
@@ -37,6 +40,7 @@ from hf_optim.state.sharded._dist import (
     rank,
 )
 from hf_optim.state.sharded._format import (
+    ACCUMULATOR_PREFIX,
     DCP_INFO_KEY,
     DCP_OFFSETS_KEY,
     KIND,
@@ -45,6 +49,7 @@ from hf_optim.state.sharded._format import (
     SHARDED_FORMAT_VERSION,
     SHARDED_MANIFEST_NAME,
     encode_value,
+    is_dtensor,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,25 @@ class _StreamingWriter(HuggingFaceStorageWriter):
         future.set_result(results)
         return future
 
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """On the coordinator: record which file holds each chunk (for the manifest); no index file."""
+        sizes = {
+            (fqn, tuple(chunk.offsets)): list(chunk.sizes)
+            for fqn, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)
+            for chunk in md.chunks
+        }
+        self.chunks: dict[str, list[dict[str, Any]]] = {}
+        for result in (r for rank_results in results for r in rank_results):
+            offsets = list(result.index.offset or ())
+            self.chunks.setdefault(result.index.fqn, []).append(
+                {
+                    "file": result.storage_data,
+                    "offsets": offsets,
+                    "sizes": sizes[result.index.fqn, tuple(offsets)],
+                }
+            )
+
 
 def _file_buckets(tensors: Mapping[str, torch.Tensor], max_file_size: int | str) -> dict[str, int]:
     """Tensor key -> file number (from 1), the same on every rank, so that each process's files stay near
@@ -105,6 +129,7 @@ def save_sharded_state(
     save_directory: str | os.PathLike[str],
     optimizer: torch.optim.Optimizer,
     scheduler: Any = None,
+    accumulator: Any = None,
     *,
     model: torch.nn.Module,
     max_file_size: int | str = "100MB",
@@ -114,6 +139,9 @@ def save_sharded_state(
     Call it on every process of the group, with the same ``save_directory`` (a filesystem all processes see).
     No process gathers the state: each writes only its local shards, in files of about ``max_file_size``
     (``"100MB"`` or a number of bytes), which also bounds the memory the writer needs beyond the state itself.
+    A ``GradientAccumulator``'s gradients (``DTensor``s like the parameters' gradients) are saved sharded too,
+    each with the name of a parameter laid out like it (where loading places it); its counters go to the
+    manifest.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -159,6 +187,7 @@ def save_sharded_state(
                         "value": encode_value(value, f"state.{name}.{key}", f"state[{name!r}][{key!r}]")
                     }
             state[name] = record
+    accumulator_doc = _accumulator_entry(accumulator, model, tensors) if accumulator is not None else None
     scheduler_state = None
     if scheduler is not None:
         inner = unwrap_scheduler(scheduler)
@@ -173,11 +202,15 @@ def save_sharded_state(
     barrier()
     tmp_dir = os.path.join(directory, f".{shard_dir}.tmp")
     error = None
+    writer = None
     try:
         writer = _StreamingWriter(
             tmp_dir, fqn_to_index_mapping=_file_buckets(tensors, max_file_size), save_distributed=True
         )
-        dcp.save(tensors, storage_writer=writer)
+        with warnings.catch_warnings():
+            # one process without a process group: DCP warns that it "assumes" exactly that
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.save(tensors, storage_writer=writer, no_dist=not distributed())
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     error = agree(error)
@@ -198,8 +231,13 @@ def save_sharded_state(
             "param_groups": groups,
             "state": state,
             "scheduler": scheduler_state,
+            "accumulator": accumulator_doc,
             "versions": {"torch": torch.__version__},
         }
+        entries = [entry for record in state.values() for entry in record.values() if "sharded" in entry]
+        entries += [entry for entry in (accumulator_doc or {}).get("gradients", ()) if entry is not None]
+        for entry in entries:
+            entry["chunks"] = sorted(writer.chunks[entry["sharded"]], key=lambda c: c["offsets"])
         os.replace(tmp_dir, os.path.join(directory, shard_dir))
         tmp_manifest = os.path.join(directory, f".{SHARDED_MANIFEST_NAME}.{checkpoint_id}.tmp")
         with open(tmp_manifest, "w", encoding="utf-8") as f:
@@ -209,6 +247,59 @@ def save_sharded_state(
     barrier()
     logger.debug("saved sharded optimizer state to %s", directory)
     return manifest_path
+
+
+def _accumulator_entry(
+    accumulator: Any, model: torch.nn.Module, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The manifest's record of a gradient accumulator; its gradients are added to ``tensors``."""
+    if not callable(getattr(accumulator, "state_dict", None)):
+        raise ValueError(f"accumulator must have a state_dict() method, got {type(accumulator).__name__}")
+    value = accumulator.state_dict()
+    if not isinstance(value, Mapping) or not isinstance(value.get("gradients"), list | tuple):
+        raise ValueError("sharded saving supports accumulators whose state_dict() has a 'gradients' list")
+    params = list(model.named_parameters())
+    gradients: list[dict[str, Any] | None] = []
+    for i, grad in enumerate(value["gradients"]):
+        if grad is None:
+            gradients.append(None)
+            continue
+        if not isinstance(grad, torch.Tensor):
+            raise ValueError(f"accumulator gradient {i} is a {type(grad).__name__}, not a tensor")
+        like = _laid_out_like(grad, params, i)
+        if like is None:
+            raise ValueError(
+                f"accumulator gradient {i} (shape {list(grad.shape)}) is not laid out like any parameter of "
+                "model: sharded saving supports gradients of the model's parameters"
+            )
+        key = f"{ACCUMULATOR_PREFIX}{i}"
+        tensors[key] = grad
+        gradients.append(
+            {
+                "sharded": key,
+                "shape": list(grad.shape),
+                "dtype": str(grad.dtype).removeprefix("torch."),
+                "parameter": like,
+            }
+        )
+    rest = {k: v for k, v in value.items() if k != "gradients"}
+    return {
+        "class": qualname(accumulator),
+        "state": encode_value(rest, "accumulator", "accumulator.state_dict()"),
+        "gradients": gradients,
+    }
+
+
+def _laid_out_like(grad: torch.Tensor, params: list[tuple[str, torch.Tensor]], position: int) -> str | None:
+    """The name of a parameter with ``grad``'s global shape and placement (the ``position``-th first)."""
+
+    def same(p: torch.Tensor) -> bool:
+        if is_dtensor(p) != is_dtensor(grad) or p.shape != grad.shape:
+            return False
+        return not is_dtensor(p) or (p.device_mesh == grad.device_mesh and p.placements == grad.placements)
+
+    ordered = ([params[position]] if position < len(params) else []) + params
+    return next((name for name, p in ordered if same(p)), None)
 
 
 def _remove_stale(directory: str, *, keep: str) -> None:
