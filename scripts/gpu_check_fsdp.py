@@ -4,8 +4,8 @@
     accelerate launch --config_file fsdp2.yaml scripts/gpu_check_fsdp.py accelerate OUT {full|first|resume}
     accelerate launch --config_file fsdp2.yaml scripts/gpu_check_fsdp.py trainer OUT {full|first|resume}
 
-``full`` trains 8 steps without interruption, ``first`` trains 4 and saves, ``resume`` loads that checkpoint
-and trains the last 4. Each run writes its final weights (rank 0) to ``OUT/<mode>.safetensors``; the shell script
+``full`` trains 8 steps without interruption, ``first`` trains 4 (Accelerate: and half of the 5th step's
+accumulation window) and saves, ``resume`` loads that checkpoint and trains the rest. Each run writes its final weights (rank 0) to ``OUT/<mode>.safetensors``; the shell script
 compares ``full`` with ``resume``. Accelerate enables FSDP only on GPUs, so this cannot run on CPU machines.
 """
 
@@ -37,10 +37,12 @@ def batch(step: int, rank: int, world: int, device: torch.device) -> torch.Tenso
 
 def full_weights(accelerator, model) -> dict[str, torch.Tensor]:
     state = accelerator.get_state_dict(model)  # gathered on the main process
-    return {k: v.detach().float().cpu().contiguous() for k, v in (state or {}).items()}
+    return {k: v.detach().float().cpu().clone() for k, v in (state or {}).items()}  # tied weights: copies
 
 
 def run_accelerate(out: str, mode: str) -> None:
+    """Two micro-batches per step through a GradientAccumulator; ``first`` saves in the middle of step SAVE_AT's
+    window (one micro-batch accumulated), so the accumulator's sharded gradients must resume too."""
     from accelerate import Accelerator
 
     accelerator = Accelerator()
@@ -48,20 +50,28 @@ def run_accelerate(out: str, mode: str) -> None:
     optimizer = hf_optim.create_optimizer("adamw_hf", model, lr=1e-3, weight_decay=0.01)
     scheduler = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=STEPS)
     model, optimizer, scheduler = hf_optim.accelerate_prepare(accelerator, model, optimizer, scheduler)
+    accumulator = hf_optim.GradientAccumulator()
     start = 0
     if mode == "resume":
-        hf_optim.accelerate_load_state(accelerator, os.path.join(out, "accelerate_ckpt"))
-        start = SAVE_AT
-    end = SAVE_AT if mode == "first" else STEPS
-    for step in range(start, end):
-        ids = batch(step, accelerator.process_index, accelerator.num_processes, accelerator.device)
+        hf_optim.accelerate_load_state(
+            accelerator, os.path.join(out, "accelerate_ckpt"), accumulator=accumulator
+        )
+        start = 2 * SAVE_AT + 1
+    end = 2 * SAVE_AT + 1 if mode == "first" else 2 * STEPS
+    for micro in range(start, end):
+        ids = batch(1000 + micro, accelerator.process_index, accelerator.num_processes, accelerator.device)
         loss = model(input_ids=ids, labels=ids).loss
         accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        accumulator.accumulate_from(model)
+        if micro % 2 == 1:
+            accumulator.apply_to(model)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
     if mode == "first":
-        hf_optim.accelerate_save_state(accelerator, os.path.join(out, "accelerate_ckpt"))
+        hf_optim.accelerate_save_state(
+            accelerator, os.path.join(out, "accelerate_ckpt"), accumulator=accumulator
+        )
     weights = full_weights(accelerator, model)
     if accelerator.is_main_process:
         save_file(weights, os.path.join(out, f"accelerate_{mode}.safetensors"))
