@@ -123,6 +123,12 @@ def format_sharded_info(info: ShardedStateInfo) -> str:
         ["Shards", f"{info.num_shards} file(s), saved by {info.world_size or '?'} process(es)"],
         ["Parameters", f"{len(info.parameters)} with state, {elements:,} state elements"],
         ["Schedule", "saved" if info.has_scheduler else "-"],
+        [
+            "Accumulator",
+            f"saved, {info.accumulator_gradients} gradient(s)"
+            if info.accumulator_gradients is not None
+            else "-",
+        ],
     ]
     rows = [["parameter", "state", "global shape"]]
     for name, entries in info.parameters.items():

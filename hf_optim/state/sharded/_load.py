@@ -372,6 +372,8 @@ class ShardedStateInfo:
     num_shards: int
     parameters: dict[str, dict[str, tuple[int, ...]]]  # name -> state key -> global shape
     has_scheduler: bool
+    #: the saved accumulator's gradients: how many (``None`` where it held none), or None without an accumulator
+    accumulator_gradients: int | None = None
 
 
 def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo:
@@ -395,6 +397,9 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
         num_shards=len(manifest.doc["shards"]["files"]),
         parameters=params,
         has_scheduler=isinstance(manifest.doc.get("scheduler"), dict),
+        accumulator_gradients=len(manifest.doc["accumulator"]["gradients"])
+        if manifest.doc.get("accumulator") is not None
+        else None,
     )
 
 
