@@ -30,7 +30,7 @@ from torch.futures import Future
 
 from hf_optim.errors import CheckpointError
 from hf_optim.state.format import parse_json
-from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json
+from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json, read_region, read_safetensors
 from hf_optim.state.sharded._format import (
     DCP_INFO_KEY,
     DCP_OFFSETS_KEY,
@@ -232,7 +232,8 @@ def _read_shard_header(
 
 class CheckedReader(HuggingFaceStorageReader):
     """``HuggingFaceStorageReader`` over a checked plan: metadata from the validated headers (nothing is
-    re-read or unpickled), data read with ``pread`` through the descriptors whose headers were checked."""
+    re-read or unpickled), data read with ``pread`` through the descriptors whose headers were checked, only
+    the byte ranges of the planned regions."""
 
     def __init__(self, manifest: Manifest) -> None:
         super().__init__(manifest.shard_dir)
@@ -263,19 +264,16 @@ class CheckedReader(HuggingFaceStorageReader):
             per_file.setdefault(self.storage_data[item.storage_index], []).append(item)
         for name, items in per_file.items():
             label = os.path.join(self._manifest.shard_dir, name)
-            with safe_open(self._manifest.files[name].reader_path(), "pt", backend="pread") as f:
-                for item in items:
-                    region = tuple(
-                        slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True)
-                    )
-                    target = planner.resolve_tensor(item).detach()
-                    source = f.get_slice(item.storage_index.fqn)[region]
-                    if target.size() != source.size():
-                        raise CheckpointError(
-                            f"{label}: {item.storage_index.fqn} chunk does not fit its target"
-                        )
-                    target.copy_(source)
-                    planner.commit_tensor(item, target)
+            shard = read_safetensors(self._manifest.files[name])
+            for item in items:
+                target = planner.resolve_tensor(item).detach()
+                source = read_region(
+                    shard, item.storage_index.fqn, tuple(item.storage_offsets), tuple(item.lengths)
+                )
+                if target.size() != source.size():
+                    raise CheckpointError(f"{label}: {item.storage_index.fqn} chunk does not fit its target")
+                target.copy_(source)
+                planner.commit_tensor(item, target)
         future: Future[None] = Future()
         future.set_result(None)
         return future
