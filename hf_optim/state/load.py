@@ -262,8 +262,8 @@ def load_state(
     ``model``: the trained model. With a plain model it names the parameters (when the optimizer was not given
     ``named_parameters()``). It is required for sharded state: a sharded checkpoint (``optimizer.sharded.json``)
     loads on any number of processes, or into a plain single-process model; an FSDP2 optimizer (``DTensor``
-    parameters) also loads an ordinary checkpoint, each process keeping its own shard of it. Call it on every
-    process then.
+    parameters) also loads an ordinary checkpoint, each process reading only its own shard of the state tensors.
+    Call it on every process then.
     """
     directory = os.fspath(directory)
     if subfolder:
