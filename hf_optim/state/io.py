@@ -8,9 +8,12 @@ save that renames new files into place cannot mix two checkpoints into one load.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import stat
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,7 @@ __all__ = [
     "checkpoint_roots",
     "open_file",
     "read_json",
+    "read_region",
     "read_safetensors",
     "read_tensors",
     "write_json",
@@ -169,6 +173,8 @@ class SafetensorsFile:
     file: OpenFile
     metadata: dict[str, str]
     entries: dict[str, TensorHeader] = field(default_factory=dict)
+    #: where each tensor's bytes start in the file (safetensors stores them contiguously, in offset order)
+    starts: dict[str, int] = field(default_factory=dict)
 
 
 def read_safetensors(file: OpenFile) -> SafetensorsFile:
@@ -189,11 +195,32 @@ def read_safetensors(file: OpenFile) -> SafetensorsFile:
                 for d in shape:
                     numel *= d
                 entries[key] = TensorHeader(file.path, dtype, shape, numel * dtype.itemsize)
+            order = f.offset_keys()
+        starts = _tensor_starts(file, order, entries)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{file.path} is truncated or corrupted: {err}") from None
-    return SafetensorsFile(file, dict(metadata), entries)
+    return SafetensorsFile(file, dict(metadata), entries, starts)
+
+
+def _tensor_starts(file: OpenFile, order: list[str], entries: Mapping[str, TensorHeader]) -> dict[str, int]:
+    """Each tensor's first byte in the file. ``safetensors`` accepts only headers whose tensors tile the data
+    section without gap or overlap, in ``offset_keys()`` order, so the offsets follow from the header's length
+    (the file's first 8 bytes) and the tensors' sizes; that the last one ends at the end of the file is checked."""
+    head = os.pread(file.fd, 8, 0)
+    if len(head) < 8:
+        raise CheckpointError(f"{file.path} is truncated or corrupted: no header")
+    position = 8 + struct.unpack("<Q", head)[0]
+    starts = {}
+    for key in order:
+        starts[key] = position
+        position += entries[key].nbytes
+    if position != os.fstat(file.fd).st_size:
+        raise CheckpointError(
+            f"{file.path} is truncated or corrupted: its tensors do not end where the file does"
+        )
+    return starts
 
 
 def read_tensors(st: SafetensorsFile, keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -206,6 +233,56 @@ def read_tensors(st: SafetensorsFile, keys: Iterable[str]) -> dict[str, torch.Te
             return {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise CheckpointError(f"{st.file.path} is truncated or corrupted: {err}") from None
+
+
+def read_region(
+    st: SafetensorsFile, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]
+) -> torch.Tensor:
+    """The box ``[offsets, offsets + sizes)`` of tensor ``key``, reading only its bytes (one ``pread`` per
+    contiguous run: a block of rows is one) through the checked descriptor.
+
+    ``safe_open(..., backend="pread").get_slice(key)[region]`` reads the whole tensor before slicing it, and the
+    ``mmap`` backend maps the file (a concurrent truncation would kill the process with SIGBUS), hence the
+    explicit reads at the offsets the library validated (see :attr:`SafetensorsFile.starts`)."""
+    entry = st.entries[key]
+    shape = entry.shape
+    if len(offsets) != len(shape) or len(sizes) != len(shape):
+        raise ValueError(
+            f"region {list(offsets)} + {list(sizes)} does not match shape {list(shape)} of {key!r}"
+        )
+    if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):
+        raise ValueError(
+            f"region {list(offsets)} + {list(sizes)} lies outside shape {list(shape)} of {key!r}"
+        )
+    out = torch.empty(sizes, dtype=entry.dtype)
+    if out.numel() == 0:
+        return out
+    itemsize = entry.dtype.itemsize
+    # the innermost dimensions the box spans whole, plus the one before them, form contiguous runs
+    inner = len(shape)
+    while inner > 0 and sizes[inner - 1] == shape[inner - 1]:
+        inner -= 1
+    run_dims = max(inner - 1, 0)
+    run = math.prod(sizes[run_dims:])
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    base = st.starts[key] + sum(o * s for o, s in zip(offsets, strides, strict=True)) * itemsize
+    for i, index in enumerate(itertools.product(*(range(n) for n in sizes[:run_dims]))):
+        first = base + sum(j * s for j, s in zip(index, strides, strict=False)) * itemsize
+        _pread_into(st.file, buffer[i * run * itemsize : (i + 1) * run * itemsize], first)
+    return out
+
+
+def _pread_into(file: OpenFile, target: memoryview, position: int) -> None:
+    done = 0
+    while done < len(target):
+        try:
+            count = os.preadv(file.fd, [target[done:]], position + done)
+        except OSError as err:
+            raise CheckpointError(f"{file.path} cannot be read: {err.strerror}") from None
+        if count == 0:
+            raise CheckpointError(f"{file.path} is truncated or corrupted: it ended while reading a tensor")
+        done += count
 
 
 def write_safetensors(

@@ -262,8 +262,8 @@ def load_state(
     ``model``: the trained model. With a plain model it names the parameters (when the optimizer was not given
     ``named_parameters()``). It is required for sharded state: a sharded checkpoint (``optimizer.sharded.json``)
     loads on any number of processes, or into a plain single-process model; an FSDP2 optimizer (``DTensor``
-    parameters) also loads an ordinary checkpoint, each process keeping its own shard of it. Call it on every
-    process then.
+    parameters) also loads an ordinary checkpoint, each process reading only its own shard of the state tensors.
+    Call it on every process then.
     """
     directory = os.fspath(directory)
     if subfolder:
@@ -306,10 +306,9 @@ def _build_state_dict(
         notes.append("param-group hyperparameters not restored (the groups do not pair up)")
     meta = ckpt.meta
     nodes = encoded_values(meta, set(plan.values()), groups=restore_groups)
-    tensors = ckpt.read_tensors({ref["tensor"] for ref in tensor_refs(nodes)})
-
     params = [p for group in opt.param_groups for p in group["params"]]
     index_to_param = dict(zip((i for g in live_sd["param_groups"] for i in g["params"]), params, strict=True))
+    tensors = _read_tensors(ckpt, {ref["tensor"] for ref in tensor_refs(nodes)}, plan, index_to_param)
     new_state: dict[Any, Any] = {}
     saved_values: dict[int, dict[str, Any]] = {}
     for index, pstate in live_sd["state"].items():
@@ -357,6 +356,27 @@ def _build_state_dict(
     return new_sd, plan, restore_groups, lists, saved_values
 
 
+def _read_tensors(
+    ckpt: Checkpoint, keys: set[str], plan: Mapping[int, str], index_to_param: Mapping[int, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Read the tensors ``keys``: a state tensor shaped like its ``DTensor`` parameter (FSDP2) only in the part
+    this process holds, wrapped as a ``DTensor`` placed like the parameter; everything else whole."""
+    local: dict[str, tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = {}
+    for index, key in plan.items():
+        param = index_to_param[index]
+        region = sharded.local_region(param)
+        if region is None:
+            continue
+        for node in (ckpt.meta["state"].get(key) or {}).values():
+            name = node.get("tensor") if isinstance(node, dict) and node.get("python") is None else None
+            if name in keys and ckpt.entries[name].shape == tuple(param.shape):
+                local[name] = (param, *region)
+    tensors = ckpt.read_tensors(keys - local.keys())
+    parts = ckpt.read_regions({name: (offsets, sizes) for name, (_, offsets, sizes) in local.items()})
+    tensors.update({name: sharded.like_parameter(parts[name], local[name][0]) for name in parts})
+    return tensors
+
+
 def _load(
     ckpt: Checkpoint,
     opt: torch.optim.Optimizer,
@@ -375,7 +395,6 @@ def _load(
     new_sd, plan, restore_groups, lists, saved_values = _build_state_dict(ckpt, opt, live_sd, strict, notes)
     for g in unnamed:
         new_sd["param_groups"][g].pop("param_names", None)
-    sharded.place_like_parameters(opt, new_sd, saved_values)
     sched_state = (
         _scheduler_state(ckpt, scheduler, strict, notes, mismatch) if scheduler is not None else None
     )

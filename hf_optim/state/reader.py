@@ -34,6 +34,7 @@ from hf_optim.state.io import (
     checkpoint_roots,
     open_file,
     read_json,
+    read_region,
     read_safetensors,
     read_tensors,
 )
@@ -99,6 +100,18 @@ class Checkpoint:
         out: dict[str, torch.Tensor] = {}
         for path, names in by_file.items():
             out.update(read_tensors(self._tensor_files[path], names))
+        self.check_unchanged()
+        return out
+
+    def read_regions(
+        self, regions: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    ) -> dict[str, torch.Tensor]:
+        """Read one box (``offsets``, ``sizes``) of each given optimizer tensor, and only its bytes; then check
+        that the manifest still records the same id."""
+        out = {
+            key: read_region(self._tensor_files[self.entries[key].file], key, offsets, sizes)
+            for key, (offsets, sizes) in regions.items()
+        }
         self.check_unchanged()
         return out
 

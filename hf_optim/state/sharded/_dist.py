@@ -152,25 +152,28 @@ def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return names
 
 
-def place_like_parameters(
-    opt: torch.optim.Optimizer, state_dict: dict[str, Any], saved_values: dict[int, dict[str, Any]]
-) -> None:
-    """Turn full state tensors of ``DTensor`` parameters into ``DTensor``s placed like them (each process
-    keeps its own part: no communication), in a torch-format ``state_dict`` about to be loaded into ``opt``."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def local_region(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The box (offsets, sizes) of a ``DTensor`` parameter's global tensor that this process holds, as
+    ``torch.distributed.checkpoint`` plans it (``__create_chunk_list__``); None for a plain tensor."""
+    from torch.distributed.tensor import DTensor
 
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for index, entries in state_dict["state"].items():
-        param = params[index] if isinstance(index, int) and index < len(params) else None
-        if not isinstance(param, DTensor):
-            continue
-        for key, value in list(entries.items()):
-            if (
-                isinstance(value, torch.Tensor)
-                and not isinstance(value, DTensor)
-                and value.shape == param.shape
-            ):
-                placed = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-                entries[key] = placed
-                if index in saved_values and key in saved_values[index]:
-                    saved_values[index][key] = placed
+    if not isinstance(param, DTensor):
+        return None
+    chunks = param.__create_chunk_list__()
+    local_shape = tuple(param.to_local().shape)
+    if len(chunks) != 1 or tuple(chunks[0].sizes) != local_shape:  # pragma: no cover - not a DTensor layout
+        raise ValueError(
+            f"cannot place state like a DTensor parameter whose local part {list(local_shape)} is not one box "
+            f"of its global shape {list(param.shape)} (placements {param.placements})"
+        )
+    return tuple(chunks[0].offsets), local_shape
+
+
+def like_parameter(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Wrap this process's part ``local`` of a tensor shaped like the ``DTensor`` ``param`` (see
+    :func:`local_region`) as a ``DTensor`` placed like ``param`` (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )

@@ -30,7 +30,7 @@ from torch.futures import Future
 
 from hf_optim.errors import CheckpointError
 from hf_optim.state.format import parse_json
-from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json
+from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json, read_region, read_safetensors
 from hf_optim.state.sharded._format import (
     ACCUMULATOR_PREFIX,
     DCP_INFO_KEY,
@@ -294,7 +294,8 @@ def checked_metadata(manifest: Manifest, load_id: str = "") -> Metadata:
 
 class CheckedReader(HuggingFaceStorageReader):
     """``HuggingFaceStorageReader`` over a checked plan: metadata from the validated headers (nothing is
-    re-read or unpickled), data read with ``pread`` through the descriptors whose headers were checked."""
+    re-read or unpickled), data read with ``pread`` through the descriptors whose headers were checked, only
+    the byte ranges of the planned regions."""
 
     def __init__(self, manifest: Manifest) -> None:
         super().__init__(manifest.shard_dir)
@@ -311,19 +312,16 @@ class CheckedReader(HuggingFaceStorageReader):
             label = os.path.join(self._manifest.shard_dir, name)
             if name not in self._manifest.files:  # planned with needed_files, so not expected
                 raise CheckpointError(f"{label}: needed but not opened")
-            with safe_open(self._manifest.files[name].reader_path(), "pt", backend="pread") as f:
-                for item in items:
-                    region = tuple(
-                        slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True)
-                    )
-                    target = planner.resolve_tensor(item).detach()
-                    source = f.get_slice(item.storage_index.fqn)[region]
-                    if target.size() != source.size():
-                        raise CheckpointError(
-                            f"{label}: {item.storage_index.fqn} chunk does not fit its target"
-                        )
-                    target.copy_(source)
-                    planner.commit_tensor(item, target)
+            shard = read_safetensors(self._manifest.files[name])
+            for item in items:
+                target = planner.resolve_tensor(item).detach()
+                source = read_region(
+                    shard, item.storage_index.fqn, tuple(item.storage_offsets), tuple(item.lengths)
+                )
+                if target.size() != source.size():
+                    raise CheckpointError(f"{label}: {item.storage_index.fqn} chunk does not fit its target")
+                target.copy_(source)
+                planner.commit_tensor(item, target)
         future: Future[None] = Future()
         future.set_result(None)
         return future
