@@ -22,7 +22,7 @@ from hf_optim.state.sharded._format import RESERVED, SHARDED_MANIFEST_NAME, deco
 from hf_optim.state.sharded._read import Manifest, TensorPlan, close_manifest, read_manifest
 
 #: bytes of a shard read at once while assembling a tensor (a chunk larger than this is read in row blocks)
-READ_BUFFER_SIZE = 64 << 20
+READ_BUFFER_SIZE = 16 << 20
 
 
 @dataclass
