@@ -394,7 +394,7 @@ def _save_payload(
 
     Without ``fill`` the optimizer tensors are written as they are (``save_file``). With it, the payload's
     ``meta``-device tensors are placeholders (dtype, shape) and each file is written tensor by tensor, ``fill``
-    building each tensor when its turn comes (at most one alive at a time): same files, same bytes.
+    building each tensor when its turn comes (at most one alive at a time): same files, same tensor layout.
     """
     tensors, meta = payload.tensors, payload.meta
     checkpoint_id = new_checkpoint_id()
@@ -499,7 +499,7 @@ def consolidate_state(
     Streams: each full tensor is assembled from its chunks (read through the checked shard files) when the writer
     reaches it and dropped once written, so the memory needed is about the largest tensor plus a read buffer,
     not the whole state. The files are those ``save_state_dict`` writes for the same state (``max_shard_size``
-    splits them), committed atomically the same way.
+    splits them), committed atomically the same way; ``fsync=True`` also flushes them and the directory.
     """
     directory = _target_directory(save_directory)
     shard_size = parse_max_shard_size(max_shard_size)
