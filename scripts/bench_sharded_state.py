@@ -16,6 +16,11 @@ Loads resume into a fresh model and optimizer (``load_sharded_state`` vs ``get_o
 ``dcp.load`` + ``set_optimizer_state_dict``), so both allocate the state itself (1x the shard). Peak extra memory
 per process is the VmHWM increase during the operation (reset through /proc/self/clear_refs), as a multiple of
 that process's own shard of the state.
+
+Consolidation of the ``hf_optim`` checkpoint into the single-process one, in a fresh subprocess each time (after
+the 2-process run): ``hf_optim.consolidate_state`` (streaming, one full tensor at a time) against an in-memory
+reference (every full tensor built first, then ``save_state_dict``); peak extra memory as a multiple of the
+largest state tensor and of the whole state.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -144,7 +151,83 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     dist.destroy_process_group()
 
 
+def _consolidate_child(mode: str, src: str, dst: str) -> None:
+    """One consolidation in this (fresh) process; prints time, peak extra RSS and the state's sizes as JSON."""
+    import hf_optim
+    from hf_optim.state.sharded import open_consolidation
+
+    with open_consolidation(src) as source:  # sizes only: nothing of the tensors is read
+        sizes = [plan.dtype.itemsize * _numel(plan.shape) for plan in source.manifest.tensors.values()]
+
+    def in_memory() -> None:
+        with open_consolidation(src) as source:
+            state = source.state_dict
+            for index, entries in state["state"].items():
+                for key, value in entries.items():
+                    if torch.is_tensor(value) and value.is_meta:
+                        entries[key] = source.full_tensor(index, key)
+            hf_optim.save_state_dict(
+                dst,
+                state,
+                param_shapes=source.param_shapes,
+                optimizer_class=source.optimizer_class,
+                scheduler_state=source.scheduler_state,
+                scheduler_class=source.scheduler_class,
+                scheduler_name=source.scheduler_name,
+                scheduler_kwargs=source.scheduler_kwargs,
+            )
+
+    run = {"streaming": lambda: hf_optim.consolidate_state(src, dst), "in memory": in_memory}[mode]
+    _reset_peak()
+    base = _status("VmRSS")
+    start = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - start
+    print(
+        json.dumps(
+            {"s": elapsed, "peak": _status("VmHWM") - base, "total": sum(sizes), "largest": max(sizes)}
+        )
+    )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _bench_consolidation(src: str, root: str, repeats: int) -> None:
+    results: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for mode in ("streaming", "in memory"):
+            dst = os.path.join(root, "consolidated")
+            shutil.rmtree(dst, ignore_errors=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--consolidate-child", mode, src, dst],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            results.setdefault(mode, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first = results["streaming"][0]
+    print(
+        f"\nconsolidation in 1 process: state {first['total'] / 1e6:.0f} MB, largest tensor "
+        f"{first['largest'] / 1e6:.1f} MB"
+    )
+    print(f"{'':26} {'best time':>10} {'peak extra':>11} {'/ largest tensor':>17} {'/ state':>8}")
+    for mode, runs in results.items():
+        t, peak = min(r["s"] for r in runs), max(r["peak"] for r in runs)
+        print(
+            f"{'consolidate ' + mode:26} {t:9.3f}s {peak / 1e6:8.0f} MB {peak / first['largest']:16.2f}x "
+            f"{peak / first['total']:7.2f}x"
+        )
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--consolidate-child":
+        _consolidate_child(*sys.argv[2:])
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--numel", type=lambda s: int(s.replace("_", "")), default=200_000_000, help="state elements"
@@ -162,10 +245,15 @@ def main() -> None:
     try:
         mp.spawn(_worker, args=(2, port, args, out), nprocs=2, join=True)
         ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]  # noqa: SIM115
+        _report(args, ranks)
+        _bench_consolidation(os.path.join(root, "hf"), root, args.repeats)
     finally:
         if args.root is root and root.startswith(tempfile.gettempdir()):
             shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _report(args: argparse.Namespace, ranks: list[dict]) -> None:
     shard = max(r["shard_bytes"] for r in ranks)
     print(f"2 processes, {args.numel:,} state elements, {shard / 1e6:.0f} MB of state per process")
     print(f"{'':16} {'best time':>10} {'vs dcp':>7} {'peak extra / shard (max over ranks)':>38}")

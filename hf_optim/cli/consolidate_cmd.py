@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
         help="write the single-process checkpoint of a sharded (FSDP2) one",
         description="Read a sharded optimizer checkpoint (optimizer.sharded.json and its per-process shards; a "
         "local directory, a Hub repo id or an hf:// URL) and write the ordinary single-process checkpoint "
-        "(optimizer.safetensors, scheduler.json) to OUT_DIR. Runs in one process, without torch.distributed.",
+        "(optimizer.safetensors, scheduler.json) to OUT_DIR. Runs in one process, without torch.distributed, "
+        "one full tensor at a time (memory: about the largest tensor, not the whole state).",
     )
     parser.add_argument("sharded_dir", metavar="SHARDED_DIR", help="directory, repo id or hf:// URL")
     parser.add_argument("out_dir", metavar="OUT_DIR")

@@ -14,7 +14,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +35,10 @@ __all__ = [
     "read_region",
     "read_safetensors",
     "read_tensors",
+    "safetensors_header",
     "write_json",
     "write_safetensors",
+    "write_safetensors_streaming",
 ]
 
 _HAS_PROC_FD = os.path.isdir("/proc/self/fd")
@@ -58,6 +60,11 @@ _DTYPES = {
     "U32": torch.uint32,
     "U16": torch.uint16,
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+#: safetensors' ``Dtype`` enum order (ascending) for the dtypes above: a file lays its tensors out by descending
+#: dtype, then by name, so that each tensor's data stays aligned
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32")
+_DTYPE_RANK = {name: rank for rank, name in enumerate((*_DTYPE_ORDER, "C64", "F64", "I64", "U64"))}
 
 
 @dataclass
@@ -310,6 +317,85 @@ def write_safetensors(
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def safetensors_header(
+    specs: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[str]]:
+    """The bytes a safetensors file starts with (header size, JSON header, padding) for tensors of the dtypes and
+    shapes of ``specs`` (any device, ``meta`` included), and the order their data follows it in.
+
+    Laid out as ``safetensors`` lays it out: tensors by descending dtype (its ``Dtype`` order), then by name;
+    ``__metadata__`` first, in the given order; compact JSON, non-ASCII kept as UTF-8; padded with spaces to a
+    multiple of 8 bytes.
+    """
+    entries = []
+    for key, spec in specs.items():
+        if not isinstance(key, str):
+            raise TypeError(f"tensor names must be strings, got {key!r}")
+        name = _DTYPE_NAMES.get(spec.dtype)
+        if name is None:
+            raise TypeError(f"{key}: tensors of dtype {spec.dtype} cannot be stored in safetensors")
+        entries.append((-_DTYPE_RANK[name], key.encode("utf-8"), key, name, [int(d) for d in spec.shape]))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    doc: dict[str, Any] = {}
+    if metadata is not None:
+        doc["__metadata__"] = dict(metadata)
+    offset = 0
+    for _, _, key, name, shape in entries:
+        nbytes = _DTYPES[name].itemsize
+        for d in shape:
+            nbytes *= d
+        doc[key] = {"dtype": name, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, [e[2] for e in entries]
+
+
+def write_safetensors_streaming(
+    path: str,
+    specs: Mapping[str, torch.Tensor],
+    fill: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    *,
+    fsync: bool,
+) -> None:
+    """Write a safetensors file one tensor at a time: ``fill(key)`` builds each tensor when its turn comes and
+    it is dropped once written, so at most one of them is alive here.
+
+    ``specs`` gives each tensor's dtype and shape (``meta``-device tensors do); the file is byte for byte what
+    ``safetensors.torch.save_file`` writes for the same tensors and metadata (that library has no incremental
+    writer). A tensor ``fill`` returns must have its spec's dtype and shape.
+    """
+    header, order = safetensors_header(specs, metadata)
+    with open(path, "wb") as f:
+        f.write(header)
+        for key in order:
+            tensor = fill(key)
+            spec = specs[key]
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{key}: fill returned {type(tensor).__name__}, not a tensor")
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+                raise ValueError(
+                    f"{key}: fill returned a {tensor.dtype} tensor of shape {list(tensor.shape)}, expected "
+                    f"{spec.dtype} of shape {list(spec.shape)}"
+                )
+            if tensor.numel():
+                f.write(_raw_bytes(tensor))
+            del tensor
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's data bytes, as safetensors stores them (no copy for a contiguous CPU tensor)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(t.numpy()).cast("B")
 
 
 def write_json(path: str, doc: Any, *, fsync: bool) -> None:

@@ -8,8 +8,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from hf_optim.state.format import (
     parse_max_shard_size,
     qualname,
 )
-from hf_optim.state.io import write_json, write_safetensors
+from hf_optim.state.io import write_json, write_safetensors, write_safetensors_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,26 @@ class _ParamRecord:
         return out
 
 
+@dataclass
+class _Payload:
+    """What a checkpoint holds before it is written: the optimizer's tensors (by file key) and JSON metadata,
+    the scheduler's document, the accumulator's tensors and metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    scheduler_doc: dict[str, Any] | None = None
+    accumulator: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    #: file key of each optimizer state tensor -> (parameter index, state key) in the state dict
+    origins: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
 def _optimizer_payload(
     state_dict: Mapping[str, Any],
     params: Sequence[Sequence[_ParamRecord]],
     *,
     optimizer_class: str | None,
     optimizer_name: str | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+) -> _Payload:
     """Flatten an optimizer ``state_dict`` into tensors + the JSON metadata (docs/FORMAT.md)."""
     groups = state_dict["param_groups"]
     all_records = [r for group in params for r in group]
@@ -91,6 +104,7 @@ def _optimizer_payload(
         group_meta.append({"params": [r.to_json() for r in records], "hyperparameters": hyper})
 
     state_meta: dict[str, Any] = {}
+    origins: dict[str, tuple[int, str]] = {}
     for index, pstate in state_dict["state"].items():
         if index not in key_of:
             raise ValueError(f"optimizer state has an entry {index!r} that belongs to no parameter group")
@@ -103,6 +117,8 @@ def _optimizer_payload(
             if not isinstance(k, str):
                 raise ValueError(f"{where}: state keys must be strings, got {k!r}")
             node[k] = enc.encode(v, f"state.{pkey}.{k}", f"{where}, key {k!r}", numbers_as_tensors=True)
+            if isinstance(v, torch.Tensor):
+                origins[f"state.{pkey}.{k}"] = (index, k)
         state_meta[pkey] = node
 
     extra = {}
@@ -125,7 +141,7 @@ def _optimizer_payload(
         "extra": extra,
         "versions": {"hf_optim": _version(), "torch": torch.__version__},
     }
-    return enc.tensors, meta
+    return _Payload(enc.tensors, meta, origins=origins)
 
 
 def _version() -> str:
@@ -212,24 +228,60 @@ def save_state_dict(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise TypeError("metadata must map str to str")
+    directory = _target_directory(save_directory)
+    shard_size = parse_max_shard_size(max_shard_size)
+    payload = _state_dict_payload(
+        state_dict,
+        param_shapes=param_shapes,
+        param_dtypes=param_dtypes,
+        optimizer_class=optimizer_class,
+        optimizer_name=optimizer_name,
+        scheduler_state=scheduler_state,
+        scheduler_class=scheduler_class,
+        scheduler_name=scheduler_name,
+        scheduler_kwargs=scheduler_kwargs,
+        accumulator_state=accumulator_state,
+        accumulator_class=accumulator_class,
+        metadata=metadata,
+    )
+    return _save_payload(directory, payload, shard_size, fsync)
+
+
+def _target_directory(save_directory: str | os.PathLike[str]) -> str:
     directory = os.fspath(save_directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"save_directory {directory!r} exists and is not a directory")
-    shard_size = parse_max_shard_size(max_shard_size)
-    tensors, meta = _optimizer_payload(
+    return directory
+
+
+def _state_dict_payload(
+    state_dict: Mapping[str, Any],
+    *,
+    param_shapes: Sequence[Sequence[Sequence[int] | None]] | None,
+    param_dtypes: Sequence[Sequence[torch.dtype | None]] | None,
+    optimizer_class: str | None,
+    optimizer_name: str | None,
+    scheduler_state: Mapping[str, Any] | None,
+    scheduler_class: str | None,
+    scheduler_name: str | None,
+    scheduler_kwargs: Any,
+    accumulator_state: Mapping[str, Any] | None = None,
+    accumulator_class: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> _Payload:
+    """Turn a torch-format state dict (and the rest) into what the checkpoint's files hold."""
+    payload = _optimizer_payload(
         state_dict,
         _records(state_dict, param_shapes, param_dtypes),
         optimizer_class=optimizer_class,
         optimizer_name=optimizer_name,
     )
     if metadata:
-        meta["info"] = dict(metadata)
-    scheduler_doc = None
+        payload.meta["info"] = dict(metadata)
     if scheduler_state is not None:
-        scheduler_doc = _scheduler_document(
+        payload.scheduler_doc = _scheduler_document(
             scheduler_state, scheduler_class, scheduler_name, scheduler_kwargs
         )
-    accumulator_payload = None
     if accumulator_state is not None:
         enc = Encoder()
         acc_meta = {
@@ -238,8 +290,8 @@ def save_state_dict(
             "class": accumulator_class,
             "state": enc.encode(accumulator_state, "state", "accumulator.state_dict()"),
         }
-        accumulator_payload = (enc.tensors, acc_meta)
-    return _save_payload(directory, tensors, meta, scheduler_doc, accumulator_payload, shard_size, fsync)
+        payload.accumulator = (enc.tensors, acc_meta)
+    return payload
 
 
 def save_state(
@@ -284,7 +336,7 @@ def save_state(
             max_file_size="100MB" if max_shard_size is None else max_shard_size,
         )
         if consolidate_to is not None and sharded.rank() == 0:
-            consolidate_state(save_directory, consolidate_to)
+            consolidate_state(save_directory, consolidate_to, fsync=fsync)
         sharded.barrier()
         return [manifest]
     if consolidate_to is not None:
@@ -332,31 +384,49 @@ def save_state(
 
 def _save_payload(
     directory: str,
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, Any],
-    scheduler_doc: dict[str, Any] | None,
-    accumulator_payload: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+    payload: _Payload,
     shard_size: int,
     fsync: bool,
+    fill: Callable[[str], torch.Tensor] | None = None,
+    fill_accumulator: Callable[[str], torch.Tensor] | None = None,
 ) -> list[str]:
+    """Write a checkpoint atomically (``commit``, under ``save_lock``).
+
+    Without ``fill`` the optimizer tensors are written as they are (``save_file``). With it, the payload's
+    ``meta``-device tensors are placeholders (dtype, shape) and each file is written tensor by tensor, ``fill``
+    building each tensor when its turn comes (at most one alive at a time): same files, same tensor layout.
+    ``fill_accumulator`` does the same for the accumulator's placeholders.
+    """
+    tensors, meta = payload.tensors, payload.meta
     checkpoint_id = new_checkpoint_id()
     meta = {**meta, "checkpoint_id": checkpoint_id}
     meta["files"] = {
-        "scheduler": SCHEDULER_NAME if scheduler_doc is not None else None,
-        "accumulator": ACCUMULATOR_NAME if accumulator_payload is not None else None,
+        "scheduler": SCHEDULER_NAME if payload.scheduler_doc is not None else None,
+        "accumulator": ACCUMULATOR_NAME if payload.accumulator is not None else None,
     }
+
+    def write_tensors(path: str, keys: Sequence[str], md: dict[str, str]) -> None:
+        items = {k: tensors[k] for k in keys}
+        if fill is None:
+            write_safetensors(path, items, md, fsync=fsync)
+        else:
+            write_safetensors_streaming(path, items, fill, md, fsync=fsync)
+
     companions: list[PendingFile] = []
-    if scheduler_doc is not None:
-        doc = {**scheduler_doc, "checkpoint_id": checkpoint_id}
+    if payload.scheduler_doc is not None:
+        doc = {**payload.scheduler_doc, "checkpoint_id": checkpoint_id}
         companions.append(PendingFile(SCHEDULER_NAME, lambda path: write_json(path, doc, fsync=fsync)))
-    if accumulator_payload is not None:
-        acc_tensors, acc_meta = accumulator_payload
+    if payload.accumulator is not None:
+        acc_tensors, acc_meta = payload.accumulator
         acc_md = {"format": "pt", METADATA_KEY: json.dumps({**acc_meta, "checkpoint_id": checkpoint_id})}
-        companions.append(
-            PendingFile(
-                ACCUMULATOR_NAME, lambda path: write_safetensors(path, acc_tensors, acc_md, fsync=fsync)
-            )
-        )
+
+        def write_accumulator(path: str) -> None:
+            if fill_accumulator is None:
+                write_safetensors(path, acc_tensors, acc_md, fsync=fsync)
+            else:
+                write_safetensors_streaming(path, acc_tensors, fill_accumulator, acc_md, fsync=fsync)
+
+        companions.append(PendingFile(ACCUMULATOR_NAME, write_accumulator))
 
     split = split_torch_state_dict_into_shards(
         tensors, filename_pattern=OPTIMIZER_SHARD_PATTERN, max_shard_size=shard_size
@@ -364,8 +434,8 @@ def _save_payload(
     shards = split.filename_to_tensors if tensors else {OPTIMIZER_NAME: []}
     if len(shards) == 1:
         md = {"format": "pt", METADATA_KEY: json.dumps(meta, allow_nan=False)}
-        single = {k: tensors[k] for k in next(iter(shards.values()))}
-        manifest = PendingFile(OPTIMIZER_NAME, lambda path: write_safetensors(path, single, md, fsync=fsync))
+        single = next(iter(shards.values()))
+        manifest = PendingFile(OPTIMIZER_NAME, lambda path: write_tensors(path, single, md))
     else:
         for shard_name, keys in shards.items():
             shard_meta = {
@@ -375,10 +445,9 @@ def _save_payload(
                 "shard": shard_name,
             }
             shard_md = {"format": "pt", METADATA_KEY: json.dumps(shard_meta)}
-            shard_tensors = {k: tensors[k] for k in keys}
 
-            def write_shard(path: str, items: dict = shard_tensors, md: dict = shard_md) -> None:
-                write_safetensors(path, items, md, fsync=fsync)
+            def write_shard(path: str, keys: list[str] = keys, md: dict = shard_md) -> None:
+                write_tensors(path, keys, md)
 
             companions.append(PendingFile(shard_name, write_shard))
         index = {
@@ -426,18 +495,38 @@ def consolidate_state(
     save_directory: str | os.PathLike[str],
     *,
     max_shard_size: int | str = "5GB",
+    fsync: bool = False,
 ) -> list[str]:
     """Write the ordinary single-process checkpoint of a sharded (FSDP2) one, in one process, without
-    torch.distributed. Holds the full state in memory once (the output is ``max_shard_size`` files)."""
-    full = sharded.consolidated_state(sharded_directory)
-    return save_state_dict(
-        save_directory,
-        full.state_dict,
-        param_shapes=full.param_shapes,
-        optimizer_class=full.optimizer_class,
-        scheduler_state=full.scheduler_state,
-        scheduler_class=full.scheduler_class,
-        scheduler_name=full.scheduler_name,
-        scheduler_kwargs=full.scheduler_kwargs,
-        max_shard_size=max_shard_size,
-    )
+    torch.distributed; returns the written paths.
+
+    Streams: each full tensor is assembled from its chunks (read through the checked shard files) when the writer
+    reaches it and dropped once written, so the memory needed is about the largest tensor plus a read buffer,
+    not the whole state. The files are those ``save_state_dict`` writes for the same state (``max_shard_size``
+    splits them), committed atomically the same way; ``fsync=True`` also flushes them and the directory.
+    """
+    directory = _target_directory(save_directory)
+    shard_size = parse_max_shard_size(max_shard_size)
+    with sharded.open_consolidation(sharded_directory) as source:
+        payload = _state_dict_payload(
+            source.state_dict,
+            param_shapes=source.param_shapes,
+            param_dtypes=None,
+            optimizer_class=source.optimizer_class,
+            optimizer_name=None,
+            scheduler_state=source.scheduler_state,
+            scheduler_class=source.scheduler_class,
+            scheduler_name=source.scheduler_name,
+            scheduler_kwargs=source.scheduler_kwargs,
+            accumulator_state=source.accumulator_state,
+            accumulator_class=source.accumulator_class,
+        )
+
+        def fill(key: str) -> torch.Tensor:
+            placeholder = payload.tensors[key]
+            return source.full_tensor(*payload.origins[key]) if placeholder.is_meta else placeholder
+
+        def fill_gradient(key: str) -> torch.Tensor:  # the codec names gradient i "state.gradients.<i>"
+            return source.full_gradient(int(key.rsplit(".", 1)[1]))
+
+        return _save_payload(directory, payload, shard_size, fsync, fill, fill_gradient)

@@ -389,6 +389,23 @@ def test_accumulator_saved_mid_window_resumes(saved_accumulating, world):
     assert inspect_sharded_state(os.path.join(out, "acc")).accumulator_gradients == 4  # the model's 4 parameters
 
 
+def test_consolidated_checkpoint_keeps_the_accumulator(saved_accumulating, tmp_path):
+    from hf_optim.state import consolidate_state
+
+    written = consolidate_state(os.path.join(saved_accumulating, "acc"), tmp_path / "v1")
+    assert any(p.endswith("accumulator.safetensors") for p in written)
+    at_save = load_file(os.path.join(saved_accumulating, "acc_at_save.safetensors"))
+    weights = {k.removeprefix("param."): v for k, v in at_save.items() if k.startswith("param.")}
+    model, opt, sched = _make(1, weights)
+    acc = hf_optim.GradientAccumulator()
+    report = hf_optim.load_state(tmp_path / "v1", opt, sched, acc, model=model)
+    assert report.complete and report.accumulator_loaded and acc.step == 1
+    loaded = {**_snapshot(model, opt), **_accumulated(acc)}
+    assert loaded.keys() == at_save.keys()
+    for key, value in at_save.items():
+        assert torch.equal(loaded[key], value), key
+
+
 def _worker_plain_accumulating(out: str) -> None:
     weights = {
         k.removeprefix("param."): v

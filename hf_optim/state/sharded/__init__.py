@@ -13,9 +13,11 @@ process). The layout is ``docs/FORMAT.md``, format version 2:
 
 A new save writes a new shard folder before it replaces the manifest, so a save killed on any rank leaves the
 previous checkpoint loadable. Modules: ``_format`` (names, JSON values), ``_dist`` (process-group helpers),
-``_save``, ``_read`` (manifest and headers), ``_load`` (load, inspect, consolidate).
+``_save``, ``_read`` (manifest and headers), ``_load`` (load, inspect), ``_consolidate`` (the state of one
+process, one tensor at a time).
 """
 
+from hf_optim.state.sharded._consolidate import ConsolidationSource, open_consolidation
 from hf_optim.state.sharded._dist import (
     agree,
     barrier,
@@ -30,9 +32,7 @@ from hf_optim.state.sharded._dist import (
 )
 from hf_optim.state.sharded._format import SHARDED_FORMAT_VERSION, SHARDED_MANIFEST_NAME
 from hf_optim.state.sharded._load import (
-    ConsolidatedState,
     ShardedStateInfo,
-    consolidated_state,
     inspect_sharded_state,
     load_sharded_state,
     machine_files,
@@ -43,12 +43,11 @@ from hf_optim.state.sharded._save import save_sharded_state
 __all__ = [
     "SHARDED_FORMAT_VERSION",
     "SHARDED_MANIFEST_NAME",
-    "ConsolidatedState",
+    "ConsolidationSource",
     "ShardedStateInfo",
     "agree",
     "barrier",
     "broadcast_text",
-    "consolidated_state",
     "has_sharded_state",
     "inspect_sharded_state",
     "is_sharded",
@@ -58,6 +57,7 @@ __all__ = [
     "local_region",
     "machine_files",
     "machine_union",
+    "open_consolidation",
     "parameter_names",
     "rank",
     "save_sharded_state",

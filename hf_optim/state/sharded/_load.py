@@ -1,4 +1,4 @@
-"""Loading sharded state (checked against the live objects, all ranks agreeing), inspecting, consolidating."""
+"""Loading sharded state (checked against the live objects, all ranks agreeing) and inspecting it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
@@ -400,86 +399,4 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
         accumulator_gradients=len(manifest.doc["accumulator"]["gradients"])
         if manifest.doc.get("accumulator") is not None
         else None,
-    )
-
-
-@dataclass(frozen=True)
-class ConsolidatedState:
-    """A sharded checkpoint as one torch-format optimizer state dict with full tensors, plus its scheduler."""
-
-    state_dict: dict[str, Any]
-    param_shapes: list[list[list[int]]]
-    optimizer_class: str | None
-    scheduler_state: dict[str, Any] | None
-    scheduler_class: str | None
-    scheduler_name: str | None
-    scheduler_kwargs: Any
-
-
-def consolidated_state(directory: str | os.PathLike[str]) -> ConsolidatedState:
-    """Read a sharded checkpoint into full tensors in one process, without torch.distributed (validated as a
-    load is: every chunk read through the descriptor whose header was checked)."""
-    directory = os.fspath(directory)
-    path = os.path.join(directory, SHARDED_MANIFEST_NAME)
-    manifest = read_manifest(directory)
-    try:
-        full: dict[str, torch.Tensor] = {}
-        for key, plan in manifest.tensors.items():
-            tensor = torch.empty(plan.shape, dtype=plan.dtype)
-            for chunk in plan.chunks:
-                with safe_open(manifest.files[chunk.file].reader_path(), "pt", backend="pread") as f:
-                    region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
-                    tensor[region] = f.get_slice(key)[:]
-            full[key] = tensor
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"{manifest.shard_dir}: cannot read the shards ({exc})") from None
-    finally:
-        close_manifest(manifest)
-    doc = manifest.doc
-    groups, shapes, state = [], [], {}
-    index = 0
-    for g, saved in enumerate(doc.get("param_groups") or []):
-        where = f"{path}: param_groups[{g}]"
-        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
-            raise CheckpointError(f"{where} is malformed")
-        hyper = decode_value(saved.get("hyperparameters"), where)
-        if not isinstance(hyper, dict) or RESERVED & set(hyper):
-            raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
-        names = saved["params"]
-        if not all(isinstance(n, str) for n in names):
-            raise CheckpointError(f"{where}: parameter names must be strings")
-        groups.append({**hyper, "params": list(range(index, index + len(names))), "param_names": list(names)})
-        group_shapes = []
-        for name in names:
-            record = doc["state"].get(name)
-            entries: dict[str, Any] = {}
-            shape = None
-            for key, entry in (record or {}).items():
-                if "sharded" in entry:
-                    entries[key] = full[entry["sharded"]]
-                    shape = list(entries[key].shape)
-                else:
-                    entries[key] = decode_value(entry["value"], f"{path}: state[{name!r}][{key!r}]")
-            if entries:
-                state[index] = entries
-            group_shapes.append(shape)
-            index += 1
-        shapes.append(group_shapes)
-    sched = doc.get("scheduler") if isinstance(doc.get("scheduler"), dict) else None
-    config = sched.get("config") if sched is not None and isinstance(sched.get("config"), dict) else {}
-    opt = doc.get("optimizer")
-    return ConsolidatedState(
-        state_dict={"state": state, "param_groups": groups},
-        param_shapes=shapes,
-        optimizer_class=opt.get("class")
-        if isinstance(opt, dict) and isinstance(opt.get("class"), str)
-        else None,
-        scheduler_state=decode_value(sched["state_dict"], f"{path}: scheduler")
-        if sched is not None
-        else None,
-        scheduler_class=sched.get("class")
-        if sched is not None and isinstance(sched.get("class"), str)
-        else None,
-        scheduler_name=config.get("name") if isinstance(config.get("name"), str) else None,
-        scheduler_kwargs=config.get("kwargs") if isinstance(config.get("kwargs"), dict) else None,
     )
