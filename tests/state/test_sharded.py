@@ -386,7 +386,9 @@ def test_accumulator_saved_mid_window_resumes(saved_accumulating, world):
             torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
     manifest = json.loads(Path(out, "acc", SHARDED_MANIFEST_NAME).read_text())
     assert manifest["accumulator"]["class"] == "hf_optim.accumulation.GradientAccumulator"
-    assert inspect_sharded_state(os.path.join(out, "acc")).accumulator_gradients == 4  # the model's 4 parameters
+    assert (
+        inspect_sharded_state(os.path.join(out, "acc")).accumulator_gradients == 4
+    )  # the model's 4 parameters
 
 
 def test_consolidated_checkpoint_keeps_the_accumulator(saved_accumulating, tmp_path):

@@ -225,10 +225,15 @@ def open_shards(manifest: Manifest, names: Iterable[str]) -> None:
 def needed_files(manifest: Manifest, targets: Mapping[str, torch.Tensor]) -> set[str]:
     """The shard files DCP reads to fill ``targets`` (``state.<name>.<key>`` -> tensor or DTensor of the global
     shape, or the parameter itself: only its shape and placement matter) on this process."""
-    planner = DefaultLoadPlanner()
     metadata = checked_metadata(manifest)
-    planner.set_up_planner(dict(targets), metadata, is_coordinator=False)
-    return {metadata.storage_data[item.storage_index] for item in planner.create_local_plan().items}
+    try:
+        planner = DefaultLoadPlanner()
+        planner.set_up_planner(dict(targets), metadata, is_coordinator=False)
+        return {metadata.storage_data[item.storage_index] for item in planner.create_local_plan().items}
+    except Exception as exc:  # a CheckpointError, so that every rank hears of it (no rank may raise alone)
+        raise CheckpointError(
+            f"{manifest.shard_dir}: cannot plan the reads ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
 
 
 def _read_shard_header(
