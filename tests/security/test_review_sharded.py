@@ -337,3 +337,37 @@ def test_hostile_copy_on_one_rank_raises_on_every_rank(saved, tmp_path, attack):
     for rank, result in enumerate(results):
         assert result.get("outcome") == "CheckpointError", (rank, results)
         assert result.get("unchanged"), (rank, results)
+
+
+def test_many_chunks_in_a_small_manifest_are_refused_quickly(saved, tmp_path):
+    """Zero-size chunks pass the tiling check (they cover nothing and overlap nothing), and every pair of chunks is
+    compared: 20,000 of them (a 2 MB manifest) keep every process busy for minutes before any error. A hang in
+    effect: the load, run in a subprocess, must end (with a CheckpointError) within the time limit."""
+    import subprocess
+    import sys
+
+    def many(doc):
+        chunks = doc["state"]["0.bias"]["exp_avg"]["chunks"]
+        chunks += [{"file": chunks[0]["file"], "offsets": [7], "sizes": [0]} for _ in range(20_000)]
+
+    bad = _copy(saved, str(tmp_path / "bad"), "ckpt", many)
+    code = (
+        "import sys\n"
+        "from hf_optim.errors import CheckpointError\n"
+        "from hf_optim.state.sharded import load_sharded_state\n"
+        "from tests.state.test_sharded import _make\n"
+        "model, opt, sched = _make(1, None)\n"
+        "try:\n"
+        "    load_sharded_state(sys.argv[1], opt, sched, model=model)\n"
+        "except CheckpointError as exc:\n"
+        "    print('refused:', str(exc)[:200])\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, bad], capture_output=True, text=True, timeout=20, env=env, cwd=root
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a 2 MB manifest of zero-size chunks kept the load busy for more than 20 s")
+    assert "refused:" in done.stdout, done.stderr[-2000:]
