@@ -294,3 +294,19 @@ def test_present_unlisted_shard_file_is_refused(saved, tmp_path):
     with pytest.raises(CheckpointError, match="unlisted"):
         load_sharded_state(folder, opt, sched, model=model)
     assert not opt.state
+
+
+def test_consolidated_accumulator_checkpoint_resumes_the_accumulator(saved, tmp_path):
+    """A checkpoint saved mid-window, consolidated for one process, must still resume the accumulator (or the
+    consolidation must refuse to drop it): the window's gradients are part of the state."""
+    from hf_optim.state import consolidate_state
+
+    out = str(tmp_path / "consolidated")
+    consolidate_state(os.path.join(saved, "acc"), out)
+    model, opt, sched = _make(1, _weights(saved))
+    acc = hf_optim.GradientAccumulator()
+    hf_optim.load_state(out, opt, sched, acc, model=model)
+    at_save = load_file(os.path.join(saved, "acc_at_save.safetensors"))
+    assert acc.step == 1
+    for i, g in enumerate(acc.gradients):
+        assert torch.equal(g, at_save[f"acc.{i}"]), i
