@@ -189,7 +189,14 @@ def test_accumulator_continues_with_the_model_after_a_load(saved, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _machine_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
+def _local(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def _machine_worker(rank: int, world: int, port: int, url: str, out: str, revisions: list | None) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK="0", GROUP_RANK=str(rank))
@@ -197,30 +204,40 @@ def _machine_worker(rank: int, world: int, port: int, url: str, out: str) -> Non
     result: dict = {}
     try:
         model, opt, sched = _make(world, _weights(out, "at_save.safetensors"))
-        before = _snapshot(model, opt)
+        before = _local(model)
         try:
-            hf_optim.load_state(url, opt, sched, model=model, cache_dir=os.path.join(out, f"machine{rank}"))
+            revision = revisions[rank] if revisions else None
+            cache = os.path.join(out, f"machine{rank}")
+            hf_optim.load_state(url, opt, sched, model=model, cache_dir=cache, revision=revision)
             result["outcome"] = "loaded"
             at_save = load_file(os.path.join(out, "at_save.safetensors"))
             result["exact"] = all(torch.equal(_snapshot(model, opt)[k], v) for k, v in at_save.items())
         except Exception as exc:
             result["outcome"] = type(exc).__name__
             result["message"] = str(exc)[:500]
+            # this process's own parameter shards only: a collective here could meet another rank's pending one
             result["unchanged"] = not opt.state and all(
-                torch.equal(before[k], v) for k, v in _snapshot(model, opt).items()
+                torch.equal(before[k], v) for k, v in _local(model).items()
             )
     finally:
-        Path(out, f"machine_{rank}.json").write_text(json.dumps(result))
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        Path(out, f"machine_{rank}.json.tmp").write_text(json.dumps(result))
+        os.replace(Path(out, f"machine_{rank}.json.tmp"), Path(out, f"machine_{rank}.json"))
+        deadline = time.monotonic() + TIMEOUT  # no barrier: wait until every process has reported
+        while time.monotonic() < deadline and not all(
+            Path(out, f"machine_{r}.json").exists() for r in range(world)
+        ):
+            time.sleep(0.2)
+        dist.destroy_process_group()
 
 
-def _run_machines(world: int, url: str, out: str) -> list[dict]:
+def _run_machines(world: int, url: str, out: str, revisions: list | None = None) -> list[dict]:
     """Run ``_machine_worker`` on ``world`` processes; a process still running after ``TIMEOUT`` s is a hang."""
     context = mp.start_processes(
-        _machine_worker, args=(world, _free_port(), url, out), nprocs=world, join=False, start_method="spawn"
+        _machine_worker,
+        args=(world, _free_port(), url, out, revisions),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + TIMEOUT
     hung = False
@@ -247,7 +264,8 @@ def _run_machines(world: int, url: str, out: str) -> list[dict]:
 def _upload(hub_api, repo: str, folder: str) -> dict:
     hub_api.create_repo(repo, exist_ok=True)
     hub_api.upload_folder(repo_id=repo, folder_path=folder, path_in_repo="run")
-    return json.loads(Path(folder, SHARDED_MANIFEST_NAME).read_text())
+    manifest = Path(folder, SHARDED_MANIFEST_NAME)
+    return json.loads(manifest.read_text()) if manifest.exists() else {}
 
 
 def test_needed_file_absent_from_the_hub_fails_on_every_machine(saved, hub_repo_id, hub_api, tmp_path):
@@ -310,3 +328,59 @@ def test_consolidated_accumulator_checkpoint_resumes_the_accumulator(saved, tmp_
     assert acc.step == 1
     for i, g in enumerate(acc.gradients):
         assert torch.equal(g, at_save[f"acc.{i}"]), i
+
+
+def test_branch_moved_between_two_machines_downloads(saved, hub_repo_id, hub_api, tmp_path):
+    """Each machine resolves the revision on its own. If the branch moves between their downloads (a training job
+    pushing while another resumes), machine 0 sees the sharded checkpoint and machine 1 the ordinary one that
+    replaced it. Simulated by pointing each process at the
+    commit it would have resolved (a branch each). The processes must all
+    raise (or all load one checkpoint), never run different collectives and hang."""
+    from hf_optim.state import consolidate_state
+
+    _upload(hub_api, hub_repo_id, _copy(saved, tmp_path, name="ckpt"))
+    hub_api.create_branch(
+        hub_repo_id, branch="before", revision=hub_api.list_repo_commits(hub_repo_id)[0].commit_id
+    )
+    ordinary = str(tmp_path / "ordinary")
+    consolidate_state(os.path.join(saved, "ckpt"), ordinary)
+    hub_api.delete_folder("run", repo_id=hub_repo_id)
+    hub_api.upload_folder(repo_id=hub_repo_id, folder_path=ordinary, path_in_repo="run")
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")
+    # branch names, not commit ids: each cache then has its refs/ (see test_load_from_the_hub_at_a_commit)
+    results = _run_machines(2, f"hf://{hub_repo_id}/run", str(out), ["before", "main"])
+    outcomes = {r.get("outcome") for r in results}
+    assert outcomes in ({"CheckpointError"}, {"loaded"}), results
+
+
+def test_plain_process_loads_a_sharded_checkpoint_from_the_hub(saved, hub_repo_id, hub_api):
+    """2 -> 1 through the Hub: one plain process (no process group) downloads every shard and restores exactly."""
+    _upload(hub_api, hub_repo_id, os.path.join(saved, "ckpt"))
+    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    hf_optim.load_state(f"hf://{hub_repo_id}/run", opt, sched, model=model)
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    for key, value in _snapshot(model, opt).items():
+        assert torch.equal(value, at_save[key]), key
+
+
+@pytest.mark.parametrize("name", ["ckpt", "v1"])
+def test_load_from_the_hub_at_a_commit(saved, hub_repo_id, hub_api, tmp_path, name):
+    """``revision=<commit sha>`` (pinning what to resume): huggingface_hub writes no ``refs/`` for a commit, and
+    the cache's blobs must still count as the checkpoint's folder."""
+    from hf_optim.state import consolidate_state
+
+    folder = os.path.join(saved, "ckpt")
+    if name == "v1":
+        folder = str(tmp_path / "v1")
+        consolidate_state(os.path.join(saved, "ckpt"), folder)
+    _upload(hub_api, hub_repo_id, folder)
+    commit = hub_api.list_repo_commits(hub_repo_id)[0].commit_id
+    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    hf_optim.load_state(
+        f"hf://{hub_repo_id}/run", opt, sched, model=model, revision=commit, cache_dir=str(tmp_path / "cache")
+    )
+    at_save = load_file(os.path.join(saved, "at_save.safetensors"))
+    for key, value in _snapshot(model, opt).items():
+        assert torch.equal(value, at_save[key]), key
