@@ -371,3 +371,141 @@ def test_many_chunks_in_a_small_manifest_are_refused_quickly(saved, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("a 2 MB manifest of zero-size chunks kept the load busy for more than 20 s")
     assert "refused:" in done.stdout, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors that torch.distributed.checkpoint raises on every rank: hf_optim's own, catchable types
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _shadow_chunk(folder: str) -> None:
+    """``state.0.bias.exp_avg`` whole in shard 1 at [0], plus a zero-size chunk at [0] in shard 2: both headers
+    hold exactly what the manifest records, the tiling holds (zero-size chunks cover and overlap nothing), but DCP
+    indexes storage by (tensor, offsets): every read of the real chunk goes to shard 2's empty tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = "state.0.bias.exp_avg"
+    names = json.loads(Path(folder, SHARDED_MANIFEST_NAME).read_text())["shards"]["files"]
+    paths = [os.path.join(_shard_dir(folder), n) for n in names]
+    contents = []
+    for path in paths:
+        with safe_open(path, "pt") as f:
+            contents.append(({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))  # noqa: SIM118
+    full = torch.cat([contents[0][0][key], contents[1][0][key]])
+    for i, (tensors, metadata) in enumerate(contents):
+        info = json.loads(metadata["DCP_SHARDING_INFO"])
+        tensors[key] = full if i == 0 else full[:0]
+        info[key] = {"saved_offsets": [0]}
+        save_file(tensors, paths[i], metadata={**metadata, "DCP_SHARDING_INFO": json.dumps(info)})
+
+    def edit(doc):
+        doc["state"]["0.bias"]["exp_avg"]["chunks"] = [
+            {"file": names[0], "offsets": [0], "sizes": [7]},
+            {"file": names[1], "offsets": [0], "sizes": [0]},
+        ]
+
+    path = os.path.join(folder, SHARDED_MANIFEST_NAME)
+    doc = json.loads(Path(path).read_text())
+    edit(doc)
+    Path(path).write_text(json.dumps(doc))
+
+
+def test_shadowing_zero_size_chunk_on_one_process(saved, tmp_path):
+    bad = _copy(saved, str(tmp_path / "bad"), "ckpt")
+    _shadow_chunk(bad)
+    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    with pytest.raises(CheckpointError):
+        load_sharded_state(bad, opt, sched, model=model)
+    assert not opt.state
+
+
+def _job_worker(rank: int, world: int, port: int, out: str, job: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT - 12))
+    result: dict = {}
+    try:
+        if job == "shadow":
+            model, opt, sched = _make(world, _weights(out, "weights.safetensors"))
+            before = _local(model)
+            action = lambda: hf_optim.load_state(os.path.join(out, "bad"), opt, sched, model=model)  # noqa: E731
+        else:  # "uneven-window": rank 1 skipped its micro-batch's accumulation (an uneven last batch)
+            from tests.state.test_sharded import _batch
+
+            model, opt, sched = _make(world, None)
+            acc = hf_optim.GradientAccumulator()
+            model(_batch(0, rank, world)).pow(2).mean().backward()
+            if rank == 0:
+                acc.accumulate_from(model)
+            before = _local(model)
+            action = lambda: hf_optim.save_state(os.path.join(out, "save"), opt, sched, acc, model=model)  # noqa: E731
+        try:
+            action()
+            result["outcome"] = "done"
+        except BaseException as exc:
+            result["outcome"] = type(exc).__name__
+            result["is_exception"] = isinstance(exc, Exception)
+            result["message"] = str(exc)[:300]
+            result["unchanged"] = not opt.state and all(
+                torch.equal(before[k], v) for k, v in _local(model).items()
+            )
+    finally:
+        Path(out, f"rank_{rank}.json.tmp").write_text(json.dumps(result))
+        os.replace(Path(out, f"rank_{rank}.json.tmp"), Path(out, f"rank_{rank}.json"))
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not all(
+            Path(out, f"rank_{r}.json").exists() for r in range(world)
+        ):
+            time.sleep(0.2)
+        dist.destroy_process_group()
+
+
+def _run_job(world: int, out: str, job: str) -> list[dict]:
+    context = mp.start_processes(
+        _job_worker, args=(world, _free_port(), out, job), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT
+    hung = False
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                hung = True
+                break
+    except ProcessException:
+        pass
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    results = []
+    for rank in range(world):
+        path = Path(out, f"rank_{rank}.json")
+        results.append(
+            json.loads(path.read_text()) if path.exists() else {"outcome": "no result (hung or died)"}
+        )
+    assert not hung, f"hang: processes still running after {TIMEOUT} s: {results}"
+    return results
+
+
+def test_shadowing_zero_size_chunk_on_two_processes_is_a_checkpoint_error(saved, tmp_path):
+    """The read fails inside torch.distributed.checkpoint, which wraps it (on every rank) in its own
+    ``CheckpointException``, a ``BaseException``: ``except Exception`` around the read does not see it."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
+    _shadow_chunk(_copy(saved, os.path.join(out, "bad"), "ckpt"))
+    results = _run_job(2, out, "shadow")
+    for rank, result in enumerate(results):
+        assert result.get("outcome") == "CheckpointError", (rank, results)
+        assert result.get("unchanged"), (rank, results)
+
+
+def test_save_with_uneven_accumulation_windows_raises_a_catchable_error(tmp_path):
+    """One process accumulated a micro-batch, the other did not: the processes' accumulators disagree. The save
+    must fail on every process with an ordinary exception (hf_optim reports save failures as ``OSError``), not
+    torch's ``CheckpointException`` (a ``BaseException`` that ``except Exception`` lets through)."""
+    results = _run_job(2, str(tmp_path), "uneven-window")
+    for rank, result in enumerate(results):
+        assert result.get("outcome") != "done" and result.get("is_exception"), (rank, results)
