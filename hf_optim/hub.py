@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -299,6 +299,14 @@ def _referenced(manifest_path: str) -> list[str]:
     return manifest_files(manifest_path)
 
 
+def _commit_of(location: _Location, manifest_path: str) -> str:
+    """The commit a downloaded file belongs to: its cache snapshot folder's name."""
+    snapshot = os.path.dirname(manifest_path)
+    for _ in location.subfolder.split("/") if location.subfolder else ():
+        snapshot = os.path.dirname(snapshot)
+    return os.path.basename(snapshot)
+
+
 def _fetch_files(
     location: _Location,
     fetch: Callable[..., str],
@@ -307,10 +315,7 @@ def _fetch_files(
     local_files_only: bool,
 ) -> None:
     """Download ``names`` (relative to the manifest's folder) from the manifest's commit."""
-    snapshot = os.path.dirname(manifest_path)
-    for _ in location.subfolder.split("/") if location.subfolder else ():
-        snapshot = os.path.dirname(snapshot)
-    commit = os.path.basename(snapshot)  # every further file from the manifest's commit
+    commit = _commit_of(location, manifest_path)  # every further file from the manifest's commit
     try:
         for name in names:
             if name != os.path.basename(manifest_path):
@@ -357,11 +362,20 @@ def _download_sharded(location: _Location, model: torch.nn.Module, **options: An
     files this machine's processes read (every file of an ordinary checkpoint). A collective."""
     local_only = options["local_files_only"]
 
-    def manifest(cache_only: bool) -> str:
-        fetch = _fetcher(location, **{**options, "local_files_only": local_only or cache_only})
-        return _fetch_manifest(location, fetch, local_only, prefer_sharded=True)
+    def manifest(where: _Location) -> Callable[[bool], str]:
+        def fetch_manifest(cache_only: bool) -> str:
+            fetch = _fetcher(where, **{**options, "local_files_only": local_only or cache_only})
+            return _fetch_manifest(where, fetch, local_only, prefer_sharded=True)
 
-    manifest_path = _once_per_machine(manifest)
+        return fetch_manifest
+
+    manifest_path = _once_per_machine(manifest(location))
+    # Machines resolve the revision one after the other: if it moved in between, all take rank 0's commit.
+    mine = f"{_commit_of(location, manifest_path)}/{os.path.basename(manifest_path)}"
+    chosen = sharded.broadcast_text(mine)
+    if sharded.agree(None if mine == chosen else "the revision moved") is not None:
+        pinned = replace(location, revision=chosen.split("/")[0])
+        manifest_path = _once_per_machine(manifest(pinned))
     if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
         names = sharded.machine_files(manifest_path, model)
     else:

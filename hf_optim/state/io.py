@@ -116,7 +116,7 @@ _CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
 def checkpoint_roots(directory: str) -> list[str]:
     """Folders a checkpoint's files may resolve into: the folder itself, and in a Hugging Face cache snapshot
     (``<repo>/snapshots/<commit>/...``, whose files link to ``<repo>/blobs/``; ``<repo>`` is named
-    ``models--*`` / ``datasets--*`` / ``spaces--*`` and holds ``refs/``) that repository's ``blobs``."""
+    ``models--*`` / ``datasets--*`` / ``spaces--*``) that repository's ``blobs``."""
     roots = [directory]
     current = os.path.abspath(directory)
     while True:
@@ -126,11 +126,8 @@ def checkpoint_roots(directory: str) -> list[str]:
         if os.path.basename(parent) == "snapshots":
             repo = os.path.dirname(parent)
             blobs = os.path.join(repo, "blobs")
-            if (
-                os.path.basename(repo).startswith(_CACHE_REPO_PREFIXES)
-                and os.path.isdir(os.path.join(repo, "refs"))
-                and os.path.isdir(blobs)
-            ):
+            # no refs/ required: huggingface_hub writes none for a download pinned to a commit
+            if os.path.basename(repo).startswith(_CACHE_REPO_PREFIXES) and os.path.isdir(blobs):
                 roots.append(blobs)
             return roots
         current = parent

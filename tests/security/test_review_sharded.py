@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from datetime import timedelta
@@ -121,7 +122,7 @@ ACCUMULATOR_ATTACKS = {
         "points at tensor",
     ),
     "gradient placed like a missing parameter": (_gradient_parameter("nope"), "nope"),
-    "gradient placed like another-shaped parameter": (_gradient_parameter("2.bias"), "another shape"),
+    "gradient placed like another-shaped parameter": (_gradient_parameter("2.bias"), "global shape"),
     "gradients dropped, tensors still in the shards": (
         _acc_edit(lambda a: a.update(gradients=[None] * len(a["gradients"]))),
         "not in the manifest",
@@ -152,13 +153,6 @@ def _append_file(name):
 
 
 CHUNK_ATTACKS = {
-    # a zero-size chunk at another chunk's offsets, in the other file: DCP indexes storage by (tensor, offsets)
-    "zero-size chunk shadowing a real one": (
-        lambda d: d["state"]["0.bias"]["exp_avg"]["chunks"].append(
-            {"file": d["state"]["0.bias"]["exp_avg"]["chunks"][1]["file"], "offsets": [0], "sizes": [0]}
-        ),
-        "differ from the manifest",
-    ),
     "offsets of the wrong dimension": (
         lambda d: d["state"]["0.weight"]["exp_avg"]["chunks"][1].update(offsets=[4]),
         "outside",
@@ -182,7 +176,7 @@ CHUNK_ATTACKS = {
                 {"file": d["shards"]["files"][0], "offsets": [4], "sizes": [3]},
             ]
         ),
-        "differ from the manifest",
+        "two chunks recorded in",
     ),
     "listed file name with a trailing newline": (
         lambda d: _append_file(d["shards"]["files"][0] + "\n")(d),
@@ -205,10 +199,9 @@ def test_lying_chunk_record_or_file_list_is_refused(saved, tmp_path, attack):
     assert not opt.state
 
 
-def test_shard_file_rewritten_by_another_save_is_refused(saved, tmp_path):
-    """A shard file of another save with the same layout (here: same header, other values) in this checkpoint's
-    folder must not be read as part of it; single-file checkpoints record the checkpoint id in every file and
-    refuse "files from different saves", sharded shard headers record none."""
+def test_shard_file_of_another_save_is_refused(saved, tmp_path):
+    """A shard file another save wrote (same layout, other values) in this checkpoint's folder must not be read
+    as part of it: each shard file's metadata names the save that wrote it."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -217,11 +210,10 @@ def test_shard_file_rewritten_by_another_save_is_refused(saved, tmp_path):
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) + 1 for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
-    save_file(
-        tensors, path, metadata=metadata
-    )  # what another save of the same run writes: same names, shapes
+    assert metadata["hf_optim_checkpoint_id"] in Path(first, SHARDED_MANIFEST_NAME).read_text()
+    save_file(tensors, path, metadata={**metadata, "hf_optim_checkpoint_id": "0" * 32})  # another save's file
     model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="written by another save"):
         load_sharded_state(first, opt, sched, model=model)
     assert not opt.state
 
@@ -339,16 +331,16 @@ def test_hostile_copy_on_one_rank_raises_on_every_rank(saved, tmp_path, attack):
         assert result.get("unchanged"), (rank, results)
 
 
-def test_many_chunks_in_a_small_manifest_are_refused_quickly(saved, tmp_path):
-    """Zero-size chunks pass the tiling check (they cover nothing and overlap nothing), and every pair of chunks is
-    compared: 20,000 of them (a 2 MB manifest) keep every process busy for minutes before any error. A hang in
-    effect: the load, run in a subprocess, must end (with a CheckpointError) within the time limit."""
+@pytest.mark.parametrize("size", [0, 1])
+def test_many_chunks_in_a_small_manifest_end_quickly(saved, tmp_path, size):
+    """20,000 chunk records (a 2 MB manifest) must not keep a process busy: empty ones hold no data and are
+    dropped (the load goes on, exactly), non-empty ones in one file are refused (a file holds a tensor once)."""
     import subprocess
     import sys
 
     def many(doc):
         chunks = doc["state"]["0.bias"]["exp_avg"]["chunks"]
-        chunks += [{"file": chunks[0]["file"], "offsets": [7], "sizes": [0]} for _ in range(20_000)]
+        chunks += [{"file": chunks[0]["file"], "offsets": [i % 7], "sizes": [size]} for i in range(20_000)]
 
     bad = _copy(saved, str(tmp_path / "bad"), "ckpt", many)
     code = (
@@ -359,6 +351,7 @@ def test_many_chunks_in_a_small_manifest_are_refused_quickly(saved, tmp_path):
         "model, opt, sched = _make(1, None)\n"
         "try:\n"
         "    load_sharded_state(sys.argv[1], opt, sched, model=model)\n"
+        "    print('loaded')\n"
         "except CheckpointError as exc:\n"
         "    print('refused:', str(exc)[:200])\n"
     )
@@ -369,8 +362,9 @@ def test_many_chunks_in_a_small_manifest_are_refused_quickly(saved, tmp_path):
             [sys.executable, "-c", code, bad], capture_output=True, text=True, timeout=20, env=env, cwd=root
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("a 2 MB manifest of zero-size chunks kept the load busy for more than 20 s")
-    assert "refused:" in done.stdout, done.stderr[-2000:]
+        pytest.fail("a 2 MB manifest of chunk records kept the load busy for more than 20 s")
+    expected = "loaded" if size == 0 else "refused: .*two chunks recorded in"
+    assert re.search(expected, done.stdout), done.stdout + done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,13 +405,19 @@ def _shadow_chunk(folder: str) -> None:
     Path(path).write_text(json.dumps(doc))
 
 
-def test_shadowing_zero_size_chunk_on_one_process(saved, tmp_path):
+def test_zero_size_chunk_at_a_real_chunks_offsets_holds_no_data(saved, tmp_path):
+    """DCP indexes storage by (tensor, offsets): an empty chunk at a real chunk's offsets would take its place in
+    the read plan. Empty chunks hold no data and are left out of the plan, so the real one is read, exactly."""
     bad = _copy(saved, str(tmp_path / "bad"), "ckpt")
     _shadow_chunk(bad)
     model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
-    with pytest.raises(CheckpointError):
-        load_sharded_state(bad, opt, sched, model=model)
-    assert not opt.state
+    load_sharded_state(bad, opt, sched, model=model)
+    reference = load_file(os.path.join(saved, "at_save.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, entries in opt.state.items():
+        for key, value in entries.items():
+            if value.dim():
+                assert torch.equal(value.reshape(-1), reference[f"state.{names[id(p)]}.{key}"]), key
 
 
 def _job_worker(rank: int, world: int, port: int, out: str, job: str) -> None:
@@ -490,16 +490,12 @@ def _run_job(world: int, out: str, job: str) -> list[dict]:
     return results
 
 
-def test_shadowing_zero_size_chunk_on_two_processes_is_a_checkpoint_error(saved, tmp_path):
-    """The read fails inside torch.distributed.checkpoint, which wraps it (on every rank) in its own
-    ``CheckpointException``, a ``BaseException``: ``except Exception`` around the read does not see it."""
+def test_zero_size_chunk_at_a_real_chunks_offsets_on_two_processes(saved, tmp_path):
     out = str(tmp_path)
     shutil.copy(os.path.join(saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
     _shadow_chunk(_copy(saved, os.path.join(out, "bad"), "ckpt"))
     results = _run_job(2, out, "shadow")
-    for rank, result in enumerate(results):
-        assert result.get("outcome") == "CheckpointError", (rank, results)
-        assert result.get("unchanged"), (rank, results)
+    assert [r.get("outcome") for r in results] == ["done", "done"], results
 
 
 def test_save_with_uneven_accumulation_windows_raises_a_catchable_error(tmp_path):

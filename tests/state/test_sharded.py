@@ -497,7 +497,7 @@ ATTACKS = {
                 d["state"]["0.weight"]["exp_avg"]["chunks"][0]
             )
         ),
-        "overlap",
+        "two chunks recorded|overlap",
     ),
     "chunk missing from the record": (
         _manifest_edit(lambda d: d["state"]["0.weight"]["exp_avg"]["chunks"].pop()),

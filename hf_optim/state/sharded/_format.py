@@ -14,8 +14,10 @@ from hf_optim.state.format import dtype_name
 SHARDED_MANIFEST_NAME = "optimizer.sharded.json"
 SHARDED_FORMAT_VERSION = 2
 KIND = "hf_optim.optimizer_sharded"
-SHARD_DIR_RE = re.compile(r"^optimizer-shards-([0-9a-f]{32})$")
-SHARD_FILE_RE = re.compile(r"^shard-\d{5}-model-\d{5}-of-\d{5}\.safetensors$")
+# used with fullmatch: "$" would also accept a trailing newline, "\d" other scripts' digits
+SHARD_DIR_RE = re.compile(r"optimizer-shards-([0-9a-f]{32})")
+SHARD_FILE_RE = re.compile(r"shard-[0-9]{5}-model-[0-9]{5}-of-[0-9]{5}\.safetensors")
+CHECKPOINT_ID_KEY = "hf_optim_checkpoint_id"  # in each shard file's __metadata__: the save it belongs to
 DCP_INFO_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
 DCP_OFFSETS_KEY = "saved_offsets"
 ACCUMULATOR_PREFIX = "accumulator.gradients."  # the accumulator's gradient i is the tensor f"{prefix}{i}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
@@ -94,6 +95,19 @@ def _check_against_live(
         if missing:
             raise CheckpointError(f"{where}: hyperparameters {missing} are missing")
         checked_groups.append(check_hyperparameters(opt, g, hyper, live_hyper, where, strict=True, notes=[]))
+    for (
+        key,
+        plan,
+    ) in manifest.tensors.items():  # the accumulator's gradients are placed like a model parameter
+        like = (model_params if key.startswith(ACCUMULATOR_PREFIX) else params).get(plan.name)
+        if like is None:
+            raise CheckpointError(
+                f"{path}: {key} belongs to or is placed like {plan.name!r}, which the model lacks"
+            )
+        if plan.shape != tuple(like.shape):
+            raise CheckpointError(
+                f"{path}: {key} has global shape {list(plan.shape)}, parameter {plan.name!r} has {list(like.shape)}"
+            )
     values: dict[str, dict[str, Any]] = {}
     for name, record in manifest.doc["state"].items():
         if name not in params:
@@ -113,14 +127,6 @@ def _check_against_live(
         param, live_state = params[name], opt.state.get(params[name])
         expected = None if live_state else expected_state_keys(opt, checked_groups[group_of[name]], param)
         check_param_state(name, decoded, param, live_state, path, expected_keys=expected)
-    for key, plan in manifest.tensors.items():
-        if key.startswith(ACCUMULATOR_PREFIX):
-            continue
-        if plan.shape != tuple(params[plan.name].shape):
-            raise CheckpointError(
-                f"{path}: {plan.key} has global shape {list(plan.shape)}, parameter {plan.name!r} has "
-                f"{list(params[plan.name].shape)}"
-            )
     scheduler_state = None
     if scheduler is not None:
         saved_sched = manifest.doc.get("scheduler")
@@ -131,15 +137,15 @@ def _check_against_live(
         check_same_structure(scheduler_state, live_sched, f"{path}: scheduler")
         group_keys = {k for group in opt.param_groups for k in group}
         check_scheduler_state(scheduler_state, live_sched, group_keys, f"{path}: scheduler")
-    acc = _check_accumulator(manifest, accumulator, model_params) if accumulator is not None else None
+    acc = _check_accumulator(manifest, accumulator, len(model_params)) if accumulator is not None else None
     return _Checked(checked_groups, values, scheduler_state, acc)
 
 
 def _check_accumulator(
-    manifest: Manifest, accumulator: Any, model_params: Mapping[str, torch.Tensor]
+    manifest: Manifest, accumulator: Any, num_params: int
 ) -> tuple[dict[str, Any], list[str | None]]:
-    """The saved accumulator against the live one: class, counters' structure, number and shapes of gradients,
-    and a parameter of the model laid out like each gradient (where it is placed)."""
+    """The saved accumulator against the live one: class, counters' structure, number and shapes of gradients
+    (at most one per model parameter: they are the gradients of some of them)."""
     path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
     saved = manifest.doc.get("accumulator")
     if saved is None:
@@ -155,6 +161,11 @@ def _check_accumulator(
     check_same_structure(rest, {k: v for k, v in live.items() if k != "gradients"}, f"{path}: accumulator")
     keys: list[str | None] = []
     live_grads = list(live.get("gradients") or [])
+    if len(saved["gradients"]) > num_params:
+        raise CheckpointError(
+            f"{path}: {len(saved['gradients'])} accumulator gradients saved, more than the model's {num_params} "
+            "parameters"
+        )
     if live_grads and len(live_grads) != len(saved["gradients"]):
         raise CheckpointError(
             f"{path}: {len(saved['gradients'])} accumulator gradients saved, the accumulator has {len(live_grads)}"
@@ -163,13 +174,7 @@ def _check_accumulator(
         if entry is None:
             keys.append(None)
             continue
-        plan = manifest.tensors[f"{ACCUMULATOR_PREFIX}{i}"]
-        param = model_params.get(plan.name)
-        if param is None or tuple(param.shape) != plan.shape:
-            raise CheckpointError(
-                f"{path}: accumulator gradient {i} (shape {list(plan.shape)}) is placed like parameter "
-                f"{plan.name!r}, which the model {'does not have' if param is None else 'has in another shape'}"
-            )
+        plan = manifest.tensors[f"{ACCUMULATOR_PREFIX}{i}"]  # placed like a parameter: checked above
         if live_grads and live_grads[i] is not None and tuple(live_grads[i].shape) != plan.shape:
             raise CheckpointError(
                 f"{path}: accumulator gradient {i} has shape {list(plan.shape)}, the accumulator's "
@@ -181,22 +186,32 @@ def _check_accumulator(
 
 @contextlib.contextmanager
 def _rollback(opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any) -> Iterator[None]:
+    """Undo whatever the block changed in the optimizer, scheduler and accumulator if it raises.
+
+    ``load_state_dict`` replaces the optimizer's ``state`` and ``param_groups`` with new objects: the originals
+    are put back as they were (their contents snapshotted too, for what changes in place). The scheduler's
+    attributes are restored by identity (``optimizer`` included) and its values through its ``load_state_dict``.
+    """
     acc_state = copy.deepcopy(accumulator.state_dict()) if accumulator is not None else None
-    state = {p: dict(entries) for p, entries in opt.state.items()}
-    groups = [{k: (v if k == "params" else copy.copy(v)) for k, v in g.items()} for g in opt.param_groups]
+    old_state, old_groups = opt.state, opt.param_groups
+    state = {p: dict(entries) for p, entries in old_state.items()}
+    groups = [dict(g) for g in old_groups]
     inner = unwrap_scheduler(scheduler) if scheduler is not None else None
-    sched_dict = copy.deepcopy(inner.__dict__) if inner is not None else None
+    sched_attrs = dict(inner.__dict__) if inner is not None else None
+    sched_state = copy.deepcopy(inner.state_dict()) if inner is not None else None
     try:
         yield
     except BaseException:
-        opt.state.clear()
-        opt.state.update(state)
-        for live, saved in zip(opt.param_groups, groups, strict=True):
+        old_state.clear()
+        old_state.update(state)
+        for live, saved in zip(old_groups, groups, strict=True):
             live.clear()
             live.update(saved)
+        opt.__dict__.update(state=old_state, param_groups=old_groups)
         if inner is not None:
+            inner.load_state_dict(sched_state)
             inner.__dict__.clear()
-            inner.__dict__.update(sched_dict)
+            inner.__dict__.update(sched_attrs)
         if accumulator is not None:
             accumulator.load_state_dict(acc_state)
         raise
@@ -235,20 +250,30 @@ def load_sharded_state(
     model_params = dict(model.named_parameters())
     manifest: Manifest | None = None
     try:
+        # Every failure below is turned into a message the ranks agree on: a rank raising alone would leave the
+        # others waiting in a collective.
         error = checked = None
         try:
             manifest = read_manifest(directory, open_all=False)
             checked = _check_against_live(manifest, opt, names, scheduler, accumulator, model_params)
-            open_shards(manifest, needed_files(manifest, _layouts(manifest, model_params)))
+            # the accumulator's gradients are read only into an accumulator
+            wanted = {
+                k: p for k, p in manifest.tensors.items() if accumulator is not None or k.startswith("state.")
+            }
+            open_shards(
+                manifest, needed_files(manifest, {k: model_params[p.name] for k, p in wanted.items()})
+            )
         except CheckpointError as exc:
             error = str(exc)
+        except Exception as exc:
+            error = f"{directory}: the checkpoint does not fit ({type(exc).__name__}: {str(exc)[:300]})"
         error = agree(error)
         if error is not None or manifest is None or checked is None:
             raise CheckpointError(error or "another process could not read the checkpoint")
         params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
         targets = {
             key: torch.empty_like(model_params[plan.name].detach(), dtype=plan.dtype)
-            for key, plan in manifest.tensors.items()
+            for key, plan in wanted.items()
         }
         try:
             _read_tensors(manifest, targets)
@@ -256,7 +281,7 @@ def load_sharded_state(
                 raise CheckpointError(f"{directory}: the checkpoint changed while loading")
         except CheckpointError as exc:
             error = str(exc)
-        except Exception as exc:  # DCP wraps failures of any rank; all ranks report one error
+        except (Exception, CheckpointException) as exc:  # DCP wraps any rank's failure in a BaseException
             error = (
                 f"{manifest.shard_dir}: reading the shards failed ({type(exc).__name__}: {str(exc)[:300]})"
             )

@@ -33,6 +33,7 @@ from hf_optim.state.format import parse_json
 from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json, read_region, read_safetensors
 from hf_optim.state.sharded._format import (
     ACCUMULATOR_PREFIX,
+    CHECKPOINT_ID_KEY,
     DCP_INFO_KEY,
     DCP_OFFSETS_KEY,
     DTYPES,
@@ -122,7 +123,7 @@ def _listed_files(doc: dict[str, Any], path: str) -> tuple[str, str, tuple[str, 
     if (
         not isinstance(files, list)
         or not files
-        or not all(isinstance(f, str) and SHARD_FILE_RE.match(f) for f in files)
+        or not all(isinstance(f, str) and SHARD_FILE_RE.fullmatch(f) for f in files)
         or len(set(files)) != len(files)
     ):
         raise CheckpointError(f"{path}: 'shards.files' must list shard-*.safetensors file names")
@@ -209,7 +210,12 @@ def open_shards(manifest: Manifest, names: Iterable[str]) -> None:
         label = os.path.join(manifest.shard_dir, name)
         manifest.files[name] = _open(label, manifest.directory)
         found: dict[str, list[Chunk]] = {key: [] for key in expected}
-        _read_shard_header(label, manifest.files[name], expected, found)
+        written_by = _read_shard_header(label, manifest.files[name], expected, found)
+        if manifest.mapped and written_by != manifest.checkpoint_id:
+            raise CheckpointError(
+                f"{label}: written by another save (checkpoint id {written_by!r}, the manifest's is "
+                f"{manifest.checkpoint_id!r})"
+            )
         held = {(key, c.offsets, c.sizes) for key, chunks in found.items() for c in chunks}
         planned = {
             (key, c.offsets, c.sizes)
@@ -238,10 +244,12 @@ def needed_files(manifest: Manifest, targets: Mapping[str, torch.Tensor]) -> set
 
 def _read_shard_header(
     label: str, file: OpenFile, expected: Mapping[str, tuple[Any, ...]], chunks: dict[str, list[Chunk]]
-) -> None:
-    """Check one shard file's header (tensor names, dtypes, DCP offsets) and record its chunks."""
+) -> str | None:
+    """Check one shard file's header (tensor names, dtypes, DCP offsets) and record its chunks (empty ones
+    hold no data and are left out); returns the checkpoint id its metadata names, if any."""
     try:
         with safe_open(file.reader_path(), "pt", backend="pread") as f:
+            checkpoint_id = (f.metadata() or {}).get(CHECKPOINT_ID_KEY)
             info_raw = (f.metadata() or {}).get(DCP_INFO_KEY)
             info = parse_json(info_raw.encode(), f"{label}: {DCP_INFO_KEY}") if info_raw else None
             if not isinstance(info, dict):
@@ -271,11 +279,13 @@ def _read_shard_header(
                         f"{label}: {key} chunk at {list(offsets)} of size {list(sizes)} lies outside its "
                         f"global shape {list(shape)}"
                     )
-                chunks[key].append(Chunk(os.path.basename(label), offsets, sizes))
+                if math.prod(sizes):
+                    chunks[key].append(Chunk(os.path.basename(label), offsets, sizes))
     except SafetensorError as exc:
         raise CheckpointError(f"{label}: not a valid safetensors file ({exc})") from None
     except OSError as exc:
         raise CheckpointError(f"{label}: cannot read ({exc.strerror})") from None
+    return checkpoint_id
 
 
 def checked_metadata(manifest: Manifest, load_id: str = "") -> Metadata:
@@ -393,7 +403,9 @@ def _chunk_list(value: Any, files: Sequence[str], where: str) -> list[Chunk]:
             or item["file"] not in files
         ):
             raise CheckpointError(f"{where}: a chunk must name a listed shard file, its offsets and sizes")
-        chunks.append(Chunk(item["file"], _int_list(item["offsets"], where), _int_list(item["sizes"], where)))
+        chunk = Chunk(item["file"], _int_list(item["offsets"], where), _int_list(item["sizes"], where))
+        if math.prod(chunk.sizes):  # an empty chunk holds no data (a process whose shard is empty)
+            chunks.append(chunk)
     return chunks
 
 
@@ -411,17 +423,23 @@ def _check_tiling(key: str, shape: tuple[int, ...], chunks: Sequence[Chunk], sha
             )
     total = math.prod(shape)
     covered = sum(math.prod(c.sizes) for c in chunks)
-    for i, a in enumerate(chunks):
-        for b in chunks[i + 1 :]:
-            if (
-                all(
-                    max(ao, bo) < min(ao + asz, bo + bsz)
-                    for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
-                )
-                and math.prod(a.sizes)
-                and math.prod(b.sizes)
+    files: set[str] = set()
+    for c in chunks:  # a file holds a tensor name once: this also bounds the number of chunks
+        if c.file in files:
+            raise CheckpointError(f"{shard_dir}: {key}: two chunks recorded in {c.file}")
+        files.add(c.file)
+    # sweep along the first dimension: only chunks whose rows meet are compared
+    active: list[Chunk] = []
+    for c in sorted(chunks, key=lambda c: c.offsets):
+        if shape:
+            active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
+        for a in active:
+            if all(
+                max(ao, co) < min(ao + asz, co + csz)
+                for ao, asz, co, csz in zip(a.offsets, a.sizes, c.offsets, c.sizes, strict=True)
             ):
-                raise CheckpointError(f"{shard_dir}: {key}: chunks in {a.file} and {b.file} overlap")
+                raise CheckpointError(f"{shard_dir}: {key}: chunks in {a.file} and {c.file} overlap")
+        active.append(c)
     if covered != total:
         raise CheckpointError(
             f"{shard_dir}: {key}: the shards cover {covered} of its {total} elements (missing or extra shard)"

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (
     SavePlan,
@@ -41,6 +41,7 @@ from hf_optim.state.sharded._dist import (
 )
 from hf_optim.state.sharded._format import (
     ACCUMULATOR_PREFIX,
+    CHECKPOINT_ID_KEY,
     DCP_INFO_KEY,
     DCP_OFFSETS_KEY,
     KIND,
@@ -56,12 +57,17 @@ logger = logging.getLogger(__name__)
 
 
 class _StreamingWriter(HuggingFaceStorageWriter):
-    """``HuggingFaceStorageWriter`` writing each file with ``safetensors.torch.save_file``.
+    """``HuggingFaceStorageWriter`` writing each file with ``safetensors.torch.save_file``, each file's metadata
+    naming the save (``checkpoint_id``).
 
     The stock writer serialises a whole file to ``bytes`` in memory first (two transient copies of the
     process's shard of that file); ``save_file`` streams the tensors' memory to disk. Same file names, same
     ``DCP_SHARDING_INFO`` metadata, so ``HuggingFaceStorageReader`` reads the result unchanged.
     """
+
+    def __init__(self, path: str, checkpoint_id: str, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.hf_optim_checkpoint_id = checkpoint_id
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         mapping: dict[str, int] | None = plan.storage_data.get("fqn_to_index_mapping")
@@ -84,7 +90,12 @@ class _StreamingWriter(HuggingFaceStorageWriter):
                 tensors[item.index.fqn] = tensor
                 offsets[item.index.fqn] = {DCP_OFFSETS_KEY: list(item.tensor_data.chunk.offsets)}
                 results.append(WriteResult(index=item.index, size_in_bytes=tensor.nbytes, storage_data=name))
-            metadata = {DCP_INFO_KEY: json.dumps(offsets), "DCP_VERSION": "1.0", "format": "pt"}
+            metadata = {
+                DCP_INFO_KEY: json.dumps(offsets),
+                "DCP_VERSION": "1.0",
+                "format": "pt",
+                CHECKPOINT_ID_KEY: self.hf_optim_checkpoint_id,
+            }
             save_file(tensors, os.path.join(str(self.path), name), metadata=metadata)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -205,13 +216,16 @@ def save_sharded_state(
     writer = None
     try:
         writer = _StreamingWriter(
-            tmp_dir, fqn_to_index_mapping=_file_buckets(tensors, max_file_size), save_distributed=True
+            tmp_dir,
+            checkpoint_id,
+            fqn_to_index_mapping=_file_buckets(tensors, max_file_size),
+            save_distributed=True,
         )
         with warnings.catch_warnings():
             # one process without a process group: DCP warns that it "assumes" exactly that
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp.save(tensors, storage_writer=writer, no_dist=not distributed())
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP wraps any rank's failure in a BaseException
         error = f"{type(exc).__name__}: {exc}"
     error = agree(error)
     if error is not None:
@@ -219,7 +233,7 @@ def save_sharded_state(
 
     manifest_path = os.path.join(directory, SHARDED_MANIFEST_NAME)
     if rank() == 0:
-        shard_files = sorted(f for f in os.listdir(tmp_dir) if SHARD_FILE_RE.match(f))
+        shard_files = sorted(f for f in os.listdir(tmp_dir) if SHARD_FILE_RE.fullmatch(f))
         world = dist.get_world_size() if distributed() else 1
         manifest = {
             "format": KIND,
@@ -315,7 +329,7 @@ def _remove_stale(directory: str, *, keep: str) -> None:
         path = os.path.join(directory, entry)
         if entry == keep:
             continue
-        if SHARD_DIR_RE.match(entry):
+        if SHARD_DIR_RE.fullmatch(entry):
             hidden = os.path.join(directory, f".{entry}.{uuid.uuid4().hex}.tmp")
             with contextlib.suppress(OSError):
                 os.replace(path, hidden)
