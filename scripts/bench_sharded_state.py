@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,7 @@ def _shard_bytes(opt) -> int:
 
 
 def _timed(fn) -> tuple[float, int]:
+    os.sync()  # every row starts from written-back page cache (untimed), not under the previous row's writes
     dist.barrier()
     _reset_peak()
     base = _status("VmRSS")
@@ -103,6 +105,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    # dcp.save's default writer overwrites the previous round's checkpoint, and says so every time
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint", category=UserWarning)
     model, opt = _build(args.numel // 2, args.layers)  # two moments: numel // 2 parameters
     shard = _shard_bytes(opt)
     root = args.root
