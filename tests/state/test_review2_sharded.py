@@ -1,0 +1,168 @@
+"""Second review of sharded state: a load that fails while applying (the optimizer, the scheduler or the
+accumulator refusing what it is given, after taking part of it) leaves every live object exactly as it was.
+
+Reference: a twin of the live objects built and trained identically, which no load touches. After the failed
+load both must hold the same values, keep the same objects, and go on identically (lr, state, accumulator).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+import hf_optim
+from hf_optim.errors import CheckpointError
+from hf_optim.state.sharded import load_sharded_state, save_sharded_state
+from tests.state.test_sharded import _make, _train_accumulating
+
+
+_REFUSE: set[int] = set()  # objects whose next load_state_dict takes the state, then raises (kept outside them)
+
+
+class RefusingAccumulator(hf_optim.GradientAccumulator):
+    """Takes the state it is given, then refuses it (as a subclass checking something more would), once."""
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if id(self) in _REFUSE:
+            _REFUSE.discard(id(self))
+            raise ValueError("refused after loading")
+
+
+class RefusingLambdaLR(LambdaLR):
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if id(self) in _REFUSE:
+            _REFUSE.discard(id(self))
+            raise RuntimeError("refused after loading")
+
+
+def _objects(micro_steps: range, *, counts_items: bool = False):
+    model, opt, _ = _make(1, None)
+    sched = RefusingLambdaLR(opt, lambda step: 1.0 / (1 + step))
+    acc = RefusingAccumulator()
+    if counts_items:
+        for micro in micro_steps:
+            model(torch.randn(4, 5, generator=torch.Generator().manual_seed(micro))).pow(2).mean().backward()
+            acc.accumulate_from(model, num_items=4)
+            if micro % 2 == 1:
+                acc.apply_to(model)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+    else:
+        _train_accumulating(model, opt, sched, acc, micro_steps, 0, 1)
+    return model, opt, sched, acc
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Two optimizer steps and half a window (differs from the live objects: one step and half a window)."""
+    model, opt, sched, acc = _objects(range(5))
+    path = tmp_path_factory.mktemp("review2") / "ckpt"
+    save_sharded_state(path, opt, sched, acc, model=model)
+    return path
+
+
+def _fail_optimizer(opt, sched, acc):
+    def hook(optimizer):
+        handle.remove()  # once
+        raise RuntimeError("refused after loading")
+
+    handle = opt.register_load_state_dict_post_hook(hook)  # runs once torch has installed the new state
+
+
+def _fail_scheduler(opt, sched, acc):
+    _REFUSE.add(id(sched))
+
+
+def _fail_accumulator(opt, sched, acc):
+    _REFUSE.add(id(acc))
+
+
+STAGES = {"optimizer": _fail_optimizer, "scheduler": _fail_scheduler, "accumulator": _fail_accumulator}
+
+
+def _assert_same_values(a, b, where):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_values(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_values(x, y, f"{where}[{i}]")
+    elif not callable(a):
+        assert type(a) is type(b) and a == b, (where, a, b)
+
+
+def _state_by_name(model, opt):
+    return {n: opt.state[p] for n, p in model.named_parameters() if p in opt.state}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_failed_apply_leaves_the_objects_as_their_untouched_twin(ckpt, stage):
+    model, opt, sched, acc = _objects(range(3))
+    twin = _objects(range(3))
+    state_dicts = dict(_state_by_name(model, opt))
+    tensors = {n: dict(d) for n, d in state_dicts.items()}
+    state_obj, groups = opt.state, list(opt.param_groups)
+    buffers = list(acc.gradients)
+    STAGES[stage](opt, sched, acc)
+    with pytest.raises((CheckpointError, RuntimeError)):
+        load_sharded_state(ckpt, opt, sched, acc, model=model)
+    # the same objects
+    assert opt.state is state_obj
+    assert all(a is b for a, b in zip(opt.param_groups, groups, strict=True))
+    assert sched.optimizer is opt
+    for n, d in state_dicts.items():
+        assert all(d[k] is v for k, v in tensors[n].items()), n
+    assert all(a is b for a, b in zip(acc.gradients, buffers, strict=True))
+    # the same values as the twin's
+    _assert_same_values(_state_by_name(model, opt), _state_by_name(twin[0], twin[1]), "state")
+    for live, other in zip(opt.param_groups, twin[1].param_groups, strict=True):
+        _assert_same_values(
+            {k: v for k, v in live.items() if k != "params"},
+            {k: v for k, v in other.items() if k != "params"},
+            "group",
+        )
+    _assert_same_values(sched.state_dict(), twin[2].state_dict(), "scheduler")
+    _assert_same_values(acc.state_dict(), twin[3].state_dict(), "accumulator")
+    # and they go on identically: the scheduler drives this optimizer, the accumulator finishes its window
+    for objs in ((model, opt, sched, acc), twin):
+        _train_accumulating(*objs, range(3, 7), 0, 1)
+    _assert_same_values(_state_by_name(model, opt), _state_by_name(twin[0], twin[1]), "state after")
+    assert opt.param_groups[0]["lr"] == twin[1].param_groups[0]["lr"]
+    _assert_same_values(dict(model.named_parameters()), dict(twin[0].named_parameters()), "parameters after")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_failed_apply_keeps_the_optimizer_per_parameter_state_dicts(ckpt, stage):
+    """``opt.state[p]`` is the very dict it was (code may hold it, as torch's own functional optimizers do
+    between calls): the rollback must put back the original per-parameter dicts, not copies of them."""
+    model, opt, sched, acc = _objects(range(3))
+    state_dicts = dict(_state_by_name(model, opt))
+    STAGES[stage](opt, sched, acc)
+    with pytest.raises((CheckpointError, RuntimeError)):
+        load_sharded_state(ckpt, opt, sched, acc, model=model)
+    for n, d in state_dicts.items():
+        assert _state_by_name(model, opt)[n] is d, n
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_failed_apply_keeps_the_accumulators_num_items_rule(ckpt, stage):
+    """Mid-window without ``num_items``, the accumulator refuses a micro-step that gives it (all or none must).
+    After a failed load it must still refuse it, exactly as its untouched twin does."""
+    model, opt, sched, acc = _objects(range(3))
+    twin = _objects(range(3))
+    grads = [torch.ones_like(p) for p in twin[0].parameters()]
+    with pytest.raises(ValueError, match="num_items must be given"):
+        twin[3](grads, num_items=4)
+    STAGES[stage](opt, sched, acc)
+    with pytest.raises((CheckpointError, RuntimeError)):
+        load_sharded_state(ckpt, opt, sched, acc, model=model)
+    with pytest.raises(ValueError, match="num_items must be given"):
+        acc(grads, num_items=4)
