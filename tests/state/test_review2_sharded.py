@@ -166,3 +166,13 @@ def test_failed_apply_keeps_the_accumulators_num_items_rule(ckpt, stage):
         load_sharded_state(ckpt, opt, sched, acc, model=model)
     with pytest.raises(ValueError, match="num_items must be given"):
         acc(grads, num_items=4)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_refusal_while_applying_is_a_checkpoint_error(ckpt, stage):
+    """Whichever object refuses what it is given, the caller catches one type, as for the optimizer and the
+    accumulator (a scheduler's refusal is not let through as a bare RuntimeError)."""
+    model, opt, sched, acc = _objects(range(3))
+    STAGES[stage](opt, sched, acc)
+    with pytest.raises(CheckpointError, match="refused after loading"):
+        load_sharded_state(ckpt, opt, sched, acc, model=model)
