@@ -24,6 +24,9 @@ import torch
 import hf_optim
 from hf_optim import OPTIMIZER_NAME, SCHEDULER_NAME, CheckpointError, inspect_state, save_state
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, inspect_sharded_state, save_sharded_state
+from tests.security.test_review_sharded import _copy as _review_copy
+from tests.security.test_review_sharded import _run_ranks
+from tests.security.test_review_sharded import saved as review_saved  # noqa: F401 - a fixture
 from tests.state.helpers import assert_refused, trained
 from tests.state.test_sharded import _make
 
@@ -184,3 +187,25 @@ def test_chunks_sharing_their_rows_end_quickly(sharded, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("a 1 MB manifest of 8,000 one-element chunks kept inspect_sharded_state busy for over 20 s")
     assert re.match(r"refused: .*(missing|shard)", done.stdout), done.stdout + done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes whose copies of the checkpoint are different saves (node-local storage, a stale copy on one machine)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ranks_loading_different_saves_raise_on_every_rank(review_saved, tmp_path):
+    """Rank 0's folder holds one save, rank 1's folder (same path on another machine) another save of the same
+    model: each check passes on its own, but the ranks would restore a mix of two trainings (rank 0's shards
+    from one, rank 1's from the other, each its own scheduler position). The ranks must agree on the checkpoint
+    id and all raise."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(review_saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
+    _review_copy(review_saved, os.path.join(out, "rank0"), "ckpt")
+    _review_copy(review_saved, os.path.join(out, "rank1"), "acc")
+    ids = {json.loads(Path(out, f"rank{r}", SHARDED_MANIFEST_NAME).read_text())["checkpoint_id"] for r in (0, 1)}
+    assert len(ids) == 2  # really two saves
+    results = _run_ranks(2, out, False)
+    for rank, result in enumerate(results):
+        assert result.get("outcome") == "CheckpointError", (rank, results)
+        assert result.get("unchanged"), (rank, results)
