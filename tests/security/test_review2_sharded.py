@@ -26,9 +26,8 @@ from hf_optim import OPTIMIZER_NAME, SCHEDULER_NAME, CheckpointError, inspect_st
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, inspect_sharded_state, save_sharded_state
 from tests.security.test_review_sharded import _copy as _review_copy
 from tests.security.test_review_sharded import _run_ranks
-from tests.security.test_review_sharded import saved as review_saved  # noqa: F401 - a fixture
 from tests.state.helpers import assert_refused, trained
-from tests.state.test_sharded import _make
+from tests.state.test_sharded import _make, _spawn
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -182,16 +181,32 @@ def test_chunks_sharing_their_rows_end_quickly(sharded, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     try:
         done = subprocess.run(
-            [sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=20, env=env, cwd=ROOT
+            [sys.executable, "-c", code, str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=env,
+            cwd=ROOT,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("a 1 MB manifest of 8,000 one-element chunks kept inspect_sharded_state busy for over 20 s")
+        pytest.fail(
+            "a 1 MB manifest of 8,000 one-element chunks kept inspect_sharded_state busy for over 20 s"
+        )
     assert re.match(r"refused: .*(missing|shard)", done.stdout), done.stdout + done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Processes whose copies of the checkpoint are different saves (node-local storage, a stale copy on one machine)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def review_saved(tmp_path_factory):
+    """Two saves of the same model by two processes: with a GradientAccumulator (``acc``), without (``ckpt``)."""
+    out = str(tmp_path_factory.mktemp("review2_saves"))
+    _spawn(2, "acc-save", out)
+    _spawn(2, "save", out)
+    return out
 
 
 def test_ranks_loading_different_saves_raise_on_every_rank(review_saved, tmp_path):
@@ -203,7 +218,9 @@ def test_ranks_loading_different_saves_raise_on_every_rank(review_saved, tmp_pat
     shutil.copy(os.path.join(review_saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
     _review_copy(review_saved, os.path.join(out, "rank0"), "ckpt")
     _review_copy(review_saved, os.path.join(out, "rank1"), "acc")
-    ids = {json.loads(Path(out, f"rank{r}", SHARDED_MANIFEST_NAME).read_text())["checkpoint_id"] for r in (0, 1)}
+    ids = {
+        json.loads(Path(out, f"rank{r}", SHARDED_MANIFEST_NAME).read_text())["checkpoint_id"] for r in (0, 1)
+    }
     assert len(ids) == 2  # really two saves
     results = _run_ranks(2, out, False)
     for rank, result in enumerate(results):

@@ -7,17 +7,29 @@ load both must hold the same values, keep the same objects, and go on identicall
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 from torch.optim.lr_scheduler import LambdaLR
 
 import hf_optim
 from hf_optim.errors import CheckpointError
-from hf_optim.state.sharded import load_sharded_state, save_sharded_state
-from tests.state.test_sharded import _make, _train_accumulating
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state, save_sharded_state
+from tests.state.test_review_sharded import _upload
+from tests.state.test_review_sharded import _weights as _review_weights
+from tests.state.test_sharded import _free_port, _make, _spawn, _train_accumulating
 
-
-_REFUSE: set[int] = set()  # objects whose next load_state_dict takes the state, then raises (kept outside them)
+_REFUSE: set[int] = (
+    set()
+)  # objects whose next load_state_dict takes the state, then raises (kept outside them)
 
 
 class RefusingAccumulator(hf_optim.GradientAccumulator):
@@ -176,3 +188,103 @@ def test_refusal_while_applying_is_a_checkpoint_error(ckpt, stage):
     STAGES[stage](opt, sched, acc)
     with pytest.raises(CheckpointError, match="refused after loading"):
         load_sharded_state(ckpt, opt, sched, acc, model=model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Machines that find different manifests at the same commit (one of them offline, its cache holding the other)
+# ---------------------------------------------------------------------------------------------------------------
+
+TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint saved by two processes (``ckpt``) and the state at save (``at_save.safetensors``)."""
+    out = str(tmp_path_factory.mktemp("review2_hub"))
+    _spawn(2, "save", out)
+    return out
+
+
+def _offline_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
+    """One process per machine (``LOCAL_RANK=0``, own cache); machine 1 is offline (``HF_HUB_OFFLINE``, read by
+    huggingface_hub at each call), its cache holding the folder's ordinary (consolidated) checkpoint only."""
+    import huggingface_hub.constants
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK="0", GROUP_RANK=str(rank))
+    if rank == 1:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=8))
+    result: dict = {}
+    try:
+        model, opt, sched = _make(world, _review_weights(out, "at_save.safetensors"))
+        try:
+            hf_optim.load_state(url, opt, sched, model=model, cache_dir=os.path.join(out, f"machine{rank}"))
+            result["outcome"] = "loaded"
+        except Exception as exc:
+            result["outcome"] = type(exc).__name__
+            result["message"] = str(exc)[:500]
+    finally:
+        Path(out, f"machine_{rank}.json.tmp").write_text(json.dumps(result))
+        os.replace(Path(out, f"machine_{rank}.json.tmp"), Path(out, f"machine_{rank}.json"))
+        deadline = time.monotonic() + TIMEOUT  # no barrier: wait until every process has reported
+        while time.monotonic() < deadline and not all(
+            Path(out, f"machine_{r}.json").exists() for r in range(world)
+        ):
+            time.sleep(0.2)
+        dist.destroy_process_group()
+
+
+def test_machine_offline_with_the_ordinary_checkpoint_cached_does_not_hang(
+    saved, hub_repo_id, hub_api, tmp_path
+):
+    """The folder holds a sharded checkpoint and its consolidation (``consolidate_to``). Machine 0 downloads the
+    sharded manifest; machine 1, offline, finds only the ordinary manifest of the same commit in its cache. The
+    commit agrees, the manifests do not: machine 0 enters ``machine_files``'s collectives, machine 1 skips them.
+    Both must end (loaded or a CheckpointError on both), none may wait in a collective the other never joins."""
+    from huggingface_hub import hf_hub_download
+
+    folder = tmp_path / "both"
+    shutil.copytree(os.path.join(saved, "ckpt"), folder)
+    hf_optim.consolidate_state(os.path.join(saved, "ckpt"), tmp_path / "v1")
+    for name in os.listdir(tmp_path / "v1"):
+        shutil.copy(tmp_path / "v1" / name, folder / name)
+    _upload(hub_api, hub_repo_id, str(folder))
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")
+    for name in os.listdir(tmp_path / "v1"):  # machine 1 once downloaded the ordinary checkpoint
+        hf_hub_download(hub_repo_id, f"run/{name}", cache_dir=str(out / "machine1"))
+    context = mp.start_processes(
+        _offline_worker,
+        args=(2, _free_port(), f"hf://{hub_repo_id}/run", str(out)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT
+    hung = False
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                hung = True
+                break
+    except ProcessException:
+        pass
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    results = [
+        json.loads(Path(out, f"machine_{r}.json").read_text())
+        if Path(out, f"machine_{r}.json").exists()
+        else {"outcome": "no result (hung or died)"}
+        for r in range(2)
+    ]
+    # machine 1 could only see the ordinary manifest; machine 0 took the sharded one
+    assert not list((out / "machine1").rglob(SHARDED_MANIFEST_NAME))
+    assert list((out / "machine0").rglob(SHARDED_MANIFEST_NAME))
+    assert not hung, f"hang: processes still running after {TIMEOUT} s: {results}"
+    outcomes = {r.get("outcome") for r in results}
+    assert outcomes in ({"CheckpointError"}, {"loaded"}), results
