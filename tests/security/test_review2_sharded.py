@@ -226,3 +226,27 @@ def test_ranks_loading_different_saves_raise_on_every_rank(review_saved, tmp_pat
     for rank, result in enumerate(results):
         assert result.get("outcome") == "CheckpointError", (rank, results)
         assert result.get("unchanged"), (rank, results)
+
+
+def _surrogate_name(doc):
+    """A parameter name holding a lone surrogate (``"\\ud800"`` in the JSON: valid JSON, a str Python cannot
+    encode to UTF-8): the error naming the tensor ``state.<name>.<key>`` carries it."""
+    record = doc["state"]["0.bias\ud800"] = doc["state"].pop("0.bias")
+    for state_key, entry in record.items():
+        if "sharded" in entry:
+            entry["sharded"] = f"state.0.bias\ud800.{state_key}"
+
+
+def test_error_message_that_is_not_utf8_is_agreed_on_every_rank(review_saved, tmp_path):
+    """Rank 1's copy names a parameter with a lone surrogate: rank 1 refuses it, and every rank must hear of it
+    (a CheckpointError on both) rather than rank 1 failing to encode its message for the others, alone, while
+    rank 0 waits for it in the collective."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(review_saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
+    _review_copy(review_saved, os.path.join(out, "rank0"), "ckpt")
+    _review_copy(review_saved, os.path.join(out, "rank1"), "ckpt", _surrogate_name)
+    assert "\\ud800" in Path(out, "rank1", SHARDED_MANIFEST_NAME).read_text()  # the JSON escape, valid JSON
+    results = _run_ranks(2, out, False)
+    for rank, result in enumerate(results):
+        assert result.get("outcome") == "CheckpointError", (rank, results)
+        assert result.get("unchanged"), (rank, results)
