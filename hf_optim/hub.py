@@ -370,12 +370,17 @@ def _download_sharded(location: _Location, model: torch.nn.Module, **options: An
         return fetch_manifest
 
     manifest_path = _once_per_machine(manifest(location))
-    # Machines resolve the revision one after the other: if it moved in between, all take rank 0's commit.
+    # Machines resolve the revision one after the other: if it moved in between, all take rank 0's commit. They
+    # must also have found the same kind of manifest (offline, a cache may hold another one): else all raise.
     mine = f"{_commit_of(location, manifest_path)}/{os.path.basename(manifest_path)}"
     chosen = sharded.broadcast_text(mine)
     if sharded.agree(None if mine == chosen else "the revision moved") is not None:
         pinned = replace(location, revision=chosen.split("/")[0])
         manifest_path = _once_per_machine(manifest(pinned))
+        mine = f"{_commit_of(location, manifest_path)}/{os.path.basename(manifest_path)}"
+        error = sharded.agree(None if mine == chosen else f"this machine found {mine}, rank 0 found {chosen}")
+        if error is not None:
+            raise CheckpointError(f"the machines found different optimizer state on the Hub: {error}")
     if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
         names = sharded.machine_files(manifest_path, model)
     else:

@@ -126,11 +126,21 @@ def checkpoint_roots(directory: str) -> list[str]:
         if os.path.basename(parent) == "snapshots":
             repo = os.path.dirname(parent)
             blobs = os.path.join(repo, "blobs")
-            # no refs/ required: huggingface_hub writes none for a download pinned to a commit
-            if os.path.basename(repo).startswith(_CACHE_REPO_PREFIXES) and os.path.isdir(blobs):
+            # no refs/ required: huggingface_hub writes none for a download pinned to a commit. The repository
+            # folder and its blobs must be real folders: a symlinked one could make any folder a root.
+            if os.path.basename(repo).startswith(_CACHE_REPO_PREFIXES) and all(
+                _is_real_dir(path) for path in (repo, blobs)
+            ):
                 roots.append(blobs)
             return roots
         current = parent
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _inside(path: str, roots: Iterable[str]) -> bool:

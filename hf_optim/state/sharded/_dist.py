@@ -55,7 +55,7 @@ def agree(error: str | None) -> str | None:
     if not distributed():
         return error
     device = _device()
-    data = (error or "").encode()
+    data = (error or "").encode(errors="backslashreplace")  # names from a file may not be encodable
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
@@ -81,7 +81,7 @@ def broadcast_text(text: str) -> str:
     if not distributed():
         return text
     device = _device()
-    data = text.encode() if rank() == 0 else b""
+    data = text.encode(errors="backslashreplace") if rank() == 0 else b""
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(size, src=0)
     buf = torch.zeros(int(size.item()), dtype=torch.uint8)

@@ -26,6 +26,7 @@ from hf_optim.state.checks import (
 from hf_optim.state.format import qualname
 from hf_optim.state.sharded._dist import (
     agree,
+    broadcast_text,
     distributed,
     machine_union,
     parameter_names,
@@ -192,9 +193,10 @@ def _rollback(opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any) -> I
     are put back as they were (their contents snapshotted too, for what changes in place). The scheduler's
     attributes are restored by identity (``optimizer`` included) and its values through its ``load_state_dict``.
     """
+    acc_attrs = dict(accumulator.__dict__) if accumulator is not None else None
     acc_state = copy.deepcopy(accumulator.state_dict()) if accumulator is not None else None
     old_state, old_groups = opt.state, opt.param_groups
-    state = {p: dict(entries) for p, entries in old_state.items()}
+    entries = {p: (d, dict(d)) for p, d in old_state.items()}
     groups = [dict(g) for g in old_groups]
     inner = unwrap_scheduler(scheduler) if scheduler is not None else None
     sched_attrs = dict(inner.__dict__) if inner is not None else None
@@ -203,17 +205,19 @@ def _rollback(opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any) -> I
         yield
     except BaseException:
         old_state.clear()
-        old_state.update(state)
+        for p, (d, content) in entries.items():
+            d.clear()
+            d.update(content)
+            old_state[p] = d
         for live, saved in zip(old_groups, groups, strict=True):
             live.clear()
             live.update(saved)
         opt.__dict__.update(state=old_state, param_groups=old_groups)
-        if inner is not None:
-            inner.load_state_dict(sched_state)
-            inner.__dict__.clear()
-            inner.__dict__.update(sched_attrs)
-        if accumulator is not None:
-            accumulator.load_state_dict(acc_state)
+        for obj, state, attrs in ((inner, sched_state, sched_attrs), (accumulator, acc_state, acc_attrs)):
+            if obj is not None:  # values through load_state_dict (buffers copied back), then the attributes
+                obj.load_state_dict(state)
+                obj.__dict__.clear()
+                obj.__dict__.update(attrs)
         raise
 
 
@@ -270,6 +274,14 @@ def load_sharded_state(
         error = agree(error)
         if error is not None or manifest is None or checked is None:
             raise CheckpointError(error or "another process could not read the checkpoint")
+        first = broadcast_text(manifest.checkpoint_id)  # node-local copies: every process must read one save
+        error = agree(
+            None
+            if first == manifest.checkpoint_id
+            else f"{directory} holds save {manifest.checkpoint_id}, rank 0 read save {first}"
+        )
+        if error is not None:
+            raise CheckpointError(error)
         params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
         targets = {
             key: torch.empty_like(model_params[plan.name].detach(), dtype=plan.dtype)
@@ -370,7 +382,10 @@ def _apply(
                 if "sharded" in entry:
                     opt.state[params[name]][key] = targets[entry["sharded"]]
         if scheduler is not None:
-            unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(checked.scheduler_state))
+            try:
+                unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(checked.scheduler_state))
+            except (ValueError, TypeError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"{path}: the scheduler refused its state: {err}") from None
         if checked.accumulator is not None:
             rest, keys = checked.accumulator
             gradients = [targets[key] if key is not None else None for key in keys]

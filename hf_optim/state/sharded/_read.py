@@ -410,7 +410,9 @@ def _chunk_list(value: Any, files: Sequence[str], where: str) -> list[Chunk]:
 
 
 def _check_tiling(key: str, shape: tuple[int, ...], chunks: Sequence[Chunk], shard_dir: str) -> None:
-    """The chunks cover ``shape`` exactly: no gap, no overlap."""
+    """The chunks tile ``shape`` as DTensor shards do: in every dimension their ranges partition it, and the
+    chunks are the grid those partitions make, each cell once (no gap, no overlap). Linear in the chunks, up to
+    sorting, whatever a manifest records."""
     for c in chunks:
         if (
             len(c.offsets) != len(shape)
@@ -421,28 +423,35 @@ def _check_tiling(key: str, shape: tuple[int, ...], chunks: Sequence[Chunk], sha
                 f"{shard_dir}: {key}: chunk at {list(c.offsets)} of size {list(c.sizes)} in {c.file} lies outside "
                 f"its global shape {list(shape)}"
             )
-    total = math.prod(shape)
-    covered = sum(math.prod(c.sizes) for c in chunks)
     files: set[str] = set()
-    for c in chunks:  # a file holds a tensor name once: this also bounds the number of chunks
+    for c in chunks:  # a file holds a tensor name once
         if c.file in files:
             raise CheckpointError(f"{shard_dir}: {key}: two chunks recorded in {c.file}")
         files.add(c.file)
-    # sweep along the first dimension: only chunks whose rows meet are compared
-    active: list[Chunk] = []
-    for c in sorted(chunks, key=lambda c: c.offsets):
-        if shape:
-            active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
-        for a in active:
-            if all(
-                max(ao, co) < min(ao + asz, co + csz)
-                for ao, asz, co, csz in zip(a.offsets, a.sizes, c.offsets, c.sizes, strict=True)
-            ):
-                raise CheckpointError(f"{shard_dir}: {key}: chunks in {a.file} and {c.file} overlap")
-        active.append(c)
-    if covered != total:
+    cells = {tuple(zip(c.offsets, c.sizes, strict=True)) for c in chunks}
+    if len(cells) != len(chunks):
+        raise CheckpointError(f"{shard_dir}: {key}: two chunks overlap (the same range recorded twice)")
+    grid = 1
+    for d, size in enumerate(shape):
+        ranges = sorted({(c.offsets[d], c.sizes[d]) for c in chunks})
+        end = 0
+        for offset, length in ranges:
+            if offset != end:
+                what = "overlap" if offset < end else "leave a gap"
+                raise CheckpointError(
+                    f"{shard_dir}: {key}: chunks {what} in dimension {d} at {min(offset, end)}"
+                )
+            end = offset + length
+        if end != size:
+            raise CheckpointError(
+                f"{shard_dir}: {key}: the chunks cover {end} of its {size} elements in dimension {d} "
+                "(missing or extra shard)"
+            )
+        grid *= len(ranges)
+    if grid != len(chunks):  # distinct cells of the grid: exactly all of them
         raise CheckpointError(
-            f"{shard_dir}: {key}: the shards cover {covered} of its {total} elements (missing or extra shard)"
+            f"{shard_dir}: {key}: the chunks cover {len(chunks)} of the {grid} cells their ranges make "
+            "(missing or extra shard)"
         )
 
 
