@@ -17,6 +17,7 @@ writes ``final_model.safetensors`` and prints the loss and the weights' checksum
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -70,6 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
+    try:
+        train(args, world)
+    finally:
+        if world > 1:
+            # The sharded model (its device mesh) holds the process group: with it released, the group is torn
+            # down here rather than while the interpreter exits.
+            gc.collect()
+            dist.barrier()  # no rank tears gloo down while another still talks to it
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, world: int) -> None:
+    """Train (and resume, and save) on this process; the process group, if any, is set up."""
     rank = dist.get_rank() if world > 1 else 0
     if args.global_batch_size % world:
         raise SystemExit(f"--global_batch_size {args.global_batch_size} must divide by {world} processes")
@@ -135,9 +149,6 @@ def main(argv: list[str] | None = None) -> None:
             f"final loss {loss.item():.4f}; weights checksum {checksum:.6f}",
             flush=True,
         )
-    if world > 1:
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-        dist.destroy_process_group()
 
 
 def local_checkpoint(path_or_url: str) -> str:

@@ -40,7 +40,12 @@ def _run(tmp: Path, nproc: int, out: str, *args: str) -> str:
         cwd=tmp,
         timeout=240,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # torch/gloo can abort a process while the interpreter exits, under load ("terminate called without an active
+    # exception"), after the script's last line ran: tolerated only then (rank 0 printed "done" last)
+    aborted_at_exit = "terminate called without an active exception" in done.stderr and "\ndone: " in (
+        "\n" + done.stdout
+    )
+    assert done.returncode == 0 or aborted_at_exit, done.stderr[-3000:]
     return done.stdout
 
 
