@@ -12,20 +12,18 @@ import json
 import os
 import re
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from torch.multiprocessing.spawn import ProcessException
 
 import hf_optim
 from hf_optim.errors import CheckpointError
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state
-from tests.state.test_sharded import _free_port, _make, _spawn
+from tests.multiprocess import report_and_wait, run_with_deadline
+from tests.state.test_sharded import _make, _spawn, weights_from
 
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
@@ -40,11 +38,7 @@ def saved(tmp_path_factory):
 
 
 def _weights(saved: str, name: str) -> dict[str, torch.Tensor]:
-    return {
-        k.removeprefix("param."): v
-        for k, v in load_file(os.path.join(saved, name)).items()
-        if k.startswith("param.")
-    }
+    return weights_from(os.path.join(saved, name))
 
 
 def _copy(saved: str, dest: str, name: str, edit=None) -> str:
@@ -253,48 +247,12 @@ def _rank_worker(rank: int, world: int, port: int, out: str, with_accumulator: b
                 torch.equal(before[k], v) for k, v in _local(model).items()
             )
     finally:
-        Path(out, f"rank_{rank}.json.tmp").write_text(json.dumps(result))
-        os.replace(Path(out, f"rank_{rank}.json.tmp"), Path(out, f"rank_{rank}.json"))
-        # no barrier: a rank that left the load early must not meet another rank's pending collective with an
-        # unrelated one; each waits (polling files) until every rank has reported, then leaves the group
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and not all(
-            Path(out, f"rank_{r}.json").exists() for r in range(world)
-        ):
-            time.sleep(0.2)
+        report_and_wait(out, "rank", rank, world, result, TIMEOUT)
         dist.destroy_process_group()
 
 
 def _run_ranks(world: int, out: str, with_accumulator: bool) -> list[dict]:
-    context = mp.start_processes(
-        _rank_worker,
-        args=(world, _free_port(), out, with_accumulator),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT
-    hung = False
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                hung = True
-                break
-    except ProcessException:  # a process that died: its result file tells
-        pass
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-    results = []
-    for rank in range(world):
-        path = Path(out, f"rank_{rank}.json")
-        results.append(
-            json.loads(path.read_text()) if path.exists() else {"outcome": "no result (hung or died)"}
-        )
-    assert not hung, f"hang: processes still running after {TIMEOUT} s: {results}"
-    return results
+    return run_with_deadline(_rank_worker, world, (out, with_accumulator), out, "rank", TIMEOUT)
 
 
 RANK_ATTACKS = {
@@ -452,42 +410,12 @@ def _job_worker(rank: int, world: int, port: int, out: str, job: str) -> None:
                 torch.equal(before[k], v) for k, v in _local(model).items()
             )
     finally:
-        Path(out, f"rank_{rank}.json.tmp").write_text(json.dumps(result))
-        os.replace(Path(out, f"rank_{rank}.json.tmp"), Path(out, f"rank_{rank}.json"))
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and not all(
-            Path(out, f"rank_{r}.json").exists() for r in range(world)
-        ):
-            time.sleep(0.2)
+        report_and_wait(out, "rank", rank, world, result, TIMEOUT)
         dist.destroy_process_group()
 
 
 def _run_job(world: int, out: str, job: str) -> list[dict]:
-    context = mp.start_processes(
-        _job_worker, args=(world, _free_port(), out, job), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT
-    hung = False
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                hung = True
-                break
-    except ProcessException:
-        pass
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-    results = []
-    for rank in range(world):
-        path = Path(out, f"rank_{rank}.json")
-        results.append(
-            json.loads(path.read_text()) if path.exists() else {"outcome": "no result (hung or died)"}
-        )
-    assert not hung, f"hang: processes still running after {TIMEOUT} s: {results}"
-    return results
+    return run_with_deadline(_job_worker, world, (out, job), out, "rank", TIMEOUT)
 
 
 def test_zero_size_chunk_at_a_real_chunks_offsets_on_two_processes(saved, tmp_path):

@@ -7,25 +7,21 @@ load both must hold the same values, keep the same objects, and go on identicall
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 from torch.optim.lr_scheduler import LambdaLR
 
 import hf_optim
 from hf_optim.errors import CheckpointError
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state, save_sharded_state
+from tests.multiprocess import report_and_wait, run_with_deadline
 from tests.state.test_review_sharded import _upload
 from tests.state.test_review_sharded import _weights as _review_weights
-from tests.state.test_sharded import _free_port, _make, _spawn, _train_accumulating
+from tests.state.test_sharded import _make, _spawn, _train_accumulating
 
 _REFUSE: set[int] = (
     set()
@@ -225,13 +221,7 @@ def _offline_worker(rank: int, world: int, port: int, url: str, out: str) -> Non
             result["outcome"] = type(exc).__name__
             result["message"] = str(exc)[:500]
     finally:
-        Path(out, f"machine_{rank}.json.tmp").write_text(json.dumps(result))
-        os.replace(Path(out, f"machine_{rank}.json.tmp"), Path(out, f"machine_{rank}.json"))
-        deadline = time.monotonic() + TIMEOUT  # no barrier: wait until every process has reported
-        while time.monotonic() < deadline and not all(
-            Path(out, f"machine_{r}.json").exists() for r in range(world)
-        ):
-            time.sleep(0.2)
+        report_and_wait(out, "machine", rank, world, result, TIMEOUT)
         dist.destroy_process_group()
 
 
@@ -255,36 +245,11 @@ def test_machine_offline_with_the_ordinary_checkpoint_cached_does_not_hang(
     shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")
     for name in os.listdir(tmp_path / "v1"):  # machine 1 once downloaded the ordinary checkpoint
         hf_hub_download(hub_repo_id, f"run/{name}", cache_dir=str(out / "machine1"))
-    context = mp.start_processes(
-        _offline_worker,
-        args=(2, _free_port(), f"hf://{hub_repo_id}/run", str(out)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
+    results = run_with_deadline(
+        _offline_worker, 2, (f"hf://{hub_repo_id}/run", str(out)), out, "machine", TIMEOUT
     )
-    deadline = time.monotonic() + TIMEOUT
-    hung = False
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                hung = True
-                break
-    except ProcessException:
-        pass
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-    results = [
-        json.loads(Path(out, f"machine_{r}.json").read_text())
-        if Path(out, f"machine_{r}.json").exists()
-        else {"outcome": "no result (hung or died)"}
-        for r in range(2)
-    ]
     # machine 1 could only see the ordinary manifest; machine 0 took the sharded one
     assert not list((out / "machine1").rglob(SHARDED_MANIFEST_NAME))
     assert list((out / "machine0").rglob(SHARDED_MANIFEST_NAME))
-    assert not hung, f"hang: processes still running after {TIMEOUT} s: {results}"
     outcomes = {r.get("outcome") for r in results}
     assert outcomes in ({"CheckpointError"}, {"loaded"}), results

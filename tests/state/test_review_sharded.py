@@ -10,20 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from torch.multiprocessing.spawn import ProcessException
 
 import hf_optim
 from hf_optim.errors import CheckpointError
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state
-from tests.state.test_sharded import _free_port, _make, _snapshot, _spawn, _train_accumulating
+from tests.multiprocess import report_and_wait, run_with_deadline
+from tests.state.test_sharded import _make, _snapshot, _spawn, _train_accumulating, weights_from
 
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
@@ -38,11 +36,7 @@ def saved(tmp_path_factory):
 
 
 def _weights(saved: str, name: str = "acc_at_save.safetensors") -> dict[str, torch.Tensor]:
-    return {
-        k.removeprefix("param."): v
-        for k, v in load_file(os.path.join(saved, name)).items()
-        if k.startswith("param.")
-    }
+    return weights_from(os.path.join(saved, name))
 
 
 def _copy(saved: str, tmp_path, name: str = "acc", edit=None) -> str:
@@ -220,45 +214,13 @@ def _machine_worker(rank: int, world: int, port: int, url: str, out: str, revisi
                 torch.equal(before[k], v) for k, v in _local(model).items()
             )
     finally:
-        Path(out, f"machine_{rank}.json.tmp").write_text(json.dumps(result))
-        os.replace(Path(out, f"machine_{rank}.json.tmp"), Path(out, f"machine_{rank}.json"))
-        deadline = time.monotonic() + TIMEOUT  # no barrier: wait until every process has reported
-        while time.monotonic() < deadline and not all(
-            Path(out, f"machine_{r}.json").exists() for r in range(world)
-        ):
-            time.sleep(0.2)
+        report_and_wait(out, "machine", rank, world, result, TIMEOUT)
         dist.destroy_process_group()
 
 
 def _run_machines(world: int, url: str, out: str, revisions: list | None = None) -> list[dict]:
     """Run ``_machine_worker`` on ``world`` processes; a process still running after ``TIMEOUT`` s is a hang."""
-    context = mp.start_processes(
-        _machine_worker,
-        args=(world, _free_port(), url, out, revisions),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT
-    hung = False
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                hung = True
-                break
-    except ProcessException:  # a process that died: its result file tells
-        pass
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-    results = []
-    for rank in range(world):
-        path = Path(out, f"machine_{rank}.json")
-        results.append(json.loads(path.read_text()) if path.exists() else {"outcome": "no result (died)"})
-    assert not hung, f"hang: processes still running after {TIMEOUT} s: {results}"
-    return results
+    return run_with_deadline(_machine_worker, world, (url, out, revisions), out, "machine", TIMEOUT)
 
 
 def _upload(hub_api, repo: str, folder: str) -> dict:

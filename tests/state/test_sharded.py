@@ -44,6 +44,16 @@ def _batch(step: int, rank: int, world: int) -> torch.Tensor:
     return x[rank * per : (rank + 1) * per]
 
 
+def _params_of(snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model weights in a snapshot (``param.<name>`` entries), as a state dict."""
+    return {k.removeprefix("param."): v for k, v in snapshot.items() if k.startswith("param.")}
+
+
+def weights_from(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The model weights a saving run recorded in ``path`` (see ``_snapshot``)."""
+    return _params_of(load_file(path))
+
+
 def _train(model, opt, sched, steps, rank, world):
     for step in steps:
         loss = model(_batch(step, rank, world)).pow(2).mean()
@@ -131,11 +141,7 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
             save_file(snap, os.path.join(out, "at_save.safetensors"))
             save_file(final, os.path.join(out, f"final_{world}.safetensors"))
     elif job == "resume":
-        weights = {
-            k.removeprefix("param."): v
-            for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
-            if k.startswith("param.")
-        }
+        weights = weights_from(os.path.join(out, "at_save.safetensors"))
         model, opt, sched = _make(world, weights)
         load_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
         loaded = _snapshot(model, opt)
@@ -160,11 +166,7 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
             save_file(snap, os.path.join(out, "acc_at_save.safetensors"))
             save_file(final, os.path.join(out, "acc_final.safetensors"))
     elif job == "acc-resume":
-        weights = {
-            k.removeprefix("param."): v
-            for k, v in load_file(os.path.join(out, "acc_at_save.safetensors")).items()
-            if k.startswith("param.")
-        }
+        weights = weights_from(os.path.join(out, "acc_at_save.safetensors"))
         model, opt, sched = _make(world, weights)
         acc = hf_optim.GradientAccumulator()
         report = hf_optim.load_state(os.path.join(out, "acc"), opt, sched, acc, model=model)
@@ -179,11 +181,7 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
             save_file(final, os.path.join(out, f"acc_resumed_{world}.safetensors"))
     elif job.startswith("machines:"):  # each process plays a machine of its own, with its own HF cache
         os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))
-        weights = {
-            k.removeprefix("param."): v
-            for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
-            if k.startswith("param.")
-        }
+        weights = weights_from(os.path.join(out, "at_save.safetensors"))
         model, opt, sched = _make(world, weights)
         cache = os.path.join(out, f"machine{rank}")
         hf_optim.load_state(job.removeprefix("machines:"), opt, sched, model=model, cache_dir=cache)
@@ -191,11 +189,7 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
         if rank == 0:
             save_file(loaded, os.path.join(out, "machines_loaded.safetensors"))
     elif job == "resume-v1":  # an ordinary (consolidated) checkpoint into FSDP2, through the public API
-        weights = {
-            k.removeprefix("param."): v
-            for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
-            if k.startswith("param.")
-        }
+        weights = weights_from(os.path.join(out, "at_save.safetensors"))
         model, opt, sched = _make(world, weights)
         hf_optim.load_state(os.path.join(out, "v1"), opt, sched, model=model)
         loaded = _snapshot(model, opt)
@@ -257,11 +251,7 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
             sharded.json.dump = dying_dump
         save_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
     elif job == "corrupt":
-        weights = {
-            k.removeprefix("param."): v
-            for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
-            if k.startswith("param.")
-        }
+        weights = weights_from(os.path.join(out, "at_save.safetensors"))
         model, opt, sched = _make(world, weights)
         before = _snapshot(model, opt)
         try:
@@ -318,11 +308,7 @@ def saved3(tmp_path_factory):
 
 
 def _plain_resume(out: str) -> tuple[dict, dict]:
-    weights = {
-        k.removeprefix("param."): v
-        for k, v in load_file(os.path.join(out, "at_save.safetensors")).items()
-        if k.startswith("param.")
-    }
+    weights = weights_from(os.path.join(out, "at_save.safetensors"))
     model, opt, sched = _make(1, weights)
     load_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
     loaded = _snapshot(model, opt)
@@ -418,7 +404,7 @@ def test_consolidated_checkpoint_keeps_the_accumulator(saved_accumulating, tmp_p
     written = consolidate_state(os.path.join(saved_accumulating, "acc"), tmp_path / "v1")
     assert any(p.endswith("accumulator.safetensors") for p in written)
     at_save = load_file(os.path.join(saved_accumulating, "acc_at_save.safetensors"))
-    weights = {k.removeprefix("param."): v for k, v in at_save.items() if k.startswith("param.")}
+    weights = _params_of(at_save)
     model, opt, sched = _make(1, weights)
     acc = hf_optim.GradientAccumulator()
     report = hf_optim.load_state(tmp_path / "v1", opt, sched, acc, model=model)
@@ -430,11 +416,7 @@ def test_consolidated_checkpoint_keeps_the_accumulator(saved_accumulating, tmp_p
 
 
 def _worker_plain_accumulating(out: str) -> None:
-    weights = {
-        k.removeprefix("param."): v
-        for k, v in load_file(os.path.join(out, "acc_at_save.safetensors")).items()
-        if k.startswith("param.")
-    }
+    weights = weights_from(os.path.join(out, "acc_at_save.safetensors"))
     model, opt, sched = _make(1, weights)
     acc = hf_optim.GradientAccumulator()
     hf_optim.load_state(os.path.join(out, "acc"), opt, sched, acc, model=model)
@@ -445,11 +427,7 @@ def _worker_plain_accumulating(out: str) -> None:
 
 
 def test_accumulator_mismatch_changes_nothing(saved_accumulating, saved):
-    weights = {
-        k.removeprefix("param."): v
-        for k, v in load_file(os.path.join(saved_accumulating, "acc_at_save.safetensors")).items()
-        if k.startswith("param.")
-    }
+    weights = weights_from(os.path.join(saved_accumulating, "acc_at_save.safetensors"))
     model, opt, sched = _make(1, weights)
     acc = hf_optim.GradientAccumulator()
     acc([torch.zeros(3)])  # one gradient accumulated: the checkpoint has four
@@ -597,11 +575,7 @@ ATTACKS = {
 def test_hostile_checkpoint_changes_nothing(saved, attack):
     edit, expected = ATTACKS[attack]
     bad = _corrupt_copy(saved, attack, edit)
-    weights = {
-        k.removeprefix("param."): v
-        for k, v in load_file(os.path.join(saved, "at_save.safetensors")).items()
-        if k.startswith("param.")
-    }
+    weights = weights_from(os.path.join(saved, "at_save.safetensors"))
     model, opt, sched = _make(1, weights)
     before_sched = dict(sched.__dict__)
     with pytest.raises(CheckpointError, match=expected) as info:
@@ -650,7 +624,7 @@ def test_consolidate_then_resume_into_fsdp2(saved):
     consolidate_state(os.path.join(saved, "ckpt"), os.path.join(saved, "v1"))
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
     # one plain process reads the consolidated checkpoint exactly
-    weights = {k.removeprefix("param."): v for k, v in at_save.items() if k.startswith("param.")}
+    weights = _params_of(at_save)
     model, opt, sched = _make(1, weights)
     hf_optim.load_state(os.path.join(saved, "v1"), opt, sched, model=model)
     for key, value in _snapshot(model, opt).items():
@@ -735,7 +709,7 @@ def test_cli_inspect_and_consolidate(saved, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "optimizer.safetensors" in done.stdout and "scheduler.json" in done.stdout
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
-    weights = {k.removeprefix("param."): v for k, v in at_save.items() if k.startswith("param.")}
+    weights = _params_of(at_save)
     model, opt, sched = _make(1, weights)
     hf_optim.load_state(out, opt, sched, model=model)
     for key, value in _snapshot(model, opt).items():

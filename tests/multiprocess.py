@@ -1,0 +1,73 @@
+"""Multi-process tests that must not hang: each process reports its outcome in a JSON file, and a process still
+running after a deadline counts as a hang (a failure naming where each process got to), not a stuck test run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def report_and_wait(
+    out: str | os.PathLike[str], name: str, rank: int, world: int, result: dict, timeout: float
+) -> None:
+    """Write this process's ``result`` to ``out/<name>_<rank>.json``, then wait (polling, no collective: a
+    process that left early must not meet another's pending collective) until every process has reported."""
+    path = Path(out, f"{name}_{rank}.json")
+    Path(f"{path}.tmp").write_text(json.dumps(result))
+    os.replace(f"{path}.tmp", path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(
+        Path(out, f"{name}_{r}.json").exists() for r in range(world)
+    ):
+        time.sleep(0.2)
+
+
+def run_with_deadline(
+    worker: Callable[..., None],
+    world: int,
+    args: tuple[Any, ...],
+    out: str | os.PathLike[str],
+    name: str,
+    timeout: float,
+) -> list[dict]:
+    """``worker(rank, world, port, *args)`` on ``world`` spawned processes; the reports they wrote with
+    :func:`report_and_wait` (``name``), rank by rank. Fails if a process is still running after ``timeout`` s."""
+    context = mp.start_processes(
+        worker, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    hung = False
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                hung = True
+                break
+    except ProcessException:  # a process that died: its report (or its absence) tells
+        pass
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    results = []
+    for rank in range(world):
+        path = Path(out, f"{name}_{rank}.json")
+        results.append(
+            json.loads(path.read_text()) if path.exists() else {"outcome": "no result (hung or died)"}
+        )
+    assert not hung, f"hang: processes still running after {timeout} s: {results}"
+    return results
