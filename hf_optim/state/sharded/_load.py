@@ -96,10 +96,8 @@ def _check_against_live(
         if missing:
             raise CheckpointError(f"{where}: hyperparameters {missing} are missing")
         checked_groups.append(check_hyperparameters(opt, g, hyper, live_hyper, where, strict=True, notes=[]))
-    for (
-        key,
-        plan,
-    ) in manifest.tensors.items():  # the accumulator's gradients are placed like a model parameter
+    # each state tensor belongs to an optimizer parameter; the accumulator's gradients are placed like a model's
+    for key, plan in manifest.tensors.items():
         like = (model_params if key.startswith(ACCUMULATOR_PREFIX) else params).get(plan.name)
         if like is None:
             raise CheckpointError(
@@ -190,8 +188,9 @@ def _rollback(opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any) -> I
     """Undo whatever the block changed in the optimizer, scheduler and accumulator if it raises.
 
     ``load_state_dict`` replaces the optimizer's ``state`` and ``param_groups`` with new objects: the originals
-    are put back as they were (their contents snapshotted too, for what changes in place). The scheduler's
-    attributes are restored by identity (``optimizer`` included) and its values through its ``load_state_dict``.
+    (down to each parameter's state dict) are put back as they were. The scheduler's and the accumulator's values
+    go back through their ``load_state_dict``, then their attributes by identity (``scheduler.optimizer``, the
+    accumulator's buffers and flags).
     """
     acc_attrs = dict(accumulator.__dict__) if accumulator is not None else None
     acc_state = copy.deepcopy(accumulator.state_dict()) if accumulator is not None else None
@@ -262,7 +261,9 @@ def load_sharded_state(
             checked = _check_against_live(manifest, opt, names, scheduler, accumulator, model_params)
             # the accumulator's gradients are read only into an accumulator
             wanted = {
-                k: p for k, p in manifest.tensors.items() if accumulator is not None or k.startswith("state.")
+                k: p
+                for k, p in manifest.tensors.items()
+                if accumulator is not None or not k.startswith(ACCUMULATOR_PREFIX)
             }
             open_shards(
                 manifest, needed_files(manifest, {k: model_params[p.name] for k, p in wanted.items()})

@@ -150,9 +150,9 @@ def read_manifest(directory: str, *, open_all: bool = True) -> Manifest:
     The manifest records which file holds each chunk; the plan comes from there and must tile every tensor.
     ``open_all``: open every shard file and check its header against the plan now; otherwise nothing in the shard
     folder is touched, and :func:`open_shards` opens the files a process reads (a machine may hold only those: a
-    partial Hub download). The files
-    stay open: the data is later read through the very descriptors whose headers were checked. Close them with
-    :func:`close_manifest`. (Manifests without the chunk record are planned from every shard header.)
+    partial Hub download). The files stay open: the data is later read through the very descriptors whose
+    headers were checked. Close them with :func:`close_manifest`. (Manifests without the chunk record are
+    planned from every shard header.)
     """
     path = os.path.join(directory, SHARDED_MANIFEST_NAME)
     doc = read_manifest_doc(directory)
