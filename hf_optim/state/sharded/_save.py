@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 class _StreamingWriter(HuggingFaceStorageWriter):
     """``HuggingFaceStorageWriter`` writing each file with ``safetensors.torch.save_file``, each file's metadata
-    naming the save (``checkpoint_id``).
+    naming the save that wrote it (``hf_optim_checkpoint_id``).
 
     The stock writer serialises a whole file to ``bytes`` in memory first (two transient copies of the
     process's shard of that file); ``save_file`` streams the tensors' memory to disk. Same file names, same
