@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ __all__ = [
     "is_hub_url",
     "non_negative_int",
     "parameters_of",
+    "restored_on_error",
     "unwrap_optimizer",
     "unwrap_scheduler",
 ]
@@ -122,3 +125,43 @@ def finite_number(
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ValueError(f"{argument} must be {'>' if strict else '>='} {minimum}, got {value}")
     return value
+
+
+@contextlib.contextmanager
+def restored_on_error(
+    opt: torch.optim.Optimizer, scheduler: Any = None, accumulator: Any = None
+) -> Iterator[None]:
+    """Undo whatever the block changed in the optimizer, scheduler and accumulator if it raises (a load that
+    failed while applying state leaves them exactly as they were).
+
+    ``load_state_dict`` replaces the optimizer's ``state`` and ``param_groups`` with new objects: the originals
+    (down to each parameter's state dict) are put back as they were. The scheduler's and the accumulator's values
+    go back through their ``load_state_dict``, then their attributes by identity (``scheduler.optimizer``, the
+    accumulator's buffers and flags).
+    """
+    acc_attrs = dict(accumulator.__dict__) if accumulator is not None else None
+    acc_state = copy.deepcopy(accumulator.state_dict()) if accumulator is not None else None
+    old_state, old_groups = opt.state, opt.param_groups
+    entries = {p: (d, dict(d)) for p, d in old_state.items()}
+    groups = [dict(g) for g in old_groups]
+    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
+    sched_attrs = dict(inner.__dict__) if inner is not None else None
+    sched_state = copy.deepcopy(inner.state_dict()) if inner is not None else None
+    try:
+        yield
+    except BaseException:
+        old_state.clear()
+        for p, (d, content) in entries.items():
+            d.clear()
+            d.update(content)
+            old_state[p] = d
+        for live, saved in zip(old_groups, groups, strict=True):
+            live.clear()
+            live.update(saved)
+        opt.__dict__.update(state=old_state, param_groups=old_groups)
+        for obj, state, attrs in ((inner, sched_state, sched_attrs), (accumulator, acc_state, acc_attrs)):
+            if obj is not None:  # values through load_state_dict (buffers copied back), then the attributes
+                obj.load_state_dict(state)
+                obj.__dict__.clear()
+                obj.__dict__.update(attrs)
+        raise

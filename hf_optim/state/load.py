@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
+from hf_optim._utils import restored_on_error, unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
 from hf_optim.state import sharded
 from hf_optim.state.checks import (
@@ -402,36 +402,24 @@ def _load(
     ckpt.check_unchanged()
 
     # Apply: optimizer, scheduler, accumulator; roll back on an unexpected failure.
-    old_state, old_groups = opt.state, opt.param_groups
-    inner_sched = unwrap_scheduler(scheduler) if scheduler is not None else None
-    old_sched = dict(inner_sched.__dict__) if inner_sched is not None else None
-    old_sched_state = copy.deepcopy(inner_sched.state_dict()) if inner_sched is not None else None
-    old_acc = copy.deepcopy(accumulator.state_dict()) if acc_state is not None else None
+    inner_sched = unwrap_scheduler(scheduler) if sched_state is not None else None
     stage = ckpt.path
-    try:
-        opt.load_state_dict(new_sd)
-        _restore_saved_dtypes(opt, saved_values)
-        if sched_state is not None:
-            stage = ckpt.companion("scheduler").path
-            # hf_optim_config describes the live scheduler's function: keep it (the kwargs were compared above)
-            inner_sched.load_state_dict(copy.deepcopy(sched_state))
-        if acc_state is not None:
-            stage = ckpt.companion("accumulator").path
-            accumulator.load_state_dict(acc_state)
-    except BaseException as err:
-        opt.__dict__.update({"state": old_state, "param_groups": old_groups})
-        if inner_sched is not None:
-            inner_sched.load_state_dict(old_sched_state)
-            inner_sched.__dict__.clear()
-            inner_sched.__dict__.update(old_sched)
-        if old_acc is not None:
-            accumulator.load_state_dict(old_acc)
-        if isinstance(err, (ValueError, TypeError, KeyError, OverflowError, RuntimeError)) and not isinstance(
-            err, CheckpointError
-        ):
+    with restored_on_error(opt, scheduler, accumulator if acc_state is not None else None):
+        try:
+            opt.load_state_dict(new_sd)
+            _restore_saved_dtypes(opt, saved_values)
+            if sched_state is not None:
+                stage = ckpt.companion("scheduler").path
+                # hf_optim_config describes the live scheduler's function: keep it (the kwargs were compared)
+                inner_sched.load_state_dict(copy.deepcopy(sched_state))
+            if acc_state is not None:
+                stage = ckpt.companion("accumulator").path
+                accumulator.load_state_dict(acc_state)
+        except (ValueError, TypeError, KeyError, OverflowError, RuntimeError) as err:
+            if isinstance(err, CheckpointError):
+                raise
             # the object's own load_state_dict refused a value the checks above let through
             raise CheckpointError(f"{stage}: refused while loading: {type(err).__name__}: {err}") from err
-        raise
     for note in notes:
         logger.warning("load_state(%s): %s", ckpt.directory, note)
     return LoadReport(

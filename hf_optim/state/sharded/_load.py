@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
-from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
+from hf_optim._utils import restored_on_error, unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
 from hf_optim.state.checks import (
     check_hyperparameters,
@@ -40,6 +39,7 @@ from hf_optim.state.sharded._format import (
 from hf_optim.state.sharded._read import (
     CheckedReader,
     Manifest,
+    TensorPlan,
     close_manifest,
     needed_files,
     open_shards,
@@ -183,43 +183,6 @@ def _check_accumulator(
     return rest, keys
 
 
-@contextlib.contextmanager
-def _rollback(opt: torch.optim.Optimizer, scheduler: Any, accumulator: Any) -> Iterator[None]:
-    """Undo whatever the block changed in the optimizer, scheduler and accumulator if it raises.
-
-    ``load_state_dict`` replaces the optimizer's ``state`` and ``param_groups`` with new objects: the originals
-    (down to each parameter's state dict) are put back as they were. The scheduler's and the accumulator's values
-    go back through their ``load_state_dict``, then their attributes by identity (``scheduler.optimizer``, the
-    accumulator's buffers and flags).
-    """
-    acc_attrs = dict(accumulator.__dict__) if accumulator is not None else None
-    acc_state = copy.deepcopy(accumulator.state_dict()) if accumulator is not None else None
-    old_state, old_groups = opt.state, opt.param_groups
-    entries = {p: (d, dict(d)) for p, d in old_state.items()}
-    groups = [dict(g) for g in old_groups]
-    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
-    sched_attrs = dict(inner.__dict__) if inner is not None else None
-    sched_state = copy.deepcopy(inner.state_dict()) if inner is not None else None
-    try:
-        yield
-    except BaseException:
-        old_state.clear()
-        for p, (d, content) in entries.items():
-            d.clear()
-            d.update(content)
-            old_state[p] = d
-        for live, saved in zip(old_groups, groups, strict=True):
-            live.clear()
-            live.update(saved)
-        opt.__dict__.update(state=old_state, param_groups=old_groups)
-        for obj, state, attrs in ((inner, sched_state, sched_attrs), (accumulator, acc_state, acc_attrs)):
-            if obj is not None:  # values through load_state_dict (buffers copied back), then the attributes
-                obj.load_state_dict(state)
-                obj.__dict__.clear()
-                obj.__dict__.update(attrs)
-        raise
-
-
 def _read_tensors(manifest: Manifest, targets: Mapping[str, torch.Tensor]) -> None:
     """Fill ``targets`` (``state.<name>.<key>`` -> tensor or DTensor of the global shape) from the shards:
     ``torch.distributed.checkpoint.load`` plans which byte ranges each rank needs, ``CheckedReader`` reads them."""
@@ -265,9 +228,7 @@ def load_sharded_state(
                 for k, p in manifest.tensors.items()
                 if accumulator is not None or not k.startswith(ACCUMULATOR_PREFIX)
             }
-            open_shards(
-                manifest, needed_files(manifest, {k: model_params[p.name] for k, p in wanted.items()})
-            )
+            open_shards(manifest, needed_files(manifest, _layouts(wanted, model_params)))
         except CheckpointError as exc:
             error = str(exc)
         except Exception as exc:
@@ -308,9 +269,11 @@ def load_sharded_state(
     return manifest.checkpoint_id, list(manifest.doc["state"])
 
 
-def _layouts(manifest: Manifest, model_params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _layouts(
+    plans: Mapping[str, TensorPlan], model_params: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Each sharded tensor's key -> the parameter laid out like it (its shape and placement: what to read)."""
-    return {key: model_params[plan.name] for key, plan in manifest.tensors.items()}
+    return {key: model_params[plan.name] for key, plan in plans.items()}
 
 
 def machine_files(manifest_path: str, model: torch.nn.Module) -> list[str]:
@@ -332,7 +295,7 @@ def machine_files(manifest_path: str, model: torch.nn.Module) -> list[str]:
     try:
         manifest = read_manifest(directory, open_all=False)
         if manifest.mapped:
-            mine = needed_files(manifest, _layouts(manifest, dict(model.named_parameters())))
+            mine = needed_files(manifest, _layouts(manifest.tensors, dict(model.named_parameters())))
     except Exception:  # only chooses what to download: the load itself reports the problem, on every rank
         mine = None
     finally:
@@ -371,7 +334,7 @@ def _apply(
     groups = [
         {**sd_group, **hyper} for sd_group, hyper in zip(live_sd["param_groups"], checked.groups, strict=True)
     ]
-    with _rollback(opt, scheduler, accumulator):
+    with restored_on_error(opt, scheduler, accumulator):
         try:
             opt.load_state_dict({"state": state, "param_groups": groups})
         except (ValueError, TypeError, KeyError, RuntimeError) as err:
