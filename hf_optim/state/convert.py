@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from hf_optim.errors import CheckpointError
 from hf_optim.legacy.checkpoints import LEGACY_SCHEDULE_MODULE, load_pickled_legacy_state_dict
@@ -245,10 +246,9 @@ def convert_checkpoint(
             fsync=True,
             **scheduler,
         )
-    except (
-        ValueError,
-        TypeError,
-    ) as err:  # refused before anything is written: a value the format cannot hold
+    except (ValueError, TypeError, SafetensorError) as err:
+        # a value the format cannot hold (refused before anything is written), or more than one safetensors
+        # header holds (the save leaves nothing behind either)
         if isinstance(err, CheckpointError):
             raise
         source = f"{opt_path} (or {sched_path})" if sched_path else opt_path
