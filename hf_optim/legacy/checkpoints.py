@@ -72,5 +72,12 @@ def load_pickled_legacy_state_dict(path: str | os.PathLike[str]) -> dict[str, An
 
 
 def _fields(schedule: LRSchedule) -> dict[str, Any]:
-    """What unpickling put on ``schedule``, in the shape of its JSON form (``cycles`` only where it belongs)."""
-    return {"type": type(schedule).__name__, **vars(schedule)}
+    """What unpickling put on ``schedule``, in the shape of its JSON form (``cycles`` only where it belongs).
+
+    The class is the one the pickle named: a ``type`` among the pickled attributes (which the real classes do
+    not have) would otherwise turn the schedule into another class, so it is refused.
+    """
+    fields = vars(schedule)
+    if "type" in fields:
+        raise ValueError(f"the pickled {type(schedule).__name__} carries a 'type' attribute of its own")
+    return {"type": type(schedule).__name__, **fields}

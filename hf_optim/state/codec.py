@@ -17,7 +17,7 @@ import torch
 
 from hf_optim.errors import CheckpointError
 from hf_optim.optimizers.bert_adam import SCHEDULE_CLASSES
-from hf_optim.state.format import MAX_JSON_DEPTH, dtype_from_name, dtype_name, is_shape
+from hf_optim.state.format import MAX_JSON_DEPTH, MAX_VALUE_NODES, dtype_from_name, dtype_name, is_shape
 
 __all__ = [
     "Encoder",
@@ -124,6 +124,7 @@ class Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self._depth = 0
+        self._nodes = 0
 
     def tensor(self, key: str, value: torch.Tensor, where: str, python: str | None = None) -> dict[str, Any]:
         if key in self.tensors:
@@ -145,6 +146,7 @@ class Encoder:
         """The JSON node of ``value``; containers nested so deep that the file's JSON would exceed
         :data:`~hf_optim.state.format.MAX_JSON_DEPTH` (which readers refuse) are a ``ValueError``."""
         self._depth = 0
+        self._nodes = 0
         return self._encode(value, key, where, numbers_as_tensors)
 
     def _nest(self, levels: int, where: str) -> None:
@@ -155,6 +157,12 @@ class Encoder:
             )
 
     def _encode(self, value: Any, key: str, where: str, numbers_as_tensors: bool = False) -> Any:
+        self._nodes += 1
+        if self._nodes > MAX_VALUE_NODES:
+            raise ValueError(
+                f"{where}: more than {MAX_VALUE_NODES:,} values (shared containers counted each time they are "
+                "reached) cannot be saved"
+            )
         if isinstance(value, torch.Tensor):
             return self.tensor(key, value, where)
         if value is None or isinstance(value, (bool, str)):
