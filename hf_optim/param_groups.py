@@ -16,7 +16,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 
 def compile_patterns(patterns: Iterable[str] | None, argument: str) -> list[re.Pattern[str]]:
-    """Compile regex patterns, raising ``ValueError`` that names ``argument`` and the bad pattern."""
+    """Compile regex patterns; ``TypeError`` / ``ValueError`` name ``argument`` and the bad pattern."""
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -24,7 +24,7 @@ def compile_patterns(patterns: Iterable[str] | None, argument: str) -> list[re.P
     compiled = []
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise ValueError(f"{argument} must be a list of regex strings, got {pattern!r}")
+            raise TypeError(f"{argument} must be a list of regex strings, got {pattern!r}")
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hf_optim.errors import CheckpointError
-from hf_optim.optimizers.bert_adam import SCHEDULE_CLASSES, LRSchedule
+from hf_optim.schedules.pretrained_bert import SCHEDULE_CLASSES, LRSchedule
 
 logger = logging.getLogger(__name__)
 
