@@ -404,7 +404,8 @@ def check_legacy_adam_group(group: Mapping[str, Any]) -> None:
 
     ``lr`` and ``e`` finite and >= 0, ``b1`` / ``b2`` in [0, 1), ``weight_decay`` finite (<= 0 is "off", as in
     the legacy optimizers) with ``lr * weight_decay <= 1`` (:func:`check_decay`), ``max_grad_norm`` a number that
-    is not NaN (<= 0 is "off"; NaN would switch clipping off silently), ``schedule`` an :class:`LRSchedule`.
+    is not NaN (<= 0 is "off"; NaN would switch clipping off silently), ``schedule`` an :class:`LRSchedule`
+    whose attributes pass its :meth:`~LRSchedule.check_fields`.
     """
     check_number("lr", group["lr"])
     check_number("b1", group["b1"], high=1.0)
@@ -422,6 +423,7 @@ def check_legacy_adam_group(group: Mapping[str, Any]) -> None:
             f"schedule must be an LRSchedule object in a param group, got {type(group['schedule']).__name__} "
             f"{str(group['schedule'])[:40]!r}"
         )
+    group["schedule"].check_fields(vars(group["schedule"]))
     check_flags(group["foreach"], group["fused"])
 
 
