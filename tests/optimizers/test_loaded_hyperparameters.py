@@ -18,7 +18,9 @@ from hf_optim.schedules.pretrained_bert import WarmupCosineWithHardRestartsSched
 
 
 def _schedule_with(cls, **fields):
-    schedule = cls(warmup=0.1, t_total=10) if cls is WarmupLinearSchedule else cls(warmup=0.1, t_total=10, cycles=2)
+    schedule = (
+        cls(warmup=0.1, t_total=10) if cls is WarmupLinearSchedule else cls(warmup=0.1, t_total=10, cycles=2)
+    )
     schedule.__dict__.update(fields)  # a file can hold any numbers: bypass the constructor on the saving side
     return schedule
 
