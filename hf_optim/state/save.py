@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -145,10 +144,9 @@ def _optimizer_payload(
 
 
 def _version() -> str:
-    try:
-        return importlib.metadata.version("hf_optim")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"
+    from hf_optim import __version__  # the one version source (pyproject reads it too)
+
+    return __version__
 
 
 def _scheduler_document(
