@@ -81,7 +81,7 @@ def test_a_value_the_constructor_refuses_is_refused_at_load(tmp_path, make, host
     saving.param_groups[0].update(hostile)
     hf_optim.save_state(tmp_path, saving)
 
-    params, live = _trained(make)
+    _, live = _trained(make)
     before = copy.deepcopy(live.state_dict())
     with pytest.raises(hf_optim.CheckpointError):
         hf_optim.load_state(tmp_path, live)
