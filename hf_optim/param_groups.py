@@ -119,7 +119,7 @@ def group_parameters(
     ``{weight_decay_key: value}``; empty groups are dropped, the decay group comes first (as in Trainer).
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include = compile_patterns(include_in_weight_decay, "include_in_weight_decay")
     exclude = compile_patterns(exclude_from_weight_decay, "exclude_from_weight_decay")
     defaults = get_no_decay_parameter_names(model)

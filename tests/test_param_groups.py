@@ -125,7 +125,7 @@ def test_errors_name_the_argument():
         group_parameters(Tiny(), weight_decay=0.1, exclude_from_weight_decay=["(unclosed"])
     with pytest.raises(TypeError, match="include_in_weight_decay"):
         group_parameters(Tiny(), weight_decay=0.1, include_in_weight_decay=[3])
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(TypeError, match="model"):
         group_parameters([nn.Parameter(torch.zeros(1))], weight_decay=0.1)
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

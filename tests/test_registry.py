@@ -120,7 +120,7 @@ def test_register_rejects_bad_records():
         hf_optim.register_optimizer("x", "not callable")
     with pytest.raises(ValueError, match="arg_names"):
         hf_optim.register_optimizer("x", torch.optim.SGD, arg_names={"momentum": "m"})
-    with pytest.raises(ValueError, match="defaults"):
+    with pytest.raises(TypeError, match="defaults"):
         hf_optim.register_optimizer("x", torch.optim.SGD, defaults=[("lr", 1)])
     assert "x" not in hf_optim.list_optimizers(source="hf_optim")
 

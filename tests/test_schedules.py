@@ -540,7 +540,7 @@ def test_unknown_name_suggests_the_closest():
     "config", [None, {"kwargs": {}}, {"name": 3}, {"name": "linear", "kwargs": [1, 2]}, "linear"]
 )
 def test_scheduler_from_config_rejects_malformed(config):
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(TypeError, match="config"):
         hf_optim.scheduler_from_config(make_optimizer(), config)
 
 

@@ -487,12 +487,10 @@ class Registry:
         To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state.
         """
         if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
-            raise ValueError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
+            raise TypeError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
         kwargs = config.get("kwargs", {})
         if not isinstance(kwargs, Mapping):
-            raise ValueError(
-                f"config['kwargs'] must be a mapping of argument names to values, got {kwargs!r}"
-            )
+            raise TypeError(f"config['kwargs'] must be a mapping of argument names to values, got {kwargs!r}")
         kwargs = dict(kwargs)
         if last_epoch != -1:
             kwargs["last_epoch"] = last_epoch

@@ -182,7 +182,7 @@ def check_mapping(value: Mapping[str, Any] | None, argument: str) -> MappingProx
     if value is None:
         return MappingProxyType({})
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{argument} must be a mapping with string keys, got {value!r}")
+        raise TypeError(f"{argument} must be a mapping with string keys, got {value!r}")
     return MappingProxyType(dict(value))
 
 
@@ -196,5 +196,5 @@ def check_arg_names(arg_names: Mapping[str, str | Sequence[str]] | None) -> Mapp
         if isinstance(own, Sequence) and own and all(isinstance(o, str) for o in own):
             names[common] = tuple(own)
         else:
-            raise ValueError(f"arg_names[{common!r}] must be a name or a sequence of names, got {own!r}")
+            raise TypeError(f"arg_names[{common!r}] must be a name or a sequence of names, got {own!r}")
     return MappingProxyType(names)

@@ -57,7 +57,7 @@ def _base_lr(optimizer: Optimizer) -> float:
     try:
         return optimizer.defaults["lr"]
     except (AttributeError, KeyError, TypeError):
-        raise ValueError("optimizer must be a torch.optim.Optimizer with an 'lr' default") from None
+        raise TypeError("optimizer must be a torch.optim.Optimizer with an 'lr' default") from None
 
 
 def check_json(kwargs: Mapping[str, Any]) -> None:

@@ -200,7 +200,7 @@ class Encoder:
             if not isinstance(doc, dict) or not _is_plain_json(doc):
                 raise ValueError(f"{where}: to_json of {registered.name!r} must return a dict of plain JSON")
             return {"object": registered.name, "json": doc}
-        raise ValueError(
+        raise TypeError(
             f"{where}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be saved "
             "(supported: tensors, numbers, bool, str, None, and lists/tuples/dicts of them)"
         )
