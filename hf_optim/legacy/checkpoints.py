@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ LEGACY_SCHEDULE_MODULE = "pytorch_pretrained_bert.optimization"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def _allow_list() -> list[tuple[type, str]]:
+def _allow_list() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     return [(cls, f"{LEGACY_SCHEDULE_MODULE}.{name}") for name, cls in SCHEDULE_CLASSES.items()]
 
 

@@ -125,7 +125,7 @@ def group_by_device_and_dtype(
     """
     torch_grouping = getattr(Optimizer, "_group_tensors_by_device_and_dtype", None)
     if torch_grouping is not None:
-        return {key: bucket for key, (bucket, _) in torch_grouping(tensors).items()}  # type: ignore[misc]
+        return {key: bucket for key, (bucket, _) in torch_grouping(tensors).items()}
     _log_fallback_once(
         "torch.optim.Optimizer._group_tensors_by_device_and_dtype", "tensors are grouped in Python instead"
     )

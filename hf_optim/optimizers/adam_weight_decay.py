@@ -383,7 +383,7 @@ def adam_weight_decay(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     check_flags(foreach, fused)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps]
-    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+    for impl, bucket in group_buckets(tensors, foreach, fused):
         if impl == "fused" and capturable:  # the re-parametrisation needs t as a number
             impl = "multi_tensor"
         _IMPLEMENTATIONS[impl](

@@ -40,7 +40,7 @@ from hf_optim.optimizers._kernels import (
 
 __all__ = ["AdamW", "adamw"]
 
-_STATE_KEYS = ({"step", "exp_avg", "exp_avg_sq"}, set())
+_STATE_KEYS: tuple[set[str], set[str]] = ({"step", "exp_avg", "exp_avg_sq"}, set())
 
 # torch.optim.AdamW's param-group options and the only value of each that keeps the legacy math.
 TORCH_ADAMW_FIXED_OPTIONS: dict[str, bool] = {
@@ -234,7 +234,7 @@ def adamw(
     """
     check_flags(foreach, fused)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+    for impl, bucket in group_buckets(tensors, foreach, fused):
         if impl == "fused" and (capturable or (weight_decay > 0 and lr * weight_decay == 1.0)):
             # capturable: the re-parametrisation needs t as a number; lr*wd == 1: the decay factor is 0 and no
             # re-parametrisation of the fused kernel exists

@@ -170,7 +170,7 @@ def bert_adam(
     check_flags(foreach, fused)
     lrs = scheduled_lrs(lr, schedule, step_values(state_steps))
     tensors = [params, grads, next_ms, next_vs, state_steps]
-    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+    for impl, bucket in group_buckets(tensors, foreach, fused):
         _IMPLEMENTATIONS[impl](
             *bucket, lrs=lrs, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,

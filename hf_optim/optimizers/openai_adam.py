@@ -144,7 +144,7 @@ def openai_adam(
     check_flags(foreach, fused)
     lrs = scheduled_lrs(lr, schedule, [t + 1 for t in step_values(state_steps)])
     tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+    for impl, bucket in group_buckets(tensors, foreach, fused):
         if impl == "fused" and weight_decay > 0 and any(s * weight_decay == 1.0 for s in lrs.values()):
             impl = "multi_tensor"  # the decay factor is 0: no re-parametrisation of the fused kernel exists
         _IMPLEMENTATIONS[impl](

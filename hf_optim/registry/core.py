@@ -222,10 +222,10 @@ class Registry:
                 self._listeners.append(callback)
             optimizers = list(self._optimizers.values())
             schedulers = list(self._schedulers.values())
-        for info in optimizers:
-            self._notify("optimizer", info, [callback])
-        for info in schedulers:
-            self._notify("scheduler", info, [callback])
+        for optimizer_info in optimizers:
+            self._notify("optimizer", optimizer_info, [callback])
+        for scheduler_info in schedulers:
+            self._notify("scheduler", scheduler_info, [callback])
         return callback
 
     def remove_listener(self, callback: Listener) -> None:
@@ -253,9 +253,10 @@ class Registry:
             yield self
         finally:
             with self._lock:
-                for live, old in zip((self._optimizers, self._schedulers), saved[:2], strict=True):
-                    live.clear()
-                    live.update(old)
+                self._optimizers.clear()
+                self._optimizers.update(saved[0])
+                self._schedulers.clear()
+                self._schedulers.update(saved[1])
                 if hooks:
                     self._listeners[:] = saved[2]
                     self._providers.clear()
@@ -394,7 +395,7 @@ class Registry:
                 )
         optimizer = info.factory(params, **merged)
         try:
-            optimizer.hf_optim_name = name
+            optimizer.hf_optim_name = name  # type: ignore[attr-defined]  # hf_optim's tag on a torch object
         except AttributeError:  # pragma: no cover - exotic factories returning slotted objects
             logger.warning("could not set hf_optim_name on %r", optimizer)
         return optimizer
