@@ -127,7 +127,7 @@ class GradientAccumulator:
                 if (
                     isinstance(num_items, bool)
                     or not isinstance(num_items, numbers.Real)
-                    or not num_items > 0
+                    or not float(num_items) > 0
                 ):
                     raise ValueError(f"num_items must be a positive number, got {num_items!r}")
                 divisor = float(num_items)

@@ -227,6 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
         host = self.headers.get("Host")
         if not host:
             addr, port = self.server.server_address[:2]
+            addr = addr.decode() if isinstance(addr, bytes) else addr
             host = f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
         return f"http://{host}"
 

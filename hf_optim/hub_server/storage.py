@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 try:  # POSIX only: serialise writers across processes as well as threads.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # Windows: no fcntl, threads-only locking
 
 STORAGE_FORMAT = 1
 MARKER_NAME = "hf-optim-hub.json"
@@ -882,7 +882,7 @@ def _apply(files: dict[str, FileEntry], op: Operation, *, commit: str) -> None:
 def _check_tree(files: dict[str, FileEntry]) -> None:
     """A path cannot be a file and a folder at once (git cannot represent it)."""
     folders = {p.rsplit("/", 1)[0] for p in files if "/" in p}
-    expanded = set()
+    expanded: set[str] = set()
     for folder in folders:
         parts = folder.split("/")
         expanded.update("/".join(parts[: i + 1]) for i in range(len(parts)))

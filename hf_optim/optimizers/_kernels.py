@@ -22,7 +22,7 @@ from hf_optim.schedules.pretrained_bert import LRSchedule, resolve_schedule
 try:  # private torch module: looked up lazily so that a torch without it still imports hf_optim
     import torch.utils._foreach_utils as _torch_foreach_utils
 except ImportError:  # pragma: no cover - depends on the torch build
-    _torch_foreach_utils = None  # type: ignore[assignment]
+    _torch_foreach_utils = None  # type: ignore[assignment]  # torch build without the module
 
 logger = logging.getLogger(__name__)
 

@@ -190,10 +190,10 @@ class AdamWeightDecay(Optimizer):
         if self._count["iterations"] is None:
             steps = [int(s["step"]) for s in self.state.values() if "step" in s]
             self._count["iterations"] = max(steps, default=0)
-        return self._count["iterations"]  # type: ignore[return-value]
+        return self._count["iterations"]  # type: ignore[return-value]  # set to an int just above
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step() on closure
         """Apply each parameter's ``.grad``; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:

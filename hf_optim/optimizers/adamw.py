@@ -150,7 +150,7 @@ class AdamW(torch.optim.AdamW):
             handle.remove()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step() on closure
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:

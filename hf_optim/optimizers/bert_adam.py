@@ -119,7 +119,7 @@ class BertAdam(LegacyAdam):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step() on closure
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
@@ -294,7 +294,7 @@ def _fused_bert_adam(
         torch._fused_adamw_(
             [params[i]], [grads[i]], [next_ms[i]], [next_vs[i]], [], [state_steps[i]],
             lr=lr_k, beta1=beta1, beta2=beta2, weight_decay=wd_k, eps=eps_k, amsgrad=False, maximize=False,
-            grad_scale=torch.reciprocal(coefs[i]),  # type: ignore[index]
+            grad_scale=torch.reciprocal(coefs[i]),  # type: ignore[index]  # set when own_call is not empty
         )  # fmt: skip
 
 

@@ -95,7 +95,7 @@ class OpenAIAdam(LegacyAdam):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step() on closure
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
