@@ -23,16 +23,8 @@ hf_optim's classes. The finder then also watches the ``transformers`` package it
 those names is asked for; every other name falls through to transformers' own lookup, unchanged.
 """
 
-from __future__ import annotations
-
 import os
 import sys
-
-TYPE_CHECKING = False  # typing is not imported at interpreter start-up; type checkers read this as True
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from importlib.machinery import ModuleSpec
-    from types import ModuleType
 
 ENV_DISABLE = "HF_OPTIM_DISABLE_AUTOLOAD"
 ENV_LEGACY_IMPORTS = "HF_OPTIM_LEGACY_IMPORTS"
@@ -93,7 +85,7 @@ class _LegacyGetattr:
         target = self._names.get(name)
         if target is None:
             if self._previous is not None:
-                return self._previous(name)  # type: ignore[operator]  # a module __getattr__ kept as an object (typing not loaded)
+                return self._previous(name)  # type: ignore[operator]
             raise AttributeError(f"module {self._module_name!r} has no attribute {name!r}")
         import importlib
 
@@ -145,12 +137,12 @@ class _HookedLoader:
     def exec_module(self, module: object) -> None:
         # Hand the real loader back before executing, so nothing of this wrapper stays visible.
         try:
-            self._spec.loader = self._loader  # type: ignore[attr-defined]  # spec/loader kept as objects: no typing at start-up
-            module.__loader__ = self._loader  # type: ignore[attr-defined]  # module typed object, as above
+            self._spec.loader = self._loader  # type: ignore[attr-defined]
+            module.__loader__ = self._loader  # type: ignore[attr-defined]
         except Exception:
             pass
-        self._loader.exec_module(module)  # type: ignore[attr-defined]  # checked by hasattr in find_spec
-        _on_loaded(module.__name__)  # type: ignore[attr-defined]  # module typed object, as above
+        self._loader.exec_module(module)  # type: ignore[attr-defined]
+        _on_loaded(module.__name__)  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._loader, name)
@@ -162,9 +154,7 @@ class _TransformersFinder:
 
     _hf_optim_autoload_finder = True
 
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
         if fullname not in WATCHED and not (fullname in LEGACY_NAMES and legacy_imports_enabled()):
             return None
         try:
