@@ -11,6 +11,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
+
+__all__ = [
+    "compile_patterns",
+    "decay_applies",
+    "get_decay_parameter_names",
+    "get_no_decay_parameter_names",
+    "group_parameters",
+    "is_norm_module",
+]
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 

@@ -12,7 +12,9 @@ import io
 import re
 from email.message import Message
 
-from hf_optim.hub_server.storage import BadRequest, HubError, PayloadTooLarge
+from hf_optim.hub_server.records import BadRequest, HubError, PayloadTooLarge
+
+__all__ = ["BODY_METHODS", "LengthRequired", "RequestBody"]
 
 _LENGTH_RE = re.compile(r"[0-9]{1,19}")
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
