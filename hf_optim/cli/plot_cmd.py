@@ -21,8 +21,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from hf_optim import registry
-from hf_optim.optimizers.bert_adam import SCHEDULES as LEGACY_SCHEDULES
-from hf_optim.optimizers.bert_adam import LRSchedule
+from hf_optim.schedules.pretrained_bert import SCHEDULES as LEGACY_SCHEDULES
+from hf_optim.schedules.pretrained_bert import LRSchedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

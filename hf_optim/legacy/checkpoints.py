@@ -13,12 +13,13 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from hf_optim.errors import CheckpointError
-from hf_optim.optimizers.bert_adam import SCHEDULE_CLASSES, LRSchedule
+from hf_optim.schedules.pretrained_bert import SCHEDULE_CLASSES, LRSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ LEGACY_SCHEDULE_MODULE = "pytorch_pretrained_bert.optimization"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def _allow_list() -> list[tuple[type, str]]:
+def _allow_list() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     return [(cls, f"{LEGACY_SCHEDULE_MODULE}.{name}") for name, cls in SCHEDULE_CLASSES.items()]
 
 

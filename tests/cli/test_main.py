@@ -40,7 +40,9 @@ def test_version_does_not_import_torch():
         "print(sorted(m for m in ('torch', 'hf_optim') if m in sys.modules)); sys.exit(code)"
     )
     console = os.path.join(os.path.dirname(hf_optim.__file__), "_console.py")
-    result = subprocess.run([sys.executable, "-c", code, console], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, console], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"hf-optim {hf_optim.__version__}", "[]"]
 
