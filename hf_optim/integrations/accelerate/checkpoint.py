@@ -44,8 +44,6 @@ from accelerate import Accelerator
 from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hf_optim._utils import is_hub_url, unwrap_optimizer
 from hf_optim.errors import CheckpointError
@@ -61,6 +59,7 @@ from hf_optim.state import (
     save_object_state,
     save_state,
 )
+from hf_optim.state.io import checkpoint_roots, open_file, read_safetensors, read_tensors
 
 __all__ = [
     "REGISTERED_STATE_NAME",
@@ -644,39 +643,42 @@ def _weights_file(checkpoint_dir: str, index: int) -> str:
 def _read_model_weights(
     accelerator: Accelerator, model: torch.nn.Module, checkpoint_dir: str, index: int
 ) -> dict[str, torch.Tensor]:
-    """Read the weights file of model ``index`` after checking it has exactly the model's tensors and shapes."""
+    """Read the weights file of model ``index`` after checking it has exactly the model's tensors and shapes.
+
+    The file is opened once, like optimizer state: it must resolve inside the checkpoint folder (or its Hub cache
+    repository's blobs) and be a regular file, and both the header and the tensors are read from that descriptor.
+    """
     path = _weights_file(checkpoint_dir, index)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found")
-    state = _bare_model(accelerator, model).state_dict()
-    expected = {name: tuple(t.shape) for name, t in state.items()}
     try:
-        with safe_open(path, framework="pt") as f:
-            found = {_strip_wrapper_prefix(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-    except Exception as err:
-        raise CheckpointError(f"path_or_repo_id: cannot read model weights {path!r}: {err}") from None
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
-    # with a stored one is restored through it.
-    stored = {state[name].untyped_storage().data_ptr() for name in found if name in state}
-    missing = [name for name in missing if state[name].untyped_storage().data_ptr() not in stored]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"path_or_repo_id: model weights {path!r} do not match model {index}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, shape in sorted(found.items()):
-        if expected[name] != shape:
+        file = open_file(path, roots=checkpoint_roots(checkpoint_dir))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found") from None
+    try:
+        st = read_safetensors(file)
+        state = _bare_model(accelerator, model).state_dict()
+        expected = {name: tuple(t.shape) for name, t in state.items()}
+        found = {_strip_wrapper_prefix(name): header.shape for name, header in st.entries.items()}
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
+        # with a stored one is restored through it.
+        stored = {state[name].untyped_storage().data_ptr() for name in found if name in state}
+        missing = [name for name in missing if state[name].untyped_storage().data_ptr() not in stored]
+        if missing or unexpected:
             raise CheckpointError(
-                f"path_or_repo_id: model weights {path!r}: {name} has shape {list(shape)}, "
-                f"the model expects {list(expected[name])}"
+                f"path_or_repo_id: model weights {path!r} do not match model {index}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
-    try:
-        return {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot read model weights: {err}") from None
+        for name, shape in sorted(found.items()):
+            if expected[name] != shape:
+                raise CheckpointError(
+                    f"path_or_repo_id: model weights {path!r}: {name} has shape {list(shape)}, "
+                    f"the model expects {list(expected[name])}"
+                )
+        return {_strip_wrapper_prefix(k): v for k, v in read_tensors(st, st.entries).items()}
+    finally:
+        file.close()
 
 
 def _strip_wrapper_prefix(name: str) -> str:
