@@ -9,6 +9,7 @@ import copy
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -194,6 +195,12 @@ def _link_out(ckpt: Path, outside: Path) -> None:
     (ckpt / "model.safetensors").symlink_to(outside / "model.safetensors")
 
 
+def _pickled_weights(ckpt: Path, payload: Any) -> None:
+    """model.safetensors replaced by a pytorch_model.bin (what ``safe_serialization=False`` writes)."""
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(payload))
+
+
 MODEL_WEIGHTS_ATTACKS = {
     "link-out-of-the-folder": (_link_out, "outside the checkpoint folder"),
     "link-to-etc-passwd": (
@@ -202,6 +209,14 @@ MODEL_WEIGHTS_ATTACKS = {
             (ckpt / "model.safetensors").symlink_to("/etc/passwd"),
         ),
         "outside the checkpoint folder",
+    ),
+    "pytorch-model-bin-running-code": (
+        lambda ckpt, outside: _pickled_weights(ckpt, _Payload(str(outside / "PWNED"))),
+        "weights_only=True",
+    ),
+    "pytorch-model-bin-not-a-state-dict": (
+        lambda ckpt, outside: _pickled_weights(ckpt, [1, 2, 3]),
+        "not a model state_dict",
     ),
     "fifo": (
         lambda ckpt, outside: ((ckpt / "model.safetensors").unlink(), os.mkfifo(ckpt / "model.safetensors")),
@@ -222,5 +237,6 @@ def test_model_weights_are_read_only_from_inside_the_folder(make_accelerator, tm
     before = _snapshot(prepared)
     with pytest.raises(CheckpointError, match=message) as info:
         accelerate_load_state(accelerator2, ckpt)
-    assert "model.safetensors" in str(info.value)
+    assert "model" in str(info.value)
+    assert not (outside / "PWNED").exists()
     _assert_same(_snapshot(prepared), before)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import random
@@ -59,7 +60,7 @@ from hf_optim.state import (
     save_object_state,
     save_state,
 )
-from hf_optim.state.io import checkpoint_roots, open_file, read_safetensors, read_tensors
+from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_safetensors, read_tensors
 
 __all__ = [
     "REGISTERED_STATE_NAME",
@@ -79,6 +80,7 @@ _REGISTERED_KIND = "accelerate.registered_object"
 
 # Accelerate writes the first model as ``model.safetensors`` and the i-th as ``model_{i}.safetensors``.
 _MODEL_STEM = "model"
+_PICKLED_MODEL_STEM = "pytorch_model"
 # The state of the i-th prepared optimizer (i > 0) goes into this sub-folder of the checkpoint.
 _EXTRA_OPTIMIZER_DIR = "optimizer_{}"
 # Accelerate's other files (accelerate.utils.constants): RNG, scaler, samplers, stateful dataloaders.
@@ -115,10 +117,12 @@ def accelerate_save_state(
     output_dir: str | os.PathLike[str] | None = None,
     *,
     accumulator: Any | None = None,
+    safe_serialization: bool = True,
 ) -> str:
     """Save a resumable checkpoint with no pickled optimizer, scheduler or registered-object files.
 
-    Accelerate writes the model weights (``model.safetensors``, stored under the unwrapped model's parameter
+    Accelerate writes the model weights (``model.safetensors``, or ``pytorch_model.bin`` with
+    ``safe_serialization=False`` as Accelerate does; stored under the unwrapped model's parameter
     names so a checkpoint from N processes loads into a run with M), the RNG states, dataloader samplers and its
     step counter, and applies its automatic checkpoint naming and ``total_limit`` (``output_dir=None`` with
     ``ProjectConfiguration(automatic_checkpoint_naming=True)``). The main process (each node's main process with
@@ -159,7 +163,7 @@ def accelerate_save_state(
         with _hidden_from_accelerate(accelerator, custom_objects=True):
             # The class's method: use_safetensors_state replaces the instance's save_state with a call to this.
             location = os.fspath(
-                type(accelerator).save_state(accelerator, output_dir, safe_serialization=True)
+                type(accelerator).save_state(accelerator, output_dir, safe_serialization=safe_serialization)
             )
     finally:
         handle.remove()
@@ -480,16 +484,12 @@ def use_safetensors_state(accelerator: Accelerator) -> Accelerator:
         safe_serialization: bool = True,
         **save_model_func_kwargs: Any,
     ) -> str:
-        if not safe_serialization:
-            raise ValueError(
-                "safe_serialization=False: hf_optim's checkpoints store model weights as safetensors"
-            )
         if save_model_func_kwargs:
             raise TypeError(
                 f"save_state() got {sorted(save_model_func_kwargs)}: those are for DeepSpeed / Megatron-LM, which "
                 "hf_optim's checkpoints do not support"
             )
-        return accelerate_save_state(accelerator, output_dir)
+        return accelerate_save_state(accelerator, output_dir, safe_serialization=safe_serialization)
 
     def load_state(
         input_dir: str | os.PathLike[str] | None = None,
@@ -636,8 +636,29 @@ def _unwrapped_weights_hook(accelerator: Accelerator) -> Callable[[list[Any], li
 
 
 def _weights_file(checkpoint_dir: str, index: int) -> str:
+    """Model ``index``'s weights as Accelerate names them: ``model[_i].safetensors``, or, saved with
+    ``safe_serialization=False``, ``pytorch_model[_i].bin`` (when there is no safetensors file)."""
     suffix = f"_{index}" if index else ""
-    return os.path.join(checkpoint_dir, f"{_MODEL_STEM}{suffix}.safetensors")
+    path = os.path.join(checkpoint_dir, f"{_MODEL_STEM}{suffix}.safetensors")
+    pickled = os.path.join(checkpoint_dir, f"{_PICKLED_MODEL_STEM}{suffix}.bin")
+    return pickled if not os.path.lexists(path) and os.path.lexists(pickled) else path
+
+
+def _read_pickled_weights(file: OpenFile) -> dict[str, torch.Tensor]:
+    """``pytorch_model.bin`` (written with ``safe_serialization=False``), read from the checked descriptor with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, and it must be a dict of tensors."""
+    try:
+        weights = torch.load(io.BytesIO(file.read_all()), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for refused or malformed pickles
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{file.path}: not a model state_dict readable with weights_only=True: {first}"
+        ) from None
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise CheckpointError(f"{file.path}: not a model state_dict (a dict of tensors)")
+    return weights
 
 
 def _read_model_weights(
@@ -654,10 +675,15 @@ def _read_model_weights(
     except FileNotFoundError:
         raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found") from None
     try:
-        st = read_safetensors(file)
+        if path.endswith(".bin"):
+            pickled = _read_pickled_weights(file)
+            shapes = {name: tuple(t.shape) for name, t in pickled.items()}
+        else:
+            st = read_safetensors(file)
+            shapes = {name: header.shape for name, header in st.entries.items()}
         state = _bare_model(accelerator, model).state_dict()
         expected = {name: tuple(t.shape) for name, t in state.items()}
-        found = {_strip_wrapper_prefix(name): header.shape for name, header in st.entries.items()}
+        found = {_strip_wrapper_prefix(name): shape for name, shape in shapes.items()}
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
         # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
@@ -676,7 +702,8 @@ def _read_model_weights(
                     f"path_or_repo_id: model weights {path!r}: {name} has shape {list(shape)}, "
                     f"the model expects {list(expected[name])}"
                 )
-        return {_strip_wrapper_prefix(k): v for k, v in read_tensors(st, st.entries).items()}
+        tensors = pickled if path.endswith(".bin") else read_tensors(st, st.entries)
+        return {_strip_wrapper_prefix(k): v for k, v in tensors.items()}
     finally:
         file.close()
 
