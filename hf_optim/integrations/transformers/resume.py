@@ -104,7 +104,7 @@ def patch_trainer_resume(trainer_module: ModuleType) -> None:
     """
     trainer_cls = getattr(trainer_module, "Trainer", None)
     method = getattr(trainer_cls, "_load_optimizer_and_scheduler", None)
-    if method is None:
+    if trainer_cls is None or method is None:
         raise integration_error("transformers.Trainer has no _load_optimizer_and_scheduler")
     if getattr(method, _PATCHED, False):
         return
