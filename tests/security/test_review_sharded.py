@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 import hf_optim
 from hf_optim.errors import CheckpointError
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state
+from hf_optim.state import load_state
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 from tests.multiprocess import report_and_wait, run_with_deadline
 from tests.state.test_sharded import _make, _spawn, weights_from
 
@@ -189,7 +190,7 @@ def test_lying_chunk_record_or_file_list_is_refused(saved, tmp_path, attack):
     bad = _copy(saved, str(tmp_path / "bad"), "ckpt", edit)
     model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
     with pytest.raises(CheckpointError, match=expected):
-        load_sharded_state(bad, opt, sched, model=model)
+        load_state(bad, opt, sched, model=model)
     assert not opt.state
 
 
@@ -208,7 +209,7 @@ def test_shard_file_of_another_save_is_refused(saved, tmp_path):
     save_file(tensors, path, metadata={**metadata, "hf_optim_checkpoint_id": "0" * 32})  # another save's file
     model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
     with pytest.raises(CheckpointError, match="written by another save"):
-        load_sharded_state(first, opt, sched, model=model)
+        load_state(first, opt, sched, model=model)
     assert not opt.state
 
 
@@ -304,11 +305,11 @@ def test_many_chunks_in_a_small_manifest_end_quickly(saved, tmp_path, size):
     code = (
         "import sys\n"
         "from hf_optim.errors import CheckpointError\n"
-        "from hf_optim.state.sharded import load_sharded_state\n"
+        "from hf_optim.state import load_state\n"
         "from tests.state.test_sharded import _make\n"
         "model, opt, sched = _make(1, None)\n"
         "try:\n"
-        "    load_sharded_state(sys.argv[1], opt, sched, model=model)\n"
+        "    load_state(sys.argv[1], opt, sched, model=model)\n"
         "    print('loaded')\n"
         "except CheckpointError as exc:\n"
         "    print('refused:', str(exc)[:200])\n"
@@ -369,7 +370,7 @@ def test_zero_size_chunk_at_a_real_chunks_offsets_holds_no_data(saved, tmp_path)
     bad = _copy(saved, str(tmp_path / "bad"), "ckpt")
     _shadow_chunk(bad)
     model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
-    load_sharded_state(bad, opt, sched, model=model)
+    load_state(bad, opt, sched, model=model)
     reference = load_file(os.path.join(saved, "at_save.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
     for p, entries in opt.state.items():

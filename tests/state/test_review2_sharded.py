@@ -17,7 +17,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 import hf_optim
 from hf_optim.errors import CheckpointError
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state, save_sharded_state
+from hf_optim.state import load_state
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, save_sharded_state
 from tests.multiprocess import report_and_wait, run_with_deadline
 from tests.state.test_review_sharded import _upload
 from tests.state.test_review_sharded import _weights as _review_weights
@@ -121,7 +122,7 @@ def test_failed_apply_leaves_the_objects_as_their_untouched_twin(ckpt, stage):
     buffers = list(acc.gradients)
     STAGES[stage](opt, sched, acc)
     with pytest.raises((CheckpointError, RuntimeError)):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
     # the same objects
     assert opt.state is state_obj
     assert all(a is b for a, b in zip(opt.param_groups, groups, strict=True))
@@ -155,7 +156,7 @@ def test_failed_apply_keeps_the_optimizer_per_parameter_state_dicts(ckpt, stage)
     state_dicts = dict(_state_by_name(model, opt))
     STAGES[stage](opt, sched, acc)
     with pytest.raises((CheckpointError, RuntimeError)):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
     for n, d in state_dicts.items():
         assert _state_by_name(model, opt)[n] is d, n
 
@@ -171,7 +172,7 @@ def test_failed_apply_keeps_the_accumulators_num_items_rule(ckpt, stage):
         twin[3](grads, num_items=4)
     STAGES[stage](opt, sched, acc)
     with pytest.raises((CheckpointError, RuntimeError)):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
     with pytest.raises(ValueError, match="num_items must be given"):
         acc(grads, num_items=4)
 
@@ -183,7 +184,7 @@ def test_refusal_while_applying_is_a_checkpoint_error(ckpt, stage):
     model, opt, sched, acc = _objects(range(3))
     STAGES[stage](opt, sched, acc)
     with pytest.raises(CheckpointError, match="refused after loading"):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 import hf_optim
 from hf_optim.errors import CheckpointError
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state
+from hf_optim.state import load_state
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 from tests.multiprocess import report_and_wait, run_with_deadline
 from tests.state.test_sharded import _make, _snapshot, _spawn, _train_accumulating, weights_from
 
@@ -94,7 +95,7 @@ def test_failed_load_keeps_the_scheduler_driving_the_live_optimizer(saved, tmp_p
     bad = _copy(saved, tmp_path, edit=_accumulator_refuses)
     model, opt, sched, acc = _live_objects(saved)
     with pytest.raises(CheckpointError, match="accumulator"):
-        load_sharded_state(bad, opt, sched, acc, model=model)
+        load_state(bad, opt, sched, acc, model=model)
     assert sched.optimizer is opt  # a deep copy of the optimizer would silently take every later lr change
     lr_before = opt.param_groups[0]["lr"]
     sched.step()
@@ -111,7 +112,7 @@ def test_failed_load_restores_optimizer_scheduler_and_accumulator_exactly(saved,
     acc_before = _clone(acc.state_dict())
     acc_buffers = list(acc.gradients)
     with pytest.raises(CheckpointError, match="accumulator"):
-        load_sharded_state(bad, opt, sched, acc, model=model)
+        load_state(bad, opt, sched, acc, model=model)
     for n, p in model.named_parameters():
         assert _same(dict(opt.state[p]), state_before[n]), n
         assert all(opt.state[p][k] is v for k, v in state_objects[n].items()), n  # the same tensors
@@ -129,7 +130,7 @@ def test_failed_load_keeps_the_param_group_objects(saved, tmp_path):
     model, opt, sched, acc = _live_objects(saved)
     groups = list(opt.param_groups)
     with pytest.raises(CheckpointError, match="accumulator"):
-        load_sharded_state(bad, opt, sched, acc, model=model)
+        load_state(bad, opt, sched, acc, model=model)
     assert all(a is b for a, b in zip(opt.param_groups, groups, strict=True))
 
 
@@ -272,7 +273,7 @@ def test_present_unlisted_shard_file_is_refused(saved, tmp_path):
     extra = os.path.join(shard_dir, "shard-00007-model-00001-of-00001.safetensors")
     shutil.copy(os.path.join(shard_dir, doc["shards"]["files"][0]), extra)
     with pytest.raises(CheckpointError, match="unlisted"):
-        load_sharded_state(folder, opt, sched, model=model)
+        load_state(folder, opt, sched, model=model)
     assert not opt.state
 
 

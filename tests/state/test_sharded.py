@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 
 import hf_optim
 from hf_optim.errors import CheckpointError
+from hf_optim.state import load_state
 from hf_optim.state.sharded import (
     SHARDED_MANIFEST_NAME,
     inspect_sharded_state,
-    load_sharded_state,
     save_sharded_state,
 )
 
@@ -143,7 +143,7 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
     elif job == "resume":
         weights = weights_from(os.path.join(out, "at_save.safetensors"))
         model, opt, sched = _make(world, weights)
-        load_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
+        load_state(os.path.join(out, "ckpt"), opt, sched, model=model)
         loaded = _snapshot(model, opt)
         lr = torch.tensor([g["lr"] for g in opt.param_groups] + [sched.last_epoch], dtype=torch.float64)
         _train(model, opt, sched, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), rank, world)
@@ -255,7 +255,7 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
         model, opt, sched = _make(world, weights)
         before = _snapshot(model, opt)
         try:
-            load_sharded_state(os.path.join(out, "bad"), opt, sched, model=model)
+            load_state(os.path.join(out, "bad"), opt, sched, model=model)
             message = "loaded"
         except CheckpointError as exc:
             message = str(exc)
@@ -310,7 +310,7 @@ def saved3(tmp_path_factory):
 def _plain_resume(out: str) -> tuple[dict, dict]:
     weights = weights_from(os.path.join(out, "at_save.safetensors"))
     model, opt, sched = _make(1, weights)
-    load_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model)
+    load_state(os.path.join(out, "ckpt"), opt, sched, model=model)
     loaded = _snapshot(model, opt)
     _train(model, opt, sched, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), 0, 1)
     return loaded, _snapshot(model, opt)
@@ -579,7 +579,7 @@ def test_hostile_checkpoint_changes_nothing(saved, attack):
     model, opt, sched = _make(1, weights)
     before_sched = dict(sched.__dict__)
     with pytest.raises(CheckpointError, match=expected) as info:
-        load_sharded_state(bad, opt, sched, model=model)
+        load_state(bad, opt, sched, model=model)
     assert bad in str(info.value) or "bad" in str(info.value)
     assert not opt.state and sched.__dict__.keys() == before_sched.keys()
     assert all(sched.__dict__[k] == v for k, v in before_sched.items() if k != "optimizer")

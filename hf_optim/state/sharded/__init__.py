@@ -32,9 +32,9 @@ from hf_optim.state.sharded._dist import (
 )
 from hf_optim.state.sharded._format import SHARDED_FORMAT_VERSION, SHARDED_MANIFEST_NAME
 from hf_optim.state.sharded._load import (
+    ShardedReader,
     ShardedStateInfo,
     inspect_sharded_state,
-    load_sharded_state,
     machine_files,
 )
 from hf_optim.state.sharded._read import has_sharded_state, sharded_manifest_files
@@ -44,6 +44,7 @@ __all__ = [
     "SHARDED_FORMAT_VERSION",
     "SHARDED_MANIFEST_NAME",
     "ConsolidationSource",
+    "ShardedReader",
     "ShardedStateInfo",
     "agree",
     "barrier",
@@ -52,7 +53,6 @@ __all__ = [
     "inspect_sharded_state",
     "is_sharded",
     "like_parameter",
-    "load_sharded_state",
     "local_rank",
     "local_region",
     "machine_files",
