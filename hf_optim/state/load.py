@@ -83,7 +83,10 @@ def load_state(
     directory = subfolder_path(os.fspath(directory), subfolder)
     opt = unwrap_optimizer(optimizer)
     is_sharded = sharded.is_sharded(opt)
-    use_shards = sharded.has_sharded_state(directory) and (is_sharded or not has_state(directory))
+    manifest = os.path.join(
+        directory, sharded.SHARDED_MANIFEST_NAME
+    )  # any kind of file: the reader checks it
+    use_shards = os.path.lexists(manifest) and (is_sharded or not has_state(directory))
     if model is None and (is_sharded or use_shards):
         what = (
             "the optimizer's state is sharded (FSDP2 DTensor parameters)"

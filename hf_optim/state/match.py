@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from hf_optim.errors import CheckpointError
 from hf_optim.state.checks import TENSOR_STATE as MOMENTS
 from hf_optim.state.format import dtype_name, qualname
 from hf_optim.state.model import SavedCheckpoint, SavedParam, TensorEntry
@@ -38,7 +39,7 @@ def raise_errors(errors: list[str], source: str) -> None:
     if errors:
         shown = "".join(f"\n  - {e}" for e in errors[:8])
         more = f"\n  (and {len(errors) - 8} more)" if len(errors) > 8 else ""
-        raise ValueError(f"cannot load the optimizer state from {source}:{shown}{more}")
+        raise CheckpointError(f"cannot load the optimizer state from {source}:{shown}{more}")
 
 
 def plan_optimizer(

@@ -61,6 +61,7 @@ class LoadPlan:
     lists: dict[str, list[str]]
     scheduler_state: dict[str, Any] | None
     accumulator_state: dict[str, Any] | None
+    sources: dict[str, str]  #: the file each part comes from ("scheduler", "accumulator"), for messages
     reads: dict[str, tuple[TensorEntry, torch.Tensor | None]]
     notes: list[str]
     scheduler_mismatch: dict[str, tuple[Any, Any]]
@@ -133,11 +134,18 @@ def check(saved: SavedCheckpoint, live: Live, strict: bool) -> LoadPlan:
         new_state[index] = state
         reads.update({e.key: (e, param) for e in tensor_entries(state)})
     state_dict: dict[str, Any] = {"state": new_state, "param_groups": new_groups, **saved.extra}
-    sched = _check_scheduler(saved, live, strict, notes, mismatch) if live.scheduler is not None else None
-    acc = _check_accumulator(saved, live, strict, notes) if live.accumulator is not None else None
+    sources: dict[str, str] = {}
+    sched = (
+        _check_scheduler(saved, live, strict, notes, mismatch, sources)
+        if live.scheduler is not None
+        else None
+    )
+    acc = _check_accumulator(saved, live, strict, notes, sources) if live.accumulator is not None else None
     for e in tensor_entries(acc):
         reads[e.key] = (e, live.model_params.get(e.like) if e.like is not None else None)
-    return LoadPlan(saved, live, state_dict, plan, restore_groups, lists, sched, acc, reads, notes, mismatch)
+    return LoadPlan(
+        saved, live, state_dict, plan, restore_groups, lists, sched, acc, sources, reads, notes, mismatch
+    )
 
 
 def _check_layouts(saved: SavedCheckpoint, live: Live) -> None:
@@ -153,7 +161,12 @@ def _check_layouts(saved: SavedCheckpoint, live: Live) -> None:
 
 
 def _check_scheduler(
-    saved: SavedCheckpoint, live: Live, strict: bool, notes: list[str], mismatch: dict[str, tuple[Any, Any]]
+    saved: SavedCheckpoint,
+    live: Live,
+    strict: bool,
+    notes: list[str],
+    mismatch: dict[str, tuple[Any, Any]],
+    sources: dict[str, str],
 ) -> dict[str, Any] | None:
     errors: list[str] = []
     sched = saved.scheduler()
@@ -163,7 +176,7 @@ def _check_scheduler(
         )
         raise_errors(errors, saved.source)
         return None
-    path = sched.source
+    path = sources["scheduler"] = sched.source
     notes_before = len(notes)
     inner = unwrap_scheduler(live.scheduler)
     if sched.class_name is not None and sched.class_name != qualname(inner):
@@ -208,7 +221,7 @@ def _check_scheduler(
 
 
 def _check_accumulator(
-    saved: SavedCheckpoint, live: Live, strict: bool, notes: list[str]
+    saved: SavedCheckpoint, live: Live, strict: bool, notes: list[str], sources: dict[str, str]
 ) -> dict[str, Any] | None:
     """Class, the counters' structure, number, shapes and dtypes of the gradients (a gradient laid out like a
     model parameter: that parameter exists with the gradient's shape)."""
@@ -224,6 +237,7 @@ def _check_accumulator(
         raise_errors(errors, saved.source)
         return None
     path, accumulator = acc.source, live.accumulator
+    sources["accumulator"] = path
     notes_before = len(notes)
     if acc.class_name is not None and acc.class_name != qualname(accumulator):
         fail(errors, strict, notes, f"{path} was saved from {acc.class_name}, not {qualname(accumulator)}")
@@ -294,11 +308,11 @@ def apply(plan: LoadPlan, tensors: Mapping[str, torch.Tensor]) -> LoadReport:
                 opt, {i: state_dict["state"][i] for i in plan.loaded if i in state_dict["state"]}
             )
             if plan.scheduler_state is not None:
-                stage = f"{saved.source} (scheduler)"
+                stage = plan.sources["scheduler"]
                 # hf_optim_config describes the live scheduler's function: keep it (the kwargs were compared)
                 unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(plan.scheduler_state))
             if plan.accumulator_state is not None:
-                stage = f"{saved.source} (accumulator)"
+                stage = plan.sources["accumulator"]
                 accumulator.load_state_dict(placeholders(plan.accumulator_state, tensors))
         except (ValueError, TypeError, KeyError, OverflowError, RuntimeError) as err:
             if isinstance(err, CheckpointError):

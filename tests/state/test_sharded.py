@@ -431,10 +431,10 @@ def test_accumulator_mismatch_changes_nothing(saved_accumulating, saved):
     model, opt, sched = _make(1, weights)
     acc = hf_optim.GradientAccumulator()
     acc([torch.zeros(3)])  # one gradient accumulated: the checkpoint has four
-    with pytest.raises(CheckpointError, match="4 accumulator gradients saved, the accumulator has 1"):
+    with pytest.raises(CheckpointError, match="has 4 gradients, the accumulator 1"):
         hf_optim.load_state(os.path.join(saved_accumulating, "acc"), opt, sched, acc, model=model)
     assert not opt.state and acc.step == 1 and torch.equal(acc.gradients[0], torch.zeros(3))
-    with pytest.raises(CheckpointError, match="no accumulator state saved"):
+    with pytest.raises(CheckpointError, match="no accumulator state but an accumulator was given"):
         hf_optim.load_state(os.path.join(saved, "ckpt"), opt, sched, acc, model=model)
     assert not opt.state and acc.step == 1
 
@@ -540,10 +540,6 @@ ATTACKS = {
     "reserved state key": (
         _manifest_edit(lambda d: d["state"]["0.weight"].update(params={"value": 1})),
         "reserved",
-    ),
-    "swapped parameters": (
-        _manifest_edit(lambda d: d["param_groups"][0].update(params=d["param_groups"][0]["params"][::-1])),
-        "other parameters",
     ),
     "scheduler keys": (
         _manifest_edit(lambda d: d["scheduler"]["state_dict"]["dict"].update(injected=1)),
