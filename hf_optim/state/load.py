@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from hf_optim._utils import unwrap_optimizer
+from hf_optim._utils import clean_subfolder, unwrap_optimizer
 from hf_optim.errors import CheckpointError
 from hf_optim.state import sharded
 from hf_optim.state.codec import check_tensor_nodes, decode, tensor_refs
@@ -36,21 +36,10 @@ __all__ = [
     "load_state",
     "load_state_dict",
     "load_with",
-    "subfolder_path",
 ]
 
 #: longest error text the processes exchange (a message may quote names read from a hostile file)
 _AGREED_TEXT = 2000
-
-
-def subfolder_path(directory: str, subfolder: str | None) -> str:
-    """``directory/subfolder``; ``subfolder`` must be a relative path inside ``directory``."""
-    if not subfolder:
-        return directory
-    parts = subfolder.replace("\\", "/").strip("/").split("/")
-    if any(part in ("", ".", "..") for part in parts) or os.path.isabs(subfolder):
-        raise ValueError(f"subfolder must be a relative path inside the directory, got {subfolder!r}")
-    return os.path.join(directory, *parts)
 
 
 def load_state(
@@ -80,20 +69,16 @@ def load_state(
     parameters) also loads an ordinary checkpoint, each process reading only its own shard of the state tensors.
     Call it on every process then.
     """
-    directory = subfolder_path(os.fspath(directory), subfolder)
+    directory = os.fspath(directory)
+    sub = clean_subfolder(subfolder)
+    directory = os.path.join(directory, *sub.split("/")) if sub else directory
     opt = unwrap_optimizer(optimizer)
     is_sharded = sharded.is_sharded(opt)
     manifest = os.path.join(
         directory, sharded.SHARDED_MANIFEST_NAME
     )  # any kind of file: the reader checks it
     use_shards = os.path.lexists(manifest) and (is_sharded or not has_state(directory))
-    if model is None and (is_sharded or use_shards):
-        what = (
-            "the optimizer's state is sharded (FSDP2 DTensor parameters)"
-            if is_sharded
-            else (f"{directory} holds sharded optimizer state")
-        )
-        raise ValueError(f"{what}: pass model= to name the parameters")
+    sharded.require_model(opt, model, directory if use_shards else None)
     live = Live(
         opt,
         scheduler,
