@@ -24,7 +24,13 @@ from typing import Any, TypeVar
 
 import torch
 from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download, parse_hf_uri, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, HfUriError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfUriError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_optim import state
@@ -274,6 +280,15 @@ def _fetch_manifest(
             unreachable = unreachable or err
         except EntryNotFoundError:
             continue
+        except RevisionNotFoundError:
+            raise CheckpointError(
+                f"{location.describe()}: the repository has no revision {location.revision!r}"
+            ) from None
+        except RepositoryNotFoundError:
+            raise CheckpointError(
+                f"{location.describe()}: no such repository on the Hub (or it is private and no token with access "
+                "was given)"
+            ) from None
     if unreachable is not None:
         raise _not_cached("optimizer state", location, unreachable, local_files_only) from unreachable
     where = f"subfolder {location.subfolder!r}" if location.subfolder else "the repository root"

@@ -72,13 +72,6 @@ def plan_optimizer(
     same_structure = len(saved_groups) == len(live) and all(
         len(sg.params) == len(lg) for sg, lg in zip(saved_groups, live, strict=True)
     )
-    if len(saved_groups) != len(live):
-        fail(
-            errors,
-            strict,
-            notes,
-            f"the checkpoint has {len(saved_groups)} parameter group(s), the optimizer {len(live)}",
-        )
 
     pairs: list[tuple[_Live, str, SavedParam, int]] = []  # live, saved key, saved record, saved group
     missing: list[str] = []
@@ -118,6 +111,31 @@ def plan_optimizer(
         )
         missing = [p.key for p in flat_live]
         unexpected = [key for _, _, key in saved_records]
+    if len(saved_groups) != len(live):
+        # name the difference: the parameters one side has in groups the other lacks
+        detail = ""
+        if by_name and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(
+                    f"optimizer parameters not in the checkpoint: {', '.join(map(repr, missing[:5]))}"
+                )
+            if unexpected:
+                parts.append(
+                    f"checkpoint parameters the optimizer lacks: {', '.join(map(repr, unexpected[:5]))}"
+                )
+            detail = f" ({'; '.join(parts)})"
+        elif not by_name:
+            detail = (
+                f" (groups of sizes {[len(g.params) for g in saved_groups]} in the checkpoint, "
+                f"{[len(g) for g in live]} in the optimizer)"
+            )
+        fail(
+            errors,
+            strict,
+            notes,
+            f"the checkpoint has {len(saved_groups)} parameter group(s), the optimizer {len(live)}{detail}",
+        )
     if missing:
         fail(
             errors,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,13 @@ from hf_optim.state.model import LoadReport, SavedCheckpoint, TensorEntry, place
 
 logger = logging.getLogger("hf_optim.state")
 
-__all__ = ["Live", "LoadPlan", "apply", "check"]
+__all__ = ["SCHEDULER_GROUP_KEYS", "Live", "LoadPlan", "apply", "check"]
+
+#: param-group keys torch's schedulers add when they are created (LRScheduler's initial_lr, OneCycleLR's and
+#: CyclicLR's learning-rate and momentum bounds)
+SCHEDULER_GROUP_KEYS = frozenset(
+    {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr", "initial_lr_scale"}
+)
 
 
 @dataclass
@@ -97,6 +104,15 @@ def check(saved: SavedCheckpoint, live: Live, strict: bool) -> LoadPlan:
             where = f"{saved.source}: param group {g}"
             hyper = saved.groups[group_map[g]].hyperparameters
             live_hyper = {k: v for k, v in live_group.items() if k not in ("params", "param_names")}
+            # keys a scheduler adds to the groups when it is created (initial_lr...): restored before it exists,
+            # as torch's load_state_dict does; they must be numbers
+            for k in sorted(SCHEDULER_GROUP_KEYS & (set(hyper) - set(live_hyper))):
+                value = hyper[k]
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise CheckpointError(
+                        f"{where}: hyperparameter {k!r} must be a finite number, got {value!r}"
+                    )
+                live_hyper[k] = value
             group.update(check_hyperparameters(opt, g, hyper, live_hyper, where, strict=strict, notes=notes))
             absent = sorted(set(live_hyper) - set(hyper))
             if absent:

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
+from hf_optim.state.atomic import follow_umask
 from hf_optim.state.format import DEFAULT_MAX_SHARD_SIZE, qualname
 from hf_optim.state.sharded._dist import (
     agree,
@@ -234,6 +235,7 @@ def save_sharded_state(
     manifest_path = os.path.join(directory, SHARDED_MANIFEST_NAME)
     if rank() == 0:
         shard_files = sorted(f for f in os.listdir(tmp_dir) if SHARD_FILE_RE.fullmatch(f))
+        follow_umask(tmp_dir, [os.path.join(tmp_dir, f) for f in shard_files])
         world = dist.get_world_size() if distributed() else 1
         manifest = {
             "format": KIND,
