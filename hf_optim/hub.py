@@ -406,17 +406,13 @@ def _resolve(
     repo_type: str | None,
     revision: str | None,
     subfolder: str | None,
-    token: str | bool | None,
-    cache_dir: str | os.PathLike[str] | None,
-    local_files_only: bool,
-    force_download: bool,
+    options: HubOptions,
     sharded_optimizer: bool = False,
     model: torch.nn.Module | None = None,
 ) -> tuple[str, list[str]]:
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
         raise ValueError(f"path_or_repo_id must be a path, repo id or hf:// URL, got {path_or_repo_id!r}")
-    options = HubOptions(token, cache_dir, local_files_only, force_download)
     if not is_hub_url(value) and os.path.isdir(value):
         if revision is not None or repo_type is not None:
             raise ValueError(
@@ -460,10 +456,7 @@ def resolve_state_dir(
         repo_type=repo_type,
         revision=revision,
         subfolder=subfolder,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
+        options=HubOptions(token, cache_dir, local_files_only, force_download),
     )
     return directory
 
@@ -498,10 +491,7 @@ def load_state(
         repo_type=repo_type,
         revision=revision,
         subfolder=subfolder,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
+        options=HubOptions(token, cache_dir, local_files_only, force_download),
         sharded_optimizer=is_sharded,
         model=model,
     )
@@ -528,10 +518,7 @@ def inspect_state(
         repo_type=repo_type,
         revision=revision,
         subfolder=subfolder,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
+        options=HubOptions(token, cache_dir, local_files_only, force_download),
     )
     if state.has_sharded_state(directory) and not state.has_state(directory):
         return state.inspect_sharded_state(directory)

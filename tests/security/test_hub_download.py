@@ -181,3 +181,19 @@ def test_local_files_only_uses_the_cache(hub_repo_id):
     _, opt3, sched3 = setup()
     report = load_state(hub_repo_id, opt3, sched3, revision="v1", local_files_only=True)
     assert report.complete
+
+
+@pytest.mark.parametrize("where", ["repo", "revision"])
+def test_missing_repository_or_revision_is_one_clear_error(hub_repo_id, where):
+    """Not huggingface_hub's raw 404 about a manifest file the user never named: a CheckpointError naming the
+    repository (and revision)."""
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    if where == "revision":
+        push_state_to_hub(hub_repo_id, opt)
+    revision = "no-such-branch" if where == "revision" else None
+    with pytest.raises(CheckpointError) as info:
+        load_state(hub_repo_id, opt, revision=revision)
+    message = str(info.value)
+    assert hub_repo_id in message and OPTIMIZER_INDEX_NAME not in message
+    assert ("no-such-branch" in message) == (where == "revision")
