@@ -27,7 +27,7 @@ from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, inspect_sharded_state,
 from tests.security.test_review_sharded import _copy as _review_copy
 from tests.security.test_review_sharded import _run_ranks
 from tests.state.helpers import assert_refused, trained
-from tests.state.test_sharded import _make, _spawn
+from tests.state.sharded_jobs import make_run
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -93,7 +93,7 @@ def test_blobs_symlinked_to_the_root_exposes_any_file(single, tmp_path):
 @pytest.fixture
 def sharded(tmp_path):
     """A sharded (v2) checkpoint saved by one process with a plain model."""
-    model, opt, sched = _make(1, None)
+    model, opt, sched = make_run(1, None)
     torch.manual_seed(0)
     for _ in range(2):
         loss = model(torch.randn(4, model[0].in_features)).square().mean()
@@ -118,7 +118,7 @@ def test_inspect_sharded_state_refuses_a_manifest_reached_through_a_symlinked_bl
 
 def test_load_sharded_state_refuses_a_shard_reached_through_a_symlinked_blobs(sharded, tmp_path):
     snapshot, _ = _fake_snapshot(tmp_path, sharded, _first_shard(sharded))
-    model, opt, sched = _make(1, None)
+    model, opt, sched = make_run(1, None)
     with pytest.raises(CheckpointError, match="outside the checkpoint"):
         hf_optim.load_state(snapshot, opt, sched, model=model)
     assert not opt.state
@@ -200,13 +200,10 @@ def test_chunks_sharing_their_rows_end_quickly(sharded, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def review_saved(tmp_path_factory):
-    """Two saves of the same model by two processes: with a GradientAccumulator (``acc``), without (``ckpt``)."""
-    out = str(tmp_path_factory.mktemp("review2_saves"))
-    _spawn(2, "acc-save", out)
-    _spawn(2, "save", out)
-    return out
+@pytest.fixture
+def review_saved(sharded_saves):
+    """The session's two-process sharded saves (tests/conftest.py)."""
+    return sharded_saves
 
 
 def test_ranks_loading_different_saves_raise_on_every_rank(review_saved, tmp_path):

@@ -20,9 +20,9 @@ from hf_optim.errors import CheckpointError
 from hf_optim.state import load_state
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, save_sharded_state
 from tests.multiprocess import report_and_wait, run_with_deadline
+from tests.state.sharded_jobs import make_run, train_accumulating
 from tests.state.test_review_sharded import _upload
 from tests.state.test_review_sharded import _weights as _review_weights
-from tests.state.test_sharded import _make, _spawn, _train_accumulating
 
 _REFUSE: set[int] = (
     set()
@@ -48,7 +48,7 @@ class RefusingLambdaLR(LambdaLR):
 
 
 def _objects(micro_steps: range, *, counts_items: bool = False):
-    model, opt, _ = _make(1, None)
+    model, opt, _ = make_run(1, None)
     sched = RefusingLambdaLR(opt, lambda step: 1.0 / (1 + step))
     acc = RefusingAccumulator()
     if counts_items:
@@ -61,7 +61,7 @@ def _objects(micro_steps: range, *, counts_items: bool = False):
                 sched.step()
                 opt.zero_grad()
     else:
-        _train_accumulating(model, opt, sched, acc, micro_steps, 0, 1)
+        train_accumulating(model, opt, sched, acc, micro_steps, 0, 1)
     return model, opt, sched, acc
 
 
@@ -142,7 +142,7 @@ def test_failed_apply_leaves_the_objects_as_their_untouched_twin(ckpt, stage):
     _assert_same_values(acc.state_dict(), twin[3].state_dict(), "accumulator")
     # and they go on identically: the scheduler drives this optimizer, the accumulator finishes its window
     for objs in ((model, opt, sched, acc), twin):
-        _train_accumulating(*objs, range(3, 7), 0, 1)
+        train_accumulating(*objs, range(3, 7), 0, 1)
     _assert_same_values(_state_by_name(model, opt), _state_by_name(twin[0], twin[1]), "state after")
     assert opt.param_groups[0]["lr"] == twin[1].param_groups[0]["lr"]
     _assert_same_values(dict(model.named_parameters()), dict(twin[0].named_parameters()), "parameters after")
@@ -194,12 +194,10 @@ def test_refusal_while_applying_is_a_checkpoint_error(ckpt, stage):
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A checkpoint saved by two processes (``ckpt``) and the state at save (``at_save.safetensors``)."""
-    out = str(tmp_path_factory.mktemp("review2_hub"))
-    _spawn(2, "save", out)
-    return out
+@pytest.fixture
+def saved(sharded_saves):
+    """The session's two-process sharded saves (tests/conftest.py)."""
+    return sharded_saves
 
 
 def _offline_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
@@ -214,7 +212,7 @@ def _offline_worker(rank: int, world: int, port: int, url: str, out: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=8))
     result: dict = {}
     try:
-        model, opt, sched = _make(world, _review_weights(out, "at_save.safetensors"))
+        model, opt, sched = make_run(world, _review_weights(out, "at_save.safetensors"))
         try:
             hf_optim.load_state(url, opt, sched, model=model, cache_dir=os.path.join(out, f"machine{rank}"))
             result["outcome"] = "loaded"

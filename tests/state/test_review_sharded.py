@@ -22,18 +22,15 @@ from hf_optim.errors import CheckpointError
 from hf_optim.state import load_state
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 from tests.multiprocess import report_and_wait, run_with_deadline
-from tests.state.test_sharded import _make, _snapshot, _spawn, _train_accumulating, weights_from
+from tests.state.sharded_jobs import make_run, run_snapshot, train_accumulating, weights_from
 
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A checkpoint with a GradientAccumulator saved mid-window (``acc``) and one without (``ckpt``)."""
-    out = str(tmp_path_factory.mktemp("review_sharded"))
-    _spawn(2, "acc-save", out)
-    _spawn(2, "save", out)
-    return out
+@pytest.fixture
+def saved(sharded_saves):
+    """The session's two-process sharded saves (tests/conftest.py)."""
+    return sharded_saves
 
 
 def _weights(saved: str, name: str = "acc_at_save.safetensors") -> dict[str, torch.Tensor]:
@@ -53,9 +50,9 @@ def _copy(saved: str, tmp_path, name: str = "acc", edit=None) -> str:
 
 def _live_objects(saved: str):
     """A plain model, optimizer, scheduler and accumulator that all hold state (mid-window, after steps)."""
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
-    _train_accumulating(model, opt, sched, acc, range(3), 0, 1)  # one optimizer step, then half a window
+    train_accumulating(model, opt, sched, acc, range(3), 0, 1)  # one optimizer step, then half a window
     assert opt.state and acc.step == 1 and all(g is not None for g in acc.gradients)
     return model, opt, sched, acc
 
@@ -146,12 +143,12 @@ def _strip_chunks(doc):
 def test_manifest_without_chunk_records_still_loads(saved, tmp_path):
     """A format-version-2 manifest written before the chunk record: planned from every shard header."""
     old = _copy(saved, tmp_path, edit=_strip_chunks)
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
     hf_optim.load_state(old, opt, sched, acc, model=model)
     at_save = load_file(os.path.join(saved, "acc_at_save.safetensors"))
     loaded = {
-        **_snapshot(model, opt),
+        **run_snapshot(model, opt),
         **{f"acc.{i}": g for i, g in enumerate(acc.gradients) if g is not None},
     }
     assert loaded.keys() == at_save.keys()
@@ -167,7 +164,7 @@ def test_accumulator_continues_with_the_model_after_a_load(saved, tmp_path):
         doc["accumulator"]["gradients"].append(None)
 
     bad = _copy(saved, tmp_path, edit=longer)
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
     try:
         hf_optim.load_state(bad, opt, sched, acc, model=model)
@@ -198,7 +195,7 @@ def _machine_worker(rank: int, world: int, port: int, url: str, out: str, revisi
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT - 10))
     result: dict = {}
     try:
-        model, opt, sched = _make(world, _weights(out, "at_save.safetensors"))
+        model, opt, sched = make_run(world, _weights(out, "at_save.safetensors"))
         before = _local(model)
         try:
             revision = revisions[rank] if revisions else None
@@ -206,7 +203,7 @@ def _machine_worker(rank: int, world: int, port: int, url: str, out: str, revisi
             hf_optim.load_state(url, opt, sched, model=model, cache_dir=cache, revision=revision)
             result["outcome"] = "loaded"
             at_save = load_file(os.path.join(out, "at_save.safetensors"))
-            result["exact"] = all(torch.equal(_snapshot(model, opt)[k], v) for k, v in at_save.items())
+            result["exact"] = all(torch.equal(run_snapshot(model, opt)[k], v) for k, v in at_save.items())
         except Exception as exc:
             result["outcome"] = type(exc).__name__
             result["message"] = str(exc)[:500]
@@ -266,7 +263,7 @@ def test_hub_manifest_without_chunk_records_downloads_every_file(saved, hub_repo
 
 def test_present_unlisted_shard_file_is_refused(saved, tmp_path):
     """A shard file the manifest does not list, present in the shard folder, is refused (chunk-record plan)."""
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     folder = _copy(saved, tmp_path, name="ckpt")
     doc = json.loads(Path(folder, SHARDED_MANIFEST_NAME).read_text())
     shard_dir = os.path.join(folder, doc["shards"]["folder"])
@@ -284,7 +281,7 @@ def test_consolidated_accumulator_checkpoint_resumes_the_accumulator(saved, tmp_
 
     out = str(tmp_path / "consolidated")
     consolidate_state(os.path.join(saved, "acc"), out)
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
     hf_optim.load_state(out, opt, sched, acc, model=model)
     at_save = load_file(os.path.join(saved, "acc_at_save.safetensors"))
@@ -321,10 +318,10 @@ def test_branch_moved_between_two_machines_downloads(saved, hub_repo_id, hub_api
 def test_plain_process_loads_a_sharded_checkpoint_from_the_hub(saved, hub_repo_id, hub_api):
     """2 -> 1 through the Hub: one plain process (no process group) downloads every shard and restores exactly."""
     _upload(hub_api, hub_repo_id, os.path.join(saved, "ckpt"))
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     hf_optim.load_state(f"hf://{hub_repo_id}/run", opt, sched, model=model)
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
-    for key, value in _snapshot(model, opt).items():
+    for key, value in run_snapshot(model, opt).items():
         assert torch.equal(value, at_save[key]), key
 
 
@@ -340,10 +337,10 @@ def test_load_from_the_hub_at_a_commit(saved, hub_repo_id, hub_api, tmp_path, na
         consolidate_state(os.path.join(saved, "ckpt"), folder)
     _upload(hub_api, hub_repo_id, folder)
     commit = hub_api.list_repo_commits(hub_repo_id)[0].commit_id
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     hf_optim.load_state(
         f"hf://{hub_repo_id}/run", opt, sched, model=model, revision=commit, cache_dir=str(tmp_path / "cache")
     )
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
-    for key, value in _snapshot(model, opt).items():
+    for key, value in run_snapshot(model, opt).items():
         assert torch.equal(value, at_save[key]), key
