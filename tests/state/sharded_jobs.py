@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import hf_optim
 from hf_optim.errors import CheckpointError
 from hf_optim.state import load_state
 from hf_optim.state.sharded import (
+    SHARDED_MANIFEST_NAME,
     save_sharded_state,
 )
 
@@ -283,3 +285,22 @@ def spawn_job(world: int, job: str, out: str) -> None:
             raise
         for process in context.processes:  # the other processes, done or stopped by the abort
             process.join()
+
+
+def copy_checkpoint(saved: str, dest: str, name: str, edit=None) -> str:
+    """Copy checkpoint ``name`` of a run's folder to ``dest``, applying ``edit`` to its manifest's JSON."""
+    shutil.copytree(os.path.join(saved, name), dest)
+    if edit is not None:
+        path = os.path.join(dest, SHARDED_MANIFEST_NAME)
+        doc = json.loads(Path(path).read_text())
+        edit(doc)
+        Path(path).write_text(json.dumps(doc))
+    return dest
+
+
+def upload_run(hub_api, repo: str, folder: str) -> dict:
+    """Upload ``folder`` to ``repo`` under ``run/``; returns its sharded manifest (or {})."""
+    hub_api.create_repo(repo, exist_ok=True)
+    hub_api.upload_folder(repo_id=repo, folder_path=folder, path_in_repo="run")
+    manifest = Path(folder, SHARDED_MANIFEST_NAME)
+    return json.loads(manifest.read_text()) if manifest.exists() else {}

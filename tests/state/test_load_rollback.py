@@ -20,9 +20,7 @@ from hf_optim.errors import CheckpointError
 from hf_optim.state import load_state
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, save_sharded_state
 from tests.multiprocess import report_and_wait, run_with_deadline
-from tests.state.sharded_jobs import make_run, train_accumulating
-from tests.state.test_review_sharded import _upload
-from tests.state.test_review_sharded import _weights as _review_weights
+from tests.state.sharded_jobs import make_run, train_accumulating, upload_run, weights_from
 
 _REFUSE: set[int] = (
     set()
@@ -212,7 +210,7 @@ def _offline_worker(rank: int, world: int, port: int, url: str, out: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=8))
     result: dict = {}
     try:
-        model, opt, sched = make_run(world, _review_weights(out, "at_save.safetensors"))
+        model, opt, sched = make_run(world, weights_from(os.path.join(out, "at_save.safetensors")))
         try:
             hf_optim.load_state(url, opt, sched, model=model, cache_dir=os.path.join(out, f"machine{rank}"))
             result["outcome"] = "loaded"
@@ -238,7 +236,7 @@ def test_machine_offline_with_the_ordinary_checkpoint_cached_does_not_hang(
     hf_optim.consolidate_state(os.path.join(saved, "ckpt"), tmp_path / "v1")
     for name in os.listdir(tmp_path / "v1"):
         shutil.copy(tmp_path / "v1" / name, folder / name)
-    _upload(hub_api, hub_repo_id, str(folder))
+    upload_run(hub_api, hub_repo_id, str(folder))
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")

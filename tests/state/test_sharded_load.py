@@ -22,7 +22,7 @@ from hf_optim.errors import CheckpointError
 from hf_optim.state import load_state
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 from tests.multiprocess import report_and_wait, run_with_deadline
-from tests.state.sharded_jobs import make_run, run_snapshot, train_accumulating, weights_from
+from tests.state.sharded_jobs import make_run, run_snapshot, train_accumulating, upload_run, weights_from
 
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
@@ -221,13 +221,6 @@ def _run_machines(world: int, url: str, out: str, revisions: list | None = None)
     return run_with_deadline(_machine_worker, world, (url, out, revisions), out, "machine", TIMEOUT)
 
 
-def _upload(hub_api, repo: str, folder: str) -> dict:
-    hub_api.create_repo(repo, exist_ok=True)
-    hub_api.upload_folder(repo_id=repo, folder_path=folder, path_in_repo="run")
-    manifest = Path(folder, SHARDED_MANIFEST_NAME)
-    return json.loads(manifest.read_text()) if manifest.exists() else {}
-
-
 def test_needed_file_absent_from_the_hub_fails_on_every_machine(saved, hub_repo_id, hub_api, tmp_path):
     """Machine 1 reads shard 2, which the manifest lists but the repository does not have: both machines raise
     a CheckpointError naming it, nothing changes, and nobody waits forever."""
@@ -235,7 +228,7 @@ def test_needed_file_absent_from_the_hub_fails_on_every_machine(saved, hub_repo_
     doc = json.loads(Path(folder, SHARDED_MANIFEST_NAME).read_text())
     missing = doc["shards"]["files"][1]
     os.remove(os.path.join(folder, doc["shards"]["folder"], missing))
-    _upload(hub_api, hub_repo_id, folder)
+    upload_run(hub_api, hub_repo_id, folder)
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")
@@ -248,7 +241,7 @@ def test_needed_file_absent_from_the_hub_fails_on_every_machine(saved, hub_repo_
 
 def test_hub_manifest_without_chunk_records_downloads_every_file(saved, hub_repo_id, hub_api, tmp_path):
     folder = _copy(saved, tmp_path, name="ckpt", edit=_strip_chunks)
-    doc = _upload(hub_api, hub_repo_id, folder)
+    doc = upload_run(hub_api, hub_repo_id, folder)
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")
@@ -298,7 +291,7 @@ def test_branch_moved_between_two_machines_downloads(saved, hub_repo_id, hub_api
     raise (or all load one checkpoint), never run different collectives and hang."""
     from hf_optim.state import consolidate_state
 
-    _upload(hub_api, hub_repo_id, _copy(saved, tmp_path, name="ckpt"))
+    upload_run(hub_api, hub_repo_id, _copy(saved, tmp_path, name="ckpt"))
     hub_api.create_branch(
         hub_repo_id, branch="before", revision=hub_api.list_repo_commits(hub_repo_id)[0].commit_id
     )
@@ -317,7 +310,7 @@ def test_branch_moved_between_two_machines_downloads(saved, hub_repo_id, hub_api
 
 def test_plain_process_loads_a_sharded_checkpoint_from_the_hub(saved, hub_repo_id, hub_api):
     """2 -> 1 through the Hub: one plain process (no process group) downloads every shard and restores exactly."""
-    _upload(hub_api, hub_repo_id, os.path.join(saved, "ckpt"))
+    upload_run(hub_api, hub_repo_id, os.path.join(saved, "ckpt"))
     model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     hf_optim.load_state(f"hf://{hub_repo_id}/run", opt, sched, model=model)
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
@@ -335,7 +328,7 @@ def test_load_from_the_hub_at_a_commit(saved, hub_repo_id, hub_api, tmp_path, na
     if name == "v1":
         folder = str(tmp_path / "v1")
         consolidate_state(os.path.join(saved, "ckpt"), folder)
-    _upload(hub_api, hub_repo_id, folder)
+    upload_run(hub_api, hub_repo_id, folder)
     commit = hub_api.list_repo_commits(hub_repo_id)[0].commit_id
     model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     hf_optim.load_state(

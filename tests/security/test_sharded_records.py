@@ -431,3 +431,46 @@ def test_save_with_uneven_accumulation_windows_raises_a_catchable_error(tmp_path
     results = _run_job(2, str(tmp_path), "uneven-window")
     for rank, result in enumerate(results):
         assert result.get("outcome") != "done" and result.get("is_exception"), (rank, results)
+
+
+def test_ranks_loading_different_saves_raise_on_every_rank(saved, tmp_path):
+    """Rank 0's folder holds one save, rank 1's folder (same path on another machine) another save of the same
+    model: each check passes on its own, but the ranks would restore a mix of two trainings (rank 0's shards
+    from one, rank 1's from the other, each its own scheduler position). The ranks must agree on the checkpoint
+    id and all raise."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
+    _copy(saved, os.path.join(out, "rank0"), "ckpt")
+    _copy(saved, os.path.join(out, "rank1"), "acc")
+    ids = {
+        json.loads(Path(out, f"rank{r}", SHARDED_MANIFEST_NAME).read_text())["checkpoint_id"] for r in (0, 1)
+    }
+    assert len(ids) == 2  # really two saves
+    results = _run_ranks(2, out, False)
+    for rank, result in enumerate(results):
+        assert result.get("outcome") == "CheckpointError", (rank, results)
+        assert result.get("unchanged"), (rank, results)
+
+
+def _surrogate_name(doc):
+    """A parameter name holding a lone surrogate (``"\\ud800"`` in the JSON: valid JSON, a str Python cannot
+    encode to UTF-8): the error naming the tensor ``state.<name>.<key>`` carries it."""
+    record = doc["state"]["0.bias\ud800"] = doc["state"].pop("0.bias")
+    for state_key, entry in record.items():
+        if "sharded" in entry:
+            entry["sharded"] = f"state.0.bias\ud800.{state_key}"
+
+
+def test_error_message_that_is_not_utf8_is_agreed_on_every_rank(saved, tmp_path):
+    """Rank 1's copy names a parameter with a lone surrogate: rank 1 refuses it, and every rank must hear of it
+    (a CheckpointError on both) rather than rank 1 failing to encode its message for the others, alone, while
+    rank 0 waits for it in the collective."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
+    _copy(saved, os.path.join(out, "rank0"), "ckpt")
+    _copy(saved, os.path.join(out, "rank1"), "ckpt", _surrogate_name)
+    assert "\\ud800" in Path(out, "rank1", SHARDED_MANIFEST_NAME).read_text()  # the JSON escape, valid JSON
+    results = _run_ranks(2, out, False)
+    for rank, result in enumerate(results):
+        assert result.get("outcome") == "CheckpointError", (rank, results)
+        assert result.get("unchanged"), (rank, results)
