@@ -60,7 +60,7 @@ def _seedable_sampler(loader: Any) -> SeedableRandomSampler | None:
 
 def _rng_state(step: int) -> dict[str, Any]:
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "step": step,
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
