@@ -160,7 +160,7 @@ def _schedule_markdown(page) -> str:
     for section, entries in _pictures.items():
         parts.append(f"### {section}\n")
         for title, path in entries:
-            parts.append(f"![{title}]({prefix}{path}){{ loading=lazy }}")
+            parts.append(f"![{title}]({prefix}{path})")
         parts.append("")
     return "\n".join(parts)
 
