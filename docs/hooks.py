@@ -13,6 +13,7 @@ import argparse
 import inspect
 import io
 import os
+import textwrap
 
 import matplotlib
 
@@ -51,9 +52,9 @@ def _torch_curve(scheduler: torch.optim.lr_scheduler.LRScheduler) -> list[float]
 
 
 def _png(title: str, lrs: list[float], xlabel: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(4.2, 2.4), dpi=100)
+    fig, ax = plt.subplots(figsize=(3.4, 2.4), dpi=100)  # two pictures side by side
     ax.plot(range(len(lrs)), lrs, color="#ff6f00")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 44), fontsize=8)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("lr multiplier", fontsize=8)
     ax.tick_params(labelsize=7)
