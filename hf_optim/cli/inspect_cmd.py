@@ -72,19 +72,48 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
+def _step(step: tuple[float, float] | None) -> str:
+    if step is None:
+        return "-"
+    low, high = step
+    return _value(high) if low == high else f"{_value(low)} .. {_value(high)}"
+
+
+def _schedule(info: StateInfo | ShardedStateInfo) -> str:
+    if info.scheduler_class is None and info.scheduler_name is None:
+        return "-"
+    lr = ", ".join(_value(v) for v in info.scheduler_lr) if info.scheduler_lr else "-"
+    return (
+        f"{info.scheduler_name or '(unnamed)'} ({info.scheduler_class or 'unknown class'}), "
+        f"step {info.scheduler_step}, lr {lr}"
+    )
+
+
+def _groups(param_groups: tuple[dict[str, Any], ...]) -> list[str]:
+    """The param groups side by side, or one after the other when that would be wider than ``MAX_WIDTH``."""
+    if not param_groups:
+        return []
+    keys: list[str] = []
+    for group in param_groups:
+        keys += [k for k in group["hyperparameters"] if k not in keys]
+    columns = [
+        [str(g["num_params"]), f"{g['numel']:,}", *(_value(g["hyperparameters"].get(k, "-")) for k in keys)]
+        for g in param_groups
+    ]
+    labels = ["parameters", "elements", *keys]
+    header = ["", *(f"group {i}" for i in range(len(columns)))]
+    table = _table([header, *map(list, zip(labels, *columns, strict=True))])
+    if max(map(len, table)) > MAX_WIDTH:
+        table = []
+        for i, column in enumerate(columns):
+            table += [""] * bool(i) + _table(
+                [[f"group {i}", ""], *map(list, zip(labels, column, strict=True))]
+            )
+    return ["", *table]
+
+
 def format_info(info: StateInfo) -> str:
     """The tables ``hf-optim inspect`` prints."""
-    step = "-"
-    if info.step is not None:
-        low, high = info.step
-        step = _value(high) if low == high else f"{_value(low)} .. {_value(high)}"
-    schedule = "-"
-    if info.scheduler_class is not None or info.scheduler_name is not None:
-        lr = ", ".join(_value(v) for v in info.scheduler_lr) if info.scheduler_lr else "-"
-        schedule = (
-            f"{info.scheduler_name or '(unnamed)'} ({info.scheduler_class or 'unknown class'}), "
-            f"step {info.scheduler_step}, lr {lr}"
-        )
     optimizer = info.optimizer_class or "unknown class"
     if info.optimizer_name:
         optimizer += f" (registry name {info.optimizer_name!r})"
@@ -95,55 +124,27 @@ def format_info(info: StateInfo) -> str:
         ["Parameters", f"{info.num_params} tensors, {info.numel:,} elements, state keyed by {info.keyed_by}"],
         ["State size", _size(info.state_bytes)],
         ["Files", ", ".join(os.path.basename(f) for f in info.files)],
-        ["Step", step],
-        ["Schedule", schedule],
+        ["Step", _step(info.step)],
+        ["Schedule", _schedule(info)],
     ]
     if info.accumulator_bytes is not None:
         summary.append(["Accumulator", _size(info.accumulator_bytes)])
     for key, value in (info.info or {}).items():
         summary.append([f"Converted: {key}", value])
-    lines = _table(summary)
-    if info.param_groups:
-        keys: list[str] = []
-        for group in info.param_groups:
-            keys += [k for k in group["hyperparameters"] if k not in keys]
-        columns = [
-            [
-                str(g["num_params"]),
-                f"{g['numel']:,}",
-                *(_value(g["hyperparameters"].get(k, "-")) for k in keys),
-            ]
-            for g in info.param_groups
-        ]
-        labels = ["parameters", "elements", *keys]
-        table = _table(
-            [
-                ["", *(f"group {i}" for i in range(len(columns)))],
-                *map(list, zip(labels, *columns, strict=True)),
-            ]
-        )
-        if (
-            max(map(len, table)) > MAX_WIDTH
-        ):  # one table per group: long values (schedules) side by side overflow
-            table = []
-            for i, column in enumerate(columns):
-                table += [""] * bool(i) + _table(
-                    [[f"group {i}", ""], *map(list, zip(labels, column, strict=True))]
-                )
-        lines += ["", *table]
-    return "\n".join(lines)
+    return "\n".join(_table(summary) + _groups(info.param_groups))
 
 
 def format_sharded_info(info: ShardedStateInfo) -> str:
-    """The table ``hf-optim inspect`` prints for a sharded (FSDP2) checkpoint."""
+    """The tables ``hf-optim inspect`` prints for a sharded (FSDP2) checkpoint."""
     elements = sum(math.prod(shape) for entries in info.parameters.values() for shape in entries.values())
     summary = [
         ["Checkpoint", info.directory],
-        ["Format", f"sharded (version 2), checkpoint id {info.checkpoint_id}"],
+        ["Format", f"sharded, checkpoint id {info.checkpoint_id}"],
         ["Optimizer", info.optimizer_class or "unknown class"],
         ["Shards", f"{info.num_shards} file(s), saved by {info.world_size or '?'} process(es)"],
         ["Parameters", f"{len(info.parameters)} with state, {elements:,} state elements"],
-        ["Schedule", "saved" if info.has_scheduler else "-"],
+        ["Step", _step(info.step)],
+        ["Schedule", _schedule(info)],
         [
             "Accumulator",
             f"saved, {info.accumulator_gradients} gradient(s)"
@@ -155,7 +156,7 @@ def format_sharded_info(info: ShardedStateInfo) -> str:
     for name, entries in info.parameters.items():
         for key, shape in entries.items():
             rows.append([name, key, "x".join(map(str, shape)) or "scalar"])
-    return "\n".join([*_table(summary), "", *_table(rows)])
+    return "\n".join([*_table(summary), *_groups(info.param_groups), "", *_table(rows)])
 
 
 def run(args: argparse.Namespace) -> int:

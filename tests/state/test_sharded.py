@@ -449,6 +449,18 @@ def test_cli_inspect_and_consolidate(saved, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "optimizer.safetensors" in done.stdout and "scheduler.json" in done.stdout
+    # step, schedule and groups as the single-process inspection of the consolidated state shows them, and the
+    # learning rate as the linear schedule's formula gives it (warmup 2, 20 steps, lr 1e-2)
+    sharded, single = inspect_sharded_state(ckpt), hf_optim.state.inspect_state(out)
+    assert sharded.step is not None and sharded.step == single.step
+    assert [g["hyperparameters"] for g in sharded.param_groups] == [
+        g["hyperparameters"] for g in single.param_groups
+    ]
+    assert [g["num_params"] for g in sharded.param_groups] == [g["num_params"] for g in single.param_groups]
+    assert (sharded.scheduler_name, sharded.scheduler_step) == ("linear", single.scheduler_step)
+    assert sharded.scheduler_lr == pytest.approx([1e-2 * (20 - sharded.scheduler_step) / 18])
+    step_line = next(line for line in shown.splitlines() if line.startswith("Step"))
+    assert step_line.split()[-1] != "-" and "linear" in shown and "group 0" in shown
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
     weights = params_of(at_save)
     model, opt, sched = make_run(1, weights)

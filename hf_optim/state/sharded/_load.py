@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -257,6 +258,12 @@ class ShardedStateInfo:
     has_scheduler: bool
     #: the saved accumulator's gradients: how many (``None`` where it held none), or None without an accumulator
     accumulator_gradients: int | None = None
+    param_groups: tuple[dict[str, Any], ...] = ()  #: per group: num_params, numel, hyperparameters
+    step: tuple[float, float] | None = None  #: (min, max) of the per-parameter step counters
+    scheduler_name: str | None = None
+    scheduler_class: str | None = None
+    scheduler_step: int | None = None
+    scheduler_lr: tuple[float, ...] | None = None
 
 
 def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo:
@@ -268,6 +275,25 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
         if key.startswith(ACCUMULATOR_PREFIX):
             continue
         params.setdefault(plan.name, {})[plan.state_key] = plan.shape
+    # groups, step counters (saved in the manifest) and the scheduler
+    with ShardedReader(os.fspath(directory)) as reader:
+        saved = reader.describe()
+        scheduler = saved.scheduler()
+        groups, steps = [], []
+        for group in saved.groups:
+            numel = 0
+            for param in group.params:
+                entries = [v for v in (param.state or {}).values() if isinstance(v, TensorEntry)]
+                numel += max((math.prod(e.shape) for e in entries), default=0)
+                step = (param.state or {}).get("step")
+                if (isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex()) or (
+                    isinstance(step, (int, float)) and not isinstance(step, bool)
+                ):
+                    steps.append(float(step))
+            hyper = group.hyperparameters
+            groups.append({"num_params": len(group.params), "numel": numel, "hyperparameters": hyper})
+    last_lr = scheduler.state.get("_last_lr") if scheduler is not None else None
+    last_epoch = scheduler.state.get("last_epoch") if scheduler is not None else None
     opt = manifest.doc.get("optimizer")
     world = manifest.doc.get("world_size")
     return ShardedStateInfo(
@@ -283,4 +309,10 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
         accumulator_gradients=len(manifest.doc["accumulator"]["gradients"])
         if manifest.doc.get("accumulator") is not None
         else None,
+        param_groups=tuple(groups),
+        step=(min(steps), max(steps)) if steps else None,
+        scheduler_name=scheduler.name if scheduler is not None else None,
+        scheduler_class=scheduler.class_name if scheduler is not None else None,
+        scheduler_step=last_epoch if isinstance(last_epoch, int) else None,
+        scheduler_lr=tuple(last_lr) if isinstance(last_lr, list) else None,
     )
