@@ -140,7 +140,7 @@ def on_files(files, config):
 def _cli_help() -> str:
     from hf_optim.cli.main import build_parser
 
-    os.environ.setdefault("COLUMNS", "110")
+    os.environ["COLUMNS"] = "88"  # the width of a code block: the same text on every machine
     parts: list[str] = []
 
     def walk(parser: argparse.ArgumentParser, depth: int) -> None:
