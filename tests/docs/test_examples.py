@@ -3,12 +3,13 @@
 A page's blocks share a namespace seeded by the page's prelude (``PRELUDES``): a tiny ``model``, its ``loader``, and
 the working directory set to a temporary folder, so paths like ``"ckpt"`` land there. A block that needs a GPU,
 the real Hub or a multi-process launch is preceded by ``<!-- skip: reason -->`` and reported as skipped with that
-reason. Pages with Hub examples run against the test-suite's local Hub (``HF_ENDPOINT`` points at it).
+reason. The ``Example:`` blocks of the public names' docstrings run too. Pages with Hub examples run against the test-suite's local Hub (``HF_ENDPOINT`` points at it).
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,28 @@ def test_page_examples_run(page, tmp_path, monkeypatch, request):
         exec(compile("\n" * (line - 1) + code, str(DOCS / page), "exec"), namespace)
     if skipped:
         pytest.skip("ran the other blocks; skipped " + "; ".join(skipped))
+
+
+def _docstring_examples() -> dict[str, str]:
+    import inspect
+
+    import hf_optim
+
+    examples = {}
+    for name in sorted(set(hf_optim.__all__) - {"__version__"}):
+        doc = inspect.getdoc(getattr(hf_optim, name)) or ""
+        blocks = re.findall(r"^([ \t]*)```python\n(.*?)^\1```", doc, flags=re.M | re.S)
+        if blocks:
+            examples[name] = "\n".join(textwrap.dedent(code) for _, code in blocks)
+    return examples
+
+
+DOCSTRING_EXAMPLES = _docstring_examples()
+
+
+@pytest.mark.parametrize("name", sorted(DOCSTRING_EXAMPLES))
+def test_docstring_example_runs(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": f"docstring_{name}"}
+    exec(compile(_TINY, "<prelude>", "exec"), namespace)
+    exec(compile(DOCSTRING_EXAMPLES[name], f"<docstring of hf_optim.{name}>", "exec"), namespace)
