@@ -66,10 +66,10 @@ def _test_worker(out: str) -> list[str]:
 
 
 def _sharded_worker(out: str) -> list[str]:
-    """A spawned FSDP2 test worker: tests/state/test_sharded.py's save job, through tests/multiprocess.py."""
+    """A spawned FSDP2 test worker: tests/state/sharded_jobs.py's save job, through tests/multiprocess.py."""
     code = (
         "import sys; from tests.multiprocess import run_with_deadline; "
-        "from tests.state.test_sharded import _worker; "
+        "from tests.state.sharded_jobs import _worker; "
         "run_with_deadline(_worker, 2, ('save', sys.argv[1]), sys.argv[1], 'save', 120)"
     )
     return [sys.executable, "-c", code, out]

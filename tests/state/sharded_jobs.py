@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from hf_optim.state.sharded import (
     SHARDED_MANIFEST_NAME,
     save_sharded_state,
 )
+from tests.multiprocess import end_process_group
 
 STEPS_BEFORE, STEPS_AFTER, GLOBAL_BATCH = 3, 3, 6
 
@@ -113,13 +113,9 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _job(rank, world, job, out)
+        _job(rank, world, job, out)  # its sharded models go with its frame, before the group is destroyed
     finally:
-        # the job's sharded models (their device mesh) hold the process group: with them released, the group
-        # is torn down here rather than while the interpreter exits
-        gc.collect()
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-        dist.destroy_process_group()
+        end_process_group()
     Path(out, f".finished-{os.getpid()}").write_text(job)  # the job and the group's teardown are over
 
 
