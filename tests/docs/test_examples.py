@@ -9,6 +9,7 @@ reason. The ``Example:`` blocks of the public names' docstrings run too. Pages w
 from __future__ import annotations
 
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -93,11 +94,22 @@ def test_every_page_with_examples_has_a_prelude():
     assert set(PAGES) <= set(PRELUDES), sorted(set(PAGES) - set(PRELUDES))
 
 
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons: a page's Accelerator must not leak into other tests."""
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_examples_run(page, tmp_path, monkeypatch, request):
     if page in HUB_PAGES:
         request.getfixturevalue("hub_server")
     monkeypatch.chdir(tmp_path)
+    _reset_accelerate()
+    request.addfinalizer(_reset_accelerate)
     namespace: dict[str, object] = {"__name__": f"docs_{page[:-3]}"}
     exec(compile(PRELUDES[page], f"<prelude {page}>", "exec"), namespace)
     skipped = []
