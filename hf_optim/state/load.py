@@ -18,7 +18,7 @@ import torch
 
 from hf_optim._utils import restored_on_error, unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
-from hf_optim.state import sharded
+from hf_optim.state import sharded, zero
 from hf_optim.state.checks import (
     check_hyperparameters,
     check_param_state,
@@ -271,6 +271,32 @@ def load_state(
         if any(part in ("", ".", "..") for part in parts) or os.path.isabs(subfolder):
             raise ValueError(f"subfolder must be a relative path inside the directory, got {subfolder!r}")
         directory = os.path.join(directory, *parts)
+    zero_optimizer = zero.find_zero(optimizer, model)
+    if zero_optimizer is not None or (
+        model is not None and sharded.has_sharded_state(directory) and zero.is_range_layout(directory)
+    ):
+        if model is None:
+            raise ValueError(
+                "the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters"
+            )
+        if zero_optimizer is not None:
+            layout = zero.zero_layout(zero_optimizer, model)
+            checkpoint_id, loaded, notes = zero.load_ranges(directory, layout=layout, scheduler=scheduler)
+        else:
+            opt = unwrap_optimizer(optimizer)
+            names = sharded.parameter_names(zero.module_of(model), opt)
+            checkpoint_id, loaded, notes = zero.load_ranges(
+                directory, optimizer=opt, names=names, scheduler=scheduler
+            )
+        return LoadReport(
+            source=directory,
+            checkpoint_id=checkpoint_id,
+            loaded=tuple(loaded),
+            param_groups_restored=True,
+            scheduler_loaded=scheduler is not None,
+            accumulator_loaded=False,
+            notes=tuple(notes),
+        )
     opt = unwrap_optimizer(optimizer)
     is_sharded = sharded.is_sharded(opt)
     if is_sharded and model is None:

@@ -30,7 +30,16 @@ from hf_optim.state.sharded._dist import (
     parameter_names,
     rank,
 )
-from hf_optim.state.sharded._format import SHARDED_FORMAT_VERSION, SHARDED_MANIFEST_NAME
+from hf_optim.state.sharded._format import (
+    CHECKPOINT_ID_KEY,
+    KIND,
+    SHARD_DIR_RE,
+    SHARD_FILE_RE,
+    SHARDED_FORMAT_VERSION,
+    SHARDED_MANIFEST_NAME,
+    decode_value,
+    encode_value,
+)
 from hf_optim.state.sharded._load import (
     ShardedStateInfo,
     inspect_sharded_state,
@@ -41,8 +50,14 @@ from hf_optim.state.sharded._read import has_sharded_state, sharded_manifest_fil
 from hf_optim.state.sharded._save import save_sharded_state
 
 __all__ = [
+    "CHECKPOINT_ID_KEY",
+    "KIND",
     "SHARDED_FORMAT_VERSION",
     "SHARDED_MANIFEST_NAME",
+    "SHARD_DIR_RE",
+    "SHARD_FILE_RE",
+    "decode_value",
+    "encode_value",
     "ConsolidationSource",
     "ShardedStateInfo",
     "agree",

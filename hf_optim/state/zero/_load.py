@@ -1,0 +1,320 @@
+"""Loading sharded-family state (versions 2 and 3) by element ranges: into a DeepSpeed ZeRO optimizer (any stage,
+any number of processes) or into a plain single-process optimizer.
+
+Every process checks the manifest and the headers of the files it reads against the live optimizer, the
+processes agree on the verdict (if any failed, all raise its error), then each reads only the byte ranges of its
+own partition and the state is applied; a failure while applying puts everything back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from hf_optim._utils import restored_on_error, unwrap_scheduler
+from hf_optim.errors import CheckpointError
+from hf_optim.state.checks import (
+    check_hyperparameters,
+    check_param_state,
+    check_same_structure,
+    check_scheduler_state,
+)
+from hf_optim.state.sharded import agree
+from hf_optim.state.zero._format import decode_value
+from hf_optim.state.zero._layout import ZeroLayout, refresh_master_weights
+from hf_optim.state.zero._read import Plan, TensorEntry, needed_files, open_files, read_manifest, read_range
+
+logger = logging.getLogger(__name__)
+
+RESERVED = frozenset({"params", "param_names", "state", "param_groups"})
+
+
+class _Target:
+    """What this process loads: per parameter name, its shape, group and the elements it holds."""
+
+    def __init__(
+        self,
+        groups: list[list[str]],
+        shapes: Mapping[str, tuple[int, ...]],
+        ranges: Mapping[str, tuple[int, int] | None],
+    ) -> None:
+        self.groups, self.shapes, self.ranges = groups, shapes, ranges
+
+
+def _zero_target(layout: ZeroLayout) -> _Target:
+    ranges = {
+        p.name: (p.piece.start, p.piece.start + p.piece.length) if p.piece is not None else None
+        for p in layout.params
+    }
+    return _Target(layout.group_names(), {p.name: p.shape for p in layout.params}, ranges)
+
+
+def _plain_target(opt: torch.optim.Optimizer, names: Mapping[int, str]) -> _Target:
+    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+    params = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
+    return _Target(
+        groups, {n: tuple(p.shape) for n, p in params.items()}, {n: (0, p.numel()) for n, p in params.items()}
+    )
+
+
+def _check(
+    plan: Plan, target: _Target, client: torch.optim.Optimizer, scheduler: Any
+) -> tuple[list[dict], Any]:
+    path = plan.path
+    if len(plan.groups) != len(target.groups):
+        raise CheckpointError(
+            f"{path}: {len(plan.groups)} param groups saved, the optimizer has {len(target.groups)}"
+        )
+    hypers = []
+    for g, ((saved_names, node), live_names) in enumerate(zip(plan.groups, target.groups, strict=True)):
+        where = f"{path}: param_groups[{g}]"
+        if saved_names != live_names:
+            raise CheckpointError(f"{where} holds other parameters than the optimizer's group {g}")
+        hyper = decode_value(node, where)
+        if not isinstance(hyper, dict) or RESERVED & set(hyper):
+            raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
+        live = {k: v for k, v in client.param_groups[g].items() if k not in ("params", "param_names")}
+        missing = sorted(set(live) - set(hyper))
+        if missing:
+            raise CheckpointError(f"{where}: hyperparameters {missing} are missing")
+        hypers.append(check_hyperparameters(client, g, hyper, live, where, strict=True, notes=[]))
+    for name, record in plan.state.items():
+        if name not in target.shapes:
+            raise CheckpointError(f"{path}: state for {name!r}, which is not a parameter of the optimizer")
+        shape = target.shapes[name]
+        meta = torch.empty(shape, device="meta")
+        decoded = {}
+        for key, value in record.items():
+            if isinstance(value, TensorEntry):
+                if value.shape != shape:
+                    raise CheckpointError(
+                        f"{path}: {value.key} has shape {list(value.shape)}, parameter {name!r} has {list(shape)}"
+                    )
+                decoded[key] = torch.empty(shape, dtype=value.dtype, device="meta")
+            else:
+                decoded[key] = value
+        check_param_state(name, decoded, meta, None, path)
+    for name, entry in (plan.master or {}).items():
+        if target.shapes.get(name) != entry.shape:
+            raise CheckpointError(
+                f"{path}: master weights {entry.key} do not match a parameter of the optimizer"
+            )
+    scheduler_state = None
+    if scheduler is not None:
+        saved = plan.doc.get("scheduler")
+        if not isinstance(saved, dict) or "state_dict" not in saved:
+            raise CheckpointError(f"{path}: no scheduler state saved")
+        scheduler_state = decode_value(saved["state_dict"], f"{path}: scheduler")
+        live_sched = unwrap_scheduler(scheduler).state_dict()
+        check_same_structure(scheduler_state, live_sched, f"{path}: scheduler")
+        group_keys = {k for group in client.param_groups for k in group}
+        check_scheduler_state(scheduler_state, live_sched, group_keys, f"{path}: scheduler")
+    return hypers, scheduler_state
+
+
+def _read(plan: Plan, target: _Target, with_master: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """This process's elements of every state tensor (and master weights under ``"master"``), by parameter."""
+    wanted = [
+        (name, key, entry)
+        for name, record in plan.state.items()
+        for key, entry in record.items()
+        if isinstance(entry, TensorEntry)
+    ]
+    if with_master:
+        wanted += [(name, "\0master", entry) for name, entry in (plan.master or {}).items()]
+    files: set[str] = set()
+    for name, _, entry in wanted:
+        if target.ranges[name] is not None:
+            files |= needed_files(entry, *target.ranges[name])
+    open_files(plan, files)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, key, entry in wanted:
+        if target.ranges[name] is not None:
+            out.setdefault(name, {})[key] = read_range(plan, entry, *target.ranges[name])
+    return out
+
+
+def load_ranges(
+    directory: str,
+    *,
+    layout: ZeroLayout | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    names: Mapping[int, str] | None = None,
+    scheduler: Any = None,
+) -> tuple[str, list[str], list[str]]:
+    """Load ``directory``'s sharded-family checkpoint into ``layout`` (ZeRO) or a plain ``optimizer`` (whose
+    parameters ``names`` names); returns the checkpoint id, the parameter names loaded and notes.
+
+    Call it on every process of the group for ZeRO: the processes agree on every check before anything changes.
+    """
+    client = layout.client if layout is not None else optimizer
+    plan = None
+    error = None
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        plan = read_manifest(directory)
+        target = _zero_target(layout) if layout is not None else _plain_target(optimizer, names)
+        hypers, scheduler_state = _check(plan, target, client, scheduler)
+        if layout is not None:
+            _check_holders(plan, layout)
+        with_master = layout is not None and layout.low_precision and plan.master is not None
+        tensors = _read(plan, target, with_master)
+    except (CheckpointError, OSError, ValueError) as exc:
+        error = str(exc) if isinstance(exc, CheckpointError) else f"{directory}: {exc}"
+    finally:
+        if plan is not None:
+            plan.close()
+    error = agree(error) if layout is not None else error
+    if error is not None:
+        raise CheckpointError(error)
+    notes: list[str] = []
+    with restored_on_error(client, scheduler):
+        if layout is not None:
+            _apply_zero(plan, layout, tensors, hypers, notes)
+        else:
+            _apply_plain(plan, optimizer, names, tensors, hypers)
+        if scheduler is not None:
+            unwrap_scheduler(scheduler).load_state_dict(scheduler_state)
+    return plan.checkpoint_id, sorted(plan.state), notes
+
+
+def _check_holders(plan: Plan, layout: ZeroLayout) -> None:
+    """ZeRO keeps one state per flat partition: the parameters sharing one must have the same state entries and
+    the same non-tensor values (``step``)."""
+    for h in range(len(layout.holders)):
+        members = [p.name for p in layout.params if (p.piece.holder if p.piece is not None else None) == h]
+        group = layout.holder_group[h]
+        members += [p.name for p in layout.params if p.piece is None and p.group == group]
+        records = [plan.state.get(n, {}) for n in members]
+        if not records:
+            continue
+        keys = set(records[0])
+        for name, record in zip(members, records, strict=True):
+            if set(record) != keys:
+                raise CheckpointError(
+                    f"{plan.path}: parameters {members[0]!r} and {name!r} have different state entries: ZeRO keeps one state per group"
+                )
+            for key, value in record.items():
+                if not isinstance(value, TensorEntry) and not _same(value, records[0][key]):
+                    raise CheckpointError(
+                        f"{plan.path}: state {key!r} differs between {members[0]!r} and {name!r}: ZeRO keeps one per group"
+                    )
+        live = layout.client.state.get(layout.holders[h])
+        if live and keys and set(live) != keys:
+            raise CheckpointError(
+                f"{plan.path}: saved state entries {sorted(keys)}, the optimizer keeps {sorted(live)}"
+            )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _apply_zero(
+    plan: Plan,
+    layout: ZeroLayout,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    hypers: list[dict],
+    notes: list[str],
+) -> None:
+    client = layout.client
+    new_states: list[dict[str, Any]] = [{} for _ in layout.holders]
+    for h, holder in enumerate(layout.holders):
+        members = [p for p in layout.params if p.piece is not None and p.piece.holder == h]
+        group_members = [p for p in layout.params if p.group == layout.holder_group[h]]
+        first = next((plan.state[p.name] for p in group_members if plan.state.get(p.name)), None)
+        if first is None:
+            continue
+        for key, value in first.items():
+            if isinstance(value, TensorEntry):
+                flat = torch.zeros(holder.numel(), dtype=value.dtype, device=holder.device)
+                for p in members:
+                    flat[p.piece.local : p.piece.local + p.piece.length] = tensors[p.name][key]
+                new_states[h][key] = flat
+            else:
+                new_states[h][key] = value.clone() if isinstance(value, torch.Tensor) else value
+    masters = []
+    if layout.low_precision and plan.master is not None:
+        for h, holder in enumerate(layout.holders):
+            flat = holder.detach().clone()
+            for p in layout.params:
+                if p.piece is not None and p.piece.holder == h:
+                    flat[p.piece.local : p.piece.local + p.piece.length] = tensors[p.name]["\0master"]
+            masters.append(flat)
+    elif layout.low_precision:
+        notes.append("no fp32 master weights saved: they are the model's weights")
+    old = [holder.detach().clone() for holder in layout.holders]
+    try:
+        for h, holder in enumerate(layout.holders):
+            if new_states[h]:
+                client.state[holder] = new_states[h]
+        for group, hyper in zip(client.param_groups, hypers, strict=True):
+            group.update(hyper)
+        if masters:
+            for holder, flat in zip(layout.holders, masters, strict=True):
+                holder.data.copy_(flat)
+        elif not layout.low_precision:
+            refresh_master_weights(layout)
+        _load_scaler(plan, layout.zero, notes)
+    except BaseException:
+        for holder, saved in zip(layout.holders, old, strict=True):
+            holder.data.copy_(saved)
+        raise
+
+
+def _load_scaler(plan: Plan, zero: Any, notes: list[str]) -> None:
+    saved = plan.doc.get("loss_scaler")
+    scaler = getattr(zero, "loss_scaler", None)
+    if not isinstance(saved, dict) or scaler is None:
+        return
+    if saved.get("class") != type(scaler).__qualname__:
+        notes.append(
+            f"loss scaler {saved.get('class')!r} saved, {type(scaler).__qualname__} live: not restored"
+        )
+        return
+    values = decode_value(saved.get("state"), f"{plan.path}: loss_scaler")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{plan.path}: loss_scaler state must be an object")
+    for key, value in values.items():
+        live = getattr(scaler, key, None)
+        if isinstance(value, bool | int | float) and type(live) is type(value):
+            setattr(scaler, key, value)
+
+
+def _apply_plain(
+    plan: Plan,
+    opt: torch.optim.Optimizer,
+    names: Mapping[int, str],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    hypers: list[dict],
+) -> None:
+    for group, hyper in zip(opt.param_groups, hypers, strict=True):
+        for p in group["params"]:
+            name = names[id(p)]
+            record = plan.state.get(name)
+            if not record:
+                continue
+            opt.state[p] = {
+                key: tensors[name][key].view(p.shape).to(p.device)
+                if isinstance(value, TensorEntry)
+                else (value.clone() if isinstance(value, torch.Tensor) else value)
+                for key, value in record.items()
+            }
+        group.update(hyper)
+
+
+def is_range_layout(directory: str) -> bool:
+    """Whether ``directory``'s sharded manifest is format version 3 (ranges), which the box reader does not read."""
+    try:
+        plan = read_manifest(directory)
+    except CheckpointError:
+        return False
+    return plan.version >= 3
+
+
+__all__ = ["is_range_layout", "load_ranges"]
