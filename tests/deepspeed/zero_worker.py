@@ -16,9 +16,15 @@ GLOBAL_BATCH = 6
 IN, HIDDEN, OUT = 5, 7, 3
 
 
-def make_model() -> torch.nn.Module:
+def make_model(spec: dict) -> torch.nn.Module:
+    """The model, with the weights of ``spec["weights_in"]`` (a run's weights at its save) when given."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
+    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
+    if spec.get("weights_in"):
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(spec["weights_in"]))
+    return model
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +50,7 @@ def _deepspeed(rank: int, world: int, spec: dict) -> tuple[Any, Any, Any, Any]:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = make_model()
-    if spec.get("weights_in"):
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(spec["weights_in"]))
+    model = make_model(spec)
     opt = make_optimizer(model.parameters(), spec.get("optimizer", "hf"))
     sched = make_scheduler(opt)
     config: dict[str, Any] = {
@@ -101,7 +103,7 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
             from torch.distributed.fsdp import fully_shard
 
             dist.init_process_group("gloo")
-            engine = make_model()
+            engine = make_model(spec)
             for layer in engine:
                 if isinstance(layer, torch.nn.Linear):
                     fully_shard(layer)
@@ -110,7 +112,7 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
             sched = make_scheduler(opt)
             dtype = torch.float32
         else:
-            engine = make_model()
+            engine = make_model(spec)
             opt = make_optimizer(engine.parameters(), spec.get("optimizer", "hf"))
             sched = make_scheduler(opt)
             dtype = torch.float32
@@ -127,8 +129,6 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
                 engine.backward(loss)
                 engine.step()
             else:
-                if kind == "fsdp":
-                    loss = loss  # FSDP2 averages gradients over the processes
                 loss.backward()
                 opt.step()
                 opt.zero_grad()

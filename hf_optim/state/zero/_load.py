@@ -9,6 +9,7 @@ own partition and the state is applied; a failure while applying puts everything
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from hf_optim.state.checks import (
     check_same_structure,
     check_scheduler_state,
 )
-from hf_optim.state.sharded import agree
+from hf_optim.state.sharded import agree, like_parameter, local_region
 from hf_optim.state.zero._format import decode_value
 from hf_optim.state.zero._layout import ZeroLayout, refresh_master_weights
 from hf_optim.state.zero._read import Plan, TensorEntry, needed_files, open_files, read_manifest, read_range
@@ -52,12 +53,29 @@ def _zero_target(layout: ZeroLayout) -> _Target:
     return _Target(layout.group_names(), {p.name: p.shape for p in layout.params}, ranges)
 
 
+def _region_range(name: str, p: torch.Tensor) -> tuple[int, int] | None:
+    """The elements of ``p``'s flattened global tensor this process holds: all of a plain tensor, the rows of an
+    FSDP2 ``DTensor``'s shard (None when it holds none)."""
+    region = local_region(p)
+    if region is None:
+        return 0, p.numel()
+    offsets, sizes = region
+    if math.prod(sizes) == 0:
+        return None
+    shape = tuple(p.shape)
+    if any(offsets[1:]) or tuple(sizes[1:]) != shape[1:]:
+        raise ValueError(
+            f"parameter {name!r}: its shard is not a block of whole rows: not loadable by ranges"
+        )
+    row = math.prod(shape[1:])
+    return offsets[0] * row, (offsets[0] + sizes[0]) * row
+
+
 def _plain_target(opt: torch.optim.Optimizer, names: Mapping[int, str]) -> _Target:
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
     params = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
-    return _Target(
-        groups, {n: tuple(p.shape) for n, p in params.items()}, {n: (0, p.numel()) for n, p in params.items()}
-    )
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    return _Target(groups, shapes, {n: _region_range(n, p) for n, p in params.items()})
 
 
 def _check(
@@ -167,7 +185,7 @@ def load_ranges(
     finally:
         if plan is not None:
             plan.close()
-    error = agree(error) if layout is not None else error
+    error = agree(error) if layout is not None or _distributed() else error
     if error is not None:
         raise CheckpointError(error)
     notes: list[str] = []
@@ -179,6 +197,10 @@ def load_ranges(
         if scheduler is not None:
             unwrap_scheduler(scheduler).load_state_dict(scheduler_state)
     return plan.checkpoint_id, sorted(plan.state), notes
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _check_holders(plan: Plan, layout: ZeroLayout) -> None:
@@ -299,13 +321,22 @@ def _apply_plain(
             record = plan.state.get(name)
             if not record:
                 continue
-            opt.state[p] = {
-                key: tensors[name][key].view(p.shape).to(p.device)
-                if isinstance(value, TensorEntry)
-                else (value.clone() if isinstance(value, torch.Tensor) else value)
-                for key, value in record.items()
-            }
+            opt.state[p] = {key: _placed(tensors, name, key, value, p) for key, value in record.items()}
         group.update(hyper)
+
+
+def _placed(
+    tensors: Mapping[str, Mapping[str, torch.Tensor]], name: str, key: str, value: Any, p: torch.Tensor
+) -> Any:
+    """A loaded state entry placed like parameter ``p`` (a ``DTensor`` like an FSDP2 parameter)."""
+    if not isinstance(value, TensorEntry):
+        return value.clone() if isinstance(value, torch.Tensor) else value
+    region = local_region(p)
+    if region is None:
+        return tensors[name][key].view(p.shape).to(p.device)
+    local = tensors.get(name, {}).get(key)
+    local = torch.empty(0, dtype=value.dtype) if local is None else local
+    return like_parameter(local.view(region[1]).to(p.to_local().device), p)
 
 
 def is_range_layout(directory: str) -> bool:
