@@ -279,14 +279,26 @@ def load_state(
             raise ValueError(
                 "the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters"
             )
+
+        def open_plan() -> zero.Plan:
+            if sharded.has_sharded_state(directory) or not has_state(directory):
+                return zero.read_manifest(directory)
+            ckpt = open_checkpoint(directory, roots=roots)
+            try:
+                saved = read_scheduler(ckpt)
+                return zero.plan_from_checkpoint(ckpt, saved[2] if saved is not None else None)
+            except BaseException:
+                ckpt.close()
+                raise
+
         if zero_optimizer is not None:
             layout = zero.zero_layout(zero_optimizer, model)
-            checkpoint_id, loaded, notes = zero.load_ranges(directory, layout=layout, scheduler=scheduler)
+            checkpoint_id, loaded, notes = zero.load_ranges(open_plan, layout=layout, scheduler=scheduler)
         else:
             opt = unwrap_optimizer(optimizer)
             names = sharded.parameter_names(zero.module_of(model), opt)
             checkpoint_id, loaded, notes = zero.load_ranges(
-                directory, optimizer=opt, names=names, scheduler=scheduler
+                open_plan, optimizer=opt, names=names, scheduler=scheduler
             )
         return LoadReport(
             source=directory,

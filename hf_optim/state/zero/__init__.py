@@ -11,15 +11,19 @@ stage, or into one plain process. Modules: ``_layout`` (where ZeRO keeps what), 
 from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
 from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
 from hf_optim.state.zero._load import is_range_layout, load_ranges
+from hf_optim.state.zero._read import Plan, plan_from_checkpoint, read_manifest
 from hf_optim.state.zero._save import save_zero_state
 
 __all__ = [
     "ZERO_FORMAT_VERSION",
+    "Plan",
     "ZeroLayout",
     "find_zero",
     "is_range_layout",
     "load_ranges",
     "module_of",
+    "plan_from_checkpoint",
+    "read_manifest",
     "save_zero_state",
     "zero_layout",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -91,7 +91,7 @@ def _check(
         where = f"{path}: param_groups[{g}]"
         if saved_names != live_names:
             raise CheckpointError(f"{where} holds other parameters than the optimizer's group {g}")
-        hyper = decode_value(node, where)
+        hyper = node
         if not isinstance(hyper, dict) or RESERVED & set(hyper):
             raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
         live = {k: v for k, v in client.param_groups[g].items() if k not in ("params", "param_names")}
@@ -122,10 +122,9 @@ def _check(
             )
     scheduler_state = None
     if scheduler is not None:
-        saved = plan.doc.get("scheduler")
-        if not isinstance(saved, dict) or "state_dict" not in saved:
+        scheduler_state = plan.scheduler_state
+        if scheduler_state is None:
             raise CheckpointError(f"{path}: no scheduler state saved")
-        scheduler_state = decode_value(saved["state_dict"], f"{path}: scheduler")
         live_sched = unwrap_scheduler(scheduler).state_dict()
         check_same_structure(scheduler_state, live_sched, f"{path}: scheduler")
         group_keys = {k for group in client.param_groups for k in group}
@@ -156,7 +155,7 @@ def _read(plan: Plan, target: _Target, with_master: bool) -> dict[str, dict[str,
 
 
 def load_ranges(
-    directory: str,
+    open_plan: Callable[[], Plan],
     *,
     layout: ZeroLayout | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -173,7 +172,7 @@ def load_ranges(
     error = None
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        plan = read_manifest(directory)
+        plan = open_plan()
         target = _zero_target(layout) if layout is not None else _plain_target(optimizer, names)
         hypers, scheduler_state = _check(plan, target, client, scheduler)
         if layout is not None:
@@ -181,7 +180,9 @@ def load_ranges(
         with_master = layout is not None and layout.low_precision and plan.master is not None
         tensors = _read(plan, target, with_master)
     except (CheckpointError, OSError, ValueError) as exc:
-        error = str(exc) if isinstance(exc, CheckpointError) else f"{directory}: {exc}"
+        error = (
+            str(exc) if isinstance(exc, CheckpointError) else f"{plan.path if plan else 'checkpoint'}: {exc}"
+        )
     finally:
         if plan is not None:
             plan.close()

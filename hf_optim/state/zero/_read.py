@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hf_optim.errors import CheckpointError
+from hf_optim.state.codec import decode
 from hf_optim.state.io import (
     OpenFile,
     SafetensorsFile,
@@ -77,15 +78,19 @@ class Plan:
     checkpoint_id: str
     folder: str
     files: tuple[str, ...]
-    groups: list[tuple[list[str], Any]]  # (parameter names, hyperparameters node)
+    groups: list[tuple[list[str], Any]]  # (parameter names, decoded hyperparameters)
     state: dict[str, dict[str, Any]]  # name -> key -> decoded value | TensorEntry
     master: dict[str, TensorEntry] | None
+    scheduler_state: Any = None  # decoded, None when none was saved
     opened: dict[str, SafetensorsFile] = field(default_factory=dict)
+    checkpoint: Any = None  # a single-process checkpoint (``reader.Checkpoint``) the tensors are read from
 
     def close(self) -> None:
         for st in self.opened.values():
             st.file.close()
         self.opened.clear()
+        if self.checkpoint is not None:
+            self.checkpoint.close()
 
 
 def _int(value: Any) -> bool:
@@ -133,7 +138,7 @@ def read_manifest(directory: str) -> Plan:
             or not all(isinstance(n, str) for n in group["params"])
         ):
             raise CheckpointError(f"{path}: param_groups[{g}] is malformed")
-        groups.append((group["params"], group["hyperparameters"]))
+        groups.append((group["params"], decode_value(group["hyperparameters"], f"{path}: param_groups[{g}]")))
     raw_state = doc.get("state")
     if not isinstance(raw_state, dict):
         raise CheckpointError(f"{path}: 'state' must be an object")
@@ -158,7 +163,55 @@ def read_manifest(directory: str) -> Plan:
             name: _tensor_entry(entry, files, version, f"{path}: master_weights[{name!r}]", seen)
             for name, entry in raw_master.items()
         }
-    return Plan(directory, path, doc, version, checkpoint_id, folder, tuple(files), groups, state, master)
+    saved_scheduler = doc.get("scheduler")
+    scheduler_state = None
+    if isinstance(saved_scheduler, dict) and "state_dict" in saved_scheduler:
+        scheduler_state = decode_value(saved_scheduler["state_dict"], f"{path}: scheduler")
+    plan = Plan(directory, path, doc, version, checkpoint_id, folder, tuple(files), groups, state, master)
+    plan.scheduler_state = scheduler_state
+    return plan
+
+
+def plan_from_checkpoint(ckpt: Any, scheduler_state: Any) -> Plan:
+    """A single-process checkpoint (format version 1, ``reader.Checkpoint``, already checked) as a :class:`Plan`:
+    each state tensor is one chunk, read by element ranges from its file."""
+    meta = ckpt.meta
+    if meta.get("keyed_by") != "name":
+        raise CheckpointError(
+            f"{ckpt.path}: its parameters are unnamed (keyed by index): cannot place them by name"
+        )
+    scalars = [
+        node["tensor"]
+        for record in meta["state"].values()
+        for node in record.values()
+        if isinstance(node, dict) and "tensor" in node and not ckpt.entries[node["tensor"]].shape
+    ]
+    small = ckpt.read_tensors(scalars)
+    groups = []
+    for g, group in enumerate(meta["param_groups"]):
+        hyper = {
+            k: decode(v, {}, f"{ckpt.path}: param_groups[{g}]") for k, v in group["hyperparameters"].items()
+        }
+        groups.append(([p["name"] for p in group["params"]], hyper))
+    state: dict[str, dict[str, Any]] = {}
+    for name, record in meta["state"].items():
+        state[name] = {}
+        for key, node in record.items():
+            where = f"{ckpt.path}: state[{name!r}][{key!r}]"
+            header = ckpt.entries.get(node["tensor"]) if isinstance(node, dict) and "tensor" in node else None
+            if header is not None and header.shape:
+                if header.dtype not in DTYPES.values():
+                    raise CheckpointError(
+                        f"{where}: a state tensor of dtype {header.dtype} cannot be partitioned"
+                    )
+                numel = math.prod(header.shape)
+                chunk = RangeChunk(ckpt.manifest, 0, numel, tuple(header.shape))
+                state[name][key] = TensorEntry(node["tensor"], tuple(header.shape), header.dtype, [chunk])
+            else:
+                state[name][key] = decode(node, small, where)
+    plan = Plan(ckpt.directory, ckpt.path, meta, 1, ckpt.checkpoint_id, "", (), groups, state, None)
+    plan.scheduler_state, plan.checkpoint = scheduler_state, ckpt
+    return plan
 
 
 def _tensor_entry(entry: Any, files: list[str], version: int, where: str, seen: set[str]) -> TensorEntry:
@@ -244,6 +297,8 @@ def open_files(plan: Plan, names: Iterable[str]) -> None:
     for entry in entries(plan):
         for c in entry.chunks:
             expected.setdefault(c.file, {})[entry.key] = (entry, c)
+    if plan.checkpoint is not None:
+        return
     for name in sorted(set(names) - set(plan.opened)):
         path = os.path.join(plan.directory, plan.folder, name)
         st = read_safetensors(_open(path, plan.directory))
@@ -276,6 +331,8 @@ def needed_files(entry: TensorEntry, start: int, stop: int) -> set[str]:
 
 def read_range(plan: Plan, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
     """Elements ``[start, stop)`` of ``entry``'s flattened global tensor, from the (opened) files holding them."""
+    if plan.checkpoint is not None:
+        return plan.checkpoint.read_flat_range(entry.key, start, stop)
     out = torch.empty(stop - start, dtype=entry.dtype)
     for c in entry.chunks:
         low, high = max(start, c.start), min(stop, c.stop)
