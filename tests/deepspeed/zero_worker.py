@@ -78,6 +78,55 @@ def _weights(engine: Any, spec: dict) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in module.named_parameters()}
 
 
+def _snapshot(opt: Any, sched: Any, engine: Any) -> list[Any]:
+    """Everything a load may change: the client optimizer's state and groups, the ZeRO master weights, the
+    scheduler, the loss scaler."""
+    from hf_optim.state.zero import find_zero
+
+    zero = find_zero(opt, engine)
+    client = zero.optimizer if zero is not None else opt
+    state = [
+        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for s in client.state.values()
+    ]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in client.param_groups]
+    holders = []
+    if zero is not None:
+        holders = [
+            h.detach().clone()
+            for h in getattr(zero, "single_partition_of_fp32_groups", None)
+            or zero.fp32_partitioned_groups_flat
+        ]
+    scaler = dict(vars(zero.loss_scaler)) if zero is not None else None
+    return [state, groups, holders, sched.state_dict(), scaler]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _attack(directory: str, opt: Any, sched: Any, engine: Any) -> dict[str, Any]:
+    """Load a hostile checkpoint: the error it raised, and whether everything stayed as it was."""
+    import hf_optim
+    from hf_optim.errors import CheckpointError
+
+    before = _snapshot(opt, sched, engine)
+    try:
+        hf_optim.load_state(directory, opt, sched, model=engine)
+        error = "no error"
+    except CheckpointError as exc:
+        error = f"CheckpointError: {exc}"
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return {"error": error, "unchanged": _same(before, _snapshot(opt, sched, engine))}
+
+
 def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -133,6 +182,8 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
                 opt.step()
                 opt.zero_grad()
             sched.step()
+            if spec.get("save_again") and step + 1 == spec["save_at"] + 1:
+                hf_optim.save_state(spec["save_again"], step_opt, sched, model=engine)
             if spec.get("save") and step + 1 == spec.get("save_at"):
                 hf_optim.save_state(spec["save"], step_opt, sched, model=engine)
                 if spec.get("weights_out") and rank == 0:
@@ -143,6 +194,8 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
                     )
                 elif spec.get("weights_out"):
                     _weights(engine, spec)
+        if spec.get("attacks"):
+            result["attacks"] = [_attack(directory, step_opt, sched, engine) for directory in spec["attacks"]]
         result["weights"] = {k: v.flatten().tolist() for k, v in _weights(engine, spec).items()}
         result["outcome"] = "ok"
     except Exception as exc:  # reported, not raised: the test shows every rank's outcome
