@@ -41,10 +41,11 @@ from hf_optim.state import (
     StateInfo,
     save_state,
     sharded,
+    zero,
 )
 from hf_optim.state.io import checkpoint_roots
 from hf_optim.state.reader import manifest_files
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, sharded_manifest_files
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -295,7 +296,7 @@ def _fetch_manifest(
 def _referenced(manifest_path: str) -> list[str]:
     """Every file the manifest references (relative paths, itself first)."""
     if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
-        return sharded_manifest_files(manifest_path)
+        return zero.manifest_files(manifest_path)
     return manifest_files(manifest_path)
 
 
@@ -357,7 +358,9 @@ def _once_per_machine(work: Callable[[bool], _T]) -> _T:
     return result
 
 
-def _download_sharded(location: _Location, model: torch.nn.Module, **options: Any) -> str:
+def _download_sharded(
+    location: _Location, model: torch.nn.Module, optimizer: Any = None, **options: Any
+) -> str:
     """The state for a sharded (FSDP2) optimizer, downloaded once per machine: the manifest, then only the shard
     files this machine's processes read (every file of an ordinary checkpoint). A collective."""
     local_only = options["local_files_only"]
@@ -382,7 +385,7 @@ def _download_sharded(location: _Location, model: torch.nn.Module, **options: An
         if error is not None:
             raise CheckpointError(f"the machines found different optimizer state on the Hub: {error}")
     if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
-        names = sharded.machine_files(manifest_path, model)
+        names = zero.machine_files(manifest_path, optimizer, model)
     else:
         names = manifest_files(manifest_path)
 
@@ -406,6 +409,7 @@ def _resolve(
     force_download: bool,
     sharded_optimizer: bool = False,
     model: torch.nn.Module | None = None,
+    optimizer: Any = None,
 ) -> tuple[str, list[str]]:
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
@@ -435,7 +439,7 @@ def _resolve(
             raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
     location = _locate(value, subfolder, revision, repo_type)
     if model is not None and sharded_optimizer:
-        directory = _download_sharded(location, model, **options)
+        directory = _download_sharded(location, model, optimizer, **options)
     else:
         directory = _download_state(location, **options)
     return directory, checkpoint_roots(directory)
@@ -490,10 +494,10 @@ def load_state(
     scheduler or accumulator is touched; on any error they are left exactly as they were. ``model``: see
     :func:`hf_optim.state.load_state` (required for sharded FSDP2 state; then each machine downloads once).
     """
-    is_sharded = sharded.is_sharded(optimizer)
+    is_sharded = sharded.is_sharded(optimizer) or zero.find_zero(optimizer, model) is not None
     if is_sharded and model is None:
         raise ValueError(
-            "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
+            "the optimizer's state is sharded (FSDP2 DTensor parameters or DeepSpeed ZeRO): pass model= to name it"
         )
     directory, roots = _resolve(
         path_or_repo_id,
@@ -506,6 +510,7 @@ def load_state(
         force_download=force_download,
         sharded_optimizer=is_sharded,
         model=model,
+        optimizer=optimizer,
     )
     return state.load_state(
         directory, optimizer, scheduler, accumulator, strict=strict, roots=roots, model=model
@@ -578,7 +583,7 @@ def push_state_to_hub(
     location = _locate(repo_id, subfolder, revision, repo_type)
     upload = {"location": location, "token": token, "commit_message": commit_message}
     upload.update(private=private, create_pr=create_pr)
-    if sharded.is_sharded(optimizer):
+    if sharded.is_sharded(optimizer) or zero.find_zero(optimizer, model) is not None:
         return _push_sharded(optimizer, scheduler, accumulator, model, save_directory, max_shard_size, upload)
     if save_directory is not None:
         save_state(

@@ -185,3 +185,22 @@ def test_hostile_zero_checkpoints_change_nothing_on_any_rank(zero2: Saved, tmp_p
             assert outcome["error"].startswith("CheckpointError"), (case, rank, outcome)
             assert file_name in outcome["error"], (case, rank, outcome)
             assert outcome["unchanged"], (case, rank)
+
+
+def test_push_from_every_process_then_each_machine_downloads_only_its_partition(
+    zero2: Saved, hub_repo_id, hub_api, tmp_path
+) -> None:
+    pushing = {**_engine("zero2"), "stop": SAVE_AT, "push": hub_repo_id, "save_at": SAVE_AT}
+    _run(tmp_path, "pushing", 2, pushing)
+    files = hub_api.list_repo_files(hub_repo_id)
+    assert "run/optimizer.sharded.json" in files
+    assert len([f for f in files if f.startswith("run/optimizer-shards-")]) == 2
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".bin")) or "/." in f]
+    resumed = zero2.resume("zero2", 2, "from-hub", load=f"hf://{hub_repo_id}/run", machines=True)
+    assert resumed[0]["weights"] == zero2.results[0]["weights"]
+    for machine in range(2):
+        cached = sorted(
+            p.name for p in (zero2.tmp / f"machine{machine}").rglob("*.safetensors") if "snapshots" in p.parts
+        )
+        # the same ZeRO-2 layout on load: process r reads only what process r wrote
+        assert cached == [f"shard-{machine + 1:05d}-model-00001-of-00001.safetensors"]

@@ -166,8 +166,11 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
             sched = make_scheduler(opt)
             dtype = torch.float32
         step_opt = zopt if zopt is not None else opt
+        if spec.get("machines"):  # each process plays a machine of its own, with its own Hub cache
+            os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))
         if spec.get("load"):
-            report = hf_optim.load_state(spec["load"], step_opt, sched, model=engine)
+            cache = os.path.join(out, f"machine{rank}") if spec.get("machines") else None
+            report = hf_optim.load_state(spec["load"], step_opt, sched, model=engine, cache_dir=cache)
             result["notes"] = list(report.notes)
         for step in range(spec.get("start", 0), spec["stop"]):
             x, y = batch(step)
@@ -184,6 +187,8 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
             sched.step()
             if spec.get("save_again") and step + 1 == spec["save_at"] + 1:
                 hf_optim.save_state(spec["save_again"], step_opt, sched, model=engine)
+            if spec.get("push") and step + 1 == spec.get("save_at"):
+                hf_optim.push_state_to_hub(spec["push"], step_opt, sched, model=engine, subfolder="run")
             if spec.get("save") and step + 1 == spec.get("save_at"):
                 hf_optim.save_state(spec["save"], step_opt, sched, model=engine)
                 if spec.get("weights_out") and rank == 0:

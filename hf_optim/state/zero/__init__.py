@@ -10,7 +10,7 @@ stage, or into one plain process. Modules: ``_layout`` (where ZeRO keeps what), 
 
 from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
 from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
-from hf_optim.state.zero._load import is_range_layout, load_ranges
+from hf_optim.state.zero._load import is_range_layout, load_ranges, machine_files, manifest_files
 from hf_optim.state.zero._read import Plan, plan_from_checkpoint, read_manifest
 from hf_optim.state.zero._save import save_zero_state
 
@@ -21,6 +21,8 @@ __all__ = [
     "find_zero",
     "is_range_layout",
     "load_ranges",
+    "machine_files",
+    "manifest_files",
     "module_of",
     "plan_from_checkpoint",
     "read_manifest",

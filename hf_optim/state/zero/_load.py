@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from hf_optim._utils import restored_on_error, unwrap_scheduler
+from hf_optim._utils import restored_on_error, unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
 from hf_optim.state.checks import (
     check_hyperparameters,
@@ -23,9 +24,9 @@ from hf_optim.state.checks import (
     check_same_structure,
     check_scheduler_state,
 )
-from hf_optim.state.sharded import agree, like_parameter, local_region
+from hf_optim.state.sharded import agree, like_parameter, local_region, machine_union, parameter_names
 from hf_optim.state.zero._format import decode_value
-from hf_optim.state.zero._layout import ZeroLayout, refresh_master_weights
+from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, refresh_master_weights, zero_layout
 from hf_optim.state.zero._read import Plan, TensorEntry, needed_files, open_files, read_manifest, read_range
 
 logger = logging.getLogger(__name__)
@@ -350,3 +351,51 @@ def is_range_layout(directory: str) -> bool:
 
 
 __all__ = ["is_range_layout", "load_ranges"]
+
+
+def manifest_files(path: str) -> list[str]:
+    """The files a sharded-family manifest (version 2 or 3) references (relative paths, itself first)."""
+    plan = read_manifest(os.path.dirname(path))
+    return [os.path.basename(path), *(f"{plan.folder}/{name}" for name in plan.files)]
+
+
+def machine_files(manifest_path: str, optimizer: Any, model: Any) -> list[str]:
+    """The files of a sharded-family checkpoint the processes on this machine read under ``optimizer`` (ZeRO or
+    plain / FSDP2) and ``model`` (relative paths, the manifest first): for downloading only those. Every file
+    when the manifest does not fit (the load then says why). A collective: call it on every process."""
+    error = listed = None
+    try:
+        listed = manifest_files(manifest_path)
+    except CheckpointError as exc:
+        error = str(exc)
+    error = agree(error) if _distributed() else error
+    if error is not None or listed is None:
+        raise CheckpointError(error or "another process could not read the manifest")
+    mine: set[str] | None = None
+    try:
+        plan = read_manifest(os.path.dirname(manifest_path))
+        zero = find_zero(optimizer, model)
+        if zero is not None:
+            target = _zero_target(zero_layout(zero, model))
+        else:
+            opt = unwrap_optimizer(optimizer)
+            target = _plain_target(opt, parameter_names(module_of(model), opt))
+        mine = set()
+        for name, record in plan.state.items():
+            for entry in [*(v for v in record.values() if isinstance(v, TensorEntry)), *_master(plan, name)]:
+                if target.ranges.get(name) is not None:
+                    mine |= needed_files(entry, *target.ranges[name])
+    except Exception:  # only chooses what to download: the load itself reports the problem, on every rank
+        mine = None
+    names = [os.path.basename(f) for f in listed[1:]]
+    wanted = (
+        machine_union([mine is None or name in mine for name in names])
+        if _distributed()
+        else [mine is None or name in mine for name in names]
+    )
+    return [listed[0], *(f for f, want in zip(listed[1:], wanted, strict=True) if want)]
+
+
+def _master(plan: Plan, name: str) -> list[TensorEntry]:
+    entry = (plan.master or {}).get(name)
+    return [entry] if entry is not None else []
