@@ -279,6 +279,10 @@ def load_state(
             raise ValueError(
                 "the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters"
             )
+        if accumulator is not None:
+            raise ValueError(
+                "a GradientAccumulator is not loaded with ZeRO state: DeepSpeed accumulates gradients"
+            )
 
         def open_plan() -> zero.Plan:
             if sharded.has_sharded_state(directory) or not has_state(directory):

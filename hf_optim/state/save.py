@@ -327,6 +327,10 @@ def save_state(
             raise ValueError(
                 "the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters"
             )
+        if accumulator is not None:
+            raise ValueError(
+                "a GradientAccumulator is not saved with ZeRO state: DeepSpeed accumulates gradients"
+            )
         layout = zero.zero_layout(zero_optimizer, model)
         return [
             zero.save_zero_state(

@@ -204,3 +204,30 @@ def test_push_from_every_process_then_each_machine_downloads_only_its_partition(
         )
         # the same ZeRO-2 layout on load: process r reads only what process r wrote
         assert cached == [f"shard-{machine + 1:05d}-model-00001-of-00001.safetensors"]
+
+
+LEGACY = ["adamw_no_bias_correction", "adam_weight_decay", "bert_adam"]
+
+
+def _plain_run(optimizer: str, steps: int) -> dict[str, list[float]]:
+    model = zero_worker.make_model({})
+    opt = zero_worker.make_optimizer(model.parameters(), optimizer)
+    for step in range(steps):
+        x, y = zero_worker.batch(step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().flatten().tolist() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_legacy_optimizers_under_zero_match_one_process(tmp_path, stage) -> None:
+    """hf_optim.AdamW (no bias correction), AdamWeightDecay and BertAdam as DeepSpeed client optimizers under
+    ZeRO give the one-process result of the same global batches (``gradient_clipping: 0``)."""
+    spec = {"engine": "zero", "stage": stage, "stop": 0, "also": LEGACY}
+    results = _run(tmp_path, "legacy", 2, {**spec, "also_steps": STOP})
+    for optimizer in LEGACY:
+        expected = _plain_run(optimizer, STOP)
+        got = results[0]["also"][optimizer]
+        assert _max_diff(got, expected) < 1e-6, optimizer
+        assert _max_diff(expected, _plain_run(optimizer, 0)) > 1e-3  # the runs did train

@@ -37,6 +37,12 @@ def make_optimizer(params: Any, kind: str) -> torch.optim.Optimizer:
 
     if kind == "torch":
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    if kind == "adamw_no_bias_correction":
+        return hf_optim.AdamW(params, lr=1e-2, weight_decay=0.01, correct_bias=False)
+    if kind == "adam_weight_decay":
+        return hf_optim.AdamWeightDecay(params, learning_rate=1e-2, weight_decay_rate=0.01)
+    if kind == "bert_adam":  # max_grad_norm clips each parameter: under ZeRO it would clip a flat partition
+        return hf_optim.BertAdam(params, lr=1e-2, warmup=0.1, t_total=20, max_grad_norm=-1)
     return hf_optim.AdamW(params, lr=1e-2, weight_decay=0.01)
 
 
@@ -46,13 +52,13 @@ def make_scheduler(opt: torch.optim.Optimizer) -> Any:
     return hf_optim.get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=20)
 
 
-def _deepspeed(rank: int, world: int, spec: dict) -> tuple[Any, Any, Any, Any]:
+def _deepspeed(rank: int, world: int, spec: dict, *, schedule: bool = True) -> tuple[Any, Any, Any, Any]:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     model = make_model(spec)
     opt = make_optimizer(model.parameters(), spec.get("optimizer", "hf"))
-    sched = make_scheduler(opt)
+    sched = make_scheduler(opt) if schedule else None
     config: dict[str, Any] = {
         "train_batch_size": GLOBAL_BATCH,
         "gradient_clipping": 0.0,
@@ -127,6 +133,21 @@ def _attack(directory: str, opt: Any, sched: Any, engine: Any) -> dict[str, Any]
     return {"error": error, "unchanged": _same(before, _snapshot(opt, sched, engine))}
 
 
+def _train_fresh(spec: dict, rank: int, world: int) -> dict[str, list[float]]:
+    """Train a fresh model for ``spec["stop"]`` steps (DeepSpeed engines only); its final weights."""
+    engine, zopt, _, _ = _deepspeed(rank, world, spec, schedule=False)
+    dtype = torch.bfloat16 if spec.get("dtype") == "bf16" else torch.float32
+    for step in range(spec["stop"]):
+        x, y = batch(step)
+        local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        loss = torch.nn.functional.mse_loss(engine(x[local].to(dtype)).float(), y[local].float())
+        engine.backward(loss)
+        engine.step()
+    weights = {k: v.flatten().tolist() for k, v in _weights(engine, spec).items()}
+    del engine, zopt
+    return weights
+
+
 def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -199,6 +220,9 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
                     )
                 elif spec.get("weights_out"):
                     _weights(engine, spec)
+        for other in spec.get("also", ()):  # the same run with other client optimizers, weights by optimizer
+            extra = {"optimizer": other, "stop": spec["also_steps"]}
+            result.setdefault("also", {})[other] = _train_fresh({**spec, **extra}, rank, world)
         if spec.get("attacks"):
             result["attacks"] = [_attack(directory, step_opt, sched, engine) for directory in spec["attacks"]]
         result["weights"] = {k: v.flatten().tolist() for k, v in _weights(engine, spec).items()}
