@@ -231,3 +231,12 @@ def test_legacy_optimizers_under_zero_match_one_process(tmp_path, stage) -> None
         got = results[0]["also"][optimizer]
         assert _max_diff(got, expected) < 1e-6, optimizer
         assert _max_diff(expected, _plain_run(optimizer, 0)) > 1e-3  # the runs did train
+
+
+def test_importing_hf_optim_does_not_import_deepspeed() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, hf_optim, hf_optim.state; print('deepspeed' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "False"
