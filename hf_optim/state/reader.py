@@ -116,9 +116,12 @@ class Checkpoint:
         self.check_unchanged()
         return out
 
-    def read_flat_range(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of optimizer tensor ``key`` flattened, reading only their bytes."""
-        return read_flat_range(self._tensor_files[self.entries[key].file], key, start, stop)
+    def read_flat_range(
+        self, key: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``[start, stop)`` of optimizer tensor ``key`` flattened, reading only their bytes (into
+        ``out`` when given)."""
+        return read_flat_range(self._tensor_files[self.entries[key].file], key, start, stop, out)
 
     def check_unchanged(self) -> None:
         """The manifest's descriptor still records this checkpoint's id (its file was not rewritten in place)."""

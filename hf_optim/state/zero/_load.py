@@ -133,8 +133,11 @@ def _check(
     return hypers, scheduler_state
 
 
-def _read(plan: Plan, target: _Target, with_master: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """This process's elements of every state tensor (and master weights under ``"master"``), by parameter."""
+def _read(
+    plan: Plan, target: _Target, with_master: bool, into: Mapping[tuple[str, str], torch.Tensor]
+) -> dict:
+    """This process's elements of every state tensor (and master weights under ``"\0master"``), by parameter:
+    read into ``into[name, key]`` where given (no copy), else into new tensors (returned)."""
     wanted = [
         (name, key, entry)
         for name, record in plan.state.items()
@@ -151,8 +154,39 @@ def _read(plan: Plan, target: _Target, with_master: bool) -> dict[str, dict[str,
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, key, entry in wanted:
         if target.ranges[name] is not None:
-            out.setdefault(name, {})[key] = read_range(plan, entry, *target.ranges[name])
+            out.setdefault(name, {})[key] = read_range(
+                plan, entry, *target.ranges[name], into.get((name, key))
+            )
     return out
+
+
+def _zero_buffers(
+    plan: Plan, layout: ZeroLayout, with_master: bool
+) -> tuple[list[dict[str, Any]], list[torch.Tensor], dict[tuple[str, str], torch.Tensor]]:
+    """The new state of each ZeRO partition (flat tensors, padding zero; non-tensor values decoded), the new
+    master weights, and where each parameter's elements go in them (read there directly)."""
+    states: list[dict[str, Any]] = [{} for _ in layout.holders]
+    into: dict[tuple[str, str], torch.Tensor] = {}
+    for h, holder in enumerate(layout.holders):
+        members = [p for p in layout.params if p.piece is not None and p.piece.holder == h]
+        group_members = [p for p in layout.params if p.group == layout.holder_group[h]]
+        first = next((plan.state[p.name] for p in group_members if plan.state.get(p.name)), None)
+        for key, value in (first or {}).items():
+            if isinstance(value, TensorEntry):
+                flat = states[h][key] = torch.zeros(holder.numel(), dtype=value.dtype)
+                for p in members:
+                    into[p.name, key] = flat[p.piece.local : p.piece.local + p.piece.length]
+            else:
+                states[h][key] = value.clone() if isinstance(value, torch.Tensor) else value
+    masters = []
+    if with_master:
+        for h, holder in enumerate(layout.holders):
+            flat = holder.detach().to("cpu", copy=True)
+            masters.append(flat)
+            for p in layout.params:
+                if p.piece is not None and p.piece.holder == h:
+                    into[p.name, "\0master"] = flat[p.piece.local : p.piece.local + p.piece.length]
+    return states, masters, into
 
 
 def load_ranges(
@@ -172,14 +206,18 @@ def load_ranges(
     plan = None
     error = None
     tensors: dict[str, dict[str, torch.Tensor]] = {}
+    new_states: list[dict[str, Any]] = []
+    masters: list[torch.Tensor] = []
     try:
         plan = open_plan()
         target = _zero_target(layout) if layout is not None else _plain_target(optimizer, names)
         hypers, scheduler_state = _check(plan, target, client, scheduler)
+        into: dict[tuple[str, str], torch.Tensor] = {}
+        with_master = layout is not None and layout.low_precision and plan.master is not None
         if layout is not None:
             _check_holders(plan, layout)
-        with_master = layout is not None and layout.low_precision and plan.master is not None
-        tensors = _read(plan, target, with_master)
+            new_states, masters, into = _zero_buffers(plan, layout, with_master)
+        tensors = _read(plan, target, with_master, into)
     except (CheckpointError, OSError, ValueError) as exc:
         error = (
             str(exc) if isinstance(exc, CheckpointError) else f"{plan.path if plan else 'checkpoint'}: {exc}"
@@ -193,7 +231,7 @@ def load_ranges(
     notes: list[str] = []
     with restored_on_error(client, scheduler):
         if layout is not None:
-            _apply_zero(plan, layout, tensors, hypers, notes)
+            _apply_zero(layout, new_states, masters, hypers, notes, plan)
         else:
             _apply_plain(plan, optimizer, names, tensors, hypers)
         if scheduler is not None:
@@ -240,55 +278,30 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _apply_zero(
-    plan: Plan,
     layout: ZeroLayout,
-    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    new_states: list[dict[str, Any]],
+    masters: list[torch.Tensor],
     hypers: list[dict],
     notes: list[str],
+    plan: Plan,
 ) -> None:
     client = layout.client
-    new_states: list[dict[str, Any]] = [{} for _ in layout.holders]
-    for h, holder in enumerate(layout.holders):
-        members = [p for p in layout.params if p.piece is not None and p.piece.holder == h]
-        group_members = [p for p in layout.params if p.group == layout.holder_group[h]]
-        first = next((plan.state[p.name] for p in group_members if plan.state.get(p.name)), None)
-        if first is None:
-            continue
-        for key, value in first.items():
-            if isinstance(value, TensorEntry):
-                flat = torch.zeros(holder.numel(), dtype=value.dtype, device=holder.device)
-                for p in members:
-                    flat[p.piece.local : p.piece.local + p.piece.length] = tensors[p.name][key]
-                new_states[h][key] = flat
-            else:
-                new_states[h][key] = value.clone() if isinstance(value, torch.Tensor) else value
-    masters = []
-    if layout.low_precision and plan.master is not None:
-        for h, holder in enumerate(layout.holders):
-            flat = holder.detach().clone()
-            for p in layout.params:
-                if p.piece is not None and p.piece.holder == h:
-                    flat[p.piece.local : p.piece.local + p.piece.length] = tensors[p.name]["\0master"]
-            masters.append(flat)
-    elif layout.low_precision:
+    if layout.low_precision and not masters:
         notes.append("no fp32 master weights saved: they are the model's weights")
-    old = [holder.detach().clone() for holder in layout.holders]
-    try:
-        for h, holder in enumerate(layout.holders):
-            if new_states[h]:
-                client.state[holder] = new_states[h]
-        for group, hyper in zip(client.param_groups, hypers, strict=True):
-            group.update(hyper)
-        if masters:
-            for holder, flat in zip(layout.holders, masters, strict=True):
-                holder.data.copy_(flat)
-        elif not layout.low_precision:
-            refresh_master_weights(layout)
-        _load_scaler(plan, layout.zero, notes)
-    except BaseException:
-        for holder, saved in zip(layout.holders, old, strict=True):
-            holder.data.copy_(saved)
-        raise
+    for h, holder in enumerate(layout.holders):
+        if new_states[h]:
+            client.state[holder] = {
+                k: v.to(holder.device) if isinstance(v, torch.Tensor) else v for k, v in new_states[h].items()
+            }
+    for group, hyper in zip(client.param_groups, hypers, strict=True):
+        group.update(hyper)
+    _load_scaler(plan, layout.zero, notes)
+    # last (restored_on_error puts back the rest): the master weights, in place
+    if masters:
+        for holder, flat in zip(layout.holders, masters, strict=True):
+            holder.data.copy_(flat)
+    elif not layout.low_precision:
+        refresh_master_weights(layout)
 
 
 def _load_scaler(plan: Plan, zero: Any, notes: list[str]) -> None:

@@ -329,15 +329,18 @@ def needed_files(entry: TensorEntry, start: int, stop: int) -> set[str]:
     return {c.file for c in entry.chunks if c.start < stop and c.stop > start}
 
 
-def read_range(plan: Plan, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
-    """Elements ``[start, stop)`` of ``entry``'s flattened global tensor, from the (opened) files holding them."""
+def read_range(
+    plan: Plan, entry: TensorEntry, start: int, stop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Elements ``[start, stop)`` of ``entry``'s flattened global tensor, from the (opened) files holding them,
+    into ``out`` (contiguous, on the CPU) when given."""
     if plan.checkpoint is not None:
-        return plan.checkpoint.read_flat_range(entry.key, start, stop)
-    out = torch.empty(stop - start, dtype=entry.dtype)
+        return plan.checkpoint.read_flat_range(entry.key, start, stop, out)
+    out = torch.empty(stop - start, dtype=entry.dtype) if out is None else out
     for c in entry.chunks:
         low, high = max(start, c.start), min(stop, c.stop)
         if low < high:
-            out[low - start : high - start] = read_flat_range(
-                plan.opened[c.file], entry.key, low - c.start, high - c.start
+            read_flat_range(
+                plan.opened[c.file], entry.key, low - c.start, high - c.start, out[low - start : high - start]
             )
     return out

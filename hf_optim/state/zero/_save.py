@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import threading
 from typing import Any
 
 import torch
@@ -179,8 +181,22 @@ def _commit(directory: str, tmp_dir: str, folder: str, manifest: dict[str, Any],
     with open(tmp_manifest, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, allow_nan=False)
     os.replace(tmp_manifest, os.path.join(directory, SHARDED_MANIFEST_NAME))
+    doomed = []
     for entry in os.listdir(directory):
-        stale = entry.startswith("optimizer-shards-") and entry != folder
-        stale = stale or (entry.startswith(".optimizer-shards-") and entry.endswith(".tmp"))
-        if stale:
-            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+        path = os.path.join(directory, entry)
+        if entry.startswith("optimizer-shards-") and entry != folder:
+            hidden = os.path.join(directory, f".{entry}.{os.urandom(8).hex()}.tmp")
+            with contextlib.suppress(OSError):
+                os.replace(
+                    path, hidden
+                )  # instant; the deletion (freeing its page cache) runs in the background
+                doomed.append(hidden)
+        elif entry.startswith(".optimizer-shards-") and entry.endswith(".tmp") and entry != f".{folder}.tmp":
+            doomed.append(path)
+    if doomed:
+        threading.Thread(target=_remove, args=(doomed,), name="hf_optim-cleanup", daemon=True).start()
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
