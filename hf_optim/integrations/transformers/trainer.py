@@ -16,8 +16,12 @@ is loaded into the scheduler Trainer rebuilt from the same ``TrainingArguments``
 Under FSDP2 every process writes its own shard of the optimizer state (:func:`hf_optim.save_state` with
 ``model=``, format version 2) and resumes from it on any number of processes; this path is thin over the
 torch-level functions tested on CPU and has not been run on GPUs here (``scripts/gpu_check.sh`` checks it).
-DeepSpeed, FSDP1, XLA and SageMaker model parallel have their own optimizer checkpoint formats: there the base
-behaviour is kept, with a warning.
+Under DeepSpeed ZeRO every process writes its own partition (format version 3, through
+``hf_optim.integrations.deepspeed``) instead of DeepSpeed's pickled ``global_stepN/``; resuming loads the model's
+weights from the checkpoint's safetensors, then the state, on any number of processes and any stage (a GPU check:
+``scripts/gpu_check.sh``; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save``). A checkpoint holding
+DeepSpeed's own files is still resumed by DeepSpeed. FSDP1, XLA and SageMaker model parallel have their own
+optimizer checkpoint formats: there the base behaviour is kept, with a warning.
 
 Nothing read on resume is unpickled with arbitrary objects: hf_optim reads safetensors + JSON, and transformers
 5.x reads ``rng_state*.pth``, ``scaler.pt`` and legacy ``optimizer.pt`` / ``scheduler.pt`` with
