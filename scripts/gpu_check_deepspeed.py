@@ -7,7 +7,8 @@ resumes from it.
 
 ``full`` trains 8 steps, ``first`` trains 4 and saves, ``resume`` loads that checkpoint and trains the rest; each
 writes its final weights (rank 0) to ``OUT/deepspeed_<mode>.safetensors``. On a CPU-only machine Accelerate counts
-one process while DeepSpeed runs several (its batch-size check fails), hence a GPU check.
+one process while DeepSpeed runs several (its batch-size check fails): ``tests/deepspeed/test_trainer_zero.py``
+runs it there through a patch of Accelerate's backend choice (``tests/deepspeed/accelerate_gloo.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(out: str, mode: str, stage: int) -> None:
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
-        "gradient_clipping": 0.0,
+        "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
     }
@@ -54,6 +55,7 @@ def main(out: str, mode: str, stage: int) -> None:
         output_dir=os.path.join(out, "deepspeed"),
         optim="adamw_hf",
         learning_rate=1e-3,
+        max_grad_norm=0.0,  # unclipped (DeepSpeed clips at 1.0 by default)
         lr_scheduler_type="linear",
         warmup_steps=2,
         max_steps=STEPS,

@@ -83,13 +83,18 @@ def load_model_weights(
 
     module = module_of(engine)
     weights = _read_weights(os.fspath(checkpoint))
+    # checked on every process before loading (tied weights are stored once, under their first name)
+    missing = sorted({name for name, _ in module.named_parameters()} - set(weights))
+    unexpected = sorted(set(weights) - set(module.state_dict()))
+    if load_module_strict and (missing or unexpected):
+        raise ValueError(f"{checkpoint}: model weights missing {missing[:10]}, unexpected {unexpected[:10]}")
     params = list(module.parameters())
     if params and hasattr(params[0], "ds_id"):  # ZeRO-3: the parameters are partitioned
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if dist.get_rank() == 0:
-                module.load_state_dict(weights, strict=load_module_strict)
+                module.load_state_dict(weights, strict=False)
     else:
-        module.load_state_dict(weights, strict=load_module_strict)
+        module.load_state_dict(weights, strict=False)
 
 
 @contextlib.contextmanager

@@ -238,5 +238,7 @@ def test_importing_hf_optim_does_not_import_deepspeed() -> None:
     import sys
 
     code = "import sys, hf_optim, hf_optim.state; print('deepspeed' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert done.stdout.strip() == "False"
