@@ -31,9 +31,14 @@ ENV_LEGACY_IMPORTS = "HF_OPTIM_LEGACY_IMPORTS"
 
 # transformers modules after whose execution hf_optim registers its names:
 # training_args defines OptimizerNames (and imports SchedulerType), trainer_optimizer holds the handler
-# table, optimization holds TYPE_TO_SCHEDULER_FUNCTION.
+# table, optimization holds TYPE_TO_SCHEDULER_FUNCTION; trainer's Trainer learns to resume from hf_optim's state.
 WATCHED = frozenset(
-    {"transformers.training_args", "transformers.trainer_optimizer", "transformers.optimization"}
+    {
+        "transformers.training_args",
+        "transformers.trainer_optimizer",
+        "transformers.optimization",
+        "transformers.trainer",
+    }
 )
 
 _MARKER = "_hf_optim_autoload_finder"

@@ -7,7 +7,7 @@ import copy
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -79,6 +79,12 @@ def parameters_of(
     return out
 
 
+@overload
+def non_negative_int(
+    value: Any, argument: str, *, optional: Literal[False] = False, positive: bool = False
+) -> int: ...
+@overload
+def non_negative_int(value: Any, argument: str, *, optional: bool, positive: bool = False) -> int | None: ...
 def non_negative_int(
     value: Any, argument: str, *, optional: bool = False, positive: bool = False
 ) -> int | None:
@@ -100,16 +106,29 @@ def non_negative_int(
         raise ValueError(f"{argument} must be a non-negative integer, got {value!r}")
     if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
         raise ValueError(f"{argument} must be a non-negative integer, got {value!r}")
-    value = int(value)
+    value = int(value) if isinstance(value, numbers.Integral) else int(float(value))
     if value < 0 or (positive and value == 0):
         kind = "a positive" if positive else "a non-negative"
         raise ValueError(f"{argument} must be {kind} integer, got {value}")
     return value
 
 
+@overload
+def finite_number(
+    value: Any,
+    argument: str,
+    *,
+    optional: Literal[False] = False,
+    minimum: float | None = None,
+    strict: bool = False,
+) -> float: ...
+@overload
+def finite_number(
+    value: Any, argument: str, *, optional: bool, minimum: float | None = None, strict: bool = False
+) -> float | None: ...
 def finite_number(
     value: Any, argument: str, *, optional: bool = False, minimum: float | None = None, strict: bool = False
-) -> int | float | None:
+) -> float | None:
     """``value`` as a finite Python ``int``/``float``, else ``ValueError`` naming ``argument``.
 
     ``optional``: ``None`` passes through; ``minimum``: the value must be ``>= minimum`` (``> minimum`` with

@@ -127,7 +127,7 @@ class GradientAccumulator:
                 if (
                     isinstance(num_items, bool)
                     or not isinstance(num_items, numbers.Real)
-                    or not num_items > 0
+                    or not float(num_items) > 0
                 ):
                     raise ValueError(f"num_items must be a positive number, got {num_items!r}")
                 divisor = float(num_items)
@@ -181,18 +181,18 @@ class GradientAccumulator:
         otherwise cloned (cast to ``dtype`` if set).
         """
         if not isinstance(state, Mapping):
-            raise ValueError(f"state must be a mapping, got {type(state).__name__}")
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
         missing = sorted({"gradients", "step", "num_items"} - set(state))
         if missing:
             raise ValueError(f"accumulator state is missing {', '.join(missing)}")
         gradients = state["gradients"]
         if isinstance(gradients, (str, bytes, torch.Tensor)) or not isinstance(gradients, Sequence):
-            raise ValueError(
+            raise TypeError(
                 f"state['gradients'] must be a list of tensors or None, got {type(gradients).__name__}"
             )
         for i, g in enumerate(gradients):
             if g is not None and not isinstance(g, torch.Tensor):
-                raise ValueError(f"state['gradients'][{i}] must be a tensor or None, got {type(g).__name__}")
+                raise TypeError(f"state['gradients'][{i}] must be a tensor or None, got {type(g).__name__}")
         step = non_negative_int(state["step"], "state['step']")
         num_items = non_negative_int(state["num_items"], "state['num_items']")
         if step > 0 and not gradients:
@@ -223,7 +223,7 @@ class GradientAccumulator:
             raise ValueError(f"Expected {len(self._gradients)} gradients, but got {len(gradients)}")
         for i, g in enumerate(gradients):
             if g is not None and not isinstance(g, torch.Tensor):
-                raise ValueError(f"gradients[{i}] must be a tensor or None, got {type(g).__name__}")
+                raise TypeError(f"gradients[{i}] must be a tensor or None, got {type(g).__name__}")
             buffer = self._gradients[i] if self._initialized else None
             if g is not None and buffer is not None and buffer.shape != g.shape:
                 raise ValueError(

@@ -1,7 +1,20 @@
-"""hf_optim's exceptions, in one place.
+"""hf_optim's exceptions, in one place, and the policy for which one is raised.
 
-Wrong types raise ``TypeError`` and bad values ``ValueError``, as torch does; the classes below are for what
-neither says well.
+- ``TypeError``: an argument (or a value inside one) of the wrong type, e.g. ``lr="1e-3"``, a ``model`` that is
+  not an ``nn.Module``, a schedule name where a schedule object is needed; the message says what was expected
+  and names the type given.
+- ``ValueError``: the right type with a bad value, e.g. ``lr=-1``, ``betas=(0.9,)``, an unknown optimizer name
+  (with the closest names), ``lr * weight_decay > 1``.
+- :class:`CheckpointError` (a ``ValueError``): anything wrong with what is *read*: a checkpoint file missing,
+  truncated, corrupted, inconsistent, hostile, of an unknown format version, or holding values the live objects
+  refuse. A type or value error raised while checking a file's contents becomes a ``CheckpointError`` naming the
+  file, so a caller catches one class for every bad checkpoint.
+- :class:`TransformersIntegrationError` (a ``RuntimeError``): transformers' internals are not what hf_optim
+  expects.
+- ``RuntimeError``: the operation cannot run in the current state (a sparse gradient, a process group that
+  disagrees).
+
+``tests/test_errors.py`` scans the package for ``ValueError`` raised with a message about a type.
 """
 
 from __future__ import annotations

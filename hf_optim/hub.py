@@ -112,7 +112,7 @@ def _clean_subfolder(subfolder: str | None) -> str | None:
     if subfolder is None:
         return None
     if not isinstance(subfolder, str):
-        raise ValueError(f"subfolder must be a string, got {type(subfolder).__name__}")
+        raise TypeError(f"subfolder must be a string, got {type(subfolder).__name__}")
     cleaned = subfolder.replace("\\", "/").strip("/")
     if not cleaned:
         return None
@@ -413,7 +413,7 @@ def _resolve(
 ) -> tuple[str, list[str]]:
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
-        raise ValueError(f"path_or_repo_id must be a path, repo id or hf:// URL, got {path_or_repo_id!r}")
+        raise TypeError(f"path_or_repo_id must be a path, repo id or hf:// URL, got {path_or_repo_id!r}")
     options: dict[str, Any] = {
         "token": token,
         "cache_dir": cache_dir,

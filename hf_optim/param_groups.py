@@ -11,12 +11,21 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
+
+__all__ = [
+    "compile_patterns",
+    "decay_applies",
+    "get_decay_parameter_names",
+    "get_no_decay_parameter_names",
+    "group_parameters",
+    "is_norm_module",
+]
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 
 def compile_patterns(patterns: Iterable[str] | None, argument: str) -> list[re.Pattern[str]]:
-    """Compile regex patterns, raising ``ValueError`` that names ``argument`` and the bad pattern."""
+    """Compile regex patterns; ``TypeError`` / ``ValueError`` name ``argument`` and the bad pattern."""
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -24,7 +33,7 @@ def compile_patterns(patterns: Iterable[str] | None, argument: str) -> list[re.P
     compiled = []
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise ValueError(f"{argument} must be a list of regex strings, got {pattern!r}")
+            raise TypeError(f"{argument} must be a list of regex strings, got {pattern!r}")
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:
@@ -119,7 +128,7 @@ def group_parameters(
     ``{weight_decay_key: value}``; empty groups are dropped, the decay group comes first (as in Trainer).
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include = compile_patterns(include_in_weight_decay, "include_in_weight_decay")
     exclude = compile_patterns(exclude_from_weight_decay, "exclude_from_weight_decay")
     defaults = get_no_decay_parameter_names(model)

@@ -12,9 +12,10 @@ fi
 EXTRAS="${1:-dev}"
 STAMP=".venv/.hf_optim-installed-$EXTRAS"
 # Reinstall when the build inputs change: the package metadata, or the start-up hook that the build copies
-# into site-packages (hf_optim/_autoload.py -> _hf_optim_autoload.py, via hatch_build.py).
+# into site-packages (hf_optim/_autoload.py -> _hf_optim_autoload.py, hf_optim/_console.py -> _hf_optim_console.py,
+# via hatch_build.py).
 stale=0
-for f in pyproject.toml hatch_build.py hf_optim/_autoload.py hf_optim_autoload.pth; do
+for f in pyproject.toml hatch_build.py hf_optim/_autoload.py hf_optim/_console.py hf_optim_autoload.pth; do
   [ "$f" -nt "$STAMP" ] && stale=1
 done
 if [ ! -f "$STAMP" ] || [ "$stale" = 1 ]; then

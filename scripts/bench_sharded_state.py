@@ -26,6 +26,7 @@ largest state tensor and of the whole state.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -93,6 +94,15 @@ def _timed(fn) -> tuple[float, int]:
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _bench(rank, args, out)  # its sharded models (their device mesh holds the group) go with its frame
+    gc.collect()
+    dist.barrier()  # no rank tears gloo down while another still talks to it
+    dist.destroy_process_group()
+
+
+def _bench(rank: int, args: argparse.Namespace, out: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -102,8 +112,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
     from hf_optim.state.sharded import load_sharded_state, save_sharded_state
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     # dcp.save's default writer overwrites the previous round's checkpoint, and says so every time
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint", category=UserWarning)
@@ -151,8 +159,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"shard_bytes": shard, "results": summary}, f)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
 
 
 def _consolidate_child(mode: str, src: str, dst: str) -> None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv if missing, install .[dev], run ruff, the test-suite and the import-layering contract.
+# Create .venv if missing, install .[dev], run ruff, the import-layering contract, mypy and the test-suite.
 set -euo pipefail
 . "$(dirname "$0")/_venv.sh" dev
 export HF_HUB_DISABLE_TELEMETRY=1
 ruff check .
 ruff format --check --quiet .
 lint-imports  # the layers contract in pyproject.toml ([tool.importlinter])
+mypy  # the type checker over hf_optim, configured in pyproject.toml ([tool.mypy])
 python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"

@@ -20,11 +20,13 @@ unequal numbers of items) following a fixed rule that a tiny model learns. Check
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
 import os
 import sys
+import traceback
 from typing import Any
 
 import torch
@@ -237,8 +239,8 @@ def resolve_schedule_args(args: argparse.Namespace, checkpoint_dir: str | None) 
         }
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    accelerator = Accelerator(cpu=args.cpu, gradient_accumulation_steps=args.gradient_accumulation_steps)
+def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
+    """Train (resuming if asked) and save; returns plain numbers, so nothing prepared outlives the call."""
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(name)s: %(message)s",
@@ -355,9 +357,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 repo_id=args.push_to_hub_repo,
                 commit_message=f"Final model after {global_step} steps",
             )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return results
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """Release everything that holds the process group, then destroy the group while every process waits.
+
+    The prepared model (its DDP reducer), optimizer, scheduler and dataloaders each keep a reference to the gloo
+    process group. Whichever drops the last one runs the group's destructor, which joins gloo's threads: done by
+    interpreter teardown after ``end_training``, it can wait forever. So: drop them, collect, meet, destroy.
+    """
+    accelerator.free_memory()  # the references Accelerate keeps to what it prepared
+    gc.collect()  # and any cycle still holding them
+    accelerator.wait_for_everyone()  # no process tears gloo down while another still talks to it
+    accelerator.end_training()  # destroys the process group
 
 
 def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int) -> None:
@@ -381,7 +394,17 @@ def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: i
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    train(args)
+    accelerator = Accelerator(cpu=args.cpu, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    try:
+        train(args, accelerator)
+    except BaseException as err:
+        # The failed call's frames still hold the prepared objects: clear them so the group can go first.
+        traceback.clear_frames(err.__traceback__)
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.state.destroy_process_group()  # no barrier: the other processes may never reach one
+        raise
+    end_training(accelerator)
     return 0
 
 

@@ -3,6 +3,7 @@ running after a deadline counts as a hang (a failure naming where each process g
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -71,3 +72,27 @@ def run_with_deadline(
         )
     assert not hung, f"hang: processes still running after {timeout} s: {results}"
     return results
+
+
+def end_accelerate(accelerator: Any) -> None:
+    """End an Accelerate worker the way scripts/train_accelerate.py does: release what holds the process group
+    (the DDP reducer of a prepared model, the prepared optimizer and dataloaders), meet, then destroy the group.
+    Left to interpreter teardown, the group's destructor can wait forever for gloo's threads."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def end_process_group() -> None:
+    """Destroy the default process group of a spawned worker once nothing holds it.
+
+    Call it after the job's function has returned (its models gone with its frame): an FSDP2 model's device mesh
+    holds the group, and a group whose last reference goes at interpreter exit can wait forever for gloo's
+    threads. Collect what is left, meet (no process tears gloo down while another still talks to it), destroy.
+    """
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

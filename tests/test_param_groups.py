@@ -123,9 +123,9 @@ def test_zero_weight_decay_gives_one_group_even_with_include():
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="exclude_from_weight_decay"):
         group_parameters(Tiny(), weight_decay=0.1, exclude_from_weight_decay=["(unclosed"])
-    with pytest.raises(ValueError, match="include_in_weight_decay"):
+    with pytest.raises(TypeError, match="include_in_weight_decay"):
         group_parameters(Tiny(), weight_decay=0.1, include_in_weight_decay=[3])
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(TypeError, match="model"):
         group_parameters([nn.Parameter(torch.zeros(1))], weight_decay=0.1)
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

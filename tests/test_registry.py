@@ -120,7 +120,7 @@ def test_register_rejects_bad_records():
         hf_optim.register_optimizer("x", "not callable")
     with pytest.raises(ValueError, match="arg_names"):
         hf_optim.register_optimizer("x", torch.optim.SGD, arg_names={"momentum": "m"})
-    with pytest.raises(ValueError, match="defaults"):
+    with pytest.raises(TypeError, match="defaults"):
         hf_optim.register_optimizer("x", torch.optim.SGD, defaults=[("lr", 1)])
     assert "x" not in hf_optim.list_optimizers(source="hf_optim")
 
@@ -415,3 +415,30 @@ def test_public_introspection_of_records():
     assert registry.signature_of(print) is None or registry.accepts_argument(
         registry.signature_of(print), "sep"
     )
+
+
+@pytest.mark.parametrize(
+    ("asked", "found"),
+    [("AdamW_HF", "adamw_hf"), ("BERT_ADAM", "bert_adam"), ("Adam_Weight_Decay", "adam_weight_decay")],
+)
+def test_optimizer_names_match_ignoring_case(asked, found):
+    assert hf_optim.get_optimizer_info(asked).name == found
+
+
+def test_scheduler_names_match_ignoring_case():
+    assert hf_optim.get_scheduler_info("Cosine_With_Restarts").name == "cosine_with_restarts"
+
+
+def test_suggestions_ignore_case():
+    with pytest.raises(ValueError, match="Did you mean 'adamw_hf'") as err:
+        hf_optim.get_optimizer_info("ADAMW")
+    assert "adalomo" not in str(err.value).split("Registered")[0]
+
+
+def test_legacy_module_optimizers_keep_their_registry_names():
+    from hf_optim.legacy import pytorch_pretrained_bert, pytorch_transformers
+
+    p = [torch.zeros(2, requires_grad=True)]
+    assert hf_optim.optimizer_name(pytorch_pretrained_bert.BertAdam(p, lr=0.1)) == "bert_adam"
+    assert hf_optim.optimizer_name(pytorch_pretrained_bert.OpenAIAdam(p, lr=0.1)) == "openai_adam"
+    assert hf_optim.optimizer_name(pytorch_transformers.AdamW(p)) == "adamw_hf"

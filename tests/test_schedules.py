@@ -415,6 +415,7 @@ def test_config_records_every_argument():
             "decay_type": "cosine",
             "min_lr_ratio": 0,
             "num_cycles": 0.5,
+            "warmup_from_zero": False,
         },
     }
 
@@ -540,7 +541,7 @@ def test_unknown_name_suggests_the_closest():
     "config", [None, {"kwargs": {}}, {"name": 3}, {"name": "linear", "kwargs": [1, 2]}, "linear"]
 )
 def test_scheduler_from_config_rejects_malformed(config):
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(TypeError, match="config"):
         hf_optim.scheduler_from_config(make_optimizer(), config)
 
 
@@ -552,3 +553,42 @@ def test_scheduler_from_config_with_last_epoch_resumes_from_initial_lr():
     rebuilt = hf_optim.scheduler_from_config(opt, scheduler.hf_optim_config, last_epoch=5)
     assert rebuilt.last_epoch == 6
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # (10 - 6) / 8
+
+
+def _wsd_transformers_4_44(step, *, warmup, stable, decay, min_lr_ratio=0.0, num_cycles=0.5):
+    """transformers 4.44's ``_get_wsd_scheduler_lambda``, written out (its warmup starts at 0)."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if step < warmup + stable:
+        return 1.0
+    if step < warmup + stable + decay:
+        progress = float(step - warmup - stable) / float(max(1, decay))
+        value = max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress)))
+        return (1.0 - min_lr_ratio) * value + min_lr_ratio
+    return min_lr_ratio
+
+
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.1, 0.5])
+def test_wsd_warmup_from_zero_equals_transformers_4x(min_lr_ratio):
+    opt = make_optimizer()
+    sched = hf_optim.get_wsd_schedule(
+        opt, 4, 5, num_stable_steps=3, min_lr_ratio=min_lr_ratio, warmup_from_zero=True
+    )
+    got = [sched.lr_lambdas[0](t) for t in range(15)]
+    assert got == [
+        _wsd_transformers_4_44(t, warmup=4, stable=3, decay=5, min_lr_ratio=min_lr_ratio) for t in range(15)
+    ]
+    rebuilt = hf_optim.scheduler_from_config(make_optimizer(), sched.hf_optim_config)
+    assert [rebuilt.lr_lambdas[0](t) for t in range(15)] == got
+    if min_lr_ratio:  # the default (transformers 5.x) warmup starts at min_lr_ratio instead
+        default = hf_optim.get_wsd_schedule(
+            make_optimizer(), 4, 5, num_stable_steps=3, min_lr_ratio=min_lr_ratio
+        )
+        assert default.lr_lambdas[0](0) == min_lr_ratio != got[0] == 0.0
+
+
+def test_wsd_warmup_from_zero_is_a_linear_warmup_only():
+    with pytest.raises(ValueError, match="warmup_type must be 'linear'"):
+        hf_optim.get_wsd_schedule(make_optimizer(), 4, 5, 20, warmup_type="cosine", warmup_from_zero=True)
+    with pytest.raises(TypeError, match="warmup_from_zero must be a bool"):
+        hf_optim.get_wsd_schedule(make_optimizer(), 4, 5, 20, warmup_from_zero="yes")

@@ -37,6 +37,10 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+#: widest line the tables aim for; param groups print one after the other rather than side by side beyond it
+MAX_WIDTH = 100
+
+
 def _size(num_bytes: int) -> str:
     for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if num_bytes >= factor:
@@ -103,13 +107,30 @@ def format_info(info: StateInfo) -> str:
         keys: list[str] = []
         for group in info.param_groups:
             keys += [k for k in group["hyperparameters"] if k not in keys]
-        header = ["", *(f"group {i}" for i in range(len(info.param_groups)))]
-        rows = [header]
-        rows.append(["parameters", *(str(g["num_params"]) for g in info.param_groups)])
-        rows.append(["elements", *(f"{g['numel']:,}" for g in info.param_groups)])
-        for key in keys:
-            rows.append([key, *(_value(g["hyperparameters"].get(key, "-")) for g in info.param_groups)])
-        lines += ["", *_table(rows)]
+        columns = [
+            [
+                str(g["num_params"]),
+                f"{g['numel']:,}",
+                *(_value(g["hyperparameters"].get(k, "-")) for k in keys),
+            ]
+            for g in info.param_groups
+        ]
+        labels = ["parameters", "elements", *keys]
+        table = _table(
+            [
+                ["", *(f"group {i}" for i in range(len(columns)))],
+                *map(list, zip(labels, *columns, strict=True)),
+            ]
+        )
+        if (
+            max(map(len, table)) > MAX_WIDTH
+        ):  # one table per group: long values (schedules) side by side overflow
+            table = []
+            for i, column in enumerate(columns):
+                table += [""] * bool(i) + _table(
+                    [[f"group {i}", ""], *map(list, zip(labels, column, strict=True))]
+                )
+        lines += ["", *table]
     return "\n".join(lines)
 
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _quiet_broken_pipe()
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (TypeError, ValueError, FileNotFoundError, OSError) as err:
         print(printable(f"hf-optim {args.command}: error: {err}"), file=sys.stderr)
         return 2
     finally:

@@ -1,7 +1,9 @@
 """``hf-optim plot``: draw learning-rate schedules, as a PNG (matplotlib) or as a text plot in the terminal.
 
-Several schedules can be compared on one figure; each ``SCHEDULE`` is a registered name, optionally followed by
-its own arguments (``cosine_with_restarts:num_cycles=3``). ``--arg key=value`` goes to every schedule that takes
+Several schedules can be compared on one figure; each ``SCHEDULE`` is a registered name, or one of
+pytorch-pretrained-bert's ``BertAdam(schedule=...)`` names (``warmup_linear``, ``warmup_cosine``,
+``warmup_constant``, ``none``: their warmup is ``--num-warmup-steps`` / ``--num-training-steps``), optionally
+followed by its own arguments (``cosine_with_restarts:num_cycles=3``). ``--arg key=value`` goes to every schedule that takes
 ``key``. Values are read as JSON (numbers, ``true``, ``null``, ...) and otherwise kept as strings.
 """
 
@@ -19,6 +21,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from hf_optim import registry
+from hf_optim.schedules.pretrained_bert import SCHEDULES as LEGACY_SCHEDULES
+from hf_optim.schedules.pretrained_bert import LRSchedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -82,8 +86,21 @@ def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), kwargs
 
 
+def _legacy(name: str) -> type[LRSchedule] | None:
+    """pytorch-pretrained-bert's schedule class for ``name``, unless the registry has a schedule of that name."""
+    if name in registry.list_schedulers():
+        return None
+    return LEGACY_SCHEDULES.get(name)
+
+
+def _check_name(name: str) -> None:
+    if _legacy(name) is None:
+        registry.get_scheduler_info(name)  # unknown name -> ValueError with the closest names
+
+
 def _accepts(name: str, key: str) -> bool:
-    factory = registry.get_scheduler_info(name).factory
+    legacy = _legacy(name)
+    factory = legacy if legacy is not None else registry.get_scheduler_info(name).factory
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -104,6 +121,10 @@ def schedule_lrs(
     """The learning rate at steps ``0..num_training_steps`` of the registered schedule ``name``."""
     if num_training_steps < 1:
         raise ValueError(f"--num-training-steps must be at least 1, got {num_training_steps}")
+    legacy = _legacy(name)
+    if legacy is not None:  # a fraction of t_total, as BertAdam(warmup=..., t_total=...) takes it
+        schedule = legacy(warmup=num_warmup_steps / num_training_steps, t_total=num_training_steps, **kwargs)
+        return [float(lr * schedule.get_lr(step, nowarn=True)) for step in range(num_training_steps + 1)]
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=lr)
     scheduler = registry.create_scheduler(name, optimizer, num_warmup_steps, num_training_steps, **kwargs)
@@ -205,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_schedule(spec) for spec in args.schedules]
     shared = dict(_key_value(item, "--arg") for item in args.arg)
     for name, _ in specs:
-        registry.get_scheduler_info(name)  # unknown name -> ValueError with the closest names
+        _check_name(name)
     for key in shared:
         if not any(_accepts(name, key) for name, _ in specs):
             raise ValueError(f"--arg {key}: no schedule among {', '.join(n for n, _ in specs)} takes {key!r}")

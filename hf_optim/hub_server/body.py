@@ -8,11 +8,13 @@ otherwise, so an oversized chunked body is refused (413) after at most ``limit``
 
 from __future__ import annotations
 
+import io
 import re
 from email.message import Message
-from typing import BinaryIO
 
-from hf_optim.hub_server.storage import BadRequest, HubError, PayloadTooLarge
+from hf_optim.hub_server.records import BadRequest, HubError, PayloadTooLarge
+
+__all__ = ["BODY_METHODS", "LengthRequired", "RequestBody"]
 
 _LENGTH_RE = re.compile(r"[0-9]{1,19}")
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -32,7 +34,7 @@ def _length_values(headers: Message) -> list[str]:
 class RequestBody:
     """Reader of one request's body; ``limit`` bytes at most (``set_limit`` changes it before reading)."""
 
-    def __init__(self, rfile: BinaryIO, headers: Message, method: str, limit: int) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, headers: Message, method: str, limit: int) -> None:
         self._rfile = rfile
         encoding = ",".join(headers.get_all("Transfer-Encoding") or ()).strip().lower()
         lengths = _length_values(headers)

@@ -17,6 +17,8 @@ from hf_optim.hub_server.storage import DEFAULT_USER
 
 logger = logging.getLogger("hf_optim.hub_server")
 
+__all__ = ["TOKEN_ENV", "add_serve_arguments", "main", "parse_size", "resolve_token", "run_serve"]
+
 TOKEN_ENV = "HF_OPTIM_HUB_TOKEN"
 _SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)(i?B)?", re.IGNORECASE)
 

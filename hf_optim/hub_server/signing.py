@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from urllib.parse import urlencode
 
+__all__ = ["DEFAULT_TTL", "UrlSigner"]
+
 DEFAULT_TTL = 3600  # seconds a signed URL stays valid
 
 

@@ -13,12 +13,13 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from hf_optim.errors import CheckpointError
-from hf_optim.optimizers.bert_adam import SCHEDULE_CLASSES, LRSchedule
+from hf_optim.schedules.pretrained_bert import SCHEDULE_CLASSES, LRSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ LEGACY_SCHEDULE_MODULE = "pytorch_pretrained_bert.optimization"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def _allow_list() -> list[tuple[type, str]]:
+def _allow_list() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     return [(cls, f"{LEGACY_SCHEDULE_MODULE}.{name}") for name, cls in SCHEDULE_CLASSES.items()]
 
 
@@ -72,5 +73,12 @@ def load_pickled_legacy_state_dict(path: str | os.PathLike[str]) -> dict[str, An
 
 
 def _fields(schedule: LRSchedule) -> dict[str, Any]:
-    """What unpickling put on ``schedule``, in the shape of its JSON form (``cycles`` only where it belongs)."""
-    return {"type": type(schedule).__name__, **vars(schedule)}
+    """What unpickling put on ``schedule``, in the shape of its JSON form (``cycles`` only where it belongs).
+
+    The class is the one the pickle named: a ``type`` among the pickled attributes (which the real classes do
+    not have) would otherwise turn the schedule into another class, so it is refused.
+    """
+    fields = vars(schedule)
+    if "type" in fields:
+        raise ValueError(f"the pickled {type(schedule).__name__} carries a 'type' attribute of its own")
+    return {"type": type(schedule).__name__, **fields}

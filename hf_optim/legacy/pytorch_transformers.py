@@ -1,19 +1,24 @@
 """The optimization API of pytorch-transformers 1.x, backed by hf_optim.
 
 ``from pytorch_transformers import AdamW, WarmupLinearSchedule`` becomes
-``from hf_optim.legacy.pytorch_transformers import AdamW, WarmupLinearSchedule``. The schedules are ``LambdaLR``
-subclasses taking step counts (not fractions), with the legacy multipliers; their multiplier is a method, so
-``state_dict()`` / ``load_state_dict()`` round-trip. ``AdamW`` is :class:`hf_optim.AdamW`.
+``from hf_optim.legacy.pytorch_transformers import AdamW, WarmupLinearSchedule``. The schedules
+(:mod:`hf_optim.schedules.pytorch_transformers`) are ``LambdaLR`` subclasses taking step counts (not fractions),
+with the legacy multipliers. ``AdamW`` is :class:`hf_optim.AdamW` with the exact (per-tensor) path as default,
+``foreach=False, fused=False``: the old package's numbers bit for bit; pass ``foreach=None`` for the fast path.
 """
 
 from __future__ import annotations
 
-import math
+from torch.optim.optimizer import ParamsT
 
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
-
-from hf_optim.optimizers import AdamW
+from hf_optim.optimizers.adamw import AdamW as FastAdamW
+from hf_optim.schedules.pytorch_transformers import (
+    ConstantLRSchedule,
+    WarmupConstantSchedule,
+    WarmupCosineSchedule,
+    WarmupCosineWithHardRestartsSchedule,
+    WarmupLinearSchedule,
+)
 
 __all__ = [
     "AdamW",
@@ -25,76 +30,19 @@ __all__ = [
 ]
 
 
-class ConstantLRSchedule(LambdaLR):
-    """Multiplier 1 at every step."""
-
-    def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step: int) -> float:
-        return 1.0
-
-
-class WarmupConstantSchedule(LambdaLR):
-    """Linear warmup from 0 to 1 over ``warmup_steps`` steps, then 1."""
-
-    def __init__(self, optimizer: Optimizer, warmup_steps: int, last_epoch: int = -1) -> None:
-        self.warmup_steps = warmup_steps
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return float(step) / float(max(1.0, self.warmup_steps))
-        return 1.0
-
-
-class WarmupLinearSchedule(LambdaLR):
-    """Linear warmup from 0 to 1 over ``warmup_steps``, then linear decay to 0 at ``t_total`` (0 after)."""
-
-    def __init__(self, optimizer: Optimizer, warmup_steps: int, t_total: int, last_epoch: int = -1) -> None:
-        self.warmup_steps = warmup_steps
-        self.t_total = t_total
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return float(step) / float(max(1, self.warmup_steps))
-        return max(0.0, float(self.t_total - step) / float(max(1.0, self.t_total - self.warmup_steps)))
-
-
-class WarmupCosineSchedule(LambdaLR):
-    """Linear warmup over ``warmup_steps``, then ``cycles`` (0.5: a half) cosine periods down to 0 at ``t_total``."""
+class AdamW(FastAdamW):
+    """:class:`hf_optim.AdamW` with the exact (per-tensor) path as default: pytorch-transformers 1.x's numbers."""
 
     def __init__(
-        self, optimizer: Optimizer, warmup_steps: int, t_total: int, cycles: float = 0.5, last_epoch: int = -1
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        foreach: bool | None = False,
+        fused: bool | None = False,
     ) -> None:
-        self.warmup_steps = warmup_steps
-        self.t_total = t_total
-        self.cycles = cycles
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return float(step) / float(max(1.0, self.warmup_steps))
-        progress = float(step - self.warmup_steps) / float(max(1, self.t_total - self.warmup_steps))
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(self.cycles) * 2.0 * progress)))
-
-
-class WarmupCosineWithHardRestartsSchedule(LambdaLR):
-    """Linear warmup over ``warmup_steps``, then ``cycles`` cosine decays from 1 to 0 with hard restarts."""
-
-    def __init__(
-        self, optimizer: Optimizer, warmup_steps: int, t_total: int, cycles: float = 1.0, last_epoch: int = -1
-    ) -> None:
-        self.warmup_steps = warmup_steps
-        self.t_total = t_total
-        self.cycles = cycles
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return float(step) / float(max(1, self.warmup_steps))
-        progress = float(step - self.warmup_steps) / float(max(1, self.t_total - self.warmup_steps))
-        if progress >= 1.0:
-            return 0.0
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(self.cycles) * progress) % 1.0))))
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, foreach=foreach, fused=fused)

@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from hf_optim.schedules.pretrained_bert import LRSchedule, resolve_schedule
+
 try:  # private torch module: looked up lazily so that a torch without it still imports hf_optim
     import torch.utils._foreach_utils as _torch_foreach_utils
 except ImportError:  # pragma: no cover - depends on the torch build
-    _torch_foreach_utils = None  # type: ignore[assignment]
+    _torch_foreach_utils = None  # type: ignore[assignment]  # torch build without the module
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,30 @@ def check_number(name: str, value: object, *, low: float = 0.0, high: float | No
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     allowed = f"[{low}, {high})" if high is not None else f"[{low}, inf)"
     if not math.isfinite(value) or value < low or (high is not None and value >= high):
         raise ValueError(f"{name} must be finite and in {allowed}, got {value!r}")
+
+
+def check_decay(lr: object, weight_decay: object) -> None:
+    """``ValueError`` unless ``lr * weight_decay <= 1`` (both numbers already checked).
+
+    Every optimizer here multiplies a parameter by ``1 - s * weight_decay`` per step, with ``s`` the (scheduled)
+    lr, at most ``lr``. Above 1 the factor is negative: each step flips the parameters' sign, and past 2 their
+    magnitude grows geometrically until it is no longer finite (``weight_decay=1e308`` does it in one step).
+    """
+    lr_value = lr.item() if isinstance(lr, Tensor) else lr
+    wd_value = weight_decay.item() if isinstance(weight_decay, Tensor) else weight_decay
+    if (
+        isinstance(lr_value, (int, float))
+        and isinstance(wd_value, (int, float))
+        and lr_value * wd_value > 1.0
+    ):
+        raise ValueError(
+            f"lr * weight_decay must be <= 1 (the per-step decay factor 1 - lr*weight_decay would be negative), "
+            f"got lr={lr_value!r}, weight_decay={wd_value!r}"
+        )
 
 
 def check_flags(foreach: bool | None, fused: bool | None) -> None:
@@ -103,7 +125,7 @@ def group_by_device_and_dtype(
     """
     torch_grouping = getattr(Optimizer, "_group_tensors_by_device_and_dtype", None)
     if torch_grouping is not None:
-        return {key: bucket for key, (bucket, _) in torch_grouping(tensors).items()}  # type: ignore[misc]
+        return {key: bucket for key, (bucket, _) in torch_grouping(tensors).items()}
     _log_fallback_once(
         "torch.optim.Optimizer._group_tensors_by_device_and_dtype", "tensors are grouped in Python instead"
     )
@@ -372,3 +394,171 @@ def _norms(grads: list[Tensor]) -> list[Tensor]:
         _log_fallback_once("torch._foreach_norm", "gradient norms are computed one tensor at a time")
         return [torch.linalg.vector_norm(g) for g in grads]
     return list(foreach_norm(grads))
+
+
+# --- the legacy Adams (BertAdam, OpenAIAdam): group checks, state, per-parameter clipping ---
+
+
+def check_legacy_adam_group(group: Mapping[str, Any]) -> None:
+    """The bounds of a BertAdam / OpenAIAdam param group, at construction and at load.
+
+    ``lr`` and ``e`` finite and >= 0, ``b1`` / ``b2`` in [0, 1), ``weight_decay`` finite (<= 0 is "off", as in
+    the legacy optimizers) with ``lr * weight_decay <= 1`` (:func:`check_decay`), ``max_grad_norm`` a number that
+    is not NaN (<= 0 is "off"; NaN would switch clipping off silently), ``schedule`` an :class:`LRSchedule`
+    whose attributes pass its :meth:`~LRSchedule.check_fields`.
+    """
+    check_number("lr", group["lr"])
+    check_number("b1", group["b1"], high=1.0)
+    check_number("b2", group["b2"], high=1.0)
+    check_number("e", group["e"])
+    check_number("weight_decay", group["weight_decay"], low=-math.inf)
+    check_decay(group["lr"], group["weight_decay"])
+    max_grad_norm = group["max_grad_norm"]
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+        raise TypeError(f"max_grad_norm must be a real number, got {type(max_grad_norm).__name__}")
+    if math.isnan(max_grad_norm):
+        raise ValueError("max_grad_norm must not be NaN (<= 0 switches clipping off)")
+    if not isinstance(group["schedule"], LRSchedule):
+        raise TypeError(
+            f"schedule must be an LRSchedule object in a param group, got {type(group['schedule']).__name__} "
+            f"{str(group['schedule'])[:40]!r}"
+        )
+    group["schedule"].check_fields(vars(group["schedule"]))
+    check_flags(group["foreach"], group["fused"])
+
+
+def scheduled_lrs(lr: float, schedule: Callable[[float], float], steps: list[float]) -> dict[float, float]:
+    """``lr * schedule(t)`` for each distinct ``t`` of ``steps``, asked in order (the legacy warnings stay the
+    same: a value warns only when it is above every earlier one)."""
+    out: dict[float, float] = {}
+    for t in steps:
+        if t not in out:
+            lr_scheduled = lr
+            lr_scheduled *= schedule(t)
+            out[t] = lr_scheduled
+    return out
+
+
+def step_values(state_steps: list[Tensor]) -> list[float]:
+    """The step counters as Python floats (one device sync for all of them)."""
+    if not state_steps:
+        return []
+    if len(state_steps) == 1:
+        return [state_steps[0].item()]
+    return torch.stack([s.to(state_steps[0].device) for s in state_steps]).tolist()
+
+
+class LegacyAdam(Optimizer):
+    """What BertAdam and OpenAIAdam share: the group checks (:func:`check_legacy_adam_group`) for new groups and
+    loaded ones, a legacy ``state_dict``'s missing keys, ``get_lr``.
+
+    Their groups hold ``lr``, ``schedule`` (an :class:`LRSchedule`), ``b1``, ``b2``, ``e``, ``weight_decay``,
+    ``max_grad_norm``, ``foreach`` and ``fused``; the subclass constructors set the defaults and ``step`` holds the
+    algorithm. A group given to the constructor or ``add_param_group`` may name its schedule (a ``SCHEDULES``
+    key); a loaded group must hold a schedule object.
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            if not isinstance(group["schedule"], LRSchedule):
+                group["schedule"] = resolve_schedule(group["schedule"], -1, -1)
+            check_legacy_adam_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # refused: the optimizer stays as it was
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Every group checked before anything changes (torch keeps missing keys from the live group).
+        for i, group in enumerate(state_dict.get("param_groups", ())):
+            live = self.param_groups[i] if i < len(self.param_groups) else self.defaults
+            try:
+                check_legacy_adam_group({**self.defaults, **live, **group})
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"param group {i}: {err}") from None
+        super().load_state_dict(state_dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a legacy state_dict has no foreach / fused
+            group.setdefault("foreach", self.defaults["foreach"])
+            group.setdefault("fused", self.defaults["fused"])
+        steps_to_tensors(self.state)
+
+    def get_lr(self) -> list[float]:
+        """The scheduled lr of every parameter at its current step (``[0]`` before the first step)."""
+        lr = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if len(state) == 0:
+                    return [0]
+                lr_scheduled = group["lr"]
+                lr_scheduled *= group["schedule"].get_lr(float(state["step"]))
+                lr.append(lr_scheduled)
+        return lr
+
+
+def gather_legacy_state(
+    state: dict[Tensor, dict[str, Any]], group: dict[str, Any], optimizer: str, moments: tuple[str, str]
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+    """Parameters of ``group`` with a gradient, the gradients and the states (``step`` + the two ``moments``
+    created when missing). A sparse gradient raises ``RuntimeError`` naming the parameter."""
+    params, grads = [], []
+    for i, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            names = group.get("param_names")
+            raise RuntimeError(
+                f"{optimizer} does not support sparse gradients (parameter {names[i] if names else f'#{i}'}); "
+                "use torch.optim.SparseAdam or dense gradients"
+            )
+        params.append(p)
+        grads.append(p.grad)
+    states = [state[p] for p in params]
+    for p, s in zip(params, states, strict=True):
+        if not s:
+            s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            s[moments[0]] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s[moments[1]] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return params, grads, states
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient clipping (``clip_grad_norm_(p, max_norm)`` called on each parameter on its own)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def clip_coefficients(grads: list[Tensor], max_norm: float) -> Tensor:
+    """``min(max_norm / (||g|| + 1e-6), 1)`` for each gradient (one ``torch._foreach_norm`` for all)."""
+    return torch.clamp(max_norm / (torch.stack(torch._foreach_norm(grads)) + 1e-6), max=1.0)
+
+
+def clip_grad_norms_(grads: list[Tensor], max_norm: float, *, foreach: bool) -> None:
+    """Scale each gradient in place by ``min(max_norm / (||g|| + 1e-6), 1)``, its own norm only.
+
+    ``foreach=False`` calls torch's ``get_total_norm`` on each gradient as ``clip_grad_norm_(p, max_norm)`` did;
+    ``True`` takes all norms with one ``torch._foreach_norm`` (the same numbers).
+    """
+    if not grads:
+        return
+    if not foreach:
+        for grad in grads:
+            total_norm = torch.nn.utils.get_total_norm([grad])
+            grad.mul_(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
+        return
+    coefs = clip_coefficients(grads, max_norm)
+    if coefs.device.type == "cpu":
+        todo = clipped_indices(coefs)
+        if todo:
+            torch._foreach_mul_([grads[i] for i in todo], list(coefs[todo].unbind()))
+        return
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+
+
+def clipped_indices(coefs: Tensor) -> list[int]:
+    """Indices whose coefficient is not exactly 1 (a multiplication by 1.0 changes nothing; NaN is kept, as the
+    legacy code applied it). Reads the coefficients: only for the CPU, where that does not wait for a device."""
+    return (coefs != 1.0).nonzero().flatten().tolist()

@@ -27,6 +27,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from hf_optim.optimizers._kernels import (
     adam_step_sizes,
+    check_decay,
     check_flags,
     check_loaded_state,
     check_number,
@@ -65,7 +66,8 @@ class AdamWeightDecay(Optimizer):
             param-group dicts; group dicts may use the Keras names (``learning_rate``, ``beta_1``, ``beta_2``,
             ``epsilon``, ``weight_decay_rate``) or torch's (``lr``, ``betas``, ``eps``, ``weight_decay``).
         learning_rate, beta_1, beta_2, epsilon, amsgrad: Keras Adam's hyperparameters.
-        weight_decay_rate: decoupled decay, applied before the Adam update with the scheduled learning rate.
+        weight_decay_rate: decoupled decay, applied before the Adam update with the scheduled learning rate;
+            ``learning_rate * weight_decay_rate`` at most 1.
         include_in_weight_decay: regexes; a matching parameter name is decayed even if excluded.
         exclude_from_weight_decay: regexes; a matching parameter name is not decayed.
         name: the optimizer's name (kept for Keras parity).
@@ -201,10 +203,10 @@ class AdamWeightDecay(Optimizer):
         if self._count["iterations"] is None:
             steps = [int(s["step"]) for s in self.state.values() if "step" in s]
             self._count["iterations"] = max(steps, default=0)
-        return self._count["iterations"]  # type: ignore[return-value]
+        return self._count["iterations"]  # type: ignore[return-value]  # set to an int just above
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step() on closure
         """Apply each parameter's ``.grad``; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
@@ -325,12 +327,15 @@ class AdamWeightDecay(Optimizer):
 def _check_group(group: dict[str, Any]) -> None:
     check_number("learning_rate", group["lr"])
     betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair (beta_1, beta_2), got {type(betas).__name__}")
+    if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta_1, beta_2), got {betas!r}")
     check_number("beta_1", betas[0], high=1.0)
     check_number("beta_2", betas[1], high=1.0)
     check_number("epsilon", group["eps"])
     check_number("weight_decay_rate", group["weight_decay"])
+    check_decay(group["lr"], group["weight_decay"])
     check_flags(group["foreach"], group["fused"])
     for key in ("amsgrad", "capturable"):
         if not isinstance(group[key], bool):
@@ -391,7 +396,7 @@ def adam_weight_decay(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     check_flags(foreach, fused)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps]
-    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+    for impl, bucket in group_buckets(tensors, foreach, fused):
         if impl == "fused" and capturable:  # the re-parametrisation needs t as a number
             impl = "multi_tensor"
         _IMPLEMENTATIONS[impl](

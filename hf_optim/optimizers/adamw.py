@@ -26,6 +26,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from hf_optim.optimizers._kernels import (
     adam_step_sizes,
+    check_decay,
     check_flags,
     check_loaded_state,
     check_number,
@@ -39,7 +40,7 @@ from hf_optim.optimizers._kernels import (
 
 __all__ = ["AdamW", "adamw"]
 
-_STATE_KEYS = ({"step", "exp_avg", "exp_avg_sq"}, set())
+_STATE_KEYS: tuple[set[str], set[str]] = ({"step", "exp_avg", "exp_avg_sq"}, set())
 
 # torch.optim.AdamW's param-group options and the only value of each that keeps the legacy math.
 TORCH_ADAMW_FIXED_OPTIONS: dict[str, bool] = {
@@ -71,7 +72,8 @@ class AdamW(torch.optim.AdamW):
         lr: learning rate, >= 0.
         betas: ``(beta1, beta2)``, each in [0, 1).
         eps: added to ``sqrt(v)`` before dividing, >= 0.
-        weight_decay: decoupled weight decay, >= 0, applied after the Adam update with the plain ``lr``.
+        weight_decay: decoupled weight decay, >= 0, applied after the Adam update with the plain ``lr``;
+            ``lr * weight_decay`` at most 1.
         correct_bias: whether to apply Adam's bias correction (BERT used ``False``).
         foreach: ``False`` together with ``fused=False`` runs the per-tensor reference path.
         fused: ``None`` (default) picks ``torch._fused_adamw_`` when every parameter can use it.
@@ -120,12 +122,7 @@ class AdamW(torch.optim.AdamW):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_number("lr", group["lr"])
-            _check_betas(group["betas"])
-            check_number("eps", group["eps"])
-            check_number("weight_decay", group["weight_decay"])
-            check_flags(group["foreach"], group["fused"])
-            _check_torch_options(group)
+            _check_group(group)
         except (TypeError, ValueError):
             self.param_groups.pop()  # refused: the optimizer stays as it was
             raise
@@ -153,7 +150,7 @@ class AdamW(torch.optim.AdamW):
             handle.remove()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step() on closure
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
@@ -189,13 +186,24 @@ def _check_torch_options(group: dict[str, Any]) -> None:
 def _check_loaded(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     check_loaded_state(optimizer, state_dict, lambda group: _STATE_KEYS)
     for saved in state_dict["param_groups"]:
-        merged = {**optimizer.defaults, **saved}
-        _check_torch_options(merged)
-        check_flags(merged["foreach"], merged["fused"])
+        _check_group({**optimizer.defaults, **saved})
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """A group's bounds, for new groups and loaded ones: finite numbers, betas in [0, 1), lr * weight_decay <= 1."""
+    check_number("lr", group["lr"])
+    _check_betas(group["betas"])
+    check_number("eps", group["eps"])
+    check_number("weight_decay", group["weight_decay"])
+    check_decay(group["lr"], group["weight_decay"])
+    check_flags(group["foreach"], group["fused"])
+    _check_torch_options(group)
 
 
 def _check_betas(betas: tuple[float, float]) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {type(betas).__name__}")
+    if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     check_number("betas[0]", betas[0], high=1.0)
     check_number("betas[1]", betas[1], high=1.0)
@@ -226,7 +234,7 @@ def adamw(
     """
     check_flags(foreach, fused)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+    for impl, bucket in group_buckets(tensors, foreach, fused):
         if impl == "fused" and (capturable or (weight_decay > 0 and lr * weight_decay == 1.0)):
             # capturable: the re-parametrisation needs t as a number; lr*wd == 1: the decay factor is 0 and no
             # re-parametrisation of the fused kernel exists

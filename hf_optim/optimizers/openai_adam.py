@@ -9,7 +9,7 @@ Per parameter, at step ``t`` (counted from 1: the count is incremented first, th
     p -= s * sqrt(1-b2^t) / (1-b1^t) * m / (sqrt(v) + e)
     p -= s * weight_decay * p                        # after the update; only tensors with > 1 dim unless vector_l2
 
-It shares the schedules of :mod:`hf_optim.optimizers.bert_adam`. ``_single_tensor_openai_adam`` runs the legacy
+It shares BertAdam's schedules (:mod:`hf_optim.schedules.pretrained_bert`). ``_single_tensor_openai_adam`` runs the legacy
 ops in order (bit-for-bit equal on CPU); ``_multi_tensor_openai_adam`` uses ``torch._foreach_*``;
 ``_fused_openai_adam`` maps each step onto ``torch._fused_adamw_`` as hf_optim's ``AdamW`` does.
 """
@@ -23,17 +23,18 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from hf_optim.optimizers._kernels import check_flags, fused_adamw, group_buckets
-from hf_optim.optimizers.bert_adam import (
+from hf_optim.optimizers._kernels import (
     LegacyAdam,
-    LRSchedule,
-    check_legacy_adam_args,
+    check_flags,
+    check_legacy_adam_group,
     clip_grad_norms_,
+    fused_adamw,
     gather_legacy_state,
-    resolve_schedule,
+    group_buckets,
     scheduled_lrs,
     step_values,
 )
+from hf_optim.schedules.pretrained_bert import LRSchedule, resolve_schedule
 
 __all__ = ["OpenAIAdam", "openai_adam"]
 
@@ -46,14 +47,15 @@ class OpenAIAdam(LegacyAdam):
         params: tensors, named parameters or param-group dicts.
         lr: base learning rate, >= 0.
         schedule: ``"warmup_linear"``, ``"warmup_constant"``, ``"warmup_cosine"``, ``"none"``, ``None`` or an
-            :class:`~hf_optim.optimizers.bert_adam.LRSchedule` object.
+            :class:`~hf_optim.schedules.pretrained_bert.LRSchedule` object.
         warmup: warmup fraction of ``t_total`` for a schedule given by name; -1: none.
         t_total: total number of steps for a schedule given by name; -1: constant multiplier 1.
         b1, b2: Adam's betas, in [0, 1).
         e: added to ``sqrt(v)``, >= 0.
-        weight_decay: decay after the update; <= 0 switches it off.
+        weight_decay: decay after the update; <= 0 switches it off; ``lr * weight_decay`` at most 1.
         vector_l2: decay 1-dim tensors (biases, norms) too.
-        max_grad_norm: each gradient clipped in place to this norm on its own; <= 0 (default -1) switches it off.
+        max_grad_norm: each gradient clipped in place to this norm on its own; <= 0 (default -1) switches it
+            off; NaN is refused.
         foreach: ``False`` (with ``fused`` not True) runs the per-tensor reference path.
         fused: ``None`` (default) picks ``torch._fused_adamw_`` where the tensors can use it.
 
@@ -77,8 +79,6 @@ class OpenAIAdam(LegacyAdam):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        check_legacy_adam_args(lr, b1, b2, e)
-        check_flags(foreach, fused)
         defaults = {
             "lr": lr,
             "schedule": resolve_schedule(schedule, warmup, t_total),
@@ -91,10 +91,11 @@ class OpenAIAdam(LegacyAdam):
             "foreach": foreach,
             "fused": fused,
         }
+        check_legacy_adam_group(defaults)
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch overloads step() on closure
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
@@ -143,7 +144,7 @@ def openai_adam(
     check_flags(foreach, fused)
     lrs = scheduled_lrs(lr, schedule, [t + 1 for t in step_values(state_steps)])
     tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-    for impl, bucket in group_buckets(tensors, foreach, fused):  # type: ignore[arg-type]
+    for impl, bucket in group_buckets(tensors, foreach, fused):
         if impl == "fused" and weight_decay > 0 and any(s * weight_decay == 1.0 for s in lrs.values()):
             impl = "multi_tensor"  # the decay factor is 0: no re-parametrisation of the fused kernel exists
         _IMPLEMENTATIONS[impl](

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from hf_optim.errors import CheckpointError
-from hf_optim.optimizers.bert_adam import SCHEDULE_CLASSES
-from hf_optim.state.format import MAX_JSON_DEPTH, dtype_from_name, dtype_name, is_shape
+from hf_optim.json_types import JsonType, on_json_type
+from hf_optim.state.format import MAX_JSON_DEPTH, MAX_VALUE_NODES, dtype_from_name, dtype_name, is_shape
 
 __all__ = [
     "Encoder",
@@ -124,6 +124,7 @@ class Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self._depth = 0
+        self._nodes = 0
 
     def tensor(self, key: str, value: torch.Tensor, where: str, python: str | None = None) -> dict[str, Any]:
         if key in self.tensors:
@@ -145,6 +146,7 @@ class Encoder:
         """The JSON node of ``value``; containers nested so deep that the file's JSON would exceed
         :data:`~hf_optim.state.format.MAX_JSON_DEPTH` (which readers refuse) are a ``ValueError``."""
         self._depth = 0
+        self._nodes = 0
         return self._encode(value, key, where, numbers_as_tensors)
 
     def _nest(self, levels: int, where: str) -> None:
@@ -155,6 +157,12 @@ class Encoder:
             )
 
     def _encode(self, value: Any, key: str, where: str, numbers_as_tensors: bool = False) -> Any:
+        self._nodes += 1
+        if self._nodes > MAX_VALUE_NODES:
+            raise ValueError(
+                f"{where}: more than {MAX_VALUE_NODES:,} values (shared containers counted each time they are "
+                "reached) cannot be saved"
+            )
         if isinstance(value, torch.Tensor):
             return self.tensor(key, value, where)
         if value is None or isinstance(value, (bool, str)):
@@ -200,7 +208,7 @@ class Encoder:
             if not isinstance(doc, dict) or not _is_plain_json(doc):
                 raise ValueError(f"{where}: to_json of {registered.name!r} must return a dict of plain JSON")
             return {"object": registered.name, "json": doc}
-        raise ValueError(
+        raise TypeError(
             f"{where}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be saved "
             "(supported: tensors, numbers, bool, str, None, and lists/tuples/dicts of them)"
         )
@@ -314,16 +322,9 @@ def check_tensor_nodes(node: Any, headers: Mapping[str, TensorHeader], where: st
             )
 
 
-def _register_legacy_schedules() -> None:
-    # The schedule objects BertAdam / OpenAIAdam keep in their param groups: class name, arguments and warning
-    # position as JSON (each class rebuilds only itself, from numbers it checks).
-    for name, cls in SCHEDULE_CLASSES.items():
-        register_json_type(
-            cls,
-            name=f"pytorch_pretrained_bert.{name}",
-            to_json=cls.to_json_dict,
-            from_json=cls.from_json_dict,
-        )
+def _register_declared(entry: JsonType) -> None:
+    # Types declared by the layers below (hf_optim.json_types), e.g. BertAdam's schedules.
+    register_json_type(entry.cls, name=entry.name, to_json=entry.to_json, from_json=entry.from_json)
 
 
-_register_legacy_schedules()
+on_json_type(_register_declared)

@@ -28,10 +28,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from hf_optim.errors import CheckpointError
 from hf_optim.legacy.checkpoints import LEGACY_SCHEDULE_MODULE, load_pickled_legacy_state_dict
-from hf_optim.state.format import parse_json
+from hf_optim.state.format import MAX_JSON_DEPTH, MAX_VALUE_NODES, parse_json
 from hf_optim.state.save import save_state_dict
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def convert_checkpoint(
         raise FileNotFoundError(f"no {' or '.join(OPTIMIZER_FILES)} in {checkpoint_dir}")
     state_dict = _load_optimizer_file(opt_path)
     _check_torch_state_dict(state_dict, opt_path)
+    _check_stored_sizes(state_dict, opt_path)
     groups = state_dict["param_groups"]
     sizes = [len(g["params"]) for g in groups]
 
@@ -213,6 +215,7 @@ def convert_checkpoint(
         sched_state = _torch_load(sched_path)
         if not isinstance(sched_state, Mapping) or not all(isinstance(k, str) for k in sched_state):
             raise CheckpointError(f"{sched_path} is not a scheduler state_dict")
+        _check_stored_sizes(sched_state, sched_path)
         scheduler = {"scheduler_state": sched_state}
         info["scheduler"] = f"from {os.path.basename(sched_path)}; class and schedule name unknown"
     else:
@@ -243,10 +246,9 @@ def convert_checkpoint(
             fsync=True,
             **scheduler,
         )
-    except (
-        ValueError,
-        TypeError,
-    ) as err:  # refused before anything is written: a value the format cannot hold
+    except (ValueError, TypeError, SafetensorError) as err:
+        # a value the format cannot hold (refused before anything is written), or more than one safetensors
+        # header holds (the save leaves nothing behind either)
         if isinstance(err, CheckpointError):
             raise
         source = f"{opt_path} (or {sched_path})" if sched_path else opt_path
@@ -269,6 +271,63 @@ def _trainer_step(path: str) -> int | None:
         return None
     step = doc.get("global_step") if isinstance(doc, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _check_stored_sizes(value: Any, path: str) -> None:
+    """Refuse what would grow on conversion: a tensor whose bytes exceed its storage's (a stride-0 ``expand``,
+    overlapping strides) or a storage reached twice, since safetensors stores every tensor whole; and a value tree
+    (one parameter's state, one param group, a scheduler's state) that unfolds into more than
+    :data:`~hf_optim.state.format.MAX_VALUE_NODES` values or nests deeper than
+    :data:`~hf_optim.state.format.MAX_JSON_DEPTH` (a shared container counts each time it is reached, as the saved
+    JSON spells it out each time), or holds a cycle. Sizes are memoised, so the check itself stays linear."""
+    storages: dict[int, str] = {}
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any, where: str, depth: int) -> int:
+        if isinstance(node, torch.Tensor):
+            storage = node.untyped_storage()
+            nbytes = node.numel() * node.element_size()
+            if nbytes > storage.nbytes():
+                raise CheckpointError(
+                    f"{path}: {where or 'a tensor'} of shape {tuple(node.shape)} is a view repeating "
+                    f"{storage.nbytes():,} stored bytes (strides {node.stride()}); converting it would write "
+                    f"{nbytes:,}"
+                )
+            if nbytes and storage.data_ptr() in storages:
+                raise CheckpointError(
+                    f"{path}: {where} and {storages[storage.data_ptr()]} share one storage; converting would "
+                    "store it twice"
+                )
+            storages[storage.data_ptr()] = where
+            return 1
+        if not isinstance(node, (list, tuple, dict)):
+            return 1
+        if depth > MAX_JSON_DEPTH:
+            raise CheckpointError(f"{path}: {where} nests more than {MAX_JSON_DEPTH} levels deep")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise CheckpointError(f"{path}: {where} contains itself")
+        active.add(id(node))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        total = 1 + sum(size(v, f"{where}[{k!r}]", depth + 1) for k, v in items)
+        active.discard(id(node))
+        if total > MAX_VALUE_NODES:
+            raise CheckpointError(
+                f"{path}: {where or 'the state'} unfolds into more than {MAX_VALUE_NODES:,} values (shared "
+                "containers counted each time they are reached); refusing to convert"
+            )
+        sizes[id(node)] = total
+        return total
+
+    if isinstance(value, Mapping) and isinstance(value.get("state"), Mapping):  # an optimizer state_dict
+        for index, entry in value["state"].items():
+            size(entry, f"['state'][{index!r}]", 1)
+        for i, group in enumerate(value.get("param_groups") or ()):
+            size(group, f"['param_groups'][{i}]", 1)
+    else:
+        size(value, "", 0)
 
 
 def _check_torch_state_dict(state_dict: Any, path: str) -> None:

@@ -63,6 +63,9 @@ METADATA_KEY = "hf_optim"
 RESERVED_KEYS = frozenset({"params", "param_names", "state", "param_groups"})
 #: deepest nesting of JSON arrays / objects accepted in a checkpoint
 MAX_JSON_DEPTH = 64
+#: most values (containers and leaves, a value reached twice counted twice) in one saved value tree: a small
+#: pickle of shared lists (``x = [x, x]`` 34 times) unfolds into 2**34 of them
+MAX_VALUE_NODES = 1_000_000
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}

@@ -57,7 +57,7 @@ def _inspect(ckpt: Checkpoint, directory: str) -> StateInfo:
     groups = []
     total_params = total_numel = 0
     for group in meta["param_groups"]:
-        numel = sum(math.prod(rec["shape"]) for rec in group["params"] if rec.get("shape") is not None)
+        numel = sum(_param_numel(rec, meta) for rec in group["params"])
         hyper = decode({"dict": group["hyperparameters"]}, PlaceholderTensors(ckpt.entries), "param group")
         groups.append({"num_params": len(group["params"]), "numel": numel, "hyperparameters": hyper})
         total_params += len(group["params"])
@@ -104,6 +104,17 @@ def _inspect(ckpt: Checkpoint, directory: str) -> StateInfo:
         info=dict(meta["info"]) if meta.get("info") else None,
         **info,
     )
+
+
+def _param_numel(record: Mapping[str, Any], meta: Mapping[str, Any]) -> int:
+    """A parameter's element count: its recorded shape, else (``convert`` without a model records none) that
+    of its largest state tensor, which has the parameter's shape for every optimizer hf_optim knows."""
+    if record.get("shape") is not None:
+        return math.prod(record["shape"])
+    key = record.get("name") if meta["keyed_by"] == "name" else str(record.get("index"))
+    node = meta["state"].get(key) or {}
+    shapes = [v["shape"] for v in node.values() if isinstance(v, dict) and "tensor" in v]
+    return max((math.prod(shape) for shape in shapes), default=0)
 
 
 class PlaceholderTensors(Mapping[str, Any]):

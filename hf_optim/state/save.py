@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -111,7 +110,7 @@ def _optimizer_payload(
         pkey = key_of[index]
         where = f"state of parameter {pkey!r}"
         if not isinstance(pstate, Mapping):
-            raise ValueError(f"{where} must be a dict, got {type(pstate).__name__}")
+            raise TypeError(f"{where} must be a dict, got {type(pstate).__name__}")
         node = {}
         for k, v in pstate.items():
             if not isinstance(k, str):
@@ -145,10 +144,9 @@ def _optimizer_payload(
 
 
 def _version() -> str:
-    try:
-        return importlib.metadata.version("hf_optim")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"
+    from hf_optim import __version__  # the one version source (pyproject reads it too)
+
+    return __version__
 
 
 def _scheduler_document(
@@ -371,7 +369,7 @@ def save_state(
     if scheduler is not None:
         inner = unwrap_scheduler(scheduler)
         if not callable(getattr(inner, "state_dict", None)):
-            raise ValueError(f"scheduler must have a state_dict() method, got {type(scheduler).__name__}")
+            raise TypeError(f"scheduler must have a state_dict() method, got {type(scheduler).__name__}")
         config = getattr(inner, "hf_optim_config", None)
         sched = {
             "scheduler_state": inner.state_dict(),
@@ -382,7 +380,7 @@ def save_state(
     acc: dict[str, Any] = {}
     if accumulator is not None:
         if not callable(getattr(accumulator, "state_dict", None)):
-            raise ValueError(f"accumulator must have a state_dict() method, got {type(accumulator).__name__}")
+            raise TypeError(f"accumulator must have a state_dict() method, got {type(accumulator).__name__}")
         acc = {"accumulator_state": accumulator.state_dict(), "accumulator_class": qualname(accumulator)}
     return save_state_dict(
         save_directory,

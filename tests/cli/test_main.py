@@ -29,6 +29,24 @@ def test_version():
     assert result.stdout.strip() == f"hf-optim {hf_optim.__version__}"
 
 
+def test_version_does_not_import_torch():
+    """The console script's module (hf_optim/_console.py, installed outside the package) answers ``--version``
+    from the package metadata: importing anything inside hf_optim would import torch first."""
+    code = (
+        "import importlib.util, sys; "
+        "spec = importlib.util.spec_from_file_location('_console', sys.argv[1]); "
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        "code = module.main(['--version']); "
+        "print(sorted(m for m in ('torch', 'hf_optim') if m in sys.modules)); sys.exit(code)"
+    )
+    console = os.path.join(os.path.dirname(hf_optim.__file__), "_console.py")
+    result = subprocess.run(
+        [sys.executable, "-c", code, console], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"hf-optim {hf_optim.__version__}", "[]"]
+
+
 def test_closed_stdout_pipe_ends_quietly():
     # 50 000 lines (~500 kB), far more than a pipe buffer holds: the writer is still writing when the reader leaves.
     process = subprocess.Popen(

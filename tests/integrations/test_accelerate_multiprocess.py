@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests.integrations.scripts import load_script
+from tests.multiprocess import end_accelerate
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_accelerate.py"
@@ -66,11 +67,17 @@ class _Registered:
 
 def _worker_main(out_dir: str) -> None:
     from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=WORKER_K)
+    _worker_job(accelerator, out_dir)  # returns nothing: what it prepared is released with its frame
+    end_accelerate(accelerator)
+
+
+def _worker_job(accelerator: Any, out_dir: str) -> None:
     from safetensors.torch import save_file
 
     import hf_optim
 
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=WORKER_K)
     rank = accelerator.process_index
     print(f"world_size={accelerator.num_processes} rank={rank}", flush=True)
 
@@ -167,8 +174,6 @@ def _worker_main(out_dir: str) -> None:
         }
         with open(os.path.join(out_dir, "worker.json"), "w") as f:
             json.dump(result, f)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------------------------------------

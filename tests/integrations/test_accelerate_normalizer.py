@@ -110,7 +110,7 @@ def test_item_normalizer_rejects_bad_input(make_accelerator) -> None:
     x, y = _batch(3, 0)
     with pytest.raises(ValueError, match="loss_sum"):
         normalizer.backward(((model(x) - y) ** 2).sum(dim=1), 3)  # per-item losses, not their sum
-    with pytest.raises(ValueError, match="num_items"):
+    with pytest.raises(TypeError, match="num_items"):
         normalizer.backward(_loss_sum(model, x, y), 2.5)
     with pytest.raises(ValueError, match="num_items"):
         normalizer.backward(_loss_sum(model, x, y), -1)

@@ -195,3 +195,6 @@ def test_wheel_ships_the_package_module_and_the_top_level_hook(tmp_path):
         assert z.read("hf_optim/_autoload.py") == source
         assert z.read("_hf_optim_autoload.py") == source
         assert z.read("hf_optim_autoload.pth").decode().strip() == "import _hf_optim_autoload"
+        assert z.read("_hf_optim_console.py") == (ROOT / "hf_optim" / "_console.py").read_bytes()
+        entry_points = next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        assert "hf-optim = _hf_optim_console:main" in z.read(entry_points).decode()

@@ -209,15 +209,30 @@ def test_exact_resume_other_optimizers(tmp_path, options):
     assert_bitwise_equal(weights(tmp_path / "run"), weights(tmp_path / "reference"))
 
 
-def test_stock_trainer_cannot_resume_optimizer_from_safetensors(uninterrupted, interrupted, tmp_path):
-    """Negative control: transformers.Trainer skips optimizer.safetensors silently, so the result differs."""
+def test_plain_trainer_resumes_hf_optim_state_exactly(uninterrupted, interrupted, tmp_path):
+    """transformers.Trainer alone skips a folder without optimizer.pt; with hf_optim installed it restores the
+    optimizer and the schedule from optimizer.safetensors + scheduler.json: the same weights and learning rates
+    as the uninterrupted run (the cosine schedule ends where it would have, not restarted)."""
     checkpoint = interrupted / f"checkpoint-{STOP_AT}"
-    out = tmp_path / "stock"
+    out = tmp_path / "plain"
     train_script.main(
         script_args(out, "--trainer_class", "transformers", "--resume_from_checkpoint", str(checkpoint))
     )
-    got, want = weights(out), weights(uninterrupted)
-    assert any(not torch.equal(got[k], want[k]) for k in want)
+    assert_bitwise_equal(weights(out), weights(uninterrupted))
+    resumed, reference = logged_lrs(out), logged_lrs(uninterrupted)
+    assert resumed and all(resumed[step] == reference[step] for step in resumed)
+
+
+def test_plain_trainer_refuses_hf_optim_state_under_deepspeed(interrupted):
+    """Where plain Trainer cannot restore hf_optim's state (DeepSpeed, FSDP), the resume fails loudly."""
+    import transformers
+
+    from hf_optim import CheckpointError
+
+    trainer = transformers.Trainer.__new__(transformers.Trainer)
+    trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = True, False
+    with pytest.raises(CheckpointError, match=r"hf_optim\.Trainer"):
+        trainer._load_optimizer_and_scheduler(str(interrupted / f"checkpoint-{STOP_AT}"))
 
 
 def test_exact_resume_from_legacy_optimizer_pt_checkpoint(uninterrupted, tmp_path):

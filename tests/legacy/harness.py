@@ -24,7 +24,11 @@ LEGACY.__dict__.update({k: v for k, v in vars(legacy_bert).items() if not k.star
 LEGACY.OpenAIAdam = legacy_openai.OpenAIAdam
 
 SHAPES = [(17, 9), (9,), (4, 3, 5), (1,)]
-IMPLS = {"reference": {"foreach": False, "fused": False}, "foreach": {"foreach": True}, "default": {}}
+IMPLS = {
+    "reference": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True},
+    "default": {"foreach": None, "fused": None},
+}
 
 # kwargs for the optimizer, given the namespace (oracle or hf_optim) so that schedule objects come from it
 Config = Callable[[ModuleType], dict[str, Any]]

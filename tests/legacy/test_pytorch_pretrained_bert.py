@@ -134,10 +134,21 @@ def test_json_form_rebuilds_the_same_schedule(name, kwargs):
         {"type": "WarmupCosineSchedule", "warmup": 0.1, "t_total": float("nan"),
          "warned_for_t_total_at_progress": -1, "cycles": 0.5},
         ["WarmupLinearSchedule"],
+        # values each constructor refuses: t_total 0 (divides by it), cycles < 1 with restarts, a warmup of a
+        # whole cycle or more (the stored warmup of the warmup-restarts schedule is warmup * cycles), infinities
+        {"type": "WarmupLinearSchedule", "warmup": 0.1, "t_total": 0.0, "warned_for_t_total_at_progress": -1},
+        {"type": "WarmupCosineWithHardRestartsSchedule", "warmup": 0.1, "t_total": 10.0,
+         "warned_for_t_total_at_progress": -1, "cycles": 0.5},
+        {"type": "WarmupCosineWithWarmupRestartsSchedule", "warmup": 1.0, "t_total": 10.0,
+         "warned_for_t_total_at_progress": -1, "cycles": 2.0},
+        {"type": "WarmupCosineSchedule", "warmup": 0.1, "t_total": 10.0,
+         "warned_for_t_total_at_progress": -1, "cycles": float("inf")},
+        {"type": "WarmupLinearSchedule", "warmup": -1.0, "t_total": 10.0, "warned_for_t_total_at_progress": -1},
+        {"type": "WarmupLinearSchedule", "warmup": 0.1, "t_total": True, "warned_for_t_total_at_progress": -1},
     ],
 )  # fmt: skip
 def test_json_form_rejects_anything_else(data):
-    with pytest.raises(ValueError):
+    with pytest.raises((TypeError, ValueError)):
         ours.LRSchedule.from_json_dict(data)
 
 

@@ -74,5 +74,7 @@ def test_resume_with_last_epoch():
     assert got[1:] == expected[9:20]
 
 
-def test_adamw_is_hf_optim_adamw():
-    assert ours.AdamW is hf_optim.AdamW
+def test_adamw_is_hf_optim_adamw_on_the_exact_path():
+    assert issubclass(ours.AdamW, hf_optim.AdamW) and ours.AdamW.__name__ == "AdamW"
+    opt = ours.AdamW([torch.zeros(2, requires_grad=True)])
+    assert (opt.defaults["foreach"], opt.defaults["fused"]) == (False, False)

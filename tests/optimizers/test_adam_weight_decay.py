@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from hf_optim import AdamWeightDecay
 from hf_optim.param_groups import compile_patterns, decay_applies
+from tests.multiprocess import end_process_group
 
 F32 = np.float32
 NAMES = [
@@ -333,7 +334,7 @@ def _distributed_worker(rank, world_size, port, results):
             out[aggregate] = {n: p.detach().numpy().copy() for n, p in params.items()}
         results[rank] = out
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_apply_gradients_sums_across_two_processes():

@@ -72,8 +72,19 @@ def test_default_path_uses_the_fused_kernel(monkeypatch):
     calls = []
     real = torch._fused_adamw_
     monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or real(*a, **k))
-    train(ours.BertAdam, ours, CONFIGS["linear_clip_decay_past_t_total"], steps=2)
+    train(hf_optim.BertAdam, ours, CONFIGS["linear_clip_decay_past_t_total"], steps=2)
     assert calls
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_legacy_module_defaults_to_the_bit_for_bit_path(config, monkeypatch):
+    calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    expected = train(LEGACY.BertAdam, LEGACY, config)
+    got = train(ours.BertAdam, ours, config)
+    assert_same_run(expected, got)
+    assert not calls
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -149,7 +160,21 @@ def test_loads_a_legacy_state_dict_and_continues_exactly():
 
 
 def test_public_names():
-    assert hf_optim.BertAdam is ours.BertAdam is hf_optim.optimizers.BertAdam
+    assert hf_optim.BertAdam is hf_optim.optimizers.BertAdam
+    # the legacy module's class: the same optimizer, with the bit-for-bit path as its default
+    assert issubclass(ours.BertAdam, hf_optim.BertAdam) and ours.BertAdam.__name__ == "BertAdam"
+    p = [torch.zeros(2, requires_grad=True)]
+    assert (ours.BertAdam(p, lr=0.1).defaults["foreach"], ours.BertAdam(p, lr=0.1).defaults["fused"]) == (
+        False,
+        False,
+    )
+    assert (
+        hf_optim.BertAdam(p, lr=0.1).defaults["foreach"],
+        hf_optim.BertAdam(p, lr=0.1).defaults["fused"],
+    ) == (
+        None,
+        None,
+    )
     assert ours._LRSchedule is ours.LRSchedule
 
 
@@ -229,7 +254,7 @@ def test_large_clipped_gradients_on_the_default_path(monkeypatch):
 
     e_params, e_opt, e_grads = run(LEGACY.BertAdam, {})
     monkeypatch.setattr(torch, "_fused_adamw_", spy)
-    g_params, g_opt, g_grads = run(ours.BertAdam, {})
+    g_params, g_opt, g_grads = run(hf_optim.BertAdam, {})
     assert sum(scaled) == 2 * 5 - 1 and not all(scaled)
     for e, g in zip(e_params, g_params, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

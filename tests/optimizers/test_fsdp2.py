@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_optim import AdamW, AdamWeightDecay
+from tests.multiprocess import end_process_group
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not hasattr(fsdp, "fully_shard"):
@@ -79,19 +80,22 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
     try:
-        for config, (factory, kwargs) in CONFIGS.items():
-            for impl, flags in IMPLS.items():
-                model = make_model()
-                for layer in (model[0], model[2], model[4]):
-                    fsdp.fully_shard(layer)
-                fsdp.fully_shard(model)
-                assert type(model[0].weight).__name__ == "DTensor"
-                weights = train(model, factory, {**kwargs, **flags}, rank, WORLD_SIZE)
-                if rank == 0:
-                    save_file(weights, os.path.join(out, f"{config}-{impl}.safetensors"))
+        _train_all(rank, out)  # its sharded models go with its frame, before the group is destroyed
     finally:
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-        dist.destroy_process_group()
+        end_process_group()
+
+
+def _train_all(rank: int, out: str) -> None:
+    for config, (factory, kwargs) in CONFIGS.items():
+        for impl, flags in IMPLS.items():
+            model = make_model()
+            for layer in (model[0], model[2], model[4]):
+                fsdp.fully_shard(layer)
+            fsdp.fully_shard(model)
+            assert type(model[0].weight).__name__ == "DTensor"
+            weights = train(model, factory, {**kwargs, **flags}, rank, WORLD_SIZE)
+            if rank == 0:
+                save_file(weights, os.path.join(out, f"{config}-{impl}.safetensors"))
 
 
 @pytest.fixture(scope="module")

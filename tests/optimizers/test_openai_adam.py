@@ -32,8 +32,12 @@ CONFIGS = {
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("layout", ["flat", "groups", "named"])
 def test_reference_path_is_bit_for_bit_legacy(config, layout):
-    e_params, e_opt, e_grads = train(LEGACY.OpenAIAdam, LEGACY, config, layout=layout)
-    g_params, g_opt, g_grads = train(ours.OpenAIAdam, ours, config, layout=layout, extra=IMPLS["reference"])
+    expected = train(LEGACY.OpenAIAdam, LEGACY, config, layout=layout)
+    assert_same_run(expected, train(ours.OpenAIAdam, ours, config, layout=layout, extra=IMPLS["reference"]))
+
+
+def assert_same_run(expected, got):
+    (e_params, e_opt, e_grads), (g_params, g_opt, g_grads) = expected, got
     for e, g in zip(e_params, g_params, strict=True):
         assert torch.equal(e, g)
     for e_step, g_step in zip(e_grads, g_grads, strict=True):
@@ -63,8 +67,19 @@ def test_default_path_uses_the_fused_kernel(monkeypatch):
     calls = []
     real = torch._fused_adamw_
     monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or real(*a, **k))
-    train(ours.OpenAIAdam, ours, CONFIGS["decay_vectors_too"], steps=2)
+    train(hf_optim.OpenAIAdam, ours, CONFIGS["decay_vectors_too"], steps=2)
     assert calls
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_legacy_module_defaults_to_the_bit_for_bit_path(config, monkeypatch):
+    calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    expected = train(LEGACY.OpenAIAdam, LEGACY, config)
+    got = train(ours.OpenAIAdam, ours, config)
+    assert_same_run(expected, got)
+    assert not calls
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -118,7 +133,11 @@ def test_resume_through_state_dict(impl):
 
 
 def test_public_names():
-    assert hf_optim.OpenAIAdam is ours.OpenAIAdam is hf_optim.optimizers.OpenAIAdam
+    assert hf_optim.OpenAIAdam is hf_optim.optimizers.OpenAIAdam
+    assert issubclass(ours.OpenAIAdam, hf_optim.OpenAIAdam) and ours.OpenAIAdam.__name__ == "OpenAIAdam"
+    p = [torch.zeros(2, requires_grad=True)]
+    assert ours.OpenAIAdam(p, lr=0.1).defaults["foreach"] is False
+    assert ours.OpenAIAdam(p, lr=0.1).defaults["fused"] is False
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import random
@@ -44,8 +45,6 @@ from accelerate import Accelerator
 from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hf_optim._utils import is_hub_url, unwrap_optimizer
 from hf_optim.errors import CheckpointError
@@ -61,6 +60,7 @@ from hf_optim.state import (
     save_object_state,
     save_state,
 )
+from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_safetensors, read_tensors
 
 __all__ = [
     "REGISTERED_STATE_NAME",
@@ -80,6 +80,7 @@ _REGISTERED_KIND = "accelerate.registered_object"
 
 # Accelerate writes the first model as ``model.safetensors`` and the i-th as ``model_{i}.safetensors``.
 _MODEL_STEM = "model"
+_PICKLED_MODEL_STEM = "pytorch_model"
 # The state of the i-th prepared optimizer (i > 0) goes into this sub-folder of the checkpoint.
 _EXTRA_OPTIMIZER_DIR = "optimizer_{}"
 # Accelerate's other files (accelerate.utils.constants): RNG, scaler, samplers, stateful dataloaders.
@@ -116,10 +117,12 @@ def accelerate_save_state(
     output_dir: str | os.PathLike[str] | None = None,
     *,
     accumulator: Any | None = None,
+    safe_serialization: bool = True,
 ) -> str:
     """Save a resumable checkpoint with no pickled optimizer, scheduler or registered-object files.
 
-    Accelerate writes the model weights (``model.safetensors``, stored under the unwrapped model's parameter
+    Accelerate writes the model weights (``model.safetensors``, or ``pytorch_model.bin`` with
+    ``safe_serialization=False`` as Accelerate does; stored under the unwrapped model's parameter
     names so a checkpoint from N processes loads into a run with M), the RNG states, dataloader samplers and its
     step counter, and applies its automatic checkpoint naming and ``total_limit`` (``output_dir=None`` with
     ``ProjectConfiguration(automatic_checkpoint_naming=True)``). The main process (each node's main process with
@@ -160,7 +163,7 @@ def accelerate_save_state(
         with _hidden_from_accelerate(accelerator, custom_objects=True):
             # The class's method: use_safetensors_state replaces the instance's save_state with a call to this.
             location = os.fspath(
-                type(accelerator).save_state(accelerator, output_dir, safe_serialization=True)
+                type(accelerator).save_state(accelerator, output_dir, safe_serialization=safe_serialization)
             )
     finally:
         handle.remove()
@@ -481,16 +484,12 @@ def use_safetensors_state(accelerator: Accelerator) -> Accelerator:
         safe_serialization: bool = True,
         **save_model_func_kwargs: Any,
     ) -> str:
-        if not safe_serialization:
-            raise ValueError(
-                "safe_serialization=False: hf_optim's checkpoints store model weights as safetensors"
-            )
         if save_model_func_kwargs:
             raise TypeError(
                 f"save_state() got {sorted(save_model_func_kwargs)}: those are for DeepSpeed / Megatron-LM, which "
                 "hf_optim's checkpoints do not support"
             )
-        return accelerate_save_state(accelerator, output_dir)
+        return accelerate_save_state(accelerator, output_dir, safe_serialization=safe_serialization)
 
     def load_state(
         input_dir: str | os.PathLike[str] | None = None,
@@ -637,46 +636,76 @@ def _unwrapped_weights_hook(accelerator: Accelerator) -> Callable[[list[Any], li
 
 
 def _weights_file(checkpoint_dir: str, index: int) -> str:
+    """Model ``index``'s weights as Accelerate names them: ``model[_i].safetensors``, or, saved with
+    ``safe_serialization=False``, ``pytorch_model[_i].bin`` (when there is no safetensors file)."""
     suffix = f"_{index}" if index else ""
-    return os.path.join(checkpoint_dir, f"{_MODEL_STEM}{suffix}.safetensors")
+    path = os.path.join(checkpoint_dir, f"{_MODEL_STEM}{suffix}.safetensors")
+    pickled = os.path.join(checkpoint_dir, f"{_PICKLED_MODEL_STEM}{suffix}.bin")
+    return pickled if not os.path.lexists(path) and os.path.lexists(pickled) else path
+
+
+def _read_pickled_weights(file: OpenFile) -> dict[str, torch.Tensor]:
+    """``pytorch_model.bin`` (written with ``safe_serialization=False``), read from the checked descriptor with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, and it must be a dict of tensors."""
+    try:
+        weights = torch.load(io.BytesIO(file.read_all()), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for refused or malformed pickles
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{file.path}: not a model state_dict readable with weights_only=True: {first}"
+        ) from None
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise CheckpointError(f"{file.path}: not a model state_dict (a dict of tensors)")
+    return weights
 
 
 def _read_model_weights(
     accelerator: Accelerator, model: torch.nn.Module, checkpoint_dir: str, index: int
 ) -> dict[str, torch.Tensor]:
-    """Read the weights file of model ``index`` after checking it has exactly the model's tensors and shapes."""
+    """Read the weights file of model ``index`` after checking it has exactly the model's tensors and shapes.
+
+    The file is opened once, like optimizer state: it must resolve inside the checkpoint folder (or its Hub cache
+    repository's blobs) and be a regular file, and both the header and the tensors are read from that descriptor.
+    """
     path = _weights_file(checkpoint_dir, index)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found")
-    state = _bare_model(accelerator, model).state_dict()
-    expected = {name: tuple(t.shape) for name, t in state.items()}
     try:
-        with safe_open(path, framework="pt") as f:
-            found = {_strip_wrapper_prefix(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-    except Exception as err:
-        raise CheckpointError(f"path_or_repo_id: cannot read model weights {path!r}: {err}") from None
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
-    # with a stored one is restored through it.
-    stored = {state[name].untyped_storage().data_ptr() for name in found if name in state}
-    missing = [name for name in missing if state[name].untyped_storage().data_ptr() not in stored]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"path_or_repo_id: model weights {path!r} do not match model {index}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, shape in sorted(found.items()):
-        if expected[name] != shape:
+        file = open_file(path, roots=checkpoint_roots(checkpoint_dir))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found") from None
+    try:
+        if path.endswith(".bin"):
+            pickled = _read_pickled_weights(file)
+            shapes = {name: tuple(t.shape) for name, t in pickled.items()}
+        else:
+            st = read_safetensors(file)
+            shapes = {name: header.shape for name, header in st.entries.items()}
+        state = _bare_model(accelerator, model).state_dict()
+        expected = {name: tuple(t.shape) for name, t in state.items()}
+        found = {_strip_wrapper_prefix(name): shape for name, shape in shapes.items()}
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
+        # with a stored one is restored through it.
+        stored = {state[name].untyped_storage().data_ptr() for name in found if name in state}
+        missing = [name for name in missing if state[name].untyped_storage().data_ptr() not in stored]
+        if missing or unexpected:
             raise CheckpointError(
-                f"path_or_repo_id: model weights {path!r}: {name} has shape {list(shape)}, "
-                f"the model expects {list(expected[name])}"
+                f"path_or_repo_id: model weights {path!r} do not match model {index}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
-    try:
-        return {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot read model weights: {err}") from None
+        for name, shape in sorted(found.items()):
+            if expected[name] != shape:
+                raise CheckpointError(
+                    f"path_or_repo_id: model weights {path!r}: {name} has shape {list(shape)}, "
+                    f"the model expects {list(expected[name])}"
+                )
+        tensors = pickled if path.endswith(".bin") else read_tensors(st, st.entries)
+        return {_strip_wrapper_prefix(k): v for k, v in tensors.items()}
+    finally:
+        file.close()
 
 
 def _strip_wrapper_prefix(name: str) -> str:

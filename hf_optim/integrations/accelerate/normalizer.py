@@ -105,4 +105,4 @@ def _item_count(num_items: int | torch.Tensor) -> torch.Tensor:
         if num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {num_items}")
         return torch.tensor(num_items)
-    raise ValueError(f"num_items must be an int or a scalar integer tensor, got {num_items!r}")
+    raise TypeError(f"num_items must be an int or a scalar integer tensor, got {num_items!r}")

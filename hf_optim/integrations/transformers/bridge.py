@@ -26,6 +26,7 @@ from hf_optim.errors import TransformersIntegrationError
 from hf_optim.integrations.transformers.enums import add_enum_member, check_enum, integration_error
 from hf_optim.integrations.transformers.handlers import optimizer_handler, schedule_function
 from hf_optim.integrations.transformers.provider import TransformersOptimizers
+from hf_optim.integrations.transformers.resume import patch_trainer_resume
 from hf_optim.registry import (
     HF_OPTIM_SOURCE,
     add_optimizer_provider,
@@ -42,6 +43,7 @@ TRAINING_ARGS = "transformers.training_args"
 TRAINER_UTILS = "transformers.trainer_utils"
 TRAINER_OPTIMIZER = "transformers.trainer_optimizer"
 OPTIMIZATION = "transformers.optimization"
+TRAINER = "transformers.trainer"
 
 _lock = threading.RLock()
 _listener_added = False
@@ -167,6 +169,8 @@ def _sync(just_loaded: str | None) -> None:
         _register(_BRIDGES["optimizer"], value, just_loaded)
     for value in list_schedulers():
         _register(_BRIDGES["scheduler"], value, just_loaded)
+    if _complete(TRAINER, just_loaded):
+        patch_trainer_resume(sys.modules[TRAINER])
 
 
 def sync(just_loaded: str | None = None) -> None:

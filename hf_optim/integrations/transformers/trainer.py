@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -49,11 +50,16 @@ from hf_optim.integrations.deepspeed import (
     weights_loader,
 )
 from hf_optim.integrations.transformers.bridge import registered_names
+from hf_optim.integrations.transformers.resume import (
+    LEGACY_OPTIMIZER_NAMES,
+    TRAINER_STATE_NAME,
+    load_hf_optim_state,
+    patch_trainer_resume,
+)
 from hf_optim.registry import get_scheduler, list_schedulers
 from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
-    SCHEDULER_NAME,
     SHARDED_MANIFEST_NAME,
     load_state,
     save_state,
@@ -61,10 +67,11 @@ from hf_optim.state import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEGACY_OPTIMIZER_NAMES", "Trainer", "TrainerMixin", "download_trainer_checkpoint"]
+# Plain transformers.Trainer in the same process resumes from hf_optim's state too (the start-up hook does this
+# wherever transformers.trainer is imported; here it is certain).
+patch_trainer_resume(sys.modules[transformers.Trainer.__module__])
 
-LEGACY_OPTIMIZER_NAMES = ("optimizer.pt", "optimizer.bin")
-TRAINER_STATE_NAME = "trainer_state.json"
+__all__ = ["LEGACY_OPTIMIZER_NAMES", "Trainer", "TrainerMixin", "download_trainer_checkpoint"]
 
 
 def download_trainer_checkpoint(url: str, token: str | bool | None = None) -> str:
@@ -219,22 +226,7 @@ class TrainerMixin:
             return None
         # On the files, not has_state(): a corrupt state file must fail in load_state, naming the problem.
         if any(os.path.isfile(os.path.join(checkpoint, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)):
-            has_scheduler = os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))
-            if not has_scheduler and self.lr_scheduler is not None:
-                logger.warning(
-                    "%s holds optimizer state but no %s: the learning-rate schedule restarts",
-                    checkpoint,
-                    SCHEDULER_NAME,
-                )
-            load_state(
-                checkpoint,
-                self.optimizer,
-                scheduler=self.lr_scheduler if has_scheduler else None,
-                model=self.model if self._hf_optim_fsdp2() else None,
-            )
-            logger.info(
-                "Loaded optimizer%s state from %s", " and scheduler" if has_scheduler else "", checkpoint
-            )
+            load_hf_optim_state(self, checkpoint, model=self.model if self._hf_optim_fsdp2() else None)
             return None
         if any(os.path.isfile(os.path.join(checkpoint, name)) for name in LEGACY_OPTIMIZER_NAMES):
             logger.info("%s is a legacy checkpoint (optimizer.pt): loading it with transformers", checkpoint)

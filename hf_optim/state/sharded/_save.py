@@ -268,7 +268,7 @@ def _accumulator_entry(
 ) -> dict[str, Any]:
     """The manifest's record of a gradient accumulator; its gradients are added to ``tensors``."""
     if not callable(getattr(accumulator, "state_dict", None)):
-        raise ValueError(f"accumulator must have a state_dict() method, got {type(accumulator).__name__}")
+        raise TypeError(f"accumulator must have a state_dict() method, got {type(accumulator).__name__}")
     value = accumulator.state_dict()
     if not isinstance(value, Mapping) or not isinstance(value.get("gradients"), list | tuple):
         raise ValueError("sharded saving supports accumulators whose state_dict() has a 'gradients' list")
@@ -279,7 +279,7 @@ def _accumulator_entry(
             gradients.append(None)
             continue
         if not isinstance(grad, torch.Tensor):
-            raise ValueError(f"accumulator gradient {i} is a {type(grad).__name__}, not a tensor")
+            raise TypeError(f"accumulator gradient {i} is a {type(grad).__name__}, not a tensor")
         like = _laid_out_like(grad, params, i)
         if like is None:
             raise ValueError(

@@ -1,6 +1,6 @@
-"""Adversarial review of ``hf_optim.accelerate_load_state`` against a hostile checkpoint folder (as downloaded from
-a Hub repo): README "Security" promises that no code runs (the only exception being an ``allow_pickle=True``
-opt-in) and that a failed load leaves every live object exactly as it was."""
+"""``hf_optim.accelerate_load_state`` against a hostile checkpoint folder (as downloaded from a Hub repo): no code
+runs (the only exception being an ``allow_pickle=True`` opt-in), nothing is read from outside the folder, and a
+failed load leaves every live object exactly as it was."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import copy
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import hf_optim
 from hf_optim import CheckpointError
@@ -182,4 +184,59 @@ def test_failed_accelerate_load_changes_nothing(make_accelerator, tmp_path: Path
     before = _snapshot(prepared)
     with pytest.raises(expected):
         accelerate_load_state(accelerator2, ckpt, allow_pickle=failure == "stray-custom-checkpoint")
+    _assert_same(_snapshot(prepared), before)
+
+
+def _link_out(ckpt: Path, outside: Path) -> None:
+    """model.safetensors -> a valid weights file of the same model outside the folder (other values)."""
+    weights = {k: v + 1 for k, v in load_file(ckpt / "model.safetensors").items()}
+    save_file(weights, outside / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to(outside / "model.safetensors")
+
+
+def _pickled_weights(ckpt: Path, payload: Any) -> None:
+    """model.safetensors replaced by a pytorch_model.bin (what ``safe_serialization=False`` writes)."""
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(payload))
+
+
+MODEL_WEIGHTS_ATTACKS = {
+    "link-out-of-the-folder": (_link_out, "outside the checkpoint folder"),
+    "link-to-etc-passwd": (
+        lambda ckpt, outside: (
+            (ckpt / "model.safetensors").unlink(),
+            (ckpt / "model.safetensors").symlink_to("/etc/passwd"),
+        ),
+        "outside the checkpoint folder",
+    ),
+    "pytorch-model-bin-running-code": (
+        lambda ckpt, outside: _pickled_weights(ckpt, _Payload(str(outside / "PWNED"))),
+        "weights_only=True",
+    ),
+    "pytorch-model-bin-not-a-state-dict": (
+        lambda ckpt, outside: _pickled_weights(ckpt, [1, 2, 3]),
+        "not a model state_dict",
+    ),
+    "fifo": (
+        lambda ckpt, outside: ((ckpt / "model.safetensors").unlink(), os.mkfifo(ckpt / "model.safetensors")),
+        "not a regular file",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", MODEL_WEIGHTS_ATTACKS.values(), ids=MODEL_WEIGHTS_ATTACKS.keys())
+def test_model_weights_are_read_only_from_inside_the_folder(make_accelerator, tmp_path: Path, attack) -> None:
+    plant, message = attack
+    accelerator, _ = _setup(make_accelerator, 0)
+    ckpt, outside = tmp_path / "ckpt", tmp_path / "elsewhere"
+    outside.mkdir()
+    accelerate_save_state(accelerator, ckpt)
+    plant(ckpt, outside)
+    accelerator2, prepared = _setup(make_accelerator, 4)
+    before = _snapshot(prepared)
+    with pytest.raises(CheckpointError, match=message) as info:
+        accelerate_load_state(accelerator2, ckpt)
+    assert "model" in str(info.value)
+    assert not (outside / "PWNED").exists()
     _assert_same(_snapshot(prepared), before)

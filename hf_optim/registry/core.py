@@ -1,18 +1,7 @@
-"""Name registries for optimizers and learning-rate schedules (in the spirit of timm's optimizer factory).
+"""The :class:`Registry`: optimizer and schedule entries by name, other libraries' optimizer providers, listeners.
 
-Each entry is a small frozen record (:class:`OptimizerInfo`, :class:`SchedulerInfo`) held by a
-:class:`Registry`; the module-level functions (``register_optimizer``, ``create_optimizer``, ``get_scheduler``,
-...) act on the default instance, :data:`default_registry`. :func:`create_optimizer` turns a model into decay /
-no-decay parameter groups and maps the common arguments (``lr``, ``weight_decay``, ``betas``, ``eps``) to the
-optimizer's own names; :func:`create_scheduler` builds a schedule and records how to rebuild it
-(``hf_optim_config``).
-
-Optimizers of other libraries come from *providers* (:meth:`Registry.add_optimizer_provider`): entries looked
-up by name, listed with their ``source``. ``hf_optim.integrations.transformers`` adds one for transformers' own
-``optim`` names (``adamw_torch``, ``sgd``, ``adafactor``, ...) when transformers is imported; the registry only
-imports transformers (if installed, inside a function) when a name is not its own or when listing every source.
-Listeners added with :func:`add_registry_listener` hear about every registered entry (the transformers
-integration uses this to extend ``OptimizerNames`` / ``SchedulerType``).
+Names are matched exactly first, then case-insensitively when that picks one entry (``"AdamW_HF"`` is
+``adamw_hf``); suggestions for an unknown name are matched case-insensitively too.
 """
 
 from __future__ import annotations
@@ -25,231 +14,38 @@ import importlib
 import importlib.util
 import inspect
 import logging
-import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from hf_optim import schedules
 from hf_optim._utils import finite_number
-from hf_optim.optimizers import AdamW, AdamWeightDecay, BertAdam, OpenAIAdam
 from hf_optim.param_groups import group_parameters
+from hf_optim.registry.records import (
+    HF_OPTIM_SOURCE,
+    OptimizerInfo,
+    OptimizerProvider,
+    SchedulerInfo,
+    check_arg_names,
+    check_mapping,
+    check_name,
+)
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("hf_optim.registry")
 
-__all__ = [
-    "COMMON_OPTIMIZER_ARGS",
-    "HF_OPTIM_SOURCE",
-    "OptimizerInfo",
-    "OptimizerProvider",
-    "Registry",
-    "SchedulerInfo",
-    "accepts_argument",
-    "add_optimizer_provider",
-    "add_registry_listener",
-    "create_optimizer",
-    "create_scheduler",
-    "default_registry",
-    "get_optimizer_info",
-    "get_scheduler",
-    "get_scheduler_info",
-    "keyword_parameters",
-    "list_optimizers",
-    "list_schedulers",
-    "optimizer_name",
-    "register_optimizer",
-    "register_scheduler",
-    "remove_optimizer_provider",
-    "remove_registry_listener",
-    "scheduler_from_config",
-    "signature_of",
-    "snapshot",
-]
+__all__ = ["Listener", "Registry", "RegistryKind"]
 
-COMMON_OPTIMIZER_ARGS = ("lr", "weight_decay", "betas", "eps")
-#: ``source`` of the entries registered in hf_optim's registry (built-in or by the user).
-HF_OPTIM_SOURCE = "hf_optim"
 _WEIGHT_DECAY_PATTERN_ARGS = ("include_in_weight_decay", "exclude_from_weight_decay")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # Libraries whose import lets hf_optim's integration add their optimizer provider (hf_optim._autoload's hook
 # runs hf_optim.integrations.transformers.sync after this module executed).
 _PROVIDER_MODULES = {"transformers": "transformers.trainer_optimizer"}
 
 RegistryKind = Literal["optimizer", "scheduler"]
 Listener = Callable[[RegistryKind, Any], None]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Signature introspection (public: the integrations map arguments with it)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def signature_of(factory: Callable[..., Any]) -> inspect.Signature | None:
-    """``inspect.signature(factory)``, or ``None`` for callables without one (some builtins): checks are skipped."""
-    try:
-        return inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-
-
-def accepts_argument(sig: inspect.Signature | None, argument: str) -> bool:
-    """Whether a callable with signature ``sig`` takes ``argument`` by keyword (``**kwargs`` counts; no
-    signature: assumed yes)."""
-    if sig is None:
-        return True
-    param = sig.parameters.get(argument)
-    if param is not None:
-        return param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-    return any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-
-
-def keyword_parameters(sig: inspect.Signature) -> list[inspect.Parameter]:
-    """Parameters after the first (params / optimizer) that can be passed by keyword."""
-    params = list(sig.parameters.values())[1:]
-    return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-class _FactoryIntrospection:
-    """Signature helpers shared by the two records (their ``factory`` is introspected)."""
-
-    factory: Callable[..., Any]
-
-    def signature(self) -> inspect.Signature | None:
-        """The factory's signature (``None`` if it has none)."""
-        return signature_of(self.factory)
-
-    def accepts(self, argument: str) -> bool:
-        """Whether the factory takes ``argument`` by keyword (directly or through ``**kwargs``)."""
-        return accepts_argument(self.signature(), argument)
-
-    def takes_var_keyword(self) -> bool:
-        """Whether the factory takes ``**kwargs`` (or has no signature): any argument name may be passed."""
-        sig = self.signature()
-        return sig is None or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-
-    def keyword_parameters(self) -> list[inspect.Parameter]:
-        """The factory's keyword-capable parameters after the first one (empty without a signature)."""
-        sig = self.signature()
-        return [] if sig is None else keyword_parameters(sig)
-
-
-def _empty_mapping() -> Mapping[str, Any]:
-    return MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class OptimizerInfo(_FactoryIntrospection):
-    """A registered optimizer.
-
-    ``factory(params, **kwargs)`` builds it (a ``torch.optim.Optimizer`` class or a function); ``defaults`` are
-    keyword arguments applied before the caller's; ``arg_names`` maps the common names ``lr``, ``weight_decay``,
-    ``betas``, ``eps`` to the factory's own (a tuple splits a sequence value, e.g. ``betas`` ->
-    ``("beta_1", "beta_2")``); common names that are absent map to themselves. ``source`` says where the entry
-    comes from: ``"hf_optim"`` for the registry's own entries, else the provider's library (``"transformers"``).
-    """
-
-    name: str
-    factory: Callable[..., torch.optim.Optimizer]
-    description: str = ""
-    defaults: Mapping[str, Any] = field(default_factory=_empty_mapping)
-    arg_names: Mapping[str, str | tuple[str, ...]] = field(default_factory=_empty_mapping)
-    source: str = HF_OPTIM_SOURCE
-
-    def own_name(self, common: str) -> str | tuple[str, ...]:
-        """The factory's own name(s) for the common argument ``common`` (itself when not renamed)."""
-        return self.arg_names.get(common, common)
-
-    def map_common(self, kwargs: Mapping[str, Any], argument: str = "kwargs") -> dict[str, Any]:
-        """``kwargs`` with ``lr``/``weight_decay``/``betas``/``eps`` renamed to the factory's own names.
-
-        A tuple target splits the value (``betas=(0.9, 0.99)`` -> ``beta_1=0.9, beta_2=0.99``). ``ValueError``
-        (prefixed by ``argument``) when a split value has the wrong length or a name arrives twice.
-        """
-        out: dict[str, Any] = {}
-        for key, value in kwargs.items():
-            own = self.own_name(key)
-            if isinstance(own, tuple):
-                if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(own):
-                    raise ValueError(
-                        f"{argument}: {key} must be a sequence of {len(own)} values for optimizer {self.name!r} "
-                        f"(mapped to {', '.join(own)}), got {value!r}"
-                    )
-                pairs = list(zip(own, value, strict=True))
-            else:
-                pairs = [(own, value)]
-            for own_name, own_value in pairs:
-                if own_name in out:
-                    raise ValueError(
-                        f"{argument}: {own_name!r} for optimizer {self.name!r} is given twice "
-                        f"(as {key!r} and directly)"
-                    )
-                out[own_name] = own_value
-        return out
-
-
-@dataclass(frozen=True)
-class SchedulerInfo(_FactoryIntrospection):
-    """A registered schedule: ``factory(optimizer, [num_warmup_steps], [num_training_steps], **kwargs)``."""
-
-    name: str
-    factory: Callable[..., Any]
-    description: str = ""
-
-
-class OptimizerProvider(Protocol):
-    """Optimizers another library builds, looked up by name (they are not registry entries).
-
-    ``source`` names the library; ``names()`` lists its optimizer names; ``info(name)`` returns an
-    :class:`OptimizerInfo` (with that ``source``) or ``None`` for a name it does not have.
-    """
-
-    source: str
-
-    def names(self) -> Iterable[str]: ...
-
-    def info(self, name: str) -> OptimizerInfo | None: ...
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Argument checks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _check_name(name: Any, kind: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(
-            f"{kind} name must be a non-empty string of letters, digits, '_', '.', '-' (no spaces or wildcards), "
-            f"got {name!r}"
-        )
-    return name
-
-
-def _mapping(value: Mapping[str, Any] | None, argument: str) -> MappingProxyType:
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{argument} must be a mapping with string keys, got {value!r}")
-    return MappingProxyType(dict(value))
-
-
-def _arg_names(arg_names: Mapping[str, str | Sequence[str]] | None) -> MappingProxyType:
-    names = dict(_mapping(arg_names, "arg_names"))
-    for common, own in names.items():
-        if common not in COMMON_OPTIMIZER_ARGS:
-            raise ValueError(f"arg_names keys must be among {COMMON_OPTIMIZER_ARGS}, got {common!r}")
-        if isinstance(own, str):
-            continue
-        if isinstance(own, Sequence) and own and all(isinstance(o, str) for o in own):
-            names[common] = tuple(own)
-        else:
-            raise ValueError(f"arg_names[{common!r}] must be a name or a sequence of names, got {own!r}")
-    return MappingProxyType(names)
 
 
 def _filter(names: Iterable[str], pattern: str | Sequence[str] | None) -> list[str]:
@@ -265,9 +61,18 @@ def _unknown(
 ) -> ValueError:
     """``ValueError`` for an unknown name, suggesting the closest ``candidates`` (default: ``registered``)."""
     registered = sorted(registered)
-    close = difflib.get_close_matches(str(name), sorted(candidates or registered), n=3, cutoff=0.5)
+    by_lower: dict[str, str] = {}
+    for candidate in sorted(candidates or registered):
+        by_lower.setdefault(candidate.lower(), candidate)
+    close = [by_lower[c] for c in difflib.get_close_matches(str(name).lower(), by_lower, n=3, cutoff=0.5)]
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     return ValueError(f"Unknown {kind} {name!r}.{hint} Registered {kind}s: {', '.join(registered)}")
+
+
+def _casefold_match(name: str, names: Iterable[str]) -> str | None:
+    """The one name equal to ``name`` ignoring case, or ``None`` (none, or several differing only in case)."""
+    matches = [n for n in names if n.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any]) -> float:
@@ -339,15 +144,15 @@ class Registry:
         overwrite: bool = False,
     ) -> OptimizerInfo:
         """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``."""
-        _check_name(name, "optimizer")
+        check_name(name, "optimizer")
         if not callable(factory):
             raise ValueError(f"factory for optimizer {name!r} must be callable, got {factory!r}")
         info = OptimizerInfo(
             name=name,
             factory=factory,
             description=str(description),
-            defaults=_mapping(defaults, "defaults"),
-            arg_names=_arg_names(arg_names),
+            defaults=check_mapping(defaults, "defaults"),
+            arg_names=check_arg_names(arg_names),
         )
         with self._lock:
             if name in self._optimizers and not overwrite:
@@ -364,7 +169,7 @@ class Registry:
     ) -> SchedulerInfo:
         """Register a schedule ``factory(optimizer, ...)`` as ``name``; an existing name raises unless
         ``overwrite``."""
-        _check_name(name, "scheduler")
+        check_name(name, "scheduler")
         if not callable(factory):
             raise ValueError(f"factory for scheduler {name!r} must be callable, got {factory!r}")
         info = SchedulerInfo(name=name, factory=factory, description=str(description))
@@ -417,10 +222,10 @@ class Registry:
                 self._listeners.append(callback)
             optimizers = list(self._optimizers.values())
             schedulers = list(self._schedulers.values())
-        for info in optimizers:
-            self._notify("optimizer", info, [callback])
-        for info in schedulers:
-            self._notify("scheduler", info, [callback])
+        for optimizer_info in optimizers:
+            self._notify("optimizer", optimizer_info, [callback])
+        for scheduler_info in schedulers:
+            self._notify("scheduler", scheduler_info, [callback])
         return callback
 
     def remove_listener(self, callback: Listener) -> None:
@@ -448,9 +253,10 @@ class Registry:
             yield self
         finally:
             with self._lock:
-                for live, old in zip((self._optimizers, self._schedulers), saved[:2], strict=True):
-                    live.clear()
-                    live.update(old)
+                self._optimizers.clear()
+                self._optimizers.update(saved[0])
+                self._schedulers.clear()
+                self._schedulers.update(saved[1])
                 if hooks:
                     self._listeners[:] = saved[2]
                     self._providers.clear()
@@ -503,6 +309,9 @@ class Registry:
             info = provider.info(name)
             if info is not None:
                 return info
+        folded = _casefold_match(name, self.list_optimizers())
+        if folded is not None:
+            return self.get_optimizer_info(folded)
         own = self.list_optimizers(source=HF_OPTIM_SOURCE)
         error = _unknown("optimizer", name, own, candidates=self.list_optimizers())
         others = sorted(p.source for p in self._provider_list(load=False))
@@ -516,22 +325,28 @@ class Registry:
         """The record registered as ``name``; ``ValueError`` listing the closest names if there is none."""
         with self._lock:
             info = self._schedulers.get(name) if isinstance(name, str) else None
+            if info is None and isinstance(name, str):
+                folded = _casefold_match(name, self._schedulers)
+                info = self._schedulers.get(folded) if folded is not None else None
             if info is None:
                 raise _unknown("scheduler", name, self._schedulers)
             return info
 
     def optimizer_name(self, optimizer: Any) -> str | None:
-        """The registry name of ``optimizer``: its ``hf_optim_name``, else the entry whose factory is its exact
-        class. Wrappers that keep the real optimizer in ``.optimizer`` (``AcceleratedOptimizer``) are unwrapped."""
+        """The registry name of ``optimizer``: its ``hf_optim_name``, else the entry whose factory is its class or
+        its nearest registered base class. Wrappers that keep the real optimizer in ``.optimizer`` (``AcceleratedOptimizer``) are unwrapped."""
         seen = 0
         while optimizer is not None and seen < 8:
             name = getattr(optimizer, "__dict__", {}).get("hf_optim_name")
             if isinstance(name, str):
                 return name
             with self._lock:
-                for info in self._optimizers.values():
-                    if info.factory is type(optimizer):
-                        return info.name
+                by_factory = {id(info.factory): info.name for info in self._optimizers.values()}
+            for cls in type(
+                optimizer
+            ).__mro__:  # its class, else the nearest registered base (hf_optim.legacy's)
+                if id(cls) in by_factory:
+                    return by_factory[id(cls)]
             optimizer = getattr(optimizer, "optimizer", None)
             seen += 1
         return None
@@ -580,7 +395,7 @@ class Registry:
                 )
         optimizer = info.factory(params, **merged)
         try:
-            optimizer.hf_optim_name = name
+            optimizer.hf_optim_name = name  # type: ignore[attr-defined]  # hf_optim's tag on a torch object
         except AttributeError:  # pragma: no cover - exotic factories returning slotted objects
             logger.warning("could not set hf_optim_name on %r", optimizer)
         return optimizer
@@ -673,114 +488,11 @@ class Registry:
         To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state.
         """
         if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
-            raise ValueError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
+            raise TypeError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
         kwargs = config.get("kwargs", {})
         if not isinstance(kwargs, Mapping):
-            raise ValueError(
-                f"config['kwargs'] must be a mapping of argument names to values, got {kwargs!r}"
-            )
+            raise TypeError(f"config['kwargs'] must be a mapping of argument names to values, got {kwargs!r}")
         kwargs = dict(kwargs)
         if last_epoch != -1:
             kwargs["last_epoch"] = last_epoch
         return self.create_scheduler(config["name"], optimizer, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Built-in entries
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _register_optimizers(registry: Registry) -> None:
-    registry.register_optimizer(
-        "adamw_hf",
-        AdamW,
-        description="AdamW of transformers 4.x (legacy-exact, with correct_bias; decoupled decay after the update)",
-    )
-    registry.register_optimizer(
-        "adam_weight_decay",
-        AdamWeightDecay,
-        description="AdamWeightDecay of transformers 4.x TF (Keras Adam math, decay by parameter-name patterns)",
-        arg_names={
-            "lr": "learning_rate",
-            "weight_decay": "weight_decay_rate",
-            "betas": ("beta_1", "beta_2"),
-            "eps": "epsilon",
-        },
-    )
-
-
-def _register_schedulers(registry: Registry) -> None:
-    for name, factory, description in (
-        ("linear", schedules.get_linear_schedule_with_warmup, "linear warmup, then linear decay to 0"),
-        ("cosine", schedules.get_cosine_schedule_with_warmup, "linear warmup, then cosine decay to 0"),
-        (
-            "cosine_with_restarts",
-            schedules.get_cosine_with_hard_restarts_schedule_with_warmup,
-            "linear warmup, then num_cycles cosine decays with hard restarts",
-        ),
-        (
-            "polynomial",
-            schedules.get_polynomial_decay_schedule_with_warmup,
-            "linear warmup, then polynomial decay (power) to lr_end",
-        ),
-        ("constant", schedules.get_constant_schedule, "constant learning rate"),
-        ("constant_with_warmup", schedules.get_constant_schedule_with_warmup, "linear warmup, then constant"),
-        ("inverse_sqrt", schedules.get_inverse_sqrt_schedule, "linear warmup, then 1/sqrt decay (timescale)"),
-        (
-            "cosine_with_min_lr",
-            schedules.get_cosine_with_min_lr_schedule_with_warmup,
-            "linear warmup, then cosine decay to min_lr or min_lr_rate",
-        ),
-        (
-            "cosine_warmup_with_min_lr",
-            schedules.get_cosine_with_min_lr_schedule_with_warmup_lr_rate,
-            "warmup from warmup_lr_rate, then cosine decay to min_lr or min_lr_rate",
-        ),
-        (
-            "warmup_stable_decay",
-            schedules.get_wsd_schedule,
-            "warmup, constant phase, then decay (linear/cosine/1-sqrt) over num_decay_steps",
-        ),
-    ):
-        registry.register_scheduler(name, factory, description=description)
-
-
-def _register_legacy(registry: Registry) -> None:
-    # pytorch-pretrained-bert's optimizers, whose lr schedule is built in (Adam's betas / eps are b1, b2, e)
-    legacy_names = {"betas": ("b1", "b2"), "eps": "e"}
-    registry.register_optimizer(
-        "bert_adam",
-        BertAdam,
-        description="BertAdam of pytorch-pretrained-bert (built-in schedule, per-tensor clipping, no bias correction)",
-        arg_names=legacy_names,
-    )
-    registry.register_optimizer(
-        "openai_adam",
-        OpenAIAdam,
-        description="OpenAIAdam of pytorch-pretrained-bert (built-in schedule, decay of matrices after the update)",
-        arg_names=legacy_names,
-    )
-
-
-#: The registry behind hf_optim's module-level functions.
-default_registry = Registry()
-_register_optimizers(default_registry)
-_register_legacy(default_registry)
-_register_schedulers(default_registry)
-
-register_optimizer = default_registry.register_optimizer
-register_scheduler = default_registry.register_scheduler
-add_registry_listener = default_registry.add_listener
-add_optimizer_provider = default_registry.add_optimizer_provider
-remove_optimizer_provider = default_registry.remove_optimizer_provider
-remove_registry_listener = default_registry.remove_listener
-snapshot = default_registry.snapshot
-list_optimizers = default_registry.list_optimizers
-list_schedulers = default_registry.list_schedulers
-get_optimizer_info = default_registry.get_optimizer_info
-get_scheduler_info = default_registry.get_scheduler_info
-optimizer_name = default_registry.optimizer_name
-create_optimizer = default_registry.create_optimizer
-create_scheduler = default_registry.create_scheduler
-get_scheduler = default_registry.get_scheduler
-scheduler_from_config = default_registry.scheduler_from_config

@@ -57,7 +57,7 @@ def _base_lr(optimizer: Optimizer) -> float:
     try:
         return optimizer.defaults["lr"]
     except (AttributeError, KeyError, TypeError):
-        raise ValueError("optimizer must be a torch.optim.Optimizer with an 'lr' default") from None
+        raise TypeError("optimizer must be a torch.optim.Optimizer with an 'lr' default") from None
 
 
 def check_json(kwargs: Mapping[str, Any]) -> None:
@@ -177,15 +177,13 @@ def _cosine_warmup_with_min_lr_lambda(
     min_lr_rate: float = 0.0,
     warmup_lr_rate: float | None = None,
 ) -> float:
-    current_step = float(current_step)
-    num_warmup_steps = float(num_warmup_steps)
-    num_training_steps = float(num_training_steps)
-    if current_step < num_warmup_steps:
+    step, warmup, training = float(current_step), float(num_warmup_steps), float(num_training_steps)
+    if step < warmup:
         if warmup_lr_rate is None:
-            return (current_step + 1.0) / max(1.0, num_warmup_steps)
+            return (step + 1.0) / max(1.0, warmup)
         warmup_lr_rate = float(warmup_lr_rate)
-        return warmup_lr_rate + (1.0 - warmup_lr_rate) * (current_step) / (max(1, num_warmup_steps - 1))
-    progress = (current_step - num_warmup_steps + 1.0) / (max(1.0, num_training_steps - num_warmup_steps))
+        return warmup_lr_rate + (1.0 - warmup_lr_rate) * (step) / (max(1, warmup - 1))
+    progress = (step - warmup + 1.0) / (max(1.0, training - warmup))
     factor = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
     factor = factor * (1 - min_lr_rate) + min_lr_rate
     return max(0, factor)
@@ -201,9 +199,12 @@ def _wsd_lambda(
     decay_type: str,
     min_lr_ratio: float,
     num_cycles: float,
+    warmup_from_zero: bool = False,
 ) -> float:
     if current_step < num_warmup_steps:
         progress = float(current_step) / float(max(1, num_warmup_steps))
+        if warmup_from_zero:  # transformers 4.x: linear from 0, not from min_lr_ratio
+            return progress
         if warmup_type == "linear":
             factor = progress
         elif warmup_type == "cosine":
@@ -483,11 +484,15 @@ def get_wsd_schedule(
     min_lr_ratio: float = 0,
     num_cycles: float = 0.5,
     last_epoch: int = -1,
+    *,
+    warmup_from_zero: bool = False,
 ) -> LambdaLR:
     """Warmup-stable-decay: warmup (``warmup_type``) from ``min_lr_ratio``, a constant phase, then a decay
     (``decay_type``) back to ``min_lr_ratio`` of the learning rate, which is kept afterwards.
 
     The stable phase lasts ``num_stable_steps``, or ``num_training_steps - num_warmup_steps - num_decay_steps``.
+    These are transformers 5.x's values. ``warmup_from_zero=True`` gives transformers 4.x's (before
+    ``warmup_type`` existed): a linear warmup from 0 instead of from ``min_lr_ratio``; the rest is the same.
     """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_decay_steps = non_negative_int(num_decay_steps, "num_decay_steps")
@@ -506,9 +511,18 @@ def get_wsd_schedule(
             )
     min_lr_ratio = finite_number(min_lr_ratio, "min_lr_ratio")
     num_cycles = finite_number(num_cycles, "num_cycles")
-    stable = num_stable_steps
-    if stable is None:
+    if not isinstance(warmup_from_zero, bool):
+        raise TypeError(f"warmup_from_zero must be a bool, got {type(warmup_from_zero).__name__}")
+    if warmup_from_zero and warmup_type != "linear":
+        raise ValueError(
+            "warmup_from_zero=True is transformers 4.x's linear warmup: warmup_type must be 'linear'"
+        )
+    if num_stable_steps is not None:
+        stable = num_stable_steps
+    elif num_training_steps is not None:
         stable = num_training_steps - num_warmup_steps - num_decay_steps
+    else:  # pragma: no cover - refused above
+        raise ValueError("Either num_training_steps or num_stable_steps must be specified.")
     lr_lambda = partial(
         _wsd_lambda,
         num_warmup_steps=num_warmup_steps,
@@ -518,6 +532,7 @@ def get_wsd_schedule(
         decay_type=decay_type,
         min_lr_ratio=min_lr_ratio,
         num_cycles=num_cycles,
+        warmup_from_zero=warmup_from_zero,
     )
     return attach_config(
         LambdaLR(optimizer, lr_lambda, last_epoch),
@@ -531,5 +546,6 @@ def get_wsd_schedule(
             "decay_type": decay_type,
             "min_lr_ratio": min_lr_ratio,
             "num_cycles": num_cycles,
+            "warmup_from_zero": warmup_from_zero,
         },
     )

@@ -1,0 +1,187 @@
+"""``hf-optim convert`` of hostile pickled files, run through the command line in a subprocess.
+
+Every row of the attack table is a small ``optimizer.pt`` (or ``scheduler.pt``) that ``torch.load(weights_only=True)``
+may well accept; each must give one error line naming the file, exit code 2, no traceback, nothing written and no
+code run. The rows that would grow on conversion (a view repeating its storage, a graph of shared lists) must also
+fail fast: the subprocess has a deadline far below what unfolding them would take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+LEGACY_MODULE = "pytorch_pretrained_bert.optimization"
+
+
+def _convert(directory, *extra, timeout=120):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-m", "hf_optim.cli.main", "convert", str(directory), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=directory,
+    )
+
+
+def _adam(state, **group):
+    return {"state": state, "param_groups": [{"params": sorted(state) or [0], "lr": 0.1, **group}]}
+
+
+def _moments(exp_avg, exp_avg_sq):
+    return _adam({0: {"step": torch.tensor(1.0), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}})
+
+
+def _nested(depth):
+    out = cur = []
+    for _ in range(depth):
+        cur.append([])
+        cur = cur[0]
+    return out
+
+
+def _shared_lists(depth):
+    """34 levels of ``x = [x, x]``: a few hundred bytes pickled, 2**depth lists unfolded."""
+    x: list = []
+    for _ in range(depth):
+        x = [x, x]
+    return x
+
+
+def _save_deep(path, depth):
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * depth + 1000))  # torch.save pickles recursively
+    try:
+        torch.save(_adam({}, x=_nested(depth)), path)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def _legacy_schedule_with_type(path):
+    """A pickled pytorch-pretrained-bert ``WarmupLinearSchedule`` whose ``__dict__`` says ``type: ConstantLR``."""
+    module = types.ModuleType(LEGACY_MODULE)
+
+    class WarmupLinearSchedule:
+        pass
+
+    WarmupLinearSchedule.__module__ = LEGACY_MODULE
+    WarmupLinearSchedule.__qualname__ = "WarmupLinearSchedule"
+    module.WarmupLinearSchedule = WarmupLinearSchedule
+    schedule = WarmupLinearSchedule()
+    schedule.__dict__.update(
+        {"type": "ConstantLR", "warmup": 0.1, "t_total": 100, "warned_for_t_total_at_progress": -1}
+    )
+    group = {"params": [0], "lr": 0.1, "schedule": schedule, "b1": 0.9, "b2": 0.999, "e": 1e-6}
+    group.update(weight_decay=0.01, max_grad_norm=1.0)
+    saved = {name: sys.modules.get(name) for name in ("pytorch_pretrained_bert", LEGACY_MODULE)}
+    sys.modules["pytorch_pretrained_bert"] = types.ModuleType("pytorch_pretrained_bert")
+    sys.modules[LEGACY_MODULE] = module
+    try:
+        torch.save({"state": {}, "param_groups": [group]}, path)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+
+
+def _scheduler(path, state):
+    torch.save(_adam({}), path)
+    torch.save(state, path.with_name("scheduler.pt"))
+
+
+ATTACKS = {
+    # not an optimizer state dict
+    "garbage-pickle": lambda p: p.write_bytes(b"\x80\x04garbage"),
+    "code": lambda p: p.write_bytes(pickle.dumps(_Boom())),
+    "list": lambda p: torch.save([1, 2, 3], p),
+    "params-str": lambda p: torch.save({"state": {0: {"exp_avg": 1}}, "param_groups": [{"params": "x"}]}, p),
+    "orphan-state": lambda p: torch.save({"state": {5: {}}, "param_groups": [{"params": [0]}]}, p),
+    "repeated-index": lambda p: torch.save({"state": {}, "param_groups": [{"params": [0, 0]}]}, p),
+    # structures the format cannot hold
+    "int-state-key": lambda p: torch.save(_adam({0: {5: torch.tensor(1.0)}}), p),
+    "reserved-group-key": lambda p: torch.save(
+        {"state": {}, "param_groups": [{"params": [0], "state": 1}]}, p
+    ),
+    "reserved-top-level-key": lambda p: torch.save({**_adam({}), "param_names": 3}, p),
+    "set-value": lambda p: torch.save(_adam({0: {"exp_avg": {1, 2}}}), p),
+    # nested deeper than a reader accepts: refused, not written as a checkpoint no one can load
+    "nested-100": lambda p: _save_deep(p, 100),
+    "nested-3000": lambda p: _save_deep(p, 3000),
+    # output proportional to the stored data
+    "stride-0-moments": lambda p: torch.save(
+        _moments(torch.zeros(1).expand(50_000_000), torch.zeros(1).expand(50_000_000)), p
+    ),
+    "overlapping-strides": lambda p: torch.save(
+        _moments(torch.zeros(2000).as_strided((1000, 1000), (1, 1)), torch.zeros(1000, 1000)), p
+    ),
+    "shared-storage": lambda p: (lambda t: torch.save(_moments(t, t[:]), p))(torch.zeros(1000)),
+    "shared-lists-in-group": lambda p: torch.save(_adam({}, x=_shared_lists(34)), p),
+    "shared-lists-in-scheduler": lambda p: _scheduler(p, {"last_epoch": 1, "x": _shared_lists(34)}),
+    # a pickled legacy schedule may not pick its own class
+    "legacy-schedule-carrying-type": _legacy_schedule_with_type,
+}
+
+
+@pytest.mark.parametrize("make", ATTACKS.values(), ids=ATTACKS.keys())
+def test_hostile_file_is_one_error_line(tmp_path, make):
+    path = tmp_path / "optimizer.pt"
+    make(path)
+    before = sorted(os.listdir(tmp_path))
+    result = _convert(tmp_path, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr[-800:]
+    assert result.returncode == 2, result.stderr[-800:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert str(tmp_path) in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == before
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_moment_viewing_part_of_a_larger_storage_converts(tmp_path):
+    """A view smaller than its storage (torch.save keeps the whole storage) is no attack: it converts, at the
+    view's size."""
+    big = torch.arange(12.0)
+    torch.save(_moments(big[:4].clone(), big[4:8]), tmp_path / "optimizer.pt")
+    result = _convert(tmp_path)
+    assert result.returncode == 0, result.stderr[-800:]
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "optimizer.safetensors")
+    (sq,) = (v for k, v in tensors.items() if k.endswith("exp_avg_sq"))
+    assert torch.equal(sq, torch.arange(4.0, 8.0))
+
+
+def test_names_from_model_dir_only_builds_model_classes(tmp_path):
+    """``--names-from DIR`` whose ``config.json`` names ``architectures[0] = "is_torch_available"``: only model
+    classes may be built; anything else is one error line naming config.json."""
+    pytest.importorskip("transformers")
+    torch.save({"state": {}, "param_groups": [{"params": [0, 1], "lr": 0.1}]}, tmp_path / "optimizer.pt")
+    config = {
+        "model_type": "bert",
+        "architectures": ["is_torch_available"],
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 8,
+        "vocab_size": 10,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = _convert(tmp_path, "--names-from", str(tmp_path), timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr[-800:]
+    assert result.returncode == 2 and "config.json" in result.stderr, result.stderr[-800:]
