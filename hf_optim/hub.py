@@ -358,9 +358,7 @@ def _once_per_machine(work: Callable[[bool], _T]) -> _T:
     return result
 
 
-def _download_sharded(
-    location: _Location, model: torch.nn.Module, optimizer: Any = None, **options: Any
-) -> str:
+def _download_sharded(location: _Location, model: torch.nn.Module, opt: Any, **options: Any) -> str:
     """The state for a sharded (FSDP2) optimizer, downloaded once per machine: the manifest, then only the shard
     files this machine's processes read (every file of an ordinary checkpoint). A collective."""
     local_only = options["local_files_only"]
@@ -385,7 +383,7 @@ def _download_sharded(
         if error is not None:
             raise CheckpointError(f"the machines found different optimizer state on the Hub: {error}")
     if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
-        names = zero.machine_files(manifest_path, optimizer, model)
+        names = zero.machine_files(manifest_path, opt, model)
     else:
         names = manifest_files(manifest_path)
 
