@@ -3,12 +3,14 @@
 DeepSpeed ZeRO-2 on 2 GPUs writes hf_optim's safetensors optimizer state (no ``global_stepN/`` pickles) and
 resumes from it.
 
-    torchrun --nproc_per_node 2 scripts/gpu_check_deepspeed.py OUT {full|first|resume} [ZERO_STAGE]
+    torchrun --nproc_per_node 2 scripts/gpu_check_deepspeed.py OUT {full|first|resume} [ZERO_STAGE [REPO_ID]]
 
 ``full`` trains 8 steps, ``first`` trains 4 and saves, ``resume`` loads that checkpoint and trains the rest; each
 writes its final weights (rank 0) to ``OUT/deepspeed_<mode>.safetensors``. On a CPU-only machine Accelerate counts
 one process while DeepSpeed runs several (its batch-size check fails): ``tests/deepspeed/test_trainer_zero.py``
-runs it there through a patch of Accelerate's backend choice (``tests/deepspeed/accelerate_gloo.py``).
+runs it there through a patch of Accelerate's backend choice (``tests/deepspeed/accelerate_gloo.py``). With
+``REPO_ID`` the checkpoints are pushed there (``hub_strategy="checkpoint"``) and ``resume`` starts from
+``hf://REPO_ID/last-checkpoint``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import hf_optim
 STEPS, SAVE_AT = 8, 4
 
 
-def main(out: str, mode: str, stage: int) -> None:
+def main(out: str, mode: str, stage: int, repo_id: str | None = None) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
 
     class StopAt(TrainerCallback):
@@ -66,6 +68,9 @@ def main(out: str, mode: str, stage: int) -> None:
         seed=0,
         data_seed=0,
         deepspeed=deepspeed,
+        push_to_hub=repo_id is not None and mode == "first",
+        hub_model_id=repo_id,
+        hub_strategy="checkpoint",
     )
     trainer = hf_optim.Trainer(model=model, args=args, train_dataset=Tokens())
     if mode == "first":
@@ -75,7 +80,8 @@ def main(out: str, mode: str, stage: int) -> None:
         assert os.path.isfile(os.path.join(checkpoint, "optimizer.sharded.json")), os.listdir(checkpoint)
         assert not [n for n in os.listdir(checkpoint) if n.startswith("global_step")], os.listdir(checkpoint)
     elif mode == "resume":
-        trainer.train(resume_from_checkpoint=os.path.join(out, "deepspeed", f"checkpoint-{SAVE_AT}"))
+        local = os.path.join(out, "deepspeed", f"checkpoint-{SAVE_AT}")
+        trainer.train(resume_from_checkpoint=f"hf://{repo_id}/last-checkpoint" if repo_id else local)
     else:
         trainer.train()
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
@@ -87,4 +93,4 @@ def main(out: str, mode: str, stage: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2, *sys.argv[4:5])

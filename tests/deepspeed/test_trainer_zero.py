@@ -20,14 +20,14 @@ SCRIPT = ROOT / "scripts" / "gpu_check_deepspeed.py"
 HARNESS = Path(__file__).resolve().parent / "accelerate_gloo.py"
 
 
-def _run(out: Path, mode: str, stage: int) -> None:
+def _run(out: Path, mode: str, stage: int, *repo: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(
-        [*cmd, str(HARNESS), str(SCRIPT), str(out), mode, str(stage)],
+        [*cmd, str(HARNESS), str(SCRIPT), str(out), mode, str(stage), *repo],
         capture_output=True,
         text=True,
         env=env,
@@ -51,5 +51,18 @@ def test_trainer_checkpoints_zero_state_in_safetensors_and_resumes_exactly(
     full = load_file(tmp_path / "deepspeed_full.safetensors")
     resumed = load_file(tmp_path / "deepspeed_resume.safetensors")
     assert full.keys() == resumed.keys() and full
+    for key, value in full.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_trainer_pushes_checkpoints_and_resumes_from_the_hub(tmp_path: Path, hub_repo_id, hub_api) -> None:
+    for mode in ("full", "first", "resume"):
+        _run(tmp_path, mode, 2, hub_repo_id)
+    files = hub_api.list_repo_files(hub_repo_id)
+    assert "last-checkpoint/optimizer.sharded.json" in files
+    assert len([f for f in files if f.startswith("last-checkpoint/optimizer-shards-")]) == 2
+    assert not [f for f in files if "global_step" in f]
+    full = load_file(tmp_path / "deepspeed_full.safetensors")
+    resumed = load_file(tmp_path / "deepspeed_resume.safetensors")
     for key, value in full.items():
         assert torch.equal(resumed[key], value), key
