@@ -16,11 +16,12 @@ calls ``sync``, which registers the names (idempotently). It never raises: failu
 Set ``HF_OPTIM_DISABLE_AUTOLOAD=1`` to switch the start-up hook off. ``import hf_optim`` installs the same
 finder regardless (an explicit import is an explicit request), so either import order works.
 
-Opt-in, with ``HF_OPTIM_LEGACY_IMPORTS=1``: names that transformers removed (``from transformers import AdamW``,
-``from transformers.optimization import AdamW``, ``AdamWeightDecay``, ``GradientAccumulator``) resolve to
-hf_optim's classes. The finder then also watches the ``transformers`` package itself and gives it (and
-``transformers.optimization``) a module-level ``__getattr__`` (PEP 562) that imports hf_optim only when one of
-those names is asked for; every other name falls through to transformers' own lookup, unchanged.
+Names that transformers removed (``from transformers import AdamW``, ``from transformers.optimization import
+AdamW``, ``AdamWeightDecay``, ``GradientAccumulator``): the finder also watches the ``transformers`` package and
+gives it (and ``transformers.optimization``) a module-level ``__getattr__`` (PEP 562) for exactly those names;
+every other name falls through to transformers' own lookup, unchanged. Opt-in, with ``HF_OPTIM_LEGACY_IMPORTS=1``,
+they resolve to hf_optim's classes (imported only when asked for); otherwise importing one raises an
+``ImportError`` saying where it went, instead of transformers' bare "cannot import name".
 """
 
 import os
@@ -92,6 +93,15 @@ class _LegacyGetattr:
             if self._previous is not None:
                 return self._previous(name)  # type: ignore[operator]
             raise AttributeError(f"module {self._module_name!r} has no attribute {name!r}")
+        if not legacy_imports_enabled():
+            # An ImportError (not an AttributeError, which `from ... import` would replace with its own bare
+            # message) that says where the name went.
+            raise ImportError(
+                f"{name} was removed from transformers; hf_optim has it with the same math: "
+                f"`from {target[0].split('.')[0]} import {name}`, or set {ENV_LEGACY_IMPORTS}=1 to make "
+                f"`from {self._module_name} import {name}` work again",
+                name=self._module_name,
+            )
         import importlib
 
         value = getattr(importlib.import_module(target[0]), target[1])
@@ -116,7 +126,7 @@ def install_legacy_names(fullname: str) -> None:
 
 def _on_loaded(fullname: str) -> None:
     """Called right after a watched module executed: register hf_optim's names (never raises)."""
-    if fullname in LEGACY_NAMES and legacy_imports_enabled():
+    if fullname in LEGACY_NAMES:
         install_legacy_names(fullname)
     if fullname not in WATCHED:
         return
@@ -154,13 +164,13 @@ class _HookedLoader:
 
 
 class _TransformersFinder:
-    """``sys.meta_path`` finder that only wraps the loaders of ``WATCHED`` modules, and of the ``LEGACY_NAMES``
-    modules when legacy imports are on (returns None otherwise)."""
+    """``sys.meta_path`` finder that only wraps the loaders of the ``WATCHED`` and ``LEGACY_NAMES`` modules
+    (returns None otherwise)."""
 
     _hf_optim_autoload_finder = True
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
-        if fullname not in WATCHED and not (fullname in LEGACY_NAMES and legacy_imports_enabled()):
+        if fullname not in WATCHED and fullname not in LEGACY_NAMES:
             return None
         try:
             for finder in list(sys.meta_path):
@@ -195,9 +205,8 @@ def install() -> bool:
 def sync_if_loaded() -> None:
     """If transformers already imported a watched module, register now (``import hf_optim`` after
     transformers). Imports nothing from transformers; never raises."""
-    if legacy_imports_enabled():
-        for name in LEGACY_NAMES:
-            install_legacy_names(name)
+    for name in LEGACY_NAMES:
+        install_legacy_names(name)
     if not any(name in sys.modules for name in WATCHED):
         return
     try:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import numbers
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, overload
 
@@ -45,6 +46,21 @@ def unwrap_scheduler(scheduler: Any) -> Any:
     if inner is not None and hasattr(inner, "state_dict") and not hasattr(scheduler, "base_lrs"):
         return inner
     return scheduler
+
+
+def clean_subfolder(subfolder: str | None) -> str | None:
+    """``subfolder`` as a ``/``-separated relative path (None for none); the same rules for local folders and Hub
+    repositories: a relative path inside the checkpoint's root, no ``.`` or ``..`` parts."""
+    if subfolder is None:
+        return None
+    if not isinstance(subfolder, str):
+        raise TypeError(f"subfolder must be a string, got {type(subfolder).__name__}")
+    cleaned = subfolder.replace("\\", "/").strip("/")
+    if not cleaned:
+        return None
+    if any(part in ("", ".", "..") for part in cleaned.split("/")) or os.path.isabs(subfolder):
+        raise ValueError(f"subfolder must be a relative path inside the checkpoint's root, got {subfolder!r}")
+    return cleaned
 
 
 def is_hub_url(value: str) -> bool:

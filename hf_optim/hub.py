@@ -24,11 +24,17 @@ from typing import Any, TypeVar
 
 import torch
 from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download, parse_hf_uri, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, HfUriError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfUriError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_optim import state
-from hf_optim._utils import is_hub_url
+from hf_optim._utils import clean_subfolder, is_hub_url
 from hf_optim.errors import CheckpointError
 from hf_optim.state import (
     ACCUMULATOR_NAME,
@@ -79,6 +85,20 @@ class HfUrl:
 
 
 @dataclass(frozen=True)
+class HubOptions:
+    """How files are downloaded from the Hub (passed as they are to ``huggingface_hub``)."""
+
+    token: str | bool | None = None
+    cache_dir: str | os.PathLike[str] | None = None
+    local_files_only: bool = False
+    force_download: bool = False
+
+    def only_cached(self, cache_only: bool = True) -> HubOptions:
+        """The same options, downloading nothing when ``cache_only``."""
+        return replace(self, local_files_only=self.local_files_only or cache_only)
+
+
+@dataclass(frozen=True)
 class _Location:
     repo_id: str
     subfolder: str | None
@@ -109,17 +129,9 @@ def parse_hf_url(url: str) -> HfUrl:
 
 
 def _clean_subfolder(subfolder: str | None) -> str | None:
-    if subfolder is None:
-        return None
-    if not isinstance(subfolder, str):
-        raise TypeError(f"subfolder must be a string, got {type(subfolder).__name__}")
-    cleaned = subfolder.replace("\\", "/").strip("/")
-    if not cleaned:
-        return None
-    parts = cleaned.split("/")
-    if any(part in ("", ".", "..") for part in parts) or os.path.isabs(subfolder):
-        raise ValueError(f"subfolder must be a relative path inside the repository, got {subfolder!r}")
-    if _GLOB_CHARACTERS & set(cleaned):
+    """:func:`~hf_optim._utils.clean_subfolder`, without glob characters (it becomes a download pattern)."""
+    cleaned = clean_subfolder(subfolder)
+    if cleaned and _GLOB_CHARACTERS & set(cleaned):
         raise ValueError(f"subfolder must not contain glob characters (* ? [ ]), got {subfolder!r}")
     return cleaned
 
@@ -172,11 +184,8 @@ def _snapshot_folder(
     location: _Location,
     allow_patterns: list[str],
     what: str,
+    options: HubOptions,
     *,
-    token: str | bool | None,
-    cache_dir: str | os.PathLike[str] | None,
-    local_files_only: bool,
-    force_download: bool,
     revision: str | None = None,
     ignore_patterns: list[str] | None = None,
 ) -> str:
@@ -187,13 +196,13 @@ def _snapshot_folder(
             revision=revision or location.revision,
             allow_patterns=allow_patterns,
             ignore_patterns=ignore_patterns,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
+            token=options.token,
+            cache_dir=options.cache_dir,
+            local_files_only=options.local_files_only,
+            force_download=options.force_download,
         )
     except LocalEntryNotFoundError as err:
-        raise _not_cached(what, location, err, local_files_only) from err
+        raise _not_cached(what, location, err, options.local_files_only) from err
     return os.path.join(snapshot, *location.subfolder.split("/")) if location.subfolder else snapshot
 
 
@@ -217,36 +226,24 @@ def download_checkpoint(
     With ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached, the cached copy is used.
     """
     location = _locate(repo_id_or_url, subfolder, revision, repo_type)
-    options: dict[str, Any] = {
-        "token": token,
-        "cache_dir": cache_dir,
-        "local_files_only": local_files_only,
-        "force_download": force_download,
-    }
+    options = HubOptions(token, cache_dir, local_files_only, force_download)
     if location.subfolder:
         # fnmatch's "*" crosses "/": the whole folder (glob characters in the subfolder are refused)
-        directory = _snapshot_folder(location, [f"{location.subfolder}/*"], "checkpoint", **options)
+        directory = _snapshot_folder(location, [f"{location.subfolder}/*"], "checkpoint", options)
     else:
         # Patterns only, no listing of the root: snapshot_download checks a cached snapshot against exactly these
         # patterns, so the cache serves them offline too. The root's files ("*/*": not those in folders) ...
-        directory = _snapshot_folder(location, ["*"], "checkpoint", ignore_patterns=["*/*"], **options)
+        directory = _snapshot_folder(location, ["*"], "checkpoint", options, ignore_patterns=["*/*"])
         # ... then its optimizer_N/ folders, from the same commit (the snapshot folder's name)
         commit = os.path.basename(directory)
-        _snapshot_folder(location, [_EXTRA_OPTIMIZER_DIRS], "checkpoint", revision=commit, **options)
+        _snapshot_folder(location, [_EXTRA_OPTIMIZER_DIRS], "checkpoint", options, revision=commit)
     if not os.path.isdir(directory) or not os.listdir(directory):
         where = f"folder {location.subfolder!r}" if location.subfolder else "files at the repository root"
         raise FileNotFoundError(f"{location.repo_id} (revision {location.revision or 'main'}) has no {where}")
     return directory
 
 
-def _fetcher(
-    location: _Location,
-    *,
-    token: str | bool | None,
-    cache_dir: str | os.PathLike[str] | None,
-    local_files_only: bool,
-    force_download: bool,
-) -> Callable[..., str]:
+def _fetcher(location: _Location, options: HubOptions) -> Callable[..., str]:
     def fetch(name: str, revision: str | None, *, cache_only: bool = False) -> str:
         return hf_hub_download(
             location.repo_id,
@@ -254,10 +251,10 @@ def _fetcher(
             subfolder=location.subfolder,
             repo_type=location.repo_type,
             revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only or cache_only,
-            force_download=force_download,
+            token=options.token,
+            cache_dir=options.cache_dir,
+            local_files_only=options.local_files_only or cache_only,
+            force_download=options.force_download,
         )
 
     return fetch
@@ -284,6 +281,15 @@ def _fetch_manifest(
             unreachable = unreachable or err
         except EntryNotFoundError:
             continue
+        except RevisionNotFoundError:
+            raise CheckpointError(
+                f"{location.describe()}: the repository has no revision {location.revision!r}"
+            ) from None
+        except RepositoryNotFoundError:
+            raise CheckpointError(
+                f"{location.describe()}: no such repository on the Hub (or it is private and no token with access "
+                "was given)"
+            ) from None
     if unreachable is not None:
         raise _not_cached("optimizer state", location, unreachable, local_files_only) from unreachable
     where = f"subfolder {location.subfolder!r}" if location.subfolder else "the repository root"
@@ -329,11 +335,11 @@ def _fetch_files(
         ) from None
 
 
-def _download_state(location: _Location, **options: Any) -> str:
+def _download_state(location: _Location, options: HubOptions) -> str:
     """Download the manifest, then the files it references; returns the local folder."""
-    fetch = _fetcher(location, **options)
-    manifest_path = _fetch_manifest(location, fetch, options["local_files_only"], prefer_sharded=False)
-    _fetch_files(location, fetch, manifest_path, _referenced(manifest_path), options["local_files_only"])
+    fetch = _fetcher(location, options)
+    manifest_path = _fetch_manifest(location, fetch, options.local_files_only, prefer_sharded=False)
+    _fetch_files(location, fetch, manifest_path, _referenced(manifest_path), options.local_files_only)
     return os.path.dirname(manifest_path)
 
 
@@ -358,14 +364,14 @@ def _once_per_machine(work: Callable[[bool], _T]) -> _T:
     return result
 
 
-def _download_sharded(location: _Location, model: torch.nn.Module, opt: Any, **options: Any) -> str:
+def _download_sharded(location: _Location, model: torch.nn.Module, opt: Any, options: HubOptions) -> str:
     """The state for a sharded (FSDP2) optimizer, downloaded once per machine: the manifest, then only the shard
     files this machine's processes read (every file of an ordinary checkpoint). A collective."""
-    local_only = options["local_files_only"]
+    local_only = options.local_files_only
 
     def manifest(where: _Location) -> Callable[[bool], str]:
         def fetch_manifest(cache_only: bool) -> str:
-            fetch = _fetcher(where, **{**options, "local_files_only": local_only or cache_only})
+            fetch = _fetcher(where, options.only_cached(cache_only))
             return _fetch_manifest(where, fetch, local_only, prefer_sharded=True)
 
         return fetch_manifest
@@ -389,7 +395,7 @@ def _download_sharded(location: _Location, model: torch.nn.Module, opt: Any, **o
 
     def files(cache_only: bool) -> None:
         if not cache_only:
-            _fetch_files(location, _fetcher(location, **options), manifest_path, names, local_only)
+            _fetch_files(location, _fetcher(location, options), manifest_path, names, local_only)
 
     _once_per_machine(files)
     return os.path.dirname(manifest_path)
@@ -401,10 +407,7 @@ def _resolve(
     repo_type: str | None,
     revision: str | None,
     subfolder: str | None,
-    token: str | bool | None,
-    cache_dir: str | os.PathLike[str] | None,
-    local_files_only: bool,
-    force_download: bool,
+    options: HubOptions,
     sharded_optimizer: bool = False,
     model: torch.nn.Module | None = None,
     optimizer: Any = None,
@@ -412,21 +415,15 @@ def _resolve(
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
         raise TypeError(f"path_or_repo_id must be a path, repo id or hf:// URL, got {path_or_repo_id!r}")
-    options: dict[str, Any] = {
-        "token": token,
-        "cache_dir": cache_dir,
-        "local_files_only": local_files_only,
-        "force_download": force_download,
-    }
     if not is_hub_url(value) and os.path.isdir(value):
         if revision is not None or repo_type is not None:
             raise ValueError(
                 f"revision / repo_type apply to Hub repositories, but {value!r} is a local directory"
             )
-        sub = _clean_subfolder(subfolder)
+        sub = clean_subfolder(subfolder)
         directory = os.path.join(value, *sub.split("/")) if sub else value
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"no subfolder {sub!r} in {value}")
+            raise FileNotFoundError(f"no subfolder {subfolder!r} in {value}")
         return directory, checkpoint_roots(directory)
     if not is_hub_url(value):
         if os.path.exists(value):
@@ -437,9 +434,9 @@ def _resolve(
             raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
     location = _locate(value, subfolder, revision, repo_type)
     if model is not None and sharded_optimizer:
-        directory = _download_sharded(location, model, optimizer, **options)
+        directory = _download_sharded(location, model, optimizer, options)
     else:
-        directory = _download_state(location, **options)
+        directory = _download_state(location, options)
     return directory, checkpoint_roots(directory)
 
 
@@ -461,10 +458,7 @@ def resolve_state_dir(
         repo_type=repo_type,
         revision=revision,
         subfolder=subfolder,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
+        options=HubOptions(token, cache_dir, local_files_only, force_download),
     )
     return directory
 
@@ -493,19 +487,15 @@ def load_state(
     :func:`hf_optim.state.load_state` (required for sharded FSDP2 state; then each machine downloads once).
     """
     is_sharded = sharded.is_sharded(optimizer) or zero.find_zero(optimizer, model) is not None
-    if is_sharded and model is None:
-        raise ValueError(
-            "the optimizer's state is sharded (FSDP2 DTensor parameters or DeepSpeed ZeRO): pass model= to name it"
-        )
+    if zero.find_zero(optimizer, model) is not None and model is None:
+        raise ValueError("the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters")
+    sharded.require_model(optimizer, model)
     directory, roots = _resolve(
         path_or_repo_id,
         repo_type=repo_type,
         revision=revision,
         subfolder=subfolder,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
+        options=HubOptions(token, cache_dir, local_files_only, force_download),
         sharded_optimizer=is_sharded,
         model=model,
         optimizer=optimizer,
@@ -533,10 +523,7 @@ def inspect_state(
         repo_type=repo_type,
         revision=revision,
         subfolder=subfolder,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
+        options=HubOptions(token, cache_dir, local_files_only, force_download),
     )
     if state.has_sharded_state(directory) and not state.has_state(directory):
         return state.inspect_sharded_state(directory)
@@ -553,9 +540,6 @@ def push_state_to_hub(
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
     commit_message: str | None = None,
     private: bool | None = None,
     create_pr: bool = False,
@@ -568,16 +552,12 @@ def push_state_to_hub(
     Creates the repo if needed (``private`` applies then) and the branch ``revision`` if it does not exist. State
     files of a previous push in the same subfolder that the new checkpoint does not use (e.g. surplus shards)
     are deleted in the same commit. ``create_pr=True`` opens a pull request against ``revision`` instead.
-    ``cache_dir`` / ``force_download`` do not apply to uploads; ``local_files_only=True`` is refused.
 
     Sharded (FSDP2) state: call it on every process with ``model=``. Every process writes its shard, then rank 0
     makes the one commit and returns its ``CommitInfo`` (the others return None). The files go to a temporary
     folder on this machine, or to ``save_directory``, which must be on a filesystem every machine sees when the
     processes span several machines.
     """
-    del cache_dir, force_download  # accepted for a uniform signature: nothing is downloaded
-    if local_files_only:
-        raise ValueError("push_state_to_hub cannot run with local_files_only=True")
     location = _locate(repo_id, subfolder, revision, repo_type)
     upload = {"location": location, "token": token, "commit_message": commit_message}
     upload.update(private=private, create_pr=create_pr)
@@ -634,10 +614,7 @@ def _push_sharded(
     max_shard_size: int | str | None,
     upload: dict[str, Any],
 ) -> CommitInfo | None:
-    if model is None:
-        raise ValueError(
-            "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
-        )
+    sharded.require_model(optimizer, model)
     spans_machines = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) != os.environ.get(
         "WORLD_SIZE"
     )

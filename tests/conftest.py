@@ -29,3 +29,16 @@ def _restore_registry():
 
     with registry.snapshot():
         yield
+
+
+@pytest.fixture(scope="session")
+def sharded_saves(tmp_path_factory):
+    """The sharded checkpoints of one two-process FSDP2 run, saved once per session (per xdist worker): ``ckpt``
+    (optimizer and scheduler), ``acc`` (with a GradientAccumulator mid-window), and the state at each save
+    (``at_save.safetensors``, ``acc_at_save.safetensors``). Tests copy what they change."""
+    from tests.state.sharded_jobs import spawn_job
+
+    out = str(tmp_path_factory.mktemp("sharded_saves"))
+    spawn_job(2, "acc-save", out)
+    spawn_job(2, "save", out)
+    return out

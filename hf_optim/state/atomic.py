@@ -226,6 +226,21 @@ def save_lock(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
+def follow_umask(folder: str, paths: list[str]) -> None:
+    """Give ``paths`` the mode a new file gets under the process's umask (as ``open()`` and ``torch.save`` do):
+    writers that create files through temporary-file helpers make them 0600. The mode is read from a probe file
+    created in ``folder`` (``os.umask`` cannot be read without changing it for every thread)."""
+    probe = os.path.join(folder, f".hf_optim-mode-{os.getpid()}-{id(paths)}.tmp")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.remove(probe)
+    for path in paths:
+        os.chmod(path, mode)
+
+
 def staging_folder(directory: str, checkpoint_id: str) -> str:
     """A new, empty staging folder for one save's temporary files."""
     path = os.path.join(directory, f".hf_optim-{checkpoint_id}.tmp")
@@ -261,6 +276,7 @@ def commit(
             tmp = os.path.join(staging, pending.name)
             temps[pending.name] = tmp
             pending.write(tmp)
+        follow_umask(staging, list(temps.values()))
         for pending in companions:
             final = os.path.join(directory, pending.name)
             if (

@@ -111,6 +111,10 @@ def is_safe_name(name: Any) -> bool:
     )
 
 
+#: the size above which a checkpoint (or each process's part of a sharded one) is split into several files
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
 def parse_max_shard_size(value: Any) -> int:
     """Bytes from an int or a string such as ``"5GB"`` (huggingface_hub's units) or ``"2GiB"``."""
     message = (

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_optim.state.codec import TensorHeader, decode
+from hf_optim.state.describe import FileReader
 from hf_optim.state.format import dtype_name
 from hf_optim.state.io import read_safetensors
-from hf_optim.state.load import read_scheduler
 from hf_optim.state.reader import Checkpoint, open_checkpoint
 
 __all__ = ["StateInfo", "inspect_state"]
@@ -75,11 +75,11 @@ def _inspect(ckpt: Checkpoint, directory: str) -> StateInfo:
             step_range = (min(nums), max(nums))
     info: dict[str, Any] = {}
     files = list(ckpt.files)
-    saved_scheduler = read_scheduler(ckpt)
+    saved_scheduler = FileReader(ckpt).scheduler()
     if saved_scheduler is not None:
-        _sched_path, doc, state = saved_scheduler
-        info["scheduler_name"] = doc.get("name")
-        info["scheduler_class"] = doc.get("class")
+        state = saved_scheduler.state
+        info["scheduler_name"] = saved_scheduler.name
+        info["scheduler_class"] = saved_scheduler.class_name
         info["scheduler_step"] = state.get("last_epoch")
         last_lr = state.get("_last_lr")
         if isinstance(last_lr, list):

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from hf_optim.errors import CheckpointError
+from hf_optim.state.checks import TENSOR_STATE as MOMENTS
 from hf_optim.state.format import dtype_name, qualname
-from hf_optim.state.reader import Checkpoint
+from hf_optim.state.model import SavedCheckpoint, SavedParam, TensorEntry
 
 __all__ = ["fail", "plan_optimizer", "raise_errors"]
 
@@ -37,20 +39,23 @@ def raise_errors(errors: list[str], source: str) -> None:
     if errors:
         shown = "".join(f"\n  - {e}" for e in errors[:8])
         more = f"\n  (and {len(errors) - 8} more)" if len(errors) > 8 else ""
-        raise ValueError(f"cannot load the optimizer state from {source}:{shown}{more}")
+        raise CheckpointError(f"cannot load the optimizer state from {source}:{shown}{more}")
 
 
 def plan_optimizer(
-    ckpt: Checkpoint, opt: torch.optim.Optimizer, live_sd: Mapping[str, Any], strict: bool, notes: list[str]
+    saved: SavedCheckpoint,
+    opt: torch.optim.Optimizer,
+    live_sd: Mapping[str, Any],
+    strict: bool,
+    notes: list[str],
 ) -> tuple[dict[int, str], list[int] | None, dict[str, list[str]]]:
     """Match checkpoint parameters to live ones; returns (live index -> saved key, the saved group each live
     group takes its hyperparameters from or None, report lists)."""
-    meta = ckpt.meta
     errors: list[str] = []
-    saved_class = (meta.get("optimizer") or {}).get("class")
+    saved_class = saved.optimizer_class
     if saved_class is not None and saved_class != qualname(opt):
         fail(errors, strict, notes, f"the state was saved from {saved_class}, not {qualname(opt)}")
-    saved_groups = meta["param_groups"]
+    saved_groups = saved.groups
     live_groups = live_sd["param_groups"]
     live: list[list[_Live]] = []
     for g, (group, sd_group) in enumerate(zip(opt.param_groups, live_groups, strict=True)):
@@ -62,24 +67,13 @@ def plan_optimizer(
             ]
         )
     flat_live = [p for group in live for p in group]
-    by_name = meta["keyed_by"] == "name" and all(p.name is not None for p in flat_live)
-    saved_records = [
-        (g, rec, rec["name"] if meta["keyed_by"] == "name" else str(rec["index"]))
-        for g, group in enumerate(saved_groups)
-        for rec in group["params"]
-    ]
+    by_name = saved.keyed_by == "name" and all(p.name is not None for p in flat_live)
+    saved_records = [(g, rec, rec.key) for g, group in enumerate(saved_groups) for rec in group.params]
     same_structure = len(saved_groups) == len(live) and all(
-        len(sg["params"]) == len(lg) for sg, lg in zip(saved_groups, live, strict=True)
+        len(sg.params) == len(lg) for sg, lg in zip(saved_groups, live, strict=True)
     )
-    if len(saved_groups) != len(live):
-        fail(
-            errors,
-            strict,
-            notes,
-            f"the checkpoint has {len(saved_groups)} parameter group(s), the optimizer {len(live)}",
-        )
 
-    pairs: list[tuple[_Live, str, dict[str, Any], int]] = []  # live, saved key, saved record, saved group
+    pairs: list[tuple[_Live, str, SavedParam, int]] = []  # live, saved key, saved record, saved group
     missing: list[str] = []
     unexpected: list[str] = []
     if by_name:
@@ -101,13 +95,12 @@ def plan_optimizer(
         unexpected = [key for _, _, key in saved_records if key not in live_names]
     elif same_structure:
         for g, (sg, lg) in enumerate(zip(saved_groups, live, strict=True)):
-            for rec, p in zip(sg["params"], lg, strict=True):
-                key = rec["name"] if meta["keyed_by"] == "name" else str(rec["index"])
-                pairs.append((p, key, rec, g))
-        if meta["keyed_by"] == "name" and not any(p.name for p in flat_live):
+            for rec, p in zip(sg.params, lg, strict=True):
+                pairs.append((p, rec.key, rec, g))
+        if saved.keyed_by == "name" and not any(p.name for p in flat_live):
             notes.append("the optimizer has no parameter names: parameters matched by position")
     else:
-        sizes = [len(g["params"]) for g in saved_groups]
+        sizes = [len(g.params) for g in saved_groups]
         live_sizes = [len(g) for g in live]
         fail(
             errors,
@@ -118,6 +111,31 @@ def plan_optimizer(
         )
         missing = [p.key for p in flat_live]
         unexpected = [key for _, _, key in saved_records]
+    if len(saved_groups) != len(live):
+        # name the difference: the parameters one side has in groups the other lacks
+        detail = ""
+        if by_name and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(
+                    f"optimizer parameters not in the checkpoint: {', '.join(map(repr, missing[:5]))}"
+                )
+            if unexpected:
+                parts.append(
+                    f"checkpoint parameters the optimizer lacks: {', '.join(map(repr, unexpected[:5]))}"
+                )
+            detail = f" ({'; '.join(parts)})"
+        elif not by_name:
+            detail = (
+                f" (groups of sizes {[len(g.params) for g in saved_groups]} in the checkpoint, "
+                f"{[len(g) for g in live]} in the optimizer)"
+            )
+        fail(
+            errors,
+            strict,
+            notes,
+            f"the checkpoint has {len(saved_groups)} parameter group(s), the optimizer {len(live)}{detail}",
+        )
     if missing:
         fail(
             errors,
@@ -137,9 +155,11 @@ def plan_optimizer(
 
     plan: dict[int, str] = {}
     mismatched: list[str] = []
-    state_meta = meta["state"]
     for p, key, rec, _g in pairs:
-        shape = rec.get("shape")
+        shape = rec.shape
+        if shape is None and rec.state:  # no recorded shape (sharded layout): its moments' global shape
+            shapes = {e.shape for k, e in rec.state.items() if isinstance(e, TensorEntry) and k in MOMENTS}
+            shape = next(iter(shapes)) if len(shapes) == 1 else None
         if shape is not None and list(shape) != list(p.param.shape):
             mismatched.append(key)
             fail(
@@ -150,7 +170,7 @@ def plan_optimizer(
                 "optimizer",
             )
             continue
-        dtype = rec.get("dtype")
+        dtype = rec.dtype
         if dtype is not None and dtype != dtype_name(p.param.dtype):
             fail(
                 errors,
@@ -160,7 +180,7 @@ def plan_optimizer(
             )
         # if the live optimizer already has state for this parameter, the saved one must look alike
         live_state = live_sd["state"].get(p.index)
-        saved_state = state_meta.get(key)
+        saved_state = rec.state
         if live_state and saved_state is not None:
             differences = []
             if set(live_state) != set(saved_state):
@@ -170,14 +190,14 @@ def plan_optimizer(
                 )
             for k, node in saved_state.items():
                 value = live_state.get(k)
+                node_shape = tuple(node.shape) if isinstance(node, (TensorEntry, torch.Tensor)) else None
                 if (
                     isinstance(value, torch.Tensor)
-                    and isinstance(node, dict)
-                    and "tensor" in node
-                    and node["shape"] != list(value.shape)
+                    and node_shape is not None
+                    and node_shape != tuple(value.shape)
                 ):
                     differences.append(
-                        f"state {k!r} of parameter {key!r} has shape {tuple(node['shape'])} in the checkpoint "
+                        f"state {k!r} of parameter {key!r} has shape {node_shape} in the checkpoint "
                         f"but {tuple(value.shape)} in the optimizer"
                     )
             if differences:
@@ -186,13 +206,13 @@ def plan_optimizer(
                     fail(errors, strict, notes, message)
                 continue
         plan[p.index] = key
-    raise_errors(errors, ckpt.path)
+    raise_errors(errors, saved.source)
     lists = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
     return plan, _group_map(pairs, len(saved_groups), len(live), by_name, notes), lists
 
 
 def _group_map(
-    pairs: list[tuple[_Live, str, dict[str, Any], int]],
+    pairs: list[tuple[_Live, str, SavedParam, int]],
     saved: int,
     live: int,
     by_name: bool,

@@ -21,6 +21,7 @@ from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_l
 from hf_optim.state.codec import Encoder
 from hf_optim.state.format import (
     ACCUMULATOR_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
     FORMAT_VERSION,
     KIND_ACCUMULATOR,
     KIND_OBJECT,
@@ -209,7 +210,7 @@ def save_state_dict(
     scheduler_kwargs: Any = None,
     accumulator_state: Mapping[str, Any] | None = None,
     accumulator_class: str | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     metadata: Mapping[str, str] | None = None,
     fsync: bool = False,
 ) -> list[str]:
@@ -316,7 +317,7 @@ def save_state(
     ``model``: the trained model. With a plain model it names the parameters (when the optimizer was not given
     ``named_parameters()``). When the optimizer's parameters are FSDP2 ``DTensor``s the state is sharded and
     ``model`` is required: call ``save_state`` on every process; each writes its own shard (format version 2,
-    ``docs/FORMAT.md``), in files of about ``max_shard_size`` (default ``"100MB"`` there, ``"5GB"`` otherwise),
+    ``docs/FORMAT.md``), in files of about ``max_shard_size`` per process (default ``"5GB"``, as for the other files),
     and ``consolidate_to`` also writes the ordinary single-process checkpoint there (from rank 0).
     """
     zero_optimizer = zero.find_zero(optimizer, model)
@@ -337,17 +338,14 @@ def save_state(
         ]
     opt = unwrap_optimizer(optimizer)
     if sharded.is_sharded(opt):
-        if model is None:
-            raise ValueError(
-                "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
-            )
+        sharded.require_model(opt, model)
         manifest = sharded.save_sharded_state(
             save_directory,
             opt,
             scheduler,
             accumulator,
             model=model,
-            max_file_size="100MB" if max_shard_size is None else max_shard_size,
+            max_shard_size=DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size,
         )
         if consolidate_to is not None and sharded.rank() == 0:
             consolidate_state(save_directory, consolidate_to, fsync=fsync)
@@ -389,7 +387,7 @@ def save_state(
         param_dtypes=dtypes,
         optimizer_class=qualname(opt),
         optimizer_name=registry.optimizer_name(opt),
-        max_shard_size="5GB" if max_shard_size is None else max_shard_size,
+        max_shard_size=DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size,
         fsync=fsync,
         **sched,
         **acc,
@@ -508,7 +506,7 @@ def consolidate_state(
     sharded_directory: str | os.PathLike[str],
     save_directory: str | os.PathLike[str],
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     fsync: bool = False,
 ) -> list[str]:
     """Write the ordinary single-process checkpoint of a sharded (FSDP2) one, in one process, without

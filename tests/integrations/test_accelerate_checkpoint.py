@@ -106,8 +106,13 @@ def _resume(make_accelerator, source, **kwargs) -> dict:
 
 def test_checkpoint_files_are_safetensors_and_json(checkpoint: Path) -> None:
     names = set(os.listdir(checkpoint))
-    assert {"model.safetensors", "optimizer.safetensors", "scheduler.json", "random_states_0.pkl"} <= names
-    assert not names & {"optimizer.bin", "scheduler.bin"}
+    assert {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "scheduler.json",
+        "random_states_0.safetensors",
+    } <= names
+    assert [n for n in names if not n.endswith((".safetensors", ".json"))] == []  # no pickle at all
     assert sorted(load_file(checkpoint / "model.safetensors")) == sorted(Net().state_dict())
     scheduler = json.loads((checkpoint / "scheduler.json").read_text())
     assert json.dumps(scheduler)  # JSON, and it mentions the schedule by name
@@ -490,9 +495,9 @@ def test_registered_files_must_match_the_registered_objects(make_accelerator, ch
 def test_accelerate_files_must_be_regular_files(make_accelerator, checkpoint: Path) -> None:
     accelerator, model, optimizer, scheduler = _setup(make_accelerator, seed=9)
     before = _snapshot(model, optimizer, scheduler)
-    (checkpoint / "random_states_0.pkl").unlink()
-    (checkpoint / "random_states_0.pkl").mkdir()
-    with pytest.raises(CheckpointError, match=r"random_states_0\.pkl: not a regular file"):
+    (checkpoint / "random_states_0.safetensors").unlink()
+    (checkpoint / "random_states_0.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"random_states_0\.safetensors is not a regular file"):
         accelerate_load_state(accelerator, checkpoint)
     _assert_equal_snapshots(_snapshot(model, optimizer, scheduler), before)
 
@@ -631,7 +636,7 @@ def test_plain_save_state_and_load_state_after_use_safetensors_state(
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["checkpoint_1"]
     files = sorted(os.listdir(checkpoints / "checkpoint_1"))
-    assert [n for n in files if not n.endswith((".safetensors", ".json"))] == ["random_states_0.pkl"]
+    assert [n for n in files if not n.endswith((".safetensors", ".json"))] == []
     assert {
         "model.safetensors",
         "optimizer.safetensors",
@@ -690,3 +695,59 @@ def test_hub_download_keywords_are_forwarded(
             cache_dir=tmp_path / "empty",
             local_files_only=True,
         )
+
+
+def test_random_states_are_safetensors_and_restored_exactly(make_accelerator, tmp_path: Path) -> None:
+    """Python's, numpy's and torch's generators and Accelerate's step counter come back from
+    ``random_states_0.safetensors``: the draws after the load are those that followed the save."""
+    import random
+
+    import numpy as np
+
+    accelerator, *_ = _setup(make_accelerator)
+    random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # a cached gaussian in numpy's state
+    accelerator.step = 7
+    accelerate_save_state(accelerator, tmp_path / "ckpt")
+    expected = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist())
+    accelerator2, *_ = _setup(make_accelerator, seed=5)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    accelerate_load_state(accelerator2, tmp_path / "ckpt")
+    assert accelerator2.step == 7
+    assert (
+        random.random(),
+        np.random.rand(3).tolist(),
+        np.random.randn(),
+        torch.rand(3).tolist(),
+    ) == expected
+
+
+def test_an_older_folders_pickled_random_states_still_load(make_accelerator, tmp_path: Path, caplog) -> None:
+    """A folder from before (Accelerate's ``random_states_0.pkl``, no safetensors file) restores the generators
+    through ``weights_only=True``; one that cannot be read is named in a warning, not skipped in silence."""
+    import random
+
+    import numpy as np
+
+    accelerator, *_ = _setup(make_accelerator)
+    accelerate_save_state(accelerator, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "random_states_0.safetensors").unlink()
+    state = {
+        "step": 3,
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch_manual_seed": torch.get_rng_state(),
+    }
+    torch.save(state, tmp_path / "ckpt" / "random_states_0.pkl")  # what Accelerate writes
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    accelerator2, *_ = _setup(make_accelerator, seed=5)
+    accelerate_load_state(accelerator2, tmp_path / "ckpt")
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert accelerator2.step == 3
+
+    (tmp_path / "ckpt" / "random_states_0.pkl").write_bytes(b"\x80\x04not a pickle")
+    with caplog.at_level("WARNING", logger="hf_optim"):
+        accelerate_load_state(accelerator2, tmp_path / "ckpt")
+    assert any(
+        "random_states_0.pkl" in r.getMessage() and "could not be restored" in r.getMessage()
+        for r in caplog.records
+    )

@@ -64,19 +64,20 @@ import transformers, transformers.optimization
 report = {}
 try:
     from transformers import AdamW
-except ImportError:
-    report["top_level"] = "ImportError"
+except ImportError as err:
+    report["top_level"] = str(err)
 try:
     from transformers.optimization import AdamW
-except ImportError:
-    report["optimization"] = "ImportError"
+except ImportError as err:
+    report["optimization"] = str(err)
 try:
     from transformers import AdamW
 except ImportError:
     from torch.optim import AdamW
 import torch
 report["fallback"] = AdamW is torch.optim.AdamW
-report["getattr_added"] = "__getattr__" in vars(sys.modules["transformers"]) or "__getattr__" in vars(transformers.optimization)
+from transformers import Trainer  # transformers' own names are untouched
+report["trainer"] = Trainer.__module__
 print(json.dumps(report))
 """
 
@@ -151,13 +152,15 @@ def test_removed_names_resolve_to_hf_optim_lazily(results):
     }
 
 
-def test_without_the_variable_nothing_changes(results):
-    assert results["disabled"] == {
-        "top_level": "ImportError",
-        "optimization": "ImportError",
-        "fallback": True,
-        "getattr_added": False,
-    }
+def test_without_the_variable_the_import_error_says_where_the_name_went(results):
+    """Still an ImportError (so ``try: from transformers import AdamW / except ImportError`` fallbacks work), and
+    the message names both ways out."""
+    disabled = results["disabled"]
+    for where in ("top_level", "optimization"):
+        assert "from hf_optim import AdamW" in disabled[where], disabled[where]
+        assert "HF_OPTIM_LEGACY_IMPORTS=1" in disabled[where], disabled[where]
+    assert disabled["fallback"] is True
+    assert disabled["trainer"] == "transformers.trainer"
 
 
 def test_importing_hf_optim_after_transformers_installs_the_names(results):

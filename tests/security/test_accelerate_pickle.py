@@ -154,26 +154,31 @@ def test_allow_pickle_loads_a_folder_you_made(make_accelerator, tmp_path: Path) 
     assert counter2.count == 7 and torch.equal(counter2.history, torch.tensor([1.0, 2.0, 3.0]))
 
 
-def test_rng_file_is_read_with_weights_only(make_accelerator, tmp_path: Path) -> None:
-    """Accelerate reads ``random_states_N.pkl`` with ``weights_only=True``: a payload there cannot run."""
+def test_an_older_folders_rng_pickle_runs_no_code(make_accelerator, tmp_path: Path, caplog) -> None:
+    """A folder from before hf_optim wrote random states as safetensors: its ``random_states_N.pkl`` is read with
+    ``weights_only=True``, so a payload there cannot run, and the state it failed to give is named in a
+    warning."""
     accelerator, *_ = _setup(make_accelerator)
     folder = tmp_path / "ckpt"
     accelerate_save_state(accelerator, folder)
+    (folder / "random_states_0.safetensors").unlink()
     marker = tmp_path / "marker"
     _plant(folder / "random_states_0.pkl", marker)
     accelerator2, *_ = _setup(make_accelerator, seed=1)
-    accelerate_load_state(accelerator2, folder)  # Accelerate logs that it could not load the random states
+    with caplog.at_level("WARNING", logger="hf_optim"):
+        accelerate_load_state(accelerator2, folder)
     assert not marker.exists()
+    assert any("random_states_0.pkl" in r.getMessage() for r in caplog.records)
     # the control: the same file unpickled without weights_only runs the payload
     torch.load(folder / "random_states_0.pkl", weights_only=False)
     assert marker.exists()
 
 
-def test_checkpoint_folder_holds_no_pickle_but_accelerates_rng_file(make_accelerator, tmp_path: Path) -> None:
+def test_checkpoint_folder_holds_no_pickle(make_accelerator, tmp_path: Path) -> None:
     accelerator, *_ = _setup(make_accelerator)
     use_safetensors_state(accelerator)
     folder = tmp_path / "ckpt"
     accelerator.save_state(str(folder))
     names = sorted(os.listdir(folder))
-    assert [n for n in names if not n.endswith((".safetensors", ".json"))] == ["random_states_0.pkl"]
-    assert "custom_checkpoint_0.safetensors" in names
+    assert [n for n in names if not n.endswith((".safetensors", ".json"))] == []
+    assert {"custom_checkpoint_0.safetensors", "random_states_0.safetensors"} <= set(names)

@@ -118,8 +118,19 @@ def test_glob_characters_in_subfolders_are_refused(hub_repo_id, subfolder):
 
 
 def test_every_entry_point_takes_the_same_hub_keywords():
-    for fn in (load_state, inspect_state, resolve_state_dir, download_checkpoint, push_state_to_hub):
+    for fn in (load_state, inspect_state, resolve_state_dir, download_checkpoint):
         assert set(inspect.signature(fn).parameters) >= HUB_KEYWORDS, fn.__name__
+    # uploading takes where to (repo type, revision, subfolder, token), nothing that only concerns downloads
+    push = set(inspect.signature(push_state_to_hub).parameters)
+    download_only = {"cache_dir", "local_files_only", "force_download"}
+    assert push >= HUB_KEYWORDS - download_only and not push & download_only
+    # the Hub's load_state is the local one plus where to find the checkpoint: same names, kinds and defaults
+    local = inspect.signature(hf_optim.state.load_state).parameters
+    hub = inspect.signature(load_state).parameters
+    for name, param in local.items():
+        if name in ("directory", "roots"):
+            continue
+        assert name in hub and (hub[name].kind, hub[name].default) == (param.kind, param.default), name
     assert hf_optim.load_state is load_state and hf_optim.inspect_state is inspect_state
     parser = __import__("argparse").ArgumentParser()
     inspect_cmd.register(parser.add_subparsers())
@@ -170,3 +181,19 @@ def test_local_files_only_uses_the_cache(hub_repo_id):
     _, opt3, sched3 = setup()
     report = load_state(hub_repo_id, opt3, sched3, revision="v1", local_files_only=True)
     assert report.complete
+
+
+@pytest.mark.parametrize("where", ["repo", "revision"])
+def test_missing_repository_or_revision_is_one_clear_error(hub_repo_id, where):
+    """Not huggingface_hub's raw 404 about a manifest file the user never named: a CheckpointError naming the
+    repository (and revision)."""
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    if where == "revision":
+        push_state_to_hub(hub_repo_id, opt)
+    revision = "no-such-branch" if where == "revision" else None
+    with pytest.raises(CheckpointError) as info:
+        load_state(hub_repo_id, opt, revision=revision)
+    message = str(info.value)
+    assert hub_repo_id in message and OPTIMIZER_INDEX_NAME not in message
+    assert ("no-such-branch" in message) == (where == "revision")

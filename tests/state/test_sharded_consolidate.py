@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             opt.step()
             sched.step()
             opt.zero_grad()
-        save_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model, max_file_size=FILE_SIZE)
+        save_sharded_state(os.path.join(out, "ckpt"), opt, sched, model=model, max_shard_size=FILE_SIZE)
         names = {id(p): n for n, p in model.named_parameters()}
         full_sd = opt.state_dict()  # collectives below: every rank
         full_sd["state"] = {

@@ -50,6 +50,13 @@ from hf_optim._utils import is_hub_url, unwrap_optimizer
 from hf_optim.errors import CheckpointError
 from hf_optim.hub import download_checkpoint, resolve_state_dir
 from hf_optim.integrations.accelerate.prepare import is_hf_optim_scheduler
+from hf_optim.integrations.accelerate.run_state import (
+    PICKLED_RNG_NAME,
+    load_run_state,
+    read_run_state,
+    run_state_files,
+    save_run_state,
+)
 from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
@@ -84,7 +91,6 @@ _PICKLED_MODEL_STEM = "pytorch_model"
 # The state of the i-th prepared optimizer (i > 0) goes into this sub-folder of the checkpoint.
 _EXTRA_OPTIMIZER_DIR = "optimizer_{}"
 # Accelerate's other files (accelerate.utils.constants): RNG, scaler, samplers, stateful dataloaders.
-_RNG_NAME = "random_states_{}.pkl"
 _SCALER_NAME = "scaler.pt"
 
 _SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.FSDP)
@@ -160,7 +166,7 @@ def accelerate_save_state(
     hook = (lambda models, weights, output_dir: None) if fsdp2 else _unwrapped_weights_hook(accelerator)
     handle = accelerator.register_save_state_pre_hook(hook)
     try:
-        with _hidden_from_accelerate(accelerator, custom_objects=True):
+        with _hidden_from_accelerate(accelerator, custom_objects=True, scaler=True, dataloaders=True):
             # The class's method: use_safetensors_state replaces the instance's save_state with a call to this.
             location = os.fspath(
                 type(accelerator).save_state(accelerator, output_dir, safe_serialization=safe_serialization)
@@ -174,6 +180,12 @@ def accelerate_save_state(
         else accelerator.is_main_process
     )
     error: Exception | None = None
+    try:  # every process: its random states (instead of Accelerate's pickle); the writer: scaler, dataloaders
+        save_run_state(accelerator, location, writes=writes)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(location, PICKLED_RNG_NAME.format(accelerator.process_index)))
+    except Exception as err:  # re-raised below, after telling the other processes
+        error = err
     if fsdp2:  # every process writes its own shard of the optimizer state (a collective)
         for index, (optimizer, scheduler) in enumerate(pairs):
             save_state(
@@ -183,7 +195,7 @@ def accelerate_save_state(
                 accumulator if index == 0 else None,
                 model=_model_of(accelerator, optimizer),
             )
-    if writes:
+    if writes and error is None:
         try:
             for index, (optimizer, scheduler) in enumerate(pairs if not fsdp2 else ()):
                 save_state(
@@ -293,7 +305,9 @@ def accelerate_load_state(
             )
         inspect_state(state_dir)  # the files on their own; load_state checks them against the optimizer
     registered_states, accelerate_reads_registered = _read_registered(accelerator, local_dir, allow_pickle)
-    _check_accelerate_files(accelerator, local_dir)
+    ours = run_state_files(accelerator, local_dir)
+    _check_accelerate_files(accelerator, local_dir, ours)
+    run_state = read_run_state(accelerator, local_dir)
 
     # 2. Apply, with everything that can change restorable.
     snapshot = _Snapshot(accelerator, pairs, accumulator)
@@ -315,10 +329,16 @@ def accelerate_load_state(
             (lambda models, input_dir: None) if fsdp2 else _skip_model_loading
         )
         try:
-            with _hidden_from_accelerate(accelerator, custom_objects=not accelerate_reads_registered):
+            with _hidden_from_accelerate(
+                accelerator,
+                custom_objects=not accelerate_reads_registered,
+                scaler=ours["scaler"],
+                dataloaders=ours["dataloaders"],
+            ):
                 type(accelerator).load_state(accelerator, local_dir)
         finally:
             handle.remove()
+        load_run_state(accelerator, local_dir, run_state)
         for model, state in zip(accelerator._models, weights, strict=True):
             # names were checked; strict=False allows tied weights stored once
             _bare_model(accelerator, model).load_state_dict(state, strict=False)
@@ -367,15 +387,16 @@ def _read_registered(accelerator: Accelerator, directory: str, allow_pickle: boo
     ], False
 
 
-def _check_accelerate_files(accelerator: Accelerator, directory: str) -> None:
-    """The files ``accelerator.load_state`` will open exist (when it needs them) and are regular files."""
+def _check_accelerate_files(accelerator: Accelerator, directory: str, ours: dict[str, bool]) -> None:
+    """The files ``accelerator.load_state`` will open exist (when it needs them) and are regular files; ``ours``
+    (:func:`run_state_files`) says which parts hf_optim reads instead."""
     required: list[str] = []
     optional = [
-        _RNG_NAME.format(accelerator.process_index)
+        PICKLED_RNG_NAME.format(accelerator.process_index)
     ]  # a run on more processes has no file for new ranks
-    if accelerator.scaler is not None:
+    if accelerator.scaler is not None and not ours["scaler"]:
         required.append(_SCALER_NAME)
-    for index, loader in enumerate(accelerator._dataloaders):
+    for index, loader in enumerate(accelerator._dataloaders if not ours["dataloaders"] else ()):
         suffix = f"_{index}" if index else ""
         get_sampler = getattr(loader, "get_sampler", None)
         if isinstance(getattr(loader, "dataset", None), IterableDatasetShard) and isinstance(
@@ -602,7 +623,9 @@ def _warn_if_scheduler_steps_per_process(accelerator: Accelerator) -> None:
 
 
 @contextlib.contextmanager
-def _hidden_from_accelerate(accelerator: Accelerator, *, custom_objects: bool) -> Iterator[None]:
+def _hidden_from_accelerate(
+    accelerator: Accelerator, *, custom_objects: bool, scaler: bool = False, dataloaders: bool = False
+) -> Iterator[None]:
     """Hide the prepared optimizers and schedulers (and the registered objects) from ``save_state`` /
     ``load_state``.
 
@@ -612,13 +635,19 @@ def _hidden_from_accelerate(accelerator: Accelerator, *, custom_objects: bool) -
     and rotation, hooks, RNG, samplers, scaler, its step counter) unchanged.
     """
     saved = accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects
+    saved_scaler, saved_loaders = accelerator.scaler, accelerator._dataloaders
     accelerator._optimizers, accelerator._schedulers = [], []
     if custom_objects:
         accelerator._custom_objects = []
+    if scaler:
+        accelerator.scaler = None
+    if dataloaders:
+        accelerator._dataloaders = []
     try:
         yield
     finally:
         accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects = saved
+        accelerator.scaler, accelerator._dataloaders = saved_scaler, saved_loaders
 
 
 def _bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:

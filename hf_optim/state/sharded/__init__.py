@@ -1,7 +1,7 @@
 """Sharded optimizer state (FSDP2 ``DTensor`` state) saved per process, resumed on any number of processes.
 
 Every process writes its own shard of the state tensors with ``torch.distributed.checkpoint`` in its Hugging Face
-safetensors layout (one safetensors file per process and ~``max_file_size``, no pickled ``.metadata``), keyed
+safetensors layout (one safetensors file per process and ~``max_shard_size``, no pickled ``.metadata``), keyed
 ``state.<parameter name>.<state key>`` as in the single-process format. The rest (param groups, non-tensor
 state, the scheduler, hf_optim's metadata) is one JSON manifest written once, last, by rank 0. Loading checks
 the manifest and every shard header against the live model on every rank, the ranks agree on the verdict, then
@@ -29,6 +29,7 @@ from hf_optim.state.sharded._dist import (
     machine_union,
     parameter_names,
     rank,
+    require_model,
 )
 from hf_optim.state.sharded._format import (
     CHECKPOINT_ID_KEY,
@@ -41,9 +42,9 @@ from hf_optim.state.sharded._format import (
     encode_value,
 )
 from hf_optim.state.sharded._load import (
+    ShardedReader,
     ShardedStateInfo,
     inspect_sharded_state,
-    load_sharded_state,
     machine_files,
 )
 from hf_optim.state.sharded._read import has_sharded_state, sharded_manifest_files
@@ -57,6 +58,7 @@ __all__ = [
     "SHARD_DIR_RE",
     "SHARD_FILE_RE",
     "ConsolidationSource",
+    "ShardedReader",
     "ShardedStateInfo",
     "agree",
     "barrier",
@@ -67,7 +69,6 @@ __all__ = [
     "inspect_sharded_state",
     "is_sharded",
     "like_parameter",
-    "load_sharded_state",
     "local_rank",
     "local_region",
     "machine_files",
@@ -75,6 +76,7 @@ __all__ = [
     "open_consolidation",
     "parameter_names",
     "rank",
+    "require_model",
     "save_sharded_state",
     "sharded_manifest_files",
 ]

@@ -23,6 +23,19 @@ def is_sharded(optimizer: Any) -> bool:
     return any(isinstance(p, DTensor) for group in opt.param_groups for p in group["params"])
 
 
+def require_model(optimizer: Any, model: Any, directory: str | None = None) -> None:
+    """Sharded state is named through the model: refuse a call without ``model=`` when the optimizer is sharded
+    (or ``directory`` holds sharded state)."""
+    if model is not None:
+        return
+    if is_sharded(optimizer):
+        raise ValueError(
+            "the optimizer's state is sharded (FSDP2 DTensor parameters): pass model= to name it"
+        )
+    if directory is not None:
+        raise ValueError(f"{directory} holds sharded optimizer state: pass model= to name the parameters")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Process-group helpers: every rank must reach the same verdict
 # ---------------------------------------------------------------------------------------------------------------

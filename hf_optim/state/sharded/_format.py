@@ -57,5 +57,10 @@ def decode_value(node: Any, where: str) -> Any:
         number, dtype = node["scalar"], DTYPES.get(node["dtype"]) if isinstance(node["dtype"], str) else None
         if dtype is None or isinstance(number, bool) or not isinstance(number, int | float):
             raise CheckpointError(f"{where}: bad scalar {str(node)[:100]}")
-        return torch.tensor(number, dtype=dtype)
+        try:
+            return torch.tensor(number, dtype=dtype)
+        except (OverflowError, RuntimeError, ValueError):
+            raise CheckpointError(
+                f"{where}: scalar {str(number)[:50]} does not fit {node['dtype']}"
+            ) from None
     return decode(node, {}, where)

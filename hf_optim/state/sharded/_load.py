@@ -1,8 +1,7 @@
-"""Loading sharded state (checked against the live objects, all ranks agreeing) and inspecting it."""
+"""The sharded layout's reader (manifest -> checkpoint model; chunks through DCP), and inspection."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import warnings
@@ -13,23 +12,16 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
-from hf_optim._utils import restored_on_error, unwrap_optimizer, unwrap_scheduler
 from hf_optim.errors import CheckpointError
-from hf_optim.state.checks import (
-    check_hyperparameters,
-    check_param_state,
-    check_same_structure,
-    check_scheduler_state,
-    expected_state_keys,
+from hf_optim.state.model import (
+    SavedAccumulator,
+    SavedCheckpoint,
+    SavedGroup,
+    SavedParam,
+    SavedScheduler,
+    TensorEntry,
 )
-from hf_optim.state.format import qualname
-from hf_optim.state.sharded._dist import (
-    agree,
-    broadcast_text,
-    distributed,
-    machine_union,
-    parameter_names,
-)
+from hf_optim.state.sharded._dist import agree, distributed, machine_union
 from hf_optim.state.sharded._format import (
     ACCUMULATOR_PREFIX,
     RESERVED,
@@ -51,222 +43,164 @@ from hf_optim.state.sharded._read import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Checked:
-    """What the manifest says, decoded and checked against the live objects (nothing applied yet)."""
+class ShardedReader:
+    """Reader of a sharded checkpoint (the checkpoint model's :class:`~hf_optim.state.model.Reader`): the
+    manifest decoded, then each process's chunks read through ``torch.distributed.checkpoint``, only from the
+    shard files and byte ranges it needs. A context manager: it closes the shard files."""
 
-    groups: list[dict[str, Any]]  # hyperparameters to apply, group by group
-    values: dict[str, dict[str, Any]]  # non-tensor state by parameter name
-    scheduler_state: dict[str, Any] | None
-    #: the accumulator's counters and, for each gradient, its tensor key (None where it had none)
-    accumulator: tuple[dict[str, Any], list[str | None]] | None = None
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, SHARDED_MANIFEST_NAME)
+        self.manifest: Manifest | None = None
 
+    def __enter__(self) -> ShardedReader:
+        return self
 
-def _check_against_live(
-    manifest: Manifest,
-    opt: torch.optim.Optimizer,
-    names: Mapping[int, str],
-    scheduler: Any,
-    accumulator: Any,
-    model_params: Mapping[str, torch.Tensor],
-) -> _Checked:
-    path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
-    groups = manifest.doc.get("param_groups")
-    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
-        raise CheckpointError(
-            f"{path}: {len(groups) if isinstance(groups, list) else '?'} param groups saved, "
-            f"the optimizer has {len(opt.param_groups)}"
-        )
-    params: dict[str, torch.Tensor] = {}
-    group_of: dict[str, int] = {}
-    checked_groups = []
-    for g, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
-        where = f"{path}: param_groups[{g}]"
-        if not isinstance(saved, dict) or set(saved) != {"params", "hyperparameters"}:
-            raise CheckpointError(f"{where} is malformed")
-        if saved["params"] != [names[id(p)] for p in live["params"]]:
-            raise CheckpointError(f"{where} holds other parameters than the optimizer's group {g}")
-        params.update({names[id(p)]: p for p in live["params"]})
-        group_of.update({names[id(p)]: g for p in live["params"]})
-        hyper = decode_value(saved["hyperparameters"], where)
-        if not isinstance(hyper, dict) or RESERVED & set(hyper):
-            raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
-        live_hyper = {k: v for k, v in live.items() if k not in ("params", "param_names")}
-        missing = sorted(set(live_hyper) - set(hyper))
-        if missing:
-            raise CheckpointError(f"{where}: hyperparameters {missing} are missing")
-        checked_groups.append(check_hyperparameters(opt, g, hyper, live_hyper, where, strict=True, notes=[]))
-    # each state tensor belongs to an optimizer parameter; the accumulator's gradients are placed like a model's
-    for key, plan in manifest.tensors.items():
-        like = (model_params if key.startswith(ACCUMULATOR_PREFIX) else params).get(plan.name)
-        if like is None:
-            raise CheckpointError(
-                f"{path}: {key} belongs to or is placed like {plan.name!r}, which the model lacks"
-            )
-        if plan.shape != tuple(like.shape):
-            raise CheckpointError(
-                f"{path}: {key} has global shape {list(plan.shape)}, parameter {plan.name!r} has {list(like.shape)}"
-            )
-    values: dict[str, dict[str, Any]] = {}
-    for name, record in manifest.doc["state"].items():
-        if name not in params:
-            raise CheckpointError(f"{path}: state for {name!r}, which is not a parameter of the optimizer")
-        decoded: dict[str, Any] = {}
-        for state_key, entry in record.items():
-            where = f"{path}: state[{name!r}][{state_key!r}]"
-            if "value" in entry:
-                decoded[state_key] = values.setdefault(name, {})[state_key] = decode_value(
-                    entry["value"], where
+    def __exit__(self, *exc: object) -> None:
+        close_manifest(self.manifest)
+
+    def describe(self) -> SavedCheckpoint:
+        manifest = self.manifest = read_manifest(self.directory, open_all=False)
+        path, doc = self.path, manifest.doc
+        groups_doc = doc.get("param_groups")
+        if not isinstance(groups_doc, list):
+            raise CheckpointError(f"{path}: 'param_groups' must be a list")
+        state_doc = doc["state"]
+        groups: list[SavedGroup] = []
+        seen: set[str] = set()
+        for g, saved in enumerate(groups_doc):
+            where = f"{path}: param_groups[{g}]"
+            if (
+                not isinstance(saved, dict)
+                or set(saved) != {"params", "hyperparameters"}
+                or not isinstance(saved["params"], list)
+                or not all(isinstance(n, str) for n in saved["params"])
+            ):
+                raise CheckpointError(f"{where} is malformed")
+            hyper = decode_value(saved["hyperparameters"], where)
+            if not isinstance(hyper, dict) or RESERVED & set(hyper):
+                raise CheckpointError(f"{where}: hyperparameters must be an object without reserved keys")
+            params = []
+            for name in saved["params"]:
+                if name in seen:
+                    raise CheckpointError(f"{where}: parameter {name[:200]!r} is listed twice")
+                seen.add(name)
+                record = state_doc.get(name)
+                state = (
+                    None
+                    if record is None
+                    else {k: self._entry(name, k, entry) for k, entry in record.items()}
                 )
-            else:
-                plan = manifest.tensors[entry["sharded"]]
-                decoded[state_key] = torch.empty(
-                    plan.shape, dtype=plan.dtype, device="meta"
-                )  # shape, dtype only
-        param, live_state = params[name], opt.state.get(params[name])
-        expected = None if live_state else expected_state_keys(opt, checked_groups[group_of[name]], param)
-        check_param_state(name, decoded, param, live_state, path, expected_keys=expected)
-    scheduler_state = None
-    if scheduler is not None:
-        saved_sched = manifest.doc.get("scheduler")
-        if not isinstance(saved_sched, dict) or "state_dict" not in saved_sched:
-            raise CheckpointError(f"{path}: no scheduler state saved")
-        scheduler_state = decode_value(saved_sched["state_dict"], f"{path}: scheduler")
-        live_sched = unwrap_scheduler(scheduler).state_dict()
-        check_same_structure(scheduler_state, live_sched, f"{path}: scheduler")
-        group_keys = {k for group in opt.param_groups for k in group}
-        check_scheduler_state(scheduler_state, live_sched, group_keys, f"{path}: scheduler")
-    acc = _check_accumulator(manifest, accumulator, len(model_params)) if accumulator is not None else None
-    return _Checked(checked_groups, values, scheduler_state, acc)
+                params.append(SavedParam(key=name, name=name, state=state))
+            groups.append(SavedGroup(hyper, params))
+        stray = sorted(set(state_doc) - seen)
+        if stray:
+            raise CheckpointError(f"{path}: state for {stray[0][:200]!r}, which is in no param group")
+        opt = doc.get("optimizer")
+        return SavedCheckpoint(
+            source=path,
+            directory=self.directory,
+            checkpoint_id=manifest.checkpoint_id,
+            optimizer_class=opt.get("class")
+            if isinstance(opt, dict) and isinstance(opt.get("class"), str)
+            else None,
+            keyed_by="name",
+            groups=groups,
+            scheduler=self.scheduler,
+            accumulator=self.accumulator,
+            laid_out_like=tuple(
+                TensorEntry(plan.key, plan.shape, plan.dtype, plan.chunks, like=plan.name)
+                for key, plan in manifest.tensors.items()
+                if key.startswith(ACCUMULATOR_PREFIX)
+            ),
+            scheduler_label="scheduler state",
+            accumulator_label="accumulator state",
+        )
 
+    def _entry(self, name: str, key: str, entry: dict[str, Any]) -> Any:
+        where = f"{self.path}: state[{name[:200]!r}][{key[:200]!r}]"
+        if "value" in entry:
+            return decode_value(entry["value"], where)
+        assert self.manifest is not None
+        plan = self.manifest.tensors[entry["sharded"]]
+        return TensorEntry(plan.key, plan.shape, plan.dtype, plan.chunks, like=name)
 
-def _check_accumulator(
-    manifest: Manifest, accumulator: Any, num_params: int
-) -> tuple[dict[str, Any], list[str | None]]:
-    """The saved accumulator against the live one: class, counters' structure, number and shapes of gradients
-    (at most one per model parameter: they are the gradients of some of them)."""
-    path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
-    saved = manifest.doc.get("accumulator")
-    if saved is None:
-        raise CheckpointError(f"{path}: no accumulator state saved, but an accumulator was given")
-    if saved.get("class") != qualname(accumulator):
-        raise CheckpointError(
-            f"{path}: the accumulator was saved from {saved.get('class')!r}, not {qualname(accumulator)}"
+    def scheduler(self) -> SavedScheduler | None:
+        saved = self.manifest.doc.get("scheduler") if self.manifest is not None else None
+        if saved is None:
+            return None
+        if not isinstance(saved, dict) or "state_dict" not in saved:
+            raise CheckpointError(f"{self.path}: 'scheduler' is malformed")
+        state = decode_value(saved["state_dict"], f"{self.path}: scheduler")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path}: the scheduler state is not a dictionary")
+        config = saved.get("config")
+        name = (
+            config.get("name") if isinstance(config, dict) and isinstance(config.get("name"), str) else None
         )
-    rest = decode_value(saved.get("state"), f"{path}: accumulator")
-    live = accumulator.state_dict()
-    if not isinstance(rest, dict) or "gradients" in rest:
-        raise CheckpointError(f"{path}: the accumulator state must be an object without 'gradients'")
-    check_same_structure(rest, {k: v for k, v in live.items() if k != "gradients"}, f"{path}: accumulator")
-    keys: list[str | None] = []
-    live_grads = list(live.get("gradients") or [])
-    if len(saved["gradients"]) > num_params:
-        raise CheckpointError(
-            f"{path}: {len(saved['gradients'])} accumulator gradients saved, more than the model's {num_params} "
-            "parameters"
-        )
-    if live_grads and len(live_grads) != len(saved["gradients"]):
-        raise CheckpointError(
-            f"{path}: {len(saved['gradients'])} accumulator gradients saved, the accumulator has {len(live_grads)}"
-        )
-    for i, entry in enumerate(saved["gradients"]):
-        if entry is None:
-            keys.append(None)
-            continue
-        plan = manifest.tensors[f"{ACCUMULATOR_PREFIX}{i}"]  # placed like a parameter: checked above
-        if live_grads and live_grads[i] is not None and tuple(live_grads[i].shape) != plan.shape:
-            raise CheckpointError(
-                f"{path}: accumulator gradient {i} has shape {list(plan.shape)}, the accumulator's "
-                f"{list(live_grads[i].shape)}"
+        cls = saved.get("class") if isinstance(saved.get("class"), str) else None
+        kwargs = config.get("kwargs") if name is not None and isinstance(config, dict) else None
+        return SavedScheduler(f"{self.path} (scheduler)", state, cls, name, kwargs)
+
+    def accumulator(self) -> SavedAccumulator | None:
+        manifest = self.manifest
+        saved = manifest.doc.get("accumulator") if manifest is not None else None
+        if manifest is None or saved is None:
+            return None
+        where = f"{self.path} (accumulator)"
+        rest = decode_value(saved.get("state"), where)
+        if not isinstance(rest, dict) or "gradients" in rest:
+            raise CheckpointError(f"{where}: the accumulator state must be an object without 'gradients'")
+        gradients: list[TensorEntry | None] = []
+        for i, entry in enumerate(saved["gradients"]):
+            plan = None if entry is None else manifest.tensors[f"{ACCUMULATOR_PREFIX}{i}"]
+            gradients.append(
+                None
+                if plan is None
+                else TensorEntry(plan.key, plan.shape, plan.dtype, plan.chunks, like=plan.name)
             )
-        keys.append(plan.key)
-    return rest, keys
+        cls = saved.get("class") if isinstance(saved.get("class"), str) else None
+        return SavedAccumulator(where, {**rest, "gradients": gradients}, cls)
 
-
-def _read_tensors(manifest: Manifest, targets: Mapping[str, torch.Tensor]) -> None:
-    """Fill ``targets`` (``state.<name>.<key>`` -> tensor or DTensor of the global shape) from the shards:
-    ``torch.distributed.checkpoint.load`` plans which byte ranges each rank needs, ``CheckedReader`` reads them."""
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():
-        # one process without a process group: DCP warns that it "assumes" exactly that
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(dict(targets), storage_reader=CheckedReader(manifest), no_dist=not distributed())
-
-
-def load_sharded_state(
-    directory: str | os.PathLike[str],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any = None,
-    accumulator: Any = None,
-    *,
-    model: torch.nn.Module,
-) -> tuple[str, list[str]]:
-    """Restore state saved by :func:`save_sharded_state` into an FSDP2 or a plain model's optimizer.
-
-    Works on any number of processes (resharding), including one process with a plain model. Every rank
-    validates the whole checkpoint against its live objects first, and all ranks raise together if any of them
-    finds a problem, leaving every optimizer, scheduler and accumulator unchanged. Each rank opens only the shard
-    files holding chunks it needs and reads only those byte ranges. Returns the checkpoint id and the names of
-    the parameters whose state was restored.
-    """
-    directory = os.fspath(directory)
-    opt = unwrap_optimizer(optimizer)
-    names = parameter_names(model, opt)
-    model_params = dict(model.named_parameters())
-    manifest: Manifest | None = None
-    try:
-        # Every failure below is turned into a message the ranks agree on: a rank raising alone would leave the
-        # others waiting in a collective.
-        error = checked = None
-        try:
-            manifest = read_manifest(directory, open_all=False)
-            checked = _check_against_live(manifest, opt, names, scheduler, accumulator, model_params)
-            # the accumulator's gradients are read only into an accumulator
-            wanted = {
-                k: p
-                for k, p in manifest.tensors.items()
-                if accumulator is not None or not k.startswith(ACCUMULATOR_PREFIX)
-            }
-            open_shards(manifest, needed_files(manifest, _layouts(wanted, model_params)))
-        except CheckpointError as exc:
-            error = str(exc)
-        except Exception as exc:
-            error = f"{directory}: the checkpoint does not fit ({type(exc).__name__}: {str(exc)[:300]})"
-        error = agree(error)
-        if error is not None or manifest is None or checked is None:
-            raise CheckpointError(error or "another process could not read the checkpoint")
-        first = broadcast_text(manifest.checkpoint_id)  # node-local copies: every process must read one save
-        error = agree(
-            None
-            if first == manifest.checkpoint_id
-            else f"{directory} holds save {manifest.checkpoint_id}, rank 0 read save {first}"
+    def prepare(self, entries: Mapping[str, tuple[TensorEntry, torch.Tensor | None]]) -> None:
+        """Open the shard files holding this process's chunks and check their headers against the manifest."""
+        manifest = self.manifest
+        assert manifest is not None
+        for key, (entry, like) in entries.items():
+            if like is None or tuple(like.shape) != entry.shape:
+                raise CheckpointError(f"{self.path}: {key} is not laid out like a parameter of the model")
+        open_shards(
+            manifest,
+            needed_files(manifest, {key: like for key, (_, like) in entries.items() if like is not None}),
         )
-        if error is not None:
-            raise CheckpointError(error)
-        params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
+
+    def read(self, entries: Mapping[str, tuple[TensorEntry, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """Each entry into a tensor laid out like its live tensor (checked by :meth:`prepare`)."""
+        manifest = self.manifest
+        assert manifest is not None
         targets = {
-            key: torch.empty_like(model_params[plan.name].detach(), dtype=plan.dtype)
-            for key, plan in wanted.items()
+            key: torch.empty_like(like.detach(), dtype=entry.dtype)
+            for key, (entry, like) in entries.items()
+            if like is not None
         }
+        import torch.distributed.checkpoint as dcp
+
         try:
-            _read_tensors(manifest, targets)
-            if read_manifest_doc(directory).get("checkpoint_id") != manifest.checkpoint_id:
-                raise CheckpointError(f"{directory}: the checkpoint changed while loading")
-        except CheckpointError as exc:
-            error = str(exc)
+            with warnings.catch_warnings():
+                # one process without a process group: DCP warns that it "assumes" exactly that
+                warnings.filterwarnings(
+                    "ignore", message="torch.distributed is disabled", category=UserWarning
+                )
+                dcp.load(dict(targets), storage_reader=CheckedReader(manifest), no_dist=not distributed())
+        except CheckpointError:
+            raise
         except (Exception, CheckpointException) as exc:  # DCP wraps any rank's failure in a BaseException
-            error = (
+            raise CheckpointError(
                 f"{manifest.shard_dir}: reading the shards failed ({type(exc).__name__}: {str(exc)[:300]})"
-            )
-        error = agree(error)
-        if error is not None:
-            raise CheckpointError(error)
-    finally:
-        close_manifest(manifest)
-    _apply(manifest, checked, opt, params, targets, scheduler, accumulator)
-    logger.debug("loaded sharded optimizer state from %s", directory)
-    return manifest.checkpoint_id, list(manifest.doc["state"])
+            ) from None
+        if read_manifest_doc(self.directory).get("checkpoint_id") != manifest.checkpoint_id:
+            raise CheckpointError(f"{self.directory}: the checkpoint changed while loading")
+        return targets
 
 
 def _layouts(
@@ -303,60 +237,6 @@ def machine_files(manifest_path: str, model: torch.nn.Module) -> list[str]:
     names = [os.path.basename(f) for f in listed[1:]]
     wanted = machine_union([mine is None or name in mine for name in names])
     return [listed[0], *(f"{folder}/{name}" for name, want in zip(names, wanted, strict=True) if want)]
-
-
-def _apply(
-    manifest: Manifest,
-    checked: _Checked,
-    opt: torch.optim.Optimizer,
-    params: Mapping[str, torch.Tensor],
-    targets: Mapping[str, torch.Tensor],
-    scheduler: Any,
-    accumulator: Any,
-) -> None:
-    """Install the loaded state, hyperparameters and scheduler position (validated), or change nothing.
-
-    Through the optimizer's own ``load_state_dict`` (its key checks, torch's placement of ``step``); the state
-    tensors keep their saved dtype, as in the single-process format."""
-    path = os.path.join(manifest.directory, SHARDED_MANIFEST_NAME)
-    live_sd = opt.state_dict()
-    index_of = {
-        id(p): i
-        for group, sd_group in zip(opt.param_groups, live_sd["param_groups"], strict=True)
-        for p, i in zip(group["params"], sd_group["params"], strict=True)
-    }
-    state: dict[int, dict[str, Any]] = {}
-    for name, record in manifest.doc["state"].items():
-        state[index_of[id(params[name])]] = {
-            key: targets[entry["sharded"]] if "sharded" in entry else checked.values[name][key]
-            for key, entry in record.items()
-        }
-    groups = [
-        {**sd_group, **hyper} for sd_group, hyper in zip(live_sd["param_groups"], checked.groups, strict=True)
-    ]
-    with restored_on_error(opt, scheduler, accumulator):
-        try:
-            opt.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, TypeError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: the optimizer refused the state: {err}") from None
-        for name, record in manifest.doc[
-            "state"
-        ].items():  # torch casts floating state to the parameter dtype
-            for key, entry in record.items():
-                if "sharded" in entry:
-                    opt.state[params[name]][key] = targets[entry["sharded"]]
-        if scheduler is not None:
-            try:
-                unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(checked.scheduler_state))
-            except (ValueError, TypeError, KeyError, RuntimeError) as err:
-                raise CheckpointError(f"{path}: the scheduler refused its state: {err}") from None
-        if checked.accumulator is not None:
-            rest, keys = checked.accumulator
-            gradients = [targets[key] if key is not None else None for key in keys]
-            try:
-                accumulator.load_state_dict({**copy.deepcopy(rest), "gradients": gradients})
-            except (ValueError, TypeError, RuntimeError) as err:
-                raise CheckpointError(f"{path}: the accumulator refused its state: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch.futures import Future
 from hf_optim.errors import CheckpointError
 from hf_optim.state.format import parse_json
 from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_json, read_region, read_safetensors
+from hf_optim.state.model import Chunk
 from hf_optim.state.sharded._format import (
     ACCUMULATOR_PREFIX,
     CHECKPOINT_ID_KEY,
@@ -49,13 +50,6 @@ from hf_optim.state.sharded._format import (
 def has_sharded_state(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a sharded checkpoint (its manifest)."""
     return os.path.isfile(os.path.join(os.fspath(directory), SHARDED_MANIFEST_NAME))
-
-
-@dataclass(frozen=True)
-class Chunk:
-    file: str
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
-from hf_optim.state.format import qualname
+from hf_optim.state.atomic import follow_umask
+from hf_optim.state.format import DEFAULT_MAX_SHARD_SIZE, qualname
 from hf_optim.state.sharded._dist import (
     agree,
     barrier,
@@ -121,9 +122,9 @@ class _StreamingWriter(HuggingFaceStorageWriter):
             )
 
 
-def _file_buckets(tensors: Mapping[str, torch.Tensor], max_file_size: int | str) -> dict[str, int]:
+def _file_buckets(tensors: Mapping[str, torch.Tensor], max_shard_size: int | str) -> dict[str, int]:
     """Tensor key -> file number (from 1), the same on every rank, so that each process's files stay near
-    ``max_file_size``: tensors are split by their per-process share of the global size, in order, with
+    ``max_shard_size``: tensors are split by their per-process share of the global size, in order, with
     huggingface_hub's shard splitter (which also parses ``"100MB"``-style sizes)."""
     world = dist.get_world_size() if distributed() else 1
     shares = {
@@ -131,7 +132,7 @@ def _file_buckets(tensors: Mapping[str, torch.Tensor], max_file_size: int | str)
         for key, t in tensors.items()
     }
     split = split_torch_state_dict_into_shards(
-        shares, filename_pattern="file{suffix}", max_shard_size=max_file_size
+        shares, filename_pattern="file{suffix}", max_shard_size=max_shard_size
     )
     return {key: i for i, keys in enumerate(split.filename_to_tensors.values(), start=1) for key in keys}
 
@@ -143,12 +144,12 @@ def save_sharded_state(
     accumulator: Any = None,
     *,
     model: torch.nn.Module,
-    max_file_size: int | str = "100MB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> str:
     """Save sharded (FSDP2) optimizer state: every process writes its shard; returns the manifest's path.
 
     Call it on every process of the group, with the same ``save_directory`` (a filesystem all processes see).
-    No process gathers the state: each writes only its local shards, in files of about ``max_file_size``
+    No process gathers the state: each writes only its local shards, in files of about ``max_shard_size``
     (``"100MB"`` or a number of bytes), which also bounds the memory the writer needs beyond the state itself.
     A ``GradientAccumulator``'s gradients (``DTensor``s like the parameters' gradients) are saved sharded too,
     each with the name of a parameter laid out like it (where loading places it); its counters go to the
@@ -218,7 +219,7 @@ def save_sharded_state(
         writer = _StreamingWriter(
             tmp_dir,
             checkpoint_id,
-            fqn_to_index_mapping=_file_buckets(tensors, max_file_size),
+            fqn_to_index_mapping=_file_buckets(tensors, max_shard_size),
             save_distributed=True,
         )
         with warnings.catch_warnings():
@@ -234,6 +235,7 @@ def save_sharded_state(
     manifest_path = os.path.join(directory, SHARDED_MANIFEST_NAME)
     if rank() == 0:
         shard_files = sorted(f for f in os.listdir(tmp_dir) if SHARD_FILE_RE.fullmatch(f))
+        follow_umask(tmp_dir, [os.path.join(tmp_dir, f) for f in shard_files])
         world = dist.get_world_size() if distributed() else 1
         manifest = {
             "format": KIND,

@@ -24,10 +24,8 @@ import torch
 import hf_optim
 from hf_optim import OPTIMIZER_NAME, SCHEDULER_NAME, CheckpointError, inspect_state, save_state
 from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, inspect_sharded_state, save_sharded_state
-from tests.security.test_review_sharded import _copy as _review_copy
-from tests.security.test_review_sharded import _run_ranks
 from tests.state.helpers import assert_refused, trained
-from tests.state.test_sharded import _make, _spawn
+from tests.state.sharded_jobs import make_run
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -93,7 +91,7 @@ def test_blobs_symlinked_to_the_root_exposes_any_file(single, tmp_path):
 @pytest.fixture
 def sharded(tmp_path):
     """A sharded (v2) checkpoint saved by one process with a plain model."""
-    model, opt, sched = _make(1, None)
+    model, opt, sched = make_run(1, None)
     torch.manual_seed(0)
     for _ in range(2):
         loss = model(torch.randn(4, model[0].in_features)).square().mean()
@@ -118,7 +116,7 @@ def test_inspect_sharded_state_refuses_a_manifest_reached_through_a_symlinked_bl
 
 def test_load_sharded_state_refuses_a_shard_reached_through_a_symlinked_blobs(sharded, tmp_path):
     snapshot, _ = _fake_snapshot(tmp_path, sharded, _first_shard(sharded))
-    model, opt, sched = _make(1, None)
+    model, opt, sched = make_run(1, None)
     with pytest.raises(CheckpointError, match="outside the checkpoint"):
         hf_optim.load_state(snapshot, opt, sched, model=model)
     assert not opt.state
@@ -198,55 +196,3 @@ def test_chunks_sharing_their_rows_end_quickly(sharded, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Processes whose copies of the checkpoint are different saves (node-local storage, a stale copy on one machine)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def review_saved(tmp_path_factory):
-    """Two saves of the same model by two processes: with a GradientAccumulator (``acc``), without (``ckpt``)."""
-    out = str(tmp_path_factory.mktemp("review2_saves"))
-    _spawn(2, "acc-save", out)
-    _spawn(2, "save", out)
-    return out
-
-
-def test_ranks_loading_different_saves_raise_on_every_rank(review_saved, tmp_path):
-    """Rank 0's folder holds one save, rank 1's folder (same path on another machine) another save of the same
-    model: each check passes on its own, but the ranks would restore a mix of two trainings (rank 0's shards
-    from one, rank 1's from the other, each its own scheduler position). The ranks must agree on the checkpoint
-    id and all raise."""
-    out = str(tmp_path)
-    shutil.copy(os.path.join(review_saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
-    _review_copy(review_saved, os.path.join(out, "rank0"), "ckpt")
-    _review_copy(review_saved, os.path.join(out, "rank1"), "acc")
-    ids = {
-        json.loads(Path(out, f"rank{r}", SHARDED_MANIFEST_NAME).read_text())["checkpoint_id"] for r in (0, 1)
-    }
-    assert len(ids) == 2  # really two saves
-    results = _run_ranks(2, out, False)
-    for rank, result in enumerate(results):
-        assert result.get("outcome") == "CheckpointError", (rank, results)
-        assert result.get("unchanged"), (rank, results)
-
-
-def _surrogate_name(doc):
-    """A parameter name holding a lone surrogate (``"\\ud800"`` in the JSON: valid JSON, a str Python cannot
-    encode to UTF-8): the error naming the tensor ``state.<name>.<key>`` carries it."""
-    record = doc["state"]["0.bias\ud800"] = doc["state"].pop("0.bias")
-    for state_key, entry in record.items():
-        if "sharded" in entry:
-            entry["sharded"] = f"state.0.bias\ud800.{state_key}"
-
-
-def test_error_message_that_is_not_utf8_is_agreed_on_every_rank(review_saved, tmp_path):
-    """Rank 1's copy names a parameter with a lone surrogate: rank 1 refuses it, and every rank must hear of it
-    (a CheckpointError on both) rather than rank 1 failing to encode its message for the others, alone, while
-    rank 0 waits for it in the collective."""
-    out = str(tmp_path)
-    shutil.copy(os.path.join(review_saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
-    _review_copy(review_saved, os.path.join(out, "rank0"), "ckpt")
-    _review_copy(review_saved, os.path.join(out, "rank1"), "ckpt", _surrogate_name)
-    assert "\\ud800" in Path(out, "rank1", SHARDED_MANIFEST_NAME).read_text()  # the JSON escape, valid JSON
-    results = _run_ranks(2, out, False)
-    for rank, result in enumerate(results):
-        assert result.get("outcome") == "CheckpointError", (rank, results)
-        assert result.get("unchanged"), (rank, results)

@@ -17,11 +17,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 import hf_optim
 from hf_optim.errors import CheckpointError
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state, save_sharded_state
+from hf_optim.state import load_state
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, save_sharded_state
 from tests.multiprocess import report_and_wait, run_with_deadline
-from tests.state.test_review_sharded import _upload
-from tests.state.test_review_sharded import _weights as _review_weights
-from tests.state.test_sharded import _make, _spawn, _train_accumulating
+from tests.state.sharded_jobs import make_run, train_accumulating, upload_run, weights_from
 
 _REFUSE: set[int] = (
     set()
@@ -47,7 +46,7 @@ class RefusingLambdaLR(LambdaLR):
 
 
 def _objects(micro_steps: range, *, counts_items: bool = False):
-    model, opt, _ = _make(1, None)
+    model, opt, _ = make_run(1, None)
     sched = RefusingLambdaLR(opt, lambda step: 1.0 / (1 + step))
     acc = RefusingAccumulator()
     if counts_items:
@@ -60,7 +59,7 @@ def _objects(micro_steps: range, *, counts_items: bool = False):
                 sched.step()
                 opt.zero_grad()
     else:
-        _train_accumulating(model, opt, sched, acc, micro_steps, 0, 1)
+        train_accumulating(model, opt, sched, acc, micro_steps, 0, 1)
     return model, opt, sched, acc
 
 
@@ -121,7 +120,7 @@ def test_failed_apply_leaves_the_objects_as_their_untouched_twin(ckpt, stage):
     buffers = list(acc.gradients)
     STAGES[stage](opt, sched, acc)
     with pytest.raises((CheckpointError, RuntimeError)):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
     # the same objects
     assert opt.state is state_obj
     assert all(a is b for a, b in zip(opt.param_groups, groups, strict=True))
@@ -141,7 +140,7 @@ def test_failed_apply_leaves_the_objects_as_their_untouched_twin(ckpt, stage):
     _assert_same_values(acc.state_dict(), twin[3].state_dict(), "accumulator")
     # and they go on identically: the scheduler drives this optimizer, the accumulator finishes its window
     for objs in ((model, opt, sched, acc), twin):
-        _train_accumulating(*objs, range(3, 7), 0, 1)
+        train_accumulating(*objs, range(3, 7), 0, 1)
     _assert_same_values(_state_by_name(model, opt), _state_by_name(twin[0], twin[1]), "state after")
     assert opt.param_groups[0]["lr"] == twin[1].param_groups[0]["lr"]
     _assert_same_values(dict(model.named_parameters()), dict(twin[0].named_parameters()), "parameters after")
@@ -155,7 +154,7 @@ def test_failed_apply_keeps_the_optimizer_per_parameter_state_dicts(ckpt, stage)
     state_dicts = dict(_state_by_name(model, opt))
     STAGES[stage](opt, sched, acc)
     with pytest.raises((CheckpointError, RuntimeError)):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
     for n, d in state_dicts.items():
         assert _state_by_name(model, opt)[n] is d, n
 
@@ -171,7 +170,7 @@ def test_failed_apply_keeps_the_accumulators_num_items_rule(ckpt, stage):
         twin[3](grads, num_items=4)
     STAGES[stage](opt, sched, acc)
     with pytest.raises((CheckpointError, RuntimeError)):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
     with pytest.raises(ValueError, match="num_items must be given"):
         acc(grads, num_items=4)
 
@@ -183,7 +182,7 @@ def test_refusal_while_applying_is_a_checkpoint_error(ckpt, stage):
     model, opt, sched, acc = _objects(range(3))
     STAGES[stage](opt, sched, acc)
     with pytest.raises(CheckpointError, match="refused after loading"):
-        load_sharded_state(ckpt, opt, sched, acc, model=model)
+        load_state(ckpt, opt, sched, acc, model=model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,12 +192,10 @@ def test_refusal_while_applying_is_a_checkpoint_error(ckpt, stage):
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A checkpoint saved by two processes (``ckpt``) and the state at save (``at_save.safetensors``)."""
-    out = str(tmp_path_factory.mktemp("review2_hub"))
-    _spawn(2, "save", out)
-    return out
+@pytest.fixture
+def saved(sharded_saves):
+    """The session's two-process sharded saves (tests/conftest.py)."""
+    return sharded_saves
 
 
 def _offline_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
@@ -213,7 +210,7 @@ def _offline_worker(rank: int, world: int, port: int, url: str, out: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=8))
     result: dict = {}
     try:
-        model, opt, sched = _make(world, _review_weights(out, "at_save.safetensors"))
+        model, opt, sched = make_run(world, weights_from(os.path.join(out, "at_save.safetensors")))
         try:
             hf_optim.load_state(url, opt, sched, model=model, cache_dir=os.path.join(out, f"machine{rank}"))
             result["outcome"] = "loaded"
@@ -239,7 +236,7 @@ def test_machine_offline_with_the_ordinary_checkpoint_cached_does_not_hang(
     hf_optim.consolidate_state(os.path.join(saved, "ckpt"), tmp_path / "v1")
     for name in os.listdir(tmp_path / "v1"):
         shutil.copy(tmp_path / "v1" / name, folder / name)
-    _upload(hub_api, hub_repo_id, str(folder))
+    upload_run(hub_api, hub_repo_id, str(folder))
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")

@@ -19,20 +19,18 @@ from safetensors.torch import load_file
 
 import hf_optim
 from hf_optim.errors import CheckpointError
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state
+from hf_optim.state import load_state
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 from tests.multiprocess import report_and_wait, run_with_deadline
-from tests.state.test_sharded import _make, _snapshot, _spawn, _train_accumulating, weights_from
+from tests.state.sharded_jobs import make_run, run_snapshot, train_accumulating, upload_run, weights_from
 
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A checkpoint with a GradientAccumulator saved mid-window (``acc``) and one without (``ckpt``)."""
-    out = str(tmp_path_factory.mktemp("review_sharded"))
-    _spawn(2, "acc-save", out)
-    _spawn(2, "save", out)
-    return out
+@pytest.fixture
+def saved(sharded_saves):
+    """The session's two-process sharded saves (tests/conftest.py)."""
+    return sharded_saves
 
 
 def _weights(saved: str, name: str = "acc_at_save.safetensors") -> dict[str, torch.Tensor]:
@@ -52,9 +50,9 @@ def _copy(saved: str, tmp_path, name: str = "acc", edit=None) -> str:
 
 def _live_objects(saved: str):
     """A plain model, optimizer, scheduler and accumulator that all hold state (mid-window, after steps)."""
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
-    _train_accumulating(model, opt, sched, acc, range(3), 0, 1)  # one optimizer step, then half a window
+    train_accumulating(model, opt, sched, acc, range(3), 0, 1)  # one optimizer step, then half a window
     assert opt.state and acc.step == 1 and all(g is not None for g in acc.gradients)
     return model, opt, sched, acc
 
@@ -94,7 +92,7 @@ def test_failed_load_keeps_the_scheduler_driving_the_live_optimizer(saved, tmp_p
     bad = _copy(saved, tmp_path, edit=_accumulator_refuses)
     model, opt, sched, acc = _live_objects(saved)
     with pytest.raises(CheckpointError, match="accumulator"):
-        load_sharded_state(bad, opt, sched, acc, model=model)
+        load_state(bad, opt, sched, acc, model=model)
     assert sched.optimizer is opt  # a deep copy of the optimizer would silently take every later lr change
     lr_before = opt.param_groups[0]["lr"]
     sched.step()
@@ -111,7 +109,7 @@ def test_failed_load_restores_optimizer_scheduler_and_accumulator_exactly(saved,
     acc_before = _clone(acc.state_dict())
     acc_buffers = list(acc.gradients)
     with pytest.raises(CheckpointError, match="accumulator"):
-        load_sharded_state(bad, opt, sched, acc, model=model)
+        load_state(bad, opt, sched, acc, model=model)
     for n, p in model.named_parameters():
         assert _same(dict(opt.state[p]), state_before[n]), n
         assert all(opt.state[p][k] is v for k, v in state_objects[n].items()), n  # the same tensors
@@ -129,7 +127,7 @@ def test_failed_load_keeps_the_param_group_objects(saved, tmp_path):
     model, opt, sched, acc = _live_objects(saved)
     groups = list(opt.param_groups)
     with pytest.raises(CheckpointError, match="accumulator"):
-        load_sharded_state(bad, opt, sched, acc, model=model)
+        load_state(bad, opt, sched, acc, model=model)
     assert all(a is b for a, b in zip(opt.param_groups, groups, strict=True))
 
 
@@ -145,12 +143,12 @@ def _strip_chunks(doc):
 def test_manifest_without_chunk_records_still_loads(saved, tmp_path):
     """A format-version-2 manifest written before the chunk record: planned from every shard header."""
     old = _copy(saved, tmp_path, edit=_strip_chunks)
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
     hf_optim.load_state(old, opt, sched, acc, model=model)
     at_save = load_file(os.path.join(saved, "acc_at_save.safetensors"))
     loaded = {
-        **_snapshot(model, opt),
+        **run_snapshot(model, opt),
         **{f"acc.{i}": g for i, g in enumerate(acc.gradients) if g is not None},
     }
     assert loaded.keys() == at_save.keys()
@@ -166,7 +164,7 @@ def test_accumulator_continues_with_the_model_after_a_load(saved, tmp_path):
         doc["accumulator"]["gradients"].append(None)
 
     bad = _copy(saved, tmp_path, edit=longer)
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
     try:
         hf_optim.load_state(bad, opt, sched, acc, model=model)
@@ -197,7 +195,7 @@ def _machine_worker(rank: int, world: int, port: int, url: str, out: str, revisi
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT - 10))
     result: dict = {}
     try:
-        model, opt, sched = _make(world, _weights(out, "at_save.safetensors"))
+        model, opt, sched = make_run(world, _weights(out, "at_save.safetensors"))
         before = _local(model)
         try:
             revision = revisions[rank] if revisions else None
@@ -205,7 +203,7 @@ def _machine_worker(rank: int, world: int, port: int, url: str, out: str, revisi
             hf_optim.load_state(url, opt, sched, model=model, cache_dir=cache, revision=revision)
             result["outcome"] = "loaded"
             at_save = load_file(os.path.join(out, "at_save.safetensors"))
-            result["exact"] = all(torch.equal(_snapshot(model, opt)[k], v) for k, v in at_save.items())
+            result["exact"] = all(torch.equal(run_snapshot(model, opt)[k], v) for k, v in at_save.items())
         except Exception as exc:
             result["outcome"] = type(exc).__name__
             result["message"] = str(exc)[:500]
@@ -223,13 +221,6 @@ def _run_machines(world: int, url: str, out: str, revisions: list | None = None)
     return run_with_deadline(_machine_worker, world, (url, out, revisions), out, "machine", TIMEOUT)
 
 
-def _upload(hub_api, repo: str, folder: str) -> dict:
-    hub_api.create_repo(repo, exist_ok=True)
-    hub_api.upload_folder(repo_id=repo, folder_path=folder, path_in_repo="run")
-    manifest = Path(folder, SHARDED_MANIFEST_NAME)
-    return json.loads(manifest.read_text()) if manifest.exists() else {}
-
-
 def test_needed_file_absent_from_the_hub_fails_on_every_machine(saved, hub_repo_id, hub_api, tmp_path):
     """Machine 1 reads shard 2, which the manifest lists but the repository does not have: both machines raise
     a CheckpointError naming it, nothing changes, and nobody waits forever."""
@@ -237,7 +228,7 @@ def test_needed_file_absent_from_the_hub_fails_on_every_machine(saved, hub_repo_
     doc = json.loads(Path(folder, SHARDED_MANIFEST_NAME).read_text())
     missing = doc["shards"]["files"][1]
     os.remove(os.path.join(folder, doc["shards"]["folder"], missing))
-    _upload(hub_api, hub_repo_id, folder)
+    upload_run(hub_api, hub_repo_id, folder)
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")
@@ -250,7 +241,7 @@ def test_needed_file_absent_from_the_hub_fails_on_every_machine(saved, hub_repo_
 
 def test_hub_manifest_without_chunk_records_downloads_every_file(saved, hub_repo_id, hub_api, tmp_path):
     folder = _copy(saved, tmp_path, name="ckpt", edit=_strip_chunks)
-    doc = _upload(hub_api, hub_repo_id, folder)
+    doc = upload_run(hub_api, hub_repo_id, folder)
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(os.path.join(saved, "at_save.safetensors"), out / "at_save.safetensors")
@@ -265,14 +256,14 @@ def test_hub_manifest_without_chunk_records_downloads_every_file(saved, hub_repo
 
 def test_present_unlisted_shard_file_is_refused(saved, tmp_path):
     """A shard file the manifest does not list, present in the shard folder, is refused (chunk-record plan)."""
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     folder = _copy(saved, tmp_path, name="ckpt")
     doc = json.loads(Path(folder, SHARDED_MANIFEST_NAME).read_text())
     shard_dir = os.path.join(folder, doc["shards"]["folder"])
     extra = os.path.join(shard_dir, "shard-00007-model-00001-of-00001.safetensors")
     shutil.copy(os.path.join(shard_dir, doc["shards"]["files"][0]), extra)
     with pytest.raises(CheckpointError, match="unlisted"):
-        load_sharded_state(folder, opt, sched, model=model)
+        load_state(folder, opt, sched, model=model)
     assert not opt.state
 
 
@@ -283,7 +274,7 @@ def test_consolidated_accumulator_checkpoint_resumes_the_accumulator(saved, tmp_
 
     out = str(tmp_path / "consolidated")
     consolidate_state(os.path.join(saved, "acc"), out)
-    model, opt, sched = _make(1, _weights(saved))
+    model, opt, sched = make_run(1, _weights(saved))
     acc = hf_optim.GradientAccumulator()
     hf_optim.load_state(out, opt, sched, acc, model=model)
     at_save = load_file(os.path.join(saved, "acc_at_save.safetensors"))
@@ -300,7 +291,7 @@ def test_branch_moved_between_two_machines_downloads(saved, hub_repo_id, hub_api
     raise (or all load one checkpoint), never run different collectives and hang."""
     from hf_optim.state import consolidate_state
 
-    _upload(hub_api, hub_repo_id, _copy(saved, tmp_path, name="ckpt"))
+    upload_run(hub_api, hub_repo_id, _copy(saved, tmp_path, name="ckpt"))
     hub_api.create_branch(
         hub_repo_id, branch="before", revision=hub_api.list_repo_commits(hub_repo_id)[0].commit_id
     )
@@ -319,11 +310,11 @@ def test_branch_moved_between_two_machines_downloads(saved, hub_repo_id, hub_api
 
 def test_plain_process_loads_a_sharded_checkpoint_from_the_hub(saved, hub_repo_id, hub_api):
     """2 -> 1 through the Hub: one plain process (no process group) downloads every shard and restores exactly."""
-    _upload(hub_api, hub_repo_id, os.path.join(saved, "ckpt"))
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    upload_run(hub_api, hub_repo_id, os.path.join(saved, "ckpt"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     hf_optim.load_state(f"hf://{hub_repo_id}/run", opt, sched, model=model)
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
-    for key, value in _snapshot(model, opt).items():
+    for key, value in run_snapshot(model, opt).items():
         assert torch.equal(value, at_save[key]), key
 
 
@@ -337,12 +328,12 @@ def test_load_from_the_hub_at_a_commit(saved, hub_repo_id, hub_api, tmp_path, na
     if name == "v1":
         folder = str(tmp_path / "v1")
         consolidate_state(os.path.join(saved, "ckpt"), folder)
-    _upload(hub_api, hub_repo_id, folder)
+    upload_run(hub_api, hub_repo_id, folder)
     commit = hub_api.list_repo_commits(hub_repo_id)[0].commit_id
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     hf_optim.load_state(
         f"hf://{hub_repo_id}/run", opt, sched, model=model, revision=commit, cache_dir=str(tmp_path / "cache")
     )
     at_save = load_file(os.path.join(saved, "at_save.safetensors"))
-    for key, value in _snapshot(model, opt).items():
+    for key, value in run_snapshot(model, opt).items():
         assert torch.equal(value, at_save[key]), key

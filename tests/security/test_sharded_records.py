@@ -21,20 +21,18 @@ from safetensors.torch import load_file
 
 import hf_optim
 from hf_optim.errors import CheckpointError
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, load_sharded_state
+from hf_optim.state import load_state
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 from tests.multiprocess import report_and_wait, run_with_deadline
-from tests.state.test_sharded import _make, _spawn, weights_from
+from tests.state.sharded_jobs import make_run, weights_from
 
 TIMEOUT = 25  # seconds a multi-process test may take before it counts as a hang
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A checkpoint with a GradientAccumulator saved mid-window (``acc``) and one without (``ckpt``)."""
-    out = str(tmp_path_factory.mktemp("review_sharded_attacks"))
-    _spawn(2, "acc-save", out)
-    _spawn(2, "save", out)
-    return out
+@pytest.fixture
+def saved(sharded_saves):
+    """The session's two-process sharded saves (tests/conftest.py)."""
+    return sharded_saves
 
 
 def _weights(saved: str, name: str) -> dict[str, torch.Tensor]:
@@ -88,7 +86,7 @@ NO_ACCUMULATOR_ATTACKS = {
 def test_hostile_record_without_an_accumulator_is_a_checkpoint_error(saved, tmp_path, attack):
     edit, expected = NO_ACCUMULATOR_ATTACKS[attack]
     bad = _copy(saved, str(tmp_path / "bad"), "acc", edit)
-    model, opt, sched = _make(1, _weights(saved, "acc_at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "acc_at_save.safetensors"))
     with pytest.raises(CheckpointError, match=expected):
         hf_optim.load_state(bad, opt, sched, model=model)
     assert not opt.state
@@ -130,7 +128,7 @@ ACCUMULATOR_ATTACKS = {
 def test_hostile_accumulator_record_changes_nothing(saved, tmp_path, attack):
     edit, expected = ACCUMULATOR_ATTACKS[attack]
     bad = _copy(saved, str(tmp_path / "bad"), "acc", edit)
-    model, opt, sched = _make(1, _weights(saved, "acc_at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "acc_at_save.safetensors"))
     acc = hf_optim.GradientAccumulator()
     acc([torch.ones(7, 5), torch.ones(7), torch.ones(3, 7), torch.ones(3)])
     with pytest.raises(CheckpointError, match=expected):
@@ -187,9 +185,9 @@ CHUNK_ATTACKS = {
 def test_lying_chunk_record_or_file_list_is_refused(saved, tmp_path, attack):
     edit, expected = CHUNK_ATTACKS[attack]
     bad = _copy(saved, str(tmp_path / "bad"), "ckpt", edit)
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     with pytest.raises(CheckpointError, match=expected):
-        load_sharded_state(bad, opt, sched, model=model)
+        load_state(bad, opt, sched, model=model)
     assert not opt.state
 
 
@@ -206,9 +204,9 @@ def test_shard_file_of_another_save_is_refused(saved, tmp_path):
         tensors = {k: f.get_tensor(k) + 1 for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
     assert metadata["hf_optim_checkpoint_id"] in Path(first, SHARDED_MANIFEST_NAME).read_text()
     save_file(tensors, path, metadata={**metadata, "hf_optim_checkpoint_id": "0" * 32})  # another save's file
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
     with pytest.raises(CheckpointError, match="written by another save"):
-        load_sharded_state(first, opt, sched, model=model)
+        load_state(first, opt, sched, model=model)
     assert not opt.state
 
 
@@ -233,7 +231,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str, with_accumulator: b
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT - 12))
     result: dict = {}
     try:
-        model, opt, sched = _make(world, _weights(out, "weights.safetensors"))
+        model, opt, sched = make_run(world, _weights(out, "weights.safetensors"))
         acc = hf_optim.GradientAccumulator() if with_accumulator else None
         before = _local(model)
         try:
@@ -304,11 +302,11 @@ def test_many_chunks_in_a_small_manifest_end_quickly(saved, tmp_path, size):
     code = (
         "import sys\n"
         "from hf_optim.errors import CheckpointError\n"
-        "from hf_optim.state.sharded import load_sharded_state\n"
-        "from tests.state.test_sharded import _make\n"
-        "model, opt, sched = _make(1, None)\n"
+        "from hf_optim.state import load_state\n"
+        "from tests.state.sharded_jobs import make_run\n"
+        "model, opt, sched = make_run(1, None)\n"
         "try:\n"
-        "    load_sharded_state(sys.argv[1], opt, sched, model=model)\n"
+        "    load_state(sys.argv[1], opt, sched, model=model)\n"
         "    print('loaded')\n"
         "except CheckpointError as exc:\n"
         "    print('refused:', str(exc)[:200])\n"
@@ -368,8 +366,8 @@ def test_zero_size_chunk_at_a_real_chunks_offsets_holds_no_data(saved, tmp_path)
     the read plan. Empty chunks hold no data and are left out of the plan, so the real one is read, exactly."""
     bad = _copy(saved, str(tmp_path / "bad"), "ckpt")
     _shadow_chunk(bad)
-    model, opt, sched = _make(1, _weights(saved, "at_save.safetensors"))
-    load_sharded_state(bad, opt, sched, model=model)
+    model, opt, sched = make_run(1, _weights(saved, "at_save.safetensors"))
+    load_state(bad, opt, sched, model=model)
     reference = load_file(os.path.join(saved, "at_save.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
     for p, entries in opt.state.items():
@@ -386,15 +384,15 @@ def _job_worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     result: dict = {}
     try:
         if job == "shadow":
-            model, opt, sched = _make(world, _weights(out, "weights.safetensors"))
+            model, opt, sched = make_run(world, _weights(out, "weights.safetensors"))
             before = _local(model)
             action = lambda: hf_optim.load_state(os.path.join(out, "bad"), opt, sched, model=model)  # noqa: E731
         else:  # "uneven-window": rank 1 skipped its micro-batch's accumulation (an uneven last batch)
-            from tests.state.test_sharded import _batch
+            from tests.state.sharded_jobs import batch
 
-            model, opt, sched = _make(world, None)
+            model, opt, sched = make_run(world, None)
             acc = hf_optim.GradientAccumulator()
-            model(_batch(0, rank, world)).pow(2).mean().backward()
+            model(batch(0, rank, world)).pow(2).mean().backward()
             if rank == 0:
                 acc.accumulate_from(model)
             before = _local(model)
@@ -433,3 +431,46 @@ def test_save_with_uneven_accumulation_windows_raises_a_catchable_error(tmp_path
     results = _run_job(2, str(tmp_path), "uneven-window")
     for rank, result in enumerate(results):
         assert result.get("outcome") != "done" and result.get("is_exception"), (rank, results)
+
+
+def test_ranks_loading_different_saves_raise_on_every_rank(saved, tmp_path):
+    """Rank 0's folder holds one save, rank 1's folder (same path on another machine) another save of the same
+    model: each check passes on its own, but the ranks would restore a mix of two trainings (rank 0's shards
+    from one, rank 1's from the other, each its own scheduler position). The ranks must agree on the checkpoint
+    id and all raise."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
+    _copy(saved, os.path.join(out, "rank0"), "ckpt")
+    _copy(saved, os.path.join(out, "rank1"), "acc")
+    ids = {
+        json.loads(Path(out, f"rank{r}", SHARDED_MANIFEST_NAME).read_text())["checkpoint_id"] for r in (0, 1)
+    }
+    assert len(ids) == 2  # really two saves
+    results = _run_ranks(2, out, False)
+    for rank, result in enumerate(results):
+        assert result.get("outcome") == "CheckpointError", (rank, results)
+        assert result.get("unchanged"), (rank, results)
+
+
+def _surrogate_name(doc):
+    """A parameter name holding a lone surrogate (``"\\ud800"`` in the JSON: valid JSON, a str Python cannot
+    encode to UTF-8): the error naming the tensor ``state.<name>.<key>`` carries it."""
+    record = doc["state"]["0.bias\ud800"] = doc["state"].pop("0.bias")
+    for state_key, entry in record.items():
+        if "sharded" in entry:
+            entry["sharded"] = f"state.0.bias\ud800.{state_key}"
+
+
+def test_error_message_that_is_not_utf8_is_agreed_on_every_rank(saved, tmp_path):
+    """Rank 1's copy names a parameter with a lone surrogate: rank 1 refuses it, and every rank must hear of it
+    (a CheckpointError on both) rather than rank 1 failing to encode its message for the others, alone, while
+    rank 0 waits for it in the collective."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(saved, "at_save.safetensors"), os.path.join(out, "weights.safetensors"))
+    _copy(saved, os.path.join(out, "rank0"), "ckpt")
+    _copy(saved, os.path.join(out, "rank1"), "ckpt", _surrogate_name)
+    assert "\\ud800" in Path(out, "rank1", SHARDED_MANIFEST_NAME).read_text()  # the JSON escape, valid JSON
+    results = _run_ranks(2, out, False)
+    for rank, result in enumerate(results):
+        assert result.get("outcome") == "CheckpointError", (rank, results)
+        assert result.get("unchanged"), (rank, results)
