@@ -24,7 +24,15 @@ from hf_optim.state.checks import (
     check_same_structure,
     check_scheduler_state,
 )
-from hf_optim.state.sharded import agree, like_parameter, local_region, machine_union, parameter_names
+from hf_optim.state.sharded import (
+    agree,
+    like_parameter,
+    local_region,
+    machine_union,
+    parameter_names,
+    sharded_manifest_files,
+)
+from hf_optim.state.sharded import machine_files as sharded_machine_files
 from hf_optim.state.zero._format import decode_value
 from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, refresh_master_weights, zero_layout
 from hf_optim.state.zero._read import Plan, TensorEntry, needed_files, open_files, read_manifest, read_range
@@ -368,7 +376,10 @@ __all__ = ["is_range_layout", "load_ranges"]
 
 def manifest_files(path: str) -> list[str]:
     """The files a sharded-family manifest (version 2 or 3) references (relative paths, itself first)."""
-    plan = read_manifest(os.path.dirname(path))
+    try:
+        plan = read_manifest(os.path.dirname(path))
+    except CheckpointError:  # a version-2 manifest without chunk records: the box reader lists it
+        return sharded_manifest_files(path)
     return [os.path.basename(path), *(f"{plan.folder}/{name}" for name in plan.files)]
 
 
@@ -376,6 +387,8 @@ def machine_files(manifest_path: str, optimizer: Any, model: Any) -> list[str]:
     """The files of a sharded-family checkpoint the processes on this machine read under ``optimizer`` (ZeRO or
     plain / FSDP2) and ``model`` (relative paths, the manifest first): for downloading only those. Every file
     when the manifest does not fit (the load then says why). A collective: call it on every process."""
+    if find_zero(optimizer, model) is None and not is_range_layout(os.path.dirname(manifest_path)):
+        return sharded_machine_files(manifest_path, model)  # FSDP2 / plain from version 2: DCP's planner
     error = listed = None
     try:
         listed = manifest_files(manifest_path)
