@@ -47,10 +47,11 @@ from hf_optim.state import (
     StateInfo,
     save_state,
     sharded,
+    zero,
 )
 from hf_optim.state.io import checkpoint_roots
 from hf_optim.state.reader import manifest_files
-from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, sharded_manifest_files
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -301,7 +302,7 @@ def _fetch_manifest(
 def _referenced(manifest_path: str) -> list[str]:
     """Every file the manifest references (relative paths, itself first)."""
     if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
-        return sharded_manifest_files(manifest_path)
+        return zero.manifest_files(manifest_path)
     return manifest_files(manifest_path)
 
 
@@ -363,7 +364,7 @@ def _once_per_machine(work: Callable[[bool], _T]) -> _T:
     return result
 
 
-def _download_sharded(location: _Location, model: torch.nn.Module, options: HubOptions) -> str:
+def _download_sharded(location: _Location, model: torch.nn.Module, opt: Any, options: HubOptions) -> str:
     """The state for a sharded (FSDP2) optimizer, downloaded once per machine: the manifest, then only the shard
     files this machine's processes read (every file of an ordinary checkpoint). A collective."""
     local_only = options.local_files_only
@@ -388,7 +389,7 @@ def _download_sharded(location: _Location, model: torch.nn.Module, options: HubO
         if error is not None:
             raise CheckpointError(f"the machines found different optimizer state on the Hub: {error}")
     if os.path.basename(manifest_path) == SHARDED_MANIFEST_NAME:
-        names = sharded.machine_files(manifest_path, model)
+        names = zero.machine_files(manifest_path, opt, model)
     else:
         names = manifest_files(manifest_path)
 
@@ -409,6 +410,7 @@ def _resolve(
     options: HubOptions,
     sharded_optimizer: bool = False,
     model: torch.nn.Module | None = None,
+    optimizer: Any = None,
 ) -> tuple[str, list[str]]:
     value = os.fspath(path_or_repo_id)
     if not isinstance(value, str):
@@ -432,7 +434,7 @@ def _resolve(
             raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
     location = _locate(value, subfolder, revision, repo_type)
     if model is not None and sharded_optimizer:
-        directory = _download_sharded(location, model, options)
+        directory = _download_sharded(location, model, optimizer, options)
     else:
         directory = _download_state(location, options)
     return directory, checkpoint_roots(directory)
@@ -484,7 +486,9 @@ def load_state(
     scheduler or accumulator is touched; on any error they are left exactly as they were. ``model``: see
     :func:`hf_optim.state.load_state` (required for sharded FSDP2 state; then each machine downloads once).
     """
-    is_sharded = sharded.is_sharded(optimizer)
+    is_sharded = sharded.is_sharded(optimizer) or zero.find_zero(optimizer, model) is not None
+    if zero.find_zero(optimizer, model) is not None and model is None:
+        raise ValueError("the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters")
     sharded.require_model(optimizer, model)
     directory, roots = _resolve(
         path_or_repo_id,
@@ -494,6 +498,7 @@ def load_state(
         options=HubOptions(token, cache_dir, local_files_only, force_download),
         sharded_optimizer=is_sharded,
         model=model,
+        optimizer=optimizer,
     )
     return state.load_state(
         directory, optimizer, scheduler, accumulator, strict=strict, roots=roots, model=model
@@ -556,7 +561,7 @@ def push_state_to_hub(
     location = _locate(repo_id, subfolder, revision, repo_type)
     upload = {"location": location, "token": token, "commit_message": commit_message}
     upload.update(private=private, create_pr=create_pr)
-    if sharded.is_sharded(optimizer):
+    if sharded.is_sharded(optimizer) or zero.find_zero(optimizer, model) is not None:
         return _push_sharded(optimizer, scheduler, accumulator, model, save_directory, max_shard_size, upload)
     if save_directory is not None:
         save_state(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a machine with 2+ CUDA GPUs: the FSDP2 paths that CPU machines cannot run (Accelerate enables FSDP on
-# GPUs only). For Accelerate and for hf_optim.Trainer: train 8 steps uninterrupted; train 4, save, resume in a
+# On a machine with 2+ CUDA GPUs: the FSDP2 and DeepSpeed paths that CPU machines cannot run (Accelerate enables
+# FSDP on GPUs only, and counts one process on CPU under DeepSpeed). For Accelerate and for hf_optim.Trainer: train 8 steps uninterrupted; train 4, save, resume in a
 # new process and train 4 more; the final weights must match. Prints PASS / FAIL per check, exits 1 on a FAIL.
 #
 #   bash scripts/gpu_check.sh            # uses `python` as found; it must have a CUDA build of torch
@@ -56,4 +56,30 @@ PYEOF
 }
 check accelerate
 check trainer
+
+# hf_optim.Trainer under DeepSpeed ZeRO-2 and ZeRO-3: safetensors ZeRO state, resumed (to fp32 rounding: the
+# resumed run's reductions are the same, but DeepSpeed re-creates its buffers)
+"$PY" -m pip install -q "deepspeed>=0.19.8" || { echo "FAIL: install deepspeed"; exit 1; }
+for stage in 2 3; do
+  log="$OUT/deepspeed_$stage.log"; ok=1
+  for mode in full first resume; do
+    if ! "$PY" -m torch.distributed.run --nproc_per_node 2 scripts/gpu_check_deepspeed.py "$OUT/ds$stage" "$mode" \
+        "$stage" >>"$log" 2>&1; then
+      echo "FAIL: trainer DeepSpeed ZeRO-$stage $mode run (log: $log)"; tail -20 "$log"; status=1; ok=0; break
+    fi
+  done
+  [ $ok = 1 ] || continue
+  if "$PY" - "$OUT/ds$stage/deepspeed_full.safetensors" "$OUT/ds$stage/deepspeed_resume.safetensors" <<'PYEOF'
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert a.keys() == b.keys() and a, "different parameters"
+worst = max((x - b[k]).abs().max().item() for k, x in a.items())
+print(f"  max |difference| = {worst:.3e} over {len(a)} tensors")
+sys.exit(0 if worst < 1e-5 else 1)
+PYEOF
+  then echo "PASS: trainer DeepSpeed ZeRO-$stage save (safetensors, no global_step pickles) -> resume -> same weights"
+  else echo "FAIL: trainer DeepSpeed ZeRO-$stage resume differs from the uninterrupted run"; status=1
+  fi
+done
 exit $status

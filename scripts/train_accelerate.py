@@ -246,7 +246,10 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
         format="%(name)s: %(message)s",
         force=True,
     )
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    # the root logger at INFO would also show Accelerate's notes and the Hub client's line per HTTP request,
+    # interleaved with the progress bar
+    for noisy in ("accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     print(f"world_size={accelerator.num_processes} rank={accelerator.process_index}", flush=True)
     set_seed(args.seed)
     checkpoint_dir = None

@@ -156,6 +156,19 @@ class AdamWeightDecay(Optimizer):
                 name, weight_decay=1.0, include=self._include, exclude=self._exclude
             )
 
+    def _decay_of(self, p: Tensor) -> bool:
+        """Whether ``p`` decays. A parameter put into a group after construction (DeepSpeed ZeRO replaces each
+        group's parameters with one flat partition) has no name: it decays unless names select what decays."""
+        if p not in self._decay:
+            if self._include or self._exclude:
+                raise ValueError(
+                    "include_in_weight_decay / exclude_from_weight_decay select parameters by name, but this "
+                    "parameter was added after construction (under DeepSpeed ZeRO the optimizer steps flat "
+                    "partitions): put the parameters that do not decay in a group with weight_decay_rate=0"
+                )
+            self._decay[p] = True
+        return self._decay[p]
+
     def __getstate__(
         self,
     ) -> dict[str, Any]:  # torch keeps only defaults/state/param_groups; keep the Keras options
@@ -294,7 +307,7 @@ class AdamWeightDecay(Optimizer):
                     s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         # every updated parameter is at the optimizer's step t
         set_steps([s["step"] for s in states], t if isinstance(t, Tensor) else float(t))
-        decays = [self._decay[p] for p in params]
+        decays = [self._decay_of(p) for p in params]
         beta1, beta2 = group["betas"]
         for decay in (True, False):
             if decay not in decays:

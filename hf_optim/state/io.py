@@ -287,6 +287,25 @@ def read_region(
     return out
 
 
+def read_flat_range(
+    st: SafetensorsFile, key: str, start: int, stop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Elements ``[start, stop)`` of tensor ``key`` flattened (1-D), reading only their bytes (one ``pread``),
+    into ``out`` (a contiguous CPU tensor of that size and dtype) when given."""
+    entry = st.entries[key]
+    numel = math.prod(entry.shape)
+    if not 0 <= start <= stop <= numel:
+        raise ValueError(f"range [{start}, {stop}) lies outside the {numel} elements of {key!r}")
+    if out is None:
+        out = torch.empty(stop - start, dtype=entry.dtype)
+    elif out.dtype != entry.dtype or out.numel() != stop - start or not out.is_contiguous() or out.is_cuda:
+        raise ValueError(f"out must be a contiguous CPU {entry.dtype} tensor of {stop - start} elements")
+    if out.numel():
+        buffer = memoryview(out.view(torch.uint8).numpy())
+        _pread_into(st.file, buffer, st.starts[key] + start * entry.dtype.itemsize)
+    return out
+
+
 def _pread_into(file: OpenFile, target: memoryview, position: int) -> None:
     done = 0
     while done < len(target):

@@ -20,7 +20,7 @@ import torch
 
 from hf_optim._utils import clean_subfolder, unwrap_optimizer
 from hf_optim.errors import CheckpointError
-from hf_optim.state import sharded
+from hf_optim.state import sharded, zero
 from hf_optim.state.codec import check_tensor_nodes, decode, tensor_refs
 from hf_optim.state.describe import FileReader
 from hf_optim.state.format import KIND_OBJECT, METADATA_KEY, check_metadata
@@ -72,6 +72,11 @@ def load_state(
     directory = os.fspath(directory)
     sub = clean_subfolder(subfolder)
     directory = os.path.join(directory, *sub.split("/")) if sub else directory
+    zero_optimizer = zero.find_zero(optimizer, model)
+    if zero_optimizer is not None or (
+        model is not None and sharded.has_sharded_state(directory) and zero.is_range_layout(directory)
+    ):
+        return _load_ranges(directory, optimizer, scheduler, accumulator, model, zero_optimizer, roots)
     opt = unwrap_optimizer(optimizer)
     is_sharded = sharded.is_sharded(opt)
     manifest = os.path.join(
@@ -95,6 +100,54 @@ def load_state(
             yield FileReader(ckpt)
 
     return load_with(open_files, live, strict, collective=is_sharded)
+
+
+def _load_ranges(
+    directory: str,
+    optimizer: Any,
+    scheduler: Any,
+    accumulator: Any,
+    model: torch.nn.Module | None,
+    zero_optimizer: Any,
+    roots: Iterable[str] | None,
+) -> LoadReport:
+    """DeepSpeed ZeRO targets (any checkpoint of the family) and format-3 checkpoints (any target), read by
+    element ranges (``hf_optim.state.zero``)."""
+    if model is None:
+        raise ValueError("the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters")
+    if accumulator is not None:
+        raise ValueError(
+            "a GradientAccumulator is not loaded with ZeRO state: DeepSpeed accumulates gradients"
+        )
+
+    def open_plan() -> zero.Plan:
+        if sharded.has_sharded_state(directory) or not has_state(directory):
+            return zero.read_manifest(directory)
+        ckpt = open_checkpoint(directory, roots=roots)
+        try:
+            saved = FileReader(ckpt).scheduler()
+            return zero.plan_from_checkpoint(ckpt, saved.state if saved is not None else None)
+        except BaseException:
+            ckpt.close()
+            raise
+
+    if zero_optimizer is not None:
+        layout = zero.zero_layout(zero_optimizer, model)
+        checkpoint_id, loaded, notes = zero.load_ranges(open_plan, layout=layout, scheduler=scheduler)
+    else:
+        opt = unwrap_optimizer(optimizer)
+        names = sharded.parameter_names(zero.module_of(model), opt)
+        checkpoint_id, loaded, notes = zero.load_ranges(
+            open_plan, optimizer=opt, names=names, scheduler=scheduler
+        )
+    return LoadReport(
+        source=directory,
+        checkpoint_id=checkpoint_id,
+        loaded=tuple(loaded),
+        param_groups_restored=True,
+        scheduler_loaded=scheduler is not None,
+        notes=tuple(notes),
+    )
 
 
 def load_with(

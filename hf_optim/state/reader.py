@@ -33,6 +33,7 @@ from hf_optim.state.io import (
     SafetensorsFile,
     checkpoint_roots,
     open_file,
+    read_flat_range,
     read_json,
     read_region,
     read_safetensors,
@@ -114,6 +115,13 @@ class Checkpoint:
         }
         self.check_unchanged()
         return out
+
+    def read_flat_range(
+        self, key: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``[start, stop)`` of optimizer tensor ``key`` flattened, reading only their bytes (into
+        ``out`` when given)."""
+        return read_flat_range(self._tensor_files[self.entries[key].file], key, start, stop, out)
 
     def check_unchanged(self) -> None:
         """The manifest's descriptor still records this checkpoint's id (its file was not rewritten in place)."""

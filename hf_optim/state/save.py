@@ -16,7 +16,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from hf_optim import registry
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
-from hf_optim.state import sharded
+from hf_optim.state import sharded, zero
 from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_lock, staging_folder
 from hf_optim.state.codec import Encoder
 from hf_optim.state.format import (
@@ -346,6 +346,22 @@ def save_state(
         hf_optim.load_state("ckpt", optimizer)
         ```
     """
+    zero_optimizer = zero.find_zero(optimizer, model)
+    if zero_optimizer is not None:
+        if model is None:
+            raise ValueError(
+                "the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters"
+            )
+        if accumulator is not None:
+            raise ValueError(
+                "a GradientAccumulator is not saved with ZeRO state: DeepSpeed accumulates gradients"
+            )
+        layout = zero.zero_layout(zero_optimizer, model)
+        return [
+            zero.save_zero_state(
+                os.fspath(save_directory), layout, scheduler, optimizer_class=qualname(layout.client)
+            )
+        ]
     opt = unwrap_optimizer(optimizer)
     if sharded.is_sharded(opt):
         sharded.require_model(opt, model)

@@ -77,6 +77,7 @@ PRELUDES: dict[str, str] = {
     "trainer.md": _TRAINER,
     "accelerate.md": _TOKENS + "def train(accelerator):\n    return None\n",
     "fsdp2.md": _TINY,
+    "deepspeed.md": _TINY,
 }
 # Pages whose examples talk to a Hub: they run against the local one.
 HUB_PAGES = {"quickstart.md", "state.md", "hub.md"}

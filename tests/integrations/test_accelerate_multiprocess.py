@@ -292,13 +292,11 @@ def test_item_normalised_gradient_and_scheduler_two_processes(tmp_path: Path) ->
     assert (tmp_path / "ckpt" / "optimizer.safetensors").is_file()
 
     # use_safetensors_state: the main process's registered state (10.0) is what every process loads, and the
-    # folder holds no pickle except Accelerate's per-process RNG files.
+    # folder holds no pickle at all: each process's random states are safetensors too.
     assert result["registered_values"] == [10.0, 10.0]
     files = result["plain_files"]
-    assert [n for n in files if not n.endswith((".safetensors", ".json"))] == [
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    ]
+    assert [n for n in files if not n.endswith((".safetensors", ".json"))] == []
+    assert {"random_states_0.safetensors", "random_states_1.safetensors"} <= set(files)
     assert {
         "custom_checkpoint_0.safetensors",
         "optimizer.safetensors",

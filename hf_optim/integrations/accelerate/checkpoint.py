@@ -30,16 +30,12 @@ DeepSpeed and Megatron-LM keep sharded optimizer state that this format does not
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
 import logging
 import os
-import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
@@ -49,7 +45,14 @@ from accelerate.utils import DistributedType
 from hf_optim._utils import is_hub_url, unwrap_optimizer
 from hf_optim.errors import CheckpointError
 from hf_optim.hub import download_checkpoint, resolve_state_dir
+from hf_optim.integrations.accelerate.model_weights import (
+    bare_model,
+    read_model_weights,
+    skip_model_loading,
+    unwrapped_weights_hook,
+)
 from hf_optim.integrations.accelerate.prepare import is_hf_optim_scheduler
+from hf_optim.integrations.accelerate.rollback import Snapshot
 from hf_optim.integrations.accelerate.run_state import (
     PICKLED_RNG_NAME,
     load_run_state,
@@ -67,7 +70,6 @@ from hf_optim.state import (
     save_object_state,
     save_state,
 )
-from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_safetensors, read_tensors
 
 __all__ = [
     "REGISTERED_STATE_NAME",
@@ -86,8 +88,6 @@ _PICKLED_REGISTERED_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 _REGISTERED_KIND = "accelerate.registered_object"
 
 # Accelerate writes the first model as ``model.safetensors`` and the i-th as ``model_{i}.safetensors``.
-_MODEL_STEM = "model"
-_PICKLED_MODEL_STEM = "pytorch_model"
 # The state of the i-th prepared optimizer (i > 0) goes into this sub-folder of the checkpoint.
 _EXTRA_OPTIMIZER_DIR = "optimizer_{}"
 # Accelerate's other files (accelerate.utils.constants): RNG, scaler, samplers, stateful dataloaders.
@@ -163,7 +163,7 @@ def accelerate_save_state(
     registered = list(accelerator._custom_objects)
 
     # FSDP2: Accelerate saves the sharded model its own way; otherwise the unwrapped model's weights
-    hook = (lambda models, weights, output_dir: None) if fsdp2 else _unwrapped_weights_hook(accelerator)
+    hook = (lambda models, weights, output_dir: None) if fsdp2 else unwrapped_weights_hook(accelerator)
     handle = accelerator.register_save_state_pre_hook(hook)
     try:
         with _hidden_from_accelerate(accelerator, custom_objects=True, scaler=True, dataloaders=True):
@@ -287,7 +287,7 @@ def accelerate_load_state(
     # 1. Validate every file before changing anything.
     fsdp2 = _fsdp2(accelerator)
     weights = [
-        _read_model_weights(accelerator, model, local_dir, index)
+        read_model_weights(accelerator, model, local_dir, index)
         for index, model in enumerate(
             accelerator._models if not fsdp2 else ()
         )  # FSDP2: Accelerate loads them
@@ -310,7 +310,7 @@ def accelerate_load_state(
     run_state = read_run_state(accelerator, local_dir)
 
     # 2. Apply, with everything that can change restorable.
-    snapshot = _Snapshot(accelerator, pairs, accumulator)
+    snapshot = Snapshot(accelerator, pairs, accumulator)
     try:
         for index, (optimizer, scheduler) in enumerate(pairs):
             load_state(
@@ -326,7 +326,7 @@ def accelerate_load_state(
         # Accelerate: RNG, samplers, scaler, step (and pickled registered objects with allow_pickle=True).
         # The hook keeps it from reading the model files: hf_optim read them above.
         handle = accelerator.register_load_state_pre_hook(
-            (lambda models, input_dir: None) if fsdp2 else _skip_model_loading
+            (lambda models, input_dir: None) if fsdp2 else skip_model_loading
         )
         try:
             with _hidden_from_accelerate(
@@ -341,7 +341,7 @@ def accelerate_load_state(
         load_run_state(accelerator, local_dir, run_state)
         for model, state in zip(accelerator._models, weights, strict=True):
             # names were checked; strict=False allows tied weights stored once
-            _bare_model(accelerator, model).load_state_dict(state, strict=False)
+            bare_model(accelerator, model).load_state_dict(state, strict=False)
     except BaseException:
         snapshot.restore()
         raise
@@ -411,74 +411,6 @@ def _check_accelerate_files(accelerator: Accelerator, directory: str, ours: dict
             raise CheckpointError(f"{path}: not a regular file")
         if name in required and not os.path.lexists(path):
             raise CheckpointError(f"{path}: missing (accelerator.load_state needs it)")
-
-
-class _Snapshot:
-    """Copies of everything ``accelerate_load_state`` may change, to put back if a step fails."""
-
-    def __init__(
-        self, accelerator: Accelerator, pairs: list[tuple[Any, Any]], accumulator: Any | None
-    ) -> None:
-        self.accelerator = accelerator
-        self.optimizers = [(opt, opt.state, opt.param_groups, _copy_optimizer(opt)) for opt, _ in pairs]
-        self.schedulers = [(s, _copy_scheduler(s)) for _, s in pairs if s is not None]
-        self.accumulator = (accumulator, copy.deepcopy(accumulator.state_dict())) if accumulator else None
-        self.registered = [(obj, copy.deepcopy(obj.state_dict())) for obj in accelerator._custom_objects]
-        self.scaler = (
-            copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
-        )
-        self.step = accelerator.step
-        self.rng = (
-            random.getstate(),
-            np.random.get_state(),
-            torch.get_rng_state(),
-            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-        )
-
-    def restore(self) -> None:
-        for opt, state, groups, (saved_state, saved_groups) in self.optimizers:
-            opt.state, opt.param_groups = state, groups  # the same objects, with their old contents
-            state.clear()
-            state.update(saved_state)
-            groups[:] = [group for group, _ in saved_groups]
-            for group, content in saved_groups:
-                group.clear()
-                group.update(content)
-        for scheduler, saved in self.schedulers:
-            scheduler.__dict__.clear()
-            scheduler.__dict__.update(saved)
-        if self.accumulator is not None:
-            self.accumulator[0].load_state_dict(self.accumulator[1])
-        for obj, saved in self.registered:
-            obj.load_state_dict(saved)
-        if self.scaler is not None:
-            self.accelerator.scaler.load_state_dict(self.scaler)
-        self.accelerator.step = self.step
-        random.setstate(self.rng[0])
-        np.random.set_state(self.rng[1])
-        torch.set_rng_state(self.rng[2])
-        if self.rng[3] is not None:
-            torch.cuda.set_rng_state_all(self.rng[3])
-
-
-def _copy_optimizer(
-    opt: torch.optim.Optimizer,
-) -> tuple[dict[Any, Any], list[tuple[dict[str, Any], dict[str, Any]]]]:
-    memo = {id(p): p for group in opt.param_groups for p in group["params"]}  # parameters are not copied
-    state = {p: copy.deepcopy(s, memo) for p, s in opt.state.items()}
-    groups = [
-        (group, {k: v if k == "params" else copy.deepcopy(v, memo) for k, v in group.items()})
-        for group in opt.param_groups
-    ]
-    return state, groups
-
-
-def _copy_scheduler(scheduler: Any) -> dict[str, Any]:
-    memo: dict[int, Any] = {}
-    optimizer = getattr(scheduler, "optimizer", None)
-    if optimizer is not None:
-        memo[id(optimizer)] = optimizer  # the scheduler's reference to its optimizer stays a reference
-    return {k: copy.deepcopy(v, memo) for k, v in scheduler.__dict__.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -648,103 +580,3 @@ def _hidden_from_accelerate(
     finally:
         accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects = saved
         accelerator.scaler, accelerator._dataloaders = saved_scaler, saved_loaders
-
-
-def _bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    model = accelerator.unwrap_model(model)
-    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
-
-
-def _unwrapped_weights_hook(accelerator: Accelerator) -> Callable[[list[Any], list[Any], str], None]:
-    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        # Accelerate saves DDP models under ``module.``-prefixed names; store the model's own names instead.
-        for index, model in enumerate(models[: len(weights)]):
-            weights[index] = _bare_model(accelerator, model).state_dict()
-
-    return hook
-
-
-def _weights_file(checkpoint_dir: str, index: int) -> str:
-    """Model ``index``'s weights as Accelerate names them: ``model[_i].safetensors``, or, saved with
-    ``safe_serialization=False``, ``pytorch_model[_i].bin`` (when there is no safetensors file)."""
-    suffix = f"_{index}" if index else ""
-    path = os.path.join(checkpoint_dir, f"{_MODEL_STEM}{suffix}.safetensors")
-    pickled = os.path.join(checkpoint_dir, f"{_PICKLED_MODEL_STEM}{suffix}.bin")
-    return pickled if not os.path.lexists(path) and os.path.lexists(pickled) else path
-
-
-def _read_pickled_weights(file: OpenFile) -> dict[str, torch.Tensor]:
-    """``pytorch_model.bin`` (written with ``safe_serialization=False``), read from the checked descriptor with
-    ``torch.load(weights_only=True)``: tensors and plain containers only, and it must be a dict of tensors."""
-    try:
-        weights = torch.load(io.BytesIO(file.read_all()), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for refused or malformed pickles
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"{file.path}: not a model state_dict readable with weights_only=True: {first}"
-        ) from None
-    if not isinstance(weights, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
-    ):
-        raise CheckpointError(f"{file.path}: not a model state_dict (a dict of tensors)")
-    return weights
-
-
-def _read_model_weights(
-    accelerator: Accelerator, model: torch.nn.Module, checkpoint_dir: str, index: int
-) -> dict[str, torch.Tensor]:
-    """Read the weights file of model ``index`` after checking it has exactly the model's tensors and shapes.
-
-    The file is opened once, like optimizer state: it must resolve inside the checkpoint folder (or its Hub cache
-    repository's blobs) and be a regular file, and both the header and the tensors are read from that descriptor.
-    """
-    path = _weights_file(checkpoint_dir, index)
-    try:
-        file = open_file(path, roots=checkpoint_roots(checkpoint_dir))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"path_or_repo_id: model weights {path!r} not found") from None
-    try:
-        if path.endswith(".bin"):
-            pickled = _read_pickled_weights(file)
-            shapes = {name: tuple(t.shape) for name, t in pickled.items()}
-        else:
-            st = read_safetensors(file)
-            shapes = {name: header.shape for name, header in st.entries.items()}
-        state = _bare_model(accelerator, model).state_dict()
-        expected = {name: tuple(t.shape) for name, t in state.items()}
-        found = {_strip_wrapper_prefix(name): shape for name, shape in shapes.items()}
-        missing = sorted(set(expected) - set(found))
-        unexpected = sorted(set(found) - set(expected))
-        # Tied weights are stored once (safetensors refuses shared storage): a missing tensor that shares storage
-        # with a stored one is restored through it.
-        stored = {state[name].untyped_storage().data_ptr() for name in found if name in state}
-        missing = [name for name in missing if state[name].untyped_storage().data_ptr() not in stored]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"path_or_repo_id: model weights {path!r} do not match model {index}: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
-        for name, shape in sorted(found.items()):
-            if expected[name] != shape:
-                raise CheckpointError(
-                    f"path_or_repo_id: model weights {path!r}: {name} has shape {list(shape)}, "
-                    f"the model expects {list(expected[name])}"
-                )
-        tensors = pickled if path.endswith(".bin") else read_tensors(st, st.entries)
-        return {_strip_wrapper_prefix(k): v for k, v in tensors.items()}
-    finally:
-        file.close()
-
-
-def _strip_wrapper_prefix(name: str) -> str:
-    # Checkpoints written by a plain accelerator.save_state under DDP / torch.compile carry wrapper prefixes.
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name
-
-
-def _skip_model_loading(models: list[Any], input_dir: str) -> None:
-    """``load_state`` pre-hook: hf_optim loads the model weights itself (under unwrapped names)."""
-    models.clear()

@@ -16,8 +16,12 @@ is loaded into the scheduler Trainer rebuilt from the same ``TrainingArguments``
 Under FSDP2 every process writes its own shard of the optimizer state (:func:`hf_optim.save_state` with
 ``model=``, format version 2) and resumes from it on any number of processes; this path is thin over the
 torch-level functions tested on CPU and has not been run on GPUs here (``scripts/gpu_check.sh`` checks it).
-DeepSpeed, FSDP1, XLA and SageMaker model parallel have their own optimizer checkpoint formats: there the base
-behaviour is kept, with a warning.
+Under DeepSpeed ZeRO every process writes its own partition (format version 3, through
+``hf_optim.integrations.deepspeed``) instead of DeepSpeed's pickled ``global_stepN/``; resuming loads the model's
+weights from the checkpoint's safetensors, then the state, on any number of processes and any stage (a GPU check:
+``scripts/gpu_check.sh``; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save``). A checkpoint holding
+DeepSpeed's own files is still resumed by DeepSpeed. FSDP1, XLA and SageMaker model parallel have their own
+optimizer checkpoint formats: there the base behaviour is kept, with a warning.
 
 Nothing read on resume is unpickled with arbitrary objects: hf_optim reads safetensors + JSON, and transformers
 5.x reads ``rng_state*.pth``, ``scaler.pt`` and legacy ``optimizer.pt`` / ``scheduler.pt`` with
@@ -38,6 +42,13 @@ import transformers
 
 from hf_optim._utils import is_hub_url
 from hf_optim.hub import download_checkpoint
+from hf_optim.integrations.deepspeed import (
+    has_zero_state,
+    is_zero,
+    load_zero_state,
+    save_zero_state,
+    weights_loader,
+)
 from hf_optim.integrations.transformers.bridge import registered_names
 from hf_optim.integrations.transformers.resume import (
     LEGACY_OPTIMIZER_NAMES,
@@ -105,7 +116,7 @@ class TrainerMixin:
     def _hf_optim_native_backend(self) -> str | None:
         """The name of the backend whose own optimizer checkpointing must be kept, if any."""
         if getattr(self, "is_deepspeed_enabled", False):
-            return "DeepSpeed"
+            return None if self._hf_optim_zero() else "DeepSpeed"
         if self._hf_optim_fsdp2():
             return None  # sharded optimizer state: hf_optim saves it per process
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
@@ -116,6 +127,15 @@ class TrainerMixin:
         if getattr(utils, "is_sagemaker_mp_enabled", lambda: False)():
             return "SageMaker model parallel"
         return None
+
+    def _hf_optim_zero(self) -> bool:
+        """DeepSpeed ZeRO, prepared: every process saves and loads its own partition of the optimizer state."""
+        optimizer = getattr(self, "optimizer", None)
+        return (
+            bool(getattr(self, "is_deepspeed_enabled", False))
+            and optimizer is not None
+            and is_zero(optimizer, getattr(self, "model_wrapped", None))
+        )
 
     def _hf_optim_fsdp2(self) -> bool:
         """FSDP2 (``fully_shard``): every process saves and loads its own shard of the optimizer state."""
@@ -178,6 +198,9 @@ class TrainerMixin:
         if backend is not None:
             self._hf_optim_warn_fallback(backend)
             return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        if self._hf_optim_zero():  # a collective: every process writes its partition
+            save_zero_state(output_dir, self.optimizer, self.lr_scheduler, self.model_wrapped)
+            return None
         if self._hf_optim_fsdp2():  # a collective: every process writes its shard
             save_state(output_dir, self.optimizer, scheduler=self.lr_scheduler, model=self.model)
             return None
@@ -193,6 +216,10 @@ class TrainerMixin:
         if backend is not None:
             self._hf_optim_warn_fallback(backend)
             return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        if self._hf_optim_zero():  # DeepSpeed's own checkpoint was loaded whole by deepspeed_load_checkpoint
+            if has_zero_state(checkpoint):
+                load_zero_state(checkpoint, self.optimizer, self.lr_scheduler, self.model_wrapped)
+            return None
         if self._hf_optim_fsdp2() and os.path.isfile(os.path.join(checkpoint, SHARDED_MANIFEST_NAME)):
             load_state(checkpoint, self.optimizer, scheduler=self.lr_scheduler, model=self.model)
             logger.info("Loaded sharded optimizer and scheduler state from %s", checkpoint)
@@ -222,7 +249,11 @@ class TrainerMixin:
             with self.args.main_process_first(desc="downloading the checkpoint"):
                 resume_from_checkpoint = download_trainer_checkpoint(url, token=self.args.hub_token)
             logger.info("Resuming from %s (downloaded to %s)", url, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        deepspeed = getattr(self, "is_deepspeed_enabled", False) and isinstance(resume_from_checkpoint, str)
+        with weights_loader(
+            resume_from_checkpoint if deepspeed else None
+        ):  # hf_optim's state: no global_stepN
+            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
 
 class Trainer(TrainerMixin, transformers.Trainer):

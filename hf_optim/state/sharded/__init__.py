@@ -31,7 +31,16 @@ from hf_optim.state.sharded._dist import (
     rank,
     require_model,
 )
-from hf_optim.state.sharded._format import SHARDED_FORMAT_VERSION, SHARDED_MANIFEST_NAME
+from hf_optim.state.sharded._format import (
+    CHECKPOINT_ID_KEY,
+    KIND,
+    SHARD_DIR_RE,
+    SHARD_FILE_RE,
+    SHARDED_FORMAT_VERSION,
+    SHARDED_MANIFEST_NAME,
+    decode_value,
+    encode_value,
+)
 from hf_optim.state.sharded._load import (
     ShardedReader,
     ShardedStateInfo,
@@ -42,14 +51,20 @@ from hf_optim.state.sharded._read import has_sharded_state, sharded_manifest_fil
 from hf_optim.state.sharded._save import save_sharded_state
 
 __all__ = [
+    "CHECKPOINT_ID_KEY",
+    "KIND",
     "SHARDED_FORMAT_VERSION",
     "SHARDED_MANIFEST_NAME",
+    "SHARD_DIR_RE",
+    "SHARD_FILE_RE",
     "ConsolidationSource",
     "ShardedReader",
     "ShardedStateInfo",
     "agree",
     "barrier",
     "broadcast_text",
+    "decode_value",
+    "encode_value",
     "has_sharded_state",
     "inspect_sharded_state",
     "is_sharded",

@@ -1,0 +1,31 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3) optimizer state in the sharded format family, format version 3.
+
+Each process writes only its own partition, as 1-D element ranges of each parameter's flattened state tensors
+(ZeRO partitions flat buffers at arbitrary element offsets), plus the fp32 master weights under bf16 / fp16, the
+loss scaler, the groups' hyperparameters and the scheduler; rank 0 writes the manifest. Loading reads element
+ranges of any sharded-family checkpoint (version 2's row blocks too) into ZeRO on any number of processes and any
+stage, or into one plain process. Modules: ``_layout`` (where ZeRO keeps what), ``_format``, ``_save``,
+``_read`` (manifest and partition headers, checked), ``_load``.
+"""
+
+from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
+from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
+from hf_optim.state.zero._load import is_range_layout, load_ranges, machine_files, manifest_files
+from hf_optim.state.zero._read import Plan, plan_from_checkpoint, read_manifest
+from hf_optim.state.zero._save import save_zero_state
+
+__all__ = [
+    "ZERO_FORMAT_VERSION",
+    "Plan",
+    "ZeroLayout",
+    "find_zero",
+    "is_range_layout",
+    "load_ranges",
+    "machine_files",
+    "manifest_files",
+    "module_of",
+    "plan_from_checkpoint",
+    "read_manifest",
+    "save_zero_state",
+    "zero_layout",
+]

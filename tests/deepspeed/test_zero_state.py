@@ -1,0 +1,244 @@
+"""DeepSpeed ZeRO optimizer state (format version 3): save on N processes under ZeRO 1/2/3, resume under any
+stage, on any number of processes, under FSDP2 or in one plain process, and the other way round.
+
+References: the uninterrupted run itself for the bit-exact same-layout resume; otherwise one plain process
+trained on the same global batches, computed here with ``torch.optim``-style code independent of DeepSpeed
+(DeepSpeed with ``gradient_clipping: 0`` and FSDP2 agree with it to fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.deepspeed import zero_worker
+from tests.multiprocess import run_with_deadline
+
+SAVE_AT, STOP = 3, 6
+DEADLINE = 240
+
+
+def _run(tmp: Path, name: str, world: int, spec: dict[str, Any]) -> list[dict]:
+    results = run_with_deadline(zero_worker.worker, world, (str(tmp), name, spec), tmp, name, DEADLINE)
+    for r in results:
+        assert r["outcome"] == "ok", r.get("traceback", r["outcome"])
+    return results
+
+
+def _engine(kind: str) -> dict[str, Any]:
+    """``"zero2"``, ``"zero3-bf16"``, ``"fsdp"``, ``"plain"`` as a worker spec."""
+    if kind.startswith("zero"):
+        spec: dict[str, Any] = {"engine": "zero", "stage": int(kind[4])}
+        if kind.endswith("bf16"):
+            spec["dtype"] = "bf16"
+        return spec
+    return {"engine": kind}
+
+
+def _reference() -> dict[str, list[float]]:
+    """One plain process, uninterrupted, on the same global batches (in this process)."""
+    model = zero_worker.make_model({})
+    opt = zero_worker.make_optimizer(model.parameters(), "hf")
+    sched = zero_worker.make_scheduler(opt)
+    for step in range(STOP):
+        x, y = zero_worker.batch(step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return {k: v.detach().flatten().tolist() for k, v in model.named_parameters()}
+
+
+def _max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
+    assert a.keys() == b.keys()
+    return max(abs(x - y) for k in a for x, y in zip(a[k], b[k], strict=True))
+
+
+class Saved:
+    def __init__(self, tmp: Path, kind: str, world: int, *, again: bool = False) -> None:
+        self.tmp, self.kind, self.world = tmp, kind, world
+        self.directory, self.weights = tmp / "state", tmp / "weights.safetensors"
+        spec = {**_engine(kind), "stop": STOP, "save": str(self.directory), "save_at": SAVE_AT}
+        spec["weights_out"] = str(self.weights)
+        if again:
+            self.again = tmp / "state-again"
+            spec["save_again"] = str(self.again)
+        self.results = _run(tmp, "saving", world, spec)
+
+    def resume(self, kind: str, world: int, name: str, **extra: Any) -> list[dict]:
+        spec = {**_engine(kind), "start": SAVE_AT, "stop": STOP, "load": str(self.directory)}
+        return _run(self.tmp, name, world, {**spec, "weights_in": str(self.weights), **extra})
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[float]]:
+    return _reference()
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    return Saved(tmp_path_factory.mktemp("zero2"), "zero2", 2, again=True)
+
+
+def test_each_process_writes_its_partition_as_safetensors(zero2: Saved) -> None:
+    manifest = json.loads((zero2.directory / "optimizer.sharded.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["zero"]["stage"] == 2 and manifest["world_size"] == 2
+    folder = zero2.directory / manifest["shards"]["folder"]
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == manifest["shards"]["files"] and len(files) == 2
+    assert sorted(p.name for p in zero2.directory.iterdir()) == sorted(
+        [folder.name, "optimizer.sharded.json"]
+    )
+    # ranges tile each flattened tensor, and each range is that process's piece of it
+    for name, record in manifest["state"].items():
+        assert set(record) == {"step", "exp_avg", "exp_avg_sq"}
+        entry = record["exp_avg"]
+        numel = torch.Size(entry["shape"]).numel()
+        position = 0
+        for chunk in entry["chunks"]:
+            assert chunk["range"][0] == position
+            position = chunk["range"][1]
+            with safe_open(folder / chunk["file"], "pt") as f:
+                assert f.get_slice(entry["sharded"]).get_shape() == [chunk["range"][1] - chunk["range"][0]]
+        assert position == numel, name
+    assert manifest["master_weights"] is None  # fp32 training: the model's own weights
+
+
+def test_resume_on_the_same_processes_is_bit_exact(zero2: Saved) -> None:
+    resumed = zero2.resume("zero2", 2, "same")
+    assert resumed[0]["weights"] == zero2.results[0]["weights"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "world"),
+    [("zero2", 3), ("zero3", 2), ("zero1", 2), ("plain", 1), ("fsdp", 2)],
+    ids=["zero2-on-3", "zero3-on-2", "zero1-on-2", "plain", "fsdp2-on-2"],
+)
+def test_zero2_checkpoint_resumes_anywhere(zero2: Saved, reference, kind: str, world: int) -> None:
+    resumed = zero2.resume(kind, world, f"{kind}-{world}")
+    assert _max_diff(resumed[0]["weights"], reference) < 1e-6
+    assert _max_diff(zero2.results[0]["weights"], reference) < 1e-6
+
+
+@pytest.mark.parametrize(("saved_by", "kind", "world"), [("fsdp", "zero2", 2), ("plain", "zero3", 2)])
+def test_fsdp2_and_plain_checkpoints_resume_under_zero(tmp_path, reference, saved_by, kind, world) -> None:
+    saved = Saved(tmp_path, saved_by, 2 if saved_by == "fsdp" else 1)
+    resumed = saved.resume(kind, world, "resumed")
+    assert _max_diff(resumed[0]["weights"], reference) < 1e-6
+
+
+def test_bf16_resume_restores_the_fp32_master_weights(tmp_path) -> None:
+    saved = Saved(tmp_path, "zero2-bf16", 2)
+    manifest = json.loads((saved.directory / "optimizer.sharded.json").read_text())
+    assert manifest["zero"]["dtype"] == "bfloat16" and set(manifest["master_weights"]) == {
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    }
+    resumed = saved.resume("zero2-bf16", 2, "resumed")
+    assert resumed[0]["weights"] == saved.results[0]["weights"]
+
+
+def _hostile(zero2: Saved, tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Hostile copies of the ZeRO-2 checkpoint, each with the file its error must name."""
+    manifest_doc = json.loads((zero2.directory / "optimizer.sharded.json").read_text())
+    folder = manifest_doc["shards"]["folder"]
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def copy(name: str) -> Path:
+        target = tmp / name
+        shutil.copytree(zero2.directory, target)
+        return target
+
+    target = copy("other-save")
+    other = json.loads((zero2.again / "optimizer.sharded.json").read_text())["shards"]["folder"]
+    shutil.copy(zero2.again / other / "shard-00002-model-00001-of-00001.safetensors", target / folder)
+    cases["partition file from another save"] = (target, "shard-00002-model-00001-of-00001.safetensors")
+
+    def edit(name: str, change) -> None:
+        target = copy(name)
+        doc = json.loads((target / "optimizer.sharded.json").read_text())
+        change(doc["state"]["0.weight"]["exp_avg"]["chunks"])
+        (target / "optimizer.sharded.json").write_text(json.dumps(doc))
+        cases[name] = (target, "optimizer.sharded.json")
+
+    edit("ranges overlap", lambda chunks: chunks[1]["range"].__setitem__(0, chunks[1]["range"][0] - 1))
+    edit("ranges leave a gap", lambda chunks: chunks[1]["range"].__setitem__(0, chunks[1]["range"][0] + 1))
+    edit("range outside the tensor", lambda chunks: chunks[-1]["range"].__setitem__(1, 10**6))
+    return cases
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_hostile_zero_checkpoints_change_nothing_on_any_rank(zero2: Saved, tmp_path, engine) -> None:
+    cases = _hostile(zero2, tmp_path)
+    spec = {**_engine(engine), "stop": 1, "attacks": [str(path) for path, _ in cases.values()]}
+    results = _run(tmp_path, "attacks", 2, spec)
+    for rank, result in enumerate(results):
+        for (case, (_, file_name)), outcome in zip(cases.items(), result["attacks"], strict=True):
+            assert outcome["error"].startswith("CheckpointError"), (case, rank, outcome)
+            assert file_name in outcome["error"], (case, rank, outcome)
+            assert outcome["unchanged"], (case, rank)
+
+
+def test_push_from_every_process_then_each_machine_downloads_only_its_partition(
+    zero2: Saved, hub_repo_id, hub_api, tmp_path
+) -> None:
+    pushing = {**_engine("zero2"), "stop": SAVE_AT, "push": hub_repo_id, "save_at": SAVE_AT}
+    _run(tmp_path, "pushing", 2, pushing)
+    files = hub_api.list_repo_files(hub_repo_id)
+    assert "run/optimizer.sharded.json" in files
+    assert len([f for f in files if f.startswith("run/optimizer-shards-")]) == 2
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".bin")) or "/." in f]
+    resumed = zero2.resume("zero2", 2, "from-hub", load=f"hf://{hub_repo_id}/run", machines=True)
+    assert resumed[0]["weights"] == zero2.results[0]["weights"]
+    for machine in range(2):
+        cached = sorted(
+            p.name for p in (zero2.tmp / f"machine{machine}").rglob("*.safetensors") if "snapshots" in p.parts
+        )
+        # the same ZeRO-2 layout on load: process r reads only what process r wrote
+        assert cached == [f"shard-{machine + 1:05d}-model-00001-of-00001.safetensors"]
+
+
+LEGACY = ["adamw_no_bias_correction", "adam_weight_decay", "bert_adam"]
+
+
+def _plain_run(optimizer: str, steps: int) -> dict[str, list[float]]:
+    model = zero_worker.make_model({})
+    opt = zero_worker.make_optimizer(model.parameters(), optimizer)
+    for step in range(steps):
+        x, y = zero_worker.batch(step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().flatten().tolist() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_legacy_optimizers_under_zero_match_one_process(tmp_path, stage) -> None:
+    """hf_optim.AdamW (no bias correction), AdamWeightDecay and BertAdam as DeepSpeed client optimizers under
+    ZeRO give the one-process result of the same global batches (``gradient_clipping: 0``)."""
+    spec = {"engine": "zero", "stage": stage, "stop": 0, "also": LEGACY}
+    results = _run(tmp_path, "legacy", 2, {**spec, "also_steps": STOP})
+    for optimizer in LEGACY:
+        expected = _plain_run(optimizer, STOP)
+        got = results[0]["also"][optimizer]
+        assert _max_diff(got, expected) < 1e-6, optimizer
+        assert _max_diff(expected, _plain_run(optimizer, 0)) > 1e-3  # the runs did train
+
+
+def test_importing_hf_optim_does_not_import_deepspeed() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, hf_optim, hf_optim.state; print('deepspeed' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "False"
