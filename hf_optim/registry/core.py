@@ -364,6 +364,23 @@ class Registry:
         and passed as named parameters. Anything else (parameters, named parameters, group dicts) is passed
         through. ``lr``, ``weight_decay``, ``betas`` and ``eps`` are renamed to the optimizer's own argument
         names. The result carries ``hf_optim_name = name``.
+
+        Args:
+            name: A registered optimizer name (``hf_optim.list_optimizers()``).
+            model_or_params: A model (grouped for weight decay) or what ``torch.optim`` optimizers accept.
+            **kwargs: The optimizer's arguments, under its own names or the common ones above.
+
+        Returns:
+            The optimizer, with ``hf_optim_name`` set.
+
+        Raises:
+            ValueError: An unknown name, or an argument the optimizer does not take.
+
+        Example:
+            ```python
+            optimizer = hf_optim.create_optimizer("adamw_hf", model, lr=3e-4, weight_decay=0.01)
+            assert optimizer.hf_optim_name == "adamw_hf"
+            ```
         """
         info = self.get_optimizer_info(name)
         merged = info.map_common(info.defaults, "defaults")
@@ -468,6 +485,28 @@ class Registry:
         ``num_warmup_steps`` / ``num_training_steps`` are passed only to schedules that take them (Trainer always
         passes both); a schedule that requires one raises ``ValueError`` when it is missing. Extra arguments come
         as keywords or, as in ``transformers.get_scheduler``, in ``scheduler_specific_kwargs``.
+
+        Args:
+            name: A registered schedule name (``hf_optim.list_schedulers()``).
+            optimizer: The optimizer whose learning rate is scheduled.
+            num_warmup_steps: Warmup length, in optimizer steps.
+            num_training_steps: Total length, in optimizer steps.
+            scheduler_specific_kwargs: The schedule's other arguments (transformers' spelling).
+            **scheduler_kwargs: The schedule's other arguments, as keywords.
+
+        Returns:
+            The schedule (a ``torch.optim.lr_scheduler.LambdaLR`` for transformers' schedules), carrying its JSON
+            description in ``hf_optim_config``.
+
+        Raises:
+            ValueError: An unknown name, a missing or unexpected argument, or an argument given twice.
+
+        Example:
+            ```python
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            scheduler = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+            assert scheduler.get_last_lr() == [0.0]
+            ```
         """
         kwargs = dict(scheduler_specific_kwargs or {})
         duplicated = sorted(set(kwargs) & set(scheduler_kwargs))

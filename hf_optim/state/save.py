@@ -319,6 +319,32 @@ def save_state(
     ``model`` is required: call ``save_state`` on every process; each writes its own shard (format version 2,
     ``docs/FORMAT.md``), in files of about ``max_shard_size`` per process (default ``"5GB"``, as for the other files),
     and ``consolidate_to`` also writes the ordinary single-process checkpoint there (from rank 0).
+
+    Args:
+        save_directory: The checkpoint folder; created if missing.
+        optimizer: The optimizer whose state is saved (an Accelerate-wrapped one is unwrapped).
+        scheduler: A learning-rate schedule to save as ``scheduler.json``, or ``None``.
+        accumulator: A ``GradientAccumulator`` to save as ``accumulator.safetensors``, or ``None``.
+        model: The trained model: names the parameters; required for sharded (FSDP2) state.
+        max_shard_size: The largest file size before the state is split, as bytes or a string like ``"5GB"``.
+        fsync: Flush every file and the directory to disk before returning.
+        consolidate_to: For sharded state only: also write the single-process checkpoint to this folder.
+
+    Returns:
+        The paths of the files written (for sharded state, the manifest).
+
+    Raises:
+        ValueError: ``consolidate_to`` given for state that is not sharded, a bad ``max_shard_size``, or state
+            that cannot be stored (non-string keys, reserved names).
+        TypeError: State of a type that cannot be stored.
+        RuntimeError: Another process is saving into the same folder (``.hf_optim.lock`` is held).
+
+    Example:
+        ```python
+        optimizer = hf_optim.AdamW(model.parameters(), lr=1e-3)
+        hf_optim.save_state("ckpt", optimizer)
+        hf_optim.load_state("ckpt", optimizer)
+        ```
     """
     zero_optimizer = zero.find_zero(optimizer, model)
     if zero_optimizer is not None:

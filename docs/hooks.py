@@ -1,0 +1,174 @@
+"""mkdocs hooks: content generated from the real code at build time.
+
+- ``<!-- schedule-pictures -->`` in a page becomes a picture of every schedule: the registry's (``list_schedulers``
+  + ``get_scheduler``), pytorch-pretrained-bert's ``LRSchedule`` classes and pytorch-transformers 1.x's classes,
+  each drawn by stepping the real object (matplotlib, Agg backend).
+- ``<!-- cli-reference -->`` becomes the help text of ``hf-optim`` and of every sub-command, taken from the
+  argparse parsers that ``hf_optim.cli.main.build_parser()`` builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import os
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import torch
+from mkdocs.structure.files import File
+
+WARMUP, TOTAL = 10, 100
+# Extra arguments a registry schedule needs beyond warmup / total steps, to draw a representative curve.
+EXTRA_KWARGS = {
+    "cosine_with_min_lr": {"min_lr": 0.1},
+    "cosine_warmup_with_min_lr": {"min_lr": 0.1},
+    "cosine_with_restarts": {"num_cycles": 3},
+    "warmup_stable_decay": {"num_decay_steps": 30},
+    "polynomial": {"power": 2.0, "lr_end": 0.0},
+}
+IMG_DIR = "img/schedules"
+
+_pictures: dict[str, list[tuple[str, str]]] = {}  # section -> [(title, image path)]
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+def _torch_curve(scheduler: torch.optim.lr_scheduler.LRScheduler) -> list[float]:
+    optimizer = scheduler.optimizer
+    lrs = []
+    for _ in range(TOTAL):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _png(title: str, lrs: list[float], xlabel: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(3.4, 2.4), dpi=100)  # two pictures side by side
+    ax.plot(range(len(lrs)), lrs, color="#ff6f00")
+    ax.set_title(textwrap.fill(title, 44), fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("lr multiplier", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _registry_curves() -> list[tuple[str, str, list[float]]]:
+    import hf_optim
+
+    out = []
+    for name in hf_optim.list_schedulers():
+        kwargs = EXTRA_KWARGS.get(name, {})
+        scheduler = hf_optim.get_scheduler(
+            name, _optimizer(), num_warmup_steps=WARMUP, num_training_steps=TOTAL, **kwargs
+        )
+        args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        out.append((name, f'get_scheduler("{name}"{", " + args if args else ""})', _torch_curve(scheduler)))
+    return out
+
+
+def _pretrained_bert_curves() -> list[tuple[str, str, list[float]]]:
+    from hf_optim.schedules import pretrained_bert
+
+    classes = {cls for cls in pretrained_bert.SCHEDULES.values()}
+    classes |= {
+        obj
+        for obj in vars(pretrained_bert).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, pretrained_bert.LRSchedule)
+        and not inspect.isabstract(obj)
+    }
+    out = []
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        schedule = cls(warmup=WARMUP / TOTAL, t_total=TOTAL)
+        lrs = [schedule.get_lr(step, nowarn=True) for step in range(TOTAL)]
+        out.append((f"ppb_{cls.__name__}", f"{cls.__name__}(warmup=0.1, t_total=100)", lrs))
+    return out
+
+
+def _pytorch_transformers_curves() -> list[tuple[str, str, list[float]]]:
+    from hf_optim.schedules import pytorch_transformers
+
+    out = []
+    for name in sorted(vars(pytorch_transformers)):
+        cls = getattr(pytorch_transformers, name)
+        if not (inspect.isclass(cls) and cls.__module__ == pytorch_transformers.__name__):
+            continue
+        params = inspect.signature(cls).parameters
+        kwargs = {k: v for k, v in (("warmup_steps", WARMUP), ("t_total", TOTAL)) if k in params}
+        if "cycles" in params and "Restarts" in name:
+            kwargs["cycles"] = 3.0
+        scheduler = cls(_optimizer(), **kwargs)
+        args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        out.append((f"pt_{name}", f"{name}({args})", _torch_curve(scheduler)))
+    return out
+
+
+def on_files(files, config):
+    """Draw every schedule into the site as generated PNG files."""
+    _pictures.clear()
+    sections = {
+        "transformers schedules (the registry: `hf_optim.get_scheduler`)": _registry_curves(),
+        "pytorch-pretrained-bert 0.6 (`hf_optim.schedules.pretrained_bert`), x = step of t_total": (
+            _pretrained_bert_curves()
+        ),
+        "pytorch-transformers 1.x (`hf_optim.schedules.pytorch_transformers`)": _pytorch_transformers_curves(),
+    }
+    for section, curves in sections.items():
+        entries = _pictures.setdefault(section, [])
+        for key, title, lrs in curves:
+            path = f"{IMG_DIR}/{key}.png"
+            files.append(File.generated(config, path, content=_png(title, lrs, "step")))
+            entries.append((title, path))
+    return files
+
+
+def _cli_help() -> str:
+    from hf_optim.cli.main import build_parser
+
+    os.environ["COLUMNS"] = "88"  # the width of a code block: the same text on every machine
+    parts: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, depth: int) -> None:
+        parts.append(f"{'#' * depth} `{parser.prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in dict.fromkeys(action.choices.values()):
+                    walk(sub, min(depth + 1, 4))
+
+    walk(build_parser(), 2)
+    return "\n".join(parts)
+
+
+def _schedule_markdown(page) -> str:
+    depth = page.file.src_uri.count("/")
+    prefix = "../" * depth
+    parts = []
+    for section, entries in _pictures.items():
+        parts.append(f"### {section}\n")
+        for title, path in entries:
+            parts.append(f"![{title}]({prefix}{path})")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def on_page_markdown(markdown, page, config, files):
+    if "<!-- schedule-pictures -->" in markdown:
+        markdown = markdown.replace("<!-- schedule-pictures -->", _schedule_markdown(page))
+    if "<!-- cli-reference -->" in markdown:
+        markdown = markdown.replace("<!-- cli-reference -->", _cli_help())
+    return markdown
