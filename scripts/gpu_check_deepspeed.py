@@ -90,7 +90,22 @@ def main(out: str, mode: str, stage: int, repo_id: str | None = None) -> None:
             {k: v.detach().float().cpu().clone() for k, v in state.items()},
             os.path.join(out, f"deepspeed_{mode}.safetensors"),
         )
+    trainer.accelerator.free_memory()  # destroys the DeepSpeed engine, which holds the process group
+
+
+def end_process_group() -> None:
+    """Tear the process group down while every process waits, once nothing holds it (see the README's
+    Accelerate section): left to interpreter exit, gloo can abort or hang."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2, *sys.argv[4:5])
+    end_process_group()  # main's trainer and engine are gone with its frame
