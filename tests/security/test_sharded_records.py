@@ -1,4 +1,4 @@
-"""Review attacks on sharded checkpoints: lying chunk and accumulator records, odd file names, mixed saves, and
+"""Hostile sharded checkpoints: lying chunk and accumulator records, odd file names, mixed saves, and
 hostile input that one process meets while the others wait in a collective.
 
 Every hostile file must give a ``CheckpointError`` (on every process: all raise together, none waits forever)

@@ -1,4 +1,4 @@
-"""Second review: hostile folders and manifests against the fixes to sharded state.
+"""Hostile folders and manifests for sharded state: links out of the folder, overlapping chunks.
 
 * A local folder laid out like a Hugging Face cache snapshot (``models--x/snapshots/<commit>/``) whose ``blobs``
   is itself a symlink out of the folder: every file must still resolve inside the checkpoint (reference: where

@@ -1,5 +1,5 @@
-"""Adversarial review: hostile checkpoints that break the documented load guarantees (README "Security",
-docs/FORMAT.md "Loading"). Each test asserts the correct behaviour and guards the fix that made it pass."""
+"""Hostile values in checkpoints against the documented load guarantees (docs/security.md, docs/FORMAT.md
+"Loading"): each test asserts the guaranteed behaviour."""
 
 from __future__ import annotations
 

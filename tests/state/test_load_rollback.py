@@ -1,4 +1,4 @@
-"""Second review of sharded state: a load that fails while applying (the optimizer, the scheduler or the
+"""Rollback of sharded loads: a load that fails while applying (the optimizer, the scheduler or the
 accumulator refusing what it is given, after taking part of it) leaves every live object exactly as it was.
 
 Reference: a twin of the live objects built and trained identically, which no load touches. After the failed
@@ -67,7 +67,7 @@ def _objects(micro_steps: range, *, counts_items: bool = False):
 def ckpt(tmp_path_factory):
     """Two optimizer steps and half a window (differs from the live objects: one step and half a window)."""
     model, opt, sched, acc = _objects(range(5))
-    path = tmp_path_factory.mktemp("review2") / "ckpt"
+    path = tmp_path_factory.mktemp("further_saved") / "ckpt"
     save_sharded_state(path, opt, sched, acc, model=model)
     return path
 

@@ -1,4 +1,4 @@
-"""Review tests of sharded state: a failed load leaves every live object exactly as it was, older manifests
+"""Sharded loads: a failed load leaves every live object exactly as it was, older manifests
 without the chunk record still load, and partial Hub downloads fail on every process (never hang).
 
 References: the state saved by the two-process run (gathered with ``full_tensor`` into ``acc_at_save`` /
