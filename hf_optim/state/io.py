@@ -8,6 +8,7 @@ save that renames new files into place cannot mix two checkpoints into one load.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ __all__ = [
     "checkpoint_roots",
     "open_file",
     "read_json",
+    "read_pickle_weights_only",
     "read_region",
     "read_safetensors",
     "read_tensors",
@@ -173,6 +175,21 @@ def open_file(path: str, *, roots: Iterable[str]) -> OpenFile:
         os.close(fd)
         raise CheckpointError(f"{path} is not a regular file: refused")
     return OpenFile(path, fd, st)
+
+
+def read_pickle_weights_only(file: OpenFile, what: str, *, allowed: Iterable[Any] = ()) -> Any:
+    """A torch pickle of an older checkpoint (``pytorch_model.bin``, ``random_states_N.pkl``), read from the
+    checked descriptor with ``torch.load(weights_only=True)``: tensors, plain containers and the ``allowed``
+    globals only. Any failure, a refused global included, is a :class:`CheckpointError` naming the file and
+    ``what`` it should hold."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(io.BytesIO(file.read_all()), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for refused or malformed pickles
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{file.path}: not {what} readable with torch.load(weights_only=True): {first}"
+        ) from None
 
 
 def read_json(file: OpenFile) -> Any:

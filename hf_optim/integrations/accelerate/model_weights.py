@@ -8,7 +8,6 @@ checkpoint folder's roots: a link out of the folder, or anything but a regular f
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,14 @@ import torch
 from accelerate import Accelerator
 
 from hf_optim.errors import CheckpointError
-from hf_optim.state.io import OpenFile, checkpoint_roots, open_file, read_safetensors, read_tensors
+from hf_optim.state.io import (
+    OpenFile,
+    checkpoint_roots,
+    open_file,
+    read_pickle_weights_only,
+    read_safetensors,
+    read_tensors,
+)
 
 __all__ = ["bare_model", "read_model_weights", "skip_model_loading", "unwrapped_weights_hook"]
 
@@ -49,15 +55,9 @@ def _weights_file(checkpoint_dir: str, index: int) -> str:
 
 
 def _read_pickled_weights(file: OpenFile) -> dict[str, torch.Tensor]:
-    """``pytorch_model.bin`` (written with ``safe_serialization=False``), read from the checked descriptor with
-    ``torch.load(weights_only=True)``: tensors and plain containers only, and it must be a dict of tensors."""
-    try:
-        weights = torch.load(io.BytesIO(file.read_all()), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for refused or malformed pickles
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"{file.path}: not a model state_dict readable with weights_only=True: {first}"
-        ) from None
+    """``pytorch_model.bin`` (written with ``safe_serialization=False``), read with ``weights_only=True``; it must
+    be a dict of tensors."""
+    weights = read_pickle_weights_only(file, "a model state_dict")
     if not isinstance(weights, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
     ):

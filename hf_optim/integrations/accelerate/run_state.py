@@ -11,7 +11,6 @@ allows them), and what cannot be restored that way is named in a warning instead
 from __future__ import annotations
 
 import codecs
-import io
 import logging
 import os
 import random
@@ -24,7 +23,7 @@ from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
 
 from hf_optim.errors import CheckpointError
 from hf_optim.state import load_object_state, save_object_state
-from hf_optim.state.io import checkpoint_roots, open_file
+from hf_optim.state.io import checkpoint_roots, open_file, read_pickle_weights_only
 
 __all__ = [
     "PICKLED_RNG_NAME",
@@ -98,19 +97,29 @@ def _set_rng_state(state: Any, path: str) -> int | None:
         step = state.get("step")
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise CheckpointError(f"{path}: not a random-state file ({type(err).__name__}: {err})") from None
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    try:
+        _set_generators(python_state, numpy_tuple, torch_state, cuda)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: the random states cannot be restored: {err}") from None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _set_generators(python_state: Any, numpy_state: Any, torch_state: Any, cuda: Any = None) -> None:
+    """Set Python's, numpy's and torch's generators (and CUDA's, if given) together: if one refuses its state,
+    the others are put back as they were and the error is re-raised."""
     previous = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         random.setstate(python_state)
-        np.random.set_state(numpy_tuple)
+        np.random.set_state(numpy_state)
         torch.set_rng_state(torch_state)
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-    except (TypeError, ValueError, RuntimeError) as err:
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+    except BaseException:
         random.setstate(previous[0])
         np.random.set_state(previous[1])
         torch.set_rng_state(previous[2])
-        raise CheckpointError(f"{path}: the random states cannot be restored: {err}") from None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+        raise
 
 
 def save_run_state(accelerator: Accelerator, directory: str, *, writes: bool) -> None:
@@ -217,26 +226,12 @@ def _load_pickled_rng(accelerator: Accelerator, directory: str) -> int | None:
     try:
         file = open_file(path, roots=checkpoint_roots(directory))
         try:
-            raw = file.read_all()
+            state = read_pickle_weights_only(file, "random states", allowed=_NUMPY_RNG_TYPES)
         finally:
             file.close()
-        with torch.serialization.safe_globals(_NUMPY_RNG_TYPES):
-            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: not a dict of random states")
-        python_state = state["random_state"]
-        numpy_state = state["numpy_random_seed"]
-        torch_state = state["torch_manual_seed"]
-        previous = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-            torch.set_rng_state(torch_state)
-        except Exception:
-            random.setstate(previous[0])
-            np.random.set_state(previous[1])
-            torch.set_rng_state(previous[2])
-            raise
+        _set_generators(state["random_state"], state["numpy_random_seed"], state["torch_manual_seed"])
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         logger.warning(
