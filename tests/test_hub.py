@@ -25,7 +25,7 @@ from hf_optim import (
     push_state_to_hub,
 )
 from hf_optim.hub import download_checkpoint, parse_hf_url, resolve_state_dir
-from tests.hub_plugin import bind_listen_socket, client_env, endpoint_of, run_python
+from tests.hub_plugin import bind_listen_socket, client_env, endpoint_of, run_python, start_python
 
 
 def setup(hidden: int = 8, steps: int = 3):
@@ -265,6 +265,11 @@ def test_download_checkpoint_at_the_root_is_served_from_the_cache_offline(
     sock = bind_listen_socket()
     dead = endpoint_of(sock)
     sock.close()  # nothing listens there any more: connections are refused
+    # with an empty cache, online: huggingface_hub retries for half a minute (waiting), beside the other runs
+    empty = {
+        offline: start_python(code, client_env(dead, tmp_path / "empty_home", offline=offline), timeout=120)
+        for offline in (False, True)
+    }
     for offline in (True, False):
         assert run_python(code, client_env(dead, hf_home, offline=offline)).strip() == str(expected)
         with pytest.raises(
@@ -272,7 +277,7 @@ def test_download_checkpoint_at_the_root_is_served_from_the_cache_offline(
             match=rf"LocalEntryNotFoundError: the checkpoint of {hub_repo_id} \(revision main\) is not in the "
             "local cache",
         ):
-            run_python(code, client_env(dead, tmp_path / "empty_home", offline=offline), timeout=120)
+            empty[offline]()
 
 
 def test_load_state_fetches_only_state_files_and_download_checkpoint_the_folder(hub_api, hub_repo_id):
