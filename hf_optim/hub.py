@@ -23,9 +23,20 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
-from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download, parse_hf_uri, snapshot_download
+from huggingface_hub import (
+    CommitInfo,
+    HfApi,
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    parse_hf_uri,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    HfHubHTTPError,
     HfUriError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -343,6 +354,57 @@ def _download_state(location: _Location, options: HubOptions) -> str:
     return os.path.dirname(manifest_path)
 
 
+def _cache_if_unreachable(location: _Location, options: HubOptions) -> HubOptions:
+    """``options`` limited to the cache when the Hub cannot be reached and the cache holds a manifest of
+    ``location``'s revision.
+
+    ``hf_hub_download`` retries a file it has no cached copy of for about half a minute before giving up; a
+    checkpoint whose single-file manifest is cached would pay that for the index it tries first. One request
+    without retries tells whether the Hub answers: an HTTP response (even an error) means it does, and the
+    downloads run as usual. Nothing cached: the downloads run as usual too, with their retries.
+    """
+    if options.local_files_only or options.force_download or constants.HF_HUB_OFFLINE:
+        return options
+    names = (SHARDED_MANIFEST_NAME, OPTIMIZER_INDEX_NAME, OPTIMIZER_NAME)
+    path = location.subfolder + "/" if location.subfolder else ""
+    cached = [
+        name
+        for name in names
+        if isinstance(
+            try_to_load_from_cache(
+                location.repo_id,
+                path + name,
+                cache_dir=options.cache_dir,
+                revision=location.revision,
+                repo_type=location.repo_type,
+            ),
+            str,
+        )
+    ]
+    if not cached:
+        return options
+    url = hf_hub_url(
+        location.repo_id,
+        cached[0],
+        subfolder=location.subfolder,
+        repo_type=location.repo_type,
+        revision=location.revision,
+    )
+    try:
+        get_hf_file_metadata(url, token=options.token)
+    except HfHubHTTPError:
+        return options  # the Hub answered
+    except Exception as err:  # no HTTP response: connection refused, timeout, name resolution, ...
+        logger.warning(
+            "the Hub at %s could not be reached (%s): loading %s from the local cache",
+            constants.ENDPOINT,
+            type(err).__name__,
+            location.describe(),
+        )
+        return options.only_cached()
+    return options
+
+
 def _once_per_machine(work: Callable[[bool], _T]) -> _T:
     """``work(cache_only)`` on every process: local rank 0 first (downloading), then the others (from the cache
     it filled, ``cache_only=True``); all processes raise together if any failed. A collective."""
@@ -433,6 +495,7 @@ def _resolve(
         except HFValidationError:
             raise FileNotFoundError(f"{value!r} is neither a local directory nor a Hub repo id") from None
     location = _locate(value, subfolder, revision, repo_type)
+    options = _cache_if_unreachable(location, options)
     if model is not None and sharded_optimizer:
         directory = _download_sharded(location, model, optimizer, options)
     else:

@@ -28,8 +28,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,15 +246,38 @@ def client_env(
 
 def run_python(code: str, env: Mapping[str, str], *args: str, timeout: float = 300.0) -> str:
     """Run ``python -c code *args`` with exactly ``env``; return its stdout, raise AssertionError on failure."""
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args], env=dict(env), capture_output=True, text=True, timeout=timeout
+    return start_python(code, env, *args, timeout=timeout)()
+
+
+def start_python(code: str, env: Mapping[str, str], *args: str, timeout: float = 300.0) -> Callable[[], str]:
+    """Start ``python -c code *args`` with exactly ``env`` and return a function that waits for it and returns
+    as :func:`run_python` does: for clients that mostly wait (huggingface_hub's retries against an unreachable
+    Hub), run beside the rest of a test."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"client subprocess failed ({result.returncode}):\n--- stdout\n{result.stdout}\n--- stderr\n"
-            f"{result.stderr[-6000:]}"
-        )
-    return result.stdout
+    deadline = time.monotonic() + timeout
+
+    def result() -> str:
+        try:
+            stdout, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+        if process.returncode != 0:
+            raise AssertionError(
+                f"client subprocess failed ({process.returncode}):\n--- stdout\n{stdout}\n--- stderr\n"
+                f"{stderr[-6000:]}"
+            )
+        return stdout
+
+    return result
 
 
 # ---------------------------------------------------------------------- the session's Hub

@@ -1,10 +1,16 @@
 """Multi-process tests that must not hang: each process reports its outcome in a JSON file, and a process still
-running after a deadline counts as a hang (a failure naming where each process got to), not a stuck test run."""
+running after a deadline counts as a hang (a failure naming where each process got to), not a stuck test run.
+
+Worker processes are forked from a server process that has imported torch once (``forkserver``), not started
+from scratch (``spawn``): the import costs more than most jobs. Each worker gets the environment of the moment
+it was started (the server's would be the one of its own start), and imports everything else itself.
+"""
 
 from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import socket
 import time
@@ -13,7 +19,39 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
+from torch.multiprocessing.spawn import ProcessContext, ProcessException
+
+# only torch: a module that reads the environment when imported (huggingface_hub's constants) must be imported
+# by each worker, under the environment it is given
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed"])
+
+
+def _with_environ(rank: int, environ: dict[str, str], worker: Callable[..., None], *args: Any) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    worker(rank, *args)
+
+
+def start_workers(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int) -> ProcessContext:
+    """``worker(rank, *args)`` on ``nprocs`` new processes (forked from the torch-importing server, with this
+    process's current environment); join the returned context."""
+    context = mp.start_processes(
+        _with_environ,
+        args=(dict(os.environ), worker, *args),
+        nprocs=nprocs,
+        join=False,
+        start_method="forkserver",
+    )
+    assert context is not None
+    return context
+
+
+def run_workers(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int) -> None:
+    """:func:`start_workers` and wait for them; raises ``ProcessRaisedException`` / ``ProcessExitedException``
+    as ``torch.multiprocessing.spawn`` does when one fails."""
+    context = start_workers(worker, args, nprocs)
+    while not context.join():
+        pass
 
 
 def free_port() -> int:
@@ -47,9 +85,7 @@ def run_with_deadline(
 ) -> list[dict]:
     """``worker(rank, world, port, *args)`` on ``world`` spawned processes; the reports they wrote with
     :func:`report_and_wait` (``name``), rank by rank. Fails if a process is still running after ``timeout`` s."""
-    context = mp.start_processes(
-        worker, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn"
-    )
+    context = start_workers(worker, (world, free_port(), *args), world)
     deadline = time.monotonic() + timeout
     hung = False
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -23,7 +25,7 @@ from hf_optim import (
     push_state_to_hub,
 )
 from hf_optim.hub import download_checkpoint, parse_hf_url, resolve_state_dir
-from tests.hub_plugin import bind_listen_socket, client_env, endpoint_of, run_python
+from tests.hub_plugin import bind_listen_socket, client_env, endpoint_of, run_python, start_python
 
 
 def setup(hidden: int = 8, steps: int = 3):
@@ -181,8 +183,9 @@ def test_parse_hf_url():
         parse_hf_url("hf://buckets/user/b/x")
 
 
-def test_offline_uses_the_cache(hub_server, hub_repo_id, tmp_path):
-    """A client with HF_HUB_OFFLINE=1 and an unreachable endpoint loads what an online client downloaded."""
+def test_offline_or_unreachable_uses_the_cache(hub_server, hub_repo_id, tmp_path):
+    """A client with HF_HUB_OFFLINE=1 and an unreachable endpoint loads what an online client downloaded; so does
+    a client whose Hub refuses connections, at once (one warning, none of huggingface_hub's retries)."""
     _, opt, sched = setup()
     push_state_to_hub(hub_repo_id, opt, sched, revision="v1", subfolder="s")
     hf_optim.save_state(tmp_path / "expected", opt, sched)
@@ -218,6 +221,20 @@ def test_offline_uses_the_cache(hub_server, hub_repo_id, tmp_path):
             run_python(code, client_env(dead, tmp_path / "empty_home", offline=True), timeout=120)
     finally:
         sock.close()
+    sock = bind_listen_socket()
+    closed = endpoint_of(sock)
+    sock.close()  # nothing listens there any more: connections are refused
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=client_env(closed, hf_home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+    warning = f"the Hub at {closed} could not be reached"
+    assert warning in result.stderr and f"loading {hub_repo_id} (revision v1" in result.stderr, result.stderr
+    assert "Retrying in" not in result.stderr, result.stderr  # huggingface_hub's log line for each retry
 
 
 def test_download_checkpoint_at_the_root_is_served_from_the_cache_offline(
@@ -248,6 +265,11 @@ def test_download_checkpoint_at_the_root_is_served_from_the_cache_offline(
     sock = bind_listen_socket()
     dead = endpoint_of(sock)
     sock.close()  # nothing listens there any more: connections are refused
+    # with an empty cache, online: huggingface_hub retries for half a minute (waiting), beside the other runs
+    empty = {
+        offline: start_python(code, client_env(dead, tmp_path / "empty_home", offline=offline), timeout=120)
+        for offline in (False, True)
+    }
     for offline in (True, False):
         assert run_python(code, client_env(dead, hf_home, offline=offline)).strip() == str(expected)
         with pytest.raises(
@@ -255,7 +277,7 @@ def test_download_checkpoint_at_the_root_is_served_from_the_cache_offline(
             match=rf"LocalEntryNotFoundError: the checkpoint of {hub_repo_id} \(revision main\) is not in the "
             "local cache",
         ):
-            run_python(code, client_env(dead, tmp_path / "empty_home", offline=offline), timeout=120)
+            empty[offline]()
 
 
 def test_load_state_fetches_only_state_files_and_download_checkpoint_the_folder(hub_api, hub_repo_id):

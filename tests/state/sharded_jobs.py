@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from hf_optim.state.sharded import (
     SHARDED_MANIFEST_NAME,
     save_sharded_state,
 )
-from tests.multiprocess import end_process_group
+from tests.multiprocess import end_process_group, free_port, run_workers, start_workers
 
 STEPS_BEFORE, STEPS_AFTER, GLOBAL_BATCH = 3, 3, 6
 
@@ -256,22 +255,14 @@ def _job(rank: int, world: int, job: str, out: str) -> None:
 
 def spawn_dying(world: int, job: str, out: str) -> None:
     with pytest.raises(mp.ProcessExitedException):
-        mp.spawn(_worker, args=(world, _free_port(), job, out), nprocs=world, join=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        run_workers(_worker, (world, free_port(), job, out), world)
 
 
 def spawn_job(world: int, job: str, out: str) -> None:
     """Run ``job`` on ``world`` processes. A process that aborts (SIGABRT) after its job and the process group's
     teardown are over is tolerated: torch/gloo can abort while the interpreter exits, under load ("terminate called
     without an active exception"), when no hf_optim code runs any more. Any earlier failure fails the test."""
-    context = mp.start_processes(
-        _worker, args=(world, _free_port(), job, out), nprocs=world, join=False, start_method="spawn"
-    )
+    context = start_workers(_worker, (world, free_port(), job, out), world)
     try:
         while not context.join():
             pass

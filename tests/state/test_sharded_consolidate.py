@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import struct
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import hf_optim
@@ -30,6 +28,7 @@ from hf_optim.state.sharded import (
     open_consolidation,
     save_sharded_state,
 )
+from tests.multiprocess import free_port, run_workers
 
 FILE_SIZE = 300  # bytes per shard file of each process: several files per process
 OUT_SHARD_SIZE = 700  # bytes per consolidated file: several files
@@ -110,16 +109,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("consolidate"))
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    run_workers(_worker, (2, free_port(), out), 2)
     return out
 
 

@@ -13,19 +13,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import struct
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import hf_optim
 from hf_optim.errors import CheckpointError
 from hf_optim.state.io import open_file, read_region, read_safetensors
 from hf_optim.state.sharded import save_sharded_state
+from tests.multiprocess import free_port, run_workers
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not os.path.exists("/proc/self/io"),
@@ -140,14 +139,8 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, job: str, out: str) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), job, out), nprocs=world, join=True)
+    run_workers(_worker, (world, free_port(), job, out), world)
 
 
 def _tensor_bytes(directory: str) -> int:
