@@ -24,8 +24,17 @@ they resolve to hf_optim's classes (imported only when asked for); otherwise imp
 ``ImportError`` saying where it went, instead of transformers' bare "cannot import name".
 """
 
+from __future__ import annotations
+
 import os
 import sys
+
+TYPE_CHECKING = False  # typing is not imported at start-up; type checkers take the name as True
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
 ENV_DISABLE = "HF_OPTIM_DISABLE_AUTOLOAD"
 ENV_LEGACY_IMPORTS = "HF_OPTIM_LEGACY_IMPORTS"
@@ -82,7 +91,7 @@ class _LegacyGetattr:
 
     _hf_optim_legacy_getattr = True
 
-    def __init__(self, module_name: str, names: dict, previous: object) -> None:
+    def __init__(self, module_name: str, names: dict, previous: Callable[[str], object] | None) -> None:
         self._module_name = module_name
         self._names = names
         self._previous = previous
@@ -91,7 +100,7 @@ class _LegacyGetattr:
         target = self._names.get(name)
         if target is None:
             if self._previous is not None:
-                return self._previous(name)  # type: ignore[operator]
+                return self._previous(name)
             raise AttributeError(f"module {self._module_name!r} has no attribute {name!r}")
         if not legacy_imports_enabled():
             # An ImportError (not an AttributeError, which `from ... import` would replace with its own bare
@@ -141,23 +150,23 @@ def _on_loaded(fullname: str) -> None:
 class _HookedLoader:
     """Delegating loader that runs ``_on_loaded`` after the real loader executed the module."""
 
-    def __init__(self, loader: object, spec: object) -> None:
+    def __init__(self, loader: Loader, spec: ModuleSpec) -> None:
         self._loader = loader
         self._spec = spec
 
-    def create_module(self, spec: object) -> object:
+    def create_module(self, spec: ModuleSpec) -> object:
         create = getattr(self._loader, "create_module", None)
         return create(spec) if create is not None else None
 
-    def exec_module(self, module: object) -> None:
+    def exec_module(self, module: ModuleType) -> None:
         # Hand the real loader back before executing, so nothing of this wrapper stays visible.
         try:
-            self._spec.loader = self._loader  # type: ignore[attr-defined]
-            module.__loader__ = self._loader  # type: ignore[attr-defined]
+            self._spec.loader = self._loader
+            module.__loader__ = self._loader
         except Exception:
             pass
-        self._loader.exec_module(module)  # type: ignore[attr-defined]
-        _on_loaded(module.__name__)  # type: ignore[attr-defined]
+        self._loader.exec_module(module)
+        _on_loaded(module.__name__)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._loader, name)
@@ -169,7 +178,9 @@ class _TransformersFinder:
 
     _hf_optim_autoload_finder = True
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         if fullname not in WATCHED and fullname not in LEGACY_NAMES:
             return None
         try:

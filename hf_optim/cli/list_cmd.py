@@ -75,9 +75,13 @@ def _entries(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     if not args.optimizers:
         result["schedulers"] = []
         for name in registry.list_schedulers(pattern):
-            info = registry.get_scheduler_info(name)
+            scheduler_info = registry.get_scheduler_info(name)
             result["schedulers"].append(
-                {"name": name, "description": info.description, "arguments": _arguments(info.factory)}
+                {
+                    "name": name,
+                    "description": scheduler_info.description,
+                    "arguments": _arguments(scheduler_info.factory),
+                }
             )
     return result
 

@@ -31,7 +31,7 @@ from hf_optim.state.format import (
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # Windows: no fcntl, no cross-process lock
 
 __all__ = [
     "Existing",

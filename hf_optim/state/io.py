@@ -101,7 +101,7 @@ class OpenFile:
         return self.path  # pragma: no cover
 
     def read_all(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         offset = 0
         while True:
             chunk = os.pread(self.fd, 1 << 20, offset)
@@ -296,7 +296,7 @@ def read_region(
     run_dims = max(inner - 1, 0)
     run = math.prod(sizes[run_dims:])
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    buffer = out.view(-1).view(torch.uint8).numpy().data
     base = st.starts[key] + sum(o * s for o, s in zip(offsets, strides, strict=True)) * itemsize
     for i, index in enumerate(itertools.product(*(range(n) for n in sizes[:run_dims]))):
         first = base + sum(j * s for j, s in zip(index, strides, strict=False)) * itemsize
@@ -318,7 +318,7 @@ def read_flat_range(
     elif out.dtype != entry.dtype or out.numel() != stop - start or not out.is_contiguous() or out.is_cuda:
         raise ValueError(f"out must be a contiguous CPU {entry.dtype} tensor of {stop - start} elements")
     if out.numel():
-        buffer = memoryview(out.view(torch.uint8).numpy())
+        buffer = out.view(torch.uint8).numpy().data
         _pread_into(st.file, buffer, st.starts[key] + start * entry.dtype.itemsize)
     return out
 
@@ -438,7 +438,7 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1).view(torch.uint8)
-    return memoryview(t.numpy()).cast("B")
+    return t.numpy().data.cast("B")
 
 
 def write_json(path: str, doc: Any, *, fsync: bool) -> None:

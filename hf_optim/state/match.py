@@ -91,7 +91,7 @@ def plan_optimizer(
                     )
                 pairs.append((p, p.name, rec, g))
             else:
-                missing.append(p.name)  # type: ignore[arg-type]
+                missing.append(p.name)  # type: ignore[arg-type]  # not None: by_name checked every live name
         unexpected = [key for _, _, key in saved_records if key not in live_names]
     elif same_structure:
         for g, (sg, lg) in enumerate(zip(saved_groups, live, strict=True)):

@@ -327,9 +327,9 @@ def validate_optimizer_meta(meta: dict[str, Any], entries: Mapping[str, TensorHe
         and all(optimizer.get(k) is None or isinstance(optimizer[k], str) for k in ("class", "name"))
     ):
         raise CheckpointError(f"{label}: malformed metadata: 'optimizer' is {optimizer!r}")
-    for key in ("extra", "files", "info"):
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            raise CheckpointError(f"{label}: malformed metadata: {key!r} is {meta[key]!r}, not an object")
+    for part in ("extra", "files", "info"):
+        if meta.get(part) is not None and not isinstance(meta[part], dict):
+            raise CheckpointError(f"{label}: malformed metadata: {part!r} is {meta[part]!r}, not an object")
     info = meta.get("info") or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
         raise CheckpointError(f"{label}: malformed metadata: 'info' must map strings to strings")

@@ -87,7 +87,9 @@ def _optimizer_payload(
         dup = next(n for n in names if names.count(n) > 1)
         logger.warning("parameter name %r appears twice; keying the optimizer state by index instead", dup)
         keyed_by = "index"
-    key_of = {r.index: (r.name if keyed_by == "name" else str(r.index)) for r in all_records}
+    key_of = {
+        r.index: (r.name if keyed_by == "name" and r.name is not None else str(r.index)) for r in all_records
+    }
 
     enc = Encoder()
     group_meta = []
@@ -365,6 +367,7 @@ def save_state(
     opt = unwrap_optimizer(optimizer)
     if sharded.is_sharded(opt):
         sharded.require_model(opt, model)
+        assert model is not None  # for the type checker: require_model raised otherwise
         manifest = sharded.save_sharded_state(
             save_directory,
             opt,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import re
 import sys
+from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 from hf_optim.errors import TransformersIntegrationError
 
@@ -74,8 +76,8 @@ def add_enum_member(enum_cls: type[Enum], value: str) -> Enum:
         return existing
     name = member_name(enum_cls, value)
     member_type = getattr(enum_cls, "_member_type_", str)
-    new_member = getattr(enum_cls, "_new_member_", None) or member_type.__new__
-    member = new_member(enum_cls, value)
+    new_member: Callable[..., Any] = getattr(enum_cls, "_new_member_", None) or member_type.__new__
+    member: Any = new_member(enum_cls, value)  # not a member yet: Enum's private attributes are set below
     member._name_ = name
     member._value_ = value
     member.__objclass__ = enum_cls

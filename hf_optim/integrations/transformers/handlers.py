@@ -8,7 +8,6 @@ called, so ``register_optimizer(..., overwrite=True)`` takes effect.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -57,10 +56,9 @@ def _named_trainable(model: Any) -> list[tuple[str, Any]]:
 
 def trainer_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Trainer's decay / no-decay groups (its default ``get_decay_parameter_names``) with ``weight_decay``."""
-    trainer_module = sys.modules.get("transformers.trainer")
-    if trainer_module is None:
-        import transformers.trainer as trainer_module
-    decay = set(trainer_module.Trainer.get_decay_parameter_names(None, model))
+    import transformers.trainer  # imported already when a Trainer calls this
+
+    decay = set(transformers.trainer.Trainer.get_decay_parameter_names(None, model))
     named = _named_trainable(model)
     return [
         {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
@@ -90,8 +88,10 @@ def optimizer_handler(name: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
         kwargs.update(map_training_arguments(args, info, lr))
         from_optim_args = parse_optim_args(getattr(ctx, "optim_args", None) or {}, info)
         kwargs.update(from_optim_args)
-        own_weight_decay = info.own_name("weight_decay")
-        weight_decay = from_optim_args.get(own_weight_decay, args.weight_decay)
+        own_weight_decay = info.own_name("weight_decay")  # a tuple (split name) is never a key of optim_args
+        weight_decay: float = args.weight_decay
+        if isinstance(own_weight_decay, str) and own_weight_decay in from_optim_args:
+            weight_decay = from_optim_args[own_weight_decay]
         model = getattr(ctx, "model", None)
 
         keras_rule = any(kwargs.get(key) for key in _KERAS_PATTERNS)

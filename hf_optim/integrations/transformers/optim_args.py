@@ -24,7 +24,7 @@ def _annotation_text(annotation: object) -> str:
         return ""
     if isinstance(annotation, str):
         return annotation
-    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else repr(annotation)
+    return annotation.__name__ if isinstance(annotation, type) else repr(annotation)
 
 
 def _parse_bool(raw: str) -> bool:

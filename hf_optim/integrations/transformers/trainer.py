@@ -35,7 +35,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -111,6 +111,13 @@ class TrainerMixin:
     hf_optim_fsync: bool = False
     _hf_optim_fallback_warned = False
 
+    if TYPE_CHECKING:  # set by the transformers.Trainer this is mixed into
+        args: transformers.TrainingArguments
+        model: torch.nn.Module
+        model_wrapped: torch.nn.Module
+        optimizer: torch.optim.Optimizer  # created by create_optimizer before a checkpoint is saved or loaded
+        lr_scheduler: Any
+
     # ---- helpers -------------------------------------------------------------------------------------------
 
     def _hf_optim_native_backend(self) -> str | None:
@@ -155,7 +162,7 @@ class TrainerMixin:
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         created_here = getattr(self, "optimizer", None) is None
-        optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]  # the Trainer this is mixed into has it
         if not created_here or optimizer is None:
             return optimizer
         # Not wrapped yet (Accelerate wraps it in train()), except by SageMaker MP, a native backend.
@@ -189,7 +196,7 @@ class TrainerMixin:
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
             self._created_lr_scheduler = True
-        return super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]
+        return super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]  # the Trainer this is mixed into has it
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
@@ -197,7 +204,7 @@ class TrainerMixin:
         backend = self._hf_optim_native_backend()
         if backend is not None:
             self._hf_optim_warn_fallback(backend)
-            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]  # the Trainer this is mixed into has it
         if self._hf_optim_zero():  # a collective: every process writes its partition
             save_zero_state(output_dir, self.optimizer, self.lr_scheduler, self.model_wrapped)
             return None
@@ -215,7 +222,7 @@ class TrainerMixin:
         backend = self._hf_optim_native_backend()
         if backend is not None:
             self._hf_optim_warn_fallback(backend)
-            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]  # the Trainer this is mixed into has it
         if self._hf_optim_zero():  # DeepSpeed's own checkpoint was loaded whole by deepspeed_load_checkpoint
             if has_zero_state(checkpoint):
                 load_zero_state(checkpoint, self.optimizer, self.lr_scheduler, self.model_wrapped)
@@ -230,7 +237,7 @@ class TrainerMixin:
             return None
         if any(os.path.isfile(os.path.join(checkpoint, name)) for name in LEGACY_OPTIMIZER_NAMES):
             logger.info("%s is a legacy checkpoint (optimizer.pt): loading it with transformers", checkpoint)
-            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]  # the Trainer this is mixed into has it
         logger.warning(
             "No optimizer state in %s (neither optimizer.safetensors nor optimizer.pt): optimizer and schedule "
             "start fresh",
@@ -249,11 +256,10 @@ class TrainerMixin:
             with self.args.main_process_first(desc="downloading the checkpoint"):
                 resume_from_checkpoint = download_trainer_checkpoint(url, token=self.args.hub_token)
             logger.info("Resuming from %s (downloaded to %s)", url, resume_from_checkpoint)
-        deepspeed = getattr(self, "is_deepspeed_enabled", False) and isinstance(resume_from_checkpoint, str)
-        with weights_loader(
-            resume_from_checkpoint if deepspeed else None
-        ):  # hf_optim's state: no global_stepN
-            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        deepspeed = getattr(self, "is_deepspeed_enabled", False)
+        checkpoint = resume_from_checkpoint if deepspeed and isinstance(resume_from_checkpoint, str) else None
+        with weights_loader(checkpoint):  # hf_optim's state: no global_stepN
+            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]  # the Trainer this is mixed into has it
 
 
 class Trainer(TrainerMixin, transformers.Trainer):

@@ -157,10 +157,12 @@ def _describe(manifest: Manifest, read_buffer_size: int) -> ConsolidationSource:
             raise CheckpointError(f"{path}: the accumulator state must be an object without 'gradients'")
         gradients: list[torch.Tensor | None] = []
         for i, entry in enumerate(saved_acc["gradients"]):
-            plan = manifest.tensors[f"{ACCUMULATOR_PREFIX}{i}"] if entry is not None else None
-            if plan is not None:
-                gradient_plans[i] = plan
-            gradients.append(torch.empty(plan.shape, dtype=plan.dtype, device="meta") if plan else None)
+            grad_plan = manifest.tensors[f"{ACCUMULATOR_PREFIX}{i}"] if entry is not None else None
+            if grad_plan is not None:
+                gradient_plans[i] = grad_plan
+            gradients.append(
+                torch.empty(grad_plan.shape, dtype=grad_plan.dtype, device="meta") if grad_plan else None
+            )
         accumulator_state["gradients"] = gradients
     opt = doc.get("optimizer")
     return ConsolidationSource(

@@ -48,8 +48,8 @@ def distributed() -> bool:
 def _device() -> torch.device:
     """Where this process group's collectives take tensors: the accelerator for backends that only take
     device tensors (NCCL and its kin), else the CPU (gloo, or a mixed ``cpu:gloo,cuda:nccl`` group)."""
-    if dist.get_backend() in ("nccl", "xccl", "hccl") and torch.accelerator.is_available():
-        accelerator = torch.accelerator.current_accelerator()
+    accelerator = torch.accelerator.current_accelerator(check_available=True)  # None without one
+    if dist.get_backend() in ("nccl", "xccl", "hccl") and accelerator is not None:
         return torch.device(accelerator.type, torch.accelerator.current_device_index())
     return torch.device("cpu")
 
@@ -187,6 +187,8 @@ def like_parameter(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     :func:`local_region`) as a ``DTensor`` placed like ``param`` (no communication)."""
     from torch.distributed.tensor import DTensor
 
+    if not isinstance(param, DTensor):
+        raise TypeError(f"expected a DTensor parameter, got {type(param).__name__}")
     return DTensor.from_local(
         local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint import DefaultLoadPlanner, HuggingFaceStorageReader
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
@@ -284,7 +285,7 @@ def _read_shard_header(
 
 def checked_metadata(manifest: Manifest, load_id: str = "") -> Metadata:
     """DCP's ``Metadata`` of the checked plan: every chunk of every tensor and the file that holds it."""
-    state_dict_metadata: dict[str, TensorStorageMetadata] = {}
+    state_dict_metadata: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     storage_data: dict[MetadataIndex, str] = {}
     for key, plan in manifest.tensors.items():
         state_dict_metadata[key] = TensorStorageMetadata(
@@ -348,7 +349,8 @@ def _expected_tensors(
     def add(entry: dict[str, Any], key: str, name: str, state_key: str, where: str) -> None:
         if entry.get("sharded") != key:
             raise CheckpointError(f"{where} points at tensor {entry.get('sharded')!r}, not {key!r}"[:300])
-        dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+        saved_dtype = entry.get("dtype")
+        dtype = DTYPES.get(saved_dtype) if isinstance(saved_dtype, str) else None
         if dtype is None or not dtype.is_floating_point:
             raise CheckpointError(f"{where} has dtype {entry.get('dtype')!r}"[:300])
         out[key] = (_int_list(entry.get("shape"), f"{where}: shape"), dtype, name, state_key)

@@ -11,7 +11,7 @@ import shutil
 import threading
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -85,7 +85,10 @@ class _StreamingWriter(HuggingFaceStorageWriter):
             tensors: dict[str, torch.Tensor] = {}
             offsets: dict[str, dict[str, list[int]]] = {}
             for item in items:
-                tensor = planner.resolve_data(item).detach().cpu()
+                data = planner.resolve_data(item)
+                if not isinstance(data, torch.Tensor) or item.tensor_data is None:
+                    raise TypeError(f"{item.index.fqn}: only tensors can be written to safetensors")
+                tensor = data.detach().cpu()
                 if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
                     tensor = tensor.clone(memory_format=torch.contiguous_format)
                 tensors[item.index.fqn] = tensor
@@ -250,6 +253,7 @@ def save_sharded_state(
             "accumulator": accumulator_doc,
             "versions": {"torch": torch.__version__},
         }
+        assert writer is not None  # for the type checker: the save raised above otherwise
         entries = [entry for record in state.values() for entry in record.values() if "sharded" in entry]
         entries += [entry for entry in (accumulator_doc or {}).get("gradients", ()) if entry is not None]
         for entry in entries:
@@ -306,15 +310,21 @@ def _accumulator_entry(
     }
 
 
-def _laid_out_like(grad: torch.Tensor, params: list[tuple[str, torch.Tensor]], position: int) -> str | None:
+def _laid_out_like(
+    grad: torch.Tensor, params: Sequence[tuple[str, torch.Tensor]], position: int
+) -> str | None:
     """The name of a parameter with ``grad``'s global shape and placement (the ``position``-th first)."""
+
+    from torch.distributed.tensor import DTensor
 
     def same(p: torch.Tensor) -> bool:
         if is_dtensor(p) != is_dtensor(grad) or p.shape != grad.shape:
             return False
-        return not is_dtensor(p) or (p.device_mesh == grad.device_mesh and p.placements == grad.placements)
+        if not (isinstance(p, DTensor) and isinstance(grad, DTensor)):
+            return True  # plain tensors of the same shape
+        return p.device_mesh == grad.device_mesh and p.placements == grad.placements
 
-    ordered = ([params[position]] if position < len(params) else []) + params
+    ordered = [*([params[position]] if position < len(params) else []), *params]
     return next((name for name, p in ordered if same(p)), None)
 
 
