@@ -8,8 +8,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,19 +164,6 @@ def copy_checkpoint(source: Path, folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, folder, symlinks=True)
     return folder
-
-
-def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``hf-optim ARGS`` in a subprocess with this interpreter and path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, "-m", "hf_optim.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd,
-    )
 
 
 def refuses(call: Callable[[Path], Any], file: str, match: str | None = None) -> Callable[[Path], None]:

@@ -37,10 +37,10 @@ from tests.security.attacks import (
     link_out_through_blobs,
     refuses,
     replace,
-    run_cli,
     run_state_attack,
     save_checkpoint,
 )
+from tests.security.cli_batch import run_batch
 from tests.state.helpers import trained
 
 OPT, SCHED, ACC = OPTIMIZER_NAME, SCHEDULER_NAME, ACCUMULATOR_NAME
@@ -540,7 +540,7 @@ INSPECT_ATTACKS = {
     "terminal-escapes": (
         _meta(
             lambda m: m.update(
-                optimizer={"class": "\x1b]52;c;ZWNobyBwd25lZA==\x07torch.optim.AdamW", "name": None}
+                optimizer={"class": "\x1b]52;c;ZWNobyBwd25lZA==\x07torch.optim.adamw.AdamW", "name": None}
             )
         ),
         [],
@@ -549,14 +549,24 @@ INSPECT_ATTACKS = {
 }
 
 
-@pytest.mark.parametrize(("make", "args", "codes"), INSPECT_ATTACKS.values(), ids=INSPECT_ATTACKS.keys())
-def test_inspect_cli_on_hostile_metadata(pristine, tmp_path, make, args, codes):
-    folder = copy_checkpoint(pristine("torch_adamw"), tmp_path / "ckpt")
-    make(folder)
-    proc = run_cli("inspect", *args, str(folder))
-    assert proc.returncode in codes, proc.stderr[-500:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-500:]
-    assert "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
+@pytest.fixture(scope="module")
+def inspected(pristine, tmp_path_factory):
+    """``hf-optim inspect`` run on every row, in one process: {id: result}."""
+    root = tmp_path_factory.mktemp("inspect")
+    jobs = []
+    for name, (make, args, _) in INSPECT_ATTACKS.items():
+        folder = copy_checkpoint(pristine("torch_adamw"), root / name)
+        make(folder)
+        jobs.append({"cwd": str(root), "argv": ["inspect", *args, str(folder)]})
+    return dict(zip(INSPECT_ATTACKS, run_batch(jobs, root, timeout=300), strict=True))
+
+
+@pytest.mark.parametrize("row", INSPECT_ATTACKS, ids=INSPECT_ATTACKS)
+def test_inspect_cli_on_hostile_metadata(inspected, row):
+    result, codes = inspected[row], INSPECT_ATTACKS[row][2]
+    assert result["code"] in codes, result["stderr"][-500:]
+    assert "Traceback" not in result["stderr"], result["stderr"][-500:]
+    assert "\x1b" not in result["stdout"] and "\x1b" not in result["stderr"]
 
 
 def test_non_string_info_is_refused_by_inspect_state(pristine, tmp_path):
