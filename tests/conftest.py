@@ -7,6 +7,9 @@ does). Tests that talk to the Hub request the ``hub_server``, ``hub_repo_id`` or
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 pytest.register_assert_rewrite("tests.hub_plugin")
@@ -31,14 +34,41 @@ def _restore_registry():
         yield
 
 
+@pytest.fixture
+def make_accelerator():
+    """Fresh Accelerator(cpu=True, **kwargs); Accelerate keeps process-wide singletons, reset around each test."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def make(**kwargs) -> Accelerator:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return Accelerator(cpu=True, **kwargs)
+
+    yield make
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def sharded_saves(tmp_path_factory):
-    """The sharded checkpoints of one two-process FSDP2 run, saved once per session (per xdist worker): ``ckpt``
-    (optimizer and scheduler), ``acc`` (with a GradientAccumulator mid-window), and the state at each save
-    (``at_save.safetensors``, ``acc_at_save.safetensors``). Tests copy what they change."""
+    """The sharded checkpoints of one two-process FSDP2 run, saved once per session (the xdist workers share
+    them: the first to ask saves, under a file lock): ``ckpt`` (optimizer and scheduler), ``acc`` (with a
+    GradientAccumulator mid-window), and the state at each save (``at_save.safetensors``,
+    ``acc_at_save.safetensors``). Tests copy what they change."""
+    from filelock import FileLock
+
     from tests.state.sharded_jobs import spawn_job
 
-    out = str(tmp_path_factory.mktemp("sharded_saves"))
-    spawn_job(2, "acc-save", out)
-    spawn_job(2, "save", out)
-    return out
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    out = root / "sharded_saves"
+    with FileLock(str(root / "sharded_saves.lock")):
+        if not (out / "complete").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            spawn_job(2, "acc-save", str(out))
+            spawn_job(2, "save", str(out))
+            (out / "complete").touch()
+    return str(out)
