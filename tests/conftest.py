@@ -7,9 +7,6 @@ does). Tests that talk to the Hub request the ``hub_server``, ``hub_repo_id`` or
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
 pytest.register_assert_rewrite("tests.hub_plugin")
@@ -52,23 +49,14 @@ def make_accelerator():
 
 @pytest.fixture(scope="session")
 def sharded_saves(tmp_path_factory):
-    """The sharded checkpoints of one two-process FSDP2 run, saved once per session (the xdist workers share
-    them: the first to ask saves, under a file lock): ``ckpt`` (optimizer and scheduler), ``acc`` (with a
-    GradientAccumulator mid-window), and the state at each save (``at_save.safetensors``,
-    ``acc_at_save.safetensors``). Tests copy what they change."""
-    from filelock import FileLock
-
+    """The sharded checkpoints of one two-process FSDP2 run, saved once per run (shared by the xdist workers):
+    ``ckpt`` (optimizer and scheduler), ``acc`` (with a GradientAccumulator mid-window), and the state at each
+    save (``at_save.safetensors``, ``acc_at_save.safetensors``). Tests copy what they change."""
+    from tests.run_cache import once_per_run
     from tests.state.sharded_jobs import spawn_job
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's folder, above each worker's own
-    out = root / "sharded_saves"
-    with FileLock(str(root / "sharded_saves.lock")):
-        if not (out / "complete").exists():
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir()
-            spawn_job(2, "acc-save", str(out))
-            spawn_job(2, "save", str(out))
-            (out / "complete").touch()
-    return str(out)
+    def build(out):
+        spawn_job(2, "acc-save", str(out))
+        spawn_job(2, "save", str(out))
+
+    return str(once_per_run(tmp_path_factory, "sharded_saves", build))

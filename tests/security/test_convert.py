@@ -15,11 +15,13 @@ import os
 import pickle
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.run_cache import once_per_run
 from tests.security.cli_batch import run_batch
 
 LEGACY_MODULE = "pytorch_pretrained_bert.optimization"
@@ -161,10 +163,7 @@ def _view_of_a_larger_storage(path):
     torch.save(_moments(big[:4].clone(), big[4:8]), path)
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Every row (and the control) converted by one process: {id: (folder, files before, result)}."""
-    root = tmp_path_factory.mktemp("convert")
+def _convert_every_row(root):
     rows = {
         **{k: (make, args) for k, (make, args, _) in TABLE.items()},
         "control": (_view_of_a_larger_storage, lambda d: []),
@@ -174,10 +173,19 @@ def converted(tmp_path_factory):
         folder = root / f"row{i}"
         folder.mkdir()
         make(folder / "optimizer.pt")
-        folders[name] = (folder, sorted(os.listdir(folder)))
+        folders[name] = (str(folder), sorted(os.listdir(folder)))
         jobs.append({"cwd": str(folder), "argv": ["convert", str(folder), *args(folder)]})
     results = run_batch(jobs, root, timeout=300)
-    return {name: (*folders[name], result) for name, result in zip(rows, results, strict=True)}
+    done = {name: (*folders[name], result) for name, result in zip(rows, results, strict=True)}
+    (root / "converted.json").write_text(json.dumps(done))
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """Every row (and the control) converted by one process, once per run: {id: (folder, files before, result)}."""
+    root = once_per_run(tmp_path_factory, "convert", _convert_every_row)
+    done = json.loads((root / "converted.json").read_text())
+    return {name: (Path(folder), before, result) for name, (folder, before, result) in done.items()}
 
 
 @pytest.mark.parametrize("row", TABLE, ids=TABLE)

@@ -28,6 +28,7 @@ from hf_optim import (
     state,
 )
 from hf_optim.state.format import MAX_JSON_DEPTH, parse_json
+from tests.run_cache import once_per_run
 from tests.security.attacks import (
     StateAttack,
     copy_checkpoint,
@@ -549,16 +550,22 @@ INSPECT_ATTACKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def inspected(pristine, tmp_path_factory):
-    """``hf-optim inspect`` run on every row, in one process: {id: result}."""
-    root = tmp_path_factory.mktemp("inspect")
+def _inspect_every_row(root):
+    save_checkpoint("torch_adamw", root / "pristine")
     jobs = []
     for name, (make, args, _) in INSPECT_ATTACKS.items():
-        folder = copy_checkpoint(pristine("torch_adamw"), root / name)
+        folder = copy_checkpoint(root / "pristine", root / name)
         make(folder)
         jobs.append({"cwd": str(root), "argv": ["inspect", *args, str(folder)]})
-    return dict(zip(INSPECT_ATTACKS, run_batch(jobs, root, timeout=300), strict=True))
+    results = run_batch(jobs, root, timeout=300)
+    (root / "inspected.json").write_text(json.dumps(dict(zip(INSPECT_ATTACKS, results, strict=True))))
+
+
+@pytest.fixture(scope="session")
+def inspected(tmp_path_factory):
+    """``hf-optim inspect`` run on every row, in one process, once per run: {id: result}."""
+    root = once_per_run(tmp_path_factory, "inspect", _inspect_every_row)
+    return json.loads((root / "inspected.json").read_text())
 
 
 @pytest.mark.parametrize("row", INSPECT_ATTACKS, ids=INSPECT_ATTACKS)
