@@ -31,14 +31,32 @@ def _restore_registry():
         yield
 
 
+@pytest.fixture
+def make_accelerator():
+    """Fresh Accelerator(cpu=True, **kwargs); Accelerate keeps process-wide singletons, reset around each test."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def make(**kwargs) -> Accelerator:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return Accelerator(cpu=True, **kwargs)
+
+    yield make
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def sharded_saves(tmp_path_factory):
-    """The sharded checkpoints of one two-process FSDP2 run, saved once per session (per xdist worker): ``ckpt``
-    (optimizer and scheduler), ``acc`` (with a GradientAccumulator mid-window), and the state at each save
-    (``at_save.safetensors``, ``acc_at_save.safetensors``). Tests copy what they change."""
+    """The sharded checkpoints of one two-process FSDP2 run, saved once per run (shared by the xdist workers):
+    ``ckpt`` (optimizer and scheduler), ``acc`` (with a GradientAccumulator mid-window), and the state at each
+    save (``at_save.safetensors``, ``acc_at_save.safetensors``). Tests copy what they change."""
+    from tests.run_cache import once_per_run
     from tests.state.sharded_jobs import spawn_job
 
-    out = str(tmp_path_factory.mktemp("sharded_saves"))
-    spawn_job(2, "acc-save", out)
-    spawn_job(2, "save", out)
-    return out
+    def build(out):
+        spawn_job(2, "acc-save", str(out))
+        spawn_job(2, "save", str(out))
+
+    return str(once_per_run(tmp_path_factory, "sharded_saves", build))

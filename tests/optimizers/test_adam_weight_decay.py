@@ -275,9 +275,9 @@ def test_apply_gradients_bad_input():
     assert opt.iterations == 0 and not opt.state
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_state_dict_round_trip_restores_iterations(impl):
-    kwargs = {"weight_decay_rate": 0.1, "exclude_from_weight_decay": ["bias"], "amsgrad": True, **IMPLS[impl]}
+def test_state_dict_round_trip_restores_iterations():
+    # the continuation on every path is in OPTIM_DB; the Keras iteration count is this optimizer's own
+    kwargs = {"weight_decay_rate": 0.1, "exclude_from_weight_decay": ["bias"], "amsgrad": True}
     init, stream = data(steps=12)
     full, _ = run_torch(init, stream, [1e-2] * 12, {}, **kwargs)
 

@@ -77,11 +77,11 @@ def test_foreach_path_matches_legacy_exactly_on_cpu(options):
 @pytest.mark.parametrize(
     "options", [*OPTIONS, {"correct_bias": False, "weight_decay": 0.3, "eps": 0.0}], ids=str
 )
-@pytest.mark.parametrize("layout", ["flat", "groups", "named"])
-def test_default_fused_path_agrees_with_reference(options, layout):
+def test_default_fused_path_agrees_with_legacy(options):
+    # two groups, the second with its own lr, decay and betas: the fused path splits its calls by group
     kw = {"lr": 1e-2, **options}
-    expected, _ = run(lambda p: LegacyAdamW(p, **kw), layout=layout)
-    got, opt = run(lambda p: AdamW(p, **kw), layout=layout)
+    expected, _ = run(lambda p: LegacyAdamW(p, **kw), layout="groups")
+    got, opt = run(lambda p: AdamW(p, **kw), layout="groups")
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert all(s["step"].item() == 30 for s in opt.state.values())

@@ -130,7 +130,9 @@ OPTIM_DB = [
         bad_arguments=[
             ({"lr": -1.0}, ValueError, r"lr must be finite and in \[0.0, inf\)"),
             ({"b1": 1.0}, ValueError, r"b1 must be finite and in \[0.0, 1.0\)"),
+            ({"b1": -0.1}, ValueError, r"b1 must be finite and in \[0.0, 1.0\)"),
             ({"b2": float("nan")}, ValueError, "b2 must be finite"),
+            ({"b2": 1.0}, ValueError, r"b2 must be finite and in \[0.0, 1.0\)"),
             ({"e": -1e-6}, ValueError, "e must be finite"),
             ({"warmup": 1.5, "t_total": 10}, ValueError, "Invalid warmup"),
             ({"schedule": "warmup_linaer"}, ValueError, "Did you mean 'warmup_linear'"),
@@ -160,8 +162,11 @@ OPTIM_DB = [
         bad_arguments=[
             ({"lr": -1.0}, ValueError, r"lr must be finite and in \[0.0, inf\)"),
             ({"b1": -0.1}, ValueError, r"b1 must be finite and in \[0.0, 1.0\)"),
+            ({"b1": 1.5}, ValueError, r"b1 must be finite and in \[0.0, 1.0\)"),
+            ({"b2": -0.5}, ValueError, r"b2 must be finite and in \[0.0, 1.0\)"),
             ({"e": -1e-8}, ValueError, "e must be finite"),
             ({"schedule": "cosine"}, ValueError, "Invalid schedule parameter"),
+            ({"schedule": "warmup_cosin"}, ValueError, "Did you mean 'warmup_cosine'"),
             ({"foreach": True, "fused": True}, ValueError, "foreach and fused cannot both be True"),
             ({"weight_decay": float("inf")}, ValueError, "weight_decay must be finite"),
             ({"weight_decay": 200.0}, ValueError, r"lr \* weight_decay must be <= 1"),

@@ -1,36 +1,30 @@
-"""``hf-optim convert`` of hostile pickled files, run through the command line in a subprocess.
+"""``hf-optim convert`` of hostile pickled files, run through the command line.
 
 Every row of the attack table is a small ``optimizer.pt`` (or ``scheduler.pt``) that ``torch.load(weights_only=True)``
 may well accept; each must give one error line naming the file, exit code 2, no traceback, nothing written and no
 code run. The rows that would grow on conversion (a view repeating its storage, a graph of shared lists) must also
-fail fast: the subprocess has a deadline far below what unfolding them would take.
+fail fast: all rows run as command lines of one subprocess (tests/security/cli_batch.py) whose deadline is far below
+what unfolding them would take.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
-import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from tests.run_cache import once_per_run
+from tests.security.cli_batch import run_batch
 
 LEGACY_MODULE = "pytorch_pretrained_bert.optimization"
-
-
-def _convert(directory, *extra, timeout=120):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, "-m", "hf_optim.cli.main", "convert", str(directory), *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=directory,
-    )
 
 
 def _adam(state, **group):
@@ -138,40 +132,10 @@ ATTACKS = {
 }
 
 
-@pytest.mark.parametrize("make", ATTACKS.values(), ids=ATTACKS.keys())
-def test_hostile_file_is_one_error_line(tmp_path, make):
-    path = tmp_path / "optimizer.pt"
-    make(path)
-    before = sorted(os.listdir(tmp_path))
-    result = _convert(tmp_path, timeout=60)
-    assert "Traceback" not in result.stderr, result.stderr[-800:]
-    assert result.returncode == 2, result.stderr[-800:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert str(tmp_path) in lines[0], lines[0]
-    assert sorted(os.listdir(tmp_path)) == before
-    assert not (tmp_path / "PWNED").exists()
-
-
-def test_a_moment_viewing_part_of_a_larger_storage_converts(tmp_path):
-    """A view smaller than its storage (torch.save keeps the whole storage) is no attack: it converts, at the
-    view's size."""
-    big = torch.arange(12.0)
-    torch.save(_moments(big[:4].clone(), big[4:8]), tmp_path / "optimizer.pt")
-    result = _convert(tmp_path)
-    assert result.returncode == 0, result.stderr[-800:]
-    from safetensors.torch import load_file
-
-    tensors = load_file(tmp_path / "optimizer.safetensors")
-    (sq,) = (v for k, v in tensors.items() if k.endswith("exp_avg_sq"))
-    assert torch.equal(sq, torch.arange(4.0, 8.0))
-
-
-def test_names_from_model_dir_only_builds_model_classes(tmp_path):
+def _names_from_a_non_model_class(path):
     """``--names-from DIR`` whose ``config.json`` names ``architectures[0] = "is_torch_available"``: only model
-    classes may be built; anything else is one error line naming config.json."""
-    pytest.importorskip("transformers")
-    torch.save({"state": {}, "param_groups": [{"params": [0, 1], "lr": 0.1}]}, tmp_path / "optimizer.pt")
+    classes may be built."""
+    torch.save({"state": {}, "param_groups": [{"params": [0, 1], "lr": 0.1}]}, path)
     config = {
         "model_type": "bert",
         "architectures": ["is_torch_available"],
@@ -181,7 +145,67 @@ def test_names_from_model_dir_only_builds_model_classes(tmp_path):
         "intermediate_size": 8,
         "vocab_size": 10,
     }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    result = _convert(tmp_path, "--names-from", str(tmp_path), timeout=300)
-    assert "Traceback" not in result.stderr, result.stderr[-800:]
-    assert result.returncode == 2 and "config.json" in result.stderr, result.stderr[-800:]
+    (path.parent / "config.json").write_text(json.dumps(config))
+
+
+# id -> (how optimizer.pt is made, extra command-line arguments given the folder, what the error line names)
+TABLE = {name: (make, lambda d: [], None) for name, make in ATTACKS.items()}
+if importlib.util.find_spec("transformers") is not None:
+    TABLE["names-from-a-non-model-class"] = (
+        _names_from_a_non_model_class,
+        lambda d: ["--names-from", str(d)],
+        "config.json",
+    )
+
+
+def _view_of_a_larger_storage(path):
+    big = torch.arange(12.0)
+    torch.save(_moments(big[:4].clone(), big[4:8]), path)
+
+
+def _convert_every_row(root):
+    rows = {
+        **{k: (make, args) for k, (make, args, _) in TABLE.items()},
+        "control": (_view_of_a_larger_storage, lambda d: []),
+    }
+    jobs, folders = [], {}
+    for i, (name, (make, args)) in enumerate(rows.items()):
+        folder = root / f"row{i}"
+        folder.mkdir()
+        make(folder / "optimizer.pt")
+        folders[name] = (str(folder), sorted(os.listdir(folder)))
+        jobs.append({"cwd": str(folder), "argv": ["convert", str(folder), *args(folder)]})
+    results = run_batch(jobs, root, timeout=300)
+    done = {name: (*folders[name], result) for name, result in zip(rows, results, strict=True)}
+    (root / "converted.json").write_text(json.dumps(done))
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """Every row (and the control) converted by one process, once per run: {id: (folder, files before, result)}."""
+    root = once_per_run(tmp_path_factory, "convert", _convert_every_row)
+    done = json.loads((root / "converted.json").read_text())
+    return {name: (Path(folder), before, result) for name, (folder, before, result) in done.items()}
+
+
+@pytest.mark.parametrize("row", TABLE, ids=TABLE)
+def test_hostile_file_is_one_error_line(converted, row):
+    folder, before, result = converted[row]
+    names = TABLE[row][2] or str(folder)
+    assert "Traceback" not in result["stderr"], result["stderr"][-800:]
+    assert result["code"] == 2, result["stderr"][-800:]
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert len(lines) == 1, result["stderr"]
+    assert names in lines[0], lines[0]
+    assert sorted(os.listdir(folder)) == before
+    assert not (folder / "PWNED").exists()
+
+
+def test_a_moment_viewing_part_of_a_larger_storage_converts(converted):
+    """A view smaller than its storage (torch.save keeps the whole storage) is no attack: it converts, at the
+    view's size."""
+    folder, _, result = converted["control"]
+    assert result["code"] == 0, result["stderr"][-800:]
+    tensors = load_file(folder / "optimizer.safetensors")
+    (sq,) = (v for k, v in tensors.items() if k.endswith("exp_avg_sq"))
+    assert torch.equal(sq, torch.arange(4.0, 8.0))

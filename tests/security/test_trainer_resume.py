@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tests.integrations.test_transformers_trainer import STOP_AT, script_args, train_script
+from tests.run_cache import once_per_run
 
 
 class Payload:
@@ -29,17 +30,15 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    train_script.main(script_args(out, "--stop_after_step", str(STOP_AT)))
+    """The checkpoint of a Trainer run stopped at step STOP_AT, made once per run."""
+    out = once_per_run(
+        tmp_path_factory,
+        "trainer_run",
+        lambda out: train_script.main(script_args(out, "--stop_after_step", str(STOP_AT))),
+    )
     return out / f"checkpoint-{STOP_AT}"
-
-
-def _copy(checkpoint: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / checkpoint.name
-    shutil.copytree(checkpoint, folder)
-    return folder
 
 
 def test_payload_is_real(tmp_path: Path) -> None:
@@ -49,35 +48,44 @@ def test_payload_is_real(tmp_path: Path) -> None:
     assert marker.exists()
 
 
-def test_planted_rng_scaler_and_training_args_do_not_run(checkpoint: Path, tmp_path: Path) -> None:
-    folder = _copy(checkpoint, tmp_path)
-    marker = tmp_path / "marker"
-    assert (folder / "training_args.bin").is_file()
-    torch.save(Payload(marker), folder / "training_args.bin")
-    rng = "rng_state.pth"
-    assert (folder / rng).is_file()
-    torch.save(Payload(marker), folder / rng)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        train_script.main(script_args(tmp_path / "out", "--resume_from_checkpoint", str(folder)))
-    assert not marker.exists()
-    # without the RNG file the resume completes: training_args.bin was never unpickled
-    os.remove(folder / rng)
-    train_script.main(script_args(tmp_path / "out2", "--resume_from_checkpoint", str(folder)))
-    assert not marker.exists()
+# id -> (files replaced by a payload, files removed, what the resume raises: None when it completes)
+ATTACKS = {
+    "rng-state": (
+        ("training_args.bin", "rng_state.pth"),
+        (),
+        (pickle.UnpicklingError, "Weights only load failed"),
+    ),
+    # without the RNG file the resume completes: training_args.bin is never unpickled
+    "training-args": (("training_args.bin",), ("rng_state.pth",), None),
     # a scaler.pt stops the resume (this run has no scaler to load it into) without being unpickled
-    torch.save(Payload(marker), folder / "scaler.pt")
-    with pytest.raises((pickle.UnpicklingError, AttributeError)):
-        train_script.main(script_args(tmp_path / "out3", "--resume_from_checkpoint", str(folder)))
-    assert not marker.exists()
+    "scaler": (
+        ("training_args.bin", "scaler.pt"),
+        ("rng_state.pth",),
+        ((pickle.UnpicklingError, AttributeError), None),
+    ),
+    "legacy-optimizer-files": (
+        ("optimizer.pt", "scheduler.pt"),
+        ("optimizer.safetensors", "scheduler.json"),
+        (pickle.UnpicklingError, "Weights only load failed"),
+    ),
+}
 
 
-def test_planted_legacy_optimizer_files_do_not_run(checkpoint: Path, tmp_path: Path) -> None:
-    folder = _copy(checkpoint, tmp_path)
+@pytest.mark.parametrize(("planted", "removed", "raises"), ATTACKS.values(), ids=ATTACKS.keys())
+def test_planted_file_does_not_run(checkpoint: Path, tmp_path: Path, planted, removed, raises) -> None:
+    folder = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, folder)
     marker = tmp_path / "marker"
-    for name in ("optimizer.safetensors", "scheduler.json"):
+    # the planted files replace files the run wrote
+    assert (folder / "training_args.bin").is_file() and (folder / "rng_state.pth").is_file()
+    for name in removed:
         os.remove(folder / name)
-    for name in ("optimizer.pt", "scheduler.pt"):
+    for name in planted:
         torch.save(Payload(marker), folder / name)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        train_script.main(script_args(tmp_path / "out", "--resume_from_checkpoint", str(folder)))
+    args = script_args(tmp_path / "out", "--resume_from_checkpoint", str(folder))
+    if raises is None:
+        train_script.main(args)
+    else:
+        with pytest.raises(raises[0], match=raises[1]):
+            train_script.main(args)
     assert not marker.exists()
