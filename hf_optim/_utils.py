@@ -7,7 +7,7 @@ import copy
 import math
 import numbers
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, overload
 
 import torch
@@ -19,6 +19,7 @@ __all__ = [
     "non_negative_int",
     "parameters_of",
     "restored_on_error",
+    "snapshot",
     "unwrap_optimizer",
     "unwrap_scheduler",
 ]
@@ -162,41 +163,59 @@ def finite_number(
     return value
 
 
+def snapshot(
+    opt: torch.optim.Optimizer | None = None, scheduler: Any = None, accumulator: Any = None
+) -> Callable[[], None]:
+    """Remember the optimizer, scheduler and accumulator as they are; the returned function puts them back.
+
+    ``load_state_dict`` replaces the optimizer's ``state`` and ``param_groups`` with new objects: the originals
+    (down to each parameter's state dict) are put back as they were. The scheduler's and the accumulator's values
+    go back through their ``load_state_dict``, then their attributes by identity (``scheduler.optimizer``, the
+    schedule functions, the accumulator's buffers and flags).
+    """
+    old_state = opt.state if opt is not None else None
+    old_groups = opt.param_groups if opt is not None else []
+    entries = {p: (d, dict(d)) for p, d in old_state.items()} if old_state is not None else {}
+    groups = [dict(g) for g in old_groups]
+    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
+    objects = [
+        (obj, copy.deepcopy(obj.state_dict()), dict(obj.__dict__))
+        for obj in (inner, accumulator)
+        if obj is not None
+    ]
+
+    def restore() -> None:
+        if opt is not None and old_state is not None:
+            old_state.clear()
+            for p, (d, content) in entries.items():
+                d.clear()
+                d.update(content)
+                old_state[p] = d
+            for live, saved in zip(old_groups, groups, strict=True):
+                live.clear()
+                live.update(saved)
+            opt.__dict__.update(state=old_state, param_groups=old_groups)
+        for (
+            obj,
+            state,
+            attrs,
+        ) in objects:  # values through load_state_dict (buffers copied back), then attributes
+            obj.load_state_dict(state)
+            obj.__dict__.clear()
+            obj.__dict__.update(attrs)
+
+    return restore
+
+
 @contextlib.contextmanager
 def restored_on_error(
     opt: torch.optim.Optimizer, scheduler: Any = None, accumulator: Any = None
 ) -> Iterator[None]:
     """Undo whatever the block changed in the optimizer, scheduler and accumulator if it raises (a load that
-    failed while applying state leaves them exactly as they were).
-
-    ``load_state_dict`` replaces the optimizer's ``state`` and ``param_groups`` with new objects: the originals
-    (down to each parameter's state dict) are put back as they were. The scheduler's and the accumulator's values
-    go back through their ``load_state_dict``, then their attributes by identity (``scheduler.optimizer``, the
-    accumulator's buffers and flags).
-    """
-    acc_attrs = dict(accumulator.__dict__) if accumulator is not None else None
-    acc_state = copy.deepcopy(accumulator.state_dict()) if accumulator is not None else None
-    old_state, old_groups = opt.state, opt.param_groups
-    entries = {p: (d, dict(d)) for p, d in old_state.items()}
-    groups = [dict(g) for g in old_groups]
-    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
-    sched_attrs = dict(inner.__dict__) if inner is not None else None
-    sched_state = copy.deepcopy(inner.state_dict()) if inner is not None else None
+    failed while applying state leaves them exactly as they were; see :func:`snapshot`)."""
+    restore = snapshot(opt, scheduler, accumulator)
     try:
         yield
     except BaseException:
-        old_state.clear()
-        for p, (d, content) in entries.items():
-            d.clear()
-            d.update(content)
-            old_state[p] = d
-        for live, saved in zip(old_groups, groups, strict=True):
-            live.clear()
-            live.update(saved)
-        opt.__dict__.update(state=old_state, param_groups=old_groups)
-        for obj, state, attrs in ((inner, sched_state, sched_attrs), (accumulator, acc_state, acc_attrs)):
-            if obj is not None:  # values through load_state_dict (buffers copied back), then the attributes
-                obj.load_state_dict(state)
-                obj.__dict__.clear()
-                obj.__dict__.update(attrs)
+        restore()
         raise

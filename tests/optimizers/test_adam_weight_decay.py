@@ -10,7 +10,6 @@ python ops. ``t`` is the optimizer's iteration count + 1, shared by every variab
 import copy
 import os
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ import torch.multiprocessing as mp
 
 from hf_optim import AdamWeightDecay
 from hf_optim.param_groups import compile_patterns, decay_applies
-from tests.multiprocess import end_process_group
+from tests.multiprocess import end_process_group, free_port, run_workers
 
 F32 = np.float32
 NAMES = [
@@ -338,11 +337,8 @@ def _distributed_worker(rank, world_size, port, results):
 
 
 def test_apply_gradients_sums_across_two_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_distributed_worker, args=(2, port, results), nprocs=2, join=True)
+    run_workers(_distributed_worker, (2, free_port(), results), 2)
     init, stream = data(steps=3, seed=0)
     summed = [{n: g[n] * F32(1) + g[n] * F32(2) for n in NAMES} for g in stream]
     expected = tf_reference(init, summed, lrs=[1e-2] * 3, rate=0.1)

@@ -10,17 +10,15 @@ those of the full parameters, not of the local shards. All runs happen in one sp
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_optim import AdamW, AdamWeightDecay
-from tests.multiprocess import end_process_group
+from tests.multiprocess import end_process_group, free_port, run_workers
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not hasattr(fsdp, "fully_shard"):
@@ -100,11 +98,8 @@ def _train_all(rank: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD_SIZE, join=True)
+    run_workers(_worker, (free_port(), str(out)), WORLD_SIZE)
     return {
         (config, impl): load_file(out / f"{config}-{impl}.safetensors")
         for config in CONFIGS

@@ -241,26 +241,9 @@ def _save(make_accelerator, tmp_path: Path, attack: AccelerateAttack) -> Path:
     return ckpt
 
 
-# The rollback of integrations/accelerate/rollback.py deep-copies the scheduler's ``__dict__``: its data comes back,
-# but the schedule functions (``lr_lambdas``) are replaced by copies, so a failed load does not leave the scheduler
-# exactly as it was.
-_ROLLBACK_COPIES_FUNCTIONS = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="the rollback replaces the scheduler's lr_lambdas by copies"
-)
-
-
 @pytest.mark.parametrize(
     "attack",
-    [
-        pytest.param(
-            a,
-            id=a.id,
-            marks=_ROLLBACK_COPIES_FUNCTIONS
-            if a.id in ("second-optimizer", "stray-custom-checkpoint")
-            else (),
-        )
-        for a in ATTACKS
-    ],
+    [pytest.param(a, id=a.id) for a in ATTACKS],
 )
 def test_hostile_accelerate_checkpoint(make_accelerator, tmp_path: Path, request, attack) -> None:
     ckpt, outside = _save(make_accelerator, tmp_path, attack), tmp_path / "elsewhere"

@@ -10,19 +10,24 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from hf_optim._utils import snapshot, unwrap_optimizer
+
 __all__ = ["Snapshot"]
 
 
 class Snapshot:
-    """Copies of everything ``accelerate_load_state`` may change, to put back if a step fails."""
+    """Everything ``accelerate_load_state`` may change, remembered before it changes anything, to put back if a
+    step fails: the optimizers, schedulers and accumulator as every hf_optim load does
+    (:func:`hf_optim._utils.snapshot`), plus Accelerate's registered objects, gradient scaler, step and the
+    random generators."""
 
     def __init__(
         self, accelerator: Accelerator, pairs: list[tuple[Any, Any]], accumulator: Any | None
     ) -> None:
         self.accelerator = accelerator
-        self.optimizers = [(opt, opt.state, opt.param_groups, _copy_optimizer(opt)) for opt, _ in pairs]
-        self.schedulers = [(s, _copy_scheduler(s)) for _, s in pairs if s is not None]
-        self.accumulator = (accumulator, copy.deepcopy(accumulator.state_dict())) if accumulator else None
+        self.restores = [snapshot(unwrap_optimizer(opt), scheduler) for opt, scheduler in pairs]
+        if accumulator is not None:
+            self.restores.append(snapshot(accumulator=accumulator))
         self.registered = [(obj, copy.deepcopy(obj.state_dict())) for obj in accelerator._custom_objects]
         self.scaler = (
             copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
@@ -36,19 +41,8 @@ class Snapshot:
         )
 
     def restore(self) -> None:
-        for opt, state, groups, (saved_state, saved_groups) in self.optimizers:
-            opt.state, opt.param_groups = state, groups  # the same objects, with their old contents
-            state.clear()
-            state.update(saved_state)
-            groups[:] = [group for group, _ in saved_groups]
-            for group, content in saved_groups:
-                group.clear()
-                group.update(content)
-        for scheduler, saved in self.schedulers:
-            scheduler.__dict__.clear()
-            scheduler.__dict__.update(saved)
-        if self.accumulator is not None:
-            self.accumulator[0].load_state_dict(self.accumulator[1])
+        for restore in self.restores:
+            restore()
         for obj, saved in self.registered:
             obj.load_state_dict(saved)
         if self.scaler is not None:
@@ -59,23 +53,3 @@ class Snapshot:
         torch.set_rng_state(self.rng[2])
         if self.rng[3] is not None:
             torch.cuda.set_rng_state_all(self.rng[3])
-
-
-def _copy_optimizer(
-    opt: torch.optim.Optimizer,
-) -> tuple[dict[Any, Any], list[tuple[dict[str, Any], dict[str, Any]]]]:
-    memo = {id(p): p for group in opt.param_groups for p in group["params"]}  # parameters are not copied
-    state = {p: copy.deepcopy(s, memo) for p, s in opt.state.items()}
-    groups = [
-        (group, {k: v if k == "params" else copy.deepcopy(v, memo) for k, v in group.items()})
-        for group in opt.param_groups
-    ]
-    return state, groups
-
-
-def _copy_scheduler(scheduler: Any) -> dict[str, Any]:
-    memo: dict[int, Any] = {}
-    optimizer = getattr(scheduler, "optimizer", None)
-    if optimizer is not None:
-        memo[id(optimizer)] = optimizer  # the scheduler's reference to its optimizer stays a reference
-    return {k: copy.deepcopy(v, memo) for k, v in scheduler.__dict__.items()}
