@@ -9,8 +9,8 @@
   truncated, corrupted, inconsistent, hostile, of an unknown format version, or holding values the live objects
   refuse. A type or value error raised while checking a file's contents becomes a ``CheckpointError`` naming the
   file, so a caller catches one class for every bad checkpoint.
-- :class:`TransformersIntegrationError` (a ``RuntimeError``): transformers' internals are not what hf_optim
-  expects.
+- :class:`TransformersIntegrationError` / :class:`AccelerateIntegrationError` (both ``RuntimeError``):
+  transformers' / Accelerate's internals are not what hf_optim expects.
 - ``RuntimeError``: the operation cannot run in the current state (a sparse gradient, a process group that
   disagrees).
 
@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "TransformersIntegrationError"]
+__all__ = ["AccelerateIntegrationError", "CheckpointError", "TransformersIntegrationError"]
 
 
 class CheckpointError(ValueError):
@@ -31,3 +31,7 @@ class CheckpointError(ValueError):
 
 class TransformersIntegrationError(RuntimeError):
     """transformers' internals are not what hf_optim expects (the message names the transformers version)."""
+
+
+class AccelerateIntegrationError(RuntimeError):
+    """Accelerate's internals are not what hf_optim expects (the message names the Accelerate version)."""

@@ -33,7 +33,6 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from accelerate.utils import DistributedType
 from hf_optim._utils import is_hub_url, unwrap_optimizer
 from hf_optim.errors import CheckpointError
 from hf_optim.hub import download_checkpoint, resolve_state_dir
+from hf_optim.integrations.accelerate import internals
 from hf_optim.integrations.accelerate.model_weights import (
     bare_model,
     read_model_weights,
@@ -160,13 +160,15 @@ def accelerate_save_state(
                     "state is process-local, so save between accumulation windows (after apply_to / reset)"
                 )
     _warn_if_scheduler_steps_per_process(accelerator)
-    registered = list(accelerator._custom_objects)
+    registered = list(internals.registered_objects(accelerator))
 
     # FSDP2: Accelerate saves the sharded model its own way; otherwise the unwrapped model's weights
     hook = (lambda models, weights, output_dir: None) if fsdp2 else unwrapped_weights_hook(accelerator)
     handle = accelerator.register_save_state_pre_hook(hook)
     try:
-        with _hidden_from_accelerate(accelerator, custom_objects=True, scaler=True, dataloaders=True):
+        with internals.hidden_from_accelerate(
+            accelerator, custom_objects=True, scaler=True, dataloaders=True
+        ):
             # The class's method: use_safetensors_state replaces the instance's save_state with a call to this.
             location = os.fspath(
                 type(accelerator).save_state(accelerator, output_dir, safe_serialization=safe_serialization)
@@ -289,7 +291,7 @@ def accelerate_load_state(
     weights = [
         read_model_weights(accelerator, model, local_dir, index)
         for index, model in enumerate(
-            accelerator._models if not fsdp2 else ()
+            internals.models(accelerator) if not fsdp2 else ()
         )  # FSDP2: Accelerate loads them
     ]
     for index in range(len(pairs)):
@@ -321,7 +323,7 @@ def accelerate_load_state(
                 strict=strict,
                 model=_model_of(accelerator, optimizer) if fsdp2 else None,
             )
-        for obj, state in zip(accelerator._custom_objects, registered_states, strict=False):
+        for obj, state in zip(internals.registered_objects(accelerator), registered_states, strict=False):
             obj.load_state_dict(state)
         # Accelerate: RNG, samplers, scaler, step (and pickled registered objects with allow_pickle=True).
         # The hook keeps it from reading the model files: hf_optim read them above.
@@ -329,7 +331,7 @@ def accelerate_load_state(
             (lambda models, input_dir: None) if fsdp2 else skip_model_loading
         )
         try:
-            with _hidden_from_accelerate(
+            with internals.hidden_from_accelerate(
                 accelerator,
                 custom_objects=not accelerate_reads_registered,
                 scaler=ours["scaler"],
@@ -339,7 +341,7 @@ def accelerate_load_state(
         finally:
             handle.remove()
         load_run_state(accelerator, local_dir, run_state)
-        for model, state in zip(accelerator._models, weights, strict=True):
+        for model, state in zip(internals.models(accelerator), weights, strict=True):
             # names were checked; strict=False allows tied weights stored once
             bare_model(accelerator, model).load_state_dict(state, strict=False)
     except BaseException:
@@ -376,7 +378,7 @@ def _read_registered(accelerator: Accelerator, directory: str, allow_pickle: boo
         )
         return [], True
     found = sorted(int(m.group(1)) for m in map(_REGISTERED_STATE_RE.match, names) if m)
-    expected = list(range(len(accelerator._custom_objects)))
+    expected = list(range(len(internals.registered_objects(accelerator))))
     if found != expected:
         raise CheckpointError(
             f"{directory}: registered-object files {[REGISTERED_STATE_NAME.format(i) for i in found]} do not "
@@ -396,7 +398,7 @@ def _check_accelerate_files(accelerator: Accelerator, directory: str, ours: dict
     ]  # a run on more processes has no file for new ranks
     if accelerator.scaler is not None and not ours["scaler"]:
         required.append(_SCALER_NAME)
-    for index, loader in enumerate(accelerator._dataloaders if not ours["dataloaders"] else ()):
+    for index, loader in enumerate(internals.dataloaders(accelerator) if not ours["dataloaders"] else ()):
         suffix = f"_{index}" if index else ""
         get_sampler = getattr(loader, "get_sampler", None)
         if isinstance(getattr(loader, "dataset", None), IterableDatasetShard) and isinstance(
@@ -497,7 +499,7 @@ def _model_of(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> tor
     """The prepared model that holds ``optimizer``'s parameters (it names them in a sharded save)."""
     inner = unwrap_optimizer(optimizer)
     ids = {id(p) for group in inner.param_groups for p in group["params"]}
-    for model in accelerator._models:
+    for model in internals.models(accelerator):
         if any(id(p) in ids for p in model.parameters()):
             return model
     raise ValueError("no prepared model holds this optimizer's parameters")
@@ -517,8 +519,10 @@ def _state_dir(checkpoint_dir: str, index: int) -> str:
 
 def _optimizer_scheduler_pairs(accelerator: Accelerator) -> list[tuple[torch.optim.Optimizer, Any | None]]:
     """The prepared optimizers (unwrapped), each with the scheduler (unwrapped) that drives it, if any."""
-    optimizers = [unwrap_optimizer(opt) for opt in accelerator._optimizers]
-    schedulers = [s.scheduler if isinstance(s, AcceleratedScheduler) else s for s in accelerator._schedulers]
+    optimizers = [unwrap_optimizer(opt) for opt in internals.optimizers(accelerator)]
+    schedulers = [
+        s.scheduler if isinstance(s, AcceleratedScheduler) else s for s in internals.schedulers(accelerator)
+    ]
     paired: list[Any | None] = [None] * len(optimizers)
     for scheduler in schedulers:
         target = getattr(scheduler, "optimizer", None)
@@ -540,7 +544,7 @@ def _optimizer_scheduler_pairs(accelerator: Accelerator) -> list[tuple[torch.opt
 def _warn_if_scheduler_steps_per_process(accelerator: Accelerator) -> None:
     if accelerator.num_processes == 1:
         return
-    for scheduler in accelerator._schedulers:
+    for scheduler in internals.schedulers(accelerator):
         if (
             isinstance(scheduler, AcceleratedScheduler)
             and is_hf_optim_scheduler(scheduler.scheduler)
@@ -552,31 +556,3 @@ def _warn_if_scheduler_steps_per_process(accelerator: Accelerator) -> None:
                 "hf_optim.accelerate_prepare so the checkpoint counts optimizer steps",
                 accelerator.num_processes,
             )
-
-
-@contextlib.contextmanager
-def _hidden_from_accelerate(
-    accelerator: Accelerator, *, custom_objects: bool, scaler: bool = False, dataloaders: bool = False
-) -> Iterator[None]:
-    """Hide the prepared optimizers and schedulers (and the registered objects) from ``save_state`` /
-    ``load_state``.
-
-    Accelerate has no switch to leave them out: ``save_state`` pickles them into ``optimizer.bin`` /
-    ``scheduler.bin`` / ``custom_checkpoint_N.pkl`` and ``load_state`` opens those files unconditionally.
-    Emptying its registries for the duration of the call keeps everything else Accelerate does (automatic naming
-    and rotation, hooks, RNG, samplers, scaler, its step counter) unchanged.
-    """
-    saved = accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects
-    saved_scaler, saved_loaders = accelerator.scaler, accelerator._dataloaders
-    accelerator._optimizers, accelerator._schedulers = [], []
-    if custom_objects:
-        accelerator._custom_objects = []
-    if scaler:
-        accelerator.scaler = None
-    if dataloaders:
-        accelerator._dataloaders = []
-    try:
-        yield
-    finally:
-        accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects = saved
-        accelerator.scaler, accelerator._dataloaders = saved_scaler, saved_loaders

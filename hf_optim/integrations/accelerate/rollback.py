@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from hf_optim._utils import snapshot, unwrap_optimizer
+from hf_optim.integrations.accelerate import internals
 
 __all__ = ["Snapshot"]
 
@@ -28,7 +29,9 @@ class Snapshot:
         self.restores = [snapshot(unwrap_optimizer(opt), scheduler) for opt, scheduler in pairs]
         if accumulator is not None:
             self.restores.append(snapshot(accumulator=accumulator))
-        self.registered = [(obj, copy.deepcopy(obj.state_dict())) for obj in accelerator._custom_objects]
+        self.registered = [
+            (obj, copy.deepcopy(obj.state_dict())) for obj in internals.registered_objects(accelerator)
+        ]
         self.scaler = (
             copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
         )

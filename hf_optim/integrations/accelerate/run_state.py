@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
 
 from hf_optim.errors import CheckpointError
+from hf_optim.integrations.accelerate import internals
 from hf_optim.state import load_object_state, save_object_state
 from hf_optim.state.io import checkpoint_roots, open_file, read_pickle_weights_only
 
@@ -135,7 +136,7 @@ def save_run_state(accelerator: Accelerator, directory: str, *, writes: bool) ->
         save_object_state(
             os.path.join(directory, SCALER_NAME), accelerator.scaler.state_dict(), kind=_KIND.format("scaler")
         )
-    for index, loader in enumerate(accelerator._dataloaders):
+    for index, loader in enumerate(internals.dataloaders(accelerator)):
         sampler_name, position_name = _loader_files(index)
         sampler = _seedable_sampler(loader)
         if sampler is not None:
@@ -152,7 +153,7 @@ def run_state_files(accelerator: Accelerator, directory: str) -> dict[str, bool]
     Where a part is there, Accelerate is kept from reading its pickled counterpart."""
     loaders = [
         name
-        for index, loader in enumerate(accelerator._dataloaders)
+        for index, loader in enumerate(internals.dataloaders(accelerator))
         for name, needed in zip(
             _loader_files(index),
             (_seedable_sampler(loader) is not None, getattr(loader, "use_stateful_dataloader", False)),
@@ -177,7 +178,7 @@ def read_run_state(accelerator: Accelerator, directory: str) -> dict[str, Any]:
         read["scaler"] = load_object_state(os.path.join(directory, SCALER_NAME), kind=_KIND.format("scaler"))
     if parts["dataloaders"]:
         loaders = []
-        for index, loader in enumerate(accelerator._dataloaders):
+        for index, loader in enumerate(internals.dataloaders(accelerator)):
             sampler_name, position_name = _loader_files(index)
             sampler = (
                 load_object_state(os.path.join(directory, sampler_name), kind=_KIND.format("sampler"))
@@ -200,7 +201,7 @@ def load_run_state(accelerator: Accelerator, directory: str, read: dict[str, Any
     if "scaler" in read:
         accelerator.scaler.load_state_dict(read["scaler"])
     for loader, (sampler_state, position) in zip(
-        accelerator._dataloaders, read.get("dataloaders", ()), strict=False
+        internals.dataloaders(accelerator), read.get("dataloaders", ()), strict=False
     ):
         sampler = _seedable_sampler(loader)
         if sampler is not None and sampler_state is not None:
