@@ -462,8 +462,8 @@ def use_safetensors_state(accelerator: Accelerator) -> Accelerator:
 
     save_state.__doc__ = accelerate_save_state.__doc__
     load_state.__doc__ = accelerate_load_state.__doc__
-    accelerator.save_state = save_state  # type: ignore[method-assign]
-    accelerator.load_state = load_state  # type: ignore[method-assign]
+    accelerator.save_state = save_state
+    accelerator.load_state = load_state
     accelerator._hf_optim_safetensors_state = True
     return accelerator
 
