@@ -3,17 +3,17 @@
 - ``<!-- schedule-pictures -->`` in a page becomes a picture of every schedule: the registry's (``list_schedulers``
   + ``get_scheduler``), pytorch-pretrained-bert's ``LRSchedule`` classes and pytorch-transformers 1.x's classes,
   each drawn by stepping the real object (matplotlib, Agg backend).
-- ``<!-- cli-reference -->`` becomes the help text of ``hf-optim`` and of every sub-command, taken from the
-  argparse parsers that ``hf_optim.cli.main.build_parser()`` builds.
+- The committed command line reference (docs/cli.md, written by ``scripts/cli_reference.py``) is checked against
+  the argparse parsers: a stale page fails the build.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import inspect
 import io
-import os
 import textwrap
+from pathlib import Path
 
 import matplotlib
 
@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import torch
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 WARMUP, TOTAL = 10, 100
@@ -137,21 +138,14 @@ def on_files(files, config):
     return files
 
 
-def _cli_help() -> str:
-    from hf_optim.cli.main import build_parser
-
-    os.environ["COLUMNS"] = "88"  # the width of a code block: the same text on every machine
-    parts: list[str] = []
-
-    def walk(parser: argparse.ArgumentParser, depth: int) -> None:
-        parts.append(f"{'#' * depth} `{parser.prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in dict.fromkeys(action.choices.values()):
-                    walk(sub, min(depth + 1, 4))
-
-    walk(build_parser(), 2)
-    return "\n".join(parts)
+def _cli_reference() -> str:
+    """What ``scripts/cli_reference.py`` writes into docs/cli.md today."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cli_reference.py"
+    spec = importlib.util.spec_from_file_location("cli_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.render()
 
 
 def _schedule_markdown(page) -> str:
@@ -169,6 +163,8 @@ def _schedule_markdown(page) -> str:
 def on_page_markdown(markdown, page, config, files):
     if "<!-- schedule-pictures -->" in markdown:
         markdown = markdown.replace("<!-- schedule-pictures -->", _schedule_markdown(page))
-    if "<!-- cli-reference -->" in markdown:
-        markdown = markdown.replace("<!-- cli-reference -->", _cli_help())
+    if page.file.src_uri == "cli.md" and markdown != _cli_reference():
+        raise PluginError(
+            "docs/cli.md differs from the hf-optim parsers: run python scripts/cli_reference.py"
+        )
     return markdown
