@@ -40,8 +40,8 @@ def _documented_args(body: str) -> list[str]:
 
 def _signature_args(obj: object) -> list[str]:
     target = obj.__init__ if inspect.isclass(obj) else obj  # type: ignore[misc]
-    if inspect.isclass(obj) and target is object.__init__:
-        return []
+    if inspect.isclass(obj) and not getattr(target, "__module__", "").startswith("hf_optim"):
+        return []  # the constructor of a base class outside hf_optim (Exception, transformers.Trainer)
     params = list(inspect.signature(target).parameters.values())
     if inspect.isclass(obj):
         params = params[1:]  # self
