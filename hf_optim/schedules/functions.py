@@ -234,14 +234,66 @@ def _wsd_lambda(
 
 
 def get_constant_schedule(optimizer: Optimizer, last_epoch: int = -1) -> LambdaLR:
-    """Constant learning rate: the one set in the optimizer."""
+    """Constant learning rate: the one set in the optimizer.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_constant_schedule(optimizer)
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [1.0, 1.0, 1.0]))
+        ```
+    """
     return attach_config(LambdaLR(optimizer, _constant_lambda, last_epoch=last_epoch), "constant", {})
 
 
 def get_constant_schedule_with_warmup(
     optimizer: Optimizer, num_warmup_steps: int, last_epoch: int = -1
 ) -> LambdaLR:
-    """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate."""
+    """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=2)
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 0.5, 1.0]))
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     return _lambda_schedule(
         optimizer,
@@ -255,7 +307,36 @@ def get_constant_schedule_with_warmup(
 def get_linear_schedule_with_warmup(
     optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
 ) -> LambdaLR:
-    """Linear warmup from 0 to the optimizer's learning rate, then linear decay to 0 at ``num_training_steps``."""
+    """Linear warmup from 0 to the optimizer's learning rate, then linear decay to 0 at ``num_training_steps``.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=3)
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 1.0, 0.5]))
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     return _lambda_schedule(
@@ -275,7 +356,37 @@ def get_cosine_schedule_with_warmup(
     num_cycles: float = 0.5,
     last_epoch: int = -1,
 ) -> LambdaLR:
-    """Linear warmup, then a cosine from the optimizer's learning rate to 0 (``num_cycles`` waves; 0.5 = half)."""
+    """Linear warmup, then a cosine from the optimizer's learning rate to 0 (``num_cycles`` waves; 0.5 = half).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: Waves of the cosine after the warmup (0.5: one half wave, down to 0).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer, or a number is not finite.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=3)
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 1.0, 0.5]))
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
@@ -297,7 +408,39 @@ def get_cosine_with_hard_restarts_schedule_with_warmup(
     num_cycles: float = 1.0,
     last_epoch: int = -1,
 ) -> LambdaLR:
-    """Linear warmup, then ``num_cycles`` cosine decays to 0, each restarting at the optimizer's learning rate."""
+    """Linear warmup, then ``num_cycles`` cosine decays to 0, each restarting at the optimizer's learning rate.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: The number of hard restarts (cosine decays) after the warmup.
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer, or a number is not finite.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_with_hard_restarts_schedule_with_warmup(
+            optimizer, num_warmup_steps=1, num_training_steps=5, num_cycles=2
+        )
+        lrs = []
+        for _ in range(5):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 1.0, 0.5, 1.0, 0.5]))
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
@@ -326,6 +469,40 @@ def get_polynomial_decay_schedule_with_warmup(
     refuses: ``num_training_steps == num_warmup_steps`` (transformers divides by the zero-length decay phase at
     that step), a negative ``power`` when the decay phase is reached (``0 ** power`` at its last step) and an
     optimizer learning rate of 0 (the multiplier divides by it).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        lr_end: The final learning rate (absolute), below the optimizer's ``lr``.
+        power: The exponent of the decay (1.0: linear).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If the optimizer has no ``lr`` default.
+        ValueError: If a step count is not a non-negative integer, ``lr_end`` is not below the optimizer's ``lr``,
+            ``num_training_steps == num_warmup_steps``, or ``power`` is negative.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_polynomial_decay_schedule_with_warmup(
+            optimizer, num_warmup_steps=1, num_training_steps=3, lr_end=0.0, power=1.0
+        )
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 1.0, 0.5]))
+        ```
     """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
@@ -371,6 +548,34 @@ def get_inverse_sqrt_schedule(
     """Linear warmup, then ``1 / sqrt((step + timescale - num_warmup_steps) / timescale)``.
 
     ``timescale`` defaults to ``num_warmup_steps`` (10 000 when that is 0), as in transformers.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        timescale: The decay's time scale; ``None``: ``num_warmup_steps`` (10 000 when that is 0).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_inverse_sqrt_schedule(optimizer, num_warmup_steps=1, timescale=1)
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 1.0, 0.5 ** 0.5]))
+        ```
     """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     given_timescale = non_negative_int(timescale, "timescale", optional=True, positive=True)
@@ -405,7 +610,43 @@ def get_cosine_with_min_lr_schedule_with_warmup(
     min_lr: float | None = None,
     min_lr_rate: float | None = None,
 ) -> LambdaLR:
-    """Like the cosine schedule but decaying to ``min_lr`` (absolute) or ``min_lr_rate`` (fraction of the lr)."""
+    """Like the cosine schedule but decaying to ``min_lr`` (absolute) or ``min_lr_rate`` (fraction of the lr).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: Waves of the cosine after the warmup (0.5: one half wave).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+        min_lr: The learning rate the cosine ends at (absolute); give this or ``min_lr_rate``.
+        min_lr_rate: The final learning rate as a fraction of the optimizer's; give this or ``min_lr``.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If ``min_lr`` is given and the optimizer has no ``lr`` default.
+        ValueError: If a step count is not a non-negative integer, a number is not finite, or not exactly one of
+            ``min_lr`` and ``min_lr_rate`` is given.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=1, num_training_steps=3, min_lr_rate=0.1
+        )
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 1.0, 0.55]))
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
@@ -443,7 +684,45 @@ def get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
     warmup_lr_rate: float | None = None,
 ) -> LambdaLR:
     """transformers' ``cosine_warmup_with_min_lr``: warmup starting at ``warmup_lr_rate`` (or ``1/num_warmup``),
-    cosine to ``min_lr`` / ``min_lr_rate``, with transformers' one-step shift (step ``t`` uses ``t + 1``)."""
+
+    cosine to ``min_lr`` / ``min_lr_rate``, with transformers' one-step shift (step ``t`` uses ``t + 1``).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: Waves of the cosine after the warmup (0.5: one half wave).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+        min_lr: The learning rate the cosine ends at (absolute); give this or ``min_lr_rate``.
+        min_lr_rate: The final learning rate as a fraction of the optimizer's; give this or ``min_lr``.
+        warmup_lr_rate: The multiplier of the first warmup step; ``None``: ``1 / num_warmup_steps``.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If ``min_lr`` is given and the optimizer has no ``lr`` default.
+        ValueError: If a step count is not a non-negative integer, a number is not finite, or not exactly one of
+            ``min_lr`` and ``min_lr_rate`` is given.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
+            optimizer, num_warmup_steps=2, num_training_steps=4, min_lr_rate=0.0
+        )
+        lrs = []
+        for _ in range(3):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.5, 1.0, 0.5]))
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
@@ -488,11 +767,51 @@ def get_wsd_schedule(
     warmup_from_zero: bool = False,
 ) -> LambdaLR:
     """Warmup-stable-decay: warmup (``warmup_type``) from ``min_lr_ratio``, a constant phase, then a decay
+
     (``decay_type``) back to ``min_lr_ratio`` of the learning rate, which is kept afterwards.
 
     The stable phase lasts ``num_stable_steps``, or ``num_training_steps - num_warmup_steps - num_decay_steps``.
     These are transformers 5.x's values. ``warmup_from_zero=True`` gives transformers 4.x's (before
     ``warmup_type`` existed): a linear warmup from 0 instead of from ``min_lr_ratio``; the rest is the same.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_decay_steps: Steps of the decay phase.
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_stable_steps: Steps of the constant phase; ``None``: what ``num_training_steps`` leaves.
+        warmup_type: ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
+        decay_type: ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
+        min_lr_ratio: The multiplier at the start of the warmup and the end of the decay.
+        num_cycles: Waves of a cosine decay (0.5: one half wave).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+        warmup_from_zero: transformers 4.x's linear warmup from 0 instead of from ``min_lr_ratio``.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If ``warmup_from_zero`` is not a bool.
+        ValueError: If a step count is not a non-negative integer, neither ``num_training_steps`` nor
+            ``num_stable_steps`` is given, a type is unknown, or ``warmup_from_zero`` with a non-linear warmup.
+
+    Example:
+        ```python
+        import math
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_wsd_schedule(
+            optimizer, num_warmup_steps=1, num_decay_steps=2, num_stable_steps=1, decay_type="linear"
+        )
+        lrs = []
+        for _ in range(4):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(lrs, [0.0, 1.0, 1.0, 0.5]))
+        ```
     """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_decay_steps = non_negative_int(num_decay_steps, "num_decay_steps")
