@@ -143,7 +143,38 @@ class Registry:
         arg_names: Mapping[str, str | Sequence[str]] | None = None,
         overwrite: bool = False,
     ) -> OptimizerInfo:
-        """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``."""
+        """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``.
+
+        A registered name works everywhere a name is taken: :func:`hf_optim.create_optimizer`, the CLI, and
+        transformers' ``TrainingArguments(optim=name)`` (listeners add it to transformers' choices).
+
+        Args:
+            name: The name to register (letters, digits, ``_``, ``-`` and ``.``).
+            factory: Called as ``factory(params, **kwargs)``; an optimizer class or a function.
+            description: One line for ``hf-optim list``.
+            defaults: Arguments used when the caller does not give them.
+            arg_names: The factory's own names of the common arguments (``{"lr": "learning_rate"}``).
+            overwrite: Replace an existing entry of the same name.
+
+        Returns:
+            The frozen record of the entry.
+
+        Raises:
+            TypeError: If ``defaults`` is not a mapping with string keys, or an ``arg_names`` value is not a name.
+            ValueError: If the name is invalid or taken, ``factory`` is not callable, or an ``arg_names`` key is
+                not a common argument.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            registry = hf_optim.registry.Registry()  # a private registry; hf_optim.register_optimizer is the shared one's
+            registry.register_optimizer("sgd_momentum", torch.optim.SGD, defaults={"momentum": 0.9})
+            optimizer = registry.create_optimizer("sgd_momentum", [torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+            assert optimizer.defaults["momentum"] == 0.9
+            ```
+        """
         check_name(name, "optimizer")
         if not callable(factory):
             raise ValueError(f"factory for optimizer {name!r} must be callable, got {factory!r}")
@@ -168,7 +199,34 @@ class Registry:
         self, name: str, factory: Callable[..., Any], *, description: str = "", overwrite: bool = False
     ) -> SchedulerInfo:
         """Register a schedule ``factory(optimizer, ...)`` as ``name``; an existing name raises unless
-        ``overwrite``."""
+        ``overwrite``.
+
+        The name then works in :func:`hf_optim.get_scheduler`, ``scheduler_from_config`` and transformers'
+        ``TrainingArguments(lr_scheduler_type=name)``.
+
+        Args:
+            name: The name to register.
+            factory: Called as ``factory(optimizer, **kwargs)``; returns a learning-rate scheduler.
+            description: One line for ``hf-optim list``.
+            overwrite: Replace an existing entry of the same name.
+
+        Returns:
+            The frozen record of the entry.
+
+        Raises:
+            ValueError: If the name is invalid or taken, or ``factory`` is not callable.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            registry = hf_optim.registry.Registry()
+            registry.register_scheduler("halved", lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5))
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            assert registry.get_scheduler("halved", optimizer).get_last_lr() == [0.5]
+            ```
+        """
         check_name(name, "scheduler")
         if not callable(factory):
             raise ValueError(f"factory for scheduler {name!r} must be callable, got {factory!r}")
@@ -212,8 +270,31 @@ class Registry:
     def add_listener(self, callback: Listener) -> Listener:
         """Call ``callback(kind, info)`` now for every registered entry and later for each new registration.
 
-        A listener that raises is logged and otherwise ignored: it never breaks registration. Returns
-        ``callback``. Provider entries are not registrations: listeners do not hear about them.
+        A listener that raises is logged and otherwise ignored: it never breaks registration. Provider entries are
+        not registrations: listeners do not hear about them. This is how the transformers integration keeps
+        ``TrainingArguments``' choices in step with the registry.
+
+        Args:
+            callback: Called as ``callback(kind, info)`` with ``kind`` ``"optimizer"`` or ``"scheduler"`` and the
+                entry's record.
+
+        Returns:
+            ``callback``, so that it can be used as a decorator.
+
+        Raises:
+            ValueError: If ``callback`` is not callable.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            registry = hf_optim.registry.Registry()
+            heard = []
+            registry.add_listener(lambda kind, info: heard.append((kind, info.name)))
+            registry.register_optimizer("plain_sgd", torch.optim.SGD)
+            assert heard == [("optimizer", "plain_sgd")]
+            ```
         """
         if not callable(callback):
             raise ValueError(f"callback must be callable, got {callback!r}")
@@ -229,7 +310,19 @@ class Registry:
         return callback
 
     def remove_listener(self, callback: Listener) -> None:
-        """Stop calling ``callback`` (no error if it was not registered)."""
+        """Stop calling ``callback`` (no error if it was not registered).
+
+        Args:
+            callback: A listener given to :meth:`add_listener`.
+
+        Example:
+            ```python
+            import hf_optim
+
+            listener = hf_optim.add_registry_listener(lambda kind, info: None)
+            hf_optim.remove_registry_listener(listener)
+            ```
+        """
         with self._lock:
             if callback in self._listeners:
                 self._listeners.remove(callback)
@@ -278,6 +371,20 @@ class Registry:
         (``"hf_optim"``: the registry's own entries; ``"transformers"``: transformers' own ``optim`` names).
 
         Listing another source than ``"hf_optim"`` imports that library if it is installed and not yet loaded.
+
+        Args:
+            pattern: Shell-style wildcards; a name matching any of them is listed. ``None``: every name.
+            source: Only the names of this library (or these libraries). ``None``: all.
+
+        Returns:
+            The sorted names.
+
+        Example:
+            ```python
+            import hf_optim
+
+            assert "adamw_hf" in hf_optim.list_optimizers("adamw*", source="hf_optim")
+            ```
         """
         sources = None if source is None else ({source} if isinstance(source, str) else set(source))
         names: set[str] = set()
@@ -292,13 +399,46 @@ class Registry:
         return _filter(names, pattern)
 
     def list_schedulers(self, pattern: str | Sequence[str] | None = None) -> list[str]:
-        """Sorted registered schedule names, optionally filtered by shell-style wildcards (``"cosine*"``)."""
+        """Sorted registered schedule names, optionally filtered by shell-style wildcards (``"cosine*"``).
+
+        Args:
+            pattern: Shell-style wildcards; a name matching any of them is listed. ``None``: every name.
+
+        Returns:
+            The sorted names.
+
+        Example:
+            ```python
+            import hf_optim
+
+            assert "cosine_with_restarts" in hf_optim.list_schedulers("cosine*")
+            ```
+        """
         with self._lock:
             return _filter(self._schedulers, pattern)
 
     def get_optimizer_info(self, name: str) -> OptimizerInfo:
-        """The record of ``name``: the registry's own entry, else a provider's; ``ValueError`` listing the
-        closest names if there is none."""
+        """The record of ``name``: the registry's own entry, else a provider's (e.g. transformers' ``optim`` names).
+
+        A name differing only in case is found too.
+
+        Args:
+            name: An optimizer name.
+
+        Returns:
+            Its record: factory, description, defaults and argument names.
+
+        Raises:
+            ValueError: If there is no such optimizer (the message lists the closest names).
+
+        Example:
+            ```python
+            import hf_optim
+
+            info = hf_optim.get_optimizer_info("adamw_hf")
+            assert info.factory is hf_optim.AdamW
+            ```
+        """
         if not isinstance(name, str):
             raise _unknown("optimizer", name, self.list_optimizers(source=HF_OPTIM_SOURCE))
         with self._lock:
@@ -322,7 +462,24 @@ class Registry:
         raise error
 
     def get_scheduler_info(self, name: str) -> SchedulerInfo:
-        """The record registered as ``name``; ``ValueError`` listing the closest names if there is none."""
+        """The record registered as ``name`` (a name differing only in case is found too).
+
+        Args:
+            name: A schedule name.
+
+        Returns:
+            Its record: factory and description.
+
+        Raises:
+            ValueError: If there is no such schedule (the message lists the closest names).
+
+        Example:
+            ```python
+            import hf_optim
+
+            assert hf_optim.get_scheduler_info("linear").factory is hf_optim.get_linear_schedule_with_warmup
+            ```
+        """
         with self._lock:
             info = self._schedulers.get(name) if isinstance(name, str) else None
             if info is None and isinstance(name, str):
@@ -334,7 +491,24 @@ class Registry:
 
     def optimizer_name(self, optimizer: Any) -> str | None:
         """The registry name of ``optimizer``: its ``hf_optim_name``, else the entry whose factory is its class or
-        its nearest registered base class. Wrappers that keep the real optimizer in ``.optimizer`` (``AcceleratedOptimizer``) are unwrapped."""
+        its nearest registered base class. Wrappers that keep the real optimizer in ``.optimizer``
+        (``AcceleratedOptimizer``) are unwrapped. Saved state records it, so a checkpoint names its optimizer.
+
+        Args:
+            optimizer: An optimizer, or a wrapper around one.
+
+        Returns:
+            The registry name, or ``None`` for an optimizer the registry does not know.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            optimizer = hf_optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+            assert hf_optim.optimizer_name(optimizer) == "adamw_hf"
+            ```
+        """
         seen = 0
         while optimizer is not None and seen < 8:
             name = getattr(optimizer, "__dict__", {}).get("hf_optim_name")
@@ -378,6 +552,10 @@ class Registry:
 
         Example:
             ```python
+            import torch
+            import hf_optim
+
+            model = torch.nn.Linear(4, 2)
             optimizer = hf_optim.create_optimizer("adamw_hf", model, lr=3e-4, weight_decay=0.01)
             assert optimizer.hf_optim_name == "adamw_hf"
             ```
@@ -430,7 +608,31 @@ class Registry:
         ``num_warmup_steps`` / ``num_training_steps`` go only to schedules that take them; a schedule that
         requires an argument that is missing raises ``ValueError`` naming it, and so does an argument it does not
         take. The result carries ``hf_optim_config = {"name": name, "kwargs": {every argument but optimizer and
-        last_epoch}}``.
+        last_epoch}}``, from which :func:`hf_optim.scheduler_from_config` rebuilds it.
+
+        Args:
+            name: A registered schedule name.
+            optimizer: The optimizer whose learning rate is scheduled.
+            num_warmup_steps: Warmup length, for schedules that take it.
+            num_training_steps: Total length, for schedules that take it.
+            **kwargs: The schedule's other arguments.
+
+        Returns:
+            The scheduler, with ``hf_optim_config`` set.
+
+        Raises:
+            ValueError: If the name is unknown, an argument is missing or not taken, or an argument cannot be
+                represented in JSON.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            scheduler = hf_optim.create_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=10)
+            assert scheduler.hf_optim_config["kwargs"]["num_cycles"] == 0.5
+            ```
         """
         info = self.get_scheduler_info(name)
         sig = info.signature()
@@ -503,7 +705,10 @@ class Registry:
 
         Example:
             ```python
-            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            import torch
+            import hf_optim
+
+            optimizer = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=1.0)
             scheduler = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
             assert scheduler.get_last_lr() == [0.0]
             ```
@@ -524,7 +729,31 @@ class Registry:
     ) -> Any:
         """Rebuild a scheduler from its ``hf_optim_config`` (``{"name": ..., "kwargs": {...}}``) for ``optimizer``.
 
-        To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state.
+        To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state. This is
+        how a checkpoint restores a schedule without pickled code.
+
+        Args:
+            optimizer: The optimizer to schedule.
+            config: A scheduler's ``hf_optim_config``.
+            last_epoch: Passed to the schedule when not -1.
+
+        Returns:
+            The rebuilt scheduler.
+
+        Raises:
+            TypeError: If ``config`` is not ``{"name": str, "kwargs": mapping}``.
+            ValueError: If its name is unknown or its arguments do not fit the schedule.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            original = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+            rebuilt = hf_optim.scheduler_from_config(optimizer, original.hf_optim_config)
+            assert rebuilt.lr_lambdas[0](5) == original.lr_lambdas[0](5) == 0.625
+            ```
         """
         if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
             raise TypeError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')
