@@ -83,7 +83,33 @@ def register_json_type(
     """Let values of exactly ``cls`` be saved as ``{"object": name, "json": to_json(value)}``.
 
     Decoding constructs only registered names, calling ``from_json`` with plain JSON (a dict of str, numbers,
-    bool, None, lists and dicts, checked first); anything it raises becomes a ``CheckpointError``.
+    bool, None, lists and dicts, checked first); anything it raises becomes a ``CheckpointError``. A checkpoint
+    thus names a class but never runs code of its choosing.
+
+    Args:
+        cls: The class whose instances are saved this way (not its subclasses).
+        name: The name stored in the file; decoding looks it up.
+        to_json: Turns a value into a dict of plain JSON.
+        from_json: Builds the value back from that dict.
+
+    Raises:
+        TypeError: If ``cls`` is not a class, or ``to_json`` / ``from_json`` are not callable.
+        ValueError: If ``name`` is empty or already registered.
+
+    Example:
+        ```python
+        import fractions
+        import hf_optim
+
+        hf_optim.register_json_type(
+            fractions.Fraction,
+            name="docs.Fraction",
+            to_json=lambda f: {"n": f.numerator, "d": f.denominator},
+            from_json=lambda j: fractions.Fraction(j["n"], j["d"]),
+        )
+        hf_optim.save_object_state("ratio.safetensors", {"ratio": fractions.Fraction(1, 3)}, kind="ratio")
+        assert hf_optim.load_object_state("ratio.safetensors", kind="ratio") == {"ratio": fractions.Fraction(1, 3)}
+        ```
     """
     if not isinstance(cls, type):
         raise TypeError(f"cls must be a class, got {cls!r}")
