@@ -98,17 +98,20 @@ def register_json_type(
 
     Example:
         ```python
-        import fractions
         import hf_optim
 
-        hf_optim.register_json_type(
-            fractions.Fraction,
-            name="docs.Fraction",
-            to_json=lambda f: {"n": f.numerator, "d": f.denominator},
-            from_json=lambda j: fractions.Fraction(j["n"], j["d"]),
-        )
-        hf_optim.save_object_state("ratio.safetensors", {"ratio": fractions.Fraction(1, 3)}, kind="ratio")
-        assert hf_optim.load_object_state("ratio.safetensors", kind="ratio") == {"ratio": fractions.Fraction(1, 3)}
+
+        class Window:
+            def __init__(self, start, end):
+                self.start, self.end = start, end
+
+            def __eq__(self, other):
+                return vars(self) == vars(other)
+
+
+        hf_optim.register_json_type(Window, name="docs.Window", to_json=vars, from_json=lambda j: Window(**j))
+        hf_optim.save_object_state("window.safetensors", {"window": Window(3, 8)}, kind="window")
+        assert hf_optim.load_object_state("window.safetensors", kind="window") == {"window": Window(3, 8)}
         ```
     """
     if not isinstance(cls, type):
