@@ -91,6 +91,38 @@ def download_checkpoint(
     ``transformers.Trainer`` can ``train(resume_from_checkpoint=...)`` from the result. At the repository root,
     its files and ``optimizer_N/`` folders are fetched, not other folders such as a run's ``checkpoint-*``.
     With ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached, the cached copy is used.
+
+    Args:
+        repo_id_or_url: ``"user/repo"`` or an ``hf://`` URL (which may carry the revision and subfolder).
+        subfolder: The checkpoint folder inside the repository (``"checkpoint-500"``); ``None``: the root.
+        revision: A branch, tag or commit; ``None``: the default branch.
+        token: A Hub token; ``None``: the one ``huggingface_hub`` finds (``HF_TOKEN``, the login).
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
+        cache_dir: The Hugging Face cache folder; ``None``: the usual one.
+        local_files_only: Use the cache only, never download.
+        force_download: Download again even if cached.
+
+    Returns:
+        The local folder (in the HF cache) holding the checkpoint.
+
+    Raises:
+        ValueError: If the repo id or URL is invalid, or an explicit argument conflicts with the URL.
+        FileNotFoundError: If the repository has no such folder (or no files at its root).
+        huggingface_hub.errors.LocalEntryNotFoundError: If the files are not cached and cannot be downloaded
+            (offline, or the Hub unreachable).
+        huggingface_hub.errors.RepositoryNotFoundError: If there is no such repository (or no access to it).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(2, 2)
+        optimizer = hf_optim.AdamW(model.parameters())
+        hf_optim.push_state_to_hub("me/docs-download", optimizer, subfolder="checkpoint-10", model=model)
+        folder = hf_optim.download_checkpoint("hf://me/docs-download/checkpoint-10")
+        assert hf_optim.has_state(folder)
+        ```
     """
     location = locate(repo_id_or_url, subfolder, revision, repo_type)
     options = HubOptions(token, cache_dir, local_files_only, force_download)

@@ -70,8 +70,43 @@ def resolve_state_dir(
     local_files_only: bool = False,
     force_download: bool = False,
 ) -> str:
-    """A local directory holding the state: local paths as they are, Hub repo ids / ``hf://`` URLs downloaded
-    (the manifest, then only the files it references)."""
+    """A local directory holding the state: local paths as they are, Hub repo ids / ``hf://`` URLs downloaded.
+
+    From the Hub, the manifest is downloaded first, then only the files it references: for tools that read a
+    checkpoint by path (``hf-optim consolidate``, the Accelerate integration).
+
+    Args:
+        path_or_repo_id: A local directory, a Hub repo id or an ``hf://`` URL.
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
+        revision: A branch, tag or commit; ``None``: the default branch.
+        subfolder: The folder inside the repository (or the local directory) holding the state.
+        token: A Hub token; ``None``: the one ``huggingface_hub`` finds (``HF_TOKEN``, the login).
+        cache_dir: The Hugging Face cache folder; ``None``: the usual one.
+        local_files_only: Use the cache only, never download.
+        force_download: Download again even if cached.
+
+    Returns:
+        The local folder holding the optimizer state (in the HF cache for a Hub repository).
+
+    Raises:
+        TypeError: If ``path_or_repo_id`` is not a path or a string.
+        ValueError: If it is a file, or ``revision`` / ``repo_type`` are given for a local directory, or the repo
+            id or URL is invalid.
+        FileNotFoundError: If it is neither a local directory nor a Hub repo id, or holds no optimizer state.
+        CheckpointError: If the repository or revision does not exist, or a file is missing, corrupted or
+            inconsistent.
+        huggingface_hub.errors.LocalEntryNotFoundError: If the files are not cached and cannot be downloaded.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        hf_optim.push_state_to_hub("me/docs-resolve", hf_optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+        folder = hf_optim.resolve_state_dir("me/docs-resolve")
+        assert hf_optim.has_state(folder) and hf_optim.resolve_state_dir(folder) == folder
+        ```
+    """
     directory, _roots = _resolve(
         path_or_repo_id,
         repo_type=repo_type,
@@ -102,8 +137,55 @@ def load_state(
 
     Hub repositories are downloaded with ``huggingface_hub`` into the usual cache (``HF_HUB_OFFLINE=1`` works):
     the manifest first, then only the files it references. Everything is validated before the optimizer,
-    scheduler or accumulator is touched; on any error they are left exactly as they were. ``model``: see
-    :func:`hf_optim.state.load_state` (required for sharded FSDP2 state; then each machine downloads once).
+    scheduler or accumulator is touched; on any error they are left exactly as they were. State tensors land on
+    their parameter's device with their saved dtype and the hyperparameters and the schedule's position are
+    restored, so training continues bit for bit.
+
+    Args:
+        path_or_repo_id: A local directory, a Hub repo id or an ``hf://`` URL.
+        optimizer: The optimizer to restore (built as for the original run).
+        scheduler: A learning-rate scheduler to restore too.
+        accumulator: A :class:`GradientAccumulator` to restore too.
+        strict: Refuse any difference between checkpoint and optimizer; ``False`` loads the matching part and
+            the report lists the rest.
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
+        revision: A branch, tag or commit; ``None``: the default branch.
+        subfolder: The folder inside the repository (or the local directory) holding the state.
+        token: A Hub token; ``None``: the one ``huggingface_hub`` finds (``HF_TOKEN``, the login).
+        cache_dir: The Hugging Face cache folder; ``None``: the usual one.
+        local_files_only: Use the cache only, never download.
+        force_download: Download again even if cached.
+        model: The trained model: names the parameters, and is required for sharded (FSDP2, DeepSpeed ZeRO)
+            state; call it on every process then (each machine downloads once).
+
+    Returns:
+        What was restored and what was skipped.
+
+    Raises:
+        TypeError: If ``path_or_repo_id`` is not a path or a string.
+        ValueError: If it is a file, or ``revision`` / ``repo_type`` are given for a local directory, or the repo
+            id or URL is invalid.
+        FileNotFoundError: If it is neither a local directory nor a Hub repo id, or holds no optimizer state.
+        CheckpointError: If the repository or revision does not exist, or a file is missing, corrupted or
+            inconsistent,
+            or (``strict``) does not match the optimizer.
+        huggingface_hub.errors.LocalEntryNotFoundError: If the files are not cached and cannot be downloaded.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(2, 2)
+        optimizer = hf_optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        hf_optim.save_state("ckpt", optimizer, model=model)
+
+        resumed = hf_optim.AdamW(model.parameters(), lr=1e-3)
+        report = hf_optim.load_state("ckpt", resumed, model=model)  # or "user/repo", "hf://user/repo/ckpt"
+        assert report.complete and torch.equal(resumed.state[model.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+        ```
     """
     is_sharded = sharded.is_sharded(optimizer) or zero.find_zero(optimizer, model) is not None
     if zero.find_zero(optimizer, model) is not None and model is None:
@@ -135,8 +217,44 @@ def inspect_state(
     local_files_only: bool = False,
     force_download: bool = False,
 ) -> StateInfo | ShardedStateInfo:
-    """:func:`hf_optim.state.inspect_state` for a local directory, a Hub repo id or an ``hf://`` URL (a sharded
-    checkpoint is described by :func:`hf_optim.state.inspect_sharded_state`)."""
+    """Describe a checkpoint from a local directory, a Hub repo id or an ``hf://`` URL, without a model.
+
+    Reads metadata, tensor headers and the step counters only (``hf-optim inspect``). A sharded checkpoint is
+    described by :func:`hf_optim.state.inspect_sharded_state`.
+
+    Args:
+        path_or_repo_id: A local directory, a Hub repo id or an ``hf://`` URL.
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
+        revision: A branch, tag or commit; ``None``: the default branch.
+        subfolder: The folder inside the repository (or the local directory) holding the state.
+        token: A Hub token; ``None``: the one ``huggingface_hub`` finds (``HF_TOKEN``, the login).
+        cache_dir: The Hugging Face cache folder; ``None``: the usual one.
+        local_files_only: Use the cache only, never download.
+        force_download: Download again even if cached.
+
+    Returns:
+        A :class:`StateInfo`, or a :class:`ShardedStateInfo` for a sharded checkpoint.
+
+    Raises:
+        TypeError: If ``path_or_repo_id`` is not a path or a string.
+        ValueError: If it is a file, or ``revision`` / ``repo_type`` are given for a local directory, or the repo
+            id or URL is invalid.
+        FileNotFoundError: If it is neither a local directory nor a Hub repo id, or holds no optimizer state.
+        CheckpointError: If the repository or revision does not exist, or a file is missing, corrupted or
+            inconsistent.
+        huggingface_hub.errors.LocalEntryNotFoundError: If the files are not cached and cannot be downloaded.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = hf_optim.AdamW(torch.nn.Linear(2, 2).parameters())
+        hf_optim.push_state_to_hub("me/docs-inspect", optimizer, subfolder="checkpoint-1")
+        info = hf_optim.inspect_state("hf://me/docs-inspect/checkpoint-1")
+        assert info.optimizer_name == "adamw_hf" and info.num_params == 2
+        ```
+    """
     directory, roots = _resolve(
         path_or_repo_id,
         repo_type=repo_type,

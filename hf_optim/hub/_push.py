@@ -62,6 +62,42 @@ def push_state_to_hub(
     makes the one commit and returns its ``CommitInfo`` (the others return None). The files go to a temporary
     folder on this machine, or to ``save_directory``, which must be on a filesystem every machine sees when the
     processes span several machines.
+
+    Args:
+        repo_id: ``"user/repo"`` or an ``hf://`` URL.
+        optimizer: The optimizer whose state is pushed.
+        scheduler: A learning-rate scheduler to push too.
+        accumulator: A :class:`GradientAccumulator` to push too.
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
+        revision: The branch to commit to (created if missing); ``None``: the default branch.
+        subfolder: The folder inside the repository (``"checkpoint-500"``); ``None``: the root.
+        token: A Hub token with write access; ``None``: the one ``huggingface_hub`` finds.
+        commit_message: The commit's message.
+        private: Whether a repository created by this call is private.
+        create_pr: Open a pull request instead of committing to ``revision``.
+        max_shard_size: Split the state into files of at most this size.
+        model: The trained model: names the parameters; required for sharded state.
+        save_directory: Where the files are written before the upload (default: a temporary folder).
+
+    Returns:
+        The commit's ``huggingface_hub.CommitInfo`` (``None`` on the processes other than rank 0).
+
+    Raises:
+        ValueError: If the repo id or URL is invalid, or sharded processes span machines without
+            ``save_directory``.
+        OSError: If the upload failed on rank 0 (reported on every process of a sharded push).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(2, 2)
+        optimizer = hf_optim.AdamW(model.parameters())
+        scheduler = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=10)
+        info = hf_optim.push_state_to_hub("me/docs-push", optimizer, scheduler, subfolder="step-0", model=model)
+        assert hf_optim.has_state(hf_optim.download_checkpoint("me/docs-push", subfolder="step-0"))
+        ```
     """
     upload = _Upload(
         locate(repo_id, subfolder, revision, repo_type), token, commit_message, private, create_pr
