@@ -139,6 +139,34 @@ def accelerate_save_state(
     ``accumulator`` (a :class:`hf_optim.GradientAccumulator`) is stored with the first optimizer; it is
     process-local, so with several processes it can only be saved between accumulation windows (else
     ``ValueError``). Call on every process; all wait until the checkpoint is complete. Returns its folder.
+
+    Args:
+        accelerator: The run's ``Accelerator``, after ``prepare``.
+        output_dir: The checkpoint folder; ``None`` with automatic checkpoint naming.
+        accumulator: A :class:`hf_optim.GradientAccumulator` to store with the first optimizer.
+        safe_serialization: Model weights as ``model.safetensors`` (``False``: ``pytorch_model.bin``).
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        ValueError: If ``output_dir`` is not a folder, the accumulator has no optimizer to go with or is saved
+            mid-window with several processes.
+        NotImplementedError: Under DeepSpeed, Megatron-LM or FSDP1, which shard optimizer state their own way.
+        RuntimeError: If writing failed on another process.
+
+    Example:
+        ```python
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        model, optimizer = accelerator.prepare(model, hf_optim.AdamW(model.parameters()))
+        folder = hf_optim.accelerate_save_state(accelerator, "ckpt")
+        assert hf_optim.has_state(folder)
+        ```
     """
     _check_checkpoint_support(accelerator, "accelerate_save_state")
     if output_dir is not None:
@@ -267,6 +295,43 @@ def accelerate_load_state(
     registered objects) is refused with a :class:`~hf_optim.CheckpointError`: Accelerate reads them with
     ``torch.load(weights_only=False)``, which runs whatever code the file holds. ``allow_pickle=True`` lets
     Accelerate read them; only for files you made. Returns the local checkpoint folder.
+
+    Args:
+        accelerator: The run's ``Accelerator``, after ``prepare``.
+        path_or_repo_id: A local folder, a Hub repo id or an ``hf://`` URL.
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``, for a Hub repository.
+        revision: A branch, tag or commit; ``None``: the default branch.
+        subfolder: The checkpoint folder inside the repository.
+        token: A Hub token; ``None``: the one ``huggingface_hub`` finds.
+        cache_dir: The Hugging Face cache folder; ``None``: the usual one.
+        local_files_only: Use the cache only, never download.
+        force_download: Download again even if cached.
+        accumulator: A :class:`hf_optim.GradientAccumulator` to restore with the first optimizer.
+        strict: Refuse any difference between checkpoint and optimizers.
+        allow_pickle: Let Accelerate read pickled ``custom_checkpoint_N.pkl`` files (only for files you made).
+
+    Returns:
+        The local checkpoint folder.
+
+    Raises:
+        CheckpointError: If a file is missing, corrupted, hostile or does not match (nothing is changed then), or
+            the folder holds pickles and ``allow_pickle`` is False.
+        FileNotFoundError: If there is no such checkpoint.
+        ValueError: If the accumulator has no optimizer to go with.
+        NotImplementedError: Under DeepSpeed, Megatron-LM or FSDP1.
+
+    Example:
+        ```python
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        model, optimizer = accelerator.prepare(model, hf_optim.AdamW(model.parameters()))
+        hf_optim.accelerate_save_state(accelerator, "ckpt")
+        hf_optim.accelerate_load_state(accelerator, "ckpt")  # or "user/repo", "hf://user/repo/checkpoint-1000"
+        ```
     """
     _check_checkpoint_support(accelerator, "accelerate_load_state")
     pairs = _optimizer_scheduler_pairs(accelerator)
@@ -427,6 +492,30 @@ def use_safetensors_state(accelerator: Accelerator) -> Accelerator:
     True)``, ``save_state()`` names folders ``checkpoint_<iteration>`` under ``project_dir/checkpoints``, applies
     ``total_limit`` and advances the iteration (Accelerate's own code does it), and ``load_state()`` picks the
     folder with the highest number, as Accelerate does. Only this instance changes. Returns ``accelerator``.
+
+    Args:
+        accelerator: The ``Accelerator`` whose ``save_state`` / ``load_state`` change.
+
+    Returns:
+        The same ``accelerator``, for chaining.
+
+    Raises:
+        TypeError: From the replaced ``save_state`` / ``load_state`` when given DeepSpeed / Megatron-LM or model
+            loading arguments, which hf_optim's checkpoints do not take.
+
+    Example:
+        ```python
+        import os
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = hf_optim.use_safetensors_state(Accelerator(cpu=True))
+        model = torch.nn.Linear(2, 2)
+        model, optimizer = accelerator.prepare(model, hf_optim.AdamW(model.parameters()))
+        accelerator.save_state("ckpt")
+        assert hf_optim.has_state("ckpt") and not os.path.exists("ckpt/optimizer.bin")
+        ```
     """
     _check_checkpoint_support(accelerator, "use_safetensors_state")
     if getattr(accelerator, "_hf_optim_safetensors_state", False):
