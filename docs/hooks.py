@@ -3,15 +3,20 @@
 - ``<!-- schedule-pictures -->`` in a page becomes a picture of every schedule: the registry's (``list_schedulers``
   + ``get_scheduler``), pytorch-pretrained-bert's ``LRSchedule`` classes and pytorch-transformers 1.x's classes,
   each drawn by stepping the real object (matplotlib, Agg backend).
+- Docstrings cross-reference with Sphinx roles (``:func:`hf_optim.save_state```), which Python's own ``help()``
+  and IDEs show as they are; in the API reference they become code, linked to the object's entry when the page
+  documents it.
 - The committed command line reference (docs/cli.md, written by ``scripts/cli_reference.py``) is checked against
   the argparse parsers: a stale page fails the build.
 """
 
 from __future__ import annotations
 
+import html as html_lib
 import importlib.util
 import inspect
 import io
+import re
 import textwrap
 from pathlib import Path
 
@@ -168,3 +173,26 @@ def on_page_markdown(markdown, page, config, files):
             "docs/cli.md differs from the hf-optim parsers: run python scripts/cli_reference.py"
         )
     return markdown
+
+
+# What mkdocstrings makes of ``:func:`~hf_optim.state.save_state``` in a docstring: the role, then inline code.
+_ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):<code>(~?)([^<]+)</code>")
+_ANCHOR = re.compile(r'id="(hf_optim\.[\w.]+)"')
+
+
+def on_page_content(html, page, config, files):
+    """Sphinx roles in rendered docstrings: inline code, linked when this page has the object's entry."""
+    if ":<code>" not in html:
+        return html
+    anchors: dict[str, str] = {}
+    for anchor in _ANCHOR.findall(html):
+        anchors.setdefault(anchor.rsplit(".", 1)[-1], anchor)
+
+    def link(match: re.Match[str]) -> str:
+        target = html_lib.unescape(match[2]).strip()
+        shown = target.rsplit(".", 1)[-1] if match[1] else target
+        code = f"<code>{html_lib.escape(shown)}</code>"
+        anchor = anchors.get(target.rsplit(".", 1)[-1].removesuffix("()"))
+        return f'<a href="#{anchor}">{code}</a>' if anchor else code
+
+    return _ROLE.sub(link, html)
