@@ -25,7 +25,10 @@ def _public_callables() -> list[str]:
 def _sections(doc: str) -> dict[str, str]:
     """Section title -> its body (dedented by the docstring's indentation), for a Google-style docstring."""
     marks = list(SECTION.finditer(doc))
-    return {m[1]: doc[m.end() : marks[i + 1].start() if i + 1 < len(marks) else len(doc)] for i, m in enumerate(marks)}
+    return {
+        m[1]: doc[m.end() : marks[i + 1].start() if i + 1 < len(marks) else len(doc)]
+        for i, m in enumerate(marks)
+    }
 
 
 def _documented_args(body: str) -> list[str]:
