@@ -130,9 +130,15 @@ def _docstring_examples() -> dict[str, tuple[str, str | None]]:
 
     import hf_optim
 
-    examples = {}
+    documented = {}
     for name in sorted(set(hf_optim.__all__) - {"__version__"}):
-        doc = inspect.getdoc(getattr(hf_optim, name)) or ""
+        documented[name] = getattr(hf_optim, name)
+        if inspect.ismodule(documented[name]):  # hf_optim.logging: its functions too
+            module = documented[name]
+            documented.update({f"{name}.{member}": getattr(module, member) for member in module.__all__})
+    examples = {}
+    for name, obj in documented.items():
+        doc = inspect.getdoc(obj) or ""
         blocks = re.findall(
             r"^(?:[ \t]*<!--\s*skip:\s*(.*?)\s*-->\n)?([ \t]*)```python\n(.*?)^\2```", doc, flags=re.M | re.S
         )
@@ -150,7 +156,9 @@ def _uses_the_hub(name: str) -> bool:
     import hf_optim
     import hf_optim.hub
 
-    return getattr(hf_optim, name) in (getattr(hf_optim.hub, n) for n in hf_optim.hub.__all__)
+    return "." not in name and getattr(hf_optim, name) in (
+        getattr(hf_optim.hub, n) for n in hf_optim.hub.__all__
+    )
 
 
 @pytest.mark.parametrize("name", sorted(DOCSTRING_EXAMPLES))
