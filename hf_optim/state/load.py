@@ -68,6 +68,37 @@ def load_state(
     loads on any number of processes, or into a plain single-process model; an FSDP2 optimizer (``DTensor``
     parameters) also loads an ordinary checkpoint, each process reading only its own shard of the state tensors.
     Call it on every process then.
+
+    Args:
+        directory: The checkpoint's local folder.
+        optimizer: The optimizer to restore.
+        scheduler: A learning-rate scheduler to restore too.
+        accumulator: A :class:`~hf_optim.GradientAccumulator` to restore too.
+        subfolder: A folder inside ``directory`` holding the state.
+        strict: Refuse any difference between checkpoint and optimizer; ``False`` loads the matching part.
+        roots: Folders the checkpoint's files may resolve into through symlinks.
+        model: The trained model (names the parameters; required for sharded state).
+
+    Returns:
+        What was restored and what was skipped.
+
+    Raises:
+        FileNotFoundError: If there is no such folder or no optimizer state in it.
+        CheckpointError: If a file is truncated, corrupted, hostile or inconsistent, or (``strict``) the state
+            does not match the optimizer, scheduler or accumulator. Nothing has changed then.
+        ValueError: If a sharded (FSDP2, DeepSpeed ZeRO) optimizer is given without ``model``, or a DeepSpeed ZeRO
+            optimizer with an ``accumulator``.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+        from hf_optim.state import load_state
+
+        model = torch.nn.Linear(2, 2)
+        hf_optim.save_state("ckpt", hf_optim.AdamW(model.parameters()), model=model)
+        assert load_state("ckpt", hf_optim.AdamW(model.parameters()), model=model).complete
+        ```
     """
     directory = os.fspath(directory)
     sub = clean_subfolder(subfolder)
