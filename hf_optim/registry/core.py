@@ -7,14 +7,7 @@ Names are matched exactly first, then case-insensitively when that picks one ent
 from __future__ import annotations
 
 import contextlib
-import difflib
-import enum
-import fnmatch
-import importlib
-import importlib.util
-import inspect
 import logging
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -22,9 +15,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hf_optim import schedules
-from hf_optim._utils import finite_number
-from hf_optim.param_groups import group_parameters
+from hf_optim.registry._lookup import (
+    PROVIDER_MODULES,
+    build_optimizer,
+    build_scheduler,
+    casefold_match,
+    filter_names,
+    import_provider_library,
+    scheduler_name,
+    unknown_name,
+)
 from hf_optim.registry.records import (
     HF_OPTIM_SOURCE,
     OptimizerInfo,
@@ -39,83 +39,8 @@ logger = logging.getLogger("hf_optim.registry")
 
 __all__ = ["Listener", "Registry", "RegistryKind"]
 
-_WEIGHT_DECAY_PATTERN_ARGS = ("include_in_weight_decay", "exclude_from_weight_decay")
-# Libraries whose import lets hf_optim's integration add their optimizer provider (hf_optim._autoload's hook
-# runs hf_optim.integrations.transformers.sync after this module executed).
-_PROVIDER_MODULES = {"transformers": "transformers.trainer_optimizer"}
-
 RegistryKind = Literal["optimizer", "scheduler"]
 Listener = Callable[[RegistryKind, Any], None]
-
-
-def _filter(names: Iterable[str], pattern: str | Sequence[str] | None) -> list[str]:
-    names = sorted(set(names))
-    if pattern is None:
-        return names
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-
-
-def _unknown(
-    kind: str, name: Any, registered: Iterable[str], candidates: Iterable[str] | None = None
-) -> ValueError:
-    """``ValueError`` for an unknown name, suggesting the closest ``candidates`` (default: ``registered``)."""
-    registered = sorted(registered)
-    by_lower: dict[str, str] = {}
-    for candidate in sorted(candidates or registered):
-        by_lower.setdefault(candidate.lower(), candidate)
-    close = [by_lower[c] for c in difflib.get_close_matches(str(name).lower(), by_lower, n=3, cutoff=0.5)]
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    return ValueError(f"Unknown {kind} {name!r}.{hint} Registered {kind}s: {', '.join(registered)}")
-
-
-def _casefold_match(name: str, names: Iterable[str]) -> str | None:
-    """The one name equal to ``name`` ignoring case, or ``None`` (none, or several differing only in case)."""
-    matches = [n for n in names if n.lower() == name.lower()]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any]) -> float:
-    """The weight decay the decay group gets: the caller's, else the factory's default, else 0."""
-    own = info.own_name("weight_decay")
-    if isinstance(own, tuple):
-        own = own[0]
-    sig = info.signature()
-    if own in kwargs:
-        value = kwargs[own]
-    elif (
-        sig is not None
-        and own in sig.parameters
-        and sig.parameters[own].default is not inspect.Parameter.empty
-    ):
-        value = sig.parameters[own].default
-    else:
-        value = 0.0
-    return finite_number(value, "weight_decay")
-
-
-def _scheduler_name(name: Any) -> str:
-    if isinstance(name, enum.Enum):  # transformers' SchedulerType is a str enum
-        name = name.value
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a scheduler name (str), got {name!r}")
-    return name
-
-
-def _import_provider_library(source: str) -> None:
-    """Import ``source``'s optimizer module if the library is installed, so that its provider gets added."""
-    module = _PROVIDER_MODULES.get(source)
-    if module is None or module in sys.modules or importlib.util.find_spec(source) is None:
-        return
-    try:
-        importlib.import_module(module)
-    except Exception as err:  # a broken optional library must not break hf_optim's own names
-        logger.debug("importing %s for its optimizer names failed: %r", module, err)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The registry
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class Registry:
@@ -144,9 +69,6 @@ class Registry:
         overwrite: bool = False,
     ) -> OptimizerInfo:
         """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``.
-
-        A registered name works everywhere a name is taken: :func:`hf_optim.create_optimizer`, the CLI, and
-        transformers' ``TrainingArguments(optim=name)`` (listeners add it to transformers' choices).
 
         Args:
             name: The name to register (letters, digits, ``_``, ``-`` and ``.``).
@@ -200,9 +122,6 @@ class Registry:
     ) -> SchedulerInfo:
         """Register a schedule ``factory(optimizer, ...)`` as ``name``; an existing name raises unless
         ``overwrite``.
-
-        The name then works in :func:`hf_optim.get_scheduler`, ``scheduler_from_config`` and transformers'
-        ``TrainingArguments(lr_scheduler_type=name)``.
 
         Args:
             name: The name to register.
@@ -359,8 +278,8 @@ class Registry:
 
     def _provider_list(self, load: bool) -> list[OptimizerProvider]:
         if load:
-            for source in _PROVIDER_MODULES:
-                _import_provider_library(source)
+            for source in PROVIDER_MODULES:
+                import_provider_library(source)
         with self._lock:
             return list(self._providers.values())
 
@@ -396,7 +315,7 @@ class Registry:
             for provider in self._provider_list(load=True):
                 if sources is None or provider.source in sources:
                     names.update(provider.names())
-        return _filter(names, pattern)
+        return filter_names(names, pattern)
 
     def list_schedulers(self, pattern: str | Sequence[str] | None = None) -> list[str]:
         """Sorted registered schedule names, optionally filtered by shell-style wildcards (``"cosine*"``).
@@ -415,12 +334,10 @@ class Registry:
             ```
         """
         with self._lock:
-            return _filter(self._schedulers, pattern)
+            return filter_names(self._schedulers, pattern)
 
     def get_optimizer_info(self, name: str) -> OptimizerInfo:
         """The record of ``name``: the registry's own entry, else a provider's (e.g. transformers' ``optim`` names).
-
-        A name differing only in case is found too.
 
         Args:
             name: An optimizer name.
@@ -440,7 +357,7 @@ class Registry:
             ```
         """
         if not isinstance(name, str):
-            raise _unknown("optimizer", name, self.list_optimizers(source=HF_OPTIM_SOURCE))
+            raise unknown_name("optimizer", name, self.list_optimizers(source=HF_OPTIM_SOURCE))
         with self._lock:
             info = self._optimizers.get(name)
         if info is not None:
@@ -449,11 +366,11 @@ class Registry:
             info = provider.info(name)
             if info is not None:
                 return info
-        folded = _casefold_match(name, self.list_optimizers())
+        folded = casefold_match(name, self.list_optimizers())
         if folded is not None:
             return self.get_optimizer_info(folded)
         own = self.list_optimizers(source=HF_OPTIM_SOURCE)
-        error = _unknown("optimizer", name, own, candidates=self.list_optimizers())
+        error = unknown_name("optimizer", name, own, candidates=self.list_optimizers())
         others = sorted(p.source for p in self._provider_list(load=False))
         if others:
             error.args = (
@@ -483,10 +400,10 @@ class Registry:
         with self._lock:
             info = self._schedulers.get(name) if isinstance(name, str) else None
             if info is None and isinstance(name, str):
-                folded = _casefold_match(name, self._schedulers)
+                folded = casefold_match(name, self._schedulers)
                 info = self._schedulers.get(folded) if folded is not None else None
             if info is None:
-                raise _unknown("scheduler", name, self._schedulers)
+                raise unknown_name("scheduler", name, self._schedulers)
             return info
 
     def optimizer_name(self, optimizer: Any) -> str | None:
@@ -560,40 +477,7 @@ class Registry:
             assert optimizer.hf_optim_name == "adamw_hf"
             ```
         """
-        info = self.get_optimizer_info(name)
-        merged = info.map_common(info.defaults, "defaults")
-        merged.update(info.map_common(kwargs, "create_optimizer"))
-
-        if isinstance(model_or_params, nn.Module):
-            patterns = {arg: merged.pop(arg, None) for arg in _WEIGHT_DECAY_PATTERN_ARGS}
-            params: Any = group_parameters(
-                model_or_params,
-                weight_decay=_weight_decay(info, merged),
-                include_in_weight_decay=patterns["include_in_weight_decay"],
-                exclude_from_weight_decay=patterns["exclude_from_weight_decay"],
-            )
-        else:
-            if isinstance(model_or_params, torch.Tensor):
-                raise ValueError(
-                    "model_or_params must be an nn.Module or an iterable of parameters / (name, parameter) pairs / "
-                    "param-group dicts, got a single Tensor (wrap it in a list)"
-                )
-            params = model_or_params
-
-        if not info.takes_var_keyword():
-            accepted = {p.name for p in info.keyword_parameters()}
-            unknown = sorted(set(merged) - accepted)
-            if unknown:
-                raise ValueError(
-                    f"optimizer {name!r} does not accept argument(s) {', '.join(unknown)}; "
-                    f"accepted: {', '.join(sorted(accepted))}"
-                )
-        optimizer = info.factory(params, **merged)
-        try:
-            optimizer.hf_optim_name = name  # type: ignore[attr-defined]  # hf_optim's tag on a torch object
-        except AttributeError:  # pragma: no cover - exotic factories returning slotted objects
-            logger.warning("could not set hf_optim_name on %r", optimizer)
-        return optimizer
+        return build_optimizer(self.get_optimizer_info(name), name, model_or_params, kwargs)
 
     def create_scheduler(
         self,
@@ -635,43 +519,7 @@ class Registry:
             ```
         """
         info = self.get_scheduler_info(name)
-        sig = info.signature()
-        call: dict[str, Any] = {}
-        for argument, value in (
-            ("num_warmup_steps", num_warmup_steps),
-            ("num_training_steps", num_training_steps),
-        ):
-            if value is not None and info.accepts(argument):
-                call[argument] = value
-        if sig is not None:
-            unknown = sorted(k for k in kwargs if not info.accepts(k))
-            if unknown:
-                accepted = sorted(p.name for p in info.keyword_parameters())
-                raise ValueError(
-                    f"scheduler {name!r} does not accept argument(s) {', '.join(unknown)}; "
-                    f"accepted: {', '.join(accepted)}"
-                )
-        call.update(kwargs)
-        for param in info.keyword_parameters():
-            if param.default is inspect.Parameter.empty and param.name not in call:
-                raise ValueError(f"scheduler {name!r} requires the argument {param.name}")
-        described = {k: v for k, v in call.items() if k != "last_epoch"}
-        if sig is not None:
-            bound = sig.bind_partial(optimizer, **call)
-            bound.apply_defaults()
-            first = next(iter(sig.parameters))
-            described = {}
-            for key, value in bound.arguments.items():
-                param = sig.parameters[key]
-                if key in (first, "last_epoch") or param.kind is param.VAR_POSITIONAL:
-                    continue
-                if param.kind is param.VAR_KEYWORD:
-                    described.update({k: v for k, v in value.items() if k != "last_epoch"})
-                else:
-                    described[key] = value
-        schedules.check_json(described)  # before the factory touches the optimizer's learning rates
-        scheduler = info.factory(optimizer, **call)
-        return schedules.attach_config(scheduler, name, described)
+        return build_scheduler(info, name, optimizer, num_warmup_steps, num_training_steps, kwargs)
 
     def get_scheduler(
         self,
@@ -721,7 +569,7 @@ class Registry:
             )
         kwargs.update(scheduler_kwargs)
         return self.create_scheduler(
-            _scheduler_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs
+            scheduler_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs
         )
 
     def scheduler_from_config(
