@@ -3,17 +3,22 @@
 - ``<!-- schedule-pictures -->`` in a page becomes a picture of every schedule: the registry's (``list_schedulers``
   + ``get_scheduler``), pytorch-pretrained-bert's ``LRSchedule`` classes and pytorch-transformers 1.x's classes,
   each drawn by stepping the real object (matplotlib, Agg backend).
-- ``<!-- cli-reference -->`` becomes the help text of ``hf-optim`` and of every sub-command, taken from the
-  argparse parsers that ``hf_optim.cli.main.build_parser()`` builds.
+- Docstrings cross-reference with Sphinx roles (``:func:`hf_optim.save_state```), which Python's own ``help()``
+  and IDEs show as they are; in the API reference they become code, linked to the object's entry when the page
+  documents it.
+- The committed command line reference (docs/cli.md, written by ``scripts/cli_reference.py``) is checked against
+  the argparse parsers: a stale page fails the build.
 """
 
 from __future__ import annotations
 
-import argparse
+import html as html_lib
+import importlib.util
 import inspect
 import io
-import os
+import re
 import textwrap
+from pathlib import Path
 
 import matplotlib
 
@@ -21,6 +26,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import torch
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 WARMUP, TOTAL = 10, 100
@@ -137,21 +143,14 @@ def on_files(files, config):
     return files
 
 
-def _cli_help() -> str:
-    from hf_optim.cli.main import build_parser
-
-    os.environ["COLUMNS"] = "88"  # the width of a code block: the same text on every machine
-    parts: list[str] = []
-
-    def walk(parser: argparse.ArgumentParser, depth: int) -> None:
-        parts.append(f"{'#' * depth} `{parser.prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in dict.fromkeys(action.choices.values()):
-                    walk(sub, min(depth + 1, 4))
-
-    walk(build_parser(), 2)
-    return "\n".join(parts)
+def _cli_reference() -> str:
+    """What ``scripts/cli_reference.py`` writes into docs/cli.md today."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cli_reference.py"
+    spec = importlib.util.spec_from_file_location("cli_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.render()
 
 
 def _schedule_markdown(page) -> str:
@@ -169,6 +168,31 @@ def _schedule_markdown(page) -> str:
 def on_page_markdown(markdown, page, config, files):
     if "<!-- schedule-pictures -->" in markdown:
         markdown = markdown.replace("<!-- schedule-pictures -->", _schedule_markdown(page))
-    if "<!-- cli-reference -->" in markdown:
-        markdown = markdown.replace("<!-- cli-reference -->", _cli_help())
+    if page.file.src_uri == "cli.md" and markdown != _cli_reference():
+        raise PluginError(
+            "docs/cli.md differs from the hf-optim parsers: run python scripts/cli_reference.py"
+        )
     return markdown
+
+
+# What mkdocstrings makes of ``:func:`~hf_optim.state.save_state``` in a docstring: the role, then inline code.
+_ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):<code>(~?)([^<]+)</code>")
+_ANCHOR = re.compile(r'id="(hf_optim\.[\w.]+)"')
+
+
+def on_page_content(html, page, config, files):
+    """Sphinx roles in rendered docstrings: inline code, linked when this page has the object's entry."""
+    if ":<code>" not in html:
+        return html
+    anchors: dict[str, str] = {}
+    for anchor in _ANCHOR.findall(html):
+        anchors.setdefault(anchor.rsplit(".", 1)[-1], anchor)
+
+    def link(match: re.Match[str]) -> str:
+        target = html_lib.unescape(match[2]).strip()
+        shown = target.rsplit(".", 1)[-1] if match[1] else target
+        code = f"<code>{html_lib.escape(shown)}</code>"
+        anchor = anchors.get(target.rsplit(".", 1)[-1].removesuffix("()"))
+        return f'<a href="#{anchor}">{code}</a>' if anchor else code
+
+    return _ROLE.sub(link, html)

@@ -31,9 +31,31 @@ Normalize = Literal["steps", "items"] | None
 class GradientAccumulator:
     """Accumulates gradients over micro-steps, on the current process only.
 
+    transformers 4.x's TF ``GradientAccumulator`` for PyTorch: ``acc(gradients)``, ``acc.step``, ``acc.gradients``,
+    ``acc.reset()``; plus :meth:`accumulate_from` / :meth:`apply_to`, which read and write the parameters'
+    ``.grad`` and can normalise by the number of items (tokens) instead of micro-steps, which keeps accumulation
+    exact when micro-batches have unequal token counts. Its state saves with :func:`hf_optim.save_state`.
+
     Args:
         dtype: dtype of the accumulation buffers (e.g. ``torch.float32`` for bf16 gradients); by default each
             buffer has its gradient's dtype, as in the TF original.
+
+    Raises:
+        ValueError: If ``dtype`` is not a floating-point ``torch.dtype`` or ``None``.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(2, 1, bias=False)
+        accumulator = hf_optim.GradientAccumulator()
+        for x in (torch.ones(1, 2), 3 * torch.ones(1, 2)):
+            model(x).sum().backward()
+            accumulator.accumulate_from(model)  # adds .grad and clears it
+        accumulator.apply_to(model)  # the mean over the 2 micro-steps
+        assert torch.equal(model.weight.grad, torch.full((1, 2), 2.0))
+        ```
     """
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:

@@ -25,7 +25,25 @@ __all__ = ["AccelerateIntegrationError", "CheckpointError", "TransformersIntegra
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted, inconsistent, hostile or of an unknown format version.
 
-    The message names the file (and the parameter or key) at fault.
+    The message names the file (and the parameter or key) at fault. It is a ``ValueError``, so code that
+    catches bad values catches it too; a load that raises it has changed nothing.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = hf_optim.AdamW(torch.nn.Linear(2, 2).parameters())
+        hf_optim.save_state("ckpt", optimizer)
+        with open(f"ckpt/{hf_optim.OPTIMIZER_NAME}", "r+b") as f:
+            f.truncate(100)  # a cut-off download
+        try:
+            hf_optim.load_state("ckpt", optimizer)
+        except hf_optim.CheckpointError as err:
+            assert hf_optim.OPTIMIZER_NAME in str(err)
+        else:
+            raise AssertionError("a truncated file must not load")
+        ```
     """
 
 

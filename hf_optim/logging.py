@@ -7,6 +7,16 @@ that prefixes messages with ``hf_optim``. That handler stays silent while the ap
 root logger (``logging.basicConfig``, pytest's capture): records still propagate, so they appear once, in the
 application's format. :func:`disable_default_handler` removes it; :func:`disable_propagation` stops records
 from reaching the root logger.
+
+Example:
+    ```python
+    import logging
+    import hf_optim
+
+    hf_optim.logging.set_verbosity_info()  # or HF_OPTIM_VERBOSITY=info in the environment
+    assert hf_optim.logging.get_verbosity() == logging.INFO
+    hf_optim.logging.set_verbosity_warning()
+    ```
 """
 
 from __future__ import annotations
@@ -90,7 +100,24 @@ def _configure_library_root_logger() -> None:
 
 
 def get_logger(name: str | None = None) -> logging.Logger:
-    """The logger ``name`` (default: ``hf_optim``); only names under ``hf_optim`` are accepted."""
+    """The logger ``name`` (default: ``hf_optim``); only names under ``hf_optim`` are accepted.
+
+    Args:
+        name: ``"hf_optim"`` or a name below it (``"hf_optim.state"``); ``None``: ``"hf_optim"``.
+
+    Returns:
+        The ``logging.Logger``.
+
+    Raises:
+        ValueError: If ``name`` is outside ``hf_optim``.
+
+    Example:
+        ```python
+        import hf_optim
+
+        assert hf_optim.logging.get_logger("hf_optim.hub").parent.name == "hf_optim"
+        ```
+    """
     if name is None:
         name = LIBRARY_NAME
     if name != LIBRARY_NAME and not name.startswith(f"{LIBRARY_NAME}."):
@@ -99,12 +126,32 @@ def get_logger(name: str | None = None) -> logging.Logger:
 
 
 def get_verbosity() -> int:
-    """The level of the ``hf_optim`` logger (``logging.WARNING`` unless changed)."""
+    """The level of the ``hf_optim`` logger (``logging.WARNING`` unless changed).
+
+    Returns:
+        A ``logging`` level (an int).
+    """
     return logging.getLogger(LIBRARY_NAME).getEffectiveLevel()
 
 
 def set_verbosity(level: int | str) -> None:
-    """Set the level of every hf_optim logger: a ``logging`` level or one of debug/info/warning/error/critical."""
+    """Set the level of every hf_optim logger: a ``logging`` level or one of debug/info/warning/error/critical.
+
+    Args:
+        level: A ``logging`` level, or its name (case-insensitive).
+
+    Raises:
+        ValueError: If ``level`` is an unknown name.
+        TypeError: If ``level`` is neither an int nor a str.
+
+    Example:
+        ```python
+        import hf_optim
+
+        hf_optim.logging.set_verbosity("error")
+        hf_optim.logging.set_verbosity("warning")
+        ```
+    """
     if isinstance(level, str):
         if level.lower() not in _LEVELS:
             raise ValueError(f"level must be one of {', '.join(_LEVELS)} or a logging level, got {level!r}")

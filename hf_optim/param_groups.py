@@ -94,6 +94,21 @@ def get_no_decay_parameter_names(model: nn.Module) -> set[str]:
     when its lower-cased name matches :data:`NO_DECAY_NAME_PATTERNS`. This is transformers 5's rule (which only
     knows ``nn.LayerNorm`` by type) extended to ``nn.RMSNorm`` and other norm classes. Shared parameters are
     listed under all their names.
+
+    Args:
+        model: The model whose parameters are named.
+
+    Returns:
+        The names of the biases and normalisation weights (``model.named_parameters()`` names).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        assert hf_optim.get_no_decay_parameter_names(model) == {"0.bias", "1.weight", "1.bias"}
+        ```
     """
     excluded: set[str] = set()
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -106,7 +121,26 @@ def get_no_decay_parameter_names(model: nn.Module) -> set[str]:
 
 
 def get_decay_parameter_names(model: nn.Module) -> list[str]:
-    """Names (from ``model.named_parameters()``) of the parameters that get weight decay by default."""
+    """Names (from ``model.named_parameters()``) of the parameters that get weight decay by default.
+
+    The complement of :func:`get_no_decay_parameter_names`, in ``named_parameters()`` order, like transformers'
+    ``Trainer.get_decay_parameter_names``.
+
+    Args:
+        model: The model whose parameters are named.
+
+    Returns:
+        The names of the parameters to decay (weights of linear, embedding, convolution layers, ...).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        assert hf_optim.get_decay_parameter_names(model) == ["0.weight"]
+        ```
+    """
     excluded = get_no_decay_parameter_names(model)
     return [name for name, _ in model.named_parameters() if name not in excluded]
 
@@ -126,6 +160,31 @@ def group_parameters(
     nor matches an ``exclude_from_weight_decay`` regex: the ``decay_applies`` rule, with the default exclusions
     added to ``exclude``. Groups hold ``(name, parameter)`` pairs (torch keeps them as ``param_names``) and
     ``{weight_decay_key: value}``; empty groups are dropped, the decay group comes first (as in Trainer).
+
+    Args:
+        model: The model whose trainable parameters are grouped.
+        weight_decay: The decay group's value (the no-decay group gets 0.0).
+        include_in_weight_decay: Regexes of names decayed even if excluded otherwise.
+        exclude_from_weight_decay: Regexes of names not decayed, besides the default exclusions.
+        weight_decay_key: The group key of the value (``"weight_decay_rate"`` for :class:`AdamWeightDecay`).
+
+    Returns:
+        Param-group dicts for any ``torch.optim`` optimizer.
+
+    Raises:
+        TypeError: If ``model`` is not a ``torch.nn.Module``, or a pattern list is not a list of strings.
+        ValueError: If a regex is invalid, or the model has no trainable parameters.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        groups = hf_optim.group_parameters(model, weight_decay=0.01)
+        assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.01), (3, 0.0)]
+        optimizer = hf_optim.AdamW(groups, lr=1e-3)
+        ```
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -65,17 +65,42 @@ class AdamWeightDecay(Optimizer):
         params: ``model.named_parameters()`` (names are needed for the include/exclude patterns), tensors, or
             param-group dicts; group dicts may use the Keras names (``learning_rate``, ``beta_1``, ``beta_2``,
             ``epsilon``, ``weight_decay_rate``) or torch's (``lr``, ``betas``, ``eps``, ``weight_decay``).
-        learning_rate, beta_1, beta_2, epsilon, amsgrad: Keras Adam's hyperparameters.
+        learning_rate: Keras Adam's learning rate, >= 0.
+        beta_1: Decay of the first moment, in [0, 1).
+        beta_2: Decay of the second moment, in [0, 1).
+        epsilon: Added to ``sqrt(v_hat)``, >= 0.
+        amsgrad: Keep the maximum of the second moments (Keras's AMSGrad).
         weight_decay_rate: decoupled decay, applied before the Adam update with the scheduled learning rate;
             ``learning_rate * weight_decay_rate`` at most 1.
         include_in_weight_decay: regexes; a matching parameter name is decayed even if excluded.
         exclude_from_weight_decay: regexes; a matching parameter name is not decayed.
         name: the optimizer's name (kept for Keras parity).
-        clipnorm, clipvalue, global_clipnorm: Keras gradient clipping (``clipnorm`` and ``global_clipnorm``
-            are exclusive).
-        foreach, fused: implementation choice as in torch.optim; the default uses the fused kernel.
+        clipnorm: Clip each gradient to this norm (exclusive with ``global_clipnorm``).
+        clipvalue: Clip each gradient element to ``[-clipvalue, clipvalue]``.
+        global_clipnorm: Clip all gradients together to this global norm.
+        foreach: Implementation choice as in torch.optim; ``False`` (with ``fused`` not ``True``) runs the
+            per-tensor reference.
+        fused: ``None`` (default) uses the fused kernel where the tensors allow.
         capturable: keep the step count on the step tensors (no host sync; CUDA graphs). Always the case under
             ``torch.compile``.
+
+    Raises:
+        TypeError: If a hyperparameter is not a real number (or a flag not a bool).
+        ValueError: If a hyperparameter is out of its range, or ``foreach`` and ``fused`` are both ``True``, or
+            ``clipnorm`` and ``global_clipnorm`` are both set.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(4, 2)
+        optimizer = hf_optim.AdamWeightDecay(
+            model.named_parameters(), learning_rate=1e-3, weight_decay_rate=0.01, exclude_from_weight_decay=["bias"]
+        )
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        ```
     """
 
     def __init__(
@@ -388,9 +413,42 @@ def adam_weight_decay(
 ) -> None:
     """Functional ``AdamWeightDecay`` update for tensors whose ``state_steps`` already hold the step ``t``.
 
-    ``weight_decay`` applies to every tensor given (split decayed and non-decayed parameters into two calls).
-    ``foreach=False, fused=False`` is the reference; ``None`` picks the fastest implementation.
-    ``capturable=True`` (and ``torch.compile``) computes the bias corrections on the step tensors.
+    The loop body of :class:`AdamWeightDecay`, for code that keeps its own state. ``weight_decay`` applies to every
+    tensor given (split decayed and non-decayed parameters into two calls).
+
+    Args:
+        params: The parameters to update.
+        grads: Their gradients.
+        exp_avgs: The first moments, updated in place.
+        exp_avg_sqs: The second moments, updated in place.
+        max_exp_avg_sqs: The running maxima of the second moments (``amsgrad``), else ``None``.
+        state_steps: Step counters, already holding this step ``t``.
+        lr: Learning rate (the scheduled one: the decay uses it too).
+        beta1: Decay of the first moment.
+        beta2: Decay of the second moment.
+        eps: Added to ``sqrt(v_hat)``.
+        weight_decay: Decoupled decay, applied before the Adam update.
+        amsgrad: Use ``max_exp_avg_sqs``.
+        foreach: ``False`` (with ``fused`` not ``True``) runs the per-tensor reference.
+        fused: ``None`` picks the fastest implementation the tensors support.
+        capturable: Compute the bias corrections on the step tensors (no host sync; ``torch.compile``).
+
+    Raises:
+        ValueError: If ``foreach`` and ``fused`` are both ``True``, or ``amsgrad`` without ``max_exp_avg_sqs``.
+        RuntimeError: If ``fused=True`` and a tensor's device or dtype has no fused kernel.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        p, g = torch.ones(3), torch.full((3,), 0.5)
+        m, v, step = torch.zeros(3), torch.zeros(3), torch.ones(())
+        hf_optim.adam_weight_decay(
+            [p], [g], [m], [v], None, [step], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-7, weight_decay=0.0
+        )
+        assert torch.all(p < 1)
+        ```
     """
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")

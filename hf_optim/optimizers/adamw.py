@@ -79,7 +79,25 @@ class AdamW(torch.optim.AdamW):
         fused: ``None`` (default) picks ``torch._fused_adamw_`` when every parameter can use it.
         capturable: compute the bias corrections on the step tensors (no host sync; CUDA graphs). Always the case
             under ``torch.compile``.
-        amsgrad, maximize, differentiable: torch's options; only ``False`` is accepted.
+        amsgrad: torch's option; only ``False`` is accepted (it would change the algorithm).
+        maximize: torch's option; only ``False`` is accepted.
+        differentiable: torch's option; only ``False`` is accepted.
+
+    Raises:
+        TypeError: If a hyperparameter is not a real number (or a flag not a bool).
+        ValueError: If a hyperparameter is out of its range, or ``foreach`` and ``fused`` are both ``True``.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(4, 2)
+        optimizer = hf_optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, correct_bias=False)
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        assert optimizer.state[model.weight]["step"] == 1
+        ```
     """
 
     def __init__(
@@ -228,9 +246,40 @@ def adamw(
 ) -> None:
     """Functional legacy AdamW: update ``params`` and the state lists in place, and add 1 to ``state_steps``.
 
-    ``foreach=False, fused=False`` is the reference; ``None`` picks, per device and dtype, the fastest
-    implementation the tensors support. ``capturable=True`` (and ``torch.compile``) computes the bias corrections
-    on the step tensors instead of reading them back as Python numbers.
+    The loop body of :class:`AdamW`, for code that keeps its own state (as ``torch.optim.adamw.adamw`` is for
+    torch's optimizer). ``foreach=False, fused=False`` is the reference; ``None`` picks, per device and dtype, the
+    fastest implementation the tensors support.
+
+    Args:
+        params: The parameters to update.
+        grads: Their gradients.
+        exp_avgs: The first moments, updated in place.
+        exp_avg_sqs: The second moments, updated in place.
+        state_steps: Step counters (one tensor each), incremented in place.
+        lr: Learning rate.
+        beta1: Decay of the first moment.
+        beta2: Decay of the second moment.
+        eps: Added to ``sqrt(v)`` before dividing.
+        weight_decay: Decoupled weight decay, applied after the update with the plain ``lr``.
+        correct_bias: Whether to apply Adam's bias correction.
+        foreach: ``False`` (with ``fused`` not ``True``) runs the per-tensor reference.
+        fused: ``True`` requires ``torch._fused_adamw_``; ``None`` uses it where the tensors allow.
+        capturable: Compute the bias corrections on the step tensors (no host sync; ``torch.compile``).
+
+    Raises:
+        ValueError: If ``foreach`` and ``fused`` are both ``True``.
+        RuntimeError: If ``fused=True`` and a tensor's device or dtype has no fused kernel.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        p, g = torch.ones(3), torch.full((3,), 0.5)
+        m, v, step = torch.zeros(3), torch.zeros(3), torch.zeros(())
+        hf_optim.adamw([p], [g], [m], [v], [step], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0)
+        assert step.item() == 1 and torch.allclose(m, torch.full((3,), 0.05))
+        ```
     """
     check_flags(foreach, fused)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, state_steps]

@@ -76,7 +76,8 @@ class BertAdam(LegacyAdam):
         t_total: total number of steps for a schedule given by name; -1: constant multiplier 1.
         schedule: ``"warmup_linear"``, ``"warmup_constant"``, ``"warmup_cosine"``, ``"none"``, ``None`` or an
             :class:`LRSchedule` object.
-        b1, b2: Adam's betas, in [0, 1).
+        b1: Decay of the first moment, in [0, 1).
+        b2: Decay of the second moment, in [0, 1).
         e: added to ``sqrt(v)``, >= 0.
         weight_decay: added (times the parameter) to the update before the lr scaling; <= 0 switches it off;
             ``lr * weight_decay`` at most 1.
@@ -86,6 +87,23 @@ class BertAdam(LegacyAdam):
         fused: ``None`` (default) picks ``torch._fused_adamw_`` where the tensors can use it.
 
     State per parameter: ``step`` (float32 tensor), ``next_m``, ``next_v``, as the legacy optimizer named them.
+
+    Raises:
+        TypeError: If a hyperparameter is not a real number (or a flag not a bool).
+        ValueError: If a hyperparameter is out of its range, or ``foreach`` and ``fused`` are both ``True``, or
+            ``schedule`` names no schedule.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(4, 2)
+        optimizer = hf_optim.BertAdam(model.parameters(), lr=5e-5, warmup=0.1, t_total=100)
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        assert set(optimizer.state[model.weight]) == {"step", "next_m", "next_v"}
+        ```
     """
 
     def __init__(
@@ -166,6 +184,40 @@ def bert_adam(
 
     ``foreach=False, fused=False`` is the reference; ``None`` picks, per device and dtype, the fastest
     implementation the tensors support.
+
+    Args:
+        params: The parameters to update.
+        grads: Their gradients (clipped in place when ``max_grad_norm > 0``).
+        next_ms: The first moments, updated in place.
+        next_vs: The second moments, updated in place.
+        state_steps: Step counters (one tensor each), incremented in place.
+        lr: Base learning rate.
+        schedule: The lr multiplier as a function of the step.
+        beta1: Decay of the first moment.
+        beta2: Decay of the second moment.
+        eps: Added to ``sqrt(v)``.
+        weight_decay: Added (times the parameter) to the update before the lr scaling.
+        max_grad_norm: Per-tensor gradient clipping norm; <= 0 switches it off.
+        foreach: ``False`` (with ``fused`` not ``True``) runs the per-tensor reference.
+        fused: ``None`` picks ``torch._fused_adamw_`` where the tensors allow.
+
+    Raises:
+        ValueError: If ``foreach`` and ``fused`` are both ``True``.
+        RuntimeError: If ``fused=True`` and a tensor's device or dtype has no fused kernel.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        p, g = torch.ones(3), torch.full((3,), 0.5)
+        m, v, step = torch.zeros(3), torch.zeros(3), torch.zeros(())
+        hf_optim.bert_adam(
+            [p], [g], [m], [v], [step], lr=0.1, schedule=lambda t: 1.0, beta1=0.9, beta2=0.999, eps=1e-6,
+            weight_decay=0.0, max_grad_norm=1.0
+        )
+        assert step.item() == 1 and torch.all(p < 1)
+        ```
     """
     check_flags(foreach, fused)
     lrs = scheduled_lrs(lr, schedule, step_values(state_steps))

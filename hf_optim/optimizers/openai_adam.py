@@ -50,7 +50,8 @@ class OpenAIAdam(LegacyAdam):
             :class:`~hf_optim.schedules.pretrained_bert.LRSchedule` object.
         warmup: warmup fraction of ``t_total`` for a schedule given by name; -1: none.
         t_total: total number of steps for a schedule given by name; -1: constant multiplier 1.
-        b1, b2: Adam's betas, in [0, 1).
+        b1: Decay of the first moment, in [0, 1).
+        b2: Decay of the second moment, in [0, 1).
         e: added to ``sqrt(v)``, >= 0.
         weight_decay: decay after the update; <= 0 switches it off; ``lr * weight_decay`` at most 1.
         vector_l2: decay 1-dim tensors (biases, norms) too.
@@ -60,6 +61,22 @@ class OpenAIAdam(LegacyAdam):
         fused: ``None`` (default) picks ``torch._fused_adamw_`` where the tensors can use it.
 
     State per parameter: ``step`` (float32 tensor), ``exp_avg``, ``exp_avg_sq``.
+
+    Raises:
+        TypeError: If a hyperparameter is not a real number (or a flag not a bool).
+        ValueError: If a hyperparameter is out of its range, or ``foreach`` and ``fused`` are both ``True``, or
+            ``schedule`` names no schedule.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(4, 2)
+        optimizer = hf_optim.OpenAIAdam(model.parameters(), lr=6.25e-5, warmup=0.002, t_total=100, weight_decay=0.01)
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        ```
     """
 
     def __init__(
@@ -140,6 +157,41 @@ def openai_adam(
 
     ``foreach=False, fused=False`` is the reference; ``None`` picks, per device and dtype, the fastest
     implementation the tensors support.
+
+    Args:
+        params: The parameters to update.
+        grads: Their gradients (clipped in place when ``max_grad_norm > 0``).
+        exp_avgs: The first moments, updated in place.
+        exp_avg_sqs: The second moments, updated in place.
+        state_steps: Step counters (one tensor each), incremented in place.
+        lr: Base learning rate.
+        schedule: The lr multiplier as a function of the step.
+        beta1: Decay of the first moment.
+        beta2: Decay of the second moment.
+        eps: Added to ``sqrt(v)``.
+        weight_decay: Decoupled decay after the update, scaled by the scheduled lr.
+        vector_l2: Decay 1-dim tensors too.
+        max_grad_norm: Per-tensor gradient clipping norm; <= 0 switches it off.
+        foreach: ``False`` (with ``fused`` not ``True``) runs the per-tensor reference.
+        fused: ``None`` picks ``torch._fused_adamw_`` where the tensors allow.
+
+    Raises:
+        ValueError: If ``foreach`` and ``fused`` are both ``True``.
+        RuntimeError: If ``fused=True`` and a tensor's device or dtype has no fused kernel.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        p, g = torch.ones(3), torch.full((3,), 0.5)
+        m, v, step = torch.zeros(3), torch.zeros(3), torch.zeros(())
+        hf_optim.openai_adam(
+            [p], [g], [m], [v], [step], lr=0.1, schedule=lambda t: 1.0, beta1=0.9, beta2=0.999, eps=1e-6,
+            weight_decay=0.0, vector_l2=False, max_grad_norm=1.0
+        )
+        assert step.item() == 1 and torch.all(p < 1)
+        ```
     """
     check_flags(foreach, fused)
     lrs = scheduled_lrs(lr, schedule, [t + 1 for t in step_values(state_steps)])

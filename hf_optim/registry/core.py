@@ -7,14 +7,7 @@ Names are matched exactly first, then case-insensitively when that picks one ent
 from __future__ import annotations
 
 import contextlib
-import difflib
-import enum
-import fnmatch
-import importlib
-import importlib.util
-import inspect
 import logging
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -22,9 +15,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hf_optim import schedules
-from hf_optim._utils import finite_number
-from hf_optim.param_groups import group_parameters
+from hf_optim.registry._lookup import (
+    PROVIDER_MODULES,
+    build_optimizer,
+    build_scheduler,
+    casefold_match,
+    filter_names,
+    import_provider_library,
+    scheduler_name,
+    unknown_name,
+)
 from hf_optim.registry.records import (
     HF_OPTIM_SOURCE,
     OptimizerInfo,
@@ -39,83 +39,8 @@ logger = logging.getLogger("hf_optim.registry")
 
 __all__ = ["Listener", "Registry", "RegistryKind"]
 
-_WEIGHT_DECAY_PATTERN_ARGS = ("include_in_weight_decay", "exclude_from_weight_decay")
-# Libraries whose import lets hf_optim's integration add their optimizer provider (hf_optim._autoload's hook
-# runs hf_optim.integrations.transformers.sync after this module executed).
-_PROVIDER_MODULES = {"transformers": "transformers.trainer_optimizer"}
-
 RegistryKind = Literal["optimizer", "scheduler"]
 Listener = Callable[[RegistryKind, Any], None]
-
-
-def _filter(names: Iterable[str], pattern: str | Sequence[str] | None) -> list[str]:
-    names = sorted(set(names))
-    if pattern is None:
-        return names
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-
-
-def _unknown(
-    kind: str, name: Any, registered: Iterable[str], candidates: Iterable[str] | None = None
-) -> ValueError:
-    """``ValueError`` for an unknown name, suggesting the closest ``candidates`` (default: ``registered``)."""
-    registered = sorted(registered)
-    by_lower: dict[str, str] = {}
-    for candidate in sorted(candidates or registered):
-        by_lower.setdefault(candidate.lower(), candidate)
-    close = [by_lower[c] for c in difflib.get_close_matches(str(name).lower(), by_lower, n=3, cutoff=0.5)]
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    return ValueError(f"Unknown {kind} {name!r}.{hint} Registered {kind}s: {', '.join(registered)}")
-
-
-def _casefold_match(name: str, names: Iterable[str]) -> str | None:
-    """The one name equal to ``name`` ignoring case, or ``None`` (none, or several differing only in case)."""
-    matches = [n for n in names if n.lower() == name.lower()]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _weight_decay(info: OptimizerInfo, kwargs: Mapping[str, Any]) -> float:
-    """The weight decay the decay group gets: the caller's, else the factory's default, else 0."""
-    own = info.own_name("weight_decay")
-    if isinstance(own, tuple):
-        own = own[0]
-    sig = info.signature()
-    if own in kwargs:
-        value = kwargs[own]
-    elif (
-        sig is not None
-        and own in sig.parameters
-        and sig.parameters[own].default is not inspect.Parameter.empty
-    ):
-        value = sig.parameters[own].default
-    else:
-        value = 0.0
-    return finite_number(value, "weight_decay")
-
-
-def _scheduler_name(name: Any) -> str:
-    if isinstance(name, enum.Enum):  # transformers' SchedulerType is a str enum
-        name = name.value
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a scheduler name (str), got {name!r}")
-    return name
-
-
-def _import_provider_library(source: str) -> None:
-    """Import ``source``'s optimizer module if the library is installed, so that its provider gets added."""
-    module = _PROVIDER_MODULES.get(source)
-    if module is None or module in sys.modules or importlib.util.find_spec(source) is None:
-        return
-    try:
-        importlib.import_module(module)
-    except Exception as err:  # a broken optional library must not break hf_optim's own names
-        logger.debug("importing %s for its optimizer names failed: %r", module, err)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The registry
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class Registry:
@@ -143,7 +68,35 @@ class Registry:
         arg_names: Mapping[str, str | Sequence[str]] | None = None,
         overwrite: bool = False,
     ) -> OptimizerInfo:
-        """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``."""
+        """Register ``factory`` (e.g. an optimizer class) as ``name``; an existing name raises unless ``overwrite``.
+
+        Args:
+            name: The name to register (letters, digits, ``_``, ``-`` and ``.``).
+            factory: Called as ``factory(params, **kwargs)``; an optimizer class or a function.
+            description: One line for ``hf-optim list``.
+            defaults: Arguments used when the caller does not give them.
+            arg_names: The factory's own names of the common arguments (``{"lr": "learning_rate"}``).
+            overwrite: Replace an existing entry of the same name.
+
+        Returns:
+            The frozen record of the entry.
+
+        Raises:
+            TypeError: If ``defaults`` is not a mapping with string keys, or an ``arg_names`` value is not a name.
+            ValueError: If the name is invalid or taken, ``factory`` is not callable, or an ``arg_names`` key is
+                not a common argument.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            registry = hf_optim.registry.Registry()  # a private registry; hf_optim.register_optimizer is the shared one's
+            registry.register_optimizer("sgd_momentum", torch.optim.SGD, defaults={"momentum": 0.9})
+            optimizer = registry.create_optimizer("sgd_momentum", [torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+            assert optimizer.defaults["momentum"] == 0.9
+            ```
+        """
         check_name(name, "optimizer")
         if not callable(factory):
             raise ValueError(f"factory for optimizer {name!r} must be callable, got {factory!r}")
@@ -168,7 +121,31 @@ class Registry:
         self, name: str, factory: Callable[..., Any], *, description: str = "", overwrite: bool = False
     ) -> SchedulerInfo:
         """Register a schedule ``factory(optimizer, ...)`` as ``name``; an existing name raises unless
-        ``overwrite``."""
+        ``overwrite``.
+
+        Args:
+            name: The name to register.
+            factory: Called as ``factory(optimizer, **kwargs)``; returns a learning-rate scheduler.
+            description: One line for ``hf-optim list``.
+            overwrite: Replace an existing entry of the same name.
+
+        Returns:
+            The frozen record of the entry.
+
+        Raises:
+            ValueError: If the name is invalid or taken, or ``factory`` is not callable.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            registry = hf_optim.registry.Registry()
+            registry.register_scheduler("halved", lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5))
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            assert registry.get_scheduler("halved", optimizer).get_last_lr() == [0.5]
+            ```
+        """
         check_name(name, "scheduler")
         if not callable(factory):
             raise ValueError(f"factory for scheduler {name!r} must be callable, got {factory!r}")
@@ -212,8 +189,31 @@ class Registry:
     def add_listener(self, callback: Listener) -> Listener:
         """Call ``callback(kind, info)`` now for every registered entry and later for each new registration.
 
-        A listener that raises is logged and otherwise ignored: it never breaks registration. Returns
-        ``callback``. Provider entries are not registrations: listeners do not hear about them.
+        A listener that raises is logged and otherwise ignored: it never breaks registration. Provider entries are
+        not registrations: listeners do not hear about them. This is how the transformers integration keeps
+        ``TrainingArguments``' choices in step with the registry.
+
+        Args:
+            callback: Called as ``callback(kind, info)`` with ``kind`` ``"optimizer"`` or ``"scheduler"`` and the
+                entry's record.
+
+        Returns:
+            ``callback``, so that it can be used as a decorator.
+
+        Raises:
+            ValueError: If ``callback`` is not callable.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            registry = hf_optim.registry.Registry()
+            heard = []
+            registry.add_listener(lambda kind, info: heard.append((kind, info.name)))
+            registry.register_optimizer("plain_sgd", torch.optim.SGD)
+            assert heard == [("optimizer", "plain_sgd")]
+            ```
         """
         if not callable(callback):
             raise ValueError(f"callback must be callable, got {callback!r}")
@@ -229,7 +229,19 @@ class Registry:
         return callback
 
     def remove_listener(self, callback: Listener) -> None:
-        """Stop calling ``callback`` (no error if it was not registered)."""
+        """Stop calling ``callback`` (no error if it was not registered).
+
+        Args:
+            callback: A listener given to :meth:`add_listener`.
+
+        Example:
+            ```python
+            import hf_optim
+
+            listener = hf_optim.add_registry_listener(lambda kind, info: None)
+            hf_optim.remove_registry_listener(listener)
+            ```
+        """
         with self._lock:
             if callback in self._listeners:
                 self._listeners.remove(callback)
@@ -266,8 +278,8 @@ class Registry:
 
     def _provider_list(self, load: bool) -> list[OptimizerProvider]:
         if load:
-            for source in _PROVIDER_MODULES:
-                _import_provider_library(source)
+            for source in PROVIDER_MODULES:
+                import_provider_library(source)
         with self._lock:
             return list(self._providers.values())
 
@@ -278,6 +290,20 @@ class Registry:
         (``"hf_optim"``: the registry's own entries; ``"transformers"``: transformers' own ``optim`` names).
 
         Listing another source than ``"hf_optim"`` imports that library if it is installed and not yet loaded.
+
+        Args:
+            pattern: Shell-style wildcards; a name matching any of them is listed. ``None``: every name.
+            source: Only the names of this library (or these libraries). ``None``: all.
+
+        Returns:
+            The sorted names.
+
+        Example:
+            ```python
+            import hf_optim
+
+            assert "adamw_hf" in hf_optim.list_optimizers("adamw*", source="hf_optim")
+            ```
         """
         sources = None if source is None else ({source} if isinstance(source, str) else set(source))
         names: set[str] = set()
@@ -289,18 +315,49 @@ class Registry:
             for provider in self._provider_list(load=True):
                 if sources is None or provider.source in sources:
                     names.update(provider.names())
-        return _filter(names, pattern)
+        return filter_names(names, pattern)
 
     def list_schedulers(self, pattern: str | Sequence[str] | None = None) -> list[str]:
-        """Sorted registered schedule names, optionally filtered by shell-style wildcards (``"cosine*"``)."""
+        """Sorted registered schedule names, optionally filtered by shell-style wildcards (``"cosine*"``).
+
+        Args:
+            pattern: Shell-style wildcards; a name matching any of them is listed. ``None``: every name.
+
+        Returns:
+            The sorted names.
+
+        Example:
+            ```python
+            import hf_optim
+
+            assert "cosine_with_restarts" in hf_optim.list_schedulers("cosine*")
+            ```
+        """
         with self._lock:
-            return _filter(self._schedulers, pattern)
+            return filter_names(self._schedulers, pattern)
 
     def get_optimizer_info(self, name: str) -> OptimizerInfo:
-        """The record of ``name``: the registry's own entry, else a provider's; ``ValueError`` listing the
-        closest names if there is none."""
+        """The record of ``name``: the registry's own entry, else a provider's (e.g. transformers' ``optim`` names).
+
+        Args:
+            name: An optimizer name.
+
+        Returns:
+            Its record: factory, description, defaults and argument names.
+
+        Raises:
+            ValueError: If there is no such optimizer (the message lists the closest names).
+
+        Example:
+            ```python
+            import hf_optim
+
+            info = hf_optim.get_optimizer_info("adamw_hf")
+            assert info.factory is hf_optim.AdamW
+            ```
+        """
         if not isinstance(name, str):
-            raise _unknown("optimizer", name, self.list_optimizers(source=HF_OPTIM_SOURCE))
+            raise unknown_name("optimizer", name, self.list_optimizers(source=HF_OPTIM_SOURCE))
         with self._lock:
             info = self._optimizers.get(name)
         if info is not None:
@@ -309,11 +366,11 @@ class Registry:
             info = provider.info(name)
             if info is not None:
                 return info
-        folded = _casefold_match(name, self.list_optimizers())
+        folded = casefold_match(name, self.list_optimizers())
         if folded is not None:
             return self.get_optimizer_info(folded)
         own = self.list_optimizers(source=HF_OPTIM_SOURCE)
-        error = _unknown("optimizer", name, own, candidates=self.list_optimizers())
+        error = unknown_name("optimizer", name, own, candidates=self.list_optimizers())
         others = sorted(p.source for p in self._provider_list(load=False))
         if others:
             error.args = (
@@ -322,19 +379,53 @@ class Registry:
         raise error
 
     def get_scheduler_info(self, name: str) -> SchedulerInfo:
-        """The record registered as ``name``; ``ValueError`` listing the closest names if there is none."""
+        """The record registered as ``name`` (a name differing only in case is found too).
+
+        Args:
+            name: A schedule name.
+
+        Returns:
+            Its record: factory and description.
+
+        Raises:
+            ValueError: If there is no such schedule (the message lists the closest names).
+
+        Example:
+            ```python
+            import hf_optim
+
+            assert hf_optim.get_scheduler_info("linear").factory is hf_optim.get_linear_schedule_with_warmup
+            ```
+        """
         with self._lock:
             info = self._schedulers.get(name) if isinstance(name, str) else None
             if info is None and isinstance(name, str):
-                folded = _casefold_match(name, self._schedulers)
+                folded = casefold_match(name, self._schedulers)
                 info = self._schedulers.get(folded) if folded is not None else None
             if info is None:
-                raise _unknown("scheduler", name, self._schedulers)
+                raise unknown_name("scheduler", name, self._schedulers)
             return info
 
     def optimizer_name(self, optimizer: Any) -> str | None:
         """The registry name of ``optimizer``: its ``hf_optim_name``, else the entry whose factory is its class or
-        its nearest registered base class. Wrappers that keep the real optimizer in ``.optimizer`` (``AcceleratedOptimizer``) are unwrapped."""
+        its nearest registered base class. Wrappers that keep the real optimizer in ``.optimizer``
+        (``AcceleratedOptimizer``) are unwrapped. Saved state records it, so a checkpoint names its optimizer.
+
+        Args:
+            optimizer: An optimizer, or a wrapper around one.
+
+        Returns:
+            The registry name, or ``None`` for an optimizer the registry does not know.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            optimizer = hf_optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+            assert hf_optim.optimizer_name(optimizer) == "adamw_hf"
+            ```
+        """
         seen = 0
         while optimizer is not None and seen < 8:
             name = getattr(optimizer, "__dict__", {}).get("hf_optim_name")
@@ -378,44 +469,15 @@ class Registry:
 
         Example:
             ```python
+            import torch
+            import hf_optim
+
+            model = torch.nn.Linear(4, 2)
             optimizer = hf_optim.create_optimizer("adamw_hf", model, lr=3e-4, weight_decay=0.01)
             assert optimizer.hf_optim_name == "adamw_hf"
             ```
         """
-        info = self.get_optimizer_info(name)
-        merged = info.map_common(info.defaults, "defaults")
-        merged.update(info.map_common(kwargs, "create_optimizer"))
-
-        if isinstance(model_or_params, nn.Module):
-            patterns = {arg: merged.pop(arg, None) for arg in _WEIGHT_DECAY_PATTERN_ARGS}
-            params: Any = group_parameters(
-                model_or_params,
-                weight_decay=_weight_decay(info, merged),
-                include_in_weight_decay=patterns["include_in_weight_decay"],
-                exclude_from_weight_decay=patterns["exclude_from_weight_decay"],
-            )
-        else:
-            if isinstance(model_or_params, torch.Tensor):
-                raise ValueError(
-                    "model_or_params must be an nn.Module or an iterable of parameters / (name, parameter) pairs / "
-                    "param-group dicts, got a single Tensor (wrap it in a list)"
-                )
-            params = model_or_params
-
-        if not info.takes_var_keyword():
-            accepted = {p.name for p in info.keyword_parameters()}
-            unknown = sorted(set(merged) - accepted)
-            if unknown:
-                raise ValueError(
-                    f"optimizer {name!r} does not accept argument(s) {', '.join(unknown)}; "
-                    f"accepted: {', '.join(sorted(accepted))}"
-                )
-        optimizer = info.factory(params, **merged)
-        try:
-            optimizer.hf_optim_name = name  # type: ignore[attr-defined]  # hf_optim's tag on a torch object
-        except AttributeError:  # pragma: no cover - exotic factories returning slotted objects
-            logger.warning("could not set hf_optim_name on %r", optimizer)
-        return optimizer
+        return build_optimizer(self.get_optimizer_info(name), name, model_or_params, kwargs)
 
     def create_scheduler(
         self,
@@ -430,46 +492,34 @@ class Registry:
         ``num_warmup_steps`` / ``num_training_steps`` go only to schedules that take them; a schedule that
         requires an argument that is missing raises ``ValueError`` naming it, and so does an argument it does not
         take. The result carries ``hf_optim_config = {"name": name, "kwargs": {every argument but optimizer and
-        last_epoch}}``.
+        last_epoch}}``, from which :func:`hf_optim.scheduler_from_config` rebuilds it.
+
+        Args:
+            name: A registered schedule name.
+            optimizer: The optimizer whose learning rate is scheduled.
+            num_warmup_steps: Warmup length, for schedules that take it.
+            num_training_steps: Total length, for schedules that take it.
+            **kwargs: The schedule's other arguments.
+
+        Returns:
+            The scheduler, with ``hf_optim_config`` set.
+
+        Raises:
+            ValueError: If the name is unknown, an argument is missing or not taken, or an argument cannot be
+                represented in JSON.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            scheduler = hf_optim.create_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=10)
+            assert scheduler.hf_optim_config["kwargs"]["num_cycles"] == 0.5
+            ```
         """
         info = self.get_scheduler_info(name)
-        sig = info.signature()
-        call: dict[str, Any] = {}
-        for argument, value in (
-            ("num_warmup_steps", num_warmup_steps),
-            ("num_training_steps", num_training_steps),
-        ):
-            if value is not None and info.accepts(argument):
-                call[argument] = value
-        if sig is not None:
-            unknown = sorted(k for k in kwargs if not info.accepts(k))
-            if unknown:
-                accepted = sorted(p.name for p in info.keyword_parameters())
-                raise ValueError(
-                    f"scheduler {name!r} does not accept argument(s) {', '.join(unknown)}; "
-                    f"accepted: {', '.join(accepted)}"
-                )
-        call.update(kwargs)
-        for param in info.keyword_parameters():
-            if param.default is inspect.Parameter.empty and param.name not in call:
-                raise ValueError(f"scheduler {name!r} requires the argument {param.name}")
-        described = {k: v for k, v in call.items() if k != "last_epoch"}
-        if sig is not None:
-            bound = sig.bind_partial(optimizer, **call)
-            bound.apply_defaults()
-            first = next(iter(sig.parameters))
-            described = {}
-            for key, value in bound.arguments.items():
-                param = sig.parameters[key]
-                if key in (first, "last_epoch") or param.kind is param.VAR_POSITIONAL:
-                    continue
-                if param.kind is param.VAR_KEYWORD:
-                    described.update({k: v for k, v in value.items() if k != "last_epoch"})
-                else:
-                    described[key] = value
-        schedules.check_json(described)  # before the factory touches the optimizer's learning rates
-        scheduler = info.factory(optimizer, **call)
-        return schedules.attach_config(scheduler, name, described)
+        return build_scheduler(info, name, optimizer, num_warmup_steps, num_training_steps, kwargs)
 
     def get_scheduler(
         self,
@@ -503,7 +553,10 @@ class Registry:
 
         Example:
             ```python
-            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            import torch
+            import hf_optim
+
+            optimizer = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=1.0)
             scheduler = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
             assert scheduler.get_last_lr() == [0.0]
             ```
@@ -516,7 +569,7 @@ class Registry:
             )
         kwargs.update(scheduler_kwargs)
         return self.create_scheduler(
-            _scheduler_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs
+            scheduler_name(name), optimizer, num_warmup_steps, num_training_steps, **kwargs
         )
 
     def scheduler_from_config(
@@ -524,7 +577,31 @@ class Registry:
     ) -> Any:
         """Rebuild a scheduler from its ``hf_optim_config`` (``{"name": ..., "kwargs": {...}}``) for ``optimizer``.
 
-        To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state.
+        To resume, rebuild with the default ``last_epoch=-1`` and then ``load_state_dict`` the saved state. This is
+        how a checkpoint restores a schedule without pickled code.
+
+        Args:
+            optimizer: The optimizer to schedule.
+            config: A scheduler's ``hf_optim_config``.
+            last_epoch: Passed to the schedule when not -1.
+
+        Returns:
+            The rebuilt scheduler.
+
+        Raises:
+            TypeError: If ``config`` is not ``{"name": str, "kwargs": mapping}``.
+            ValueError: If its name is unknown or its arguments do not fit the schedule.
+
+        Example:
+            ```python
+            import torch
+            import hf_optim
+
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            original = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+            rebuilt = hf_optim.scheduler_from_config(optimizer, original.hf_optim_config)
+            assert rebuilt.lr_lambdas[0](5) == original.lr_lambdas[0](5) == 0.625
+            ```
         """
         if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
             raise TypeError(f'config must be a mapping {{"name": str, "kwargs": dict}}, got {config!r}')

@@ -100,6 +100,23 @@ class OptimizerInfo(_FactoryIntrospection):
     ``betas``, ``eps`` to the factory's own (a tuple splits a sequence value, e.g. ``betas`` ->
     ``("beta_1", "beta_2")``); common names that are absent map to themselves. ``source`` says where the entry
     comes from: ``"hf_optim"`` for the registry's own entries, else the provider's library (``"transformers"``).
+    Frozen: :func:`hf_optim.register_optimizer` makes it, :func:`hf_optim.get_optimizer_info` returns it.
+
+    Args:
+        name: The registered name.
+        factory: Builds the optimizer: ``factory(params, **kwargs)``.
+        description: One line for ``hf-optim list``.
+        defaults: Keyword arguments applied before the caller's.
+        arg_names: The factory's own names of ``lr``, ``weight_decay``, ``betas``, ``eps``.
+        source: ``"hf_optim"`` or the providing library's name.
+
+    Example:
+        ```python
+        import hf_optim
+
+        info = hf_optim.get_optimizer_info("adamw_hf")
+        assert (info.name, info.source, info.factory) == ("adamw_hf", "hf_optim", hf_optim.AdamW)
+        ```
     """
 
     name: str
@@ -143,7 +160,23 @@ class OptimizerInfo(_FactoryIntrospection):
 
 @dataclass(frozen=True)
 class SchedulerInfo(_FactoryIntrospection):
-    """A registered schedule: ``factory(optimizer, [num_warmup_steps], [num_training_steps], **kwargs)``."""
+    """A registered schedule: ``factory(optimizer, [num_warmup_steps], [num_training_steps], **kwargs)``.
+
+    Frozen: :func:`hf_optim.register_scheduler` makes it, :func:`hf_optim.get_scheduler_info` returns it.
+
+    Args:
+        name: The registered name.
+        factory: Builds the scheduler for an optimizer.
+        description: One line for ``hf-optim list``.
+
+    Example:
+        ```python
+        import hf_optim
+
+        info = hf_optim.get_scheduler_info("cosine")
+        assert info.factory is hf_optim.get_cosine_schedule_with_warmup
+        ```
+    """
 
     name: str
     factory: Callable[..., Any]

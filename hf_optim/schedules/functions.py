@@ -17,10 +17,7 @@ a schedule *by name* (``get_scheduler``, ``scheduler_from_config``) lives next t
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -28,6 +25,18 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from hf_optim._utils import finite_number, non_negative_int
+from hf_optim.schedules._config import attach_config
+from hf_optim.schedules._multipliers import (
+    constant,
+    constant_with_warmup,
+    cosine,
+    cosine_hard_restarts,
+    cosine_warmup_with_min_lr,
+    inverse_sqrt,
+    linear,
+    polynomial,
+    wsd,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,36 +57,11 @@ __all__ = [
 WSD_TYPES = ("linear", "cosine", "1-sqrt")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Argument checking and the JSON description
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _base_lr(optimizer: Optimizer) -> float:
     try:
         return optimizer.defaults["lr"]
     except (AttributeError, KeyError, TypeError):
         raise TypeError("optimizer must be a torch.optim.Optimizer with an 'lr' default") from None
-
-
-def check_json(kwargs: Mapping[str, Any]) -> None:
-    """``ValueError`` naming the first scheduler argument that JSON cannot represent."""
-    for key, value in kwargs.items():
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"scheduler argument {key}={value!r} is not JSON-serialisable: hf_optim records every argument so "
-                "that the scheduler can be rebuilt from its JSON description"
-            ) from None
-
-
-def attach_config(scheduler: Any, name: str, kwargs: Mapping[str, Any]) -> Any:
-    """Set ``scheduler.hf_optim_config = {"name": name, "kwargs": kwargs}``, checking that it is JSON."""
-    kwargs = dict(kwargs)
-    check_json(kwargs)
-    scheduler.hf_optim_config = {"name": name, "kwargs": kwargs}
-    return scheduler
 
 
 def _lambda_schedule(
@@ -87,166 +71,60 @@ def _lambda_schedule(
     return attach_config(LambdaLR(optimizer, partial(multiplier, **kwargs), last_epoch), name, kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Multipliers: same float operations, in the same order, as transformers 5.x (transformers/optimization.py)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _constant_lambda(_: int | None = None) -> int:
-    return 1
-
-
-def _constant_with_warmup_lambda(current_step: int, *, num_warmup_steps: int) -> float:
-    if current_step < num_warmup_steps:
-        return float(current_step) / float(max(1.0, num_warmup_steps))
-    return 1.0
-
-
-def _linear_lambda(current_step: int, *, num_warmup_steps: int, num_training_steps: int) -> float:
-    if current_step < num_warmup_steps:
-        return float(current_step) / float(max(1, num_warmup_steps))
-    return max(
-        0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps))
-    )
-
-
-def _cosine_lambda(
-    current_step: int,
-    *,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    num_cycles: float,
-    min_lr_rate: float = 0.0,
-) -> float:
-    # transformers defines this function twice; the second definition (with ``min_lr_rate``) is the live one for
-    # both "cosine" and "cosine_with_min_lr", so it is the one mirrored here.
-    if current_step < num_warmup_steps:
-        return float(current_step) / float(max(1, num_warmup_steps))
-    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
-    factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
-    factor = factor * (1 - min_lr_rate) + min_lr_rate
-    return max(0, factor)
-
-
-def _cosine_hard_restarts_lambda(
-    current_step: int, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float
-) -> float:
-    if current_step < num_warmup_steps:
-        return float(current_step) / float(max(1, num_warmup_steps))
-    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
-    if progress >= 1.0:
-        return 0.0
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
-
-
-def _polynomial_lambda(
-    current_step: int,
-    *,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    lr_end: float,
-    power: float,
-    lr_init: float,
-) -> float:
-    if current_step < num_warmup_steps:
-        return float(current_step) / float(max(1, num_warmup_steps))
-    elif current_step > num_training_steps:
-        return lr_end / lr_init  # LambdaLR multiplies by lr_init
-    else:
-        lr_range = lr_init - lr_end
-        decay_steps = num_training_steps - num_warmup_steps
-        pct_remaining = 1 - (current_step - num_warmup_steps) / decay_steps
-        decay = lr_range * pct_remaining**power + lr_end
-        return decay / lr_init
-
-
-def _inverse_sqrt_lambda(current_step: int, *, num_warmup_steps: int, timescale: int) -> float:
-    if current_step < num_warmup_steps:
-        return float(current_step) / float(max(1, num_warmup_steps))
-    shift = timescale - num_warmup_steps
-    decay = 1.0 / math.sqrt((current_step + shift) / timescale)
-    return decay
-
-
-def _cosine_warmup_with_min_lr_lambda(
-    current_step: int,
-    *,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    num_cycles: float,
-    min_lr_rate: float = 0.0,
-    warmup_lr_rate: float | None = None,
-) -> float:
-    step, warmup, training = float(current_step), float(num_warmup_steps), float(num_training_steps)
-    if step < warmup:
-        if warmup_lr_rate is None:
-            return (step + 1.0) / max(1.0, warmup)
-        warmup_lr_rate = float(warmup_lr_rate)
-        return warmup_lr_rate + (1.0 - warmup_lr_rate) * (step) / (max(1, warmup - 1))
-    progress = (step - warmup + 1.0) / (max(1.0, training - warmup))
-    factor = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
-    factor = factor * (1 - min_lr_rate) + min_lr_rate
-    return max(0, factor)
-
-
-def _wsd_lambda(
-    current_step: int,
-    *,
-    num_warmup_steps: int,
-    num_stable_steps: int,
-    num_decay_steps: int,
-    warmup_type: str,
-    decay_type: str,
-    min_lr_ratio: float,
-    num_cycles: float,
-    warmup_from_zero: bool = False,
-) -> float:
-    if current_step < num_warmup_steps:
-        progress = float(current_step) / float(max(1, num_warmup_steps))
-        if warmup_from_zero:  # transformers 4.x: linear from 0, not from min_lr_ratio
-            return progress
-        if warmup_type == "linear":
-            factor = progress
-        elif warmup_type == "cosine":
-            factor = 0.5 * (1.0 - math.cos(math.pi * progress))
-        else:  # "1-sqrt"
-            factor = 1.0 - math.sqrt(1.0 - progress)
-        factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio
-        return max(0.0, factor)
-    if current_step < num_warmup_steps + num_stable_steps:
-        return 1.0
-    if current_step < num_warmup_steps + num_stable_steps + num_decay_steps:
-        progress = float(current_step - num_warmup_steps - num_stable_steps) / float(max(1, num_decay_steps))
-        if decay_type == "linear":
-            factor = 1.0 - progress
-        elif decay_type == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
-        else:  # "1-sqrt"
-            factor = 1.0 - math.sqrt(progress)
-        factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio
-        return max(0.0, factor)
-    return min_lr_ratio
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Public schedule functions (transformers' names and signatures)
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def get_constant_schedule(optimizer: Optimizer, last_epoch: int = -1) -> LambdaLR:
-    """Constant learning rate: the one set in the optimizer."""
-    return attach_config(LambdaLR(optimizer, _constant_lambda, last_epoch=last_epoch), "constant", {})
+    """Constant learning rate: the one set in the optimizer.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_constant_schedule(optimizer)
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [1.0, 1.0, 1.0]
+        ```
+    """
+    return attach_config(LambdaLR(optimizer, constant, last_epoch=last_epoch), "constant", {})
 
 
 def get_constant_schedule_with_warmup(
     optimizer: Optimizer, num_warmup_steps: int, last_epoch: int = -1
 ) -> LambdaLR:
-    """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate."""
+    """Linear warmup from 0 over ``num_warmup_steps``, then the optimizer's learning rate.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=2)
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [0.0, 0.5, 1.0]
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     return _lambda_schedule(
         optimizer,
         "constant_with_warmup",
-        _constant_with_warmup_lambda,
+        constant_with_warmup,
         last_epoch,
         num_warmup_steps=num_warmup_steps,
     )
@@ -255,13 +133,36 @@ def get_constant_schedule_with_warmup(
 def get_linear_schedule_with_warmup(
     optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
 ) -> LambdaLR:
-    """Linear warmup from 0 to the optimizer's learning rate, then linear decay to 0 at ``num_training_steps``."""
+    """Linear warmup from 0 to the optimizer's learning rate, then linear decay to 0 at ``num_training_steps``.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=3)
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [0.0, 1.0, 0.5]
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     return _lambda_schedule(
         optimizer,
         "linear",
-        _linear_lambda,
+        linear,
         last_epoch,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
@@ -275,14 +176,38 @@ def get_cosine_schedule_with_warmup(
     num_cycles: float = 0.5,
     last_epoch: int = -1,
 ) -> LambdaLR:
-    """Linear warmup, then a cosine from the optimizer's learning rate to 0 (``num_cycles`` waves; 0.5 = half)."""
+    """Linear warmup, then a cosine from the optimizer's learning rate to 0 (``num_cycles`` waves; 0.5 = half).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: Waves of the cosine after the warmup (0.5: one half wave, down to 0).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer, or a number is not finite.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=3)
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [0.0, 1.0, 0.5]
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
     return _lambda_schedule(
         optimizer,
         "cosine",
-        _cosine_lambda,
+        cosine,
         last_epoch,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
@@ -297,14 +222,40 @@ def get_cosine_with_hard_restarts_schedule_with_warmup(
     num_cycles: float = 1.0,
     last_epoch: int = -1,
 ) -> LambdaLR:
-    """Linear warmup, then ``num_cycles`` cosine decays to 0, each restarting at the optimizer's learning rate."""
+    """Linear warmup, then ``num_cycles`` cosine decays to 0, each restarting at the optimizer's learning rate.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: The number of hard restarts (cosine decays) after the warmup.
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer, or a number is not finite.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_with_hard_restarts_schedule_with_warmup(
+            optimizer, num_warmup_steps=1, num_training_steps=5, num_cycles=2
+        )
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(5)] == [0.0, 1.0, 0.5, 1.0, 0.5]
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
     return _lambda_schedule(
         optimizer,
         "cosine_with_restarts",
-        _cosine_hard_restarts_lambda,
+        cosine_hard_restarts,
         last_epoch,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
@@ -326,6 +277,34 @@ def get_polynomial_decay_schedule_with_warmup(
     refuses: ``num_training_steps == num_warmup_steps`` (transformers divides by the zero-length decay phase at
     that step), a negative ``power`` when the decay phase is reached (``0 ** power`` at its last step) and an
     optimizer learning rate of 0 (the multiplier divides by it).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        lr_end: The final learning rate (absolute), below the optimizer's ``lr``.
+        power: The exponent of the decay (1.0: linear).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If the optimizer has no ``lr`` default.
+        ValueError: If a step count is not a non-negative integer, ``lr_end`` is not below the optimizer's ``lr``,
+            ``num_training_steps == num_warmup_steps``, or ``power`` is negative.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_polynomial_decay_schedule_with_warmup(
+            optimizer, num_warmup_steps=1, num_training_steps=3, lr_end=0.0, power=1.0
+        )
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [0.0, 1.0, 0.5]
+        ```
     """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
@@ -346,7 +325,7 @@ def get_polynomial_decay_schedule_with_warmup(
     if lr_init == 0:
         raise ValueError("the optimizer's lr must not be 0 for the polynomial schedule (it divides by it)")
     lr_lambda = partial(
-        _polynomial_lambda,
+        polynomial,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
         lr_end=lr_end,
@@ -371,11 +350,33 @@ def get_inverse_sqrt_schedule(
     """Linear warmup, then ``1 / sqrt((step + timescale - num_warmup_steps) / timescale)``.
 
     ``timescale`` defaults to ``num_warmup_steps`` (10 000 when that is 0), as in transformers.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        timescale: The decay's time scale; ``None``: ``num_warmup_steps`` (10 000 when that is 0).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        ValueError: If a step count is not a non-negative integer.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_inverse_sqrt_schedule(optimizer, num_warmup_steps=1, timescale=1)
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [0.0, 1.0, 0.707107]
+        ```
     """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     given_timescale = non_negative_int(timescale, "timescale", optional=True, positive=True)
     timescale = given_timescale if given_timescale is not None else (num_warmup_steps or 10_000)
-    lr_lambda = partial(_inverse_sqrt_lambda, num_warmup_steps=num_warmup_steps, timescale=timescale)
+    lr_lambda = partial(inverse_sqrt, num_warmup_steps=num_warmup_steps, timescale=timescale)
     return attach_config(
         LambdaLR(optimizer, lr_lambda, last_epoch=last_epoch),
         "inverse_sqrt",
@@ -405,7 +406,37 @@ def get_cosine_with_min_lr_schedule_with_warmup(
     min_lr: float | None = None,
     min_lr_rate: float | None = None,
 ) -> LambdaLR:
-    """Like the cosine schedule but decaying to ``min_lr`` (absolute) or ``min_lr_rate`` (fraction of the lr)."""
+    """Like the cosine schedule but decaying to ``min_lr`` (absolute) or ``min_lr_rate`` (fraction of the lr).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: Waves of the cosine after the warmup (0.5: one half wave).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+        min_lr: The learning rate the cosine ends at (absolute); give this or ``min_lr_rate``.
+        min_lr_rate: The final learning rate as a fraction of the optimizer's; give this or ``min_lr``.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If ``min_lr`` is given and the optimizer has no ``lr`` default.
+        ValueError: If a step count is not a non-negative integer, a number is not finite, or not exactly one of
+            ``min_lr`` and ``min_lr_rate`` is given.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=1, num_training_steps=3, min_lr_rate=0.1
+        )
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [0.0, 1.0, 0.55]
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
@@ -413,7 +444,7 @@ def get_cosine_with_min_lr_schedule_with_warmup(
     min_lr_rate = finite_number(min_lr_rate, "min_lr_rate", optional=True)
     rate = _min_lr_rate(optimizer, min_lr, min_lr_rate)
     lr_lambda = partial(
-        _cosine_lambda,
+        cosine,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
         num_cycles=num_cycles,
@@ -443,7 +474,39 @@ def get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
     warmup_lr_rate: float | None = None,
 ) -> LambdaLR:
     """transformers' ``cosine_warmup_with_min_lr``: warmup starting at ``warmup_lr_rate`` (or ``1/num_warmup``),
-    cosine to ``min_lr`` / ``min_lr_rate``, with transformers' one-step shift (step ``t`` uses ``t + 1``)."""
+
+    cosine to ``min_lr`` / ``min_lr_rate``, with transformers' one-step shift (step ``t`` uses ``t + 1``).
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_cycles: Waves of the cosine after the warmup (0.5: one half wave).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+        min_lr: The learning rate the cosine ends at (absolute); give this or ``min_lr_rate``.
+        min_lr_rate: The final learning rate as a fraction of the optimizer's; give this or ``min_lr``.
+        warmup_lr_rate: The multiplier of the first warmup step; ``None``: ``1 / num_warmup_steps``.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If ``min_lr`` is given and the optimizer has no ``lr`` default.
+        ValueError: If a step count is not a non-negative integer, a number is not finite, or not exactly one of
+            ``min_lr`` and ``min_lr_rate`` is given.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
+            optimizer, num_warmup_steps=2, num_training_steps=4, min_lr_rate=0.0
+        )
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(3)] == [0.5, 1.0, 0.5]
+        ```
+    """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_training_steps = non_negative_int(num_training_steps, "num_training_steps")
     num_cycles = finite_number(num_cycles, "num_cycles")
@@ -452,7 +515,7 @@ def get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
     warmup_lr_rate = finite_number(warmup_lr_rate, "warmup_lr_rate", optional=True)
     rate = _min_lr_rate(optimizer, min_lr, min_lr_rate)
     lr_lambda = partial(
-        _cosine_warmup_with_min_lr_lambda,
+        cosine_warmup_with_min_lr,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
         num_cycles=num_cycles,
@@ -488,11 +551,45 @@ def get_wsd_schedule(
     warmup_from_zero: bool = False,
 ) -> LambdaLR:
     """Warmup-stable-decay: warmup (``warmup_type``) from ``min_lr_ratio``, a constant phase, then a decay
+
     (``decay_type``) back to ``min_lr_ratio`` of the learning rate, which is kept afterwards.
 
     The stable phase lasts ``num_stable_steps``, or ``num_training_steps - num_warmup_steps - num_decay_steps``.
     These are transformers 5.x's values. ``warmup_from_zero=True`` gives transformers 4.x's (before
     ``warmup_type`` existed): a linear warmup from 0 instead of from ``min_lr_ratio``; the rest is the same.
+
+    Args:
+        optimizer: The optimizer whose learning rates the schedule multiplies.
+        num_warmup_steps: Steps of the warmup phase (a non-negative integer).
+        num_decay_steps: Steps of the decay phase.
+        num_training_steps: Total number of training steps (a non-negative integer).
+        num_stable_steps: Steps of the constant phase; ``None``: what ``num_training_steps`` leaves.
+        warmup_type: ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
+        decay_type: ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
+        min_lr_ratio: The multiplier at the start of the warmup and the end of the decay.
+        num_cycles: Waves of a cosine decay (0.5: one half wave).
+        last_epoch: The index of the last step when resuming; -1 starts from scratch.
+        warmup_from_zero: transformers 4.x's linear warmup from 0 instead of from ``min_lr_ratio``.
+
+    Returns:
+        A ``torch.optim.lr_scheduler.LambdaLR`` with ``hf_optim_config`` set (its name and arguments as JSON).
+
+    Raises:
+        TypeError: If ``warmup_from_zero`` is not a bool.
+        ValueError: If a step count is not a non-negative integer, neither ``num_training_steps`` nor
+            ``num_stable_steps`` is given, a type is unknown, or ``warmup_from_zero`` with a non-linear warmup.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = hf_optim.get_wsd_schedule(
+            optimizer, num_warmup_steps=1, num_decay_steps=2, num_stable_steps=1, decay_type="linear"
+        )
+        assert [round(scheduler.lr_lambdas[0](step), 6) for step in range(4)] == [0.0, 1.0, 1.0, 0.5]
+        ```
     """
     num_warmup_steps = non_negative_int(num_warmup_steps, "num_warmup_steps")
     num_decay_steps = non_negative_int(num_decay_steps, "num_decay_steps")
@@ -524,7 +621,7 @@ def get_wsd_schedule(
     else:  # pragma: no cover - refused above
         raise ValueError("Either num_training_steps or num_stable_steps must be specified.")
     lr_lambda = partial(
-        _wsd_lambda,
+        wsd,
         num_warmup_steps=num_warmup_steps,
         num_stable_steps=stable,
         num_decay_steps=num_decay_steps,

@@ -43,10 +43,14 @@ __all__ = [
 ]
 
 OPTIMIZER_NAME = "optimizer.safetensors"
+"""The file of an unsharded optimizer state (tensors, with the JSON metadata in its header)."""
 OPTIMIZER_INDEX_NAME = "optimizer.safetensors.index.json"
+"""The index of a state split into several files by ``max_shard_size`` (tensor name -> file)."""
 OPTIMIZER_SHARD_PATTERN = "optimizer{suffix}.safetensors"
 SCHEDULER_NAME = "scheduler.json"
+"""The scheduler's state and its ``hf_optim_config`` (name and arguments), as JSON."""
 ACCUMULATOR_NAME = "accumulator.safetensors"
+"""The :class:`~hf_optim.GradientAccumulator`'s gradients and counters."""
 LOCK_NAME = ".hf_optim.lock"
 
 #: Version of the on-disk layout written here (``docs/FORMAT.md``). Readers accept versions <= this.

@@ -19,7 +19,45 @@ __all__ = ["StateInfo", "inspect_state"]
 
 @dataclass(frozen=True)
 class StateInfo:
-    """Summary of a checkpoint read from metadata and tensor headers only (``hf-optim inspect``)."""
+    """Summary of a checkpoint read from metadata and tensor headers only (``hf-optim inspect``).
+
+    :func:`hf_optim.inspect_state` returns it: what a checkpoint holds, without a model, an optimizer or reading
+    the tensors.
+
+    Args:
+        directory: The checkpoint's local directory.
+        checkpoint_id: The checkpoint's id.
+        format_version: The version of the file format (docs/FORMAT.md).
+        optimizer_class: The saved optimizer's class (``module.QualName``).
+        optimizer_name: Its registry name, if it has one.
+        keyed_by: ``"name"`` (state keyed by parameter names) or ``"index"``.
+        param_groups: Per group: number of parameters, elements and hyperparameters.
+        num_params: Parameters with state.
+        numel: Elements of those parameters.
+        state_bytes: Bytes of the state tensors.
+        files: The files of the checkpoint.
+        step: (min, max) of the per-parameter step counters, if any.
+        scheduler_name: The saved scheduler's registry name.
+        scheduler_class: The saved scheduler's class.
+        scheduler_step: The saved scheduler's ``last_epoch``.
+        scheduler_lr: The saved scheduler's last learning rates.
+        accumulator_bytes: Bytes of the saved accumulator's gradients.
+        info: What the writer recorded about the checkpoint's origin (``hf-optim convert``).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(2, 2)
+        optimizer = hf_optim.AdamW(model.parameters())
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        hf_optim.save_state("ckpt", optimizer, model=model)
+        info = hf_optim.inspect_state("ckpt")
+        assert (info.num_params, info.numel, info.step) == (2, 6, (1.0, 1.0))
+        ```
+    """
 
     directory: str
     checkpoint_id: str

@@ -68,6 +68,37 @@ def load_state(
     loads on any number of processes, or into a plain single-process model; an FSDP2 optimizer (``DTensor``
     parameters) also loads an ordinary checkpoint, each process reading only its own shard of the state tensors.
     Call it on every process then.
+
+    Args:
+        directory: The checkpoint's local folder.
+        optimizer: The optimizer to restore.
+        scheduler: A learning-rate scheduler to restore too.
+        accumulator: A :class:`~hf_optim.GradientAccumulator` to restore too.
+        subfolder: A folder inside ``directory`` holding the state.
+        strict: Refuse any difference between checkpoint and optimizer; ``False`` loads the matching part.
+        roots: Folders the checkpoint's files may resolve into through symlinks.
+        model: The trained model (names the parameters; required for sharded state).
+
+    Returns:
+        What was restored and what was skipped.
+
+    Raises:
+        FileNotFoundError: If there is no such folder or no optimizer state in it.
+        CheckpointError: If a file is truncated, corrupted, hostile or inconsistent, or (``strict``) the state
+            does not match the optimizer, scheduler or accumulator. Nothing has changed then.
+        ValueError: If a sharded (FSDP2, DeepSpeed ZeRO) optimizer is given without ``model``, or a DeepSpeed ZeRO
+            optimizer with an ``accumulator``.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+        from hf_optim.state import load_state
+
+        model = torch.nn.Linear(2, 2)
+        hf_optim.save_state("ckpt", hf_optim.AdamW(model.parameters()), model=model)
+        assert load_state("ckpt", hf_optim.AdamW(model.parameters()), model=model).complete
+        ```
     """
     directory = os.fspath(directory)
     sub = clean_subfolder(subfolder)
@@ -238,7 +269,29 @@ def load_state_dict(
 ) -> dict[str, Any]:
     """The checkpoint's optimizer state as a torch-format ``state_dict`` (validated; keys are torch's indices).
 
-    ``param_names`` are included when the state is keyed by name. No live optimizer is needed or checked.
+    ``param_names`` are included when the state is keyed by name. No live optimizer is needed or checked: for
+    tools that convert or compare state.
+
+    Args:
+        directory: The checkpoint's local folder.
+        roots: Folders the checkpoint's files may be in (default: ``directory`` only).
+
+    Returns:
+        ``{"state": {index: {key: value}}, "param_groups": [...]}``, as ``Optimizer.state_dict()`` returns it.
+
+    Raises:
+        FileNotFoundError: If there is no such folder or no optimizer state in it.
+        CheckpointError: If a file is truncated, corrupted, inconsistent or of an unknown format.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = hf_optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.01)
+        hf_optim.save_state("ckpt", optimizer)
+        assert hf_optim.load_state_dict("ckpt")["param_groups"][0]["lr"] == 0.01
+        ```
     """
     directory = os.fspath(directory)
     with open_checkpoint(directory, roots=roots) as ckpt:
@@ -265,7 +318,27 @@ def load_state_dict(
 
 
 def load_object_state(path: str | os.PathLike[str], *, kind: str) -> Any:
-    """Read a value saved by :func:`save_object_state`; the file must record the same ``kind``."""
+    """Read a value saved by :func:`save_object_state`; the file must record the same ``kind``.
+
+    Args:
+        path: The file to read.
+        kind: What the value must be (as given when saving).
+
+    Returns:
+        The value tree (tensors, numbers, str, None, lists, tuples and dicts of them).
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        CheckpointError: If the file records another kind, or is corrupted or hostile.
+
+    Example:
+        ```python
+        import hf_optim
+
+        hf_optim.save_object_state("counters.safetensors", {"seen": 128}, kind="counters")
+        assert hf_optim.load_object_state("counters.safetensors", kind="counters") == {"seen": 128}
+        ```
+    """
     path = os.fspath(path)
     f = open_file(path, roots=checkpoint_roots(os.path.dirname(os.path.abspath(path))))
     try:
@@ -283,7 +356,26 @@ def load_object_state(path: str | os.PathLike[str], *, kind: str) -> Any:
 
 
 def has_state(directory: str | os.PathLike[str]) -> bool:
-    """Whether ``directory`` holds a complete, consistent hf_optim optimizer checkpoint (headers checked only)."""
+    """Whether ``directory`` holds a complete, consistent hf_optim optimizer checkpoint (headers checked only).
+
+    A cheap test before resuming: it never raises for a missing or broken checkpoint.
+
+    Args:
+        directory: The folder to look into.
+
+    Returns:
+        True if a load would find the files it needs and their headers agree.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        assert not hf_optim.has_state("ckpt")
+        hf_optim.save_state("ckpt", hf_optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+        assert hf_optim.has_state("ckpt")
+        ```
+    """
     try:
         with open_checkpoint(os.fspath(directory)):
             return True

@@ -174,7 +174,39 @@ def placeholders(value: Any, tensors: Mapping[str, torch.Tensor] | None = None) 
 
 @dataclass(frozen=True, repr=False)
 class LoadReport:
-    """What a load restored and what it skipped (with ``strict=False``); the same for every layout."""
+    """What a load restored and what it skipped (with ``strict=False``); the same for every layout.
+
+    :func:`hf_optim.load_state` returns it, so a resumed run can check (or log) that nothing was left behind:
+    ``report.complete`` is True when nothing was skipped.
+
+    Args:
+        source: The local directory the checkpoint was read from.
+        checkpoint_id: The checkpoint's id (from its metadata).
+        loaded: Parameters whose optimizer state was restored (names, or indices as strings).
+        missing: Optimizer parameters the checkpoint has no record of.
+        unexpected: Checkpoint parameters the optimizer does not have.
+        mismatched: Parameters on both sides but skipped (another shape, or state that differs from the state
+            the optimizer already has).
+        param_groups_restored: Whether the param groups' hyperparameters were restored.
+        scheduler_loaded: Whether the scheduler's state was loaded.
+        accumulator_loaded: Whether the accumulator's state was loaded.
+        notes: Explanations of what was skipped.
+        scheduler_skipped: A scheduler was passed but its state was not loaded.
+        accumulator_skipped: An accumulator was passed but its state was not loaded.
+        scheduler_mismatch: Schedule arguments that differ between checkpoint and live scheduler:
+            name -> (saved, live).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        model = torch.nn.Linear(2, 2)
+        hf_optim.save_state("ckpt", hf_optim.AdamW(model.parameters()), model=model)
+        report = hf_optim.load_state("ckpt", hf_optim.AdamW(model.parameters()), model=model)
+        assert report.complete and sorted(report.loaded) == ["bias", "weight"]
+        ```
+    """
 
     source: str  #: local directory the checkpoint was read from
     checkpoint_id: str

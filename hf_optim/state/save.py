@@ -221,7 +221,42 @@ def save_state_dict(
     The lower layer of :func:`save_state` and of ``hf-optim convert``. Parameter names come from the groups'
     ``param_names`` (torch keeps them for named parameters); ``param_shapes`` / ``param_dtypes`` (group by group)
     are recorded so that loading can check them. ``metadata`` (str -> str) is stored as the checkpoint's ``info``.
-    Returns the written paths.
+    Use it for state that exists only as a dict (a converted ``optimizer.pt``, another framework's export).
+
+    Args:
+        save_directory: The folder to write into (created if needed).
+        state_dict: The optimizer's ``state_dict()``.
+        param_shapes: Per group, per parameter: its shape (``None``: unknown), checked on load.
+        param_dtypes: Per group, per parameter: its dtype (``None``: unknown), checked on load.
+        optimizer_class: The optimizer's class (``module.QualName``), recorded.
+        optimizer_name: Its registry name, recorded.
+        scheduler_state: A scheduler's ``state_dict()`` to save alongside.
+        scheduler_class: The scheduler's class, recorded.
+        scheduler_name: The scheduler's registry name, recorded.
+        scheduler_kwargs: The scheduler's arguments (its ``hf_optim_config["kwargs"]``), recorded.
+        accumulator_state: A :class:`GradientAccumulator`'s ``state_dict()`` to save alongside.
+        accumulator_class: The accumulator's class, recorded.
+        max_shard_size: Split the state into files of at most this size (``"5GB"``, or bytes).
+        metadata: Free-form str -> str information, stored as the checkpoint's ``info``.
+        fsync: Flush the files and the folder to disk before returning.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        TypeError: If a value of the state cannot be stored (only tensors, numbers, str, None and containers).
+        ValueError: If ``state_dict`` is not in torch's optimizer format, or the arguments disagree with it.
+        OSError: If writing fails (the previous checkpoint in the folder is left as it was).
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+        hf_optim.save_state_dict("ckpt", optimizer.state_dict(), optimizer_class="torch.optim.SGD")
+        assert hf_optim.load_state_dict("ckpt")["param_groups"][0]["momentum"] == 0.9
+        ```
     """
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("state_dict must have 'state' and 'param_groups' (torch's optimizer format)")
@@ -506,7 +541,26 @@ def _save_payload(
 def save_object_state(path: str | os.PathLike[str], value: Any, *, kind: str) -> None:
     """Save one value tree (nested dict/list/tuple/str/int/float/bool/None/tensors) to one safetensors file.
 
-    Atomic (temporary name, then rename). ``kind`` names what it is; :func:`load_object_state` checks it.
+    Atomic (temporary name, then rename). ``kind`` names what it is; :func:`load_object_state` checks it. For
+    run state that is neither optimizer nor scheduler (a sampler's position, counters), without pickle.
+
+    Args:
+        path: The file to write.
+        value: The value tree.
+        kind: What the value is (recorded, and checked when loading).
+
+    Raises:
+        TypeError: If the tree holds a value of another type.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        hf_optim.save_object_state("sampler.safetensors", {"epoch": 3, "seed": torch.arange(2)}, kind="sampler")
+        value = hf_optim.load_object_state("sampler.safetensors", kind="sampler")
+        assert value["epoch"] == 3 and torch.equal(value["seed"], torch.arange(2))
+        ```
     """
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"kind must be a non-empty string, got {kind!r}")
@@ -545,6 +599,28 @@ def consolidate_state(
     reaches it and dropped once written, so the memory needed is about the largest tensor plus a read buffer,
     not the whole state. The files are those ``save_state_dict`` writes for the same state (``max_shard_size``
     splits them), committed atomically the same way; ``fsync=True`` also flushes them and the directory.
+
+    Args:
+        sharded_directory: The folder of the sharded checkpoint.
+        save_directory: The folder to write the single-process checkpoint into.
+        max_shard_size: Split the state into files of at most this size.
+        fsync: Flush the files and the folder to disk before returning.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        CheckpointError: If the sharded checkpoint is missing, incomplete or inconsistent.
+        OSError: If writing fails.
+
+    Example:
+        <!-- skip: needs a sharded checkpoint, written by several FSDP2 processes (see the FSDP2 page) -->
+        ```python
+        import hf_optim
+
+        hf_optim.consolidate_state("sharded-ckpt", "ckpt")  # also: hf-optim consolidate sharded-ckpt ckpt
+        print(hf_optim.inspect_state("ckpt"))
+        ```
     """
     directory = _target_directory(save_directory)
     shard_size = parse_max_shard_size(max_shard_size)

@@ -124,26 +124,53 @@ def test_page_examples_run(page, tmp_path, monkeypatch, request):
         pytest.skip("ran the other blocks; skipped " + "; ".join(skipped))
 
 
-def _docstring_examples() -> dict[str, str]:
+def _docstring_examples() -> dict[str, tuple[str, str | None]]:
+    """Each public name's ``Example:`` code, and the reason if a ``<!-- skip: reason -->`` marks it."""
     import inspect
 
     import hf_optim
 
-    examples = {}
+    documented = {}
     for name in sorted(set(hf_optim.__all__) - {"__version__"}):
-        doc = inspect.getdoc(getattr(hf_optim, name)) or ""
-        blocks = re.findall(r"^([ \t]*)```python\n(.*?)^\1```", doc, flags=re.M | re.S)
+        documented[name] = getattr(hf_optim, name)
+        if inspect.ismodule(documented[name]):  # hf_optim.logging: its functions too
+            module = documented[name]
+            documented.update({f"{name}.{member}": getattr(module, member) for member in module.__all__})
+    examples = {}
+    for name, obj in documented.items():
+        doc = inspect.getdoc(obj) or ""
+        blocks = re.findall(
+            r"^(?:[ \t]*<!--\s*skip:\s*(.*?)\s*-->\n)?([ \t]*)```python\n(.*?)^\2```", doc, flags=re.M | re.S
+        )
         if blocks:
-            examples[name] = "\n".join(textwrap.dedent(code) for _, code in blocks)
+            code = "\n".join(textwrap.dedent(block) for _, _, block in blocks)
+            examples[name] = (code, "; ".join(skip for skip, _, _ in blocks if skip) or None)
     return examples
 
 
 DOCSTRING_EXAMPLES = _docstring_examples()
 
 
+def _uses_the_hub(name: str) -> bool:
+    """The names of ``hf_optim.hub``: their examples run against the local Hub."""
+    import hf_optim
+    import hf_optim.hub
+
+    return "." not in name and getattr(hf_optim, name) in (
+        getattr(hf_optim.hub, n) for n in hf_optim.hub.__all__
+    )
+
+
 @pytest.mark.parametrize("name", sorted(DOCSTRING_EXAMPLES))
-def test_docstring_example_runs(name, tmp_path, monkeypatch):
+def test_docstring_example_runs(name, tmp_path, monkeypatch, request):
+    code, skip = DOCSTRING_EXAMPLES[name]
+    if skip:
+        pytest.skip(skip)
+    if _uses_the_hub(name):
+        request.getfixturevalue("hub_server")
     monkeypatch.chdir(tmp_path)
+    _reset_accelerate()
+    request.addfinalizer(_reset_accelerate)
     namespace: dict[str, object] = {"__name__": f"docstring_{name}"}
     exec(compile(_TINY, "<prelude>", "exec"), namespace)
-    exec(compile(DOCSTRING_EXAMPLES[name], f"<docstring of hf_optim.{name}>", "exec"), namespace)
+    exec(compile(code, f"<docstring of hf_optim.{name}>", "exec"), namespace)

@@ -127,18 +127,40 @@ def accelerate_save_state(
 ) -> str:
     """Save a resumable checkpoint with no pickled optimizer, scheduler or registered-object files.
 
-    Accelerate writes the model weights (``model.safetensors``, or ``pytorch_model.bin`` with
-    ``safe_serialization=False`` as Accelerate does; stored under the unwrapped model's parameter
-    names so a checkpoint from N processes loads into a run with M), the RNG states, dataloader samplers and its
-    step counter, and applies its automatic checkpoint naming and ``total_limit`` (``output_dir=None`` with
-    ``ProjectConfiguration(automatic_checkpoint_naming=True)``). The main process (each node's main process with
-    ``save_on_each_node``) writes the hf_optim state: the first prepared optimizer and its scheduler into the
-    checkpoint folder itself, the i-th into ``optimizer_{i}/``, and the ``state_dict()`` of each object
-    registered with ``accelerator.register_for_checkpointing`` into ``custom_checkpoint_{i}.safetensors``
-    (tensors, numbers, strings, booleans, None, and lists / tuples / dicts of them).
-    ``accumulator`` (a :class:`hf_optim.GradientAccumulator`) is stored with the first optimizer; it is
-    process-local, so with several processes it can only be saved between accumulation windows (else
-    ``ValueError``). Call on every process; all wait until the checkpoint is complete. Returns its folder.
+    Accelerate writes the model weights (under the unwrapped model's parameter names, so a checkpoint from N
+    processes loads into a run with M), the RNG states, samplers and step counter, and applies its automatic
+    checkpoint naming and ``total_limit``. The main process (each node's with ``save_on_each_node``) writes the
+    hf_optim state: the first prepared optimizer and its scheduler into the folder itself, the i-th into
+    ``optimizer_{i}/``, and the ``state_dict()`` of each object registered with
+    ``accelerator.register_for_checkpointing`` into ``custom_checkpoint_{i}.safetensors`` (tensors, numbers,
+    strings, booleans, None, and containers of them). Call on every process; all wait until it is complete.
+
+    Args:
+        accelerator: The run's ``Accelerator``, after ``prepare``.
+        output_dir: The checkpoint folder; ``None`` with ``ProjectConfiguration(automatic_checkpoint_naming=True)``.
+        accumulator: A :class:`hf_optim.GradientAccumulator` (process-local), stored with the first optimizer.
+        safe_serialization: Model weights as ``model.safetensors`` (``False``: ``pytorch_model.bin``).
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        ValueError: If ``output_dir`` is not a folder, the accumulator has no optimizer to go with or is saved
+            mid-window with several processes.
+        NotImplementedError: Under DeepSpeed, Megatron-LM or FSDP1, which shard optimizer state their own way.
+        RuntimeError: If writing failed on another process.
+
+    Example:
+        ```python
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        model, optimizer = accelerator.prepare(model, hf_optim.AdamW(model.parameters()))
+        assert hf_optim.has_state(hf_optim.accelerate_save_state(accelerator, "ckpt"))
+        ```
     """
     _check_checkpoint_support(accelerator, "accelerate_save_state")
     if output_dir is not None:
@@ -252,23 +274,48 @@ def accelerate_load_state(
 ) -> str:
     """Resume from a checkpoint written by :func:`accelerate_save_state`, all or nothing.
 
-    ``path_or_repo_id`` is a local folder, a Hub repo id or an ``hf://USER/REPO[@REVISION]/SUBFOLDER`` URL; Hub
-    checkpoints are downloaded with :func:`hf_optim.download_checkpoint` (``repo_type``, ``revision``,
-    ``subfolder``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` go to it), by each node's
-    main process first, then read from the cache by the others.
+    Hub checkpoints are downloaded (:func:`hf_optim.download_checkpoint`) by each node's main process first.
+    Every file is validated before anything changes; if a later step raises, the optimizers, schedulers,
+    accumulator, registered objects, RNG states, scaler and step counter are restored and the error re-raised.
+    Pickled ``custom_checkpoint_N.pkl`` files (what plain ``accelerator.save_state`` writes) are refused:
+    Accelerate reads them with ``torch.load(weights_only=False)``, which runs the file's code.
 
-    Every file is validated before anything changes: model weights (names and shapes, read into memory), the
-    hf_optim state of each optimizer, the registered objects' files, and the files Accelerate will read. Then
-    the optimizer / scheduler / ``accumulator`` state is loaded with :func:`hf_optim.load_state`, the registered
-    objects' ``load_state_dict``, Accelerate's part (RNG states, samplers, scaler, step counter) and the model
-    weights. If any step raises, the optimizers, schedulers, accumulator, registered objects, RNG states, scaler
-    and step counter are restored and the error re-raised (a copy of the optimizer state is held in memory for
-    the duration of the load to make that possible).
+    Args:
+        accelerator: The run's ``Accelerator``, after ``prepare``.
+        path_or_repo_id: A local folder, a Hub repo id or an ``hf://`` URL.
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``, for a Hub repository.
+        revision: A branch, tag or commit; ``None``: the default branch.
+        subfolder: The checkpoint folder inside the repository.
+        token: A Hub token; ``None``: the one ``huggingface_hub`` finds.
+        cache_dir: The Hugging Face cache folder; ``None``: the usual one.
+        local_files_only: Use the cache only, never download.
+        force_download: Download again even if cached.
+        accumulator: A :class:`hf_optim.GradientAccumulator` to restore with the first optimizer.
+        strict: Refuse any difference between checkpoint and optimizers.
+        allow_pickle: Let Accelerate read pickled ``custom_checkpoint_N.pkl`` files: only for files you made.
 
-    A folder holding pickled ``custom_checkpoint_N.pkl`` files (what plain ``accelerator.save_state`` writes for
-    registered objects) is refused with a :class:`~hf_optim.CheckpointError`: Accelerate reads them with
-    ``torch.load(weights_only=False)``, which runs whatever code the file holds. ``allow_pickle=True`` lets
-    Accelerate read them; only for files you made. Returns the local checkpoint folder.
+    Returns:
+        The local checkpoint folder.
+
+    Raises:
+        CheckpointError: If a file is missing, corrupted, hostile or does not match (nothing is changed then), or
+            the folder holds pickles and ``allow_pickle`` is False.
+        FileNotFoundError: If there is no such checkpoint.
+        ValueError: If the accumulator has no optimizer to go with.
+        NotImplementedError: Under DeepSpeed, Megatron-LM or FSDP1.
+
+    Example:
+        ```python
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        model, optimizer = accelerator.prepare(model, hf_optim.AdamW(model.parameters()))
+        hf_optim.accelerate_save_state(accelerator, "ckpt")
+        hf_optim.accelerate_load_state(accelerator, "ckpt")  # or "user/repo", "hf://user/repo/checkpoint-1000"
+        ```
     """
     _check_checkpoint_support(accelerator, "accelerate_load_state")
     pairs = _optimizer_scheduler_pairs(accelerator)
@@ -425,10 +472,31 @@ def use_safetensors_state(accelerator: Accelerator) -> Accelerator:
 
     After this call ``accelerator.save_state(output_dir)`` is :func:`accelerate_save_state` and
     ``accelerator.load_state(input_dir)`` is :func:`accelerate_load_state`: no ``optimizer.bin``,
-    ``scheduler.bin`` or ``custom_checkpoint_N.pkl``. With ``ProjectConfiguration(automatic_checkpoint_naming=
-    True)``, ``save_state()`` names folders ``checkpoint_<iteration>`` under ``project_dir/checkpoints``, applies
-    ``total_limit`` and advances the iteration (Accelerate's own code does it), and ``load_state()`` picks the
-    folder with the highest number, as Accelerate does. Only this instance changes. Returns ``accelerator``.
+    ``scheduler.bin`` or ``custom_checkpoint_N.pkl``. Automatic checkpoint naming and ``total_limit`` work as
+    in Accelerate (its own code runs them). Only this instance changes.
+
+    Args:
+        accelerator: The ``Accelerator`` whose ``save_state`` / ``load_state`` change.
+
+    Returns:
+        The same ``accelerator``, for chaining.
+
+    Raises:
+        TypeError: From the replaced methods, given DeepSpeed / Megatron-LM or model loading arguments.
+
+    Example:
+        ```python
+        import os
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = hf_optim.use_safetensors_state(Accelerator(cpu=True))
+        model = torch.nn.Linear(2, 2)
+        model, optimizer = accelerator.prepare(model, hf_optim.AdamW(model.parameters()))
+        accelerator.save_state("ckpt")
+        assert hf_optim.has_state("ckpt") and not os.path.exists("ckpt/optimizer.bin")
+        ```
     """
     _check_checkpoint_support(accelerator, "use_safetensors_state")
     if getattr(accelerator, "_hf_optim_safetensors_state", False):

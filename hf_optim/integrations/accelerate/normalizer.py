@@ -33,6 +33,34 @@ class ItemNormalizer:
     After each synchronising step :attr:`loss` is the mean loss per item over the window (all processes) and
     :attr:`num_items` the number of items: log those. Not supported under DeepSpeed / Megatron-LM, whose
     engines own the gradients.
+
+    Args:
+        accelerator: The run's ``Accelerator`` (its ``gradient_accumulation_steps`` sets the window).
+        model_or_params: The prepared model, or its parameters.
+
+    Raises:
+        NotImplementedError: Under DeepSpeed or Megatron-LM.
+        ValueError: If there is no parameter with ``requires_grad=True``.
+
+    Example:
+        ```python
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        normalizer = hf_optim.ItemNormalizer(accelerator, model)
+        for n in (1, 3):  # micro-batches of 1 and 3 items, each with target 1
+            with accelerator.accumulate(model):
+                x = torch.ones(n, 1)
+                loss_sum = ((model(x) - 1) ** 2).sum()
+                normalizer.backward(loss_sum, num_items=n)
+        assert normalizer.num_items == 4 and normalizer.loss == 1.0
+        assert torch.allclose(model.weight.grad, torch.tensor([[-2.0]]))  # d/dw of the mean over all 4 items
+        ```
     """
 
     def __init__(self, accelerator: Accelerator, model_or_params: torch.nn.Module | Iterable[Any]) -> None:

@@ -37,6 +37,30 @@ def accelerate_prepare(
     optimizer steps, so the same arguments give the same learning rates with 1 or N processes and checkpoints can
     be resumed with another number of processes. Other schedulers keep Accelerate's behaviour. Returns what
     ``accelerator.prepare`` returns (one object, or a tuple in the order given).
+
+    Args:
+        accelerator: The run's ``Accelerator``.
+        *objects: Models, optimizers, dataloaders and schedulers, as ``accelerator.prepare`` takes them.
+        device_placement: Per object, whether to move it to the device (``accelerator.prepare``'s argument).
+
+    Returns:
+        The prepared object, or a tuple of them in the order given.
+
+    Example:
+        ```python
+        import torch
+        from accelerate import Accelerator
+        import hf_optim
+
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        optimizer = hf_optim.AdamW(model.parameters())
+        scheduler = hf_optim.get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=4)
+        model, optimizer, scheduler = hf_optim.accelerate_prepare(accelerator, model, optimizer, scheduler)
+        optimizer.step()
+        scheduler.step()
+        assert scheduler.scheduler.last_epoch == 1  # once per optimizer step, whatever the number of processes
+        ```
     """
     prepared = accelerator.prepare(*objects, device_placement=device_placement)
     for obj in prepared if isinstance(prepared, tuple) else (prepared,):

@@ -103,6 +103,23 @@ class TrainerMixin:
     ``_save_optimizer_and_scheduler`` and ``_load_optimizer_and_scheduler`` (transformers' loader silently skips
     when ``optimizer.pt`` is absent, so both are needed), ``create_optimizer`` (to tag hf_optim optimizers with
     their registry name) and ``train`` (to download ``hf://`` checkpoints).
+
+    Raises:
+        CheckpointError: From ``train(resume_from_checkpoint=...)`` when the checkpoint's optimizer state is
+            corrupted or does not match the optimizer (nothing is loaded then).
+
+    Example:
+        ```python
+        import transformers
+        import hf_optim
+
+
+        class MySeq2SeqTrainer(hf_optim.TrainerMixin, transformers.Seq2SeqTrainer):
+            pass
+
+
+        assert MySeq2SeqTrainer.__mro__[1] is hf_optim.TrainerMixin
+        ```
     """
 
     #: fsync the state files. Off by default, like the rest of a Trainer checkpoint (transformers does not fsync
@@ -266,4 +283,37 @@ class Trainer(TrainerMixin, transformers.Trainer):
     """Drop-in ``transformers.Trainer`` that checkpoints optimizer and scheduler in safetensors / JSON.
 
     See :class:`TrainerMixin`. Importing it registers hf_optim's names with transformers (``optim="adamw_hf"``).
+    It takes ``transformers.Trainer``'s arguments; checkpoints hold ``optimizer.safetensors`` and
+    ``scheduler.json`` instead of pickles, and ``train(resume_from_checkpoint="hf://user/repo/checkpoint-N")``
+    resumes from the Hub.
+
+    Raises:
+        CheckpointError: From ``train(resume_from_checkpoint=...)`` when the checkpoint's optimizer state is
+            corrupted or does not match the optimizer (nothing is loaded then).
+
+    Example:
+        ```python
+        import os
+        import torch
+        import hf_optim
+        from transformers import TrainingArguments
+
+
+        class Regression(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear = torch.nn.Linear(4, 1)
+
+            def forward(self, x, labels=None):
+                out = self.linear(x).squeeze(-1)
+                return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+        data = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(8)]
+        args = TrainingArguments(
+            "out", optim="adamw_hf", max_steps=2, save_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True
+        )
+        hf_optim.Trainer(model=Regression(), args=args, train_dataset=data).train()
+        assert os.path.isfile(f"out/checkpoint-2/{hf_optim.OPTIMIZER_NAME}")
+        ```
     """

@@ -12,6 +12,7 @@ from hf_optim.state.codec import Encoder, decode
 from hf_optim.state.format import dtype_name
 
 SHARDED_MANIFEST_NAME = "optimizer.sharded.json"
+"""The manifest of a sharded (FSDP2, DeepSpeed ZeRO) checkpoint, written last by rank 0."""
 SHARDED_FORMAT_VERSION = 2
 KIND = "hf_optim.optimizer_sharded"
 # used with fullmatch: "$" would also accept a trailing newline, "\d" other scripts' digits

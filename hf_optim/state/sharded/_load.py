@@ -247,7 +247,36 @@ def machine_files(manifest_path: str, model: torch.nn.Module) -> list[str]:
 
 @dataclass(frozen=True)
 class ShardedStateInfo:
-    """What a sharded checkpoint holds, read without torch.distributed or a model."""
+    """What a sharded checkpoint holds, read without torch.distributed or a model.
+
+    :func:`hf_optim.inspect_state` returns it for a sharded (FSDP2 or DeepSpeed ZeRO) checkpoint, after
+    validating the manifest and every shard header as a load would.
+
+    Args:
+        directory: The checkpoint's local directory.
+        checkpoint_id: The checkpoint's id.
+        optimizer_class: The saved optimizer's class.
+        world_size: The number of processes that saved it.
+        num_shards: The number of shard files.
+        parameters: Parameter name -> state key -> global shape.
+        has_scheduler: Whether a scheduler's state was saved.
+        accumulator_gradients: The saved accumulator's number of gradients (``None``: no accumulator).
+        param_groups: Per group: number of parameters, elements and hyperparameters.
+        step: (min, max) of the per-parameter step counters, if any.
+        scheduler_name: The saved scheduler's registry name.
+        scheduler_class: The saved scheduler's class.
+        scheduler_step: The saved scheduler's ``last_epoch``.
+        scheduler_lr: The saved scheduler's last learning rates.
+
+    Example:
+        <!-- skip: needs a sharded checkpoint, written by several FSDP2 processes (see the FSDP2 page) -->
+        ```python
+        import hf_optim
+
+        info = hf_optim.inspect_state("sharded-ckpt")
+        print(info.world_size, info.num_shards, sorted(info.parameters))
+        ```
+    """
 
     directory: str
     checkpoint_id: str

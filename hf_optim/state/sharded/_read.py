@@ -49,7 +49,25 @@ from hf_optim.state.sharded._format import (
 
 
 def has_sharded_state(directory: str | os.PathLike[str]) -> bool:
-    """Whether ``directory`` holds a sharded checkpoint (its manifest)."""
+    """Whether ``directory`` holds a sharded checkpoint (its manifest).
+
+    Tells a sharded (FSDP2, DeepSpeed ZeRO) checkpoint from an ordinary one without reading it.
+
+    Args:
+        directory: The folder to look into.
+
+    Returns:
+        True if the folder has ``optimizer.sharded.json``.
+
+    Example:
+        ```python
+        import torch
+        import hf_optim
+
+        hf_optim.save_state("ckpt", hf_optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+        assert hf_optim.has_state("ckpt") and not hf_optim.has_sharded_state("ckpt")
+        ```
+    """
     return os.path.isfile(os.path.join(os.fspath(directory), SHARDED_MANIFEST_NAME))
 
 
