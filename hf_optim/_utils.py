@@ -28,14 +28,19 @@ __all__ = [
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer, looking through wrappers such as accelerate's ``AcceleratedOptimizer``.
 
-    Wrappers (themselves ``Optimizer`` subclasses in accelerate's case) keep the real one in ``.optimizer``.
+    Wrappers keep the real one in ``.optimizer``: accelerate's ``AcceleratedOptimizer`` (an ``Optimizer``
+    subclass), and under DeepSpeed its wrapper around the ZeRO optimizer, which drives the client optimizer
+    (neither of the last two is an ``Optimizer``): the innermost ``Optimizer`` of the chain is returned.
     """
     inner = optimizer
+    current = optimizer
     for _ in range(8):
-        wrapped = getattr(inner, "optimizer", None)
-        if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is inner:
+        wrapped = getattr(current, "optimizer", None)
+        if wrapped is None or wrapped is current:
             break
-        inner = wrapped
+        current = wrapped
+        if isinstance(current, torch.optim.Optimizer):
+            inner = current
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return inner

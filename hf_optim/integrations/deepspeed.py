@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from hf_optim.errors import CheckpointError
 from hf_optim.state import SHARDED_MANIFEST_NAME, load_state, save_state
+from hf_optim.state.io import checkpoint_roots, open_file, read_json, read_safetensors, read_tensors
 from hf_optim.state.zero import find_zero, module_of
 
 __all__ = [
+    "assign_weights",
     "has_zero_state",
     "is_zero",
     "load_model_weights",
@@ -57,37 +59,45 @@ def load_zero_state(directory: str | os.PathLike[str], optimizer: Any, scheduler
 
 
 def _read_weights(checkpoint: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    """``model.safetensors`` or the files its index names, each opened once inside the checkpoint folder."""
     single = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
-    if os.path.isfile(single):
-        return load_file(single)
-    with open(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME), encoding="utf-8") as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.lexists(single):
+        files = [SAFE_WEIGHTS_NAME]
+    else:
+        index_file = open_file(
+            os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME), roots=checkpoint_roots(checkpoint)
+        )
+        try:
+            index = read_json(index_file)
+        finally:
+            index_file.close()
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{checkpoint}: {SAFE_WEIGHTS_INDEX_NAME} has no weight_map of file names")
+        files = sorted(set(weight_map.values()))
+    roots = checkpoint_roots(checkpoint)
     weights: dict[str, torch.Tensor] = {}
     for name in files:
-        if os.path.basename(name) != name:
-            raise ValueError(f"{checkpoint}: weight file {name!r} is outside the checkpoint folder")
-        weights.update(load_file(os.path.join(checkpoint, name)))
+        if os.path.basename(name) != name or not name.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{checkpoint}: weight file {name!r} is not a safetensors file of the folder"
+            )
+        file = open_file(os.path.join(checkpoint, name), roots=roots)
+        try:
+            st = read_safetensors(file)
+            weights.update(read_tensors(st, st.entries))
+        finally:
+            file.close()
     return weights
 
 
-def load_model_weights(
-    engine: Any, checkpoint: str | os.PathLike[str], load_module_strict: bool = True
-) -> None:
-    """Load a checkpoint's model weights (``model.safetensors`` or its index, as Trainer saves them) into a
-    DeepSpeed engine's module, on every process; under ZeRO-3 through ``GatheredParameters`` (rank 0 writes,
-    DeepSpeed re-partitions). Then the optimizer state: :func:`load_zero_state`."""
+def assign_weights(engine: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Load ``weights`` (full tensors, already checked) into a DeepSpeed engine's module, on every process:
+    under ZeRO-3 through ``GatheredParameters`` (rank 0 writes, DeepSpeed re-partitions)."""
     import deepspeed
     import torch.distributed as dist
 
     module = module_of(engine)
-    weights = _read_weights(os.fspath(checkpoint))
-    # checked on every process before loading (tied weights are stored once, under their first name)
-    missing = sorted({name for name, _ in module.named_parameters()} - set(weights))
-    unexpected = sorted(set(weights) - set(module.state_dict()))
-    if load_module_strict and (missing or unexpected):
-        raise ValueError(f"{checkpoint}: model weights missing {missing[:10]}, unexpected {unexpected[:10]}")
     params = list(module.parameters())
     if params and hasattr(params[0], "ds_id"):  # ZeRO-3: the parameters are partitioned
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
@@ -95,6 +105,24 @@ def load_model_weights(
                 module.load_state_dict(weights, strict=False)
     else:
         module.load_state_dict(weights, strict=False)
+
+
+def load_model_weights(
+    engine: Any, checkpoint: str | os.PathLike[str], load_module_strict: bool = True
+) -> None:
+    """Load a checkpoint's model weights (``model.safetensors`` or its index, as Trainer saves them) into a
+    DeepSpeed engine's module, on every process (:func:`assign_weights`). Then the optimizer state:
+    :func:`load_zero_state`."""
+    module = module_of(engine)
+    weights = _read_weights(os.fspath(checkpoint))
+    # checked on every process before loading (tied weights are stored once, under their first name)
+    missing = sorted({name for name, _ in module.named_parameters()} - set(weights))
+    unexpected = sorted(set(weights) - set(module.state_dict()))
+    if load_module_strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{checkpoint}: model weights missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    assign_weights(engine, weights)
 
 
 @contextlib.contextmanager

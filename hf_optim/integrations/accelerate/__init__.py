@@ -19,17 +19,14 @@ Everything here works with a plain Accelerate loop::
             optimizer.zero_grad()
 
 Modules: :mod:`.prepare` (``accelerate_prepare``, ``step_once_per_optimizer_step``), :mod:`.normalizer`
-(``ItemNormalizer``), :mod:`.checkpoint` (``accelerate_save_state``, ``accelerate_load_state``,
-``use_safetensors_state``).
+(``ItemNormalizer``), :mod:`.checkpoint` (``accelerate_save_state``, ``accelerate_load_state``),
+:mod:`.safetensors_state` (``use_safetensors_state``).
 """
 
-from hf_optim.integrations.accelerate.checkpoint import (
-    accelerate_load_state,
-    accelerate_save_state,
-    use_safetensors_state,
-)
+from hf_optim.integrations.accelerate.checkpoint import accelerate_load_state, accelerate_save_state
 from hf_optim.integrations.accelerate.normalizer import ItemNormalizer
 from hf_optim.integrations.accelerate.prepare import accelerate_prepare, step_once_per_optimizer_step
+from hf_optim.integrations.accelerate.safetensors_state import use_safetensors_state
 
 __all__ = [
     "ItemNormalizer",

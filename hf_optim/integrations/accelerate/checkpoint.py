@@ -23,8 +23,12 @@ an allow-list of numpy globals), ``scaler.pt``, ``sampler.bin``, ``dl_state_dict
 Single-process and DDP-style runs (CPU/GPU/XPU/..., also ``MULTI_CPU``) and FSDP2 are supported. Under FSDP2 every
 process writes its own shard of the optimizer state (:func:`hf_optim.save_state` with ``model=``) and Accelerate
 saves and loads the sharded model its own way; this path is thin over the torch-level functions tested on CPU, and
-has not been run on GPUs here (Accelerate enables FSDP on GPUs only): ``scripts/gpu_check.sh`` checks it. FSDP1,
-DeepSpeed and Megatron-LM keep sharded optimizer state that this format does not describe.
+has not been run on GPUs here (Accelerate enables FSDP on GPUs only): ``scripts/gpu_check.sh`` checks it. Under
+DeepSpeed the prepared model is the engine: every process writes its ZeRO partition (:func:`hf_optim.save_state`
+with ``model=`` the engine), the main process the engine's full weights (``accelerator.get_state_dict``; ZeRO-3
+needs ``stage3_gather_16bit_weights_on_model_save``), and Accelerate never calls DeepSpeed's own (pickled)
+checkpointing; loads put the weights back first, then the optimizer state. FSDP1 and Megatron-LM keep sharded
+optimizer state that this format does not describe.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ from hf_optim.integrations.accelerate import internals
 from hf_optim.integrations.accelerate.model_weights import (
     bare_model,
     read_model_weights,
+    save_weights,
     skip_model_loading,
     unwrapped_weights_hook,
+    weights_path,
 )
 from hf_optim.integrations.accelerate.prepare import is_hf_optim_scheduler
 from hf_optim.integrations.accelerate.rollback import Snapshot
@@ -60,6 +66,7 @@ from hf_optim.integrations.accelerate.run_state import (
     run_state_files,
     save_run_state,
 )
+from hf_optim.integrations.deepspeed import assign_weights
 from hf_optim.state import (
     OPTIMIZER_INDEX_NAME,
     OPTIMIZER_NAME,
@@ -75,7 +82,7 @@ __all__ = [
     "REGISTERED_STATE_NAME",
     "accelerate_load_state",
     "accelerate_save_state",
-    "use_safetensors_state",
+    "check_checkpoint_support",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,10 +97,14 @@ _REGISTERED_KIND = "accelerate.registered_object"
 # Accelerate writes the first model as ``model.safetensors`` and the i-th as ``model_{i}.safetensors``.
 # The state of the i-th prepared optimizer (i > 0) goes into this sub-folder of the checkpoint.
 _EXTRA_OPTIMIZER_DIR = "optimizer_{}"
+_DEEPSPEED_ACCUMULATES = (
+    "accumulator: under DeepSpeed, gradients are accumulated by DeepSpeed (gradient_accumulation_steps in its "
+    "config), not by a GradientAccumulator"
+)
 # Accelerate's other files (accelerate.utils.constants): RNG, scaler, samplers, stateful dataloaders.
 _SCALER_NAME = "scaler.pt"
 
-_SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.FSDP)
+_SHARDED_STATE = (DistributedType.MEGATRON_LM, DistributedType.FSDP)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,7 +158,7 @@ def accelerate_save_state(
     Raises:
         ValueError: If ``output_dir`` is not a folder, the accumulator has no optimizer to go with or is saved
             mid-window with several processes.
-        NotImplementedError: Under DeepSpeed, Megatron-LM or FSDP1, which shard optimizer state their own way.
+        NotImplementedError: Under Megatron-LM or FSDP1, which shard optimizer state their own way.
         RuntimeError: If writing failed on another process.
 
     Example:
@@ -162,14 +173,16 @@ def accelerate_save_state(
         assert hf_optim.has_state(hf_optim.accelerate_save_state(accelerator, "ckpt"))
         ```
     """
-    _check_checkpoint_support(accelerator, "accelerate_save_state")
+    check_checkpoint_support(accelerator, "accelerate_save_state")
     if output_dir is not None:
         output_dir = os.fspath(output_dir)
         if os.path.exists(output_dir) and not os.path.isdir(output_dir):
             raise ValueError(f"output_dir: {output_dir!r} exists and is not a directory")
     pairs = _optimizer_scheduler_pairs(accelerator)
-    fsdp2 = _fsdp2(accelerator)
+    fsdp2, deepspeed = _fsdp2(accelerator), _deepspeed(accelerator)
     if accumulator is not None:
+        if deepspeed:
+            raise ValueError(_DEEPSPEED_ACCUMULATES)
         if not pairs:
             raise ValueError("accumulator: no prepared optimizer to store it with")
         if accelerator.num_processes > 1 and not fsdp2:
@@ -184,12 +197,14 @@ def accelerate_save_state(
     _warn_if_scheduler_steps_per_process(accelerator)
     registered = list(internals.registered_objects(accelerator))
 
-    # FSDP2: Accelerate saves the sharded model its own way; otherwise the unwrapped model's weights
+    # FSDP2: Accelerate saves the sharded model its own way; DeepSpeed: the engine is hidden from Accelerate (it
+    # would write DeepSpeed's pickled checkpoint) and its weights are saved below; otherwise the unwrapped
+    # model's weights
     hook = (lambda models, weights, output_dir: None) if fsdp2 else unwrapped_weights_hook(accelerator)
     handle = accelerator.register_save_state_pre_hook(hook)
     try:
         with internals.hidden_from_accelerate(
-            accelerator, custom_objects=True, scaler=True, dataloaders=True
+            accelerator, custom_objects=True, scaler=True, dataloaders=True, models=deepspeed
         ):
             # The class's method: use_safetensors_state replaces the instance's save_state with a call to this.
             location = os.fspath(
@@ -210,7 +225,15 @@ def accelerate_save_state(
             os.remove(os.path.join(location, PICKLED_RNG_NAME.format(accelerator.process_index)))
     except Exception as err:  # re-raised below, after telling the other processes
         error = err
-    if fsdp2:  # every process writes its own shard of the optimizer state (a collective)
+    if deepspeed:  # the full weights (gathered under ZeRO-3: a collective), written like Accelerate's
+        for index, model in enumerate(internals.models(accelerator)):
+            weights = accelerator.get_state_dict(model)
+            if writes and error is None:
+                try:
+                    save_weights(weights, weights_path(location, index, safe_serialization))
+                except Exception as err:  # re-raised below, after telling the other processes
+                    error = err
+    if fsdp2 or deepspeed:  # every process writes its own shard of the optimizer state (a collective)
         for index, (optimizer, scheduler) in enumerate(pairs):
             save_state(
                 _state_dir(location, index),
@@ -221,7 +244,7 @@ def accelerate_save_state(
             )
     if writes and error is None:
         try:
-            for index, (optimizer, scheduler) in enumerate(pairs if not fsdp2 else ()):
+            for index, (optimizer, scheduler) in enumerate(pairs if not (fsdp2 or deepspeed) else ()):
                 save_state(
                     _state_dir(location, index), optimizer, scheduler, accumulator if index == 0 else None
                 )
@@ -302,7 +325,7 @@ def accelerate_load_state(
             the folder holds pickles and ``allow_pickle`` is False.
         FileNotFoundError: If there is no such checkpoint.
         ValueError: If the accumulator has no optimizer to go with.
-        NotImplementedError: Under DeepSpeed, Megatron-LM or FSDP1.
+        NotImplementedError: Under Megatron-LM or FSDP1.
 
     Example:
         ```python
@@ -317,8 +340,10 @@ def accelerate_load_state(
         hf_optim.accelerate_load_state(accelerator, "ckpt")  # or "user/repo", "hf://user/repo/checkpoint-1000"
         ```
     """
-    _check_checkpoint_support(accelerator, "accelerate_load_state")
+    check_checkpoint_support(accelerator, "accelerate_load_state")
     pairs = _optimizer_scheduler_pairs(accelerator)
+    if accumulator is not None and _deepspeed(accelerator):
+        raise ValueError(_DEEPSPEED_ACCUMULATES)
     if accumulator is not None and not pairs:
         raise ValueError("accumulator: no prepared optimizer to load its state with")
     hub = {
@@ -334,7 +359,7 @@ def accelerate_load_state(
         local_dir = _checkpoint_dir(path_or_repo_id, hub)
 
     # 1. Validate every file before changing anything.
-    fsdp2 = _fsdp2(accelerator)
+    fsdp2, deepspeed = _fsdp2(accelerator), _deepspeed(accelerator)
     weights = [
         read_model_weights(accelerator, model, local_dir, index)
         for index, model in enumerate(
@@ -343,7 +368,7 @@ def accelerate_load_state(
     ]
     for index in range(len(pairs)):
         state_dir = _state_dir(local_dir, index)
-        if fsdp2 and has_sharded_state(state_dir):
+        if (fsdp2 or deepspeed) and has_sharded_state(state_dir):
             continue  # validated on every process by load_state, before anything changes
         if not any(
             os.path.isfile(os.path.join(state_dir, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_INDEX_NAME)
@@ -358,10 +383,12 @@ def accelerate_load_state(
     _check_accelerate_files(accelerator, local_dir, ours)
     run_state = read_run_state(accelerator, local_dir)
 
-    # 2. Apply, with everything that can change restorable.
-    snapshot = Snapshot(accelerator, pairs, accumulator)
+    # 2. Apply, with everything that can change restorable. Under DeepSpeed the optimizer state goes last, after
+    # the weights (fp32 runs take their master weights from them), all or nothing in load_state itself.
+    snapshot = Snapshot(accelerator, pairs if not deepspeed else [], accumulator)
+    module_weights = _module_snapshot(accelerator) if deepspeed else []
     try:
-        for index, (optimizer, scheduler) in enumerate(pairs):
+        for index, (optimizer, scheduler) in enumerate(pairs if not deepspeed else ()):
             load_state(
                 _state_dir(local_dir, index),
                 optimizer,
@@ -383,6 +410,7 @@ def accelerate_load_state(
                 custom_objects=not accelerate_reads_registered,
                 scaler=ours["scaler"],
                 dataloaders=ours["dataloaders"],
+                models=deepspeed,
             ):
                 type(accelerator).load_state(accelerator, local_dir)
         finally:
@@ -390,8 +418,21 @@ def accelerate_load_state(
         load_run_state(accelerator, local_dir, run_state)
         for model, state in zip(internals.models(accelerator), weights, strict=True):
             # names were checked; strict=False allows tied weights stored once
-            bare_model(accelerator, model).load_state_dict(state, strict=False)
+            if deepspeed:
+                assign_weights(model, state)
+            else:
+                bare_model(accelerator, model).load_state_dict(state, strict=False)
+        for index, (optimizer, scheduler) in enumerate(pairs if deepspeed else ()):
+            load_state(
+                _state_dir(local_dir, index),
+                optimizer,
+                scheduler,
+                strict=strict,
+                model=_model_of(accelerator, optimizer),
+            )
     except BaseException:
+        for param, data in module_weights:
+            param.data.copy_(data)
         snapshot.restore()
         raise
     logger.debug("Loaded checkpoint from %s", local_dir)
@@ -463,95 +504,6 @@ def _check_accelerate_files(accelerator: Accelerator, directory: str, ours: dict
 
 
 # --------------------------------------------------------------------------------------------------------------
-# accelerator.save_state() / load_state() in hf_optim's format
-# --------------------------------------------------------------------------------------------------------------
-
-
-def use_safetensors_state(accelerator: Accelerator) -> Accelerator:
-    """Make this accelerator's own ``save_state()`` / ``load_state()`` write and read hf_optim's format.
-
-    After this call ``accelerator.save_state(output_dir)`` is :func:`accelerate_save_state` and
-    ``accelerator.load_state(input_dir)`` is :func:`accelerate_load_state`: no ``optimizer.bin``,
-    ``scheduler.bin`` or ``custom_checkpoint_N.pkl``. Automatic checkpoint naming and ``total_limit`` work as
-    in Accelerate (its own code runs them). Only this instance changes.
-
-    Args:
-        accelerator: The ``Accelerator`` whose ``save_state`` / ``load_state`` change.
-
-    Returns:
-        The same ``accelerator``, for chaining.
-
-    Raises:
-        TypeError: From the replaced methods, given DeepSpeed / Megatron-LM or model loading arguments.
-
-    Example:
-        ```python
-        import os
-        import torch
-        from accelerate import Accelerator
-        import hf_optim
-
-        accelerator = hf_optim.use_safetensors_state(Accelerator(cpu=True))
-        model = torch.nn.Linear(2, 2)
-        model, optimizer = accelerator.prepare(model, hf_optim.AdamW(model.parameters()))
-        accelerator.save_state("ckpt")
-        assert hf_optim.has_state("ckpt") and not os.path.exists("ckpt/optimizer.bin")
-        ```
-    """
-    _check_checkpoint_support(accelerator, "use_safetensors_state")
-    if getattr(accelerator, "_hf_optim_safetensors_state", False):
-        return accelerator
-
-    def save_state(
-        output_dir: str | os.PathLike[str] | None = None,
-        safe_serialization: bool = True,
-        **save_model_func_kwargs: Any,
-    ) -> str:
-        if save_model_func_kwargs:
-            raise TypeError(
-                f"save_state() got {sorted(save_model_func_kwargs)}: those are for DeepSpeed / Megatron-LM, which "
-                "hf_optim's checkpoints do not support"
-            )
-        return accelerate_save_state(accelerator, output_dir, safe_serialization=safe_serialization)
-
-    def load_state(
-        input_dir: str | os.PathLike[str] | None = None,
-        load_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> str:
-        if load_kwargs or kwargs:
-            raise TypeError(
-                "load_state(): load_kwargs and model loading arguments do not apply to hf_optim's checkpoints "
-                "(safetensors files, read by hf_optim)"
-            )
-        if input_dir is None:
-            input_dir = _latest_automatic_checkpoint(accelerator)
-        return accelerate_load_state(accelerator, input_dir)
-
-    save_state.__doc__ = accelerate_save_state.__doc__
-    load_state.__doc__ = accelerate_load_state.__doc__
-    accelerator.save_state = save_state
-    accelerator.load_state = load_state
-    accelerator._hf_optim_safetensors_state = True
-    return accelerator
-
-
-def _latest_automatic_checkpoint(accelerator: Accelerator) -> str:
-    """The folder ``Accelerator.load_state(None)`` picks: the highest trailing number in ``project_dir/checkpoints``."""
-    if not accelerator.project_configuration.automatic_checkpoint_naming:
-        raise ValueError("No input_dir provided and automatic checkpoint naming is disabled.")
-    root = os.path.join(accelerator.project_dir, "checkpoints")
-    numbered = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        match = re.search(r"([0-9]+)[^/]*$", name)
-        if match:
-            numbered.append((int(match.group(1)), name))
-    if not numbered:
-        raise FileNotFoundError(f"no checkpoint folder in {root!r}")
-    return os.path.join(root, max(numbered)[1])
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------
 
@@ -563,8 +515,25 @@ def _fsdp2(accelerator: Accelerator) -> bool:
     )
 
 
+def _module_snapshot(accelerator: Accelerator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of this process's part of every model parameter (a ZeRO-3 parameter's partition), to put back."""
+    return [
+        (param, param.detach().clone())
+        for model in internals.models(accelerator)
+        for param in model.parameters()
+    ]
+
+
+def _deepspeed(accelerator: Accelerator) -> bool:
+    """DeepSpeed: the prepared model is the engine, whose ZeRO optimizer hf_optim saves per process."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def _model_of(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-    """The prepared model that holds ``optimizer``'s parameters (it names them in a sharded save)."""
+    """The prepared model that holds ``optimizer``'s parameters (it names them in a sharded save); under
+    DeepSpeed, the engine (Accelerate prepares one model with one optimizer there)."""
+    if _deepspeed(accelerator):
+        return internals.models(accelerator)[0]
     inner = unwrap_optimizer(optimizer)
     ids = {id(p) for group in inner.param_groups for p in group["params"]}
     for model in internals.models(accelerator):
@@ -573,10 +542,10 @@ def _model_of(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> tor
     raise ValueError("no prepared model holds this optimizer's parameters")
 
 
-def _check_checkpoint_support(accelerator: Accelerator, function: str) -> None:
+def check_checkpoint_support(accelerator: Accelerator, function: str) -> None:
     if accelerator.distributed_type in _SHARDED_STATE and not _fsdp2(accelerator):
         raise NotImplementedError(
-            f"{function} supports single-process, DDP and FSDP2 runs; {accelerator.distributed_type} shards "
+            f"{function} supports single-process, DDP, FSDP2 and DeepSpeed runs; {accelerator.distributed_type} shards "
             "optimizer state its own way, use accelerator.save_state / load_state there"
         )
 
@@ -612,6 +581,8 @@ def _optimizer_scheduler_pairs(accelerator: Accelerator) -> list[tuple[torch.opt
 def _warn_if_scheduler_steps_per_process(accelerator: Accelerator) -> None:
     if accelerator.num_processes == 1:
         return
+    if _deepspeed(accelerator):
+        return  # the engine steps the scheduler once per optimizer step
     for scheduler in internals.schedulers(accelerator):
         if (
             isinstance(scheduler, AcceleratedScheduler)

@@ -94,18 +94,29 @@ def registered_objects(accelerator: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def hidden_from_accelerate(
-    accelerator: Any, *, custom_objects: bool = False, scaler: bool = False, dataloaders: bool = False
+    accelerator: Any,
+    *,
+    custom_objects: bool = False,
+    scaler: bool = False,
+    dataloaders: bool = False,
+    models: bool = False,
 ) -> Iterator[None]:
-    """Hide the prepared optimizers and schedulers (and, if asked, the registered objects, the gradient scaler
-    and the dataloaders) from Accelerate's own ``save_state`` / ``load_state`` for the block.
+    """Hide the prepared optimizers and schedulers (and, if asked, the registered objects, the gradient scaler,
+    the dataloaders and the models) from Accelerate's own ``save_state`` / ``load_state`` for the block.
 
     Emptying its lists keeps everything else Accelerate does (automatic naming and rotation, hooks, RNG,
     samplers, its step counter) unchanged; they are put back even if the block raises.
     """
     check_accelerator(accelerator)
     saved = accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects
-    saved_scaler, saved_loaders = accelerator.scaler, accelerator._dataloaders
+    saved_scaler, saved_loaders, saved_models = (
+        accelerator.scaler,
+        accelerator._dataloaders,
+        accelerator._models,
+    )
     accelerator._optimizers, accelerator._schedulers = [], []
+    if models:
+        accelerator._models = []
     if custom_objects:
         accelerator._custom_objects = []
     if scaler:
@@ -117,3 +128,4 @@ def hidden_from_accelerate(
     finally:
         accelerator._optimizers, accelerator._schedulers, accelerator._custom_objects = saved
         accelerator.scaler, accelerator._dataloaders = saved_scaler, saved_loaders
+        accelerator._models = saved_models

@@ -25,7 +25,14 @@ from hf_optim.state.io import (
     read_tensors,
 )
 
-__all__ = ["bare_model", "read_model_weights", "skip_model_loading", "unwrapped_weights_hook"]
+__all__ = [
+    "bare_model",
+    "read_model_weights",
+    "save_weights",
+    "skip_model_loading",
+    "unwrapped_weights_hook",
+    "weights_path",
+]
 
 _MODEL_STEM = "model"
 _PICKLED_MODEL_STEM = "pytorch_model"
@@ -43,6 +50,28 @@ def unwrapped_weights_hook(accelerator: Accelerator) -> Callable[[list[Any], lis
             weights[index] = bare_model(accelerator, model).state_dict()
 
     return hook
+
+
+def weights_path(checkpoint_dir: str, index: int, safe_serialization: bool = True) -> str:
+    """Where model ``index``'s weights go, named as Accelerate names them: ``model[_i].safetensors``, or
+    ``pytorch_model[_i].bin`` with ``safe_serialization=False``."""
+    suffix = f"_{index}" if index else ""
+    stem = _MODEL_STEM if safe_serialization else _PICKLED_MODEL_STEM
+    return os.path.join(checkpoint_dir, f"{stem}{suffix}.{'safetensors' if safe_serialization else 'bin'}")
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: str) -> None:
+    """Write a model's full state dict as Accelerate does: safetensors with tied tensors stored once, or
+    ``torch.save`` for a ``.bin`` path (``safe_serialization=False``)."""
+    from accelerate.utils import clean_state_dict_for_safetensors
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().cpu() for name, t in weights.items()}
+    if path.endswith(".safetensors"):
+        tensors = clean_state_dict_for_safetensors(tensors)
+        save_file({name: t.contiguous() for name, t in tensors.items()}, path, metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
 
 
 def _weights_file(checkpoint_dir: str, index: int) -> str:
@@ -85,8 +114,9 @@ def read_model_weights(
         else:
             st = read_safetensors(file)
             shapes = {name: header.shape for name, header in st.entries.items()}
-        state = bare_model(accelerator, model).state_dict()
-        expected = {name: tuple(t.shape) for name, t in state.items()}
+        state = bare_model(accelerator, model).state_dict(keep_vars=True)
+        # a ZeRO-3 parameter holds only this process's partition; its full shape is ds_shape
+        expected = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in state.items()}
         found = {_strip_wrapper_prefix(name): shape for name, shape in shapes.items()}
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
