@@ -7,4 +7,5 @@ ruff check .
 ruff format --check --quiet .
 lint-imports  # the layers contract in pyproject.toml ([tool.importlinter])
 mypy  # the type checker over hf_optim, configured in pyproject.toml ([tool.mypy])
-python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" "$@"
+# three workers on two cores: many tests wait (on subprocesses, process groups, retries) more than they compute
+python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-3}" "$@"
