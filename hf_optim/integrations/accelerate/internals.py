@@ -62,34 +62,34 @@ def check_accelerator(accelerator: Any) -> None:
             raise _integration_error(f"Accelerator.{name} is not a list")
 
 
+def _copy_of(accelerator: Any, name: str) -> list[Any]:
+    check_accelerator(accelerator)
+    return list(getattr(accelerator, name))
+
+
 def models(accelerator: Any) -> list[Any]:
     """The models ``prepare`` registered, in order."""
-    check_accelerator(accelerator)
-    return list(accelerator._models)
+    return _copy_of(accelerator, "_models")
 
 
 def optimizers(accelerator: Any) -> list[Any]:
     """The optimizers ``prepare`` registered (Accelerate's wrappers), in order."""
-    check_accelerator(accelerator)
-    return list(accelerator._optimizers)
+    return _copy_of(accelerator, "_optimizers")
 
 
 def schedulers(accelerator: Any) -> list[Any]:
     """The schedulers ``prepare`` registered (Accelerate's wrappers, or the objects as given), in order."""
-    check_accelerator(accelerator)
-    return list(accelerator._schedulers)
+    return _copy_of(accelerator, "_schedulers")
 
 
 def dataloaders(accelerator: Any) -> list[Any]:
     """The dataloaders ``prepare`` registered, in order."""
-    check_accelerator(accelerator)
-    return list(accelerator._dataloaders)
+    return _copy_of(accelerator, "_dataloaders")
 
 
 def registered_objects(accelerator: Any) -> list[Any]:
     """The objects given to ``register_for_checkpointing``, in order."""
-    check_accelerator(accelerator)
-    return list(accelerator._custom_objects)
+    return _copy_of(accelerator, "_custom_objects")
 
 
 @contextlib.contextmanager
