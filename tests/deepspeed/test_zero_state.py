@@ -146,7 +146,16 @@ def test_bf16_resume_restores_the_fp32_master_weights(tmp_path) -> None:
     assert resumed[0]["weights"] == saved.results[0]["weights"]
 
 
-def _hostile(zero2: Saved, tmp: Path) -> dict[str, tuple[Path, str]]:
+@pytest.fixture(scope="module")
+def other_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
+    """Saves of the same run with another world size (ZeRO-2 on 3) and another stage (ZeRO-3 on 2)."""
+    return {
+        "another world size": Saved(tmp_path_factory.mktemp("zero2-on-3"), "zero2", 3),
+        "another stage": Saved(tmp_path_factory.mktemp("zero3-on-2"), "zero3", 2),
+    }
+
+
+def _hostile(zero2: Saved, others: dict[str, Saved], tmp: Path) -> dict[str, tuple[Path, str]]:
     """Hostile copies of the ZeRO-2 checkpoint, each with the file its error must name."""
     manifest_doc = json.loads((zero2.directory / "optimizer.sharded.json").read_text())
     folder = manifest_doc["shards"]["folder"]
@@ -161,6 +170,14 @@ def _hostile(zero2: Saved, tmp: Path) -> dict[str, tuple[Path, str]]:
     other = json.loads((zero2.again / "optimizer.sharded.json").read_text())["shards"]["folder"]
     shutil.copy(zero2.again / other / "shard-00002-model-00001-of-00001.safetensors", target / folder)
     cases["partition file from another save"] = (target, "shard-00002-model-00001-of-00001.safetensors")
+    for what, saved in others.items():
+        target = copy(what.replace(" ", "-"))
+        other = json.loads((saved.directory / "optimizer.sharded.json").read_text())["shards"]["folder"]
+        shutil.copy(saved.directory / other / "shard-00002-model-00001-of-00001.safetensors", target / folder)
+        cases[f"partition file from a save with {what}"] = (
+            target,
+            "shard-00002-model-00001-of-00001.safetensors",
+        )
 
     def edit(name: str, change) -> None:
         target = copy(name)
@@ -176,8 +193,10 @@ def _hostile(zero2: Saved, tmp: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_hostile_zero_checkpoints_change_nothing_on_any_rank(zero2: Saved, tmp_path, engine) -> None:
-    cases = _hostile(zero2, tmp_path)
+def test_hostile_zero_checkpoints_change_nothing_on_any_rank(
+    zero2: Saved, other_layouts: dict[str, Saved], tmp_path, engine
+) -> None:
+    cases = _hostile(zero2, other_layouts, tmp_path)
     spec = {**_engine(engine), "stop": 1, "attacks": [str(path) for path, _ in cases.values()]}
     results = _run(tmp_path, "attacks", 2, spec)
     for rank, result in enumerate(results):
