@@ -104,10 +104,8 @@ def load_state(
     sub = clean_subfolder(subfolder)
     directory = os.path.join(directory, *sub.split("/")) if sub else directory
     zero_optimizer = zero.find_zero(optimizer, model)
-    if zero_optimizer is not None or (
-        model is not None and sharded.has_sharded_state(directory) and zero.is_range_layout(directory)
-    ):
-        return _load_ranges(directory, optimizer, scheduler, accumulator, model, zero_optimizer, roots)
+    if zero_optimizer is not None:
+        return _load_into_zero(directory, scheduler, accumulator, model, zero_optimizer, roots)
     opt = unwrap_optimizer(optimizer)
     is_sharded = sharded.is_sharded(opt)
     manifest = os.path.join(
@@ -123,7 +121,9 @@ def load_state(
         model_params=dict(model.named_parameters()) if model is not None else {},
     )
     if use_shards:
-        return load_with(lambda: sharded.ShardedReader(directory), live, strict, collective=True)
+        # format version 3 (element ranges, as ZeRO writes them) or 2 (FSDP2's row blocks)
+        reader = zero.RangeReader if zero.is_range_layout(directory) else sharded.ShardedReader
+        return load_with(lambda: reader(directory), live, strict, collective=True)
 
     @contextlib.contextmanager
     def open_files() -> Iterator[Reader]:
@@ -133,16 +133,15 @@ def load_state(
     return load_with(open_files, live, strict, collective=is_sharded)
 
 
-def _load_ranges(
+def _load_into_zero(
     directory: str,
-    optimizer: Any,
     scheduler: Any,
     accumulator: Any,
     model: torch.nn.Module | None,
     zero_optimizer: Any,
     roots: Iterable[str] | None,
 ) -> LoadReport:
-    """DeepSpeed ZeRO targets (any checkpoint of the family) and format-3 checkpoints (any target), read by
+    """Any checkpoint of the family (or a single-process one) into DeepSpeed ZeRO's flat partitions, read by
     element ranges (``hf_optim.state.zero``)."""
     if model is None:
         raise ValueError("the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters")
@@ -162,15 +161,8 @@ def _load_ranges(
             ckpt.close()
             raise
 
-    if zero_optimizer is not None:
-        layout = zero.zero_layout(zero_optimizer, model)
-        checkpoint_id, loaded, notes = zero.load_ranges(open_plan, layout=layout, scheduler=scheduler)
-    else:
-        opt = unwrap_optimizer(optimizer)
-        names = sharded.parameter_names(zero.module_of(model), opt)
-        checkpoint_id, loaded, notes = zero.load_ranges(
-            open_plan, optimizer=opt, names=names, scheduler=scheduler
-        )
+    layout = zero.zero_layout(zero_optimizer, model)
+    checkpoint_id, loaded, notes = zero.load_ranges(open_plan, layout, scheduler=scheduler)
     return LoadReport(
         source=directory,
         checkpoint_id=checkpoint_id,

@@ -126,6 +126,15 @@ def test_zero2_checkpoint_resumes_anywhere(zero2: Saved, reference, kind: str, w
     assert _max_diff(zero2.results[0]["weights"], reference) < 1e-6
 
 
+def test_range_checkpoint_loads_with_strict_false_like_a_single_file_one(zero2: Saved) -> None:
+    """A ZeRO checkpoint into an ordinary optimizer that has only some of its parameters, ``strict=False``: the
+    same report as the same state saved by one process (the one check and apply of every layout)."""
+    ranges, single = zero2.resume("plain", 1, "partial", partial=True, stop=SAVE_AT)[0]["partial"]
+    assert ranges == single
+    assert sorted(ranges["unexpected"]) == ["2.bias", "2.weight"]
+    assert sorted(ranges["loaded"]) == ["0.bias", "0.weight"] and not ranges["missing"]
+
+
 @pytest.mark.parametrize(("saved_by", "kind", "world"), [("fsdp", "zero2", 2), ("plain", "zero3", 2)])
 def test_fsdp2_and_plain_checkpoints_resume_under_zero(tmp_path, reference, saved_by, kind, world) -> None:
     saved = Saved(tmp_path, saved_by, 2 if saved_by == "fsdp" else 1)

@@ -193,6 +193,16 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
             cache = os.path.join(out, f"machine{rank}") if spec.get("machines") else None
             report = hf_optim.load_state(spec["load"], step_opt, sched, model=engine, cache_dir=cache)
             result["notes"] = list(report.notes)
+        if spec.get("partial"):  # the loaded state saved in one file, then both loaded with strict=False
+            single = os.path.join(out, "single-file")  # into an optimizer of the first layer only
+            hf_optim.save_state(single, opt, sched, model=engine)
+            result["partial"] = []
+            for source in (spec["load"], single):
+                first_layer = [p for n, p in engine.named_parameters() if n.startswith("0.")]
+                partial = make_optimizer(first_layer, spec.get("optimizer", "hf"))
+                report = hf_optim.load_state(source, partial, model=engine, strict=False)
+                fields = ("loaded", "missing", "unexpected", "mismatched", "param_groups_restored")
+                result["partial"].append({f: getattr(report, f) for f in fields})
         for step in range(spec.get("start", 0), spec["stop"]):
             x, y = batch(step)
             local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)

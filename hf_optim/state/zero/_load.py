@@ -9,7 +9,6 @@ own partition and the state is applied; a failure while applying puts everything
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,8 +25,6 @@ from hf_optim.state.checks import (
 )
 from hf_optim.state.sharded import (
     agree,
-    like_parameter,
-    local_region,
     machine_union,
     parameter_names,
     sharded_manifest_files,
@@ -36,6 +33,7 @@ from hf_optim.state.sharded import machine_files as sharded_machine_files
 from hf_optim.state.zero._format import decode_value
 from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, refresh_master_weights, zero_layout
 from hf_optim.state.zero._read import Plan, TensorEntry, needed_files, open_files, read_manifest, read_range
+from hf_optim.state.zero._reader import region_range
 
 logger = logging.getLogger(__name__)
 
@@ -62,29 +60,12 @@ def _zero_target(layout: ZeroLayout) -> _Target:
     return _Target(layout.group_names(), {p.name: p.shape for p in layout.params}, ranges)
 
 
-def _region_range(name: str, p: torch.Tensor) -> tuple[int, int] | None:
-    """The elements of ``p``'s flattened global tensor this process holds: all of a plain tensor, the rows of an
-    FSDP2 ``DTensor``'s shard (None when it holds none)."""
-    region = local_region(p)
-    if region is None:
-        return 0, p.numel()
-    offsets, sizes = region
-    if math.prod(sizes) == 0:
-        return None
-    shape = tuple(p.shape)
-    if any(offsets[1:]) or tuple(sizes[1:]) != shape[1:]:
-        raise ValueError(
-            f"parameter {name!r}: its shard is not a block of whole rows: not loadable by ranges"
-        )
-    row = math.prod(shape[1:])
-    return offsets[0] * row, (offsets[0] + sizes[0]) * row
-
-
 def _plain_target(opt: torch.optim.Optimizer, names: Mapping[int, str]) -> _Target:
+    """An ordinary or FSDP2 optimizer's parameters as a target (for choosing the files to download)."""
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
     params = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
     shapes = {n: tuple(p.shape) for n, p in params.items()}
-    return _Target(groups, shapes, {n: _region_range(n, p) for n, p in params.items()})
+    return _Target(groups, shapes, {n: region_range(n, p) for n, p in params.items()})
 
 
 def _check(
@@ -198,34 +179,26 @@ def _zero_buffers(
 
 
 def load_ranges(
-    open_plan: Callable[[], Plan],
-    *,
-    layout: ZeroLayout | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    names: Mapping[int, str] | None = None,
-    scheduler: Any = None,
+    open_plan: Callable[[], Plan], layout: ZeroLayout, *, scheduler: Any = None
 ) -> tuple[str, list[str], list[str]]:
-    """Load ``directory``'s sharded-family checkpoint into ``layout`` (ZeRO) or a plain ``optimizer`` (whose
-    parameters ``names`` names); returns the checkpoint id, the parameter names loaded and notes.
+    """Load a sharded-family (or single-process) checkpoint into ZeRO's flat partitions (``layout``); returns
+    the checkpoint id, the parameter names loaded and notes.
 
-    Call it on every process of the group for ZeRO: the processes agree on every check before anything changes.
+    Call it on every process of the group: the processes agree on every check before anything changes.
     """
-    client = layout.client if layout is not None else optimizer
+    client = layout.client
     plan = None
     error = None
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
     new_states: list[dict[str, Any]] = []
     masters: list[torch.Tensor] = []
     try:
         plan = open_plan()
-        target = _zero_target(layout) if layout is not None else _plain_target(optimizer, names)
+        target = _zero_target(layout)
         hypers, scheduler_state = _check(plan, target, client, scheduler)
-        into: dict[tuple[str, str], torch.Tensor] = {}
-        with_master = layout is not None and layout.low_precision and plan.master is not None
-        if layout is not None:
-            _check_holders(plan, layout)
-            new_states, masters, into = _zero_buffers(plan, layout, with_master)
-        tensors = _read(plan, target, with_master, into)
+        with_master = layout.low_precision and plan.master is not None
+        _check_holders(plan, layout)
+        new_states, masters, into = _zero_buffers(plan, layout, with_master)
+        _read(plan, target, with_master, into)
     except (CheckpointError, OSError, ValueError) as exc:
         error = (
             str(exc) if isinstance(exc, CheckpointError) else f"{plan.path if plan else 'checkpoint'}: {exc}"
@@ -233,15 +206,12 @@ def load_ranges(
     finally:
         if plan is not None:
             plan.close()
-    error = agree(error) if layout is not None or _distributed() else error
+    error = agree(error)
     if error is not None:
         raise CheckpointError(error)
     notes: list[str] = []
     with restored_on_error(client, scheduler):
-        if layout is not None:
-            _apply_zero(layout, new_states, masters, hypers, notes, plan)
-        else:
-            _apply_plain(plan, optimizer, names, tensors, hypers)
+        _apply_zero(layout, new_states, masters, hypers, notes, plan)
         if scheduler is not None:
             unwrap_scheduler(scheduler).load_state_dict(scheduler_state)
     return plan.checkpoint_id, sorted(plan.state), notes
@@ -329,37 +299,6 @@ def _load_scaler(plan: Plan, zero: Any, notes: list[str]) -> None:
         live = getattr(scaler, key, None)
         if isinstance(value, bool | int | float) and type(live) is type(value):
             setattr(scaler, key, value)
-
-
-def _apply_plain(
-    plan: Plan,
-    opt: torch.optim.Optimizer,
-    names: Mapping[int, str],
-    tensors: Mapping[str, Mapping[str, torch.Tensor]],
-    hypers: list[dict],
-) -> None:
-    for group, hyper in zip(opt.param_groups, hypers, strict=True):
-        for p in group["params"]:
-            name = names[id(p)]
-            record = plan.state.get(name)
-            if not record:
-                continue
-            opt.state[p] = {key: _placed(tensors, name, key, value, p) for key, value in record.items()}
-        group.update(hyper)
-
-
-def _placed(
-    tensors: Mapping[str, Mapping[str, torch.Tensor]], name: str, key: str, value: Any, p: torch.Tensor
-) -> Any:
-    """A loaded state entry placed like parameter ``p`` (a ``DTensor`` like an FSDP2 parameter)."""
-    if not isinstance(value, TensorEntry):
-        return value.clone() if isinstance(value, torch.Tensor) else value
-    region = local_region(p)
-    if region is None:
-        return tensors[name][key].view(p.shape).to(p.device)
-    local = tensors.get(name, {}).get(key)
-    local = torch.empty(0, dtype=value.dtype) if local is None else local
-    return like_parameter(local.view(region[1]).to(p.to_local().device), p)
 
 
 def is_range_layout(directory: str) -> bool:

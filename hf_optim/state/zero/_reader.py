@@ -1,0 +1,171 @@
+"""The checkpoint model's reader of range-partitioned checkpoints (format version 3) for ordinary and FSDP2
+optimizers: the manifest decoded into a :class:`~hf_optim.state.model.SavedCheckpoint`, then each tensor read by
+element ranges (only this process's rows of an FSDP2 parameter), so that :func:`hf_optim.state.plan.check` and
+:func:`~hf_optim.state.plan.apply` load it like every other layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from hf_optim.errors import CheckpointError
+from hf_optim.state import sharded
+from hf_optim.state.model import (
+    Chunk,
+    SavedAccumulator,
+    SavedCheckpoint,
+    SavedGroup,
+    SavedParam,
+    SavedScheduler,
+    TensorEntry,
+)
+from hf_optim.state.sharded import local_region
+from hf_optim.state.zero._read import Plan, needed_files, open_files, read_manifest, read_range
+from hf_optim.state.zero._read import TensorEntry as RangeEntry
+
+__all__ = ["RangeReader", "region_range"]
+
+RESERVED = frozenset({"params", "param_names", "state", "param_groups"})
+
+
+def region_range(name: str, p: torch.Tensor) -> tuple[int, int] | None:
+    """The elements of ``p``'s flattened global tensor this process holds: all of a plain tensor, the rows of an
+    FSDP2 ``DTensor``'s shard (None when it holds none)."""
+    region = local_region(p)
+    if region is None:
+        return 0, p.numel()
+    offsets, sizes = region
+    if math.prod(sizes) == 0:
+        return None
+    shape = tuple(p.shape)
+    if any(offsets[1:]) or tuple(sizes[1:]) != shape[1:]:
+        raise ValueError(
+            f"parameter {name!r}: its shard is not a block of whole rows: not loadable by ranges"
+        )
+    row = math.prod(shape[1:])
+    return offsets[0] * row, (offsets[0] + sizes[0]) * row
+
+
+class RangeReader:
+    """Reader of a range-partitioned checkpoint (:class:`~hf_optim.state.model.Reader`). A context manager: it
+    closes the partition files."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.plan: Plan | None = None
+        self.entries: dict[str, RangeEntry] = {}
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.plan is not None:
+            self.plan.close()
+
+    def describe(self) -> SavedCheckpoint:
+        plan = self.plan = read_manifest(self.directory)
+        groups: list[SavedGroup] = []
+        seen: set[str] = set()
+        for g, (names, hyper) in enumerate(plan.groups):
+            if not isinstance(hyper, dict) or RESERVED & set(hyper):
+                raise CheckpointError(
+                    f"{plan.path}: param_groups[{g}]: hyperparameters must be an object without reserved keys"
+                )
+            params = []
+            for name in names:
+                if name in seen:
+                    raise CheckpointError(
+                        f"{plan.path}: param_groups[{g}]: parameter {name[:200]!r} is listed twice"
+                    )
+                seen.add(name)
+                record = plan.state.get(name)
+                state = None if record is None else {k: self._entry(name, v) for k, v in record.items()}
+                params.append(SavedParam(key=name, name=name, state=state))
+            groups.append(SavedGroup(dict(hyper), params))
+        stray = sorted(set(plan.state) - seen)
+        if stray:
+            raise CheckpointError(f"{plan.path}: state for {stray[0][:200]!r}, which is in no param group")
+        opt = plan.doc.get("optimizer")
+        return SavedCheckpoint(
+            source=plan.path,
+            directory=self.directory,
+            checkpoint_id=plan.checkpoint_id,
+            optimizer_class=opt.get("class")
+            if isinstance(opt, dict) and isinstance(opt.get("class"), str)
+            else None,
+            keyed_by="name",
+            groups=groups,
+            scheduler=self.scheduler,
+            accumulator=self.accumulator,
+        )
+
+    def _entry(self, name: str, value: Any) -> Any:
+        if not isinstance(value, RangeEntry):
+            return value
+        self.entries[value.key] = value
+        chunks = tuple(Chunk(c.file, (c.start,), (c.stop - c.start,), flat=True) for c in value.chunks)
+        return TensorEntry(value.key, value.shape, value.dtype, chunks, like=name)
+
+    def scheduler(self) -> SavedScheduler | None:
+        plan = self.plan
+        saved = plan.doc.get("scheduler") if plan is not None else None
+        if plan is None or saved is None:
+            return None
+        if not isinstance(saved, dict) or not isinstance(plan.scheduler_state, dict):
+            raise CheckpointError(f"{plan.path}: 'scheduler' is malformed")
+        config = saved.get("config")
+        name = (
+            config.get("name") if isinstance(config, dict) and isinstance(config.get("name"), str) else None
+        )
+        cls = saved.get("class") if isinstance(saved.get("class"), str) else None
+        kwargs = config.get("kwargs") if name is not None and isinstance(config, dict) else None
+        return SavedScheduler(f"{plan.path} (scheduler)", plan.scheduler_state, cls, name, kwargs)
+
+    def accumulator(self) -> SavedAccumulator | None:
+        return None  # ZeRO accumulates gradients itself: this layout holds no accumulator
+
+    def _ranges(
+        self, entries: Mapping[str, tuple[TensorEntry, torch.Tensor | None]]
+    ) -> dict[str, tuple[int, int] | None]:
+        out: dict[str, tuple[int, int] | None] = {}
+        for key, (entry, like) in entries.items():
+            if like is None or tuple(like.shape) != entry.shape:
+                raise CheckpointError(
+                    f"{self.directory}: {key} is not laid out like a parameter of the model"
+                )
+            out[key] = region_range(entry.like or key, like)
+        return out
+
+    def prepare(self, entries: Mapping[str, tuple[TensorEntry, torch.Tensor | None]]) -> None:
+        """Open and check the partition files holding this process's elements."""
+        assert self.plan is not None
+        files: set[str] = set()
+        for key, found in self._ranges(entries).items():
+            if found is not None:
+                files |= needed_files(self.entries[key], *found)
+        open_files(self.plan, files)
+
+    def read(self, entries: Mapping[str, tuple[TensorEntry, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """Each entry laid out like its live tensor: whole, or this process's rows of an FSDP2 ``DTensor``."""
+        assert self.plan is not None
+        out: dict[str, torch.Tensor] = {}
+        for key, found in self._ranges(entries).items():
+            entry, like = entries[key]
+            assert like is not None
+            region = local_region(like)
+            if region is None:
+                out[key] = read_range(self.plan, self.entries[key], 0, math.prod(entry.shape)).view(
+                    entry.shape
+                )
+                continue
+            local = (
+                read_range(self.plan, self.entries[key], *found)
+                if found is not None
+                else torch.empty(0, dtype=entry.dtype)
+            )
+            out[key] = sharded.like_parameter(local.view(region[1]).to(like.device), like)
+        return out
