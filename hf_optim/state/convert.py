@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,12 +30,25 @@ from safetensors import SafetensorError
 
 from hf_optim.errors import CheckpointError
 from hf_optim.legacy.checkpoints import LEGACY_SCHEDULE_MODULE, load_pickled_legacy_state_dict
-from hf_optim.state.format import MAX_JSON_DEPTH, MAX_VALUE_NODES, parse_json
+from hf_optim.state.format import parse_json
+from hf_optim.state.pickled import (
+    check_stored_sizes,
+    check_torch_state_dict,
+    infer_optimizer_class,
+    torch_load,
+)
 from hf_optim.state.save import save_state_dict
+from hf_optim.state.zero import convert_deepspeed_checkpoint, find_deepspeed_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OPTIMIZER_FILES", "SCHEDULER_FILES", "convert_checkpoint", "infer_optimizer_class"]
+__all__ = [
+    "OPTIMIZER_FILES",
+    "SCHEDULER_FILES",
+    "convert_checkpoint",
+    "convert_deepspeed_checkpoint",
+    "infer_optimizer_class",
+]
 
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
@@ -46,30 +57,12 @@ SCHEDULER_FILES = ("scheduler.pt", "scheduler.bin")
 _SHAPED_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")
 
 
-def _torch_load(path: str) -> Any:
-    """``torch.load(weights_only=True)`` (tensors and plain containers only); any failure names the file."""
-    try:
-        with (
-            warnings.catch_warnings()
-        ):  # e.g. torch's note on the pickle protocol: the error below says it all
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(read with torch.load(weights_only=True)): {str(err).splitlines()[0]}"
-        ) from None
-    except Exception as err:  # torch raises many types for malformed archives
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {first}") from None
-
-
 def _load_optimizer_file(path: str) -> Any:
     """``torch.load(weights_only=True)``; a pytorch-pretrained-bert ``BertAdam`` / ``OpenAIAdam`` state dict,
     whose groups hold pickled schedule objects, through the legacy reader's allow-list of exactly those classes
     (rebuilt as hf_optim's schedules, which the checkpoint then stores as JSON)."""
     try:
-        return _torch_load(path)
+        return torch_load(path)
     except CheckpointError:
         if not _pickles_legacy_schedules(path):
             raise
@@ -144,15 +137,20 @@ def convert_checkpoint(
     optimizer_class: str | None = None,
     max_shard_size: int | str = "5GB",
 ) -> list[str]:
-    """Convert ``optimizer.pt|.bin`` (+ ``scheduler.pt|.bin``) in ``checkpoint_dir``; returns the files written."""
+    """Convert ``optimizer.pt|.bin`` (+ ``scheduler.pt|.bin``) in ``checkpoint_dir``, or the stock DeepSpeed ZeRO
+    checkpoint there (:func:`~hf_optim.state.zero.convert_deepspeed_checkpoint`); returns the files written."""
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"no such checkpoint directory: {checkpoint_dir}")
     opt_path = _find(checkpoint_dir, OPTIMIZER_FILES)
+    if opt_path is None and find_deepspeed_checkpoint(checkpoint_dir) is not None:
+        if names_from is not None:
+            logger.info("a DeepSpeed checkpoint names its parameters; ignoring --names-from")
+        return convert_deepspeed_checkpoint(checkpoint_dir, output=output, optimizer_class=optimizer_class)
     if opt_path is None:
         raise FileNotFoundError(f"no {' or '.join(OPTIMIZER_FILES)} in {checkpoint_dir}")
     state_dict = _load_optimizer_file(opt_path)
-    _check_torch_state_dict(state_dict, opt_path)
-    _check_stored_sizes(state_dict, opt_path)
+    check_torch_state_dict(state_dict, opt_path)
+    check_stored_sizes(state_dict, opt_path)
     groups = state_dict["param_groups"]
     sizes = [len(g["params"]) for g in groups]
 
@@ -212,10 +210,10 @@ def convert_checkpoint(
     scheduler: dict[str, Any] = {}
     sched_path = _find(checkpoint_dir, SCHEDULER_FILES)
     if sched_path is not None:
-        sched_state = _torch_load(sched_path)
+        sched_state = torch_load(sched_path)
         if not isinstance(sched_state, Mapping) or not all(isinstance(k, str) for k in sched_state):
             raise CheckpointError(f"{sched_path} is not a scheduler state_dict")
-        _check_stored_sizes(sched_state, sched_path)
+        check_stored_sizes(sched_state, sched_path)
         scheduler = {"scheduler_state": sched_state}
         info["scheduler"] = f"from {os.path.basename(sched_path)}; class and schedule name unknown"
     else:
@@ -271,110 +269,3 @@ def _trainer_step(path: str) -> int | None:
         return None
     step = doc.get("global_step") if isinstance(doc, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
-
-
-def _check_stored_sizes(value: Any, path: str) -> None:
-    """Refuse what would grow on conversion: a tensor whose bytes exceed its storage's (a stride-0 ``expand``,
-    overlapping strides) or a storage reached twice, since safetensors stores every tensor whole; and a value tree
-    (one parameter's state, one param group, a scheduler's state) that unfolds into more than
-    :data:`~hf_optim.state.format.MAX_VALUE_NODES` values or nests deeper than
-    :data:`~hf_optim.state.format.MAX_JSON_DEPTH` (a shared container counts each time it is reached, as the saved
-    JSON spells it out each time), or holds a cycle. Sizes are memoised, so the check itself stays linear."""
-    storages: dict[int, str] = {}
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: Any, where: str, depth: int) -> int:
-        if isinstance(node, torch.Tensor):
-            storage = node.untyped_storage()
-            nbytes = node.numel() * node.element_size()
-            if nbytes > storage.nbytes():
-                raise CheckpointError(
-                    f"{path}: {where or 'a tensor'} of shape {tuple(node.shape)} is a view repeating "
-                    f"{storage.nbytes():,} stored bytes (strides {node.stride()}); converting it would write "
-                    f"{nbytes:,}"
-                )
-            if nbytes and storage.data_ptr() in storages:
-                raise CheckpointError(
-                    f"{path}: {where} and {storages[storage.data_ptr()]} share one storage; converting would "
-                    "store it twice"
-                )
-            storages[storage.data_ptr()] = where
-            return 1
-        if not isinstance(node, (list, tuple, dict)):
-            return 1
-        if depth > MAX_JSON_DEPTH:
-            raise CheckpointError(f"{path}: {where} nests more than {MAX_JSON_DEPTH} levels deep")
-        if id(node) in sizes:
-            return sizes[id(node)]
-        if id(node) in active:
-            raise CheckpointError(f"{path}: {where} contains itself")
-        active.add(id(node))
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        total = 1 + sum(size(v, f"{where}[{k!r}]", depth + 1) for k, v in items)
-        active.discard(id(node))
-        if total > MAX_VALUE_NODES:
-            raise CheckpointError(
-                f"{path}: {where or 'the state'} unfolds into more than {MAX_VALUE_NODES:,} values (shared "
-                "containers counted each time they are reached); refusing to convert"
-            )
-        sizes[id(node)] = total
-        return total
-
-    if isinstance(value, Mapping) and isinstance(value.get("state"), Mapping):  # an optimizer state_dict
-        for index, entry in value["state"].items():
-            size(entry, f"['state'][{index!r}]", 1)
-        for i, group in enumerate(value.get("param_groups") or ()):
-            size(group, f"['param_groups'][{i}]", 1)
-    else:
-        size(value, "", 0)
-
-
-def _check_torch_state_dict(state_dict: Any, path: str) -> None:
-    """The structure ``torch.optim.Optimizer.state_dict()`` produces; anything else names the file."""
-    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-        raise CheckpointError(f"{path} is not an optimizer state_dict (no 'state' / 'param_groups')")
-    groups = state_dict["param_groups"]
-    if not isinstance(groups, list) or not all(
-        isinstance(g, dict)
-        and isinstance(g.get("params"), list)
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
-        and all(isinstance(k, str) for k in g)
-        for g in groups
-    ):
-        raise CheckpointError(f"{path}: 'param_groups' is not a list of groups with integer 'params'")
-    state = state_dict["state"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Mapping) for v in state.values()):
-        raise CheckpointError(f"{path}: 'state' is not a mapping of per-parameter dicts")
-    indices = [i for g in groups for i in g["params"]]
-    if len(set(indices)) != len(indices) or not set(state) <= set(indices):
-        raise CheckpointError(f"{path}: parameter indices are repeated or state belongs to no group")
-
-
-def infer_optimizer_class(state_dict: Mapping[str, Any]) -> tuple[str | None, str]:
-    """Guess the optimizer class of a torch-format state dict from its state and group keys: (class, reason)."""
-    groups = state_dict.get("param_groups") or []
-    group_keys: set[str] = set().union(*(set(g) for g in groups)) if groups else set()
-    states = list((state_dict.get("state") or {}).values())
-    state_keys: set[str] = set().union(*(set(s) for s in states)) if states else set()
-    if {"next_m", "next_v"} <= state_keys or {"b1", "b2", "e", "max_grad_norm", "schedule"} <= group_keys:
-        if "vector_l2" in group_keys:
-            return (
-                "hf_optim.optimizers.openai_adam.OpenAIAdam",
-                "pytorch-pretrained-bert OpenAIAdam group keys",
-            )
-        return (
-            "hf_optim.optimizers.bert_adam.BertAdam",
-            "pytorch-pretrained-bert BertAdam state and group keys",
-        )
-    if {"exp_avg", "exp_avg_sq"} <= state_keys or {"betas", "eps"} <= group_keys:
-        if "correct_bias" in group_keys:
-            return "hf_optim.optimizers.adamw.AdamW", "Adam moments and a correct_bias group key"
-        if "decoupled_weight_decay" in group_keys:
-            if any(g.get("decoupled_weight_decay") for g in groups):
-                return "torch.optim.adamw.AdamW", "Adam moments and decoupled_weight_decay=True"
-            return "torch.optim.adam.Adam", "Adam moments and decoupled_weight_decay=False"
-        return None, "Adam moments, but the group keys do not tell Adam from AdamW"
-    if "momentum_buffer" in state_keys or {"momentum", "nesterov", "dampening"} <= group_keys:
-        return "torch.optim.sgd.SGD", "momentum / nesterov / dampening group keys"
-    return None, "no state or group keys identify the class"

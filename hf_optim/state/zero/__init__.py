@@ -5,10 +5,15 @@ Each process writes only its own partition, as 1-D element ranges of each parame
 loss scaler, the groups' hyperparameters and the scheduler; rank 0 writes the manifest. Loading reads element
 ranges of any sharded-family checkpoint (version 2's row blocks too) into ZeRO on any number of processes and any
 stage, or into one plain process. Modules: ``_layout`` (where ZeRO keeps what), ``_format``, ``_save``,
-``_read`` (manifest and partition headers, checked), ``_reader`` (the checkpoint model's reader of element ranges,
+``_convert`` (stock DeepSpeed checkpoints into this format), ``_read`` (manifest and partition headers, checked), ``_reader`` (the checkpoint model's reader of element ranges,
 for ordinary and FSDP2 optimizers), ``_load`` (into ZeRO's flat partitions).
 """
 
+from hf_optim.state.zero._convert import (
+    DEEPSPEED_GLOBALS,
+    convert_deepspeed_checkpoint,
+    find_deepspeed_checkpoint,
+)
 from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
 from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
 from hf_optim.state.zero._load import is_range_layout, load_ranges, machine_files, manifest_files
@@ -17,10 +22,13 @@ from hf_optim.state.zero._reader import RangeReader
 from hf_optim.state.zero._save import save_zero_state
 
 __all__ = [
+    "DEEPSPEED_GLOBALS",
     "ZERO_FORMAT_VERSION",
     "Plan",
     "RangeReader",
     "ZeroLayout",
+    "convert_deepspeed_checkpoint",
+    "find_deepspeed_checkpoint",
     "find_zero",
     "is_range_layout",
     "load_ranges",

@@ -168,13 +168,15 @@ def save_zero_state(
             "accumulator": None,
             "versions": {"torch": torch.__version__},
         }
-        _commit(directory, tmp_dir, folder, manifest, checkpoint_id)
+        commit_folder(directory, tmp_dir, folder, manifest, checkpoint_id)
     barrier()
     logger.debug("saved ZeRO-%d optimizer state to %s", layout.stage, directory)
     return manifest_path
 
 
-def _commit(directory: str, tmp_dir: str, folder: str, manifest: dict[str, Any], checkpoint_id: str) -> None:
+def commit_folder(
+    directory: str, tmp_dir: str, folder: str, manifest: dict[str, Any], checkpoint_id: str
+) -> None:
     """Rename the partition folder into place, then the manifest (the commit), then remove older folders."""
     os.replace(tmp_dir, os.path.join(directory, folder))
     tmp_manifest = os.path.join(directory, f".{SHARDED_MANIFEST_NAME}.{checkpoint_id}.tmp")

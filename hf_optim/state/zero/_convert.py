@@ -1,0 +1,611 @@
+"""Converting a stock DeepSpeed ZeRO checkpoint (``global_stepN/``, pickled) into format version 3.
+
+DeepSpeed's ``engine.save_checkpoint`` writes, in ``<dir>/<tag>/`` (the tag is named in ``<dir>/latest``):
+
+- ``mp_rank_00_model_states.pt`` (ZeRO 1/2) or ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (ZeRO-3): the
+  ``param_shapes`` (per param group, name -> shape, in the flat buffers' order), ``global_steps`` and the module;
+- ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` (``bf16_zero_pp_rank_...`` under bf16), one per data-parallel
+  rank: the client optimizer's state for that rank's flat partitions, and the fp32 partitions themselves.
+
+Each rank's file is read in turn (memory-mapped, through an exact allow-list of the types DeepSpeed pickles, with
+stand-ins for its four classes: no DeepSpeed code runs) and written as that rank's partition file: the element
+ranges of every parameter's state it holds, cut out of its flat partition as ``zero_to_fp32`` reassembles them
+(stage 1/2: the group's parameters laid end to end, each rank owning an equal slice; stage 3: each parameter split
+into ``ceil(numel / world)`` elements per rank). The result loads into ZeRO on any number of processes and any
+stage, into FSDP2 or into one plain process. The fp32 weights are written to ``model.safetensors`` too (one
+parameter in memory at a time) unless the output folder already has one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hf_optim.errors import CheckpointError
+from hf_optim.state.io import open_file, write_safetensors_streaming
+from hf_optim.state.pickled import (
+    check_stored_sizes,
+    check_torch_state_dict,
+    infer_optimizer_class,
+    load_torch_archive,
+)
+from hf_optim.state.zero._format import (
+    CHECKPOINT_ID_KEY,
+    KIND,
+    RANGES_KEY,
+    SHARDED_MANIFEST_NAME,
+    ZERO_FORMAT_VERSION,
+    encode_value,
+    shard_file_name,
+)
+from hf_optim.state.zero._save import commit_folder
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEEPSPEED_GLOBALS", "convert_deepspeed_checkpoint", "find_deepspeed_checkpoint"]
+
+_MODEL_FILE_RE = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
+_OPTIM_FILE_RE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+_TAG_RE = re.compile(r"[\w][\w.\-]*")
+_WEIGHTS_NAME = "model.safetensors"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class _Record:
+    """A stand-in for a small DeepSpeed class: only numbers, booleans and strings, checked as they arrive."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, bool | int | float | str))
+            for k, v in state.items()
+        ):
+            raise TypeError(f"{type(self).__name__}: unexpected pickled state")
+        self.__dict__.update(state)
+
+
+class LossScaler(_Record):
+    """Stands in for ``deepspeed.runtime.fp16.loss_scaler.LossScaler``."""
+
+
+class DynamicLossScaler(_Record):
+    """Stands in for ``deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler``."""
+
+
+class FragmentAddress(_Record):
+    """Stands in for ``deepspeed.utils.tensor_fragment.fragment_address`` (``numel``, ``start``)."""
+
+
+def _zero_stage(value: Any) -> int:
+    """Stands in for ``deepspeed.runtime.zero.config.ZeroStageEnum``: its value, checked."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 3:
+        raise TypeError(f"ZeroStageEnum: unexpected value {value!r}")
+    return value
+
+
+#: every non-torch global a DeepSpeed 0.9 - 0.19 checkpoint pickles, and what is built in its place
+DEEPSPEED_GLOBALS: Mapping[str, Any] = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": LossScaler,
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": DynamicLossScaler,
+    "deepspeed.runtime.zero.config.ZeroStageEnum": _zero_stage,
+    "deepspeed.utils.tensor_fragment.fragment_address": FragmentAddress,
+}
+
+
+def find_deepspeed_checkpoint(path: str, tag: str | None = None) -> str | None:
+    """The ``global_stepN`` folder of the DeepSpeed checkpoint at ``path``, else ``None``.
+
+    ``path`` may be that folder, or the folder holding it (a Trainer ``checkpoint-N``, DeepSpeed's save dir):
+    then ``tag``, else the tag named in its ``latest`` file, else its only ``global_step*`` folder."""
+    if not os.path.isdir(path):
+        return None
+    if _has_deepspeed_files(path):
+        return path
+    if tag is None and os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest"), encoding="utf-8", errors="replace") as f:
+            tag = f.read(256).strip()
+    if tag is not None:
+        if not _TAG_RE.fullmatch(tag) or tag in (".", ".."):
+            raise CheckpointError(f"{path}: DeepSpeed tag {tag[:80]!r} is not a folder name")
+        candidate = os.path.join(path, tag)
+        if not _has_deepspeed_files(candidate):
+            raise CheckpointError(f"{candidate}: no DeepSpeed checkpoint files")
+        return candidate
+    steps = sorted(
+        e
+        for e in os.listdir(path)
+        if e.startswith("global_step") and _has_deepspeed_files(os.path.join(path, e))
+    )
+    if len(steps) > 1:
+        raise CheckpointError(
+            f"{path} holds several DeepSpeed checkpoints ({', '.join(steps[:5])}) and no 'latest' file: "
+            "name one with tag="
+        )
+    return os.path.join(path, steps[0]) if steps else None
+
+
+def _has_deepspeed_files(folder: str) -> bool:
+    return os.path.isdir(folder) and any(
+        _MODEL_FILE_RE.fullmatch(e) or _OPTIM_FILE_RE.fullmatch(e) for e in os.listdir(folder)
+    )
+
+
+@dataclass
+class _Param:
+    name: str
+    shape: tuple[int, ...]
+    group: int
+    numel: int = 0
+    offset: int = 0  # stage 1/2: where it starts in its group's flat buffer; stage 3: its running part offset
+    state: dict[str, Any] = field(default_factory=dict)
+    master: dict[str, Any] | None = None
+
+
+def _load(path: str, folder: str, what: str) -> Any:
+    f = open_file(path, roots=[folder])
+    try:
+        return load_torch_archive(
+            path, "it", f"a DeepSpeed {what}", allowed=DEEPSPEED_GLOBALS, reader_path=f.reader_path()
+        )
+    finally:
+        f.close()
+
+
+def _files(folder: str) -> tuple[str, list[str]]:
+    """The model-states file to read and the optimizer-states files, by rank; every name checked."""
+    model, optim = {}, {}
+    for entry in os.listdir(folder):
+        if m := _MODEL_FILE_RE.fullmatch(entry):
+            model[(int(m.group(1) or 0), int(m.group(2)))] = entry
+        elif m := _OPTIM_FILE_RE.fullmatch(entry):
+            optim[(int(m.group(2)), int(m.group(3)), bool(m.group(1)))] = entry
+    if any(mp for _, mp in model) or any(mp for _, mp, _ in optim):
+        raise CheckpointError(
+            f"{folder}: a checkpoint with tensor or pipeline parallelism (mp_rank > 0): not supported"
+        )
+    if not optim:
+        raise CheckpointError(
+            f"{folder}: no zero_pp_rank_*_optim_states.pt: not a ZeRO checkpoint (ZeRO stage 0 keeps the "
+            "optimizer in mp_rank_00_model_states.pt; convert it with hf_optim.state.convert_checkpoint)"
+        )
+    if len({bf16 for _, _, bf16 in optim}) > 1:
+        raise CheckpointError(f"{folder}: holds both bf16_zero_pp_rank_* and zero_pp_rank_* files")
+    ranks = sorted(r for r, _, _ in optim)
+    if ranks != list(range(len(ranks))):
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        raise CheckpointError(f"{folder}: the optimizer states of rank {missing[0]} are missing")
+    if (0, 0) not in model:
+        raise CheckpointError(f"{folder}: no model states file (mp_rank_00_model_states.pt)")
+    by_rank = {r: name for (r, _, _), name in optim.items()}
+    return os.path.join(folder, model[(0, 0)]), [os.path.join(folder, by_rank[r]) for r in ranks]
+
+
+def _param_shapes(doc: Any, path: str) -> list[list[tuple[str, tuple[int, ...]]]]:
+    shapes = doc.get("param_shapes") if isinstance(doc, dict) else None
+    if not isinstance(shapes, list) or not shapes:
+        raise CheckpointError(f"{path}: no 'param_shapes' (a DeepSpeed ZeRO model states file has them)")
+    groups, seen = [], set()
+    for g, group in enumerate(shapes):
+        if not isinstance(group, dict):
+            raise CheckpointError(f"{path}: param_shapes[{g}] is not a mapping")
+        out = []
+        for name, shape in group.items():
+            dims = list(shape) if isinstance(shape, list | tuple) else None
+            if (
+                not isinstance(name, str)
+                or name in seen
+                or dims is None
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+            ):
+                raise CheckpointError(f"{path}: param_shapes[{g}] has a bad entry {str(name)[:80]!r}")
+            seen.add(name)
+            out.append((name, tuple(dims)))
+        groups.append(out)
+    return groups
+
+
+def _optim_parts(doc: Any, path: str, world: int) -> tuple[int, dict[str, Any], list[torch.Tensor], Any]:
+    """(stage, the client optimizer's state dict, the fp32 flat partitions, the loss scaler) of a rank's file."""
+    osd = doc.get("optimizer_state_dict") if isinstance(doc, dict) else None
+    if not isinstance(osd, dict):
+        raise CheckpointError(f"{path}: no 'optimizer_state_dict'")
+    stage = osd.get("zero_stage")
+    if stage not in (1, 2, 3):
+        raise CheckpointError(f"{path}: 'zero_stage' is {stage!r}, not 1, 2 or 3")
+    counts = osd.get("partition_count")
+    counts = counts if isinstance(counts, list) else [counts]
+    if not counts or any(c != world for c in counts):
+        raise CheckpointError(
+            f"{path}: written for {counts} processes, but the folder holds {world} optimizer states files"
+        )
+    base_key, flat_key = (
+        ("optimizer_state_dict", "fp32_flat_groups")
+        if stage == 3
+        else ("base_optimizer_state", "single_partition_of_fp32_groups")
+    )
+    base, flats = osd.get(base_key), osd.get(flat_key)
+    check_torch_state_dict(base, f"{path} ({base_key})")
+    if not isinstance(flats, list) or not all(
+        isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.float32 for t in flats
+    ):
+        raise CheckpointError(f"{path}: {flat_key!r} is not a list of flat fp32 tensors")
+    check_stored_sizes({"base": base, "flats": flats}, path)
+    return stage, base, flats, osd.get("loss_scaler")
+
+
+class _Converter:
+    """One conversion: reads rank files in turn, writes their partitions, then the manifest."""
+
+    def __init__(self, folder: str, output: str) -> None:
+        self.folder, self.output = folder, output
+        self.model_path, self.optim_paths = _files(folder)
+        self.world = len(self.optim_paths)
+        model_doc = _load(self.model_path, folder, "model states file")
+        self.groups = _param_shapes(model_doc, self.model_path)
+        steps = model_doc.get("global_steps")
+        self.global_steps = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+        module = model_doc.get("module")
+        dtypes = (
+            {t.dtype for t in module.values() if isinstance(t, torch.Tensor)}
+            if isinstance(module, dict)
+            else set()
+        )
+        floating = {d for d in dtypes if d.is_floating_point}
+        self.model_dtype = floating.pop() if len(floating) == 1 else torch.float32
+        sched = model_doc.get("lr_scheduler")
+        self.scheduler_state = sched if isinstance(sched, dict) and sched else None
+        if self.scheduler_state is not None:
+            check_stored_sizes(self.scheduler_state, self.model_path)
+        self.frozen = len(model_doc.get("frozen_param_shapes") or {})
+        del model_doc, module
+        self.params = [_Param(n, s, g, math.prod(s)) for g, group in enumerate(self.groups) for n, s in group]
+        self.stage = 0
+        self.checkpoint_id = os.urandom(16).hex()
+        self.folder_name = f"optimizer-shards-{self.checkpoint_id}"
+        self.tmp_dir = os.path.join(output, f".{self.folder_name}.tmp")
+        self.hyper: list[dict[str, Any]] = []
+        self.optimizer_class: str | None = None
+        self.given_class: str | None = None
+        self.class_reason = ""
+        self.scaler: dict[str, Any] | None = None
+        self.flats: list[
+            list[torch.Tensor]
+        ] = []  # each rank's fp32 partitions (memory-mapped), for the weights
+        self.rank_pieces: list[list[tuple[str, int, int, int, int]]] = []
+        self.partition_sizes: list[int] | None = None  # stage 1/2: rank 0's, which every rank must share
+
+    def pieces(self, rank: int, stage: int, sizes: list[int]) -> list[tuple[_Param, int, int, int, int]]:
+        """(parameter, holder index, local offset, start in the parameter, length) for what ``rank`` holds.
+
+        ``sizes`` are the rank's holder sizes (stage 1/2: one per group, its padded partition; stage 3: one per
+        sub-group)."""
+        out = []
+        if stage == 3:
+            holder, local = 0, 0
+            for p in self.params:
+                part = -(-p.numel // self.world)
+                while holder < len(sizes) and local == sizes[holder] and part:
+                    holder, local = holder + 1, 0
+                if part and (holder >= len(sizes) or local + part > sizes[holder]):
+                    raise CheckpointError(
+                        f"{self.optim_paths[rank]}: its fp32 partitions do not hold the parameters of "
+                        "param_shapes (ZeRO-3 layout)"
+                    )
+                start, stop = rank * part, min((rank + 1) * part, p.numel)
+                if stop > start:
+                    out.append((p, holder, local, start, stop - start))
+                local += part
+            if holder != len(sizes) - 1 or local != sizes[-1]:
+                raise CheckpointError(
+                    f"{self.optim_paths[rank]}: its fp32 partitions hold more than the parameters of param_shapes"
+                )
+            return out
+        if len(sizes) != len(self.groups):
+            raise CheckpointError(
+                f"{self.optim_paths[rank]}: {len(sizes)} flat partitions for {len(self.groups)} param groups"
+            )
+        offset_in = [0] * len(self.groups)
+        for p in self.params:
+            size = sizes[p.group]
+            offset = offset_in[p.group]
+            offset_in[p.group] += p.numel
+            low, high = rank * size, (rank + 1) * size
+            first, last = max(offset, low), min(offset + p.numel, high)
+            if last > first:
+                out.append((p, p.group, first - low, first - offset, last - first))
+        for g, total in enumerate(offset_in):
+            if total > sizes[g] * self.world:
+                raise CheckpointError(
+                    f"{self.optim_paths[rank]}: param group {g}'s parameters ({total:,} elements) do not fit "
+                    f"its {self.world} partitions of {sizes[g]:,}"
+                )
+        return out
+
+    def convert_rank(self, rank: int) -> None:
+        path = self.optim_paths[rank]
+        doc = _load(path, self.folder, "optimizer states file")
+        stage, base, flats, scaler = _optim_parts(doc, path, self.world)
+        if rank == 0:
+            self.stage = stage
+            self.optimizer_class, self.class_reason = infer_optimizer_class(base)
+            if self.given_class is not None:
+                self.optimizer_class, self.class_reason = self.given_class, "given"
+            if len(base["param_groups"]) != len(self.groups):
+                raise CheckpointError(
+                    f"{path}: {len(base['param_groups'])} param groups, but param_shapes has {len(self.groups)}"
+                )
+            self.hyper = [
+                {k: v for k, v in g.items() if k not in ("params", "param_names")}
+                for g in base["param_groups"]
+            ]
+            if scaler is not None:
+                if not isinstance(scaler, LossScaler | DynamicLossScaler):
+                    raise CheckpointError(f"{path}: 'loss_scaler' is not a DeepSpeed loss scaler")
+                values = {
+                    k: v
+                    for k, v in vars(scaler).items()
+                    if not k.startswith("_") and isinstance(v, bool | int | float)
+                }
+                self.scaler = {
+                    "class": type(scaler).__name__,
+                    "state": encode_value(values, "loss_scaler", "loss_scaler"),
+                }
+        elif stage != self.stage:
+            raise CheckpointError(f"{path}: ZeRO stage {stage}, but rank 0's file is stage {self.stage}")
+        # the holders: per group (stage 1/2) or per sub-group (stage 3), in the client optimizer's order
+        holders = [i for g in base["param_groups"] for i in g["params"]]
+        if stage != 3 and any(len(g["params"]) != 1 for g in base["param_groups"]):
+            raise CheckpointError(f"{path}: a ZeRO-1/2 param group must hold one flat partition")
+        if len(holders) != len(flats):
+            raise CheckpointError(f"{path}: {len(holders)} flat parameters but {len(flats)} fp32 partitions")
+        states = [base["state"].get(i) or {} for i in holders]
+        sizes = []
+        for h, (state, flat) in enumerate(zip(states, flats, strict=True)):
+            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+            lengths = {v.numel() for v in tensors.values()}
+            if len(lengths) > 1 or any(
+                v.dim() != 1 or v.dtype not in _FLOAT_DTYPES for v in tensors.values()
+            ):
+                raise CheckpointError(
+                    f"{path}: the state of flat partition {h} is not flat tensors of one size"
+                )
+            # stage 1/2 files drop the last rank's padding from the fp32 partition, not from the state
+            size = lengths.pop() if lengths else flat.numel()
+            if flat.numel() > size:
+                raise CheckpointError(f"{path}: fp32 partition {h} is larger than its optimizer state")
+            sizes.append(size)
+        if stage != 3 and rank == 0:
+            self.partition_sizes = sizes
+        elif stage != 3 and sizes != self.partition_sizes:
+            raise CheckpointError(f"{path}: its partitions are not the size of rank 0's")
+        pieces = self.pieces(rank, stage, sizes)
+        mappings = doc["optimizer_state_dict"].get("param_slice_mappings")
+        if stage != 3 and isinstance(mappings, list):
+            self.check_mappings(path, mappings, pieces)
+
+        file_name = shard_file_name(rank)
+        specs: dict[str, torch.Tensor] = {}
+        sources: dict[str, torch.Tensor] = {}
+        ranges: dict[str, list[int]] = {}
+        low_precision = self.model_dtype != torch.float32
+
+        def add(
+            key: str, flat: torch.Tensor, p: _Param, local: int, start: int, length: int
+        ) -> dict[str, Any]:
+            if local + length > flat.numel():
+                raise CheckpointError(f"{path}: {p.name!r} lies outside its flat partition")
+            specs[key] = torch.empty(length, dtype=flat.dtype, device="meta")
+            sources[key] = flat[local : local + length]
+            ranges[key] = [start, start + length]
+            entry = {"sharded": key, "shape": list(p.shape), "dtype": str(flat.dtype).removeprefix("torch.")}
+            return {**entry, "chunks": [{"file": file_name, "range": ranges[key]}]}
+
+        for p, holder, local, start, length in pieces:
+            for key, value in states[holder].items():
+                if not isinstance(key, str):
+                    raise CheckpointError(f"{path}: a state key {key!r} that is not a string")
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    entry = add(f"state.{p.name}.{key}", value, p, local, start, length)
+                    if key in p.state:
+                        p.state[key]["chunks"] += entry["chunks"]
+                    else:
+                        p.state[key] = entry
+                elif key not in p.state:
+                    where = f"{path}: state[{p.name!r}][{key!r}]"
+                    try:
+                        p.state[key] = {"value": encode_value(value, f"state.{p.name}.{key}", where)}
+                    except ValueError as err:
+                        raise CheckpointError(str(err)) from None
+            if low_precision:
+                entry = add(f"master.{p.name}", flats[holder], p, local, start, length)
+                if p.master is None:
+                    p.master = entry
+                else:
+                    p.master["chunks"] += entry["chunks"]
+        metadata = {"format": "pt", CHECKPOINT_ID_KEY: self.checkpoint_id, RANGES_KEY: json.dumps(ranges)}
+        write_safetensors_streaming(
+            os.path.join(self.tmp_dir, file_name), specs, lambda k: sources[k], metadata, fsync=True
+        )
+        self.flats.append(list(flats))
+        self.rank_pieces.append(
+            [(p.name, holder, local, start, length) for p, holder, local, start, length in pieces]
+        )
+
+    def check_mappings(
+        self, path: str, mappings: list[Any], pieces: list[tuple[_Param, int, int, int, int]]
+    ) -> None:
+        """DeepSpeed's own record of where each parameter lies in this rank's partition must agree."""
+        recorded: dict[str, tuple[int, int]] = {}
+        for group in mappings:
+            if isinstance(group, dict):
+                for name, address in group.items():
+                    if isinstance(address, FragmentAddress):
+                        recorded[name] = (getattr(address, "start", None), getattr(address, "numel", None))
+        for p, _, local, _, length in pieces:
+            if p.name in recorded and recorded[p.name] != (local, length):
+                raise CheckpointError(
+                    f"{path}: {p.name!r} lies at {recorded[p.name]} in DeepSpeed's param_slice_mappings, not "
+                    f"at {(local, length)} where param_shapes put it (round_robin_gradients reorders the flat "
+                    "buffer; such checkpoints are not supported)"
+                )
+
+    def run(self) -> list[str]:
+        os.makedirs(self.output, exist_ok=True)
+        os.makedirs(self.tmp_dir)
+        try:
+            for rank in range(self.world):
+                self.convert_rank(rank)
+                logger.debug("converted %s", self.optim_paths[rank])
+            for p in self.params:
+                for entry in [
+                    *(e for e in p.state.values() if "chunks" in e),
+                    *([p.master] if p.master else []),
+                ]:
+                    covered = sum(c["range"][1] - c["range"][0] for c in entry["chunks"])
+                    if covered != p.numel:
+                        raise CheckpointError(
+                            f"{self.folder}: the partitions hold {covered:,} of {p.name!r}'s {p.numel:,} elements"
+                        )
+            manifest = self.manifest()
+        except BaseException:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            raise
+        commit_folder(self.output, self.tmp_dir, self.folder_name, manifest, self.checkpoint_id)
+        written = [os.path.join(self.output, SHARDED_MANIFEST_NAME)]
+        weights = os.path.join(self.output, _WEIGHTS_NAME)
+        if os.path.exists(weights):
+            logger.info("%s exists: left as it is (the fp32 weights are not written)", weights)
+        else:
+            self.write_weights(weights)
+            written.append(weights)
+        return written
+
+    def manifest(self) -> dict[str, Any]:
+        groups = []
+        for g, hyper in enumerate(self.hyper):
+            names = [p.name for p in self.params if p.group == g]
+            try:
+                encoded = encode_value(hyper, f"param_groups.{g}", f"param_groups[{g}]")
+            except ValueError as err:
+                raise CheckpointError(f"{self.optim_paths[0]}: {err}") from None
+            groups.append({"params": names, "hyperparameters": encoded})
+        scheduler = None
+        if self.scheduler_state is not None:
+            try:
+                state = encode_value(self.scheduler_state, "scheduler", "lr_scheduler")
+            except ValueError as err:
+                raise CheckpointError(f"{self.model_path}: lr_scheduler: {err}") from None
+            scheduler = {"class": None, "config": None, "state_dict": state}
+        source = f"DeepSpeed ZeRO-{self.stage} checkpoint {os.path.basename(self.folder)} of {self.world} processes"
+        info = {
+            "source": source,
+            "optimizer_class": self.class_reason
+            if self.class_reason == "given"
+            else f"inferred: {self.class_reason}"
+            if self.optimizer_class
+            else f"unknown: {self.class_reason}",
+            "scheduler": "from lr_scheduler; class unknown" if scheduler else "none saved by DeepSpeed",
+        }
+        if self.global_steps is not None:
+            info["global_steps"] = str(self.global_steps)
+        if self.frozen:
+            info["frozen_parameters"] = f"{self.frozen} frozen parameters: no optimizer state, not converted"
+        return {
+            "format": KIND,
+            "format_version": ZERO_FORMAT_VERSION,
+            "checkpoint_id": self.checkpoint_id,
+            "optimizer": {"class": self.optimizer_class},
+            "world_size": self.world,
+            "zero": {"stage": self.stage, "dtype": str(self.model_dtype).removeprefix("torch.")},
+            "shards": {"folder": self.folder_name, "files": [shard_file_name(r) for r in range(self.world)]},
+            "param_groups": groups,
+            "state": {p.name: p.state for p in self.params if p.state},
+            "master_weights": {p.name: p.master for p in self.params if p.master}
+            if self.model_dtype != torch.float32
+            else None,
+            "loss_scaler": self.scaler,
+            "scheduler": scheduler,
+            "accumulator": None,
+            "info": info,
+            "versions": {"torch": torch.__version__},
+        }
+
+    def write_weights(self, path: str) -> None:
+        """The fp32 weights, each parameter gathered from the ranks' (memory-mapped) fp32 partitions in turn."""
+        where: dict[str, list[tuple[int, int, int, int, int]]] = {}
+        for rank, pieces in enumerate(self.rank_pieces):
+            for name, holder, local, start, length in pieces:
+                where.setdefault(name, []).append((rank, holder, local, start, length))
+        shapes = {p.name: p.shape for p in self.params}
+        specs = {n: torch.empty(shapes[n], dtype=torch.float32, device="meta") for n in where}
+
+        def fill(name: str) -> torch.Tensor:
+            out = torch.empty(math.prod(shapes[name]), dtype=torch.float32)
+            for rank, holder, local, start, length in where[name]:
+                out[start : start + length] = self.flats[rank][holder][local : local + length]
+            return out.view(shapes[name])
+
+        tmp = f"{path}.{self.checkpoint_id}.tmp"
+        try:
+            write_safetensors_streaming(tmp, specs, fill, {"format": "pt"}, fsync=True)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+def convert_deepspeed_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    tag: str | None = None,
+    optimizer_class: str | None = None,
+) -> list[str]:
+    """Convert a stock DeepSpeed ZeRO 1/2/3 checkpoint into hf_optim's range-partitioned format (version 3).
+
+    Args:
+        checkpoint_dir: The folder ``engine.save_checkpoint`` wrote into (or a Trainer ``checkpoint-N``), or its
+            ``global_stepN`` folder itself.
+        output: Where to write ``optimizer.sharded.json``, its partition folder and ``model.safetensors``
+            (default: ``checkpoint_dir``).
+        tag: The checkpoint to convert when the folder holds several (default: the one ``latest`` names).
+        optimizer_class: The client optimizer's class to record, e.g. ``"hf_optim.optimizers.adamw.AdamW"``
+            (default: inferred from its state and group keys).
+
+    Returns:
+        The files written: the manifest, and ``model.safetensors`` (the fp32 weights, from the fp32 partitions)
+        unless the output folder already had one.
+
+    Raises:
+        CheckpointError: naming the file, for a pickle naming a type DeepSpeed does not write, a tensor that would
+            grow when rewritten (stride 0, shared storage), partitions from different saves, stages or world sizes,
+            or a layout the parameter shapes do not describe. Nothing is written then.
+        FileNotFoundError: ``checkpoint_dir`` holds no DeepSpeed checkpoint.
+
+    Example:
+        ```python
+        hf_optim.state.convert_deepspeed_checkpoint("out/checkpoint-500")
+        # then, on any number of processes, under any ZeRO stage, FSDP2 or none:
+        # model.load_state_dict(load_file("out/checkpoint-500/model.safetensors"))
+        # hf_optim.load_state("out/checkpoint-500", optimizer, scheduler, model=engine)
+        ```
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    folder = find_deepspeed_checkpoint(checkpoint_dir, tag)
+    if folder is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {checkpoint_dir}")
+    out = os.fspath(output) if output is not None else checkpoint_dir
+    converter = _Converter(folder, out)
+    converter.given_class = optimizer_class
+    written = converter.run()
+    logger.info("converted the DeepSpeed checkpoint %s -> %s", folder, out)
+    return written
