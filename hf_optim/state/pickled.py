@@ -73,20 +73,22 @@ def pickle_globals(path: str, data: bytes) -> set[str]:
                 raise CheckpointError(
                     f"{path}: its pickle uses the {opcode.name} opcode, which torch.save does not write: refused"
                 )
+    except CheckpointError:
+        raise
     except (ValueError, pickle.UnpicklingError) as err:  # a truncated or malformed opcode stream
         raise CheckpointError(f"{path}: its pickle is malformed: {err}") from None
     return found
 
 
 def load_torch_archive(
-    path: str, name: str, what: str, *, allowed: Mapping[str, Any], reader_path: str | None = None
+    path: str, what: str, *, allowed: Mapping[str, Any], reader_path: str | None = None
 ) -> Any:
     """The object in the ``torch.save`` zip archive ``path`` (opened at ``reader_path`` when given: a checked
     descriptor), memory-mapped: tensors are read from the file as they are used, not loaded whole.
 
     The pickle may name only :data:`TENSOR_GLOBALS` and the keys of ``allowed`` (a foreign class's
     ``module.name`` mapped to the stand-in that ``torch.load(weights_only=True)`` builds in its place); any other
-    global is refused by name before anything is unpickled. ``name`` and ``what`` word the errors."""
+    global is refused by name before anything is unpickled. ``what`` (the file's kind) words the errors."""
     source = reader_path or path
     try:
         with zipfile.ZipFile(source) as archive:
@@ -99,7 +101,7 @@ def load_torch_archive(
     refused = sorted(pickle_globals(path, data) - TENSOR_GLOBALS - set(allowed))
     if refused:
         raise CheckpointError(
-            f"{path}: refusing {name}: its pickle names {', '.join(refused)}, which {what} does not hold "
+            f"{path}: refused: its pickle names {', '.join(refused)}, which {what} does not hold "
             "(allowed: tensors, plain containers and " + ", ".join(sorted(allowed)) + ")"
         )
     try:
@@ -115,7 +117,7 @@ def load_torch_archive(
         raise
     except Exception as err:  # torch raises many types for refused or malformed pickles
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable {what} ({first})") from None
+        raise CheckpointError(f"{path}: not readable as {what} ({first})") from None
 
 
 def torch_load(path: str) -> Any:

@@ -9,6 +9,7 @@ what unfolding them would take.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.run_cache import once_per_run
+from tests.security import deepspeed_files as ds
 from tests.security.cli_batch import run_batch
 
 LEGACY_MODULE = "pytorch_pretrained_bert.optimization"
@@ -158,6 +160,98 @@ if importlib.util.find_spec("transformers") is not None:
     )
 
 
+def _deepspeed(change_rank=None, rank=1, *, model=None, protocol=None, after=None):
+    """A make for a stock DeepSpeed ZeRO-2 checkpoint (tests/security/deepspeed_files.py) in the row's folder,
+    with ``change_rank(content)`` applied to rank ``rank``'s optimizer states, or ``model`` as its model states."""
+
+    def make(path):
+        folder = path.parent
+        ranks = {}
+        if change_rank is not None:
+            content = ds.optim_states(rank)
+            change_rank(content["optimizer_state_dict"])
+            ranks[rank] = content
+        ds.write_checkpoint(folder, model=model, ranks=ranks)
+        if protocol is not None:  # rewritten with another pickle protocol
+            target = ds.optim_file(folder, rank)
+            with ds.deepspeed_names():
+                torch.save(ds.optim_states(rank), target, pickle_protocol=protocol)
+        if after is not None:
+            after(folder)
+
+    return make
+
+
+def _base(osd):
+    return osd["base_optimizer_state"]["state"][0]
+
+
+def _link_outside(folder):
+    outside = folder.parent / f"{folder.name}-outside.pt"
+    ds.optim_file(folder, 1).rename(outside)
+    ds.optim_file(folder, 1).symlink_to(outside)
+
+
+def _big_param_shapes():
+    model = ds.model_states()
+    model["param_shapes"][0]["a.weight"] = torch.Size([300, 2])
+    return model
+
+
+RANK0, RANK1 = (f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2))
+DEEPSPEED_ATTACKS = {
+    # no pickled code runs, and no type DeepSpeed does not write is built
+    "deepspeed-code-as-loss-scaler": (_deepspeed(lambda o: o.update(loss_scaler=_Boom())), RANK1),
+    "deepspeed-foreign-class": (_deepspeed(lambda o: o.update(overflow=collections.Counter())), RANK1),
+    "deepspeed-protocol-4-pickle": (_deepspeed(protocol=4, rank=0), RANK0),
+    "deepspeed-loss-scaler-holding-a-tensor": (
+        _deepspeed(lambda o: vars(o["loss_scaler"]).update(cur_scale=torch.ones(3))),
+        RANK1,
+    ),
+    # output proportional to the stored data
+    "deepspeed-stride-0-moments": (
+        _deepspeed(
+            lambda o: _base(o).update(
+                exp_avg=torch.zeros(1).expand(50_000_000), exp_avg_sq=torch.zeros(1).expand(50_000_000)
+            )
+        ),
+        RANK1,
+    ),
+    "deepspeed-shared-storage": (
+        _deepspeed(lambda o: _base(o).update(exp_avg_sq=_base(o)["exp_avg"][:])),
+        RANK1,
+    ),
+    # partitions that do not belong together, or a layout the shapes do not describe
+    "deepspeed-partition-count": (_deepspeed(lambda o: o.update(partition_count=[3])), RANK1),
+    "deepspeed-other-stage": (_deepspeed(lambda o: o.update(zero_stage=ds.ZeroStageEnum.weights)), RANK1),
+    "deepspeed-other-partition-size": (
+        _deepspeed(lambda o: _base(o).update(exp_avg=torch.zeros(7), exp_avg_sq=torch.zeros(7))),
+        RANK1,
+    ),
+    "deepspeed-missing-rank": (_deepspeed(after=lambda f: ds.optim_file(f, 1).unlink()), RANK0),
+    "deepspeed-shapes-larger-than-partitions": (_deepspeed(model=_big_param_shapes()), RANK0),
+    "deepspeed-slice-mappings-disagree": (
+        _deepspeed(lambda o: setattr(o["param_slice_mappings"][0]["a.weight"], "start", 1), rank=0),
+        RANK0,
+    ),
+    "deepspeed-integer-moments": (
+        _deepspeed(lambda o: _base(o).update(exp_avg=torch.zeros(6, dtype=torch.int64))),
+        RANK1,
+    ),
+    "deepspeed-tensor-hyperparameter": (
+        _deepspeed(lambda o: o["base_optimizer_state"]["param_groups"][0].update(lr=torch.ones(4)), rank=0),
+        RANK0,
+    ),
+    # nothing read reaches outside the folder
+    "deepspeed-latest-outside": (
+        _deepspeed(after=lambda f: (f / "latest").write_text("../elsewhere")),
+        "latest",
+    ),
+    "deepspeed-link-outside": (_deepspeed(after=_link_outside), RANK1),
+}
+TABLE.update({name: (make, lambda d: [], names) for name, (make, names) in DEEPSPEED_ATTACKS.items()})
+
+
 def _view_of_a_larger_storage(path):
     big = torch.arange(12.0)
     torch.save(_moments(big[:4].clone(), big[4:8]), path)
@@ -167,6 +261,7 @@ def _convert_every_row(root):
     rows = {
         **{k: (make, args) for k, (make, args, _) in TABLE.items()},
         "control": (_view_of_a_larger_storage, lambda d: []),
+        "deepspeed-control": (_deepspeed(), lambda d: []),
     }
     jobs, folders = [], {}
     for i, (name, (make, args)) in enumerate(rows.items()):
@@ -209,3 +304,30 @@ def test_a_moment_viewing_part_of_a_larger_storage_converts(converted):
     tensors = load_file(folder / "optimizer.safetensors")
     (sq,) = (v for k, v in tensors.items() if k.endswith("exp_avg_sq"))
     assert torch.equal(sq, torch.arange(4.0, 8.0))
+
+
+def test_a_stock_deepspeed_checkpoint_converts_to_the_elements_deepspeeds_layout_gives(converted):
+    """The control of the DeepSpeed rows: the same ZeRO-2 files, unchanged, convert; each parameter's state is
+    its slice of the flat buffer written out in tests/security/deepspeed_files.py, loaded into a plain AdamW."""
+    import hf_optim
+
+    folder, _, result = converted["deepspeed-control"]
+    assert result["code"] == 0, result["stderr"][-800:]
+    weights = load_file(folder / "model.safetensors")
+    params = {n: torch.nn.Parameter(torch.zeros(s)) for n, s in ds.SHAPES.items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=0.5)
+    hf_optim.load_state(folder, opt, model=_Named(params))
+    for name, p in params.items():
+        assert torch.equal(weights[name], ds.expected(name, "fp32")), name
+        assert torch.equal(opt.state[p]["exp_avg"], ds.expected(name, "exp_avg")), name
+        assert torch.equal(opt.state[p]["exp_avg_sq"], ds.expected(name, "exp_avg_sq")), name
+        assert opt.state[p]["step"].item() == 2.0
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+class _Named(torch.nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.a = torch.nn.Module()
+        for name, p in params.items():
+            self.a.register_parameter(name.split(".")[1], p)

@@ -109,12 +109,14 @@ def find_deepspeed_checkpoint(path: str, tag: str | None = None) -> str | None:
         return None
     if _has_deepspeed_files(path):
         return path
+    named_by = "tag="
     if tag is None and os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest"), encoding="utf-8", errors="replace") as f:
+        named_by = os.path.join(path, "latest")
+        with open(named_by, encoding="utf-8", errors="replace") as f:
             tag = f.read(256).strip()
     if tag is not None:
-        if not _TAG_RE.fullmatch(tag) or tag in (".", ".."):
-            raise CheckpointError(f"{path}: DeepSpeed tag {tag[:80]!r} is not a folder name")
+        if not _TAG_RE.fullmatch(tag):
+            raise CheckpointError(f"{named_by}: DeepSpeed tag {tag[:80]!r} is not a folder name in {path}")
         candidate = os.path.join(path, tag)
         if not _has_deepspeed_files(candidate):
             raise CheckpointError(f"{candidate}: no DeepSpeed checkpoint files")
@@ -153,7 +155,7 @@ def _load(path: str, folder: str, what: str) -> Any:
     f = open_file(path, roots=[folder])
     try:
         return load_torch_archive(
-            path, "it", f"a DeepSpeed {what}", allowed=DEEPSPEED_GLOBALS, reader_path=f.reader_path()
+            path, f"a DeepSpeed {what}", allowed=DEEPSPEED_GLOBALS, reader_path=f.reader_path()
         )
     finally:
         f.close()
@@ -212,7 +214,9 @@ def _param_shapes(doc: Any, path: str) -> list[list[tuple[str, tuple[int, ...]]]
     return groups
 
 
-def _optim_parts(doc: Any, path: str, world: int) -> tuple[int, dict[str, Any], list[torch.Tensor], Any]:
+def _optim_parts(
+    doc: Any, path: str, world: int, stage_of_rank0: int | None
+) -> tuple[int, dict[str, Any], list[torch.Tensor], Any]:
     """(stage, the client optimizer's state dict, the fp32 flat partitions, the loss scaler) of a rank's file."""
     osd = doc.get("optimizer_state_dict") if isinstance(doc, dict) else None
     if not isinstance(osd, dict):
@@ -220,6 +224,8 @@ def _optim_parts(doc: Any, path: str, world: int) -> tuple[int, dict[str, Any], 
     stage = osd.get("zero_stage")
     if stage not in (1, 2, 3):
         raise CheckpointError(f"{path}: 'zero_stage' is {stage!r}, not 1, 2 or 3")
+    if stage_of_rank0 is not None and stage != stage_of_rank0:
+        raise CheckpointError(f"{path}: ZeRO stage {stage}, but rank 0's file is stage {stage_of_rank0}")
     counts = osd.get("partition_count")
     counts = counts if isinstance(counts, list) else [counts]
     if not counts or any(c != world for c in counts):
@@ -332,7 +338,7 @@ class _Converter:
     def convert_rank(self, rank: int) -> None:
         path = self.optim_paths[rank]
         doc = _load(path, self.folder, "optimizer states file")
-        stage, base, flats, scaler = _optim_parts(doc, path, self.world)
+        stage, base, flats, scaler = _optim_parts(doc, path, self.world, self.stage if rank else None)
         if rank == 0:
             self.stage = stage
             self.optimizer_class, self.class_reason = infer_optimizer_class(base)
@@ -358,8 +364,6 @@ class _Converter:
                     "class": type(scaler).__name__,
                     "state": encode_value(values, "loss_scaler", "loss_scaler"),
                 }
-        elif stage != self.stage:
-            raise CheckpointError(f"{path}: ZeRO stage {stage}, but rank 0's file is stage {self.stage}")
         # the holders: per group (stage 1/2) or per sub-group (stage 3), in the client optimizer's order
         holders = [i for g in base["param_groups"] for i in g["params"]]
         if stage != 3 and any(len(g["params"]) != 1 for g in base["param_groups"]):
@@ -387,6 +391,9 @@ class _Converter:
         elif stage != 3 and sizes != self.partition_sizes:
             raise CheckpointError(f"{path}: its partitions are not the size of rank 0's")
         pieces = self.pieces(rank, stage, sizes)
+        for p, holder, local, _, length in pieces:
+            if local + length > flats[holder].numel():
+                raise CheckpointError(f"{path}: {p.name!r} lies outside its fp32 flat partition")
         mappings = doc["optimizer_state_dict"].get("param_slice_mappings")
         if stage != 3 and isinstance(mappings, list):
             self.check_mappings(path, mappings, pieces)
@@ -401,7 +408,7 @@ class _Converter:
             key: str, flat: torch.Tensor, p: _Param, local: int, start: int, length: int
         ) -> dict[str, Any]:
             if local + length > flat.numel():
-                raise CheckpointError(f"{path}: {p.name!r} lies outside its flat partition")
+                raise CheckpointError(f"{path}: {p.name!r} lies outside its flat optimizer state")
             specs[key] = torch.empty(length, dtype=flat.dtype, device="meta")
             sources[key] = flat[local : local + length]
             ranges[key] = [start, start + length]
@@ -460,6 +467,8 @@ class _Converter:
     def run(self) -> list[str]:
         os.makedirs(self.output, exist_ok=True)
         os.makedirs(self.tmp_dir)
+        weights = os.path.join(self.output, _WEIGHTS_NAME)
+        weights_tmp = None if os.path.exists(weights) else f"{weights}.{self.checkpoint_id}.tmp"
         try:
             for rank in range(self.world):
                 self.convert_rank(rank)
@@ -475,16 +484,19 @@ class _Converter:
                             f"{self.folder}: the partitions hold {covered:,} of {p.name!r}'s {p.numel:,} elements"
                         )
             manifest = self.manifest()
+            if weights_tmp is not None:
+                self.write_weights(weights_tmp)
         except BaseException:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            if weights_tmp is not None and os.path.exists(weights_tmp):
+                os.remove(weights_tmp)
             raise
         commit_folder(self.output, self.tmp_dir, self.folder_name, manifest, self.checkpoint_id)
         written = [os.path.join(self.output, SHARDED_MANIFEST_NAME)]
-        weights = os.path.join(self.output, _WEIGHTS_NAME)
-        if os.path.exists(weights):
+        if weights_tmp is None:
             logger.info("%s exists: left as it is (the fp32 weights are not written)", weights)
         else:
-            self.write_weights(weights)
+            os.replace(weights_tmp, weights)
             written.append(weights)
         return written
 
@@ -553,14 +565,7 @@ class _Converter:
                 out[start : start + length] = self.flats[rank][holder][local : local + length]
             return out.view(shapes[name])
 
-        tmp = f"{path}.{self.checkpoint_id}.tmp"
-        try:
-            write_safetensors_streaming(tmp, specs, fill, {"format": "pt"}, fsync=True)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_safetensors_streaming(path, specs, fill, {"format": "pt"}, fsync=True)
 
 
 def convert_deepspeed_checkpoint(
