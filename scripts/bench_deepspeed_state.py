@@ -12,7 +12,9 @@ On the same ZeRO engine (``DS_ACCELERATOR=cpu``, gloo, fp32, AdamW client optimi
 - ``deepspeed optimizer file``: ``torch.save(zero_optimizer.state_dict())``, what that writes per process for
   the optimizer alone (``zero_pp_rank_R_mp_rank_00_optim_states.pt``);
 - ``hf_optim load``: ``hf_optim.load_state`` into the same engine;
-- ``deepspeed load``: ``engine.load_checkpoint(dir)`` (model weights and optimizer).
+- ``deepspeed load``: ``engine.load_checkpoint(dir)`` (model weights and optimizer);
+- ``hf_optim convert``: ``hf_optim.state.convert.convert_checkpoint`` of DeepSpeed's checkpoint (both ranks'
+  files, by one process: rank 0) into hf_optim's format and ``model.safetensors``, into a new folder each time.
 
 Peak extra memory per process is the VmHWM increase during the operation (reset through /proc/self/clear_refs), as
 a multiple of that process's partition of the optimizer state (its ``exp_avg`` and ``exp_avg_sq``).
@@ -71,6 +73,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     import deepspeed
 
     import hf_optim
+    from hf_optim.state.convert import convert_checkpoint
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
@@ -103,6 +106,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         ),
         "hf_optim load": lambda: hf_optim.load_state(hf_dir, zopt, model=engine),
         "deepspeed load": lambda: engine.load_checkpoint(ds_dir, tag="bench"),
+        "hf_optim convert": lambda: (
+            rank == 0
+            and convert_checkpoint(ds_dir, output=os.path.join(root, f"converted-{os.urandom(4).hex()}"))
+        ),
     }
     best: dict[str, tuple[float, int]] = {}
     for _ in range(args.repeats):
@@ -145,8 +152,9 @@ def main() -> None:
     print(f"{'':28s} {'time':>8s} {'vs deepspeed':>13s} {'extra memory / partition (rank 0, rank 1)':>44s}")
     for name in rows:
         base = rows["deepspeed save" if "save" in name or "file" in name else "deepspeed load"][0]
+        versus = "-" if "convert" in name else f"{rows[name][0] / base:.2f}x"
         ratios = ", ".join(f"{r['rows'][name][1] / r['partition']:.2f}x" for r in results)
-        print(f"{name:28s} {rows[name][0]:7.2f}s {rows[name][0] / base:12.2f}x {ratios:>44s}")
+        print(f"{name:28s} {rows[name][0]:7.2f}s {versus:>13s} {ratios:>44s}")
 
 
 if __name__ == "__main__":

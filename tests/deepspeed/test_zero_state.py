@@ -11,79 +11,24 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from tests.deepspeed import zero_worker
-from tests.multiprocess import run_with_deadline
-
-SAVE_AT, STOP = 3, 6
-DEADLINE = 240
-
-
-def _run(tmp: Path, name: str, world: int, spec: dict[str, Any]) -> list[dict]:
-    results = run_with_deadline(zero_worker.worker, world, (str(tmp), name, spec), tmp, name, DEADLINE)
-    for r in results:
-        assert r["outcome"] == "ok", r.get("traceback", r["outcome"])
-    return results
-
-
-def _engine(kind: str) -> dict[str, Any]:
-    """``"zero2"``, ``"zero3-bf16"``, ``"fsdp"``, ``"plain"`` as a worker spec."""
-    if kind.startswith("zero"):
-        spec: dict[str, Any] = {"engine": "zero", "stage": int(kind[4])}
-        if kind.endswith("bf16"):
-            spec["dtype"] = "bf16"
-        return spec
-    return {"engine": kind}
-
-
-def _reference() -> dict[str, list[float]]:
-    """One plain process, uninterrupted, on the same global batches (in this process)."""
-    model = zero_worker.make_model({})
-    opt = zero_worker.make_optimizer(model.parameters(), "hf")
-    sched = zero_worker.make_scheduler(opt)
-    for step in range(STOP):
-        x, y = zero_worker.batch(step)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-    return {k: v.detach().flatten().tolist() for k, v in model.named_parameters()}
-
-
-def _max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
-    assert a.keys() == b.keys()
-    return max(abs(x - y) for k in a for x, y in zip(a[k], b[k], strict=True))
-
-
-class Saved:
-    def __init__(self, tmp: Path, kind: str, world: int, *, again: bool = False) -> None:
-        self.tmp, self.kind, self.world = tmp, kind, world
-        self.directory, self.weights = tmp / "state", tmp / "weights.safetensors"
-        spec = {**_engine(kind), "stop": STOP, "save": str(self.directory), "save_at": SAVE_AT}
-        spec["weights_out"] = str(self.weights)
-        if again:
-            self.again = tmp / "state-again"
-            spec["save_again"] = str(self.again)
-        self.results = _run(tmp, "saving", world, spec)
-
-    def resume(self, kind: str, world: int, name: str, **extra: Any) -> list[dict]:
-        spec = {**_engine(kind), "start": SAVE_AT, "stop": STOP, "load": str(self.directory)}
-        return _run(self.tmp, name, world, {**spec, "weights_in": str(self.weights), **extra})
+from tests.deepspeed.runs import SAVE_AT, STOP, Saved, engine_spec, max_diff, run
+from tests.deepspeed.runs import reference as plain_reference
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, list[float]]:
-    return _reference()
+    return plain_reference()
 
 
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory: pytest.TempPathFactory) -> Saved:
-    return Saved(tmp_path_factory.mktemp("zero2"), "zero2", 2, again=True)
+    return Saved.shared(tmp_path_factory, "zero2", 2, again=True)
 
 
 def test_each_process_writes_its_partition_as_safetensors(zero2: Saved) -> None:
@@ -122,8 +67,8 @@ def test_resume_on_the_same_processes_is_bit_exact(zero2: Saved) -> None:
 )
 def test_zero2_checkpoint_resumes_anywhere(zero2: Saved, reference, kind: str, world: int) -> None:
     resumed = zero2.resume(kind, world, f"{kind}-{world}")
-    assert _max_diff(resumed[0]["weights"], reference) < 1e-6
-    assert _max_diff(zero2.results[0]["weights"], reference) < 1e-6
+    assert max_diff(resumed[0]["weights"], reference) < 1e-6
+    assert max_diff(zero2.results[0]["weights"], reference) < 1e-6
 
 
 def test_range_checkpoint_loads_with_strict_false_like_a_single_file_one(zero2: Saved) -> None:
@@ -139,7 +84,7 @@ def test_range_checkpoint_loads_with_strict_false_like_a_single_file_one(zero2: 
 def test_fsdp2_and_plain_checkpoints_resume_under_zero(tmp_path, reference, saved_by, kind, world) -> None:
     saved = Saved(tmp_path, saved_by, 2 if saved_by == "fsdp" else 1)
     resumed = saved.resume(kind, world, "resumed")
-    assert _max_diff(resumed[0]["weights"], reference) < 1e-6
+    assert max_diff(resumed[0]["weights"], reference) < 1e-6
 
 
 def test_bf16_resume_restores_the_fp32_master_weights(tmp_path) -> None:
@@ -159,8 +104,8 @@ def test_bf16_resume_restores_the_fp32_master_weights(tmp_path) -> None:
 def other_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
     """Saves of the same run with another world size (ZeRO-2 on 3) and another stage (ZeRO-3 on 2)."""
     return {
-        "another world size": Saved(tmp_path_factory.mktemp("zero2-on-3"), "zero2", 3),
-        "another stage": Saved(tmp_path_factory.mktemp("zero3-on-2"), "zero3", 2),
+        "another world size": Saved.shared(tmp_path_factory, "zero2", 3),
+        "another stage": Saved.shared(tmp_path_factory, "zero3", 2),
     }
 
 
@@ -206,8 +151,8 @@ def test_hostile_zero_checkpoints_change_nothing_on_any_rank(
     zero2: Saved, other_layouts: dict[str, Saved], tmp_path, engine
 ) -> None:
     cases = _hostile(zero2, other_layouts, tmp_path)
-    spec = {**_engine(engine), "stop": 1, "attacks": [str(path) for path, _ in cases.values()]}
-    results = _run(tmp_path, "attacks", 2, spec)
+    spec = {**engine_spec(engine), "stop": 1, "attacks": [str(path) for path, _ in cases.values()]}
+    results = run(tmp_path, "attacks", 2, spec)
     for rank, result in enumerate(results):
         for (case, (_, file_name)), outcome in zip(cases.items(), result["attacks"], strict=True):
             assert outcome["error"].startswith("CheckpointError"), (case, rank, outcome)
@@ -218,8 +163,8 @@ def test_hostile_zero_checkpoints_change_nothing_on_any_rank(
 def test_push_from_every_process_then_each_machine_downloads_only_its_partition(
     zero2: Saved, hub_repo_id, hub_api, tmp_path
 ) -> None:
-    pushing = {**_engine("zero2"), "stop": SAVE_AT, "push": hub_repo_id, "save_at": SAVE_AT}
-    _run(tmp_path, "pushing", 2, pushing)
+    pushing = {**engine_spec("zero2"), "stop": SAVE_AT, "push": hub_repo_id, "save_at": SAVE_AT}
+    run(tmp_path, "pushing", 2, pushing)
     files = hub_api.list_repo_files(hub_repo_id)
     assert "run/optimizer.sharded.json" in files
     assert len([f for f in files if f.startswith("run/optimizer-shards-")]) == 2
@@ -253,12 +198,12 @@ def test_legacy_optimizers_under_zero_match_one_process(tmp_path, stage) -> None
     """hf_optim.AdamW (no bias correction), AdamWeightDecay and BertAdam as DeepSpeed client optimizers under
     ZeRO give the one-process result of the same global batches (``gradient_clipping: 0``)."""
     spec = {"engine": "zero", "stage": stage, "stop": 0, "also": LEGACY}
-    results = _run(tmp_path, "legacy", 2, {**spec, "also_steps": STOP})
+    results = run(tmp_path, "legacy", 2, {**spec, "also_steps": STOP})
     for optimizer in LEGACY:
         expected = _plain_run(optimizer, STOP)
         got = results[0]["also"][optimizer]
-        assert _max_diff(got, expected) < 1e-6, optimizer
-        assert _max_diff(expected, _plain_run(optimizer, 0)) > 1e-3  # the runs did train
+        assert max_diff(got, expected) < 1e-6, optimizer
+        assert max_diff(expected, _plain_run(optimizer, 0)) > 1e-3  # the runs did train
 
 
 def test_importing_hf_optim_does_not_import_deepspeed() -> None:

@@ -222,6 +222,8 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
                 hf_optim.push_state_to_hub(spec["push"], step_opt, sched, model=engine, subfolder="run")
             if spec.get("ds_save") and step + 1 == spec.get("save_at"):  # DeepSpeed's own (pickled) format
                 engine.save_checkpoint(spec["ds_save"], tag=f"global_step{step + 1}")
+                if rank == 0:  # the scheduler DeepSpeed does not step, saved beside as the Trainer does
+                    torch.save(sched.state_dict(), os.path.join(spec["ds_save"], "scheduler.pt"))
             if spec.get("save") and step + 1 == spec.get("save_at"):
                 hf_optim.save_state(spec["save"], step_opt, sched, model=engine)
                 if spec.get("weights_out") and rank == 0:

@@ -242,6 +242,10 @@ DEEPSPEED_ATTACKS = {
         _deepspeed(lambda o: o["base_optimizer_state"]["param_groups"][0].update(lr=torch.ones(4)), rank=0),
         RANK0,
     ),
+    "deepspeed-scheduler-with-code": (
+        _deepspeed(after=lambda f: (f / "scheduler.pt").write_bytes(pickle.dumps(_Boom()))),
+        "scheduler.pt",
+    ),
     # nothing read reaches outside the folder
     "deepspeed-latest-outside": (
         _deepspeed(after=lambda f: (f / "latest").write_text("../elsewhere")),

@@ -7,6 +7,9 @@ DeepSpeed's ``engine.save_checkpoint`` writes, in ``<dir>/<tag>/`` (the tag is n
 - ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` (``bf16_zero_pp_rank_...`` under bf16), one per data-parallel
   rank: the client optimizer's state for that rank's flat partitions, and the fp32 partitions themselves.
 
+A scheduler DeepSpeed steps is in the model states file; one it does not (the Trainer's) is read from
+``scheduler.pt`` beside the tag's folder, where the Trainer saves it.
+
 Each rank's file is read in turn (memory-mapped, through an exact allow-list of the types DeepSpeed pickles, with
 stand-ins for its four classes: no DeepSpeed code runs) and written as that rank's partition file: the element
 ranges of every parameter's state it holds, cut out of its flat partition as ``zero_to_fp32`` reassembles them
@@ -268,8 +271,17 @@ class _Converter:
         self.model_dtype = floating.pop() if len(floating) == 1 else torch.float32
         sched = model_doc.get("lr_scheduler")
         self.scheduler_state = sched if isinstance(sched, dict) and sched else None
+        self.scheduler_path = self.model_path
+        if self.scheduler_state is None:  # a scheduler DeepSpeed did not step: the Trainer saves it beside
+            self.scheduler_path = os.path.join(os.path.dirname(folder), "scheduler.pt")
+            if os.path.isfile(self.scheduler_path):
+                self.scheduler_state = _load(self.scheduler_path, os.path.dirname(folder), "scheduler state")
         if self.scheduler_state is not None:
-            check_stored_sizes(self.scheduler_state, self.model_path)
+            if not isinstance(self.scheduler_state, dict) or not all(
+                isinstance(k, str) for k in self.scheduler_state
+            ):
+                raise CheckpointError(f"{self.scheduler_path}: not a scheduler state_dict")
+            check_stored_sizes(self.scheduler_state, self.scheduler_path)
         self.frozen = len(model_doc.get("frozen_param_shapes") or {})
         del model_doc, module
         self.params = [_Param(n, s, g, math.prod(s)) for g, group in enumerate(self.groups) for n, s in group]
@@ -512,9 +524,9 @@ class _Converter:
         scheduler = None
         if self.scheduler_state is not None:
             try:
-                state = encode_value(self.scheduler_state, "scheduler", "lr_scheduler")
+                state = encode_value(self.scheduler_state, "scheduler", "the scheduler state")
             except ValueError as err:
-                raise CheckpointError(f"{self.model_path}: lr_scheduler: {err}") from None
+                raise CheckpointError(f"{self.scheduler_path}: {err}") from None
             scheduler = {"class": None, "config": None, "state_dict": state}
         source = f"DeepSpeed ZeRO-{self.stage} checkpoint {os.path.basename(self.folder)} of {self.world} processes"
         info = {
@@ -524,7 +536,9 @@ class _Converter:
             else f"inferred: {self.class_reason}"
             if self.optimizer_class
             else f"unknown: {self.class_reason}",
-            "scheduler": "from lr_scheduler; class unknown" if scheduler else "none saved by DeepSpeed",
+            "scheduler": f"from {os.path.basename(self.scheduler_path)}; class unknown"
+            if scheduler
+            else "none: DeepSpeed saved none, and no scheduler.pt beside it",
         }
         if self.global_steps is not None:
             info["global_steps"] = str(self.global_steps)
