@@ -432,6 +432,31 @@ def write_safetensors_streaming(
             os.fsync(f.fileno())
 
 
+def allocate_safetensors(
+    path: str, specs: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> dict[str, int]:
+    """Create the safetensors file ``path`` at its full size (the header of ``specs``' dtypes and shapes, then
+    zeros) for data written afterwards in any order with :func:`write_tensor_at`; returns where each tensor's
+    data starts in the file."""
+    header, order = safetensors_header(specs, metadata)
+    starts, position = {}, len(header)
+    for key in order:
+        starts[key] = position
+        position += specs[key].numel() * specs[key].element_size()
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(position)
+    return starts
+
+
+def write_tensor_at(fd: int, position: int, tensor: torch.Tensor) -> None:
+    """Write ``tensor``'s data bytes at ``position`` of the file open at ``fd`` (no copy when contiguous)."""
+    data = _raw_bytes(tensor)
+    while data:
+        written = os.pwrite(fd, data, position)
+        data, position = data[written:], position + written
+
+
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's data bytes, as safetensors stores them (no copy for a contiguous CPU tensor)."""
     t = tensor.detach()

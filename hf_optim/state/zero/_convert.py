@@ -15,8 +15,9 @@ stand-ins for its four classes: no DeepSpeed code runs) and written as that rank
 ranges of every parameter's state it holds, cut out of its flat partition as ``zero_to_fp32`` reassembles them
 (stage 1/2: the group's parameters laid end to end, each rank owning an equal slice; stage 3: each parameter split
 into ``ceil(numel / world)`` elements per rank). The result loads into ZeRO on any number of processes and any
-stage, into FSDP2 or into one plain process. The fp32 weights are written to ``model.safetensors`` too (one
-parameter in memory at a time) unless the output folder already has one.
+stage, into FSDP2 or into one plain process. The fp32 weights go to ``model.safetensors`` in the same pass (each
+rank's elements written at their place in the file) unless the output folder already has one. Only one rank's
+file is mapped at a time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from hf_optim.errors import CheckpointError
-from hf_optim.state.io import open_file, write_safetensors_streaming
+from hf_optim.state.io import allocate_safetensors, open_file, write_safetensors_streaming, write_tensor_at
 from hf_optim.state.pickled import (
     check_stored_sizes,
     check_torch_state_dict,
@@ -294,10 +295,10 @@ class _Converter:
         self.given_class: str | None = None
         self.class_reason = ""
         self.scaler: dict[str, Any] | None = None
-        self.flats: list[
-            list[torch.Tensor]
-        ] = []  # each rank's fp32 partitions (memory-mapped), for the weights
-        self.rank_pieces: list[list[tuple[str, int, int, int, int]]] = []
+        self.weights_tmp: str | None = None
+        self.weights_fd = -1  # the fp32 weights file, filled rank by rank; its tensors' data offsets:
+        self.weights_at: dict[str, int] = {}
+        self.weights_covered = dict.fromkeys((p.name for p in self.params), 0)
         self.partition_sizes: list[int] | None = None  # stage 1/2: rank 0's, which every rank must share
 
     def pieces(self, rank: int, stage: int, sizes: list[int]) -> list[tuple[_Param, int, int, int, int]]:
@@ -453,10 +454,15 @@ class _Converter:
         write_safetensors_streaming(
             os.path.join(self.tmp_dir, file_name), specs, lambda k: sources[k], metadata, fsync=True
         )
-        self.flats.append(list(flats))
-        self.rank_pieces.append(
-            [(p.name, holder, local, start, length) for p, holder, local, start, length in pieces]
-        )
+        if rank == 0 and self.weights_tmp is not None:  # once rank 0's partitions hold what the shapes say
+            specs = {p.name: torch.empty(p.shape, device="meta") for p in self.params}
+            self.weights_at = allocate_safetensors(self.weights_tmp, specs, {"format": "pt"})
+            self.weights_fd = os.open(self.weights_tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        if self.weights_fd >= 0:  # this rank's elements of the fp32 weights, at their place in the file
+            for p, holder, local, start, length in pieces:
+                position = self.weights_at[p.name] + start * 4
+                write_tensor_at(self.weights_fd, position, flats[holder][local : local + length])
+                self.weights_covered[p.name] += length
 
     def check_mappings(
         self, path: str, mappings: list[Any], pieces: list[tuple[_Param, int, int, int, int]]
@@ -482,27 +488,31 @@ class _Converter:
         weights = os.path.join(self.output, _WEIGHTS_NAME)
         weights_tmp = None if os.path.exists(weights) else f"{weights}.{self.checkpoint_id}.tmp"
         try:
+            self.weights_tmp = weights_tmp
             for rank in range(self.world):
                 self.convert_rank(rank)
                 logger.debug("converted %s", self.optim_paths[rank])
             for p in self.params:
-                for entry in [
-                    *(e for e in p.state.values() if "chunks" in e),
-                    *([p.master] if p.master else []),
-                ]:
-                    covered = sum(c["range"][1] - c["range"][0] for c in entry["chunks"])
-                    if covered != p.numel:
-                        raise CheckpointError(
-                            f"{self.folder}: the partitions hold {covered:,} of {p.name!r}'s {p.numel:,} elements"
-                        )
+                entries = [e for e in p.state.values() if "chunks" in e] + ([p.master] if p.master else [])
+                covered = [sum(c["range"][1] - c["range"][0] for c in e["chunks"]) for e in entries]
+                if weights_tmp is not None:
+                    covered.append(self.weights_covered[p.name])
+                if any(n != p.numel for n in covered):
+                    raise CheckpointError(
+                        f"{self.folder}: the partitions hold {min(covered):,} of {p.name!r}'s {p.numel:,} elements"
+                    )
             manifest = self.manifest()
-            if weights_tmp is not None:
-                self.write_weights(weights_tmp)
+            if self.weights_fd >= 0:
+                os.fsync(self.weights_fd)
         except BaseException:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             if weights_tmp is not None and os.path.exists(weights_tmp):
                 os.remove(weights_tmp)
             raise
+        finally:
+            if self.weights_fd >= 0:
+                os.close(self.weights_fd)
+                self.weights_fd = -1
         commit_folder(self.output, self.tmp_dir, self.folder_name, manifest, self.checkpoint_id)
         written = [os.path.join(self.output, SHARDED_MANIFEST_NAME)]
         if weights_tmp is None:
@@ -563,23 +573,6 @@ class _Converter:
             "info": info,
             "versions": {"torch": torch.__version__},
         }
-
-    def write_weights(self, path: str) -> None:
-        """The fp32 weights, each parameter gathered from the ranks' (memory-mapped) fp32 partitions in turn."""
-        where: dict[str, list[tuple[int, int, int, int, int]]] = {}
-        for rank, pieces in enumerate(self.rank_pieces):
-            for name, holder, local, start, length in pieces:
-                where.setdefault(name, []).append((rank, holder, local, start, length))
-        shapes = {p.name: p.shape for p in self.params}
-        specs = {n: torch.empty(shapes[n], dtype=torch.float32, device="meta") for n in where}
-
-        def fill(name: str) -> torch.Tensor:
-            out = torch.empty(math.prod(shapes[name]), dtype=torch.float32)
-            for rank, holder, local, start, length in where[name]:
-                out[start : start + length] = self.flats[rank][holder][local : local + length]
-            return out.view(shapes[name])
-
-        write_safetensors_streaming(path, specs, fill, {"format": "pt"}, fsync=True)
 
 
 def convert_deepspeed_checkpoint(
