@@ -16,18 +16,26 @@ __all__ = ["OPTIMIZER_FILES", "SCHEDULER_FILES", "convert_checkpoint", "register
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a Trainer / Accelerate optimizer.pt / .bin to safetensors",
+        help="convert a Trainer / Accelerate optimizer.pt / .bin, or a DeepSpeed checkpoint, to safetensors",
         description="Convert optimizer.pt / optimizer.bin and scheduler.pt / scheduler.bin of a transformers "
         "Trainer or Accelerate checkpoint (read with torch.load(weights_only=True)) into optimizer.safetensors "
         "and scheduler.json beside them. What could be inferred (optimizer class, Trainer step) and what could "
-        "not is recorded in the checkpoint and shown by `hf-optim inspect`.",
+        "not is recorded in the checkpoint and shown by `hf-optim inspect`. A folder holding a stock DeepSpeed "
+        "ZeRO 1/2/3 checkpoint (a 'latest' file and global_stepN/, or global_stepN/ itself) becomes "
+        "optimizer.sharded.json with one partition file per DeepSpeed process, and model.safetensors (fp32): "
+        "it then resumes on any number of processes, any ZeRO stage, FSDP2 or one process.",
     )
     parser.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR")
+    parser.add_argument(
+        "--tag",
+        help="DeepSpeed checkpoints: the global_stepN folder to convert (default: the one 'latest' names)",
+    )
     parser.add_argument(
         "--names-from",
         metavar="MODEL_DIR_OR_FILE",
         help="parameter names: a file with one name per line (optimizer order), or a model directory with "
-        "config.json whose parameters are grouped as transformers' Trainer does",
+        "config.json whose parameters are grouped as transformers' Trainer does (not needed for DeepSpeed "
+        "checkpoints, which name their parameters)",
     )
     parser.add_argument("--output", metavar="DIR", help="write here instead of CHECKPOINT_DIR")
     parser.add_argument(
@@ -47,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         output=args.output,
         optimizer_class=args.optimizer_class,
         max_shard_size=args.max_shard_size,
+        tag=args.tag,
     )
     for path in written:
         print(path)

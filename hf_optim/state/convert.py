@@ -136,16 +136,20 @@ def convert_checkpoint(
     output: str | None = None,
     optimizer_class: str | None = None,
     max_shard_size: int | str = "5GB",
+    tag: str | None = None,
 ) -> list[str]:
     """Convert ``optimizer.pt|.bin`` (+ ``scheduler.pt|.bin``) in ``checkpoint_dir``, or the stock DeepSpeed ZeRO
-    checkpoint there (:func:`~hf_optim.state.zero.convert_deepspeed_checkpoint`); returns the files written."""
+    checkpoint there (:func:`~hf_optim.state.zero.convert_deepspeed_checkpoint`, which ``tag`` selects for); returns
+    the files written."""
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"no such checkpoint directory: {checkpoint_dir}")
     opt_path = _find(checkpoint_dir, OPTIMIZER_FILES)
-    if opt_path is None and find_deepspeed_checkpoint(checkpoint_dir) is not None:
+    if opt_path is None and (tag is not None or find_deepspeed_checkpoint(checkpoint_dir) is not None):
         if names_from is not None:
             logger.info("a DeepSpeed checkpoint names its parameters; ignoring --names-from")
-        return convert_deepspeed_checkpoint(checkpoint_dir, output=output, optimizer_class=optimizer_class)
+        return convert_deepspeed_checkpoint(
+            checkpoint_dir, output=output, tag=tag, optimizer_class=optimizer_class
+        )
     if opt_path is None:
         raise FileNotFoundError(f"no {' or '.join(OPTIMIZER_FILES)} in {checkpoint_dir}")
     state_dict = _load_optimizer_file(opt_path)

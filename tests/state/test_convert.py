@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -37,3 +39,33 @@ def test_unknown_class_says_why():
     sd = _state_dict(torch.optim.Adagrad, lr=0.1)
     cls, reason = infer_optimizer_class(sd)
     assert cls is None and reason
+
+
+def _deepspeed_folder(tmp_path):
+    from tests.security import deepspeed_files
+
+    deepspeed_files.write_checkpoint(tmp_path)
+    return tmp_path, deepspeed_files.TAG
+
+
+def test_a_deepspeed_checkpoint_is_found_by_its_latest_file_its_tag_or_its_own_folder(tmp_path):
+    """``convert_checkpoint`` finds DeepSpeed's files as DeepSpeed's ``load_checkpoint`` does: the tag ``latest``
+    names, or the one given; several ``global_step*`` folders and no ``latest`` is an error naming them."""
+    import shutil
+
+    from hf_optim.errors import CheckpointError
+    from hf_optim.state.convert import convert_checkpoint
+
+    folder, tag = _deepspeed_folder(tmp_path / "run")
+    shutil.copytree(folder / tag, folder / "global_step4")
+    assert convert_checkpoint(str(folder), output=str(tmp_path / "a"))[0].endswith("optimizer.sharded.json")
+    (folder / "latest").unlink()
+    with pytest.raises(CheckpointError, match="global_step2, global_step4"):
+        convert_checkpoint(str(folder), output=str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+    assert convert_checkpoint(str(folder), output=str(tmp_path / "b"), tag="global_step4")
+    assert convert_checkpoint(str(folder / tag), output=str(tmp_path / "c"))
+    infos = [
+        json.loads((tmp_path / out / "optimizer.sharded.json").read_text())["info"]["source"] for out in "abc"
+    ]
+    assert [s.split()[-4] for s in infos] == ["global_step2", "global_step4", "global_step2"]

@@ -605,10 +605,12 @@ def convert_deepspeed_checkpoint(
 
     Example:
         ```python
-        hf_optim.state.convert_deepspeed_checkpoint("out/checkpoint-500")
+        from hf_optim.state.zero import convert_deepspeed_checkpoint
+
+        convert_deepspeed_checkpoint("out/checkpoint-500")  # reads out/checkpoint-500/global_step500/
         # then, on any number of processes, under any ZeRO stage, FSDP2 or none:
-        # model.load_state_dict(load_file("out/checkpoint-500/model.safetensors"))
-        # hf_optim.load_state("out/checkpoint-500", optimizer, scheduler, model=engine)
+        model.load_state_dict(load_file("out/checkpoint-500/model.safetensors"))
+        hf_optim.load_state("out/checkpoint-500", optimizer, scheduler, model=engine)
         ```
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
