@@ -135,7 +135,7 @@ def format_info(info: StateInfo) -> str:
 
 
 def format_sharded_info(info: ShardedStateInfo) -> str:
-    """The tables ``hf-optim inspect`` prints for a sharded (FSDP2) checkpoint."""
+    """The tables ``hf-optim inspect`` prints for a sharded (FSDP2 or DeepSpeed ZeRO) checkpoint."""
     elements = sum(math.prod(shape) for entries in info.parameters.values() for shape in entries.values())
     summary = [
         ["Checkpoint", info.directory],
@@ -152,6 +152,8 @@ def format_sharded_info(info: ShardedStateInfo) -> str:
             else "-",
         ],
     ]
+    for key, value in (info.info or {}).items():
+        summary.append([f"Converted: {key}", value])
     rows = [["parameter", "state", "global shape"]]
     for name, entries in info.parameters.items():
         for key, shape in entries.items():

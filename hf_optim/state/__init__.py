@@ -18,15 +18,10 @@ from hf_optim.state.format import (
     SCHEDULER_NAME,
     parse_max_shard_size,
 )
-from hf_optim.state.inspect import StateInfo, inspect_state
+from hf_optim.state.inspect import StateInfo, inspect_sharded_state, inspect_state
 from hf_optim.state.load import LoadReport, has_state, load_object_state, load_state, load_state_dict
 from hf_optim.state.save import consolidate_state, save_object_state, save_state, save_state_dict
-from hf_optim.state.sharded import (
-    SHARDED_MANIFEST_NAME,
-    ShardedStateInfo,
-    has_sharded_state,
-    inspect_sharded_state,
-)
+from hf_optim.state.sharded import SHARDED_MANIFEST_NAME, ShardedStateInfo, has_sharded_state
 
 __all__ = [
     "ACCUMULATOR_NAME",

@@ -8,13 +8,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hf_optim.state import sharded, zero
 from hf_optim.state.codec import TensorHeader, decode
 from hf_optim.state.describe import FileReader
 from hf_optim.state.format import dtype_name
 from hf_optim.state.io import read_safetensors
 from hf_optim.state.reader import Checkpoint, open_checkpoint
 
-__all__ = ["StateInfo", "inspect_state"]
+__all__ = ["StateInfo", "inspect_sharded_state", "inspect_state"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,15 @@ def inspect_state(directory: str | os.PathLike[str], *, roots: Iterable[str] | N
     directory = os.fspath(directory)
     with open_checkpoint(directory, roots=roots) as ckpt:
         return _inspect(ckpt, directory)
+
+
+def inspect_sharded_state(directory: str | os.PathLike[str]) -> sharded.ShardedStateInfo:
+    """Describe a sharded checkpoint (FSDP2's boxes or DeepSpeed ZeRO's ranges), validated like a load:
+    parameters and global shapes, groups, step counters, number of shards."""
+    directory = os.fspath(directory)
+    if zero.is_range_layout(directory):
+        return zero.inspect_range_state(directory)
+    return sharded.inspect_sharded_state(directory)
 
 
 def _inspect(ckpt: Checkpoint, directory: str) -> StateInfo:

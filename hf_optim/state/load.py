@@ -162,7 +162,7 @@ def _load_into_zero(
             raise
 
     layout = zero.zero_layout(zero_optimizer, model)
-    checkpoint_id, loaded, notes = zero.load_ranges(open_plan, layout, scheduler=scheduler)
+    checkpoint_id, loaded, notes = zero.load_ranges(open_plan, layout, scheduler=scheduler, engine=model)
     return LoadReport(
         source=directory,
         checkpoint_id=checkpoint_id,

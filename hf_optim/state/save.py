@@ -396,7 +396,11 @@ def save_state(
         layout = zero.zero_layout(zero_optimizer, model)
         return [
             zero.save_zero_state(
-                os.fspath(save_directory), layout, scheduler, optimizer_class=qualname(layout.client)
+                os.fspath(save_directory),
+                layout,
+                scheduler,
+                optimizer_class=qualname(layout.client),
+                engine=model,
             )
         ]
     opt = unwrap_optimizer(optimizer)

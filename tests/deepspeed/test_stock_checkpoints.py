@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hf_optim.state.convert import convert_checkpoint
-from tests.deepspeed.runs import Saved, max_diff, reference
+from tests.deepspeed.runs import STOP, Saved, max_diff, reference
 
 KINDS = ["zero1", "zero2", "zero3-bf16"]
 
@@ -75,8 +75,10 @@ def test_converted_state_is_what_hf_optim_saves_from_the_live_engine(converted, 
         }
     assert ours["param_groups"] == live["param_groups"]
     assert ours["optimizer"] == live["optimizer"] and ours["zero"] == live["zero"]
-    assert ours["loss_scaler"] == live["loss_scaler"]
-    assert ours["scheduler"]["state_dict"] == live["scheduler"]["state_dict"]  # from the Trainer's scheduler.pt
+    assert ours["loss_scaler"] == live["loss_scaler"] and ours["engine"] == live["engine"]
+    assert (
+        ours["scheduler"]["state_dict"] == live["scheduler"]["state_dict"]
+    )  # from the Trainer's scheduler.pt
     assert (ours["master_weights"] is None) == (kind != "zero3-bf16")
     assert ours["info"]["global_steps"] == "3" and ours["info"]["source"].startswith(
         f"DeepSpeed ZeRO-{kind[4]}"
@@ -115,3 +117,32 @@ def test_stock_bf16_zero3_checkpoint_resumes_exactly_where_the_run_ends(converte
         "zero3-bf16", 2, "stock-same", load=str(out), weights_in=str(out / "model.safetensors")
     )
     assert resumed[0]["weights"] == saved.results[0]["weights"]
+    assert resumed[0]["global_steps"] == saved.results[0]["global_steps"] == STOP  # DeepSpeed's counters too
+
+
+def test_inspect_describes_zero_checkpoints_saved_or_converted(converted, tmp_path) -> None:
+    import shutil
+
+    import hf_optim
+    from hf_optim.errors import CheckpointError
+
+    saved, out = converted("zero2")
+    shapes = {"0.weight": (7, 5), "0.bias": (7,), "2.weight": (3, 7), "2.bias": (3,)}
+    for directory in (saved.directory, out):
+        info = hf_optim.inspect_state(str(directory))
+        assert isinstance(info, hf_optim.ShardedStateInfo) and info.world_size == info.num_shards == 2
+        assert info.parameters == {n: {"exp_avg": s, "exp_avg_sq": s} for n, s in shapes.items()}
+        assert info.step == (3.0, 3.0) and info.has_scheduler
+        assert [g["num_params"] for g in info.param_groups] == [4]
+    assert (
+        info.info is not None
+        and info.info["source"] == "DeepSpeed ZeRO-2 checkpoint global_step3 of 2 processes"
+    )
+    assert hf_optim.inspect_state(str(saved.directory)).info is None
+    hostile = tmp_path / "hostile"
+    shutil.copytree(out, hostile)
+    doc = json.loads((hostile / "optimizer.sharded.json").read_text())
+    doc["info"] = {"source": ["not", "text"]}
+    (hostile / "optimizer.sharded.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"optimizer\.sharded\.json: 'info'"):
+        hf_optim.inspect_state(str(hostile))

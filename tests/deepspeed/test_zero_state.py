@@ -58,6 +58,7 @@ def test_each_process_writes_its_partition_as_safetensors(zero2: Saved) -> None:
 def test_resume_on_the_same_processes_is_bit_exact(zero2: Saved) -> None:
     resumed = zero2.resume("zero2", 2, "same")
     assert resumed[0]["weights"] == zero2.results[0]["weights"]
+    assert resumed[0]["global_steps"] == zero2.results[0]["global_steps"] == STOP  # the engine's counters too
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,8 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
         if spec.get("attacks"):
             result["attacks"] = [_attack(directory, step_opt, sched, engine) for directory in spec["attacks"]]
         result["weights"] = {k: v.flatten().tolist() for k, v in _weights(engine, spec).items()}
+        if kind == "zero":
+            result["global_steps"] = engine.global_steps
         result["outcome"] = "ok"
     except Exception as exc:  # reported, not raised: the test shows every rank's outcome
         result["outcome"] = f"{type(exc).__name__}: {exc}"

@@ -267,6 +267,7 @@ class ShardedStateInfo:
         scheduler_class: The saved scheduler's class.
         scheduler_step: The saved scheduler's ``last_epoch``.
         scheduler_lr: The saved scheduler's last learning rates.
+        info: Where a converted checkpoint came from and what was inferred (``None`` for a saved one).
 
     Example:
         <!-- skip: needs a sharded checkpoint, written by several FSDP2 processes (see the FSDP2 page) -->
@@ -293,6 +294,7 @@ class ShardedStateInfo:
     scheduler_class: str | None = None
     scheduler_step: int | None = None
     scheduler_lr: tuple[float, ...] | None = None
+    info: dict[str, str] | None = None
 
 
 def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo:

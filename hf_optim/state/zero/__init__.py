@@ -5,7 +5,7 @@ Each process writes only its own partition, as 1-D element ranges of each parame
 loss scaler, the groups' hyperparameters and the scheduler; rank 0 writes the manifest. Loading reads element
 ranges of any sharded-family checkpoint (version 2's row blocks too) into ZeRO on any number of processes and any
 stage, or into one plain process. Modules: ``_layout`` (where ZeRO keeps what), ``_format``, ``_save``,
-``_convert`` (stock DeepSpeed checkpoints into this format), ``_read`` (manifest and partition headers, checked), ``_reader`` (the checkpoint model's reader of element ranges,
+``_convert`` (stock DeepSpeed checkpoints into this format), ``_read`` (manifest and partition headers, checked), ``_inspect`` (describing a checkpoint), ``_reader`` (the checkpoint model's reader of element ranges,
 for ordinary and FSDP2 optimizers), ``_load`` (into ZeRO's flat partitions).
 """
 
@@ -15,6 +15,7 @@ from hf_optim.state.zero._convert import (
     find_deepspeed_checkpoint,
 )
 from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
+from hf_optim.state.zero._inspect import inspect_range_state
 from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
 from hf_optim.state.zero._load import is_range_layout, load_ranges, machine_files, manifest_files
 from hf_optim.state.zero._read import Plan, plan_from_checkpoint, read_manifest
@@ -30,6 +31,7 @@ __all__ = [
     "convert_deepspeed_checkpoint",
     "find_deepspeed_checkpoint",
     "find_zero",
+    "inspect_range_state",
     "is_range_layout",
     "load_ranges",
     "machine_files",

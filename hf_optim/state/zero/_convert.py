@@ -51,6 +51,7 @@ from hf_optim.state.zero._format import (
     encode_value,
     shard_file_name,
 )
+from hf_optim.state.zero._layout import ENGINE_COUNTERS
 from hf_optim.state.zero._save import commit_folder
 
 logger = logging.getLogger(__name__)
@@ -260,8 +261,11 @@ class _Converter:
         self.world = len(self.optim_paths)
         model_doc = _load(self.model_path, folder, "model states file")
         self.groups = _param_shapes(model_doc, self.model_path)
-        steps = model_doc.get("global_steps")
-        self.global_steps = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+        self.counters = {
+            key: value
+            for key in ENGINE_COUNTERS
+            if isinstance(value := model_doc.get(key), int) and not isinstance(value, bool) and value >= 0
+        }
         module = model_doc.get("module")
         dtypes = (
             {t.dtype for t in module.values() if isinstance(t, torch.Tensor)}
@@ -550,8 +554,8 @@ class _Converter:
             if scheduler
             else "none: DeepSpeed saved none, and no scheduler.pt beside it",
         }
-        if self.global_steps is not None:
-            info["global_steps"] = str(self.global_steps)
+        if "global_steps" in self.counters:
+            info["global_steps"] = str(self.counters["global_steps"])
         if self.frozen:
             info["frozen_parameters"] = f"{self.frozen} frozen parameters: no optimizer state, not converted"
         return {
@@ -568,6 +572,7 @@ class _Converter:
             if self.model_dtype != torch.float32
             else None,
             "loss_scaler": self.scaler,
+            "engine": self.counters or None,
             "scheduler": scheduler,
             "accumulator": None,
             "info": info,

@@ -160,3 +160,18 @@ def zero_layout(zero: Any, model: torch.nn.Module) -> ZeroLayout:
 def refresh_master_weights(layout: ZeroLayout) -> None:
     """Copy the model's weights into the fp32 master partitions (fp32 training: they are the same values)."""
     layout.zero._restore_from_bit16_weights()
+
+
+#: the DeepSpeed engine's step counters (what ``engine.load_checkpoint`` restores besides the optimizer), saved
+#: with its ZeRO state so that schedules keyed on them (curriculum, progressive layer drop, logging) resume too
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def engine_counters(engine: Any) -> dict[str, int] | None:
+    """The engine's counters, or ``None`` when ``engine`` has none of them (not a DeepSpeed engine)."""
+    counters = {
+        key: value
+        for key in ENGINE_COUNTERS
+        if isinstance(value := getattr(engine, key, None), int) and not isinstance(value, bool)
+    }
+    return counters or None

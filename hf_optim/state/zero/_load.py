@@ -31,7 +31,15 @@ from hf_optim.state.sharded import (
 )
 from hf_optim.state.sharded import machine_files as sharded_machine_files
 from hf_optim.state.zero._format import decode_value
-from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, refresh_master_weights, zero_layout
+from hf_optim.state.zero._layout import (
+    ENGINE_COUNTERS,
+    ZeroLayout,
+    engine_counters,
+    find_zero,
+    module_of,
+    refresh_master_weights,
+    zero_layout,
+)
 from hf_optim.state.zero._read import Plan, TensorEntry, needed_files, open_files, read_manifest, read_range
 from hf_optim.state.zero._reader import region_range
 
@@ -179,10 +187,10 @@ def _zero_buffers(
 
 
 def load_ranges(
-    open_plan: Callable[[], Plan], layout: ZeroLayout, *, scheduler: Any = None
+    open_plan: Callable[[], Plan], layout: ZeroLayout, *, scheduler: Any = None, engine: Any = None
 ) -> tuple[str, list[str], list[str]]:
-    """Load a sharded-family (or single-process) checkpoint into ZeRO's flat partitions (``layout``); returns
-    the checkpoint id, the parameter names loaded and notes.
+    """Load a sharded-family (or single-process) checkpoint into ZeRO's flat partitions (``layout``) and the step
+    counters of ``engine`` (when saved); returns the checkpoint id, the parameter names loaded and notes.
 
     Call it on every process of the group: the processes agree on every check before anything changes.
     """
@@ -195,6 +203,7 @@ def load_ranges(
         plan = open_plan()
         target = _zero_target(layout)
         hypers, scheduler_state = _check(plan, target, client, scheduler)
+        counters = _saved_counters(plan) if engine_counters(engine) is not None else None
         with_master = layout.low_precision and plan.master is not None
         _check_holders(plan, layout)
         new_states, masters, into = _zero_buffers(plan, layout, with_master)
@@ -214,7 +223,23 @@ def load_ranges(
         _apply_zero(layout, new_states, masters, hypers, notes, plan)
         if scheduler is not None:
             unwrap_scheduler(scheduler).load_state_dict(scheduler_state)
+    for key, value in (counters or {}).items():
+        setattr(engine, key, value)
     return plan.checkpoint_id, sorted(plan.state), notes
+
+
+def _saved_counters(plan: Plan) -> dict[str, int]:
+    """The engine's step counters the checkpoint holds (none for a checkpoint of another layout)."""
+    saved = plan.doc.get("engine") if plan.version >= 3 else None
+    if saved is None:
+        return {}
+    if not isinstance(saved, dict) or not all(
+        isinstance(saved.get(k), int) and not isinstance(saved.get(k), bool) and saved[k] >= 0
+        for k in ENGINE_COUNTERS
+        if k in saved
+    ):
+        raise CheckpointError(f"{plan.path}: 'engine' must map step counters to non-negative integers")
+    return {k: saved[k] for k in ENGINE_COUNTERS if k in saved}
 
 
 def _distributed() -> bool:

@@ -26,7 +26,7 @@ from hf_optim.state.zero._format import (
     gather_text,
     shard_file_name,
 )
-from hf_optim.state.zero._layout import ZeroLayout
+from hf_optim.state.zero._layout import ZeroLayout, engine_counters
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ def _scaler_state(zero: Any) -> dict[str, Any] | None:
 
 
 def save_zero_state(
-    directory: str, layout: ZeroLayout, scheduler: Any = None, *, optimizer_class: str
+    directory: str, layout: ZeroLayout, scheduler: Any = None, *, optimizer_class: str, engine: Any = None
 ) -> str:
     """Write ``layout``'s state: this process's elements of every state tensor (and of the fp32 master weights
-    under bf16 / fp16) as 1-D ranges of the flattened global tensors; returns the manifest's path."""
+    under bf16 / fp16) as 1-D ranges of the flattened global tensors, and ``engine``'s step counters; returns the
+    manifest's path."""
     checkpoint_id = broadcast_text(os.urandom(16).hex() if rank() == 0 else "")
     folder = f"optimizer-shards-{checkpoint_id}"
     file_name = shard_file_name(rank())
@@ -164,6 +165,7 @@ def save_zero_state(
             if layout.low_precision
             else None,
             "loss_scaler": _scaler_state(layout.zero),
+            "engine": engine_counters(engine),
             "scheduler": scheduler_state,
             "accumulator": None,
             "versions": {"torch": torch.__version__},
