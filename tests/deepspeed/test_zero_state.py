@@ -101,6 +101,23 @@ def test_bf16_resume_restores_the_fp32_master_weights(tmp_path) -> None:
     assert resumed[0]["weights"] == saved.results[0]["weights"]
 
 
+def test_the_fp16_loss_scaler_is_restored_from_a_saved_or_converted_checkpoint(tmp_path) -> None:
+    """DeepSpeed's ``DynamicLossScaler`` (fp16's; fp16 ZeRO does not run on CPU, so it replaces fp32's here) after
+    5 steps with a window of 4 (one doubling), saved by hf_optim and by DeepSpeed: loaded into a new scaler, each
+    holds the values it had at the save."""
+    from hf_optim.state.convert import convert_checkpoint
+
+    spec = {**engine_spec("zero2"), "stop": 5, "save_at": 5, "dynamic_scaler": 256.0}
+    spec.update(save=str(tmp_path / "saved"), ds_save=str(tmp_path / "deepspeed"))
+    at_save = run(tmp_path, "saving", 2, spec)[0]["scaler_at_save"]
+    assert at_save["cur_scale"] == 512.0 and at_save["cur_iter"] == 5  # it did change
+    convert_checkpoint(str(tmp_path / "deepspeed"), output=str(tmp_path / "converted"))
+    loads = [str(tmp_path / "saved"), str(tmp_path / "converted")]
+    loaded = run(tmp_path, "loading", 2, {**engine_spec("zero2"), "stop": 0, "scaler_loads": loads})
+    for rank in loaded:
+        assert rank["scalers_loaded"] == [at_save, at_save]
+
+
 @pytest.fixture(scope="module")
 def other_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
     """Saves of the same run with another world size (ZeRO-2 on 3) and another stage (ZeRO-3 on 2)."""

@@ -71,6 +71,18 @@ def _deepspeed(rank: int, world: int, spec: dict, *, schedule: bool = True) -> t
     return engine, zopt, sched, opt
 
 
+def _dynamic_scaler(scale: float) -> Any:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    return DynamicLossScaler(
+        init_scale=scale, scale_window=4, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+    )
+
+
+def _scaler_values(zopt: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(zopt.loss_scaler).items() if isinstance(v, bool | int | float)}
+
+
 def _weights(engine: Any, spec: dict) -> dict[str, torch.Tensor]:
     if spec["engine"] == "zero" and spec["stage"] == 3:
         import deepspeed
@@ -187,6 +199,8 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
             sched = make_scheduler(opt)
             dtype = torch.float32
         step_opt = zopt if zopt is not None else opt
+        if spec.get("dynamic_scaler"):  # fp16's scaler (fp16 ZeRO does not run on CPU), in place of fp32's
+            zopt.loss_scaler = _dynamic_scaler(spec["dynamic_scaler"])
         if spec.get("machines"):  # each process plays a machine of its own, with its own Hub cache
             os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))
         if spec.get("load"):
@@ -225,6 +239,8 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
                 if rank == 0:  # the scheduler DeepSpeed does not step, saved beside as the Trainer does
                     torch.save(sched.state_dict(), os.path.join(spec["ds_save"], "scheduler.pt"))
             if spec.get("save") and step + 1 == spec.get("save_at"):
+                if spec.get("dynamic_scaler"):
+                    result["scaler_at_save"] = _scaler_values(zopt)
                 hf_optim.save_state(spec["save"], step_opt, sched, model=engine)
                 if spec.get("weights_out") and rank == 0:
                     from safetensors.torch import save_file
@@ -237,6 +253,10 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
         for other in spec.get("also", ()):  # the same run with other client optimizers, weights by optimizer
             extra = {"optimizer": other, "stop": spec["also_steps"]}
             result.setdefault("also", {})[other] = _train_fresh({**spec, **extra}, rank, world)
+        for directory in spec.get("scaler_loads", ()):  # into a new scaler of the same class, each
+            zopt.loss_scaler = _dynamic_scaler(2.0**16)
+            hf_optim.load_state(directory, step_opt, sched, model=engine)
+            result.setdefault("scalers_loaded", []).append(_scaler_values(zopt))
         if spec.get("attacks"):
             result["attacks"] = [_attack(directory, step_opt, sched, engine) for directory in spec["attacks"]]
         result["weights"] = {k: v.flatten().tolist() for k, v in _weights(engine, spec).items()}

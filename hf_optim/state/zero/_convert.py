@@ -66,11 +66,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class _Record:
-    """A stand-in for a small DeepSpeed class: only numbers, booleans and strings, checked as they arrive."""
+    """A stand-in for a small DeepSpeed class: only numbers, booleans, strings and dtypes, checked as they
+    arrive."""
 
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, bool | int | float | str))
+            isinstance(k, str) and (v is None or isinstance(v, bool | int | float | str | torch.dtype))
             for k, v in state.items()
         ):
             raise TypeError(f"{type(self).__name__}: unexpected pickled state")
@@ -96,12 +97,14 @@ def _zero_stage(value: Any) -> int:
     return value
 
 
-#: every non-torch global a DeepSpeed 0.9 - 0.19 checkpoint pickles, and what is built in its place
+#: every global besides tensors a DeepSpeed 0.19 checkpoint pickles, and what is built in its place: its four
+#: classes as stand-ins, and the dtypes its fp16 / bf16 loss scaler records
 DEEPSPEED_GLOBALS: Mapping[str, Any] = {
     "deepspeed.runtime.fp16.loss_scaler.LossScaler": LossScaler,
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": DynamicLossScaler,
     "deepspeed.runtime.zero.config.ZeroStageEnum": _zero_stage,
     "deepspeed.utils.tensor_fragment.fragment_address": FragmentAddress,
+    **{f"torch.{d}": getattr(torch, d) for d in ("float16", "bfloat16", "float32")},
 }
 
 
