@@ -105,7 +105,7 @@ def load_state(
     directory = os.path.join(directory, *sub.split("/")) if sub else directory
     zero_optimizer = zero.find_zero(optimizer, model)
     if zero_optimizer is not None:
-        return _load_into_zero(directory, scheduler, accumulator, model, zero_optimizer, roots)
+        return _load_into_zero(directory, scheduler, accumulator, model, zero_optimizer, roots, strict)
     opt = unwrap_optimizer(optimizer)
     is_sharded = sharded.is_sharded(opt)
     manifest = os.path.join(
@@ -140,9 +140,10 @@ def _load_into_zero(
     model: torch.nn.Module | None,
     zero_optimizer: Any,
     roots: Iterable[str] | None,
+    strict: bool,
 ) -> LoadReport:
-    """Any checkpoint of the family (or a single-process one) into DeepSpeed ZeRO's flat partitions, read by
-    element ranges (``hf_optim.state.zero``)."""
+    """Any checkpoint of the family (or a single-process one) into DeepSpeed ZeRO's flat partitions: checked
+    like every load against the client optimizer seen per parameter, read by element ranges."""
     if model is None:
         raise ValueError("the optimizer is DeepSpeed ZeRO's: pass model= (the engine) to name its parameters")
     if accumulator is not None:
@@ -155,22 +156,16 @@ def _load_into_zero(
             return zero.read_manifest(directory)
         ckpt = open_checkpoint(directory, roots=roots)
         try:
-            saved = FileReader(ckpt).scheduler()
-            return zero.plan_from_checkpoint(ckpt, saved.state if saved is not None else None)
+            return zero.plan_from_checkpoint(ckpt, FileReader(ckpt).scheduler())
         except BaseException:
             ckpt.close()
             raise
 
     layout = zero.zero_layout(zero_optimizer, model)
-    checkpoint_id, loaded, notes = zero.load_ranges(open_plan, layout, scheduler=scheduler, engine=model)
-    return LoadReport(
-        source=directory,
-        checkpoint_id=checkpoint_id,
-        loaded=tuple(loaded),
-        param_groups_restored=True,
-        scheduler_loaded=scheduler is not None,
-        notes=tuple(notes),
-    )
+    view, names = zero.zero_view(layout)
+    live = Live(view, scheduler, names=names)
+    reader = zero.RangeReader(directory, open_plan)
+    return load_with(lambda: reader, live, strict, collective=True, into=zero.ZeroInstall(layout, model))
 
 
 def load_with(
@@ -179,12 +174,15 @@ def load_with(
     strict: bool,
     *,
     collective: bool,
+    into: Any = None,
 ) -> LoadReport:
     """Load through a layout's reader: describe, :func:`~hf_optim.state.plan.check`, read, apply.
 
     ``collective``: every process calls this together; each step ends with the processes agreeing on its verdict
     (any process's error is raised on all of them), and before reading they check that they restore the same
-    non-tensor values (a digest of them) from the same save."""
+    non-tensor values (a digest of them) from the same save. ``into``: a target that reads and installs the
+    checked plan itself (:class:`~hf_optim.state.zero.ZeroInstall`, ZeRO's flat partitions) in place of the
+    optimizer's own ``load_state_dict``."""
     with open_reader() as reader:
         plan = _step(
             collective, lambda: check(reader.describe(), live, strict), "the checkpoint does not fit"
@@ -198,6 +196,9 @@ def load_with(
                 else f"{plan.saved.directory}: this process would restore other values than rank 0 (checkpoint "
                 f"{plan.saved.checkpoint_id}): the processes read different saves or have different optimizers"
             )
+        if into is not None:
+            staged = _step(collective, lambda: into.stage(plan, reader), "reading the tensors failed")
+            return into.apply(plan, staged)
         _step(collective, lambda: reader.prepare(plan.reads), "opening the tensor files failed")
         tensors = _step(collective, lambda: reader.read(plan.reads), "reading the tensors failed")
     return apply(plan, tensors)

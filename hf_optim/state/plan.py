@@ -32,7 +32,7 @@ from hf_optim.state.model import LoadReport, SavedCheckpoint, TensorEntry, place
 
 logger = logging.getLogger("hf_optim.state")
 
-__all__ = ["SCHEDULER_GROUP_KEYS", "Live", "LoadPlan", "apply", "check"]
+__all__ = ["SCHEDULER_GROUP_KEYS", "Live", "LoadPlan", "apply", "check", "report"]
 
 #: param-group keys torch's schedulers add when they are created (LRScheduler's initial_lr, OneCycleLR's and
 #: CyclicLR's learning-rate and momentum bounds)
@@ -335,6 +335,13 @@ def apply(plan: LoadPlan, tensors: Mapping[str, torch.Tensor]) -> LoadReport:
                 raise
             # the object's own load_state_dict refused a value the checks let through
             raise CheckpointError(f"{stage}: refused while loading: {type(err).__name__}: {err}") from err
+    return report(plan)
+
+
+def report(plan: LoadPlan) -> LoadReport:
+    """The :class:`~hf_optim.state.model.LoadReport` of an installed plan (and one warning if it left anything
+    out): for :func:`apply` and the layouts that install a plan themselves."""
+    saved, scheduler, accumulator = plan.saved, plan.live.scheduler, plan.live.accumulator
     if plan.notes:
         logger.warning(
             "load_state(%s): loaded with %d difference(s): %s",

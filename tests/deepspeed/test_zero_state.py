@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tests.deepspeed import zero_worker
 from tests.deepspeed.runs import SAVE_AT, STOP, Saved, engine_spec, max_diff, run
 from tests.deepspeed.runs import reference as plain_reference
+from tests.state.helpers import rewrite_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,60 @@ def test_bf16_resume_restores_the_fp32_master_weights(tmp_path) -> None:
     }
     resumed = saved.resume("zero2-bf16", 2, "resumed")
     assert resumed[0]["weights"] == saved.results[0]["weights"]
+
+
+def _edited(source: Path, target: Path, change) -> str:
+    shutil.copytree(source, target)
+    doc = json.loads((target / "optimizer.sharded.json").read_text())
+    change(doc, target / doc["shards"]["folder"])
+    (target / "optimizer.sharded.json").write_text(json.dumps(doc))
+    return str(target)
+
+
+def _without_2_bias(doc: dict, folder: Path) -> None:
+    """The checkpoint of an optimizer without ``2.bias``: out of its group, its state and the partition files."""
+    doc["param_groups"][0]["params"].remove("2.bias")
+    del doc["state"]["2.bias"]
+    for path in folder.iterdir():
+        rewrite_safetensors(path, change_tensors=lambda t: [t.pop(k) for k in list(t) if ".2.bias." in k])
+
+
+def test_strict_means_under_zero_what_it_means_in_one_process(zero2: Saved, tmp_path) -> None:
+    """One check for every layout: a hyperparameter the optimizer lacks is refused with ``strict=True`` and
+    dropped with a note with ``strict=False``, with the same words under ZeRO-2 on 2 processes as in one plain
+    process. What ZeRO adds: the parameters of one flat partition load together or not at all."""
+    extra = _edited(
+        zero2.directory,
+        tmp_path / "extra",
+        lambda doc, _: doc["param_groups"][0]["hyperparameters"]["dict"].update(extra_knob=0.5),
+    )
+    partial = _edited(zero2.directory, tmp_path / "partial", _without_2_bias)
+    loads = [[extra, True], [extra, False], [partial, False]]
+    outcomes = {}
+    for kind, world in (("zero2", 2), ("plain", 1)):
+        spec = {**engine_spec(kind), "stop": 0, "strict_loads": loads}
+        outcomes[kind] = [r["strict_loads"] for r in run(tmp_path, kind, world, spec)]
+    zero_ranks, (plain,) = outcomes["zero2"], outcomes["plain"]
+    assert zero_ranks[0] == zero_ranks[1]
+    refused, dropped, partial_load = zero_ranks[0]
+    assert "hyperparameters the optimizer does not have: ['extra_knob']" in refused["error"]
+    assert refused["error"] == plain[0]["error"]
+    assert dropped["param_groups_restored"] and dropped["notes"] == plain[1]["notes"]
+    assert any(
+        "ignored hyperparameters the optimizer does not have: ['extra_knob']" in n for n in dropped["notes"]
+    )
+    assert (
+        sorted(dropped["loaded"])
+        == sorted(plain[1]["loaded"])
+        == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    )
+    # one plain process loads the three parameters it can; ZeRO-2 keeps one state for the group's four
+    assert sorted(plain[2]["loaded"]) == ["0.bias", "0.weight", "2.weight"] and plain[2]["missing"] == [
+        "2.bias"
+    ]
+    assert partial_load["loaded"] == [] and partial_load["missing"] == ["2.bias"]
+    assert sorted(partial_load["mismatched"]) == ["0.bias", "0.weight", "2.weight"]
+    assert any("ZeRO keeps one state for 4 parameters" in n for n in partial_load["notes"])
 
 
 def test_the_fp16_loss_scaler_is_restored_from_a_saved_or_converted_checkpoint(tmp_path) -> None:

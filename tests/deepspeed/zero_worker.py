@@ -253,6 +253,14 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
         for other in spec.get("also", ()):  # the same run with other client optimizers, weights by optimizer
             extra = {"optimizer": other, "stop": spec["also_steps"]}
             result.setdefault("also", {})[other] = _train_fresh({**spec, **extra}, rank, world)
+        for directory, strict in spec.get("strict_loads", ()):  # what a load reports, or the error it raises
+            try:
+                report = hf_optim.load_state(directory, step_opt, sched, model=engine, strict=strict)
+                fields = ("loaded", "missing", "unexpected", "mismatched", "param_groups_restored", "notes")
+                outcome = {f: getattr(report, f) for f in fields}
+            except Exception as exc:
+                outcome = {"error": f"{type(exc).__name__}: {exc}"}
+            result.setdefault("strict_loads", []).append(outcome)
         for directory in spec.get("scaler_loads", ()):  # into a new scaler of the same class, each
             zopt.loss_scaler = _dynamic_scaler(2.0**16)
             hf_optim.load_state(directory, step_opt, sched, model=engine)

@@ -2,11 +2,14 @@
 
 Each process writes only its own partition, as 1-D element ranges of each parameter's flattened state tensors
 (ZeRO partitions flat buffers at arbitrary element offsets), plus the fp32 master weights under bf16 / fp16, the
-loss scaler, the groups' hyperparameters and the scheduler; rank 0 writes the manifest. Loading reads element
-ranges of any sharded-family checkpoint (version 2's row blocks too) into ZeRO on any number of processes and any
-stage, or into one plain process. Modules: ``_layout`` (where ZeRO keeps what), ``_format``, ``_save``,
-``_convert`` (stock DeepSpeed checkpoints into this format), ``_read`` (manifest and partition headers, checked), ``_inspect`` (describing a checkpoint), ``_reader`` (the checkpoint model's reader of element ranges,
-for ordinary and FSDP2 optimizers), ``_load`` (into ZeRO's flat partitions).
+loss scaler, the engine's counters, the groups' hyperparameters and the scheduler; rank 0 writes the manifest.
+Loading reads element ranges of any checkpoint of the family (version 2's row blocks too, and single-process
+files) into ZeRO on any number of processes and any stage, or into FSDP2 / one plain process.
+
+Modules: ``_layout`` (where ZeRO keeps what), ``_format``, ``_save``, ``_convert`` (stock DeepSpeed checkpoints
+into this format), ``_read`` (manifests and partition files: checked, read by byte ranges), ``_reader`` (the
+checkpoint model's reader over it), ``_target`` (ZeRO's flat partitions as a load target), ``_inspect``
+(describing a checkpoint), ``_files`` (which files a machine's processes read).
 """
 
 from hf_optim.state.zero._convert import (
@@ -14,26 +17,27 @@ from hf_optim.state.zero._convert import (
     convert_deepspeed_checkpoint,
     find_deepspeed_checkpoint,
 )
+from hf_optim.state.zero._files import is_range_layout, machine_files, manifest_files
 from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
 from hf_optim.state.zero._inspect import inspect_range_state
 from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
-from hf_optim.state.zero._load import is_range_layout, load_ranges, machine_files, manifest_files
 from hf_optim.state.zero._read import Plan, plan_from_checkpoint, read_manifest
 from hf_optim.state.zero._reader import RangeReader
 from hf_optim.state.zero._save import save_zero_state
+from hf_optim.state.zero._target import ZeroInstall, zero_view
 
 __all__ = [
     "DEEPSPEED_GLOBALS",
     "ZERO_FORMAT_VERSION",
     "Plan",
     "RangeReader",
+    "ZeroInstall",
     "ZeroLayout",
     "convert_deepspeed_checkpoint",
     "find_deepspeed_checkpoint",
     "find_zero",
     "inspect_range_state",
     "is_range_layout",
-    "load_ranges",
     "machine_files",
     "manifest_files",
     "module_of",
@@ -41,4 +45,5 @@ __all__ = [
     "read_manifest",
     "save_zero_state",
     "zero_layout",
+    "zero_view",
 ]

@@ -40,6 +40,9 @@ class ZeroParam:
     name: str
     shape: tuple[int, ...]
     group: int
+    holder: (
+        int  # the flat partition it belongs to (on every process, whether or not this one holds any of it)
+    )
     piece: Piece | None  # None: this process holds none of it
 
     @property
@@ -132,7 +135,7 @@ def zero_layout(zero: Any, model: torch.nn.Module) -> ZeroLayout:
                 numel, part = int(p.ds_numel), int(p.partition_numel())
                 start, stop = rank * part, min((rank + 1) * part, numel)
                 piece = Piece(s, local, start, stop - start) if stop > start else None
-                params.append(ZeroParam(name_of(p), tuple(p.ds_shape), holder_group[s], piece))
+                params.append(ZeroParam(name_of(p), tuple(p.ds_shape), holder_group[s], s, piece))
                 local += part
         dtype = zero.fp16_groups[0][0].dtype if zero.fp16_groups and zero.fp16_groups[0] else torch.float32
     else:
@@ -151,7 +154,7 @@ def zero_layout(zero: Any, model: torch.nn.Module) -> ZeroLayout:
                 numel = meta.numel()
                 first, last = max(offset, low), min(offset + numel, high)
                 piece = Piece(i, first - low, first - offset, last - first) if last > first else None
-                by_param[id(p)] = ZeroParam(name_of(p), tuple(meta.shape), i, piece)
+                by_param[id(p)] = ZeroParam(name_of(p), tuple(meta.shape), i, i, piece)
             params.extend(by_param[id(p)] for p in zero.bit16_groups[i])  # the group's own order
         dtype = zero.bit16_groups[0][0].dtype if zero.bit16_groups and zero.bit16_groups[0] else torch.float32
     return ZeroLayout(zero, client, stage, rank, world, holders, holder_group, params, dtype)

@@ -84,6 +84,7 @@ class Plan:
     scheduler_state: Any = None  # decoded, None when none was saved
     opened: dict[str, SafetensorsFile] = field(default_factory=dict)
     checkpoint: Any = None  # a single-process checkpoint (``reader.Checkpoint``) the tensors are read from
+    saved_scheduler: Any = None  # its scheduler as the checkpoint model describes it (``model.SavedScheduler``)
 
     def close(self) -> None:
         for st in self.opened.values():
@@ -172,9 +173,10 @@ def read_manifest(directory: str) -> Plan:
     return plan
 
 
-def plan_from_checkpoint(ckpt: Any, scheduler_state: Any) -> Plan:
-    """A single-process checkpoint (format version 1, ``reader.Checkpoint``, already checked) as a :class:`Plan`:
-    each state tensor is one chunk, read by element ranges from its file."""
+def plan_from_checkpoint(ckpt: Any, scheduler: Any) -> Plan:
+    """A single-process checkpoint (format version 1, ``reader.Checkpoint``, already checked; its scheduler as a
+    ``model.SavedScheduler`` or None) as a :class:`Plan`: each state tensor is one chunk, read by element ranges
+    from its file."""
     meta = ckpt.meta
     if meta.get("keyed_by") != "name":
         raise CheckpointError(
@@ -210,7 +212,8 @@ def plan_from_checkpoint(ckpt: Any, scheduler_state: Any) -> Plan:
             else:
                 state[name][key] = decode(node, small, where)
     plan = Plan(ckpt.directory, ckpt.path, meta, 1, ckpt.checkpoint_id, "", (), groups, state, None)
-    plan.scheduler_state, plan.checkpoint = scheduler_state, ckpt
+    plan.checkpoint, plan.saved_scheduler = ckpt, scheduler
+    plan.scheduler_state = scheduler.state if scheduler is not None else None
     return plan
 
 

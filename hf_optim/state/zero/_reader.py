@@ -1,13 +1,14 @@
-"""The checkpoint model's reader of range-partitioned checkpoints (format version 3) for ordinary and FSDP2
-optimizers: the manifest decoded into a :class:`~hf_optim.state.model.SavedCheckpoint`, then each tensor read by
-element ranges (only this process's rows of an FSDP2 parameter), so that :func:`hf_optim.state.plan.check` and
-:func:`~hf_optim.state.plan.apply` load it like every other layout.
+"""The checkpoint model's reader of range-partitioned checkpoints (format version 3; version 2 and single-process
+files too, through :mod:`._read`): the manifest decoded into a :class:`~hf_optim.state.model.SavedCheckpoint`, so
+that :func:`hf_optim.state.plan.check` checks it like every other layout; then each tensor read by element
+ranges: whole, only this process's rows of an FSDP2 parameter, or (:meth:`RangeReader.read_ranges`) only its
+elements of ZeRO's partitions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -54,8 +55,9 @@ class RangeReader:
     """Reader of a range-partitioned checkpoint (:class:`~hf_optim.state.model.Reader`). A context manager: it
     closes the partition files."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, open_plan: Callable[[], Plan] | None = None) -> None:
         self.directory = directory
+        self.open_plan = open_plan or (lambda: read_manifest(directory))  # a single-process checkpoint's too
         self.plan: Plan | None = None
         self.entries: dict[str, RangeEntry] = {}
 
@@ -67,7 +69,8 @@ class RangeReader:
             self.plan.close()
 
     def describe(self) -> SavedCheckpoint:
-        plan = self.plan = read_manifest(self.directory)
+        plan = self.plan = self.open_plan()
+        self.entries.update({entry.key: entry for entry in (plan.master or {}).values()})
         groups: list[SavedGroup] = []
         seen: set[str] = set()
         for g, (names, hyper) in enumerate(plan.groups):
@@ -112,6 +115,8 @@ class RangeReader:
 
     def scheduler(self) -> SavedScheduler | None:
         plan = self.plan
+        if plan is not None and plan.checkpoint is not None:  # a single-process checkpoint's, as its reader said
+            return plan.saved_scheduler
         saved = plan.doc.get("scheduler") if plan is not None else None
         if plan is None or saved is None:
             return None
@@ -148,6 +153,15 @@ class RangeReader:
             if found is not None:
                 files |= needed_files(self.entries[key], *found)
         open_files(self.plan, files)
+
+    def read_ranges(self, wanted: Iterable[tuple[str, int, int, torch.Tensor]]) -> None:
+        """Read elements ``[start, stop)`` of each tensor ``key`` (optimizer state or master weights) into
+        ``out`` (contiguous, on the CPU): ``(key, start, stop, out)``; only the files holding them are opened."""
+        assert self.plan is not None
+        wanted = list(wanted)
+        open_files(self.plan, {f for key, a, b, _ in wanted for f in needed_files(self.entries[key], a, b)})
+        for key, start, stop, out in wanted:
+            read_range(self.plan, self.entries[key], start, stop, out)
 
     def read(self, entries: Mapping[str, tuple[TensorEntry, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
         """Each entry laid out like its live tensor: whole, or this process's rows of an FSDP2 ``DTensor``."""
