@@ -230,7 +230,7 @@ def _optim_parts(
     if not isinstance(osd, dict):
         raise CheckpointError(f"{path}: no 'optimizer_state_dict'")
     stage = osd.get("zero_stage")
-    if stage not in (1, 2, 3):
+    if not isinstance(stage, int) or stage not in (1, 2, 3):
         raise CheckpointError(f"{path}: 'zero_stage' is {stage!r}, not 1, 2 or 3")
     if stage_of_rank0 is not None and stage != stage_of_rank0:
         raise CheckpointError(f"{path}: ZeRO stage {stage}, but rank 0's file is stage {stage_of_rank0}")
@@ -247,6 +247,7 @@ def _optim_parts(
     )
     base, flats = osd.get(base_key), osd.get(flat_key)
     check_torch_state_dict(base, f"{path} ({base_key})")
+    assert isinstance(base, dict)  # for the type checker: checked just above
     if not isinstance(flats, list) or not all(
         isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.float32 for t in flats
     ):
@@ -475,7 +476,7 @@ class _Converter:
         self, path: str, mappings: list[Any], pieces: list[tuple[_Param, int, int, int, int]]
     ) -> None:
         """DeepSpeed's own record of where each parameter lies in this rank's partition must agree."""
-        recorded: dict[str, tuple[int, int]] = {}
+        recorded: dict[str, tuple[Any, Any]] = {}
         for group in mappings:
             if isinstance(group, dict):
                 for name, address in group.items():

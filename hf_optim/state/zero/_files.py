@@ -83,8 +83,9 @@ def machine_files(manifest_path: str, optimizer: Any, model: Any) -> list[str]:
         mine = set()
         for name, record in plan.state.items():
             for entry in [*(v for v in record.values() if isinstance(v, TensorEntry)), *_master(plan, name)]:
-                if ranges.get(name) is not None:
-                    mine |= needed_files(entry, *ranges[name])
+                held = ranges.get(name)
+                if held is not None:
+                    mine |= needed_files(entry, *held)
     except Exception:  # only chooses what to download: the load itself reports the problem, on every rank
         mine = None
     names = [os.path.basename(f) for f in listed[1:]]

@@ -77,7 +77,7 @@ class ZeroLayout:
 
 
 def _chain(obj: Any) -> list[Any]:
-    out = []
+    out: list[Any] = []
     for _ in range(8):
         if obj is None or any(obj is o for o in out):
             break
@@ -114,6 +114,8 @@ def zero_layout(zero: Any, model: torch.nn.Module) -> ZeroLayout:
     """The :class:`ZeroLayout` of ``zero`` on this process; names from ``model`` (the engine or its module)."""
     names = {id(p): name for name, p in module_of(model).named_parameters()}
     stage = _stage(zero)
+    if stage is None:
+        raise TypeError(f"{type(zero).__name__} is not a DeepSpeed ZeRO optimizer")
     client = zero.optimizer
     params: list[ZeroParam] = []
 
