@@ -84,7 +84,7 @@ class Plan:
     scheduler_state: Any = None  # decoded, None when none was saved
     opened: dict[str, SafetensorsFile] = field(default_factory=dict)
     checkpoint: Any = None  # a single-process checkpoint (``reader.Checkpoint``) the tensors are read from
-    saved_scheduler: Any = None  # its scheduler as the checkpoint model describes it (``model.SavedScheduler``)
+    saved_scheduler: Any = None  # its scheduler as the checkpoint model describes it (model.SavedScheduler)
 
     def close(self) -> None:
         for st in self.opened.values():

@@ -115,7 +115,7 @@ class RangeReader:
 
     def scheduler(self) -> SavedScheduler | None:
         plan = self.plan
-        if plan is not None and plan.checkpoint is not None:  # a single-process checkpoint's, as its reader said
+        if plan is not None and plan.checkpoint is not None:  # a single-process checkpoint: its reader's
             return plan.saved_scheduler
         saved = plan.doc.get("scheduler") if plan is not None else None
         if plan is None or saved is None:
