@@ -20,6 +20,7 @@ __all__ = [
     "parameters_of",
     "restored_on_error",
     "snapshot",
+    "unwrap_engine",
     "unwrap_optimizer",
     "unwrap_scheduler",
 ]
@@ -44,6 +45,15 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return inner
+
+
+def unwrap_engine(model: Any) -> Any:
+    """The user's module inside a DeepSpeed engine (``engine.module``), whatever its ZeRO stage, so that the
+    parameters are named as in the model (as DeepSpeed's own checkpoints name them); any other model as it is."""
+    inner = getattr(model, "module", None)
+    if callable(getattr(model, "zero_optimization_stage", None)) and isinstance(inner, torch.nn.Module):
+        return inner
+    return model
 
 
 def unwrap_scheduler(scheduler: Any) -> Any:

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from hf_optim._utils import unwrap_engine
 from hf_optim.errors import CheckpointError
 from hf_optim.state import SHARDED_MANIFEST_NAME, load_state, save_state
 from hf_optim.state.io import checkpoint_roots, open_file, read_json, read_safetensors, read_tensors
-from hf_optim.state.zero import find_zero, module_of
+from hf_optim.state.zero import find_zero
 
 __all__ = [
     "assign_weights",
@@ -97,7 +98,7 @@ def assign_weights(engine: Any, weights: dict[str, torch.Tensor]) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    module = module_of(engine)
+    module = unwrap_engine(engine)
     params = list(module.parameters())
     if params and hasattr(params[0], "ds_id"):  # ZeRO-3: the parameters are partitioned
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
@@ -113,7 +114,7 @@ def load_model_weights(
     """Load a checkpoint's model weights (``model.safetensors`` or its index, as Trainer saves them) into a
     DeepSpeed engine's module, on every process (:func:`assign_weights`). Then the optimizer state:
     :func:`load_zero_state`."""
-    module = module_of(engine)
+    module = unwrap_engine(engine)
     weights = _read_weights(os.fspath(checkpoint))
     # checked on every process before loading (tied weights are stored once, under their first name)
     missing = sorted({name for name, _ in module.named_parameters()} - set(weights))

@@ -38,7 +38,11 @@ from hf_optim.state.pickled import (
     torch_load,
 )
 from hf_optim.state.save import save_state_dict
-from hf_optim.state.zero import convert_deepspeed_checkpoint, find_deepspeed_checkpoint
+from hf_optim.state.zero import (
+    convert_deepspeed_checkpoint,
+    find_deepspeed_checkpoint,
+    read_stage0_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,15 +148,22 @@ def convert_checkpoint(
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"no such checkpoint directory: {checkpoint_dir}")
     opt_path = _find(checkpoint_dir, OPTIMIZER_FILES)
-    if opt_path is None and (tag is not None or find_deepspeed_checkpoint(checkpoint_dir) is not None):
-        if names_from is not None:
-            logger.info("a DeepSpeed checkpoint names its parameters; ignoring --names-from")
-        return convert_deepspeed_checkpoint(
-            checkpoint_dir, output=output, tag=tag, optimizer_class=optimizer_class
-        )
+    module: dict[str, tuple[int, ...]] | None = None  # DeepSpeed without ZeRO: the module's parameters
+    deepspeed_scheduler = None
     if opt_path is None:
-        raise FileNotFoundError(f"no {' or '.join(OPTIMIZER_FILES)} in {checkpoint_dir}")
-    state_dict = _load_optimizer_file(opt_path)
+        folder = find_deepspeed_checkpoint(checkpoint_dir, tag)
+        if folder is None:
+            raise FileNotFoundError(f"no {' or '.join(OPTIMIZER_FILES)} in {checkpoint_dir}")
+        stage0 = read_stage0_checkpoint(folder)
+        if stage0 is None:
+            if names_from is not None:
+                logger.info("a DeepSpeed ZeRO checkpoint names its parameters; ignoring --names-from")
+            return convert_deepspeed_checkpoint(
+                checkpoint_dir, output=output, tag=tag, optimizer_class=optimizer_class
+            )
+        opt_path, state_dict, module, deepspeed_scheduler = stage0
+    else:
+        state_dict = _load_optimizer_file(opt_path)
     check_torch_state_dict(state_dict, opt_path)
     check_stored_sizes(state_dict, opt_path)
     groups = state_dict["param_groups"]
@@ -184,6 +195,12 @@ def convert_checkpoint(
                 )
             it = iter(flat)
             names = [[next(it) for _ in range(n)] for n in sizes]
+    elif (
+        module is not None
+    ):  # DeepSpeed without ZeRO: the optimizer built on the module's parameters, in order
+        names_by_module, module_shapes = _module_names(state_dict, module)
+        if names_by_module is not None:
+            names, shapes = names_by_module, module_shapes
 
     for g, group in enumerate(groups):
         for j, index in enumerate(group["params"]):
@@ -206,14 +223,25 @@ def convert_checkpoint(
     else:
         info["optimizer_class"] = "given"
     named = bool(names) and all(n is not None for g in names for n in g)
-    if named:
+    if named and module is not None and names_from is None and shapes:
+        info["parameter_names"] = "from the DeepSpeed module's parameters, in order (their shapes match)"
+    elif named:
         info["parameter_names"] = "from --names-from" if names_from is not None else "from the state dict"
+    elif module is not None:
+        info["parameter_names"] = (
+            "unknown: the DeepSpeed module's parameters do not match the optimizer's in number and shape; "
+            "state keyed by index, matched by position on load"
+        )
     else:
         info["parameter_names"] = "unknown: state keyed by index, matched by position on load"
     info["parameter_shapes"] = "from the model" if shapes else "unknown: not checked on load"
     scheduler: dict[str, Any] = {}
     sched_path = _find(checkpoint_dir, SCHEDULER_FILES)
-    if sched_path is not None:
+    if deepspeed_scheduler is not None:
+        check_stored_sizes(deepspeed_scheduler, opt_path)
+        scheduler = {"scheduler_state": deepspeed_scheduler}
+        info["scheduler"] = "from the DeepSpeed model states' lr_scheduler; class and schedule name unknown"
+    elif sched_path is not None:
         sched_state = torch_load(sched_path)
         if not isinstance(sched_state, Mapping) or not all(isinstance(k, str) for k in sched_state):
             raise CheckpointError(f"{sched_path} is not a scheduler state_dict")
@@ -263,6 +291,27 @@ def convert_checkpoint(
         "name" if named else "index",
     )
     return written
+
+
+def _module_names(
+    state_dict: Mapping[str, Any], module: Mapping[str, tuple[int, ...]]
+) -> tuple[list[list[str | None]] | None, dict[str, torch.Tensor]]:
+    """The module's parameter names, group by group, when the optimizer holds exactly the module's parameters in
+    order: same number, and every shaped state entry (``exp_avg``, ...) of the parameter's shape."""
+    groups = state_dict["param_groups"]
+    flat = list(module)
+    if len(flat) != sum(len(g["params"]) for g in groups):
+        return None, {}
+    it = iter(flat)
+    names: list[list[str | None]] = [[next(it) for _ in g["params"]] for g in groups]
+    for group, group_names in zip(groups, names, strict=True):
+        for index, name in zip(group["params"], group_names, strict=True):
+            state = state_dict["state"].get(index, {})
+            for key in _SHAPED_STATE:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and tuple(value.shape) != module[str(name)]:
+                    return None, {}
+    return names, {n: torch.empty(s, device="meta") for n, s in module.items()}
 
 
 def _trainer_step(path: str) -> int | None:

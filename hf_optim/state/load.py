@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from hf_optim._utils import clean_subfolder, unwrap_optimizer
+from hf_optim._utils import clean_subfolder, unwrap_engine, unwrap_optimizer
 from hf_optim.errors import CheckpointError
 from hf_optim.state import sharded, zero
 from hf_optim.state.codec import check_tensor_nodes, decode, tensor_refs
@@ -118,7 +118,7 @@ def load_state(
         scheduler,
         accumulator,
         names=sharded.parameter_names(model, opt) if model is not None else None,
-        model_params=dict(model.named_parameters()) if model is not None else {},
+        model_params=dict(unwrap_engine(model).named_parameters()) if model is not None else {},
     )
     if use_shards:
         # format version 3 (element ranges, as ZeRO writes them) or 2 (FSDP2's row blocks)

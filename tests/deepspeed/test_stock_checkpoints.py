@@ -146,3 +146,30 @@ def test_inspect_describes_zero_checkpoints_saved_or_converted(converted, tmp_pa
     (hostile / "optimizer.sharded.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=r"optimizer\.sharded\.json: 'info'"):
         hf_optim.inspect_state(str(hostile))
+
+
+def test_stock_checkpoint_without_zero_converts_to_the_single_process_format(tmp_path_factory) -> None:
+    """DeepSpeed without ZeRO keeps the client optimizer's state dict in ``mp_rank_00_model_states.pt``, keyed by
+    index: converted and named by the module's parameters (the Trainer's ``scheduler.pt`` beside it too), it loads
+    like what hf_optim saves from the engine."""
+    import hf_optim
+    from tests.deepspeed import zero_worker
+
+    saved = Saved.shared(tmp_path_factory, "zero0", 1)
+    out = tmp_path_factory.mktemp("converted-zero0")
+    written = convert_checkpoint(str(saved.deepspeed), output=str(out))
+    assert sorted(Path(w).name for w in written) == ["optimizer.safetensors", "scheduler.json"]
+    info = hf_optim.inspect_state(str(out))
+    assert info.keyed_by == "name" and "DeepSpeed module" in info.info["parameter_names"]
+    states = []
+    for directory in (out, saved.directory):
+        model = zero_worker.make_model({})
+        opt = zero_worker.make_optimizer(model.parameters(), "hf")
+        sched = zero_worker.make_scheduler(opt)
+        assert hf_optim.load_state(str(directory), opt, sched, model=model).complete
+        states.append({n: opt.state[p] for n, p in model.named_parameters()})
+    converted, native = states
+    for name, state in native.items():
+        assert state.keys() == converted[name].keys() and state
+        for key, value in state.items():
+            assert torch.equal(converted[name][key], value), (name, key)

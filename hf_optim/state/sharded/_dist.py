@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hf_optim._utils import unwrap_optimizer
+from hf_optim._utils import unwrap_engine, unwrap_optimizer
 
 
 def is_sharded(optimizer: Any) -> bool:
@@ -154,6 +154,7 @@ def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     """Parameter name for each optimizer parameter, by ``id``; every optimizer parameter must be in ``model``."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_engine(model)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
     missing = [
         i for group in optimizer.param_groups for i, p in enumerate(group["params"]) if id(p) not in names

@@ -16,11 +16,12 @@ from hf_optim.state.zero._convert import (
     DEEPSPEED_GLOBALS,
     convert_deepspeed_checkpoint,
     find_deepspeed_checkpoint,
+    read_stage0_checkpoint,
 )
 from hf_optim.state.zero._files import is_range_layout, machine_files, manifest_files
 from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
 from hf_optim.state.zero._inspect import inspect_range_state
-from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
+from hf_optim.state.zero._layout import ZeroLayout, find_zero, zero_layout
 from hf_optim.state.zero._read import Plan, plan_from_checkpoint, read_manifest
 from hf_optim.state.zero._reader import RangeReader
 from hf_optim.state.zero._save import save_zero_state
@@ -40,9 +41,9 @@ __all__ = [
     "is_range_layout",
     "machine_files",
     "manifest_files",
-    "module_of",
     "plan_from_checkpoint",
     "read_manifest",
+    "read_stage0_checkpoint",
     "save_zero_state",
     "zero_layout",
     "zero_view",

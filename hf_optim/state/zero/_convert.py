@@ -56,7 +56,12 @@ from hf_optim.state.zero._save import commit_folder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEEPSPEED_GLOBALS", "convert_deepspeed_checkpoint", "find_deepspeed_checkpoint"]
+__all__ = [
+    "DEEPSPEED_GLOBALS",
+    "convert_deepspeed_checkpoint",
+    "find_deepspeed_checkpoint",
+    "read_stage0_checkpoint",
+]
 
 _MODEL_FILE_RE = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
 _OPTIM_FILE_RE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
@@ -142,6 +147,29 @@ def find_deepspeed_checkpoint(path: str, tag: str | None = None) -> str | None:
     return os.path.join(path, steps[0]) if steps else None
 
 
+def read_stage0_checkpoint(folder: str) -> tuple[str, Any, dict[str, tuple[int, ...]], Any] | None:
+    """DeepSpeed without ZeRO keeps the client optimizer's ``state_dict()`` in ``mp_rank_00_model_states.pt``:
+    (that file, the state dict, the module's parameters in order as name -> shape (buffers left out), the
+    scheduler state DeepSpeed stepped or None). None when the folder holds ZeRO partitions instead."""
+    entries = os.listdir(folder)
+    if any(_OPTIM_FILE_RE.fullmatch(e) for e in entries) or "mp_rank_00_model_states.pt" not in entries:
+        return None
+    path = os.path.join(folder, "mp_rank_00_model_states.pt")
+    doc = _load(path, folder, "model states file")
+    if not isinstance(doc, dict) or not isinstance(doc.get("optimizer"), dict):
+        raise CheckpointError(f"{path}: no optimizer state (DeepSpeed without ZeRO keeps it here)")
+    module, buffers = doc.get("module"), doc.get("buffer_names") or []
+    if not isinstance(module, dict) or not isinstance(buffers, list):
+        raise CheckpointError(f"{path}: 'module' is not a state dict")
+    shapes = {
+        name: tuple(t.shape)
+        for name, t in module.items()
+        if isinstance(name, str) and isinstance(t, torch.Tensor) and name not in buffers
+    }
+    scheduler = doc.get("lr_scheduler")
+    return path, doc["optimizer"], shapes, scheduler if isinstance(scheduler, dict) and scheduler else None
+
+
 def _has_deepspeed_files(folder: str) -> bool:
     return os.path.isdir(folder) and any(
         _MODEL_FILE_RE.fullmatch(e) or _OPTIM_FILE_RE.fullmatch(e) for e in os.listdir(folder)
@@ -183,8 +211,8 @@ def _files(folder: str) -> tuple[str, list[str]]:
         )
     if not optim:
         raise CheckpointError(
-            f"{folder}: no zero_pp_rank_*_optim_states.pt: not a ZeRO checkpoint (ZeRO stage 0 keeps the "
-            "optimizer in mp_rank_00_model_states.pt; convert it with hf_optim.state.convert_checkpoint)"
+            f"{folder}: no zero_pp_rank_*_optim_states.pt: not a ZeRO checkpoint (without ZeRO DeepSpeed keeps "
+            "the optimizer in mp_rank_00_model_states.pt: hf_optim.state.convert.convert_checkpoint reads it)"
         )
     if len({bf16 for _, _, bf16 in optim}) > 1:
         raise CheckpointError(f"{folder}: holds both bf16_zero_pp_rank_* and zero_pp_rank_* files")

@@ -14,7 +14,7 @@ from hf_optim._utils import unwrap_optimizer
 from hf_optim.errors import CheckpointError
 from hf_optim.state.sharded import agree, machine_union, parameter_names, sharded_manifest_files
 from hf_optim.state.sharded import machine_files as sharded_machine_files
-from hf_optim.state.zero._layout import ZeroLayout, find_zero, module_of, zero_layout
+from hf_optim.state.zero._layout import ZeroLayout, find_zero, zero_layout
 from hf_optim.state.zero._read import Plan, TensorEntry, needed_files, read_manifest
 from hf_optim.state.zero._reader import region_range
 
@@ -32,7 +32,7 @@ def _zero_ranges(layout: ZeroLayout) -> Mapping[str, tuple[int, int] | None]:
 def _plain_ranges(optimizer: Any, model: Any) -> Mapping[str, tuple[int, int] | None]:
     """The elements of each parameter of an ordinary or FSDP2 optimizer this process holds."""
     opt = unwrap_optimizer(optimizer)
-    names = parameter_names(module_of(model), opt)
+    names = parameter_names(model, opt)
     params = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
     return {n: region_range(n, p) for n, p in params.items()}
 

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hf_optim._utils import unwrap_engine
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -104,15 +106,9 @@ def find_zero(optimizer: Any, model: Any) -> Any | None:
     return None
 
 
-def module_of(model: Any) -> torch.nn.Module:
-    """The user's module inside a DeepSpeed engine (``engine.module``), whose parameter names are saved."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else model
-
-
 def zero_layout(zero: Any, model: torch.nn.Module) -> ZeroLayout:
     """The :class:`ZeroLayout` of ``zero`` on this process; names from ``model`` (the engine or its module)."""
-    names = {id(p): name for name, p in module_of(model).named_parameters()}
+    names = {id(p): name for name, p in unwrap_engine(model).named_parameters()}
     stage = _stage(zero)
     if stage is None:
         raise TypeError(f"{type(zero).__name__} is not a DeepSpeed ZeRO optimizer")
