@@ -63,13 +63,14 @@ def pickle_globals(path: str, data: bytes) -> set[str]:
     """Every global (``module.name``) the pickle ``data`` names, read from its opcodes without running it.
 
     ``torch.save`` writes protocol 2, which names globals with ``GLOBAL`` only; a ``STACK_GLOBAL`` (protocol 4,
-    whose operands may come from the memo) or ``INST`` / ``OBJ`` is refused rather than guessed at."""
+    whose operands may come from the memo), ``INST`` / ``OBJ`` or an extension-registry code (``EXT*``) is
+    refused rather than guessed at."""
     found: set[str] = set()
     try:
         for opcode, arg, _ in pickletools.genops(data):
             if opcode.name == "GLOBAL":
                 found.add(str(arg).replace(" ", "."))
-            elif opcode.name in ("STACK_GLOBAL", "INST", "OBJ"):
+            elif opcode.name in ("STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"):
                 raise CheckpointError(
                     f"{path}: its pickle uses the {opcode.name} opcode, which torch.save does not write: refused"
                 )

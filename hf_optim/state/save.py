@@ -394,15 +394,11 @@ def save_state(
                 "a GradientAccumulator is not saved with ZeRO state: DeepSpeed accumulates gradients"
             )
         layout = zero.zero_layout(zero_optimizer, model)
-        return [
-            zero.save_zero_state(
-                os.fspath(save_directory),
-                layout,
-                scheduler,
-                optimizer_class=qualname(layout.client),
-                engine=model,
-            )
-        ]
+        client_class = qualname(layout.client)
+        path = zero.save_zero_state(
+            os.fspath(save_directory), layout, scheduler, optimizer_class=client_class, engine=model
+        )
+        return [path]
     opt = unwrap_optimizer(optimizer)
     if sharded.is_sharded(opt):
         sharded.require_model(opt, model)

@@ -6,18 +6,13 @@ loss scaler, the engine's counters, the groups' hyperparameters and the schedule
 Loading reads element ranges of any checkpoint of the family (version 2's row blocks too, and single-process
 files) into ZeRO on any number of processes and any stage, or into FSDP2 / one plain process.
 
-Modules: ``_layout`` (where ZeRO keeps what), ``_format``, ``_save``, ``_convert`` (stock DeepSpeed checkpoints
-into this format), ``_read`` (manifests and partition files: checked, read by byte ranges), ``_reader`` (the
-checkpoint model's reader over it), ``_target`` (ZeRO's flat partitions as a load target), ``_inspect``
-(describing a checkpoint), ``_files`` (which files a machine's processes read).
+Modules: ``_layout`` (where ZeRO keeps what), ``_format``, ``_save``; ``_read`` (manifests and partition files:
+checked, read by byte ranges), ``_reader`` (the checkpoint model's reader over it), ``_target`` (ZeRO's flat
+partitions as a load target), ``_inspect`` (describing a checkpoint), ``_files`` (which files a machine's
+processes read); ``_stock`` (stock DeepSpeed checkpoint folders, read safely) and ``_convert`` (into this format).
 """
 
-from hf_optim.state.zero._convert import (
-    DEEPSPEED_GLOBALS,
-    convert_deepspeed_checkpoint,
-    find_deepspeed_checkpoint,
-    read_stage0_checkpoint,
-)
+from hf_optim.state.zero._convert import convert_deepspeed_checkpoint
 from hf_optim.state.zero._files import is_range_layout, machine_files, manifest_files
 from hf_optim.state.zero._format import ZERO_FORMAT_VERSION
 from hf_optim.state.zero._inspect import inspect_range_state
@@ -25,6 +20,7 @@ from hf_optim.state.zero._layout import ZeroLayout, find_zero, zero_layout
 from hf_optim.state.zero._read import Plan, plan_from_checkpoint, read_manifest
 from hf_optim.state.zero._reader import RangeReader
 from hf_optim.state.zero._save import save_zero_state
+from hf_optim.state.zero._stock import DEEPSPEED_GLOBALS, find_deepspeed_checkpoint, read_stage0_checkpoint
 from hf_optim.state.zero._target import ZeroInstall, zero_view
 
 __all__ = [
