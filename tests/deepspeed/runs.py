@@ -41,10 +41,10 @@ def engine_spec(kind: str) -> dict[str, Any]:
     return {"engine": kind}
 
 
-def reference() -> dict[str, list[float]]:
+def reference(groups: int = 1) -> dict[str, list[float]]:
     """One plain process, uninterrupted, on the same global batches (in this process)."""
     model = zero_worker.make_model({})
-    opt = zero_worker.make_optimizer(model.parameters(), "hf")
+    opt = zero_worker.make_optimizer(model.parameters(), "hf", groups)
     sched = zero_worker.make_scheduler(opt)
     for step in range(STOP):
         x, y = zero_worker.batch(step)
@@ -63,14 +63,30 @@ def max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
 class Saved:
     """A run of ``kind`` on ``world`` processes to ``STOP`` that saved at ``SAVE_AT``: hf_optim's state in
     ``directory``, DeepSpeed's own checkpoint (ZeRO runs) in ``deepspeed``, the weights in ``weights``; with
-    ``again``, hf_optim's state one step later in ``again``. ``results`` are the processes' reports."""
+    ``again``, hf_optim's state one step later in ``again``. ``results`` are the processes' reports. ``extra``:
+    more of the worker's spec (``groups``, ``zero_config``), for this run and its resumes."""
 
-    def __init__(self, tmp: Path, kind: str, world: int, *, again: bool = False, build: bool = True) -> None:
-        self.tmp, self.kind, self.world = tmp, kind, world
+    def __init__(
+        self,
+        tmp: Path,
+        kind: str,
+        world: int,
+        *,
+        again: bool = False,
+        build: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.tmp, self.kind, self.world, self.extra = tmp, kind, world, extra or {}
         self.directory, self.weights = tmp / "state", tmp / "weights.safetensors"
         self.deepspeed, self.again = tmp / "deepspeed", tmp / "state-again"
         if build:
-            spec = {**engine_spec(kind), "stop": STOP, "save": str(self.directory), "save_at": SAVE_AT}
+            spec = {
+                **engine_spec(kind),
+                **self.extra,
+                "stop": STOP,
+                "save": str(self.directory),
+                "save_at": SAVE_AT,
+            }
             spec["weights_out"] = str(self.weights)
             if kind.startswith("zero"):
                 spec["ds_save"] = str(self.deepspeed)
@@ -80,13 +96,28 @@ class Saved:
         self.results = [json.loads((tmp / f"saving_{r}.json").read_text()) for r in range(world)]
 
     @classmethod
-    def shared(cls, factory: pytest.TempPathFactory, kind: str, world: int, *, again: bool = False) -> Saved:
-        """The run made once per test run (by whichever worker asks first)."""
-        name = f"saved-{kind}-on-{world}{'-again' if again else ''}"
-        tmp = once_per_run(factory, name, lambda out: cls(out, kind, world, again=again))
-        return cls(tmp, kind, world, again=again, build=False)
+    def shared(
+        cls,
+        factory: pytest.TempPathFactory,
+        kind: str,
+        world: int,
+        *,
+        again: bool = False,
+        extra: dict[str, Any] | None = None,
+        label: str = "",
+    ) -> Saved:
+        """The run made once per test run (by whichever worker asks first); ``label`` names an ``extra``."""
+        name = f"saved-{kind}-on-{world}{'-again' if again else ''}{label}"
+        tmp = once_per_run(factory, name, lambda out: cls(out, kind, world, again=again, extra=extra))
+        return cls(tmp, kind, world, again=again, build=False, extra=extra)
 
     def resume(self, kind: str, world: int, name: str, **extra: Any) -> list[dict]:
         """Resume from ``directory`` (``load=`` another folder) in another layout, from ``SAVE_AT`` to ``STOP``."""
-        spec = {**engine_spec(kind), "start": SAVE_AT, "stop": STOP, "load": str(self.directory)}
+        spec = {
+            **engine_spec(kind),
+            **self.extra,
+            "start": SAVE_AT,
+            "stop": STOP,
+            "load": str(self.directory),
+        }
         return run(self.tmp, name, world, {**spec, "weights_in": str(self.weights), **extra})

@@ -28,7 +28,11 @@ def converted(tmp_path_factory: pytest.TempPathFactory):
     converted into a folder of this module's."""
 
     def convert(kind: str) -> tuple[Saved, Path]:
-        saved = Saved.shared(tmp_path_factory, kind, 2, again=kind == "zero2")
+        if kind == "zero3-bf16":  # two param groups (decay / no decay) in three sub-groups
+            extra = {"groups": 2, "zero_config": {"sub_group_size": 16}}
+            saved = Saved.shared(tmp_path_factory, kind, 2, extra=extra, label="-groups")
+        else:
+            saved = Saved.shared(tmp_path_factory, kind, 2, again=kind == "zero2")
         out = tmp_path_factory.mktemp(f"converted-{kind}")
         written = convert_checkpoint(str(saved.deepspeed), output=str(out))
         assert sorted(Path(w).name for w in written) == ["model.safetensors", "optimizer.sharded.json"]

@@ -32,8 +32,15 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, IN, generator=g), torch.randn(GLOBAL_BATCH, OUT, generator=g)
 
 
-def make_optimizer(params: Any, kind: str) -> torch.optim.Optimizer:
+def make_optimizer(params: Any, kind: str, groups: int = 1) -> torch.optim.Optimizer:
+    """The optimizer of ``kind``; with ``groups=2`` the weights and the biases in two groups (the biases without
+    weight decay), as transformers' Trainer groups them."""
     import hf_optim
+
+    if groups == 2:
+        params = list(params)
+        decay = {"params": [p for p in params if p.dim() > 1]}
+        params = [decay, {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
 
     if kind == "torch":
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
@@ -57,13 +64,13 @@ def _deepspeed(rank: int, world: int, spec: dict, *, schedule: bool = True) -> t
 
     deepspeed.init_distributed(dist_backend="gloo")
     model = make_model(spec)
-    opt = make_optimizer(model.parameters(), spec.get("optimizer", "hf"))
+    opt = make_optimizer(model.parameters(), spec.get("optimizer", "hf"), spec.get("groups", 1))
     sched = make_scheduler(opt) if schedule else None
     config: dict[str, Any] = {
         "train_batch_size": GLOBAL_BATCH,
         "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": spec["stage"]},
+        "zero_optimization": {"stage": spec["stage"], **spec.get("zero_config", {})},
     }
     if spec.get("dtype") == "bf16":
         config["bf16"] = {"enabled": True}
@@ -190,12 +197,12 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
                 if isinstance(layer, torch.nn.Linear):
                     fully_shard(layer)
             fully_shard(engine)
-            opt = make_optimizer(engine.parameters(), spec.get("optimizer", "hf"))
+            opt = make_optimizer(engine.parameters(), spec.get("optimizer", "hf"), spec.get("groups", 1))
             sched = make_scheduler(opt)
             dtype = torch.float32
         else:
             engine = make_model(spec)
-            opt = make_optimizer(engine.parameters(), spec.get("optimizer", "hf"))
+            opt = make_optimizer(engine.parameters(), spec.get("optimizer", "hf"), spec.get("groups", 1))
             sched = make_scheduler(opt)
             dtype = torch.float32
         step_opt = zopt if zopt is not None else opt

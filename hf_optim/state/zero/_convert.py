@@ -66,8 +66,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 class _Param:
     name: str
     shape: tuple[int, ...]
-    group: int
+    flat: (
+        int  # its flat buffer: its entry of param_shapes (stage 1/2: its param group; stage 3: its sub-group)
+    )
     numel: int = 0
+    group: int = 0  # its param group
     state: dict[str, Any] = field(default_factory=dict)
     master: dict[str, Any] | None = None
 
@@ -169,7 +172,9 @@ class _Converter:
             check_stored_sizes(self.scheduler_state, self.scheduler_path)
         self.frozen = len(model_doc.get("frozen_param_shapes") or {})
         del model_doc, module
-        self.params = [_Param(n, s, g, math.prod(s)) for g, group in enumerate(self.groups) for n, s in group]
+        self.params = [
+            _Param(n, s, f, math.prod(s), group=f) for f, flat in enumerate(self.groups) for n, s in flat
+        ]
         self.stage = 0
         self.checkpoint_id = os.urandom(16).hex()
         self.folder_name = f"optimizer-shards-{self.checkpoint_id}"
@@ -191,39 +196,33 @@ class _Converter:
         ``sizes`` are the rank's holder sizes (stage 1/2: one per group, its padded partition; stage 3: one per
         sub-group)."""
         out = []
-        if stage == 3:
-            holder, local = 0, 0
-            for p in self.params:
-                part = -(-p.numel // self.world)
-                while holder < len(sizes) and local == sizes[holder] and part:
-                    holder, local = holder + 1, 0
-                if part and (holder >= len(sizes) or local + part > sizes[holder]):
-                    raise CheckpointError(
-                        f"{self.optim_paths[rank]}: its fp32 partitions do not hold the parameters of "
-                        "param_shapes (ZeRO-3 layout)"
-                    )
-                start, stop = rank * part, min((rank + 1) * part, p.numel)
-                if stop > start:
-                    out.append((p, holder, local, start, stop - start))
-                local += part
-            if holder != len(sizes) - 1 or local != sizes[-1]:
-                raise CheckpointError(
-                    f"{self.optim_paths[rank]}: its fp32 partitions hold more than the parameters of param_shapes"
-                )
-            return out
         if len(sizes) != len(self.groups):
             raise CheckpointError(
-                f"{self.optim_paths[rank]}: {len(sizes)} flat partitions for {len(self.groups)} param groups"
+                f"{self.optim_paths[rank]}: {len(sizes)} flat partitions, but param_shapes has {len(self.groups)}"
             )
+        if stage == 3:  # each parameter's part of every rank, padded, end to end in its sub-group's partition
+            local = [0] * len(sizes)
+            for p in self.params:
+                part = -(-p.numel // self.world)
+                start, stop = rank * part, min((rank + 1) * part, p.numel)
+                if stop > start:
+                    out.append((p, p.flat, local[p.flat], start, stop - start))
+                local[p.flat] += part
+            if local != sizes:
+                raise CheckpointError(
+                    f"{self.optim_paths[rank]}: its fp32 partitions of {sizes} elements do not hold the parameters "
+                    f"of param_shapes ({local})"
+                )
+            return out
         offset_in = [0] * len(self.groups)
         for p in self.params:
-            size = sizes[p.group]
-            offset = offset_in[p.group]
-            offset_in[p.group] += p.numel
+            size = sizes[p.flat]
+            offset = offset_in[p.flat]
+            offset_in[p.flat] += p.numel
             low, high = rank * size, (rank + 1) * size
             first, last = max(offset, low), min(offset + p.numel, high)
             if last > first:
-                out.append((p, p.group, first - low, first - offset, last - first))
+                out.append((p, p.flat, first - low, first - offset, last - first))
         for g, total in enumerate(offset_in):
             if total > sizes[g] * self.world:
                 raise CheckpointError(
@@ -241,10 +240,15 @@ class _Converter:
             self.optimizer_class, self.class_reason = infer_optimizer_class(base)
             if self.given_class is not None:
                 self.optimizer_class, self.class_reason = self.given_class, "given"
-            if len(base["param_groups"]) != len(self.groups):
+            # stage 1/2: a flat buffer per param group; stage 3: per sub-group, a group's sub-groups in a row
+            flats_of = [len(g["params"]) if stage == 3 else 1 for g in base["param_groups"]]
+            if sum(flats_of) != len(self.groups):
                 raise CheckpointError(
-                    f"{path}: {len(base['param_groups'])} param groups, but param_shapes has {len(self.groups)}"
+                    f"{path}: param groups of {sum(flats_of)} flat buffers, but param_shapes has {len(self.groups)}"
                 )
+            group_of = [g for g, n in enumerate(flats_of) for _ in range(n)]
+            for p in self.params:
+                p.group = group_of[p.flat]
             self.hyper = [
                 {k: v for k, v in g.items() if k not in ("params", "param_names")}
                 for g in base["param_groups"]
