@@ -266,16 +266,25 @@ def _plain_run(optimizer: str, steps: int) -> dict[str, list[float]]:
     return {k: v.detach().flatten().tolist() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_legacy_optimizers_under_zero_match_one_process(tmp_path, stage) -> None:
+#: ZeRO-Offload keeps the client optimizer (and its math) only with ``zero_force_ds_cpu_optimizer: false``
+OFFLOAD = {
+    "zero_config": {"offload_optimizer": {"device": "cpu"}},
+    "ds_config": {"zero_force_ds_cpu_optimizer": False},
+}
+
+
+@pytest.mark.parametrize(("stage", "offload"), [(1, False), (2, False), (3, False), (3, True)])
+def test_legacy_optimizers_under_zero_match_one_process(tmp_path, stage, offload) -> None:
     """hf_optim.AdamW (no bias correction), AdamWeightDecay and BertAdam as DeepSpeed client optimizers under
-    ZeRO give the one-process result of the same global batches (``gradient_clipping: 0``)."""
-    spec = {"engine": "zero", "stage": stage, "stop": 0, "also": LEGACY}
+    ZeRO give the one-process result of the same global batches (``gradient_clipping: 0``); under ZeRO-Offload
+    too, with the client optimizer kept."""
+    spec = {"engine": "zero", "stage": stage, "stop": 0, "also": LEGACY, **(OFFLOAD if offload else {})}
     results = run(tmp_path, "legacy", 2, {**spec, "also_steps": STOP})
     for optimizer in LEGACY:
         expected = _plain_run(optimizer, STOP)
         got = results[0]["also"][optimizer]
-        assert max_diff(got, expected) < 1e-6, optimizer
+        assert got["offloaded"] == offload, optimizer
+        assert max_diff(got["weights"], expected) < 1e-6, optimizer
         assert max_diff(expected, _plain_run(optimizer, 0)) > 1e-3  # the runs did train
 
 

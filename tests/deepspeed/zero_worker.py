@@ -71,6 +71,7 @@ def _deepspeed(rank: int, world: int, spec: dict, *, schedule: bool = True) -> t
         "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": spec["stage"], **spec.get("zero_config", {})},
+        **spec.get("ds_config", {}),
     }
     if spec.get("dtype") == "bf16":
         config["bf16"] = {"enabled": True}
@@ -152,9 +153,11 @@ def _attack(directory: str, opt: Any, sched: Any, engine: Any) -> dict[str, Any]
     return {"error": error, "unchanged": _same(before, _snapshot(opt, sched, engine))}
 
 
-def _train_fresh(spec: dict, rank: int, world: int) -> dict[str, list[float]]:
-    """Train a fresh model for ``spec["stop"]`` steps (DeepSpeed engines only); its final weights."""
+def _train_fresh(spec: dict, rank: int, world: int) -> dict[str, Any]:
+    """Train a fresh model for ``spec["stop"]`` steps (DeepSpeed engines only): its final weights, and whether
+    ZeRO offloaded the optimizer to the CPU (the client optimizer then steps the offloaded partitions)."""
     engine, zopt, _, _ = _deepspeed(rank, world, spec, schedule=False)
+    offloaded = bool(getattr(zopt, "cpu_offload", False) or getattr(zopt, "offload_optimizer", False))
     dtype = torch.bfloat16 if spec.get("dtype") == "bf16" else torch.float32
     for step in range(spec["stop"]):
         x, y = batch(step)
@@ -164,7 +167,7 @@ def _train_fresh(spec: dict, rank: int, world: int) -> dict[str, list[float]]:
         engine.step()
     weights = {k: v.flatten().tolist() for k, v in _weights(engine, spec).items()}
     del engine, zopt
-    return weights
+    return {"weights": weights, "offloaded": offloaded}
 
 
 def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) -> None:
