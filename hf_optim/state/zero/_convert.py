@@ -17,7 +17,6 @@ mapped at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,12 +34,10 @@ from hf_optim.state.pickled import (
     infer_optimizer_class,
 )
 from hf_optim.state.zero._format import (
-    CHECKPOINT_ID_KEY,
-    KIND,
-    RANGES_KEY,
     SHARDED_MANIFEST_NAME,
-    ZERO_FORMAT_VERSION,
     encode_value,
+    manifest,
+    partition_metadata,
     shard_file_name,
 )
 from hf_optim.state.zero._layout import ENGINE_COUNTERS
@@ -338,7 +335,7 @@ class _Converter:
                     p.master = entry
                 else:
                     p.master["chunks"] += entry["chunks"]
-        metadata = {"format": "pt", CHECKPOINT_ID_KEY: self.checkpoint_id, RANGES_KEY: json.dumps(ranges)}
+        metadata = partition_metadata(self.checkpoint_id, ranges)
         write_safetensors_streaming(
             os.path.join(self.tmp_dir, file_name), specs, lambda k: sources[k], metadata, fsync=True
         )
@@ -442,26 +439,22 @@ class _Converter:
             info["global_steps"] = str(self.counters["global_steps"])
         if self.frozen:
             info["frozen_parameters"] = f"{self.frozen} frozen parameters: no optimizer state, not converted"
-        return {
-            "format": KIND,
-            "format_version": ZERO_FORMAT_VERSION,
-            "checkpoint_id": self.checkpoint_id,
-            "optimizer": {"class": self.optimizer_class},
-            "world_size": self.world,
-            "zero": {"stage": self.stage, "dtype": str(self.model_dtype).removeprefix("torch.")},
-            "shards": {"folder": self.folder_name, "files": [shard_file_name(r) for r in range(self.world)]},
-            "param_groups": groups,
-            "state": {p.name: p.state for p in self.params if p.state},
-            "master_weights": {p.name: p.master for p in self.params if p.master}
+        return manifest(
+            self.checkpoint_id,
+            optimizer_class=self.optimizer_class,
+            world=self.world,
+            stage=self.stage,
+            dtype=self.model_dtype,
+            param_groups=groups,
+            state={p.name: p.state for p in self.params if p.state},
+            master_weights={p.name: p.master for p in self.params if p.master}
             if self.model_dtype != torch.float32
             else None,
-            "loss_scaler": self.scaler,
-            "engine": self.counters or None,
-            "scheduler": scheduler,
-            "accumulator": None,
-            "info": info,
-            "versions": {"torch": torch.__version__},
-        }
+            loss_scaler=self.scaler,
+            engine=self.counters or None,
+            scheduler=scheduler,
+            info=info,
+        )
 
 
 def convert_deepspeed_checkpoint(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -29,8 +32,56 @@ __all__ = [
     "decode_value",
     "encode_value",
     "gather_text",
+    "manifest",
+    "partition_metadata",
     "shard_file_name",
 ]
+
+
+def partition_metadata(checkpoint_id: str, ranges: dict[str, list[int]]) -> dict[str, str]:
+    """A partition file's ``__metadata__``: the save that wrote it and each tensor's ``[start, stop)``."""
+    return {"format": "pt", CHECKPOINT_ID_KEY: checkpoint_id, RANGES_KEY: json.dumps(ranges)}
+
+
+def manifest(
+    checkpoint_id: str,
+    *,
+    optimizer_class: str | None,
+    world: int,
+    stage: int,
+    dtype: torch.dtype,
+    param_groups: list[dict[str, Any]],
+    state: dict[str, Any],
+    master_weights: dict[str, Any] | None,
+    loss_scaler: dict[str, Any] | None,
+    engine: dict[str, int] | None,
+    scheduler: dict[str, Any] | None,
+    info: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The manifest of a format-3 checkpoint (docs/FORMAT.md), written by a save or a conversion."""
+    doc: dict[str, Any] = {
+        "format": KIND,
+        "format_version": ZERO_FORMAT_VERSION,
+        "checkpoint_id": checkpoint_id,
+        "optimizer": {"class": optimizer_class},
+        "world_size": world,
+        "zero": {"stage": stage, "dtype": str(dtype).removeprefix("torch.")},
+        "shards": {
+            "folder": f"optimizer-shards-{checkpoint_id}",
+            "files": [shard_file_name(r) for r in range(world)],
+        },
+        "param_groups": param_groups,
+        "state": state,
+        "master_weights": master_weights,
+        "loss_scaler": loss_scaler,
+        "engine": engine,
+        "scheduler": scheduler,
+        "accumulator": None,
+        "versions": {"torch": torch.__version__},
+    }
+    if info is not None:
+        doc["info"] = info
+    return doc
 
 
 def shard_file_name(rank: int) -> str:

@@ -17,13 +17,11 @@ from hf_optim._utils import unwrap_scheduler
 from hf_optim.state.io import write_safetensors_streaming
 from hf_optim.state.sharded import agree, barrier, broadcast_text, rank
 from hf_optim.state.zero._format import (
-    CHECKPOINT_ID_KEY,
-    KIND,
-    RANGES_KEY,
     SHARDED_MANIFEST_NAME,
-    ZERO_FORMAT_VERSION,
     encode_value,
     gather_text,
+    manifest,
+    partition_metadata,
     shard_file_name,
 )
 from hf_optim.state.zero._layout import ZeroLayout, engine_counters
@@ -97,7 +95,7 @@ def save_zero_state(
         if rank() == 0:
             os.makedirs(tmp_dir, exist_ok=True)
         barrier()
-        metadata = {"format": "pt", CHECKPOINT_ID_KEY: checkpoint_id, RANGES_KEY: json.dumps(ranges)}
+        metadata = partition_metadata(checkpoint_id, ranges)
         write_safetensors_streaming(
             os.path.join(tmp_dir, file_name), specs, lambda k: sources[k], metadata, fsync=False
         )
@@ -151,26 +149,20 @@ def save_zero_state(
                 "state_dict": encode_value(inner.state_dict(), "scheduler", "scheduler.state_dict()"),
             }
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        manifest = {
-            "format": KIND,
-            "format_version": ZERO_FORMAT_VERSION,
-            "checkpoint_id": checkpoint_id,
-            "optimizer": {"class": optimizer_class},
-            "world_size": world,
-            "zero": {"stage": layout.stage, "dtype": str(layout.model_dtype).removeprefix("torch.")},
-            "shards": {"folder": folder, "files": [shard_file_name(r) for r in range(world)]},
-            "param_groups": groups,
-            "state": {p.name: state[p.name] for p in layout.params if state.get(p.name)},
-            "master_weights": {p.name: master[p.name] for p in layout.params}
-            if layout.low_precision
-            else None,
-            "loss_scaler": _scaler_state(layout.zero),
-            "engine": engine_counters(engine),
-            "scheduler": scheduler_state,
-            "accumulator": None,
-            "versions": {"torch": torch.__version__},
-        }
-        commit_folder(directory, tmp_dir, folder, manifest, checkpoint_id)
+        doc = manifest(
+            checkpoint_id,
+            optimizer_class=optimizer_class,
+            world=world,
+            stage=layout.stage,
+            dtype=layout.model_dtype,
+            param_groups=groups,
+            state={p.name: state[p.name] for p in layout.params if state.get(p.name)},
+            master_weights={p.name: master[p.name] for p in layout.params} if layout.low_precision else None,
+            loss_scaler=_scaler_state(layout.zero),
+            engine=engine_counters(engine),
+            scheduler=scheduler_state,
+        )
+        commit_folder(directory, tmp_dir, folder, doc, checkpoint_id)
     barrier()
     logger.debug("saved ZeRO-%d optimizer state to %s", layout.stage, directory)
     return manifest_path
