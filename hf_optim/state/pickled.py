@@ -21,6 +21,7 @@ from hf_optim.errors import CheckpointError
 from hf_optim.state.format import MAX_JSON_DEPTH, MAX_VALUE_NODES
 
 __all__ = [
+    "MAX_PICKLE_BYTES",
     "TENSOR_GLOBALS",
     "check_stored_sizes",
     "check_torch_state_dict",
@@ -29,6 +30,9 @@ __all__ = [
     "pickle_globals",
     "torch_load",
 ]
+
+#: the largest pickle (the archive's ``data.pkl``, without the tensors' data) read: far above any optimizer's
+MAX_PICKLE_BYTES = 1 << 30
 
 #: the globals ``torch.save`` writes for tensors, their storages and ``OrderedDict`` / ``torch.Size`` containers
 TENSOR_GLOBALS = frozenset(
@@ -96,7 +100,13 @@ def load_torch_archive(
             pickles = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
             if len(pickles) != 1:
                 raise CheckpointError(f"{path}: not a torch.save archive (no single data.pkl)")
-            data = archive.read(pickles[0])
+            entry = archive.getinfo(pickles[0])
+            if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > MAX_PICKLE_BYTES:
+                # torch.save stores it uncompressed; a compressed one could unfold into anything
+                raise CheckpointError(
+                    f"{path}: its pickle is compressed or over {MAX_PICKLE_BYTES:,} bytes, unlike torch.save's"
+                )
+            data = archive.read(entry)
     except (OSError, zipfile.BadZipFile, RuntimeError) as err:
         raise CheckpointError(f"{path}: not a torch.save zip archive ({err})") from None
     refused = sorted(pickle_globals(path, data) - TENSOR_GLOBALS - set(allowed))

@@ -16,6 +16,7 @@ import os
 import pickle
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,16 @@ def _link_outside(folder):
     ds.optim_file(folder, 1).symlink_to(outside)
 
 
+def _deflated(folder):
+    """Rank 1's archive rewritten with its entries compressed (torch.save stores them): a zip bomb's shape."""
+    path = ds.optim_file(folder, 1)
+    with zipfile.ZipFile(path) as src:
+        entries = [(name, src.read(name)) for name in src.namelist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for name, data in entries:
+            out.writestr(name, data)
+
+
 def _big_param_shapes():
     model = ds.model_states()
     model["param_shapes"][0]["a.weight"] = torch.Size([300, 2])
@@ -204,6 +215,7 @@ DEEPSPEED_ATTACKS = {
     "deepspeed-code-as-loss-scaler": (_deepspeed(lambda o: o.update(loss_scaler=_Boom())), RANK1),
     "deepspeed-foreign-class": (_deepspeed(lambda o: o.update(overflow=collections.Counter())), RANK1),
     "deepspeed-protocol-4-pickle": (_deepspeed(protocol=4, rank=0), RANK0),
+    "deepspeed-compressed-pickle": (_deepspeed(after=_deflated), RANK1),
     "deepspeed-loss-scaler-holding-a-tensor": (
         _deepspeed(lambda o: vars(o["loss_scaler"]).update(cur_scale=torch.ones(3))),
         RANK1,
