@@ -195,9 +195,8 @@ def convert_checkpoint(
                 )
             it = iter(flat)
             names = [[next(it) for _ in range(n)] for n in sizes]
-    elif (
-        module is not None
-    ):  # DeepSpeed without ZeRO: the optimizer built on the module's parameters, in order
+    elif module is not None:
+        # DeepSpeed without ZeRO: the optimizer built on the module's parameters, in order
         names_by_module, module_shapes = _module_names(state_dict, module)
         if names_by_module is not None:
             names, shapes = names_by_module, module_shapes

@@ -150,16 +150,22 @@ class ZeroInstall:
         layout = self.layout
         client, scheduler = layout.client, plan.live.scheduler
         with restored_on_error(client, scheduler):
-            for h, state in staged["states"].items():
-                holder = layout.holders[h]
-                client.state[holder] = {
-                    k: v.to(holder.device) if isinstance(v, torch.Tensor) else v for k, v in state.items()
-                }
-            if plan.restore_groups:
-                for group, new in zip(client.param_groups, plan.state_dict["param_groups"], strict=True):
-                    group.update({k: v for k, v in new.items() if k not in ("params", "param_names")})
-            if plan.scheduler_state is not None:
-                unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(plan.scheduler_state))
+            try:
+                for h, state in staged["states"].items():
+                    holder = layout.holders[h]
+                    client.state[holder] = {
+                        k: v.to(holder.device) if isinstance(v, torch.Tensor) else v for k, v in state.items()
+                    }
+                if plan.restore_groups:
+                    for group, new in zip(client.param_groups, plan.state_dict["param_groups"], strict=True):
+                        group.update({k: v for k, v in new.items() if k not in ("params", "param_names")})
+                if plan.scheduler_state is not None:
+                    unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(plan.scheduler_state))
+            except (ValueError, TypeError, KeyError, OverflowError, RuntimeError) as err:
+                # the scheduler's own load_state_dict refused a value the checks let through
+                raise CheckpointError(
+                    f"{plan.saved.source}: refused while loading: {type(err).__name__}: {err}"
+                ) from err
             for key, value in staged["scaler"].items():
                 setattr(layout.zero.loss_scaler, key, value)
         # last, once nothing can fail: the master weights, in place
