@@ -8,6 +8,7 @@ outside an exact allow-list, then loads it memory-mapped with stand-ins for the 
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import pickletools
 import warnings
@@ -22,17 +23,22 @@ from hf_optim.state.format import MAX_JSON_DEPTH, MAX_VALUE_NODES
 
 __all__ = [
     "MAX_PICKLE_BYTES",
+    "MAX_PICKLE_OPCODES",
     "TENSOR_GLOBALS",
     "check_stored_sizes",
     "check_torch_state_dict",
     "infer_optimizer_class",
     "load_torch_archive",
     "pickle_globals",
+    "plain_tree",
     "torch_load",
 ]
 
 #: the largest pickle (the archive's ``data.pkl``, without the tensors' data) read: far above any optimizer's
 MAX_PICKLE_BYTES = 1 << 30
+#: the most opcodes a pickle may hold (each can build an object: a few hundred MB at most), far above what an
+#: optimizer's state needs (tens per parameter)
+MAX_PICKLE_OPCODES = 5_000_000
 
 #: the globals ``torch.save`` writes for tensors, their storages and ``OrderedDict`` / ``torch.Size`` containers
 TENSOR_GLOBALS = frozenset(
@@ -71,7 +77,11 @@ def pickle_globals(path: str, data: bytes) -> set[str]:
     refused rather than guessed at."""
     found: set[str] = set()
     try:
-        for opcode, arg, _ in pickletools.genops(data):
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
+            if count >= MAX_PICKLE_OPCODES:
+                raise CheckpointError(
+                    f"{path}: its pickle holds over {MAX_PICKLE_OPCODES:,} opcodes: refused"
+                )
             if opcode.name == "GLOBAL":
                 found.add(str(arg).replace(" ", "."))
             elif opcode.name in ("STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"):
@@ -123,22 +133,24 @@ def load_torch_archive(
             ),
         ):
             warnings.simplefilter("ignore")
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+            loaded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     except CheckpointError:
         raise
     except Exception as err:  # torch raises many types for refused or malformed pickles
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: not readable as {what} ({first})") from None
+    return plain_tree(loaded, path)
 
 
 def torch_load(path: str) -> Any:
-    """``torch.load(weights_only=True)`` (tensors and plain containers only); any failure names the file."""
+    """``torch.load(weights_only=True)`` (tensors and plain containers only, as a :func:`plain_tree`); any
+    failure names the file."""
     try:
         with (
             warnings.catch_warnings()
         ):  # e.g. torch's note on the pickle protocol: the error below says it all
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
@@ -147,6 +159,47 @@ def torch_load(path: str) -> Any:
     except Exception as err:  # torch raises many types for malformed archives
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {first}") from None
+    return plain_tree(loaded, path)
+
+
+def plain_tree(value: Any, path: str) -> Any:
+    """``value`` (what ``torch.load(weights_only=True)`` returned) with every dict, ``OrderedDict`` and list
+    copied into a plain ``dict`` / ``list`` through the base types' own methods, so that nothing read later can be
+    steered by attributes the pickle set on an instance (an ``OrderedDict`` whose ``items`` it replaced, a tensor
+    whose ``numel`` it replaced). Shared containers stay shared; a cycle or nesting deeper than
+    :data:`~hf_optim.state.format.MAX_JSON_DEPTH` is refused."""
+    copies: dict[int, Any] = {}
+    active: set[int] = set()
+
+    def copy(node: Any, depth: int) -> Any:
+        if isinstance(node, torch.Tensor):
+            shadowed = sorted(k for k in getattr(node, "__dict__", {}) if hasattr(torch.Tensor, k))
+            if shadowed:
+                raise CheckpointError(f"{path}: a tensor whose pickle sets its {shadowed[0]!r}: refused")
+            return node
+        if not isinstance(node, (dict, list)) or isinstance(node, torch.Size):
+            return node
+        if id(node) in copies:
+            return copies[id(node)]
+        if id(node) in active:
+            raise CheckpointError(f"{path}: the pickle holds a container that contains itself")
+        if depth > MAX_JSON_DEPTH:
+            raise CheckpointError(f"{path}: the pickle nests more than {MAX_JSON_DEPTH} levels deep")
+        shadowed = sorted(k for k in getattr(node, "__dict__", {}) if hasattr(type(node), k))
+        if shadowed:  # (a state dict's own ``_metadata`` is fine)
+            raise CheckpointError(
+                f"{path}: a {type(node).__name__} whose pickle sets its {shadowed[0]!r}: refused"
+            )
+        active.add(id(node))
+        if isinstance(node, dict):
+            out: Any = {k: copy(v, depth + 1) for k, v in dict.items(node)}
+        else:
+            out = [copy(v, depth + 1) for v in list.__iter__(node)]
+        active.discard(id(node))
+        copies[id(node)] = out
+        return out
+
+    return copy(value, 0)
 
 
 def check_stored_sizes(value: Any, path: str) -> None:
@@ -157,6 +210,7 @@ def check_stored_sizes(value: Any, path: str) -> None:
     :data:`~hf_optim.state.format.MAX_JSON_DEPTH` (a shared container counts each time it is reached, as the saved
     JSON spells it out each time), or holds a cycle. Sizes are memoised, so the check itself stays linear."""
     storages: dict[int, str] = {}
+    extents: list[tuple[int, int, str]] = []  # each storage's bytes (memory-mapped storages lie in one file)
     sizes: dict[int, int] = {}
     active: set[int] = set()
 
@@ -176,6 +230,8 @@ def check_stored_sizes(value: Any, path: str) -> None:
                     "store it twice"
                 )
             storages[storage.data_ptr()] = where
+            if storage.nbytes():
+                extents.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes(), where))
             return 1
         if not isinstance(node, (list, tuple, dict)):
             return 1
@@ -204,6 +260,12 @@ def check_stored_sizes(value: Any, path: str) -> None:
             size(group, f"['param_groups'][{i}]", 1)
     else:
         size(value, "", 0)
+    extents.sort()
+    for (_, end, first), (start, _, second) in itertools.pairwise(extents):
+        if start < end:  # storages claiming more bytes than their record reach into the next one's
+            raise CheckpointError(
+                f"{path}: {second} and {first} overlap in the file; converting would copy it twice"
+            )
 
 
 def check_torch_state_dict(state_dict: Any, path: str) -> None:

@@ -203,6 +203,32 @@ def _deflated(folder):
             out.writestr(name, data)
 
 
+def _hard_link_of_rank_0(folder):
+    ds.optim_file(folder, 1).unlink()
+    os.link(ds.optim_file(folder, 0), ds.optim_file(folder, 1))
+
+
+def _tag_folder_outside(folder):
+    outside = folder.parent / f"{folder.name}-elsewhere"
+    (folder / ds.TAG).rename(outside)
+    (folder / ds.TAG).symlink_to(outside, target_is_directory=True)
+
+
+def _latest_outside(folder):
+    secret = folder.parent / f"{folder.name}-secret.txt"
+    secret.write_text("sk-live-do-not-show")
+    (folder / "latest").unlink()
+    (folder / "latest").symlink_to(secret)
+
+
+def _shadowed_items(osd):
+    """``base_optimizer_state['state']``: an ``OrderedDict`` whose ``items`` the pickle replaced, so that a walk
+    through ``.items()`` would see nothing in it."""
+    state = collections.OrderedDict(osd["base_optimizer_state"]["state"])
+    state.items = collections.OrderedDict
+    osd["base_optimizer_state"]["state"] = state
+
+
 def _big_param_shapes():
     model = ds.model_states()
     model["param_shapes"][0]["a.weight"] = torch.Size([300, 2])
@@ -216,6 +242,7 @@ DEEPSPEED_ATTACKS = {
     "deepspeed-foreign-class": (_deepspeed(lambda o: o.update(overflow=collections.Counter())), RANK1),
     "deepspeed-protocol-4-pickle": (_deepspeed(protocol=4, rank=0), RANK0),
     "deepspeed-compressed-pickle": (_deepspeed(after=_deflated), RANK1),
+    "deepspeed-ordered-dict-with-its-items-replaced": (_deepspeed(_shadowed_items), RANK1),
     "deepspeed-loss-scaler-holding-a-tensor": (
         _deepspeed(lambda o: vars(o["loss_scaler"]).update(cur_scale=torch.ones(3))),
         RANK1,
@@ -228,6 +255,11 @@ DEEPSPEED_ATTACKS = {
             )
         ),
         RANK1,
+    ),
+    "deepspeed-one-file-as-two-ranks": (_deepspeed(after=_hard_link_of_rank_0), RANK1),
+    "deepspeed-list-as-a-state-value": (
+        _deepspeed(lambda o: _base(o).update(history=list(range(5000))), rank=0),
+        RANK0,
     ),
     "deepspeed-shared-storage": (
         _deepspeed(lambda o: _base(o).update(exp_avg_sq=_base(o)["exp_avg"][:])),
@@ -244,6 +276,14 @@ DEEPSPEED_ATTACKS = {
     "deepspeed-shapes-larger-than-partitions": (_deepspeed(model=_big_param_shapes()), RANK0),
     "deepspeed-slice-mappings-disagree": (
         _deepspeed(lambda o: setattr(o["param_slice_mappings"][0]["a.weight"], "start", 1), rank=0),
+        RANK0,
+    ),
+    "deepspeed-nan-step": (
+        _deepspeed(lambda o: _base(o).update(step=torch.tensor(float("nan")))),
+        "global_step2",
+    ),
+    "deepspeed-parameter-alignment-padding": (
+        _deepspeed(lambda o: o.update(param_alignment_paddings=[[0, 2, 0, 0]]), rank=0),
         RANK0,
     ),
     "deepspeed-integer-moments": (
@@ -264,6 +304,8 @@ DEEPSPEED_ATTACKS = {
         "latest",
     ),
     "deepspeed-link-outside": (_deepspeed(after=_link_outside), RANK1),
+    "deepspeed-tag-folder-is-a-link-outside": (_deepspeed(after=_tag_folder_outside), "global_step2"),
+    "deepspeed-latest-is-a-link-outside": (_deepspeed(after=_latest_outside), "latest"),
 }
 TABLE.update({name: (make, lambda d: [], names) for name, (make, names) in DEEPSPEED_ATTACKS.items()})
 

@@ -17,6 +17,7 @@ mapped at a time.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -87,7 +88,7 @@ def _param_shapes(doc: Any, path: str) -> list[list[tuple[str, tuple[int, ...]]]
                 not isinstance(name, str)
                 or name in seen
                 or dims is None
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in dims)
             ):
                 raise CheckpointError(f"{path}: param_shapes[{g}] has a bad entry {str(name)[:80]!r}")
             seen.add(name)
@@ -133,7 +134,7 @@ def _optim_parts(
 class _Converter:
     """One conversion: reads rank files in turn, writes their partitions, then the manifest."""
 
-    def __init__(self, folder: str, output: str) -> None:
+    def __init__(self, folder: str, output: str, given: str) -> None:
         self.folder, self.output = folder, output
         self.model_path, self.optim_paths = zero_files(folder)
         self.world = len(self.optim_paths)
@@ -155,23 +156,32 @@ class _Converter:
         sched = model_doc.get("lr_scheduler")
         self.scheduler_state = sched if isinstance(sched, dict) and sched else None
         self.scheduler_path = self.model_path
-        if self.scheduler_state is None:  # a scheduler DeepSpeed did not step: the Trainer saves it beside
-            self.scheduler_path = os.path.join(os.path.dirname(folder), "scheduler.pt")
-            if os.path.isfile(self.scheduler_path):
-                self.scheduler_state = load_file(
-                    self.scheduler_path, os.path.dirname(folder), "scheduler state"
-                )
+        if self.scheduler_state is None and given != folder:
+            # a scheduler DeepSpeed did not step: the Trainer saves it in the folder given, beside the tag's
+            self.scheduler_path = os.path.join(given, "scheduler.pt")
+            if os.path.lexists(self.scheduler_path):
+                self.scheduler_state = load_file(self.scheduler_path, given, "scheduler state")
         if self.scheduler_state is not None:
             if not isinstance(self.scheduler_state, dict) or not all(
                 isinstance(k, str) for k in self.scheduler_state
             ):
                 raise CheckpointError(f"{self.scheduler_path}: not a scheduler state_dict")
             check_stored_sizes(self.scheduler_state, self.scheduler_path)
-        self.frozen = len(model_doc.get("frozen_param_shapes") or {})
+        frozen = model_doc.get("frozen_param_shapes") or {}
+        if not isinstance(frozen, dict):
+            raise CheckpointError(f"{self.model_path}: 'frozen_param_shapes' is not a mapping")
+        self.frozen = len(frozen)
         del model_doc, module
         self.params = [
             _Param(n, s, f, math.prod(s), group=f) for f, flat in enumerate(self.groups) for n, s in flat
         ]
+        stored = sum(os.stat(p).st_size for p in self.optim_paths)
+        claimed = 4 * sum(p.numel for p in self.params)
+        if claimed > stored:  # each element's fp32 master value is in one of the rank files
+            raise CheckpointError(
+                f"{self.model_path}: param_shapes claim {claimed:,} bytes of fp32 weights, more than the "
+                f"{stored:,} bytes of the {self.world} optimizer states files"
+            )
         self.stage = 0
         self.checkpoint_id = os.urandom(16).hex()
         self.folder_name = f"optimizer-shards-{self.checkpoint_id}"
@@ -281,6 +291,10 @@ class _Converter:
                 )
             # stage 1/2 files drop the last rank's padding from the fp32 partition, not from the state
             size = lengths.pop() if lengths else flat.numel()
+            if not lengths and stage != 3 and rank > 0 and h < len(self.partition_sizes or []):
+                size = max(
+                    size, (self.partition_sizes or [])[h]
+                )  # no state to tell the padded size: rank 0's
             if flat.numel() > size:
                 raise CheckpointError(f"{path}: fp32 partition {h} is larger than its optimizer state")
             sizes.append(size)
@@ -292,6 +306,12 @@ class _Converter:
         for p, holder, local, _, length in pieces:
             if local + length > flats[holder].numel():
                 raise CheckpointError(f"{path}: {p.name!r} lies outside its fp32 flat partition")
+        paddings = doc["optimizer_state_dict"].get("param_alignment_paddings")
+        if isinstance(paddings, list) and any(any(group) for group in paddings if isinstance(group, list)):
+            raise CheckpointError(
+                f"{path}: parameters aligned with padding between them (DeepSpeed's parameter_alignment): "
+                "not supported"
+            )
         mappings = doc["optimizer_state_dict"].get("param_slice_mappings")
         if stage != 3 and isinstance(mappings, list):
             self.check_mappings(path, mappings, pieces)
@@ -307,6 +327,8 @@ class _Converter:
         ) -> dict[str, Any]:
             if local + length > flat.numel():
                 raise CheckpointError(f"{path}: {p.name!r} lies outside its flat optimizer state")
+            if key in specs:
+                raise CheckpointError(f"{path}: two state tensors would both be named {key!r}")
             specs[key] = torch.empty(length, dtype=flat.dtype, device="meta")
             sources[key] = flat[local : local + length]
             ranges[key] = [start, start + length]
@@ -325,6 +347,12 @@ class _Converter:
                         p.state[key] = entry
                 elif key not in p.state:
                     where = f"{path}: state[{p.name!r}][{key!r}]"
+                    if not (
+                        value is None
+                        or isinstance(value, bool | int | float)
+                        or (isinstance(value, torch.Tensor) and value.dim() == 0)
+                    ):
+                        raise CheckpointError(f"{where}: a non-tensor state value must be a number")
                     try:
                         p.state[key] = {"value": encode_value(value, f"state.{p.name}.{key}", where)}
                     except ValueError as err:
@@ -368,6 +396,7 @@ class _Converter:
                 )
 
     def run(self) -> list[str]:
+        created = not os.path.exists(self.output)
         os.makedirs(self.output, exist_ok=True)
         os.makedirs(self.tmp_dir)
         weights = os.path.join(self.output, _WEIGHTS_NAME)
@@ -387,12 +416,20 @@ class _Converter:
                         f"{self.folder}: the partitions hold {min(covered):,} of {p.name!r}'s {p.numel:,} elements"
                     )
             manifest = self.manifest()
+            try:
+                json.dumps(manifest, allow_nan=False)
+            except ValueError:
+                raise CheckpointError(
+                    f"{self.folder}: a value JSON cannot hold (NaN or infinity) in the state, groups or scheduler"
+                ) from None
             if self.weights_fd >= 0:
                 os.fsync(self.weights_fd)
         except BaseException:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             if weights_tmp is not None and os.path.exists(weights_tmp):
                 os.remove(weights_tmp)
+            if created:
+                shutil.rmtree(self.output, ignore_errors=True)
             raise
         finally:
             if self.weights_fd >= 0:
@@ -500,7 +537,7 @@ def convert_deepspeed_checkpoint(
     if folder is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {checkpoint_dir}")
     out = os.fspath(output) if output is not None else checkpoint_dir
-    converter = _Converter(folder, out)
+    converter = _Converter(folder, out, checkpoint_dir)
     converter.given_class = optimizer_class
     written = converter.run()
     logger.info("converted the DeepSpeed checkpoint %s -> %s", folder, out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,14 +91,17 @@ def find_deepspeed_checkpoint(path: str, tag: str | None = None) -> str | None:
     if _has_deepspeed_files(path):
         return path
     named_by = "tag="
-    if tag is None and os.path.isfile(os.path.join(path, "latest")):
+    if tag is None and os.path.lexists(os.path.join(path, "latest")):
         named_by = os.path.join(path, "latest")
-        with open(named_by, encoding="utf-8", errors="replace") as f:
-            tag = f.read(256).strip()
+        f = open_file(named_by, roots=[path])  # not a link out of the folder: its text would be shown
+        try:
+            tag = os.pread(f.fd, 256, 0).decode("utf-8", errors="replace").strip()
+        finally:
+            f.close()
     if tag is not None:
         if not _TAG_RE.fullmatch(tag):
-            raise CheckpointError(f"{named_by}: DeepSpeed tag {tag[:80]!r} is not a folder name in {path}")
-        candidate = os.path.join(path, tag)
+            raise CheckpointError(f"{named_by}: the DeepSpeed tag it names is not a folder name in {path}")
+        candidate = _inside(path, tag)
         if not _has_deepspeed_files(candidate):
             raise CheckpointError(f"{candidate}: no DeepSpeed checkpoint files")
         return candidate
@@ -111,7 +115,15 @@ def find_deepspeed_checkpoint(path: str, tag: str | None = None) -> str | None:
             f"{path} holds several DeepSpeed checkpoints ({', '.join(steps[:5])}) and no 'latest' file: "
             "name one with tag="
         )
-    return os.path.join(path, steps[0]) if steps else None
+    return _inside(path, steps[0]) if steps else None
+
+
+def _inside(path: str, tag: str) -> str:
+    """``path/tag``, which must be a real folder of ``path`` (not a link to one elsewhere)."""
+    candidate = os.path.join(path, tag)
+    if os.path.islink(candidate) or os.path.dirname(os.path.realpath(candidate)) != os.path.realpath(path):
+        raise CheckpointError(f"{candidate} is a link to {os.path.realpath(candidate)}: refused")
+    return candidate
 
 
 def read_stage0_checkpoint(folder: str) -> tuple[str, Any, dict[str, tuple[int, ...]], Any] | None:
@@ -180,4 +192,13 @@ def zero_files(folder: str) -> tuple[str, list[str]]:
     if (0, 0) not in model:
         raise CheckpointError(f"{folder}: no model states file (mp_rank_00_model_states.pt)")
     by_rank = {r: name for (r, _, _), name in optim.items()}
-    return os.path.join(folder, model[(0, 0)]), [os.path.join(folder, by_rank[r]) for r in ranks]
+    paths = [os.path.join(folder, model[(0, 0)]), *(os.path.join(folder, by_rank[r]) for r in ranks)]
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:  # one file read as two ranks would convert its data twice
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is not a regular file (a link?): refused")
+        if (st.st_dev, st.st_ino) in seen:
+            raise CheckpointError(f"{path} is the same file as {seen[st.st_dev, st.st_ino]}: refused")
+        seen[st.st_dev, st.st_ino] = path
+    return paths[0], paths[1:]
