@@ -290,11 +290,12 @@ class _Converter:
                     f"{path}: the state of flat partition {h} is not flat tensors of one size"
                 )
             # stage 1/2 files drop the last rank's padding from the fp32 partition, not from the state
-            size = lengths.pop() if lengths else flat.numel()
-            if not lengths and stage != 3 and rank > 0 and h < len(self.partition_sizes or []):
-                size = max(
-                    size, (self.partition_sizes or [])[h]
-                )  # no state to tell the padded size: rank 0's
+            if lengths:
+                size = lengths.pop()
+            elif stage != 3 and rank > 0 and h < len(self.partition_sizes or []):
+                size = (self.partition_sizes or [])[h]  # no state to tell the padded size: rank 0's
+            else:
+                size = flat.numel()
             if flat.numel() > size:
                 raise CheckpointError(f"{path}: fp32 partition {h} is larger than its optimizer state")
             sizes.append(size)
