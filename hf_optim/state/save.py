@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from hf_optim import registry
 from hf_optim._utils import unwrap_optimizer, unwrap_scheduler
 from hf_optim.state import sharded, zero
-from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_lock, staging_folder
+from hf_optim.state.atomic import PendingFile, commit, new_checkpoint_id, save_lock
 from hf_optim.state.codec import Encoder
 from hf_optim.state.format import (
     ACCUMULATOR_NAME,
@@ -576,13 +575,15 @@ def save_object_state(path: str | os.PathLike[str], value: Any, *, kind: str) ->
         "value": node,
     }
     directory, name = os.path.split(os.path.abspath(path))
-    staging = staging_folder(directory, checkpoint_id)
+    # a temporary file of its own, not a staging folder: a checkpoint saved into the same folder at the same
+    # time (another process's optimizer state beside this process's random states) clears staging folders
+    tmp = os.path.join(directory, f".{name}.{checkpoint_id}.tmp")
     try:
-        tmp = os.path.join(staging, name)
         write_safetensors(tmp, enc.tensors, {"format": "pt", METADATA_KEY: json.dumps(meta)}, fsync=False)
         os.replace(tmp, path)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 def consolidate_state(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import hf_optim
 from hf_optim import (
@@ -76,3 +77,23 @@ def _equal_state(a, b) -> bool:
         return True
     except AssertionError:
         return False
+
+
+def test_an_object_file_written_while_a_checkpoint_commits_in_the_same_folder(tmp_path, monkeypatch):
+    """Under Accelerate every process writes its random states beside the checkpoint the main process commits
+    into the same folder; the commit clears leftover staging folders, which must not be a live object save's."""
+    import hf_optim.state.save as save_module
+    from hf_optim.state import atomic, load_object_state, save_object_state
+
+    write = save_module.write_safetensors
+
+    def commit_meanwhile(path, *args, **kwargs):  # another process's commit, between staging and writing
+        atomic.remove_leftovers(str(tmp_path))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(save_module, "write_safetensors", commit_meanwhile)
+    save_object_state(tmp_path / "random_states_1.safetensors", {"seed": torch.arange(3)}, kind="rng")
+    assert torch.equal(
+        load_object_state(tmp_path / "random_states_1.safetensors", kind="rng")["seed"], torch.arange(3)
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random_states_1.safetensors"]
