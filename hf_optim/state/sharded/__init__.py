@@ -40,6 +40,7 @@ from hf_optim.state.sharded._format import (
     SHARDED_MANIFEST_NAME,
     decode_value,
     encode_value,
+    saved_optimizer_class,
 )
 from hf_optim.state.sharded._load import (
     ShardedReader,
@@ -78,5 +79,6 @@ __all__ = [
     "rank",
     "require_model",
     "save_sharded_state",
+    "saved_optimizer_class",
     "sharded_manifest_files",
 ]

@@ -18,7 +18,13 @@ import torch
 
 from hf_optim.errors import CheckpointError
 from hf_optim.state.io import read_region, read_safetensors
-from hf_optim.state.sharded._format import ACCUMULATOR_PREFIX, RESERVED, SHARDED_MANIFEST_NAME, decode_value
+from hf_optim.state.sharded._format import (
+    ACCUMULATOR_PREFIX,
+    RESERVED,
+    SHARDED_MANIFEST_NAME,
+    decode_value,
+    saved_optimizer_class,
+)
 from hf_optim.state.sharded._read import Manifest, TensorPlan, close_manifest, read_manifest
 
 #: bytes of a shard read at once while assembling a tensor (a chunk larger than this is read in row blocks)
@@ -164,13 +170,10 @@ def _describe(manifest: Manifest, read_buffer_size: int) -> ConsolidationSource:
                 torch.empty(grad_plan.shape, dtype=grad_plan.dtype, device="meta") if grad_plan else None
             )
         accumulator_state["gradients"] = gradients
-    opt = doc.get("optimizer")
     return ConsolidationSource(
         state_dict={"state": state, "param_groups": groups},
         param_shapes=shapes,
-        optimizer_class=opt.get("class")
-        if isinstance(opt, dict) and isinstance(opt.get("class"), str)
-        else None,
+        optimizer_class=saved_optimizer_class(doc),
         scheduler_state=decode_value(sched["state_dict"], f"{path}: scheduler")
         if sched is not None
         else None,

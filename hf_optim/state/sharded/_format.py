@@ -36,6 +36,12 @@ def is_dtensor(value: Any) -> bool:
     return isinstance(value, DTensor)
 
 
+def saved_optimizer_class(doc: Any) -> str | None:
+    """The optimizer class a sharded-family manifest records (``optimizer.class``), if it is a string."""
+    opt = doc.get("optimizer") if isinstance(doc, dict) else None
+    return opt.get("class") if isinstance(opt, dict) and isinstance(opt.get("class"), str) else None
+
+
 def encode_value(value: Any, key: str, where: str) -> Any:
     """``value`` as JSON through the state codec (tuples, dicts, registered objects keep their types); a
     one-element tensor (``step``) as ``{"scalar": x, "dtype": d}``. Other tensors are refused: they go to the

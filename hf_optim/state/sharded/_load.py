@@ -28,6 +28,7 @@ from hf_optim.state.sharded._format import (
     RESERVED,
     SHARDED_MANIFEST_NAME,
     decode_value,
+    saved_optimizer_class,
 )
 from hf_optim.state.sharded._read import (
     CheckedReader,
@@ -97,14 +98,11 @@ class ShardedReader:
         stray = sorted(set(state_doc) - seen)
         if stray:
             raise CheckpointError(f"{path}: state for {stray[0][:200]!r}, which is in no param group")
-        opt = doc.get("optimizer")
         return SavedCheckpoint(
             source=path,
             directory=self.directory,
             checkpoint_id=manifest.checkpoint_id,
-            optimizer_class=opt.get("class")
-            if isinstance(opt, dict) and isinstance(opt.get("class"), str)
-            else None,
+            optimizer_class=saved_optimizer_class(doc),
             keyed_by="name",
             groups=groups,
             scheduler=self.scheduler,
@@ -325,14 +323,11 @@ def inspect_sharded_state(directory: str | os.PathLike[str]) -> ShardedStateInfo
             groups.append({"num_params": len(group.params), "numel": numel, "hyperparameters": hyper})
     last_lr = scheduler.state.get("_last_lr") if scheduler is not None else None
     last_epoch = scheduler.state.get("last_epoch") if scheduler is not None else None
-    opt = manifest.doc.get("optimizer")
     world = manifest.doc.get("world_size")
     return ShardedStateInfo(
         directory=manifest.directory,
         checkpoint_id=manifest.checkpoint_id,
-        optimizer_class=opt.get("class")
-        if isinstance(opt, dict) and isinstance(opt.get("class"), str)
-        else None,
+        optimizer_class=saved_optimizer_class(manifest.doc),
         world_size=world if isinstance(world, int) and not isinstance(world, bool) else None,
         num_shards=len(manifest.doc["shards"]["files"]),
         parameters=params,

@@ -92,14 +92,11 @@ class RangeReader:
         stray = sorted(set(plan.state) - seen)
         if stray:
             raise CheckpointError(f"{plan.path}: state for {stray[0][:200]!r}, which is in no param group")
-        opt = plan.doc.get("optimizer")
         return SavedCheckpoint(
             source=plan.path,
             directory=self.directory,
             checkpoint_id=plan.checkpoint_id,
-            optimizer_class=opt.get("class")
-            if isinstance(opt, dict) and isinstance(opt.get("class"), str)
-            else None,
+            optimizer_class=sharded.saved_optimizer_class(plan.doc),
             keyed_by="name",
             groups=groups,
             scheduler=self.scheduler,
