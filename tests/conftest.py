@@ -7,6 +7,8 @@ does). Tests that talk to the Hub request the ``hub_server``, ``hub_repo_id`` or
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.register_assert_rewrite("tests.hub_plugin")
@@ -14,6 +16,8 @@ pytest.register_assert_rewrite("tests.hub_plugin")
 from tests.hub_plugin import isolate_hf_environment  # noqa: E402
 
 isolate_hf_environment()
+# DeepSpeed picks its accelerator when imported: CPU for every test and every process a test starts
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 pytest_plugins = ["tests.hub_plugin"]
 

@@ -2,13 +2,16 @@
 running after a deadline counts as a hang (a failure naming where each process got to), not a stuck test run.
 
 Worker processes are forked from a server process that has imported torch once (``forkserver``), not started
-from scratch (``spawn``): the import costs more than most jobs. Each worker gets the environment of the moment
-it was started (the server's would be the one of its own start), and imports everything else itself.
+from scratch (``spawn``): the import costs more than most jobs. The server also imports what costs most after
+torch and reads no per-test environment (DCP with DTensor, safetensors, DeepSpeed under ``DS_ACCELERATOR=cpu``).
+Each worker gets the environment of the moment it was started (the server's would be the one of its own start),
+and imports everything else itself.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -21,9 +24,15 @@ from typing import Any
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
-# only torch: a module that reads the environment when imported (huggingface_hub's constants) must be imported
-# by each worker, under the environment it is given
-multiprocessing.set_forkserver_preload(["torch", "torch.distributed"])
+
+def _preload() -> list[str]:
+    """What the fork server imports once. Not a module that reads the environment when imported
+    (huggingface_hub's constants, hence hf_optim): each worker imports it under the environment it is given.
+    DeepSpeed picks its accelerator when imported: preloaded only when the tests set it (tests/conftest.py)."""
+    modules = ["torch", "torch.distributed", "torch.distributed.checkpoint", "safetensors.torch"]
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and importlib.util.find_spec("deepspeed") is not None:
+        modules.append("deepspeed")
+    return modules
 
 
 def _with_environ(rank: int, environ: dict[str, str], worker: Callable[..., None], *args: Any) -> None:
@@ -35,6 +44,7 @@ def _with_environ(rank: int, environ: dict[str, str], worker: Callable[..., None
 def start_workers(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int) -> ProcessContext:
     """``worker(rank, *args)`` on ``nprocs`` new processes (forked from the torch-importing server, with this
     process's current environment); join the returned context."""
+    multiprocessing.set_forkserver_preload(_preload())  # read when this process's fork server starts
     context = mp.start_processes(
         _with_environ,
         args=(dict(os.environ), worker, *args),

@@ -1,8 +1,6 @@
-"""DeepSpeed tests run on CPU (``DS_ACCELERATOR=cpu``, gloo); they are skipped when deepspeed is not installed."""
-
-import os
+"""DeepSpeed tests run on CPU (``DS_ACCELERATOR=cpu``, set in tests/conftest.py; gloo); they are skipped when
+deepspeed is not installed."""
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed")
