@@ -1,10 +1,15 @@
-"""Packaging facts a user relies on: the license text ships and matches what the metadata declares."""
+"""Packaging facts a user relies on: the license text ships and matches what the metadata declares, one version,
+the import layers, the public names and what importing them costs."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +86,43 @@ def test_public_modules_declare_all():
             continue
         broken += [f"{module.__name__}.{n}" for n in module.__all__ if not hasattr(module, n)]
     assert missing == [] and broken == []
+
+
+def test_import_hf_optim_imports_torch_only_when_a_name_is_used():
+    """``import hf_optim`` and the local Hub server stay light (no torch); the first public name used imports
+    its module, and a submodule is an attribute as after an eager import."""
+    code = (
+        "import sys, hf_optim, hf_optim.hub_server.cli\n"
+        "print('torch' in sys.modules)\n"
+        "print(hf_optim.AdamW.__module__, hf_optim.state.__name__, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "hf_optim.optimizers.adamw", "hf_optim.state", "True"]
+
+
+def test_public_names_are_the_ones_type_checkers_see():
+    """Every name in ``hf_optim.__all__`` is imported under ``TYPE_CHECKING`` in hf_optim/__init__.py from the
+    module that the lazy lookup takes it from, and nothing else is."""
+    import ast
+    import importlib
+
+    import hf_optim
+
+    tree = ast.parse((ROOT / "hf_optim" / "__init__.py").read_text())
+    block = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+    )
+    seen = {
+        alias.name: node.module
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert set(seen) == set(hf_optim.__all__) - {"__version__", "logging"}
+    for name, module in seen.items():
+        assert getattr(hf_optim, name) is getattr(importlib.import_module(module), name), name
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        hf_optim.not_a_name  # noqa: B018

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -405,10 +406,13 @@ def two_proc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def one_proc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """1 process x batch 4 x accumulation 2 (the same global batches)."""
+def one_proc_run(tmp_path_factory: pytest.TempPathFactory, hub_server) -> tuple[Path, str]:
+    """1 process x batch 4 x accumulation 2 (the same global batches), its checkpoints pushed to the local Hub:
+    (output dir, repo id)."""
     out = tmp_path_factory.mktemp("one_proc")
-    return out, _launch(SCRIPT, _train_args(out, GLOBAL_BATCH), 1)
+    repo_id = f"local-user/test-{uuid.uuid4().hex[:12]}"
+    _launch(SCRIPT, _train_args(out, GLOBAL_BATCH, "--push_to_hub_repo", repo_id), 1)
+    return out, repo_id
 
 
 def test_two_processes_match_one_process_and_plain_loop(two_proc_run, one_proc_run, reference) -> None:
@@ -438,44 +442,39 @@ def test_two_process_schedule_counts_optimizer_steps(two_proc_run) -> None:
         assert abs(lr - expected) <= 1e-5 * lr0, (step, lr, expected)
 
 
+def _resume_args(output_dir: Path, checkpoint: Path) -> list[str]:
+    """Resuming from ``checkpoint`` on 1 process, without the schedule's arguments (the checkpoint has it)."""
+    args = _train_args(output_dir, GLOBAL_BATCH, "--resume_from", str(checkpoint))
+    for name in ("lr_scheduler_type", "num_warmup_steps", "max_steps"):
+        i = args.index(f"--{name}")
+        del args[i : i + 2]
+    return args
+
+
 def test_resume_two_process_checkpoint_in_one_process(two_proc_run, reference, tmp_path: Path) -> None:
+    """Resumed without schedule arguments, the run follows the checkpoint's schedule (scheduler.json)."""
     checkpoint = two_proc_run[0] / f"checkpoint-{SAVE_STEP}"
     names = set(os.listdir(checkpoint))
     assert {"model.safetensors", "optimizer.safetensors", "scheduler.json"} <= names
     assert not names & {"optimizer.bin", "scheduler.bin"}  # nothing pickled for optimizer / scheduler
-    log = _launch(SCRIPT, _train_args(tmp_path, GLOBAL_BATCH, "--resume_from", str(checkpoint)), 1)
+    log = _launch(SCRIPT, _resume_args(tmp_path, checkpoint), 1)
     assert f"at step {SAVE_STEP}" in log
     _assert_same_weights(_weights(tmp_path / "model.safetensors"), reference[1])
 
 
 def test_resume_one_process_checkpoint_in_two_processes_from_local_hub(
-    hub_server, hub_repo_id: str, reference, tmp_path: Path
+    one_proc_run, reference, tmp_path: Path
 ) -> None:
-    pushed = tmp_path / "pushed"
-    _launch(SCRIPT, _train_args(pushed, GLOBAL_BATCH, "--push_to_hub_repo", hub_repo_id), 1)
-    resumed = tmp_path / "resumed"
-    url = f"hf://{hub_repo_id}/checkpoint-{SAVE_STEP}"
-    log = _launch(SCRIPT, _train_args(resumed, 2, "--resume_from", url), 2)
+    url = f"hf://{one_proc_run[1]}/checkpoint-{SAVE_STEP}"
+    log = _launch(SCRIPT, _train_args(tmp_path, 2, "--resume_from", url), 2)
     assert f"at step {SAVE_STEP}" in log
-    _assert_same_weights(_weights(resumed / "model.safetensors"), reference[1])
-    _assert_same_weights(_weights(pushed / "model.safetensors"), reference[1])
+    _assert_same_weights(_weights(tmp_path / "model.safetensors"), reference[1])
 
 
-def test_resume_takes_the_schedule_from_the_checkpoint(two_proc_run, reference, tmp_path: Path) -> None:
-    """Resuming without schedule arguments follows the checkpoint's schedule (scheduler.json); one given on
-    the command line wins. The linear schedule's lr is written out as the reference."""
+def test_a_schedule_given_on_resume_wins_over_the_checkpoints(two_proc_run, tmp_path: Path) -> None:
+    """The linear schedule's lr is written out as the reference."""
     checkpoint = two_proc_run[0] / f"checkpoint-{SAVE_STEP}"
-    schedule_args = {"lr_scheduler_type", "num_warmup_steps", "max_steps"}
-    args = [a for a in _train_args(tmp_path / "a", GLOBAL_BATCH, "--resume_from", str(checkpoint))]
-    for name in schedule_args:
-        i = args.index(f"--{name}")
-        del args[i : i + 2]
-    _launch(SCRIPT, args, 1)
-    _assert_same_weights(_weights(tmp_path / "a" / "model.safetensors"), reference[1])
-
-    override = [*args, "--num_warmup_steps", "0"]
-    override[override.index("--output_dir") + 1] = str(tmp_path / "b")
-    log = _launch(SCRIPT, override, 1)
+    log = _launch(SCRIPT, [*_resume_args(tmp_path, checkpoint), "--num_warmup_steps", "0"], 1)
     lr0, total = TRAIN["learning_rate"], TRAIN["max_steps"]
     logged = {
         int(s): float(lr) for s, lr in re.findall(r"step=(\d+) epoch=\d+ loss=\S+ items=\d+ lr=(\S+)", log)

@@ -1,5 +1,6 @@
 """scripts/train_fsdp.py: FSDP2 on 2 CPU processes saves sharded state; resuming on 2 processes ends bit for bit
-where the uninterrupted run ends, on 1 or 3 processes to float32 rounding (their gradient reductions differ)."""
+where the uninterrupted run ends, on 1 process to float32 rounding (its gradient reductions differ). Resuming on
+other numbers of processes is the library's: tests/state/test_sharded.py."""
 
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ def _run(tmp: Path, nproc: int, out: str, *args: str) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_train_fsdp_resumes_on_any_number_of_processes(tmp_path):
+def test_train_fsdp_resumes_on_another_number_of_processes(tmp_path):
     log = _run(tmp_path, 2, "full", "--save_steps", "3")
     assert "saved" in log and (tmp_path / "full" / "checkpoint-3" / "optimizer.sharded.json").is_file()
     reference = load_file(tmp_path / "full" / "final_model.safetensors")
     checkpoint = str(tmp_path / "full" / "checkpoint-3")
-    for nproc in (2, 1, 3):
+    for nproc in (2, 1):
         out = f"resumed{nproc}"
         log = _run(tmp_path, nproc, out, "--save_steps", "0", "--resume_from_checkpoint", checkpoint)
         assert f"at step 3 on {nproc} process(es)" in log
