@@ -3,7 +3,8 @@ running after a deadline counts as a hang (a failure naming where each process g
 
 Worker processes are forked from a server process that has imported torch once (``forkserver``), not started
 from scratch (``spawn``): the import costs more than most jobs. The server also imports what costs most after
-torch and reads no per-test environment (DCP with DTensor, safetensors, DeepSpeed under ``DS_ACCELERATOR=cpu``).
+torch and reads no per-test environment (DCP with DTensor, safetensors, dynamo, DeepSpeed under
+``DS_ACCELERATOR=cpu``).
 Each worker gets the environment of the moment it was started (the server's would be the one of its own start),
 and imports everything else itself.
 """
@@ -29,9 +30,17 @@ def _preload() -> list[str]:
     """What the fork server imports once. Not a module that reads the environment when imported
     (huggingface_hub's constants, hence hf_optim): each worker imports it under the environment it is given.
     DeepSpeed picks its accelerator when imported: preloaded only when the tests set it (tests/conftest.py)."""
-    modules = ["torch", "torch.distributed", "torch.distributed.checkpoint", "safetensors.torch"]
+    # torch._dynamo: imported by the first torch.optim.Optimizer made in a process
+    modules = [
+        "torch",
+        "torch.distributed",
+        "torch.distributed.checkpoint",
+        "safetensors.torch",
+        "torch._dynamo",
+    ]
     if os.environ.get("DS_ACCELERATOR") == "cpu" and importlib.util.find_spec("deepspeed") is not None:
-        modules.append("deepspeed")
+        # deepspeed.initialize imports its Muon optimizer, which compiles with torch.compile (torch._inductor)
+        modules += ["deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"]
     return modules
 
 

@@ -9,6 +9,7 @@ code independent of DeepSpeed (DeepSpeed with ``gradient_clipping: 0`` and FSDP2
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -120,4 +121,6 @@ class Saved:
             "stop": STOP,
             "load": str(self.directory),
         }
-        return run(self.tmp, name, world, {**spec, "weights_in": str(self.weights), **extra})
+        # reports in a folder of this resume's own: a shared run's folder is read by other workers' tests
+        reports = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.tmp))
+        return run(reports, name, world, {**spec, "weights_in": str(self.weights), **extra})

@@ -242,11 +242,11 @@ def test_push_from_every_process_then_each_machine_downloads_only_its_partition(
     assert "run/optimizer.sharded.json" in files
     assert len([f for f in files if f.startswith("run/optimizer-shards-")]) == 2
     assert not [f for f in files if f.endswith((".pkl", ".pt", ".bin")) or "/." in f]
-    resumed = zero2.resume("zero2", 2, "from-hub", load=f"hf://{hub_repo_id}/run", machines=True)
+    resumed = zero2.resume("zero2", 2, "from-hub", load=f"hf://{hub_repo_id}/run", machines=str(tmp_path))
     assert resumed[0]["weights"] == zero2.results[0]["weights"]
     for machine in range(2):
         cached = sorted(
-            p.name for p in (zero2.tmp / f"machine{machine}").rglob("*.safetensors") if "snapshots" in p.parts
+            p.name for p in (tmp_path / f"machine{machine}").rglob("*.safetensors") if "snapshots" in p.parts
         )
         # the same ZeRO-2 layout on load: process r reads only what process r wrote
         assert cached == [f"shard-{machine + 1:05d}-model-00001-of-00001.safetensors"]

@@ -211,10 +211,10 @@ def worker(rank: int, world: int, port: int, out: str, name: str, spec: dict) ->
         step_opt = zopt if zopt is not None else opt
         if spec.get("dynamic_scaler"):  # fp16's scaler (fp16 ZeRO does not run on CPU), in place of fp32's
             zopt.loss_scaler = _dynamic_scaler(spec["dynamic_scaler"])
-        if spec.get("machines"):  # each process plays a machine of its own, with its own Hub cache
+        if spec.get("machines"):  # each process plays a machine of its own, with its own Hub cache there
             os.environ.update(LOCAL_RANK="0", GROUP_RANK=str(rank))
         if spec.get("load"):
-            cache = os.path.join(out, f"machine{rank}") if spec.get("machines") else None
+            cache = os.path.join(spec["machines"], f"machine{rank}") if spec.get("machines") else None
             report = hf_optim.load_state(spec["load"], step_opt, sched, model=engine, cache_dir=cache)
             result["notes"] = list(report.notes)
         if spec.get("partial"):  # the loaded state saved in one file, then both loaded with strict=False

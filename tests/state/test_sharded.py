@@ -41,9 +41,9 @@ from tests.state.sharded_jobs import (
 
 
 @pytest.fixture
-def saved(sharded_saves):
-    """The session's two-process sharded saves (tests/conftest.py)."""
-    return sharded_saves
+def saved(sharded_saves, tmp_path):
+    """A copy of the session's two-process sharded saves (tests/conftest.py), for this test to write beside."""
+    return str(shutil.copytree(sharded_saves, tmp_path / "saves"))
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +111,9 @@ def test_save_on_three_resume_on_two(saved3):
     assert inspect_sharded_state(os.path.join(saved3, "ckpt")).num_shards == 3
 
 
-@pytest.fixture
-def saved_accumulating(sharded_saves):
-    """The session's two-process sharded saves (tests/conftest.py)."""
-    return sharded_saves
-
-
 @pytest.mark.parametrize("world", [1, 2])
-def test_accumulator_saved_mid_window_resumes(saved_accumulating, world):
-    out = saved_accumulating
+def test_accumulator_saved_mid_window_resumes(saved, world):
+    out = saved
     if world == 1:
         _worker_plain_accumulating(out)
     else:
@@ -143,12 +137,12 @@ def test_accumulator_saved_mid_window_resumes(saved_accumulating, world):
     )  # the model's 4 parameters
 
 
-def test_consolidated_checkpoint_keeps_the_accumulator(saved_accumulating, tmp_path):
+def test_consolidated_checkpoint_keeps_the_accumulator(saved, tmp_path):
     from hf_optim.state import consolidate_state
 
-    written = consolidate_state(os.path.join(saved_accumulating, "acc"), tmp_path / "v1")
+    written = consolidate_state(os.path.join(saved, "acc"), tmp_path / "v1")
     assert any(p.endswith("accumulator.safetensors") for p in written)
-    at_save = load_file(os.path.join(saved_accumulating, "acc_at_save.safetensors"))
+    at_save = load_file(os.path.join(saved, "acc_at_save.safetensors"))
     weights = params_of(at_save)
     model, opt, sched = make_run(1, weights)
     acc = hf_optim.GradientAccumulator()
@@ -171,13 +165,13 @@ def _worker_plain_accumulating(out: str) -> None:
     save_file(run_snapshot(model, opt), os.path.join(out, "acc_resumed_1.safetensors"))
 
 
-def test_accumulator_mismatch_changes_nothing(saved_accumulating, saved):
-    weights = weights_from(os.path.join(saved_accumulating, "acc_at_save.safetensors"))
+def test_accumulator_mismatch_changes_nothing(saved):
+    weights = weights_from(os.path.join(saved, "acc_at_save.safetensors"))
     model, opt, sched = make_run(1, weights)
     acc = hf_optim.GradientAccumulator()
     acc([torch.zeros(3)])  # one gradient accumulated: the checkpoint has four
     with pytest.raises(CheckpointError, match="has 4 gradients, the accumulator 1"):
-        hf_optim.load_state(os.path.join(saved_accumulating, "acc"), opt, sched, acc, model=model)
+        hf_optim.load_state(os.path.join(saved, "acc"), opt, sched, acc, model=model)
     assert not opt.state and acc.step == 1 and torch.equal(acc.gradients[0], torch.zeros(3))
     with pytest.raises(CheckpointError, match="no accumulator state but an accumulator was given"):
         hf_optim.load_state(os.path.join(saved, "ckpt"), opt, sched, acc, model=model)
