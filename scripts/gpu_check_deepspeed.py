@@ -5,12 +5,12 @@ resumes from it.
 
     torchrun --nproc_per_node 2 scripts/gpu_check_deepspeed.py OUT {full|first|resume} [ZERO_STAGE [REPO_ID]]
 
-``full`` trains 8 steps, ``first`` trains 4 and saves, ``resume`` loads that checkpoint and trains the rest; each
-writes its final weights (rank 0) to ``OUT/deepspeed_<mode>.safetensors``. On a CPU-only machine Accelerate counts
+``full`` trains 8 steps (saving every 4), ``first`` trains 4 and saves, ``resume`` loads checkpoint 4 of either
+and trains the rest; each writes its final weights (rank 0) to ``OUT/deepspeed_<mode>.safetensors``. On a CPU-only machine Accelerate counts
 one process while DeepSpeed runs several (its batch-size check fails): ``tests/deepspeed/test_trainer_zero.py``
 runs it there through a patch of Accelerate's backend choice (``tests/deepspeed/accelerate_gloo.py``). With
-``REPO_ID`` the checkpoints are pushed there (``hub_strategy="checkpoint"``) and ``resume`` starts from
-``hf://REPO_ID/last-checkpoint``.
+``REPO_ID`` the checkpoints are pushed there (``hub_strategy="all_checkpoints"``) and ``resume`` starts from
+``hf://REPO_ID/checkpoint-4``.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def main(out: str, mode: str, stage: int, repo_id: str | None = None) -> None:
         seed=0,
         data_seed=0,
         deepspeed=deepspeed,
-        push_to_hub=repo_id is not None and mode == "first",
+        push_to_hub=repo_id is not None and mode != "resume",
         hub_model_id=repo_id,
-        hub_strategy="checkpoint",
+        hub_strategy="all_checkpoints",
     )
     trainer = hf_optim.Trainer(model=model, args=args, train_dataset=Tokens())
     if mode == "first":
@@ -81,7 +81,7 @@ def main(out: str, mode: str, stage: int, repo_id: str | None = None) -> None:
         assert not [n for n in os.listdir(checkpoint) if n.startswith("global_step")], os.listdir(checkpoint)
     elif mode == "resume":
         local = os.path.join(out, "deepspeed", f"checkpoint-{SAVE_AT}")
-        trainer.train(resume_from_checkpoint=f"hf://{repo_id}/last-checkpoint" if repo_id else local)
+        trainer.train(resume_from_checkpoint=f"hf://{repo_id}/checkpoint-{SAVE_AT}" if repo_id else local)
     else:
         trainer.train()
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
