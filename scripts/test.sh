@@ -3,6 +3,8 @@
 set -euo pipefail
 . "$(dirname "$0")/_venv.sh" dev
 export HF_HUB_DISABLE_TELEMETRY=1
+# the suite starts a few hundred interpreters: let them reuse compiled bytecode (__pycache__/, git-ignored)
+unset PYTHONDONTWRITEBYTECODE
 ruff check .
 ruff format --check --quiet .
 lint-imports  # the layers contract in pyproject.toml ([tool.importlinter])

@@ -4,7 +4,7 @@ running after a deadline counts as a hang (a failure naming where each process g
 Worker processes are forked from a server process that has imported torch once (``forkserver``), not started
 from scratch (``spawn``): the import costs more than most jobs. The server also imports what costs most after
 torch and reads no per-test environment (DCP with DTensor, safetensors, dynamo, DeepSpeed under
-``DS_ACCELERATOR=cpu``).
+``DS_ACCELERATOR=cpu``), then ``tests/fork_server.py``.
 Each worker gets the environment of the moment it was started (the server's would be the one of its own start),
 and imports everything else itself.
 """
@@ -41,7 +41,7 @@ def _preload() -> list[str]:
     if os.environ.get("DS_ACCELERATOR") == "cpu" and importlib.util.find_spec("deepspeed") is not None:
         # deepspeed.initialize imports its Muon optimizer, which compiles with torch.compile (torch._inductor)
         modules += ["deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer"]
-    return modules
+    return [*modules, "tests.fork_server"]
 
 
 def _with_environ(rank: int, environ: dict[str, str], worker: Callable[..., None], *args: Any) -> None:

@@ -1,6 +1,6 @@
 """One run of Accelerate + DeepSpeed ZeRO with ``hf_optim.use_safetensors_state`` (tests/deepspeed/test_accelerate_zero.py).
 
-    torchrun --nproc_per_node N tests/deepspeed/accelerate_gloo.py tests/deepspeed/accelerate_zero_job.py \
+    torchrun --nproc_per_node N tests/deepspeed/cpu_launch.py tests/deepspeed/accelerate_zero_job.py \
         OUT {train|resume} STAGE CHECKPOINT
 
 ``train`` runs 8 steps, saving with ``accelerator.save_state(CHECKPOINT)`` after step 4; ``resume`` loads

@@ -2,39 +2,24 @@
 2 CPU processes writes the model's weights, hf_optim's per-process ZeRO state and the run state as safetensors +
 JSON (no DeepSpeed pickles); ``accelerator.load_state`` resumes from it on the same processes and on one process
 under ZeRO-3, ending where the uninterrupted run ends. Runs ``accelerate_zero_job.py`` under torchrun through
-``accelerate_gloo.py`` (Accelerate's backend choice on CPU-only machines)."""
+``cpu_launch.py`` (Accelerate's backend choice on CPU-only machines)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.multiprocess import free_port
+from tests.deepspeed.launch import launch
 
 HERE = Path(__file__).resolve().parent
 
 
 def _run(out: Path, world: int, mode: str, stage: int) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={world}",
-        f"--master_port={free_port()}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    job = [str(HERE / "accelerate_gloo.py"), str(HERE / "accelerate_zero_job.py"), str(out), mode, str(stage)]
-    done = subprocess.run(
-        [*cmd, *job, str(out / "checkpoint")], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch(HERE / "accelerate_zero_job.py", [str(out), mode, str(stage), str(out / "checkpoint")], world)
 
 
 @pytest.fixture(scope="module")

@@ -3,43 +3,18 @@ ends where the uninterrupted run ends, to float32 rounding (the gradient reducti
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from tests.deepspeed.launch import launch
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_deepspeed.py"
 
 
-def _run(tmp: Path, nproc: int, out: str, *args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, str(SCRIPT)]
-    if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={port}",
-        ]
-        cmd.append(str(SCRIPT))
-    done = subprocess.run(
-        [*cmd, "--output_dir", str(tmp / out), "--max_steps", "6", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+def _run(tmp: Path, nproc: int | None, out: str, *args: str) -> str:
+    return launch(SCRIPT, ["--output_dir", str(tmp / out), "--max_steps", "6", *args], nproc, cwd=tmp)
 
 
 def test_save_under_zero2_on_two_resume_under_zero3_in_one_process(tmp_path: Path) -> None:
@@ -47,7 +22,7 @@ def test_save_under_zero2_on_two_resume_under_zero3_in_one_process(tmp_path: Pat
     assert "saved" in full and (tmp_path / "full" / "checkpoint-3" / "optimizer.sharded.json").is_file()
     resumed = _run(
         tmp_path,
-        1,
+        None,
         "resumed",
         "--zero_stage",
         "3",

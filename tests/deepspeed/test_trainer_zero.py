@@ -1,39 +1,25 @@
 """hf_optim.Trainer under DeepSpeed ZeRO-2 and ZeRO-3 (2 CPU processes, gloo): checkpoints hold hf_optim's
 safetensors ZeRO state and no DeepSpeed pickles, locally and as pushed to the Hub; resuming from checkpoint 4 of
-the uninterrupted run (ZeRO-3 from its folder, ZeRO-2 from the Hub) ends bit for bit where that run ends. Runs ``scripts/gpu_check_deepspeed.py`` (the GPU check) through ``accelerate_gloo.py``, the documented
-patch of Accelerate's backend choice on CPU-only machines."""
+the uninterrupted run (ZeRO-3 from its folder, ZeRO-2 from the Hub) ends bit for bit where that run ends. Runs
+``scripts/gpu_check_deepspeed.py`` (the GPU check) through ``cpu_launch.py``, the tests' patch of Accelerate's
+backend choice on CPU-only machines."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from tests.deepspeed.launch import launch
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check_deepspeed.py"
-HARNESS = Path(__file__).resolve().parent / "accelerate_gloo.py"
 
 
 def _run(out: Path, mode: str, stage: int, *repo: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(
-        [*cmd, str(HARNESS), str(SCRIPT), str(out), mode, str(stage), *repo],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch(SCRIPT, [str(out), mode, str(stage), *repo], 2)
 
 
 def _assert_checkpoint_is_safetensors(checkpoint: Path) -> None:
