@@ -8,7 +8,7 @@ the integrations with transformers and accelerate.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import threading
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -106,6 +106,23 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
 }
 _MODULE_OF: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
+# Subpackages that are attributes of hf_optim from the start, as when every name was imported eagerly.
+_SUBMODULES = (
+    "accumulation",
+    "errors",
+    "hub",
+    "integrations",
+    "json_types",
+    "optimizers",
+    "param_groups",
+    "registry",
+    "schedules",
+    "state",
+)
+# One name's first import at a time: threads that reach for names at once would otherwise meet in torch's import
+# cycles and see half-imported modules. hf_optim's own modules import submodules of hf_optim, never these names,
+# so a thread importing one of them never waits for this lock (tests/test_packaging.py).
+_NAME_LOCK = threading.RLock()
 
 __all__ = sorted([*_MODULE_OF, "__version__", "logging"])
 
@@ -195,19 +212,20 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
 
 
 def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use; else a submodule (``hf_optim.state``)."""
+    """A public name, imported from its module on first use; else a public subpackage (``hf_optim.state``)."""
     module = _MODULE_OF.get(name)
-    if module is not None:
+    if module is None:
+        if name in _SUBMODULES:
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _NAME_LOCK:
         value = getattr(importlib.import_module(module), name)
         globals()[name] = value
         return value
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))
+    return sorted(set(globals()) | set(_MODULE_OF) | set(_SUBMODULES))
 
 
 # --- register hf_optim's names with transformers once it is (or if it already is) imported ---

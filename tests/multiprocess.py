@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,8 @@ def _preload() -> list[str]:
 
 
 def _with_environ(rank: int, environ: dict[str, str], worker: Callable[..., None], *args: Any) -> None:
+    # the fork server skips a preload it cannot import: it must find this checkout (an editable install)
+    assert "tests.fork_server" in sys.modules, "the fork server did not import tests.fork_server"
     os.environ.clear()
     os.environ.update(environ)
     worker(rank, *args)

@@ -88,17 +88,62 @@ def test_public_modules_declare_all():
     assert missing == [] and broken == []
 
 
+LAZY_NAMES = """
+import sys, threading, hf_optim, hf_optim.hub_server.cli
+print("torch" in sys.modules)
+# threads that reach for names at once, each name's first use: every one gets the module's object
+names = [n for n in hf_optim.__all__ if n not in ("Trainer", "TrainerMixin")]  # no transformers here
+errors, barrier = [], threading.Barrier(16)
+def use(first):
+    barrier.wait()
+    for name in names[first:] + names[:first]:
+        try:
+            getattr(hf_optim, name)
+        except Exception as err:
+            errors.append(repr(err))
+threads = [threading.Thread(target=use, args=(i * len(names) // 16,)) for i in range(16)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors or "no-errors", hf_optim.AdamW.__module__, hf_optim.state.__name__, "torch" in sys.modules)
+print(hasattr(hf_optim, "cli"), hasattr(hf_optim, "state.io"), "registry" in dir(hf_optim))
+"""
+
+
 def test_import_hf_optim_imports_torch_only_when_a_name_is_used():
     """``import hf_optim`` and the local Hub server stay light (no torch); the first public name used imports
-    its module, and a submodule is an attribute as after an eager import."""
-    code = (
-        "import sys, hf_optim, hf_optim.hub_server.cli\n"
-        "print('torch' in sys.modules)\n"
-        "print(hf_optim.AdamW.__module__, hf_optim.state.__name__, 'torch' in sys.modules)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    its module, also from several threads at once, and the public subpackages are attributes as after an eager
+    import (nothing else is)."""
+    done = subprocess.run([sys.executable, "-c", LAZY_NAMES], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "hf_optim.optimizers.adamw", "hf_optim.state", "True"]
+    assert done.stdout.split() == [
+        "False",
+        "no-errors",
+        "hf_optim.optimizers.adamw",
+        "hf_optim.state",
+        "True",
+        "False",
+        "False",
+        "True",
+    ]
+
+
+def test_hf_optim_modules_import_no_lazy_name_of_hf_optim():
+    """A module of hf_optim takes what it needs from the submodule that defines it, not from ``hf_optim``'s lazy
+    names: the first use of a lazy name holds a lock while it imports, which a thread importing such a module
+    could then wait for."""
+    import ast
+
+    import hf_optim
+
+    lazy = set(hf_optim.__all__) - {"__version__", "logging"}
+    found = []
+    for path in sorted((ROOT / "hf_optim").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "hf_optim" and node.level == 0:
+                found += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name in lazy]
+    assert found == []
 
 
 def test_public_names_are_the_ones_type_checkers_see():

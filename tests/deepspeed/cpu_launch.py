@@ -25,6 +25,8 @@ import deepspeed.ops
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
+if "deepspeed_shm_comm" not in deepspeed.ops.__compatible_ops__:  # the same name in tests/fork_server.py
+    raise SystemExit("cpu_launch.py: this DeepSpeed has no op 'deepspeed_shm_comm': update the tests' patch")
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 _prepare_backend = PartialState._prepare_backend
