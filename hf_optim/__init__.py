@@ -106,7 +106,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
 }
 _MODULE_OF: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
-# Subpackages that are attributes of hf_optim from the start, as when every name was imported eagerly.
+# Public submodules: attributes of hf_optim (``hf_optim.state``) before anything imports them, as when every name
+# was imported eagerly; any other submodule is one only once imported.
 _SUBMODULES = (
     "accumulation",
     "errors",
@@ -212,7 +213,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
 
 
 def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use; else a public subpackage (``hf_optim.state``)."""
+    """A public name, imported from its module on first use; else a public submodule (``hf_optim.state``)."""
     module = _MODULE_OF.get(name)
     if module is None:
         if name in _SUBMODULES:
