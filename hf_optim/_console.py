@@ -1,8 +1,8 @@
 """The ``hf-optim`` console script's entry point, installed outside the package as ``_hf_optim_console.py``.
 
-Importing anything inside ``hf_optim`` runs ``hf_optim/__init__.py``, which imports torch (seconds). This module
-answers ``hf-optim --version`` from the installed package's metadata without that, and hands every other command
-line to :func:`hf_optim.cli.main.main`. The build (``hatch_build.py``) copies it next to the package.
+It answers ``hf-optim --version`` from the installed package's metadata, importing nothing of ``hf_optim``, and
+hands every other command line to :func:`hf_optim.cli.main.main`. The build (``hatch_build.py``) copies it next
+to the package.
 """
 
 from __future__ import annotations

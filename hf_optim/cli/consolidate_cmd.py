@@ -8,9 +8,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hf_optim.hub import resolve_state_dir
-from hf_optim.state import consolidate_state
-
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -33,6 +30,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hf_optim.hub import resolve_state_dir
+    from hf_optim.state import consolidate_state
+
     directory = resolve_state_dir(
         args.sharded_dir, revision=args.revision, subfolder=args.subfolder, token=args.token
     )

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hf_optim.state.convert import OPTIMIZER_FILES, SCHEDULER_FILES, convert_checkpoint
-
-__all__ = ["OPTIMIZER_FILES", "SCHEDULER_FILES", "convert_checkpoint", "register", "run"]
+__all__ = ["register", "run"]
 
 
 def register(subparsers: Any) -> None:
@@ -49,6 +47,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hf_optim.state.convert import convert_checkpoint
+
     written = convert_checkpoint(
         args.checkpoint_dir,
         names_from=args.names_from,

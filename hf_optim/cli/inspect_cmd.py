@@ -11,11 +11,12 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hf_optim.cli import printable
-from hf_optim.hub import inspect_state
-from hf_optim.state import ShardedStateInfo, StateInfo
+
+if TYPE_CHECKING:
+    from hf_optim.state import ShardedStateInfo, StateInfo
 
 
 def register(subparsers: Any) -> None:
@@ -162,6 +163,9 @@ def format_sharded_info(info: ShardedStateInfo) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hf_optim.hub import inspect_state
+    from hf_optim.state import ShardedStateInfo
+
     info = inspect_state(
         args.path_or_repo_id,
         repo_type=args.repo_type,

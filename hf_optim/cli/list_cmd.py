@@ -11,8 +11,6 @@ import inspect
 import json
 from typing import Any
 
-from hf_optim import registry
-
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -54,6 +52,8 @@ def _arguments(factory: Any) -> list[str]:
 
 
 def _entries(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    from hf_optim import registry
+
     pattern = args.pattern or None
     result: dict[str, list[dict[str, Any]]] = {}
     if not args.schedulers:

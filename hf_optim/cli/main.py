@@ -1,7 +1,8 @@
 """Entry point of the ``hf-optim`` command: each sub-command lives in ``hf_optim/cli/<name>_cmd.py``.
 
 A sub-command module defines ``register(subparsers)``, which adds its parser and sets ``func`` (taking the
-parsed ``argparse.Namespace`` and returning an exit code) with ``set_defaults``.
+parsed ``argparse.Namespace`` and returning an exit code) with ``set_defaults``. Sub-command modules import torch
+and the rest of the library in the functions that run a command, so that parsing and ``--help`` start at once.
 
 Logging: only hf_optim's own logger is configured (INFO, unless ``HF_OPTIM_VERBOSITY`` says otherwise), never the
 root logger, so other libraries (huggingface_hub's HTTP client, ...) stay quiet. Output cut short by a closed pipe

@@ -17,15 +17,10 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.optim.lr_scheduler import LambdaLR
-
-from hf_optim import registry
-from hf_optim.schedules.pretrained_bert import SCHEDULES as LEGACY_SCHEDULES
-from hf_optim.schedules.pretrained_bert import LRSchedule
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from hf_optim.schedules.pretrained_bert import LRSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +83,24 @@ def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
 
 def _legacy(name: str) -> type[LRSchedule] | None:
     """pytorch-pretrained-bert's schedule class for ``name``, unless the registry has a schedule of that name."""
+    from hf_optim import registry
+    from hf_optim.schedules.pretrained_bert import SCHEDULES as LEGACY_SCHEDULES
+
     if name in registry.list_schedulers():
         return None
     return LEGACY_SCHEDULES.get(name)
 
 
 def _check_name(name: str) -> None:
+    from hf_optim import registry
+
     if _legacy(name) is None:
         registry.get_scheduler_info(name)  # unknown name -> ValueError with the closest names
 
 
 def _accepts(name: str, key: str) -> bool:
+    from hf_optim import registry
+
     legacy = _legacy(name)
     factory = legacy if legacy is not None else registry.get_scheduler_info(name).factory
     try:
@@ -121,6 +123,11 @@ def schedule_lrs(
     """The learning rate at steps ``0..num_training_steps`` of the registered schedule ``name``."""
     if num_training_steps < 1:
         raise ValueError(f"--num-training-steps must be at least 1, got {num_training_steps}")
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from hf_optim import registry
+
     legacy = _legacy(name)
     if legacy is not None:  # a fraction of t_total, as BertAdam(warmup=..., t_total=...) takes it
         schedule = legacy(warmup=num_warmup_steps / num_training_steps, t_total=num_training_steps, **kwargs)

@@ -31,7 +31,7 @@ def test_version():
 
 def test_version_does_not_import_torch():
     """The console script's module (hf_optim/_console.py, installed outside the package) answers ``--version``
-    from the package metadata: importing anything inside hf_optim would import torch first."""
+    from the package metadata, importing neither torch nor hf_optim."""
     code = (
         "import importlib.util, sys; "
         "spec = importlib.util.spec_from_file_location('_console', sys.argv[1]); "
@@ -45,6 +45,31 @@ def test_version_does_not_import_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"hf-optim {hf_optim.__version__}", "[]"]
+
+
+def test_parsing_and_help_import_no_torch():
+    """Every sub-command's parser is built, and its ``--help`` printed, without importing torch: the commands import
+    the library only when they run."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from hf_optim.cli.main import build_parser, main\n"
+        "commands = sorted(build_parser()._subparsers._group_actions[0].choices)\n"
+        "for argv in [['--help']] + [[name, '--help'] for name in commands]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(commands, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "['consolidate',",
+        "'convert',",
+        "'hub',",
+        "'inspect',",
+        "'list',",
+        "'plot']",
+        "False",
+    ]
 
 
 def test_closed_stdout_pipe_ends_quietly():
