@@ -6,11 +6,11 @@ resumes from it.
     torchrun --nproc_per_node 2 scripts/gpu_check_deepspeed.py OUT {full|first|resume} [ZERO_STAGE [REPO_ID]]
 
 ``full`` trains 8 steps (saving every 4), ``first`` trains 4 and saves, ``resume`` loads checkpoint 4 of either
-and trains the rest; each writes its final weights (rank 0) to ``OUT/deepspeed_<mode>.safetensors``. On a CPU-only machine Accelerate counts
-one process while DeepSpeed runs several (its batch-size check fails): ``tests/deepspeed/test_trainer_zero.py``
-runs it there through a patch of Accelerate's backend choice (``tests/deepspeed/cpu_launch.py``). With
-``REPO_ID`` the checkpoints are pushed there (``hub_strategy="all_checkpoints"``) and ``resume`` starts from
-``hf://REPO_ID/checkpoint-4``.
+and trains the rest; each writes its final weights (rank 0) to ``OUT/deepspeed_<mode>.safetensors``. On a
+CPU-only machine Accelerate counts one process while DeepSpeed runs several (its batch-size check fails):
+``tests/deepspeed/test_trainer_zero.py`` runs it there through a patch of Accelerate's backend choice
+(``tests/deepspeed/cpu_launch.py``). With ``REPO_ID`` the checkpoints are pushed there
+(``hub_strategy="all_checkpoints"``) and ``resume`` starts from ``hf://REPO_ID/checkpoint-4``.
 """
 
 from __future__ import annotations

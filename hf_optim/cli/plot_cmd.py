@@ -91,18 +91,17 @@ def _legacy(name: str) -> type[LRSchedule] | None:
     return LEGACY_SCHEDULES.get(name)
 
 
-def _check_name(name: str) -> None:
-    from hf_optim import registry
-
-    if _legacy(name) is None:
-        registry.get_scheduler_info(name)  # unknown name -> ValueError with the closest names
-
-
-def _accepts(name: str, key: str) -> bool:
+def _factory(name: str) -> Any:
+    """What builds the schedule ``name``: the legacy class or the registry's factory (an unknown name raises
+    ``ValueError`` with the closest names)."""
     from hf_optim import registry
 
     legacy = _legacy(name)
-    factory = legacy if legacy is not None else registry.get_scheduler_info(name).factory
+    return legacy if legacy is not None else registry.get_scheduler_info(name).factory
+
+
+def _accepts(name: str, key: str) -> bool:
+    factory = _factory(name)
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -233,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_schedule(spec) for spec in args.schedules]
     shared = dict(_key_value(item, "--arg") for item in args.arg)
     for name, _ in specs:
-        _check_name(name)
+        _factory(name)
     for key in shared:
         if not any(_accepts(name, key) for name, _ in specs):
             raise ValueError(f"--arg {key}: no schedule among {', '.join(n for n, _ in specs)} takes {key!r}")

@@ -1,4 +1,5 @@
-"""One run of Accelerate + DeepSpeed ZeRO with ``hf_optim.use_safetensors_state`` (tests/deepspeed/test_accelerate_zero.py).
+"""One run of Accelerate + DeepSpeed ZeRO with ``hf_optim.use_safetensors_state``
+(tests/deepspeed/test_accelerate_zero.py).
 
     torchrun --nproc_per_node N tests/deepspeed/cpu_launch.py tests/deepspeed/accelerate_zero_job.py \
         OUT {train|resume} STAGE CHECKPOINT
